@@ -1,0 +1,40 @@
+# covid_keras: `make demo` and `make test` work on a fresh machine (they create .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_ENABLE_ONEDNN_OPTS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test test-fast test-slow lint bench clean
+
+$(VENV)/.installed: setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dicom,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: generated 3-class chest CT studies (real DICOM) -> TFRecords.
+demo: venv
+	$(PY) -m data_prep.phantom --output_dir=$(DEMO_DIR)/studies --kinds=normal,covid,bacterial \
+	    --patients_per_kind=6 --num_slices=60 --matrix=256 --seed=0
+	$(PY) -m data_prep.build_tfrecords --flagfile=configs/data/demo.cfg \
+	    --input=$(DEMO_DIR)/studies --output_dir=$(DEMO_DIR)/tfrecords
+
+## test: lint + the whole test suite (slow tests included).
+test: venv lint
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(PY) -m ruff check .
+
+bench: venv
+	$(PY) bench/prep.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

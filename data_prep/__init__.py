@@ -1,0 +1,1 @@
+"""data_prep: chest CT studies -> sharded TFRecords (offline, CPU)."""

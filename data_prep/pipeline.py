@@ -1,0 +1,400 @@
+"""The local runner: scan -> split -> process (parallel, resumable) -> shards + manifest.
+
+Work is spooled per study under ``<output_dir>/.partial/`` (one pickle per processed study,
+written atomically), so a killed run resumes where it stopped; shards are written at the
+end from the spool, in a fixed order, so the same input always gives the same bytes
+whatever the number of workers. The spool is removed after a successful run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import platform
+import re
+import shutil
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+from covid_keras import schema
+from data_prep.errors import Issue, StudyError
+from data_prep.preprocess import PrepConfig
+from data_prep.split import PatientInfo, assign_splits, check_disjoint, merge_patient
+from data_prep.split import repeated_splits as all_repeats
+from data_prep.study import (
+    ScanConfig,
+    StudyResult,
+    StudyScan,
+    StudyTask,
+    process_study,
+    scan_study,
+)
+
+log = logging.getLogger("data_prep")
+
+MANIFEST = "manifest.json"
+FAILURES = "failures.csv"
+SPOOL = ".partial"
+SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str
+    scan: ScanConfig
+    prep: PrepConfig
+    classes: tuple[str, ...] = ()  # empty: sorted labels found
+    split_scheme: str = "paper"
+    split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    repeat: int = 0
+    seed: int = 0
+    workers: int = 1
+    shard_size_mb: float = 128.0
+    dataset: str = ""
+
+
+@dataclass
+class RunSummary:
+    manifest: dict
+    issues: list[Issue]
+    written_records: int
+
+    @property
+    def failed_studies(self) -> int:
+        return sum(1 for i in self.issues if i.level == "error")
+
+
+# ---------------------------------------------------------------- parallel helpers
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _call(args: tuple[Callable, tuple]) -> Any:
+    fn, fn_args = args
+    return fn(*fn_args)
+
+
+def parallel_map(fn: Callable, arg_list: list[tuple], workers: int, desc: str) -> Iterator:
+    """fn(*args) for each args, in order, over ``workers`` spawned processes (0/1: inline),
+    with a progress bar (shown on a terminal)."""
+    bar = tqdm(total=len(arg_list), desc=desc, unit="study", disable=None, file=sys.stderr)
+    try:
+        if workers <= 1 or len(arg_list) <= 1:
+            for args in arg_list:
+                yield fn(*args)
+                bar.update()
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(workers, len(arg_list)), initializer=_init_worker) as pool:
+            for out in pool.imap(_call, [(fn, a) for a in arg_list], chunksize=1):
+                yield out
+                bar.update()
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- spool
+def _config_hash(cfg: RunConfig) -> str:
+    parts = repr((cfg.scan, cfg.prep, cfg.seed)).encode()
+    return hashlib.sha256(parts).hexdigest()[:16]
+
+
+def _spool_path(spool: str, task: StudyTask, split: str, cfg_hash: str) -> str:
+    key = hashlib.sha256(f"{task.study_id}|{task.path}|{split}|{cfg_hash}".encode()).hexdigest()
+    return os.path.join(spool, key[:24] + ".pkl")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _process_to_spool(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
+                      prep: PrepConfig, seed: int, spool_file: str) -> StudyResult:
+    """Worker: process one study, spool its records, return the result without them."""
+    if os.path.exists(spool_file):
+        try:
+            with open(spool_file, "rb") as f:
+                result = pickle.load(f)
+            result.records = [None] * len(result.records)  # placeholders: counts only
+            return result
+        except Exception:  # noqa: BLE001 - a damaged spool file is simply redone
+            os.remove(spool_file)
+    result = process_study(scan, split, label_index, scan_cfg, prep, seed)
+    if result.error is None:
+        for r in result.records:
+            schema.validate(r)
+        atomic_write_bytes(spool_file, pickle.dumps(result, protocol=4))
+    result.records = [None] * len(result.records)
+    return result
+
+
+def _load_spooled(spool_file: str) -> list[dict]:
+    with open(spool_file, "rb") as f:
+        return pickle.load(f).records
+
+
+# ---------------------------------------------------------------- shards
+def plan_shards(sizes: dict[str, int], shard_size_mb: float) -> list[list[str]]:
+    """Balanced assignment of items (by byte size) to ceil(total / shard size) shards:
+    largest first, each to the lightest shard (ties: lowest index). Deterministic."""
+    total = sum(sizes.values())
+    n = max(1, min(len(sizes), math.ceil(total / (shard_size_mb * 1024 * 1024))))
+    loads = [0] * n
+    shards: list[list[str]] = [[] for _ in range(n)]
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = min(range(n), key=lambda j: (loads[j], j))
+        shards[i].append(key)
+        loads[i] += sizes[key]
+    return [sorted(s) for s in shards]
+
+
+def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
+    """Writes a GZIP TFRecord atomically (temp file + rename). Returns the record count."""
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    n = 0
+    with tf.io.TFRecordWriter(tmp, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+        for s in serialized:
+            w.write(s)
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the run
+def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    spool = os.path.join(cfg.output_dir, SPOOL)
+    os.makedirs(spool, exist_ok=True)
+    issues: list[Issue] = []
+
+    # 1. Headers only: series, sampling, keys.
+    scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan"))
+    good: list[StudyScan] = []
+    seen_studies: dict[tuple[str, str], str] = {}
+    for scan in scans:
+        issues.extend(scan.issues)
+        if scan.error is not None:
+            issues.append(scan.error)
+            continue
+        dup_key = (scan.study_key, scan.series_key)
+        if dup_key in seen_studies:
+            issues.append(Issue(scan.task.study_id, "", "duplicate_study",
+                                f"same study and series as {seen_studies[dup_key]}", "error"))
+            continue
+        seen_studies[dup_key] = scan.task.study_id
+        good.append(scan)
+
+    # 2. Classes and the patient-level split.
+    classes = list(cfg.classes) or sorted({s.task.label for s in good})
+    class_index = {c: i for i, c in enumerate(classes)}
+    patients: dict[str, PatientInfo] = {}
+    usable: list[StudyScan] = []
+    for scan in good:
+        if scan.task.label not in class_index:
+            issues.append(Issue(scan.task.study_id, "", "label_unknown",
+                                f"label {scan.task.label!r} not in --classes {classes}",
+                                "error"))
+            continue
+        merge_patient(patients, scan.patient_key,
+                      PatientInfo(scan.task.label, scan.task.site, scan.task.split),
+                      scan.task.study_id)
+        usable.append(scan)
+    splits = assign_splits(patients, scheme=cfg.split_scheme, fractions=cfg.split_fractions,
+                           seed=cfg.seed, repeat=cfg.repeat)
+
+    # 3. Pixels, in parallel, spooled (resumable).
+    cfg_hash = _config_hash(cfg)
+    jobs = []
+    for scan in usable:
+        split = splits[scan.patient_key]
+        jobs.append((scan, split, class_index[scan.task.label], cfg.scan, cfg.prep, cfg.seed,
+                     _spool_path(spool, scan.task, split, cfg_hash)))
+    results: list[tuple[StudyResult, str]] = []
+    for job, result in zip(jobs, parallel_map(_process_to_spool, jobs, cfg.workers,
+                                              "preprocess")):
+        issues.extend(result.issues)
+        if result.error is not None:
+            issues.append(result.error)
+            continue
+        results.append((result, job[-1]))
+    check_disjoint([(r.patient_key, r.split) for r, _ in results])
+
+    # 4. Shards, in a fixed order.
+    manifest = _write_outputs(results, cfg, classes, patients, splits, resolved_flags,
+                              len(tasks), issues)
+    shutil.rmtree(spool, ignore_errors=True)
+    return RunSummary(manifest, issues, sum(len(r.records) for r, _ in results))
+
+
+def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
+                   patients: dict[str, PatientInfo], splits: dict[str, str],
+                   resolved_flags: dict, n_input: int, issues: list[Issue]) -> dict:
+    by_split: dict[str, dict[str, tuple[StudyResult, str]]] = defaultdict(dict)
+    for result, spool_file in results:
+        key = f"{result.patient_key}/{result.study_key}"
+        by_split[result.split][key] = (result, spool_file)
+    files: dict[str, dict] = {}
+    new_names = set()
+    for split in schema.SPLITS:
+        studies = by_split.get(split, {})
+        if not studies:
+            continue
+        sizes = {k: os.path.getsize(f) for k, (_, f) in studies.items()}
+        shards = plan_shards(sizes, cfg.shard_size_mb)
+        for i, keys in enumerate(shards):
+            name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"
+            new_names.add(name)
+            path = os.path.join(cfg.output_dir, name)
+
+            def records(keys: list[str] = keys) -> Iterator[bytes]:
+                for k in keys:
+                    recs = sorted(_load_spooled(studies[k][1]), key=lambda r: r[schema.SLICE_INDEX])
+                    for r in recs:
+                        yield schema.serialize(r)
+
+            n = write_tfrecord_gz(path, records())
+            files[name] = {"split": split, "records": n, "studies": len(keys),
+                           "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    for old in os.listdir(cfg.output_dir):
+        if SHARD_RE.match(old) and old not in new_names:
+            os.remove(os.path.join(cfg.output_dir, old))
+    manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
+                              issues, files)
+    write_failures(os.path.join(cfg.output_dir, FAILURES), issues)
+    atomic_write_bytes(os.path.join(cfg.output_dir, MANIFEST),
+                       (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("covid_keras", "numpy", "opencv-python-headless", "pydicom", "tensorflow",
+                 "tensorflow-cpu", "pylibjpeg", "python-gdcm", "apache-beam"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
+                   patients: dict[str, PatientInfo], splits: dict[str, str],
+                   resolved_flags: dict, n_input: int, issues: list[Issue],
+                   files: dict[str, dict]) -> dict:
+    counts: dict = {}
+    dropped: Counter = Counter()
+    sampled = kept = 0
+    for result, _ in results:
+        cell = counts.setdefault(result.split, {}).setdefault(result.label, {}).setdefault(
+            result.site, {"studies": 0, "patients": set(), "slices": 0})
+        cell["studies"] += 1
+        cell["patients"].add(result.patient_key)
+        cell["slices"] += len(result.records)
+        dropped.update(result.dropped)
+        sampled += result.sampled
+        kept += len(result.records)
+    for split in counts.values():
+        for label in split.values():
+            for cell in label.values():
+                cell["patients"] = len(cell["patients"])
+    errors = [i for i in issues if i.level == "error"]
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "dataset": cfg.dataset,
+        "classes": classes,
+        "image": {"size": cfg.prep.image_size, "channels": len(cfg.prep.windows),
+                  "encoding": "png", "dtype": "uint8"},
+        "windows": [{"name": n, "level_hu": lv, "width_hu": w} for n, lv, w in cfg.prep.windows],
+        "schema": {f.name: f.dtype for f in schema.FIELDS},
+        "split_scheme": cfg.split_scheme,
+        "counts": counts,
+        "studies": {"input": n_input, "written": len(results), "failed": len(errors),
+                    "failed_by_reason": dict(sorted(Counter(i.reason for i in errors).items()))},
+        "slices": {"sampled": sampled, "kept": kept, "dropped": dict(sorted(dropped.items()))},
+        "warnings_by_reason": dict(sorted(Counter(
+            i.reason for i in issues if i.level == "warning").items())),
+        "files": files,
+        "flags": resolved_flags,
+        "preprocessing": _jsonable(dataclasses.asdict(cfg.prep)),
+        "versions": package_versions(),
+    }
+    if cfg.split_scheme == "repeated_3to1":
+        manifest["repeat"] = cfg.repeat
+        manifest["repeats"] = all_repeats(patients, cfg.seed)
+    return manifest
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_failures(path: str, issues: list[Issue]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["study", "file", "reason", "level", "detail"])
+    for i in sorted(issues, key=lambda i: (i.study, i.level, i.file, i.reason, i.detail)):
+        w.writerow([i.study, i.file, i.reason, i.level, i.detail])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def existing_shards(output_dir: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(output_dir, "*.tfrecord.gz"))
+                  if SHARD_RE.match(os.path.basename(p)))
+
+
+def summary_table(manifest: dict) -> str:
+    """A plain-text table: split x label -> studies / patients / slices, and the failures."""
+    lines = [f"{'split':<6} {'label':<16} {'studies':>8} {'patients':>9} {'slices':>8}"]
+    for split in schema.SPLITS:
+        for label, sites in sorted(manifest["counts"].get(split, {}).items()):
+            s = sum(c["studies"] for c in sites.values())
+            p = sum(c["patients"] for c in sites.values())
+            n = sum(c["slices"] for c in sites.values())
+            lines.append(f"{split:<6} {label:<16} {s:>8} {p:>9} {n:>8}")
+    st, sl = manifest["studies"], manifest["slices"]
+    lines.append(f"studies: {st['input']} in, {st['written']} written, {st['failed']} failed "
+                 f"{st['failed_by_reason'] or ''}")
+    lines.append(f"slices: {sl['sampled']} sampled, {sl['kept']} kept, dropped {sl['dropped']}")
+    if manifest["warnings_by_reason"]:
+        lines.append(f"warnings: {manifest['warnings_by_reason']}")
+    return "\n".join(lines)
+
+
+__all__ = ["RunConfig", "RunSummary", "run", "summary_table", "StudyError"]

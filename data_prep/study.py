@@ -1,0 +1,319 @@
+"""The per-study work, in two steps that run in worker processes (or Beam DoFns).
+
+:func:`scan_study` (headers only): find the study's files, recognise DICOM / PNG / JPEG by
+content, choose and order the series, sample the slice indices, derive the pseudonymous
+keys. Cheap; it is all the split needs.
+
+:func:`process_study` (pixels): decode only the sampled slices, preprocess them
+(:func:`data_prep.preprocess.prepare_slice`) and return the records, with the split known
+(the rotated-lung fill is for the train split only).
+
+Both return picklable values and never raise for bad input: problems become
+:class:`data_prep.errors.Issue` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from covid_keras import schema
+from covid_keras.imaging import grey_to_hu
+from data_prep import dicom_io, slice_images
+from data_prep.errors import Issue, StudyError
+from data_prep.preprocess import PreparedSlice, PrepConfig, prepare_slice, sample_indices
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """One row of the input: a study folder (or a single slice image) and what we know."""
+
+    study_id: str  # how logs and failures.csv name it: the path as given in the input
+    path: str
+    label: str
+    patient_id: str = ""  # from the manifest; empty -> DICOM PatientID -> study folder name
+    site: str = "default"
+    split: str = ""  # from the manifest; empty -> assigned by data_prep.split
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    salt: bytes
+    num_slices: int = 15
+    sampling: str = "paper"
+    min_slices: int = 8
+    # The window 8-bit slice images are assumed to have been exported with: their grey
+    # levels are mapped back to pseudo-HU through it.
+    image_window_hu: tuple[float, float] = (-700.0, 1500.0)
+
+
+@dataclass
+class SampledSlice:
+    path: str
+    index: int  # in the ordered series
+    position_mm: float
+    sop_key: str
+    pixel_spacing_mm: float | None
+
+
+@dataclass
+class StudyScan:
+    task: StudyTask
+    kind: str = ""  # "dicom" | "images"
+    patient_key: str = ""
+    study_key: str = ""
+    series_key: str = ""
+    slice_count: int = 0
+    sampled: list[SampledSlice] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    error: Issue | None = None
+
+
+@dataclass
+class StudyResult:
+    study_key: str
+    patient_key: str
+    label: str
+    site: str
+    split: str
+    records: list[dict] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    sampled: int = 0
+    error: Issue | None = None
+
+
+def salted_key(salt: bytes, kind: str, value: str, length: int = 16) -> str:
+    """Pseudonymous key: the first ``length`` hex chars of SHA-256(salt | kind | value)."""
+    h = hashlib.sha256(salt + b"\x00" + kind.encode() + b"\x00" + value.encode("utf-8"))
+    return h.hexdigest()[:length]
+
+
+def list_files(path: str) -> list[str]:
+    """Every regular file under ``path`` (recursively), sorted; ``path`` itself if a file."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    out = []
+    for root, dirs, files in os.walk(p, onerror=_raise):
+        dirs.sort()
+        out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+    return out
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def _sniff(path: str) -> str:
+    """'dicom', 'png', 'jpeg' or 'other', from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return "unreadable"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    kind = slice_images.sniff(head)
+    if kind:
+        return kind
+    if path.lower().endswith((".png", ".jpg", ".jpeg")):
+        return "image_suffix"  # an image name whose bytes are not an image
+    return "other"  # may still be a preamble-less DICOM file: read_header decides
+
+
+def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
+    scan = StudyScan(task=task)
+    try:
+        _scan(scan, cfg)
+    except StudyError as err:
+        scan.error = Issue(task.study_id, err.file, err.reason, err.detail, "error")
+    except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
+        scan.error = Issue(task.study_id, "", "internal_error",
+                           f"{type(exc).__name__}: {exc} | {_last_frame(exc)}", "error")
+    return scan
+
+
+def _last_frame(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+
+
+def _scan(scan: StudyScan, cfg: ScanConfig) -> None:
+    task = scan.task
+    if not os.path.exists(task.path):
+        raise StudyError("unreadable_path", "path does not exist", task.path)
+    if not os.access(task.path, os.R_OK):
+        raise StudyError("unreadable_path", "permission denied", task.path)
+    try:
+        files = list_files(task.path)
+    except OSError as exc:
+        raise StudyError("unreadable_path", f"cannot list folder: {exc}", task.path)
+    if not files:
+        raise StudyError("empty_study", "no files", task.path)
+    kinds = {f: _sniff(f) for f in files}
+    images = [f for f in files if kinds[f] in ("png", "jpeg")]
+    dicom_like = [f for f in files if kinds[f] in ("dicom", "other")]
+    for f in files:
+        if kinds[f] in ("unreadable", "image_suffix"):
+            why = "cannot open" if kinds[f] == "unreadable" else "image name, not image bytes"
+            scan.issues.append(Issue(task.study_id, f, "not_dicom", why, "warning"))
+    if images and any(kinds[f] == "dicom" for f in files):
+        raise StudyError("mixed_dicom_and_images",
+                         f"{len(images)} images and {sum(k == 'dicom' for k in kinds.values())}"
+                         " DICOM files", task.path)
+    if images:
+        for f in dicom_like:
+            scan.issues.append(Issue(task.study_id, f, "not_dicom", "not a PNG/JPEG slice",
+                                     "warning"))
+        _scan_images(scan, images, cfg)
+    else:
+        _scan_dicom(scan, dicom_like, cfg)
+
+
+def _scan_images(scan: StudyScan, images: list[str], cfg: ScanConfig) -> None:
+    task = scan.task
+    ordered = sorted(images, key=slice_images.natural_key)
+    scan.kind = "images"
+    scan.slice_count = len(ordered)
+    rel = _study_name(task)
+    scan.patient_key = salted_key(cfg.salt, "patient", task.patient_id or rel)
+    scan.study_key = salted_key(cfg.salt, "study", rel)
+    scan.series_key = scan.study_key
+    for i in sample_indices(len(ordered), cfg.num_slices, cfg.sampling):
+        name = os.path.relpath(ordered[i], task.path) if os.path.isdir(task.path) else ""
+        scan.sampled.append(SampledSlice(ordered[i], i, float(i),
+                                         salted_key(cfg.salt, "sop", rel + "/" + name), None))
+
+
+def _study_name(task: StudyTask) -> str:
+    return task.study_id or os.path.basename(os.path.normpath(task.path))
+
+
+def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
+    task = scan.task
+    headers, issues = dicom_io.read_headers(files, task.study_id)
+    scan.issues.extend(issues)
+    if not headers:
+        raise StudyError("no_readable_slices",
+                         f"none of {len(files)} files is DICOM or a PNG/JPEG slice", task.path)
+    series = dicom_io.choose_series(headers, task.study_id, cfg.min_slices)
+    scan.issues.extend(series.warnings)
+    scan.kind = "dicom"
+    scan.slice_count = len(series)
+    patient = task.patient_id or series.patient_id or _study_name(task)
+    scan.patient_key = salted_key(cfg.salt, "patient", patient)
+    scan.study_key = salted_key(cfg.salt, "study", series.study_uid or _study_name(task))
+    scan.series_key = salted_key(cfg.salt, "series", series.series_uid)
+    for i in sample_indices(len(series), cfg.num_slices, cfg.sampling):
+        h = series.slices[i]
+        scan.sampled.append(SampledSlice(
+            h.path, i, series.positions_mm[i],
+            salted_key(cfg.salt, "sop", h.sop_uid or h.path),
+            h.pixel_spacing_mm[0] if h.pixel_spacing_mm else None))
+
+
+def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndarray, list]:
+    if scan.kind == "dicom":
+        header = dicom_io.read_header(s.path)
+        return dicom_io.read_hu(header, scan.task.study_id)
+    grey, warnings = slice_images.read_grey(s.path, scan.task.study_id)
+    level, width = cfg.image_window_hu
+    return grey_to_hu(grey, level, width), warnings
+
+
+def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
+                  prep: PrepConfig, seed: int) -> StudyResult:
+    """Decodes and preprocesses the sampled slices of a scanned study."""
+    task = scan.task
+    result = StudyResult(scan.study_key, scan.patient_key, task.label, task.site, split,
+                         issues=list(scan.issues), sampled=len(scan.sampled))
+    if scan.error is not None:
+        result.error = scan.error
+        return result
+    try:
+        _process(scan, result, label_index, scan_cfg, prep, seed)
+    except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
+        result.records = []
+        result.error = Issue(task.study_id, "", "internal_error",
+                             f"{type(exc).__name__}: {exc} | {_last_frame(exc)}", "error")
+    return result
+
+
+def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: ScanConfig,
+             prep: PrepConfig, seed: int) -> None:
+    task = scan.task
+    is_train = result.split == "train"
+    if scan.kind == "images":  # no real HU: the gas test would call dark lung "gas"
+        prep = dataclasses.replace(prep, lung=dataclasses.replace(prep.lung,
+                                                                   gas_median_hu=-math.inf))
+    for s in scan.sampled:
+        try:
+            hu, warnings = _load_hu(scan, s, scan_cfg)
+        except StudyError as err:
+            result.issues.append(Issue(task.study_id, err.file, err.reason, err.detail,
+                                       "warning"))
+            result.dropped[err.reason] = result.dropped.get(err.reason, 0) + 1
+            continue
+        result.issues.extend(warnings)
+        rng = np.random.default_rng(
+            [seed, int(hashlib.sha256(s.sop_key.encode()).hexdigest()[:8], 16)])
+        prepared = prepare_slice(hu, prep, pixel_spacing_mm=s.pixel_spacing_mm,
+                                 is_train=is_train, rng=rng)
+        if isinstance(prepared, str):
+            result.dropped[prepared] = result.dropped.get(prepared, 0) + 1
+            continue
+        result.records.append(_record(scan, s, prepared, result, label_index))
+    if not result.records:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
+        reason = "no_lung_slices"
+        if result.dropped and set(result.dropped) <= {"truncated_file", "pixel_decode_error",
+                                                       "image_decode_error"}:
+            reason = max(result.dropped, key=result.dropped.get)
+        result.error = Issue(task.study_id, "", reason,
+                             f"all {len(scan.sampled)} sampled slices dropped ({counts})",
+                             "error")
+        # Per-file decode warnings stay: they name the files.
+
+
+def _png(img: np.ndarray) -> bytes:
+    """PNG bytes with the channels in array order (OpenCV writes 3 channels as BGR)."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    elif img.ndim == 3:
+        img = np.ascontiguousarray(img[..., ::-1])
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _record(scan: StudyScan, s: SampledSlice, p: PreparedSlice, result: StudyResult,
+            label_index: int) -> dict:
+    return {
+        schema.IMAGE: _png(p.image),
+        schema.HEIGHT: int(p.image.shape[0]),
+        schema.WIDTH: int(p.image.shape[1]),
+        schema.CHANNELS: int(p.image.shape[2]),
+        schema.MASK: _png(p.mask),
+        schema.LABEL_NAME: result.label,
+        schema.LABEL_INDEX: int(label_index),
+        schema.PATIENT_KEY: scan.patient_key,
+        schema.STUDY_KEY: scan.study_key,
+        schema.SERIES_KEY: scan.series_key,
+        schema.SOP_KEY: s.sop_key,
+        schema.SLICE_INDEX: int(s.index),
+        schema.SLICE_COUNT: int(scan.slice_count),
+        schema.POSITION_MM: float(s.position_mm),
+        schema.LUNG_FRACTION: float(p.lung_fraction),
+        schema.SITE: result.site,
+        schema.SPLIT: result.split,
+    }
