@@ -89,13 +89,16 @@ def _salt(path: str) -> bytes:
     return salt
 
 
+# Flags that cannot change a byte of the records are left out of manifest.json, so that the
+# same input gives the same files wherever and however parallel the run (and the salt's
+# location stays private).
+NOT_RECORDED = ("output_dir", "workers", "salt_file")
+
+
 def resolved_flags() -> dict:
     """The flags of this module and their values (what manifest.json records)."""
-    out = {}
-    for flag in FLAGS.get_flags_for_module(sys.modules[__name__]):
-        out[flag.name] = flag.value
-    out.pop("salt_file", None)
-    return out
+    return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])
+            if flag.name not in NOT_RECORDED}
 
 
 def build_config() -> pipeline.RunConfig:

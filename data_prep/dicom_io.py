@@ -308,6 +308,10 @@ def read_hu(header: SliceHeader, study: str) -> tuple[np.ndarray, list[Issue]]:
             ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"))
         warnings.append(Issue(study, header.path, "missing_transfer_syntax",
                               f"assumed {UID(ds.file_meta.TransferSyntaxUID).name}", "warning"))
+    if "PhotometricInterpretation" not in ds:  # old tools omit it; CT is always grey
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    if "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = 1
     if "PixelData" not in ds:
         raise StudyError("truncated_file", "no pixel data", header.path)
     expected = header.rows * header.columns * int(ds.get("BitsAllocated", 16)) // 8

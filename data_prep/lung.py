@@ -67,12 +67,23 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best
 
 
-def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
+def _spacing(shape: tuple[int, ...], pixel_spacing_mm: float | None) -> float:
+    """The pixel size, or 0.7 mm at 512 pixels scaled to the image when unknown."""
+    if pixel_spacing_mm is None or pixel_spacing_mm <= 0:
+        return 0.7 * 512.0 / max(shape)
+    return float(pixel_spacing_mm)
+
+
+def body_mask(hu: np.ndarray, threshold_hu: float = -500.0,
+              pixel_spacing_mm: float | None = None) -> np.ndarray:
     """The patient's body: largest region above ``threshold_hu``, holes filled."""
     body = largest_component(hu > threshold_hu)
-    # Open a little so the table (a thin bright line joined to the back) is cut off.
-    body = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, _disc(2)).astype(bool)
-    return fill_holes(largest_component(body))
+    # Open by ~1.5 mm so the table (a thin bright line joined to the back) is cut off.
+    radius = round(1.5 / _spacing(hu.shape, pixel_spacing_mm))
+    if radius >= 1:
+        body = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, _disc(radius))
+        body = largest_component(body.astype(bool))
+    return fill_holes(body)
 
 
 def lung_mask_hu(hu: np.ndarray, pixel_spacing_mm: float | None = None,
@@ -81,9 +92,8 @@ def lung_mask_hu(hu: np.ndarray, pixel_spacing_mm: float | None = None,
     if hu.ndim != 2:
         raise ValueError(f"lung_mask_hu expects a 2-D slice. Received shape: {hu.shape}")
     hu = np.asarray(hu, dtype=np.float32)
-    if pixel_spacing_mm is None or pixel_spacing_mm <= 0:
-        pixel_spacing_mm = 0.7 * 512.0 / max(hu.shape)
-    body = body_mask(hu, params.body_threshold_hu)
+    pixel_spacing_mm = _spacing(hu.shape, pixel_spacing_mm)
+    body = body_mask(hu, params.body_threshold_hu, pixel_spacing_mm)
     body_area = int(body.sum())
     if body_area == 0:
         return np.zeros(hu.shape, bool)

@@ -95,7 +95,7 @@ def prepare_slice(hu: np.ndarray, cfg: PrepConfig, *, pixel_spacing_mm: float | 
     hu = np.asarray(hu, dtype=np.float32)
     if float(hu.max()) == float(hu.min()):
         return "constant_image"
-    body_area = int(body_mask(hu, cfg.lung.body_threshold_hu).sum())
+    body_area = int(body_mask(hu, cfg.lung.body_threshold_hu, pixel_spacing_mm).sum())
     if cfg.lung_filter and body_area < 0.01 * hu.size:
         return "all_air"
     mask = lung_mask_hu(hu, pixel_spacing_mm, cfg.lung)

@@ -32,15 +32,29 @@ def _stratum_seed(seed: int, stratum: str, repeat: int) -> list[int]:
     return [seed, repeat, int(digest, 16)]
 
 
+def split_counts(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Largest-remainder counts for ``n`` patients; when n allows, every split with a
+    positive fraction gets at least one (a 6-patient stratum still has a val patient)."""
+    f = np.asarray(fractions, dtype=np.float64) / float(sum(fractions))
+    raw = f * n
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - int(counts.sum())]:
+        counts[i] += 1
+    if n >= int((f > 0).sum()):
+        for i in np.nonzero((f > 0) & (counts == 0))[0]:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] += 1
+    return [int(c) for c in counts]
+
+
 def _cut(keys: list[str], fractions: tuple[float, ...], names: tuple[str, ...],
          rng: np.random.Generator) -> dict[str, str]:
     order = [keys[i] for i in rng.permutation(len(keys))]
-    bounds = np.rint(np.cumsum(fractions) / sum(fractions) * len(order)).astype(int)
     out, start = {}, 0
-    for name, end in zip(names, bounds):
-        for k in order[start:end]:
+    for name, count in zip(names, split_counts(len(order), fractions)):
+        for k in order[start:start + count]:
             out[k] = name
-        start = end
+        start += count
     return out
 
 

@@ -1,0 +1,353 @@
+"""End to end: the build_tfrecords command on DICOM series the tests write with pydicom."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.fileset import FileSet
+
+from covid_keras import schema
+from data_prep import phantom
+
+REPO = Path(__file__).resolve().parents[1]
+MATRIX = 64
+SPACING = 350.0 / MATRIX  # a 35 cm field of view, as a real chest CT
+SLICES = 20
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "data_prep.build_tfrecords", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def series(out: Path, **kw) -> list[Path]:
+    kw.setdefault("num_slices", SLICES)
+    kw.setdefault("matrix", MATRIX)
+    kw.setdefault("pixel_spacing_mm", SPACING)
+    kw.setdefault("slice_thickness_mm", 300.0 / kw["num_slices"])
+    return phantom.write_series(out, **kw)
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    import tensorflow as tf
+
+    recs = []
+    for f in sorted(glob.glob(str(out_dir / "*.tfrecord.gz"))):
+        for raw in tf.data.TFRecordDataset(f, compression_type="GZIP"):
+            recs.append(schema.parse(raw.numpy()))
+    return recs
+
+
+def failures(out_dir: Path) -> list[dict]:
+    with open(out_dir / "failures.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def common_flags(out: Path, salt: Path) -> list[str]:
+    return [f"--output_dir={out}", f"--salt_file={salt}", "--image_size=64", "--workers=1",
+            "--min_slices=5", "--split_fractions=1,0,0"]
+
+
+# ------------------------------------------------------------------ bad input, one run
+def _png_study(folder: Path, mode: str, n: int = 3) -> None:
+    folder.mkdir(parents=True)
+    vol = phantom.make_volume_hu("covid", num_slices=SLICES, matrix=MATRIX, seed=5)
+    for i in range(n):
+        hu = vol[SLICES // 2 - 1 + i]
+        grey = np.clip((hu + 1450.0) / 1500.0 * 255.0, 0, 255).astype(np.uint8)
+        if mode == "rgba":
+            img = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+        else:  # 16-bit grey
+            img = grey.astype(np.uint16) * 257
+        cv2.imwrite(str(folder / f"slice_{i}.png"), img)
+
+
+def _compressed_without_decoder(folder: Path) -> None:
+    for p in series(folder, kind="normal", seed=9, patient_id="P-MPEG"):
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(p, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def bad_input_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    s = root / "studies"
+    rows = []
+
+    def add(name: str, label: str = "covid", patient: str = "") -> Path:
+        rows.append((f"studies/{name}", label, patient or f"P-{name}"))
+        return s / name
+
+    series(add("good_covid"), kind="covid", seed=1, patient_id="GOOD-1")
+    series(add("good_normal", "normal"), kind="normal", seed=2, patient_id="GOOD-2")
+    # truncated: every file cut inside its pixel data
+    for p in series(add("truncated"), kind="covid", seed=3, patient_id="P-T"):
+        p.write_bytes(p.read_bytes()[:-MATRIX * MATRIX])
+    # a usable series plus a text file and a fake .png among the slices
+    series(add("with_junk", "normal"), kind="normal", seed=4, patient_id="P-J")
+    (s / "with_junk" / "notes.txt").write_text("not an image")
+    (s / "with_junk" / "fake.png").write_bytes(b"GIF89a not a png")
+    # DICOM media: DICOMDIR + files in nested folders (pydicom's FileSet)
+    tmp_series = root / "dicomdir_src"
+    fs = FileSet()
+    for p in series(tmp_series, kind="covid", seed=6, patient_id="P-DIR"):
+        fs.add(pydicom.dcmread(p))
+    fs.write(add("dicomdir"))
+    fs._stage["t"].cleanup()  # pydicom's staging TemporaryDirectory (else a ResourceWarning)
+    # missing RescaleSlope/Intercept (signed storage, intercept 0: HU stay right)
+    for p in series(add("no_rescale", "normal"), kind="normal", seed=7, rescale_intercept=0.0,
+                    patient_id="P-R"):
+        ds = pydicom.dcmread(p)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(p, enforce_file_format=True)
+    # missing ImagePositionPatient
+    for p in series(add("no_position"), kind="covid", seed=8, patient_id="P-P"):
+        ds = pydicom.dcmread(p)
+        del ds.ImagePositionPatient
+        ds.save_as(p, enforce_file_format=True)
+    _compressed_without_decoder(add("mpeg2"))
+    # two series in one folder: the longer one is used
+    two = add("two_series", "normal")
+    series(two, kind="normal", seed=10, patient_id="P-2S", series_number=2)
+    series(two, kind="normal", seed=10, patient_id="P-2S", series_number=3, num_slices=6)
+    # a study that is only a localizer, and a series with a localizer beside it
+    phantom.write_localizer(add("localizer_only"), matrix=MATRIX, patient_id="P-L")
+    phantom.write_study(add("with_localizer", "normal"), kind="normal", num_slices=SLICES,
+                        matrix=MATRIX, seed=11, patient_id="P-WL", with_localizer=True,
+                        pixel_spacing_mm=SPACING)
+    series(add("mr"), kind="covid", seed=12, modality="MR", patient_id="P-MR")
+    series(add("three_slices"), kind="covid", seed=13, num_slices=3, patient_id="P-3")
+    noise = np.random.default_rng(0).normal(0.0, 15.0, (SLICES, MATRIX, MATRIX))
+    series(add("all_air"), volume_hu=(noise - 1000.0).astype(np.float32), patient_id="P-AIR")
+    series(add("all_zero"), volume_hu=np.zeros((SLICES, MATRIX, MATRIX), np.float32),
+           rescale_intercept=0.0, patient_id="P-ZERO")
+    _png_study(add("rgba_png"), "rgba")
+    _png_study(add("png16", "normal"), "16bit")
+    add("empty").mkdir(parents=True)
+    rows.append(("studies/does_not_exist", "covid", "P-NONE"))
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_path", "label", "patient_id"])
+        w.writerows(rows)
+    out = root / "out"
+    proc = run_cli(f"--input={manifest}", *common_flags(out, root / "salt.key"))
+    return out, proc
+
+
+EXPECTED_ERRORS = {
+    "studies/truncated": "truncated_file",
+    "studies/mpeg2": "compressed_no_decoder",
+    "studies/localizer_only": "localizer",
+    "studies/mr": "non_ct_modality",
+    "studies/three_slices": "too_few_slices",
+    "studies/all_air": "no_lung_slices",
+    "studies/all_zero": "no_lung_slices",
+    "studies/empty": "empty_study",
+    "studies/does_not_exist": "unreadable_path",
+}
+EXPECTED_WARNINGS = {
+    "studies/with_junk": {"not_dicom"},
+    "studies/dicomdir": {"dicomdir"},
+    "studies/no_rescale": {"missing_rescale"},
+    "studies/no_position": {"missing_position"},
+    "studies/two_series": {"series_rejected"},
+    "studies/with_localizer": {"series_rejected"},
+    "studies/rgba_png": {"rgba_image"},
+    "studies/png16": {"sixteen_bit_image"},
+}
+GOOD = {"studies/good_covid", "studies/good_normal", *EXPECTED_WARNINGS}
+
+
+def test_bad_input_each_has_a_named_reason(bad_input_run):
+    out, proc = bad_input_run
+    rows = failures(out)
+    errors = {r["study"]: r for r in rows if r["level"] == "error"}
+    assert {k: v["reason"] for k, v in errors.items()} == EXPECTED_ERRORS
+    for study, reasons in EXPECTED_WARNINGS.items():
+        got = {r["reason"] for r in rows if r["study"] == study and r["level"] == "warning"}
+        assert reasons <= got, (study, got)
+    assert "dropped (all_air" in errors["studies/all_air"]["detail"]
+    assert "constant_image" in errors["studies/all_zero"]["detail"]
+    assert "MPEG2" in errors["studies/mpeg2"]["detail"]
+    junk = {Path(r["file"]).name for r in rows if r["study"] == "studies/with_junk"}
+    assert {"notes.txt", "fake.png"} <= junk
+
+
+def test_bad_input_every_good_study_is_written(bad_input_run):
+    out, proc = bad_input_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["studies"]["written"] == len(GOOD)
+    assert manifest["studies"]["failed"] == len(EXPECTED_ERRORS)
+    recs = read_records(out)
+    assert len({r[schema.STUDY_KEY] for r in recs}) == len(GOOD)
+    assert manifest["slices"]["kept"] == len(recs)
+    assert "wrote" in proc.stdout and "failed" in proc.stdout
+
+
+def test_two_series_uses_the_longer_one(bad_input_run):
+    out, _ = bad_input_run
+    recs = read_records(out)
+    counts = {r[schema.SLICE_COUNT] for r in recs}
+    assert 6 not in counts  # the 6-slice series was never used
+    detail = [r["detail"] for r in failures(out) if r["study"] == "studies/two_series"]
+    assert any("6 files" in d for d in detail)
+
+
+def test_strict_and_nothing_written_exit_codes(tmp_path):
+    s = tmp_path / "studies"
+    series(s / "ok", kind="covid", seed=1)
+    (s / "empty").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("study_path,label\nstudies/ok,covid\nstudies/empty,covid\n")
+    flags = common_flags(tmp_path / "out", tmp_path / "salt")
+    assert run_cli(f"--input={manifest}", *flags).returncode == 0
+    assert run_cli(f"--input={manifest}", "--strict", *flags, check=False).returncode == 1
+    only_bad = tmp_path / "bad.csv"
+    only_bad.write_text("study_path,label\nstudies/empty,covid\n")
+    proc = run_cli(f"--input={only_bad}", *common_flags(tmp_path / "o2", tmp_path / "salt"),
+                   check=False)
+    assert proc.returncode == 1
+    assert "Nothing was written" in proc.stderr
+
+
+def test_patient_in_two_manifest_splits_fails_loudly(tmp_path):
+    s = tmp_path / "studies"
+    series(s / "a", kind="covid", seed=1)
+    series(s / "b", kind="covid", seed=2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("study_path,label,patient_id,split\n"
+                        "studies/a,covid,P1,train\nstudies/b,covid,P1,test\n")
+    proc = run_cli(f"--input={manifest}", *common_flags(tmp_path / "out", tmp_path / "salt"),
+                   check=False)
+    assert proc.returncode == 1
+    assert "patient_split_conflict" in proc.stderr
+
+
+# ------------------------------------------------------------------ good data
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
+                          patients_per_kind=4, num_slices=SLICES, matrix=MATRIX, seed=0)
+    return root
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".key"}
+
+
+def test_folder_layout_deterministic_and_patient_level(dataset, tmp_path):
+    flags = ["--image_size=64", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
+             "--classes=normal,covid,bacterial", "--seed=3"]
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'a'}", "--workers=1",
+            *flags)
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'b'}", "--workers=2",
+            *flags)
+    a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert a == b  # same bytes, whatever the worker count
+    assert any(n.startswith("train-") for n in a) and any(n.startswith("test-") for n in a)
+    recs = read_records(tmp_path / "a")
+    split_of: dict[bytes, set] = {}
+    for r in recs:
+        split_of.setdefault(r[schema.PATIENT_KEY], set()).add(r[schema.SPLIT])
+    assert all(len(v) == 1 for v in split_of.values())
+    assert len(split_of) == 12  # patients with two studies are one patient
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["classes"] == ["normal", "covid", "bacterial"]
+    assert manifest["flags"]["seed"] == 3
+    for name, info in manifest["files"].items():
+        assert info["sha256"] == a[name]
+    img = cv2.imdecode(np.frombuffer(recs[0][schema.IMAGE], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (64, 64) and img.dtype == np.uint8
+
+
+def test_no_patient_identifiers_in_outputs(dataset, tmp_path):
+    out = tmp_path / "out"
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={out}", "--workers=1",
+            "--image_size=64", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5")
+    blob = b"".join(p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".csv"))
+    import gzip
+
+    for p in out.glob("*.tfrecord.gz"):
+        blob += gzip.decompress(p.read_bytes())
+    ds = pydicom.dcmread(next((dataset / "studies" / "covid").rglob("*.dcm")))
+    for secret in (ds.PatientID, str(ds.PatientName), ds.StudyInstanceUID, ds.SOPInstanceUID,
+                   ds.SeriesInstanceUID, "PHANTOM-"):
+        assert secret.encode() not in blob, secret
+
+
+def test_manifest_input_with_site_and_split(tmp_path):
+    manifest = phantom.write_dataset(tmp_path / "ds", kinds=("normal", "covid"),
+                                     patients_per_kind=4, num_slices=SLICES, matrix=MATRIX,
+                                     seed=1, layout="manifest")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["split"] = "test"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    run_cli(f"--input={manifest}", f"--output_dir={out}", "--workers=2", "--image_size=64",
+            f"--salt_file={tmp_path / 'salt'}", "--min_slices=5")
+    m = json.loads((out / "manifest.json").read_text())
+    sites = {site for split in m["counts"].values() for lab in split.values() for site in lab}
+    assert sites == {"site_a", "site_b"}
+    first_label = rows[0]["label"]
+    assert m["counts"]["test"][first_label][rows[0]["site"]]["studies"] >= 1
+
+
+def test_resume_uses_the_spool(dataset, tmp_path, monkeypatch):
+    """A run killed after processing leaves its spool; the next run reuses it."""
+    from data_prep import build_tfrecords, pipeline
+
+    out = tmp_path / "out"
+    argv = ["prog", f"--input={dataset / 'studies'}", f"--output_dir={out}", "--workers=1",
+            "--image_size=64", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5"]
+    flags = build_tfrecords.FLAGS
+    flags.unparse_flags()
+    flags(argv)
+    calls = []
+    real = pipeline.process_study
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "process_study", counting)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while writing shards")
+
+    monkeypatch.setattr(pipeline, "_write_outputs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_tfrecords.main(argv[:1])
+    first = len(calls)
+    assert first == 15 and len(list((out / ".partial").glob("*.pkl"))) == 15
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "process_study", counting)
+    assert build_tfrecords.main(argv[:1]) == 0
+    assert len(calls) == first  # nothing processed twice
+    assert not (out / ".partial").exists()
+    flags.unparse_flags()
