@@ -241,8 +241,11 @@ def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSumm
         jobs.append((scan, split, class_index[scan.task.label], cfg.scan, cfg.prep, cfg.seed,
                      _spool_path(spool, scan.task, split, cfg_hash)))
     results: list[tuple[StudyResult, str]] = []
+    slice_stats: Counter = Counter()  # over every processed study, failed ones included
     for job, result in zip(jobs, parallel_map(_process_to_spool, jobs, cfg.workers,
                                               "preprocess")):
+        slice_stats["sampled"] += result.sampled
+        slice_stats.update({f"dropped/{k}": v for k, v in result.dropped.items()})
         issues.extend(result.issues)
         if result.error is not None:
             issues.append(result.error)
@@ -252,14 +255,15 @@ def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSumm
 
     # 4. Shards, in a fixed order.
     manifest = _write_outputs(results, cfg, classes, patients, splits, resolved_flags,
-                              len(tasks), issues)
+                              len(tasks), issues, slice_stats)
     shutil.rmtree(spool, ignore_errors=True)
     return RunSummary(manifest, issues, sum(len(r.records) for r, _ in results))
 
 
 def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
                    patients: dict[str, PatientInfo], splits: dict[str, str],
-                   resolved_flags: dict, n_input: int, issues: list[Issue]) -> dict:
+                   resolved_flags: dict, n_input: int, issues: list[Issue],
+                   slice_stats: Counter) -> dict:
     by_split: dict[str, dict[str, tuple[StudyResult, str]]] = defaultdict(dict)
     for result, spool_file in results:
         key = f"{result.patient_key}/{result.study_key}"
@@ -290,7 +294,7 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         if SHARD_RE.match(old) and old not in new_names:
             os.remove(os.path.join(cfg.output_dir, old))
     manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
-                              issues, files)
+                              issues, files, slice_stats)
     write_failures(os.path.join(cfg.output_dir, FAILURES), issues)
     atomic_write_bytes(os.path.join(cfg.output_dir, MANIFEST),
                        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
@@ -313,19 +317,19 @@ def package_versions() -> dict[str, str]:
 def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
                    patients: dict[str, PatientInfo], splits: dict[str, str],
                    resolved_flags: dict, n_input: int, issues: list[Issue],
-                   files: dict[str, dict]) -> dict:
+                   files: dict[str, dict], slice_stats: Counter) -> dict:
+    """Counts cover written studies; ``slices`` covers every processed study (the slices
+    of studies that failed for lack of lung are counted as dropped)."""
     counts: dict = {}
-    dropped: Counter = Counter()
-    sampled = kept = 0
+    kept = 0
     for result, _ in results:
         cell = counts.setdefault(result.split, {}).setdefault(result.label, {}).setdefault(
             result.site, {"studies": 0, "patients": set(), "slices": 0})
         cell["studies"] += 1
         cell["patients"].add(result.patient_key)
         cell["slices"] += len(result.records)
-        dropped.update(result.dropped)
-        sampled += result.sampled
         kept += len(result.records)
+    dropped = {k.split("/", 1)[1]: v for k, v in slice_stats.items() if k.startswith("dropped/")}
     for split in counts.values():
         for label in split.values():
             for cell in label.values():
@@ -343,7 +347,8 @@ def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         "counts": counts,
         "studies": {"input": n_input, "written": len(results), "failed": len(errors),
                     "failed_by_reason": dict(sorted(Counter(i.reason for i in errors).items()))},
-        "slices": {"sampled": sampled, "kept": kept, "dropped": dict(sorted(dropped.items()))},
+        "slices": {"sampled": slice_stats["sampled"], "kept": kept,
+                   "dropped": dict(sorted(dropped.items()))},
         "warnings_by_reason": dict(sorted(Counter(
             i.reason for i in issues if i.level == "warning").items())),
         "files": files,

@@ -201,6 +201,9 @@ def test_bad_input_every_good_study_is_written(bad_input_run):
     recs = read_records(out)
     assert len({r[schema.STUDY_KEY] for r in recs}) == len(GOOD)
     assert manifest["slices"]["kept"] == len(recs)
+    # slices of studies that failed for lack of lung are counted as dropped, with reasons
+    assert manifest["slices"]["dropped"]["all_air"] == 15
+    assert manifest["slices"]["dropped"]["constant_image"] == 15
     assert "wrote" in proc.stdout and "failed" in proc.stdout
 
 
