@@ -42,6 +42,7 @@ import os
 import pickle
 import shutil
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from data_prep import pipeline
@@ -243,9 +244,12 @@ def run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
             issues.append(plan.duplicate[o.index])
     issues.extend(plan.label_unknown[i] for i in sorted(plan.label_unknown))
     results: list[tuple[StudyResult, str]] = []
+    slice_stats: Counter = Counter()  # over every processed study, failed ones included
     for o in outcomes:
         if o.result is None:
             continue
+        slice_stats["sampled"] += o.result.sampled
+        slice_stats.update({f"dropped/{k}": v for k, v in o.result.dropped.items()})
         issues.extend(o.result.issues)
         if o.result.error is not None:
             issues.append(o.result.error)
@@ -254,6 +258,6 @@ def run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
     check_disjoint([(r.patient_key, r.split) for r, _ in results])
 
     manifest = pipeline._write_outputs(results, cfg, plan.classes, plan.patients, plan.splits,
-                                       resolved_flags, len(tasks), issues)
+                                       resolved_flags, len(tasks), issues, slice_stats)
     shutil.rmtree(spool, ignore_errors=True)
     return pipeline.RunSummary(manifest, issues, sum(len(r.records) for r, _ in results))

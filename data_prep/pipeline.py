@@ -252,6 +252,9 @@ def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSumm
             continue
         results.append((result, job[-1]))
     check_disjoint([(r.patient_key, r.split) for r, _ in results])
+    for issue in issues:
+        if issue.level == "error":
+            log.warning("study %s not written: %s (%s)", issue.study, issue.reason, issue.detail)
 
     # 4. Shards, in a fixed order.
     manifest = _write_outputs(results, cfg, classes, patients, splits, resolved_flags,

@@ -109,9 +109,11 @@ def prepare_slice(hu: np.ndarray, cfg: PrepConfig, *, pixel_spacing_mm: float | 
     mask_crop = _crop_pad(mask.astype(np.uint8), (y0, x0, y1, x1), fill=0).astype(bool)
     channels = np.stack([window_hu(hu_crop, level, width) for _, level, width in cfg.windows],
                         axis=-1)
+    filled = False
     if use_mask:
         channels *= mask_crop[..., None]
         if is_train and cfg.fill_blank == "rotate":
+            filled = True
             channels = fill_blank_with_rotated_lung(
                 channels, mask_crop, rng if rng is not None else np.random.default_rng(0))
     size = (cfg.image_size, cfg.image_size)
@@ -121,6 +123,8 @@ def prepare_slice(hu: np.ndarray, cfg: PrepConfig, *, pixel_spacing_mm: float | 
         image = image[..., None]
     mask_out = cv2.resize(mask_crop.astype(np.uint8) * 255, size,
                           interpolation=cv2.INTER_NEAREST)
+    if use_mask and not filled:  # resizing blurs the lung edge outward: re-zero exactly
+        image[mask_out == 0] = 0.0
     return PreparedSlice(unit_to_u8(image), mask_out, fraction)
 
 

@@ -354,3 +354,25 @@ def test_resume_uses_the_spool(dataset, tmp_path, monkeypatch):
     assert len(calls) == first  # nothing processed twice
     assert not (out / ".partial").exists()
     flags.unparse_flags()
+
+
+def test_repeated_3to1_split(dataset, tmp_path):
+    out = tmp_path / "out"
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={out}", "--workers=2",
+            "--image_size=32", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
+            "--split_scheme=repeated_3to1", "--repeat=2", "--seed=4")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["repeat"] == 2 and len(m["repeats"]) == 5
+    chosen = m["repeats"][2]
+    assert set(chosen) == {"train", "val"}
+    for r in read_records(out):
+        assert r[schema.PATIENT_KEY].decode() in chosen[r[schema.SPLIT].decode()]
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.gz")) == ["train", "val"]
+
+
+def test_help_and_missing_input():
+    proc = run_cli("--helpfull", check=False)  # absl prints the help and exits 1
+    for name in ("--input", "--output_dir", "--workers", "--seed", "--strict", "--runner"):
+        assert name in proc.stdout
+    proc = run_cli(check=False)
+    assert proc.returncode != 0 and "input" in proc.stderr

@@ -1,0 +1,108 @@
+"""The Beam runner (DirectRunner) writes the same shards as the local runner."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import phantom
+
+pytest.importorskip("apache_beam", reason="needs the [beam] extra: pip install -e .[beam]")
+
+pytestmark = pytest.mark.beam
+
+REPO = Path(__file__).resolve().parents[1]
+MATRIX = 64
+SPACING = 350.0 / MATRIX
+SLICES = 20
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "data_prep.build_tfrecords", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def failures(out_dir: Path) -> list[dict]:
+    with open(out_dir / "failures.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("*.tfrecord.gz"))}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("beam")
+    rows = []
+    for n, (kind, label) in enumerate([("covid", "covid"), ("covid", "covid"),
+                                       ("normal", "normal"), ("normal", "normal"),
+                                       ("covid", "covid"), ("normal", "normal")]):
+        name = f"s{n}"
+        phantom.write_series(root / "studies" / name, kind=kind, seed=n, num_slices=SLICES,
+                             matrix=MATRIX, pixel_spacing_mm=SPACING,
+                             slice_thickness_mm=300.0 / SLICES, patient_id=f"P{n // 2 + n % 2}")
+        rows.append((f"studies/{name}", label))
+    (root / "studies" / "s1" / "notes.txt").write_text("not DICOM")  # a warning row
+    (root / "studies" / "empty").mkdir()
+    rows.append(("studies/empty", "covid"))
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_path", "label"])
+        w.writerows(rows)
+    return manifest
+
+
+def test_beam_matches_local(studies, tmp_path):
+    flags = [f"--input={studies}", f"--salt_file={tmp_path / 'salt'}", "--image_size=64",
+             "--min_slices=5", "--shard_size_mb=0.02", "--seed=1"]
+    run_cli(*flags, f"--output_dir={tmp_path / 'local'}", "--runner=local", "--workers=1")
+    proc = run_cli(*flags, f"--output_dir={tmp_path / 'beam'}", "--runner=beam",
+                   "--beam_runner=DirectRunner", "--direct_num_workers=2",
+                   "--direct_running_mode=multi_processing")
+    assert "wrote" in proc.stdout
+    local, beam = _hashes(tmp_path / "local"), _hashes(tmp_path / "beam")
+    assert local and beam == local  # byte-identical shards
+    assert {n.split("-")[0] for n in local} >= {"train", "test"}
+    assert max(int(n.split("-of-")[1][:5]) for n in local) > 1  # several shards in a split
+    assert (tmp_path / "beam" / "failures.csv").read_bytes() == \
+        (tmp_path / "local" / "failures.csv").read_bytes()
+    errors = {r["study"]: r["reason"] for r in failures(tmp_path / "beam")
+              if r["level"] == "error"}
+    assert errors == {"studies/empty": "empty_study"}
+    assert any(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam"))
+    m_local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    m_beam = json.loads((tmp_path / "beam" / "manifest.json").read_text())
+    assert m_local["flags"].pop("runner") == "local"
+    assert m_beam["flags"].pop("runner") == "beam"
+    assert m_beam == m_local
+    assert m_beam["studies"] == {"input": 7, "written": 6, "failed": 1,
+                                 "failed_by_reason": {"empty_study": 1}}
+    assert not (tmp_path / "beam" / ".partial").exists()
+
+
+def test_beam_patient_split_conflict_fails_loudly(tmp_path):
+    for name in ("a", "b"):
+        phantom.write_series(tmp_path / "studies" / name, kind="covid", seed=ord(name),
+                             num_slices=SLICES, matrix=MATRIX, pixel_spacing_mm=SPACING)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("study_path,label,patient_id,split\n"
+                        "studies/a,covid,P1,train\nstudies/b,covid,P1,test\n")
+    proc = run_cli(f"--input={manifest}", f"--output_dir={tmp_path / 'out'}", "--runner=beam",
+                   f"--salt_file={tmp_path / 'salt'}", "--image_size=64", "--min_slices=5",
+                   check=False)
+    assert proc.returncode == 1
+    assert "patient_split_conflict" in proc.stderr
