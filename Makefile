@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dicom,dev]"
+	$(PY) -m pip install --quiet -e ".[dicom,beam,dev]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -33,13 +33,15 @@ flags.DEFINE_string("input", None, "Manifest CSV (study_path,label[,patient_id,s
                     "or a folder <root>/<label>/<study>/.")
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and failures.csv go. "
                     "Default: tfrecords/<dataset>.")
-flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2)), "Worker processes (1: inline).")
+flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2)), "Worker processes (1: inline). "
+                     "The beam runner ignores it (use Beam's --direct_num_workers).")
 flags.DEFINE_integer("seed", 0, "Seed for the split and the train-time rotated-lung fill.")
 flags.DEFINE_bool("strict", False, "Exit non-zero when any study fails.")
 flags.DEFINE_string("dataset", None, "Dataset name (default: --input's base name).")
 flags.DEFINE_enum("runner", "local", ["local", "beam"],
                   "local: processes on this machine; beam: an Apache Beam pipeline (needs the "
-                  "[beam] extra; Beam's own flags such as --beam_runner pass through).")
+                  "[beam] extra). Other --flags pass through as Beam pipeline options; "
+                  "--beam_runner=X is Beam's --runner=X (e.g. DirectRunner, DataflowRunner).")
 flags.DEFINE_list("classes", [], "Class order (label index = position). Default: sorted "
                   "labels found.")
 flags.DEFINE_list("label_map", [], "FROM:TO label renames, e.g. COVID:covid,NonCOVID:non_covid.")
@@ -92,7 +94,7 @@ def _salt(path: str) -> bytes:
 # Flags that cannot change a byte of the records are left out of manifest.json, so that the
 # same input gives the same files wherever and however parallel the run (and the salt's
 # location stays private).
-NOT_RECORDED = ("output_dir", "workers", "salt_file")
+NOT_RECORDED = ("output_dir", "workers", "salt_file", "runner")
 
 
 def resolved_flags() -> dict:

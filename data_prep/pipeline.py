@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
@@ -191,76 +191,166 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- the run
-def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    spool = os.path.join(cfg.output_dir, SPOOL)
-    os.makedirs(spool, exist_ok=True)
-    issues: list[Issue] = []
+# ---------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class StudyMeta:
+    """What the plan needs of one scanned study (small: the plan sees all of them)."""
 
-    # 1. Headers only: series, sampling, keys.
-    scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan"))
-    good: list[StudyScan] = []
+    index: int
+    study_id: str
+    label: str
+    site: str
+    manifest_split: str
+    patient_key: str
+    study_key: str
+    series_key: str
+    failed: bool
+
+    @classmethod
+    def of(cls, index: int, scan: StudyScan) -> "StudyMeta":
+        t = scan.task
+        return cls(index, t.study_id, t.label, t.site, t.split, scan.patient_key,
+                   scan.study_key, scan.series_key, scan.error is not None)
+
+
+@dataclass
+class Plan:
+    """The run's global view, computed once from every study's header metadata."""
+
+    classes: list[str] = field(default_factory=list)
+    patients: dict[str, PatientInfo] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)
+    jobs: dict[int, tuple[str, int]] = field(default_factory=dict)  # index -> split, label
+    rejected: dict[int, Issue] = field(default_factory=dict)  # duplicate / unknown label
+    fatal: tuple[str, str, str] | None = None  # a run-level StudyError: reason, detail, file
+
+
+def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
+    """Duplicates, unknown labels, the patient table and the patient-level split."""
+    plan = Plan()
+    good: list[StudyMeta] = []
     seen_studies: dict[tuple[str, str], str] = {}
-    for scan in scans:
-        issues.extend(scan.issues)
-        if scan.error is not None:
-            issues.append(scan.error)
+    for m in sorted(metas, key=lambda m: m.index):
+        if m.failed:
             continue
-        dup_key = (scan.study_key, scan.series_key)
+        dup_key = (m.study_key, m.series_key)
         if dup_key in seen_studies:
-            issues.append(Issue(scan.task.study_id, "", "duplicate_study",
-                                f"same study and series as {seen_studies[dup_key]}", "error"))
+            plan.rejected[m.index] = Issue(m.study_id, "", "duplicate_study",
+                                           f"same study and series as {seen_studies[dup_key]}",
+                                           "error")
             continue
-        seen_studies[dup_key] = scan.task.study_id
-        good.append(scan)
+        seen_studies[dup_key] = m.study_id
+        good.append(m)
+    plan.classes = list(cfg.classes) or sorted({m.label for m in good})
+    class_index = {c: i for i, c in enumerate(plan.classes)}
+    usable: list[StudyMeta] = []
+    try:
+        for m in good:
+            if m.label not in class_index:
+                plan.rejected[m.index] = Issue(
+                    m.study_id, "", "label_unknown",
+                    f"label {m.label!r} not in --classes {plan.classes}", "error")
+                continue
+            merge_patient(plan.patients, m.patient_key,
+                          PatientInfo(m.label, m.site, m.manifest_split), m.study_id)
+            usable.append(m)
+        plan.splits = assign_splits(plan.patients, scheme=cfg.split_scheme,
+                                    fractions=cfg.split_fractions, seed=cfg.seed,
+                                    repeat=cfg.repeat)
+    except StudyError as err:  # the driver raises it again: the run fails loudly
+        plan.fatal = (err.reason, err.detail, err.file)
+        return plan
+    plan.jobs = {m.index: (plan.splits[m.patient_key], class_index[m.label]) for m in usable}
+    return plan
 
-    # 2. Classes and the patient-level split.
-    classes = list(cfg.classes) or sorted({s.task.label for s in good})
-    class_index = {c: i for i, c in enumerate(classes)}
-    patients: dict[str, PatientInfo] = {}
-    usable: list[StudyScan] = []
-    for scan in good:
-        if scan.task.label not in class_index:
-            issues.append(Issue(scan.task.study_id, "", "label_unknown",
-                                f"label {scan.task.label!r} not in --classes {classes}",
-                                "error"))
-            continue
-        merge_patient(patients, scan.patient_key,
-                      PatientInfo(scan.task.label, scan.task.site, scan.task.split),
-                      scan.task.study_id)
-        usable.append(scan)
-    splits = assign_splits(patients, scheme=cfg.split_scheme, fractions=cfg.split_fractions,
-                           seed=cfg.seed, repeat=cfg.repeat)
 
-    # 3. Pixels, in parallel, spooled (resumable).
-    cfg_hash = _config_hash(cfg)
-    jobs = []
-    for scan in usable:
-        split = splits[scan.patient_key]
-        jobs.append((scan, split, class_index[scan.task.label], cfg.scan, cfg.prep, cfg.seed,
-                     _spool_path(spool, scan.task, split, cfg_hash)))
+@dataclass
+class Outcome:
+    """One study after the run: its scan's issues and, if it was processed, its result."""
+
+    index: int
+    scan_issues: list[Issue]
+    scan_error: Issue | None
+    result: StudyResult | None  # None: not processed (failed scan, duplicate, unknown label)
+    spool_file: str = ""
+
+
+def process_planned(index: int, scan: StudyScan, plan: Plan, cfg: RunConfig, spool: str,
+                    cfg_hash: str) -> Outcome:
+    """Worker (local pool or Beam DoFn): process one scanned study as the plan says."""
+    job = None if plan.fatal else plan.jobs.get(index)
+    return process_job(index, scan, job, cfg, spool, cfg_hash)
+
+
+def process_job(index: int, scan: StudyScan, job: tuple[str, int] | None, cfg: RunConfig,
+                spool: str, cfg_hash: str) -> Outcome:
+    """One study's (split, label index) job; ``None``: the plan does not process it."""
+    if job is None:
+        return Outcome(index, scan.issues, scan.error, None)
+    split, label_index = job
+    spool_file = _spool_path(spool, scan.task, split, cfg_hash)
+    result = _process_to_spool(scan, split, label_index, cfg.scan, cfg.prep, cfg.seed,
+                               spool_file)
+    return Outcome(index, scan.issues, scan.error, result, spool_file)
+
+
+def collect(outcomes: list[Outcome], plan: Plan
+            ) -> tuple[list[Issue], list[tuple[StudyResult, str]], Counter]:
+    """Issues (in input order), written studies and slice counts from every outcome."""
+    if plan.fatal is not None:
+        raise StudyError(*plan.fatal)
+    issues: list[Issue] = []
     results: list[tuple[StudyResult, str]] = []
     slice_stats: Counter = Counter()  # over every processed study, failed ones included
-    for job, result in zip(jobs, parallel_map(_process_to_spool, jobs, cfg.workers,
-                                              "preprocess")):
-        slice_stats["sampled"] += result.sampled
-        slice_stats.update({f"dropped/{k}": v for k, v in result.dropped.items()})
-        issues.extend(result.issues)
-        if result.error is not None:
-            issues.append(result.error)
+    for o in sorted(outcomes, key=lambda o: o.index):
+        issues.extend(o.scan_issues)
+        if o.scan_error is not None:
+            issues.append(o.scan_error)
+        if o.index in plan.rejected:
+            issues.append(plan.rejected[o.index])
+        if o.result is None:
             continue
-        results.append((result, job[-1]))
+        slice_stats["sampled"] += o.result.sampled
+        slice_stats.update({f"dropped/{k}": v for k, v in o.result.dropped.items()})
+        issues.extend(o.result.issues)
+        if o.result.error is not None:
+            issues.append(o.result.error)
+            continue
+        results.append((o.result, o.spool_file))
     check_disjoint([(r.patient_key, r.split) for r, _ in results])
     for issue in issues:
         if issue.level == "error":
             log.warning("study %s not written: %s (%s)", issue.study, issue.reason, issue.detail)
+    return issues, results, slice_stats
 
-    # 4. Shards, in a fixed order.
-    manifest = _write_outputs(results, cfg, classes, patients, splits, resolved_flags,
-                              len(tasks), issues, slice_stats)
-    shutil.rmtree(spool, ignore_errors=True)
+
+def finish(outcomes: list[Outcome], plan: Plan, cfg: RunConfig, resolved_flags: dict,
+           n_input: int) -> RunSummary:
+    """Shards, manifest.json and failures.csv from the outcomes; removes the spool."""
+    issues, results, slice_stats = collect(outcomes, plan)
+    manifest = _write_outputs(results, cfg, plan.classes, plan.patients, plan.splits,
+                              resolved_flags, n_input, issues, slice_stats)
+    shutil.rmtree(os.path.join(cfg.output_dir, SPOOL), ignore_errors=True)
     return RunSummary(manifest, issues, sum(len(r.records) for r, _ in results))
+
+
+# ---------------------------------------------------------------- the run
+def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
+    """scan (headers) -> plan (split) -> process (pixels, spooled) -> shards + manifest."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    spool = os.path.join(cfg.output_dir, SPOOL)
+    os.makedirs(spool, exist_ok=True)
+    scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan"))
+    plan = make_plan([StudyMeta.of(i, s) for i, s in enumerate(scans)], cfg)
+    if plan.fatal is not None:
+        raise StudyError(*plan.fatal)
+    cfg_hash = _config_hash(cfg)
+    outcomes = [process_job(i, scan, None, cfg, spool, cfg_hash)
+                for i, scan in enumerate(scans) if i not in plan.jobs]
+    args = [(i, scan, plan.jobs[i], cfg, spool, cfg_hash) for i, scan in enumerate(scans)
+            if i in plan.jobs]
+    outcomes += parallel_map(process_job, args, cfg.workers, "preprocess")
+    return finish(outcomes, plan, cfg, resolved_flags, len(tasks))
 
 
 def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],

@@ -232,10 +232,11 @@ def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndar
 
 def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
                   prep: PrepConfig, seed: int) -> StudyResult:
-    """Decodes and preprocesses the sampled slices of a scanned study."""
+    """Decodes and preprocesses the sampled slices of a scanned study. The result's issues
+    are this step's only (the scan's own are in ``scan.issues``)."""
     task = scan.task
     result = StudyResult(scan.study_key, scan.patient_key, task.label, task.site, split,
-                         issues=list(scan.issues), sampled=len(scan.sampled))
+                         sampled=len(scan.sampled))
     if scan.error is not None:
         result.error = scan.error
         return result

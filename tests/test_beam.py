@@ -83,12 +83,12 @@ def test_beam_matches_local(studies, tmp_path):
     errors = {r["study"]: r["reason"] for r in failures(tmp_path / "beam")
               if r["level"] == "error"}
     assert errors == {"studies/empty": "empty_study"}
-    assert any(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam"))
-    m_local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    # the junk file is reported once (scan warnings are not repeated by processing)
+    assert sum(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam")) == 1
+    assert (tmp_path / "beam" / "manifest.json").read_bytes() == \
+        (tmp_path / "local" / "manifest.json").read_bytes()
     m_beam = json.loads((tmp_path / "beam" / "manifest.json").read_text())
-    assert m_local["flags"].pop("runner") == "local"
-    assert m_beam["flags"].pop("runner") == "beam"
-    assert m_beam == m_local
+    assert "runner" not in m_beam["flags"]  # it cannot change a byte of the records
     assert m_beam["studies"] == {"input": 7, "written": 6, "failed": 1,
                                  "failed_by_reason": {"empty_study": 1}}
     assert not (tmp_path / "beam" / ".partial").exists()
