@@ -21,6 +21,10 @@ imports everything, runs a tiny warm-up study (so lazy imports are in the baseli
 ``ru_maxrss``, processes one study and reads ``ru_maxrss`` again; the difference is the
 peak memory the study cost.
 
+The phantom files are uncompressed (explicit VR little endian), where "decoding" is little
+more than a copy: ``--compress j2k`` (or ``rle``) re-encodes them first, as many archives
+store CT.
+
 Prints a table and one ``RESULT {json}`` line; ``--output_json`` also writes the JSON.
 """
 
@@ -47,6 +51,7 @@ if str(REPO) not in sys.path:  # `python bench/prep.py` puts bench/, not the rep
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from pydicom.uid import JPEG2000Lossless, RLELossless  # noqa: E402
 
 from covid_keras import schema  # noqa: E402
 from data_prep import dicom_io, phantom  # noqa: E402
@@ -141,18 +146,30 @@ METHODS = {"ours": run_ours, "naive": run_naive}
 # ------------------------------------------------------------------------------------------
 
 
-def make_study(path: Path, num_slices: int, matrix: int, seed: int) -> str:
+# --compress: the phantom writes explicit VR little endian (no compression); archives often
+# hold JPEG 2000 or RLE, where decoding every slice costs much more.
+COMPRESSION = {"none": None, "j2k": JPEG2000Lossless, "rle": RLELossless}
+
+
+def make_study(path: Path, num_slices: int, matrix: int, seed: int, compress: str) -> str:
     """Writes the phantom series unless a complete one is already there (--work_dir reuse)."""
     marker = path / ".complete"
-    if marker.exists() and marker.read_text() == f"{num_slices}/{matrix}/{seed}":
+    stamp = f"{num_slices}/{matrix}/{seed}/{compress}"
+    if marker.exists() and marker.read_text() == stamp:
         return str(path)
     if path.exists():
         shutil.rmtree(path)
-    phantom.write_series(path, kind=KIND, num_slices=num_slices, matrix=matrix,
-                         pixel_spacing_mm=PIXEL_SPACING_MM,
-                         slice_thickness_mm=SLICE_THICKNESS_MM, seed=seed,
-                         patient_id=f"BENCH-{num_slices}-{seed}")
-    marker.write_text(f"{num_slices}/{matrix}/{seed}")
+    paths = phantom.write_series(path, kind=KIND, num_slices=num_slices, matrix=matrix,
+                                 pixel_spacing_mm=PIXEL_SPACING_MM,
+                                 slice_thickness_mm=SLICE_THICKNESS_MM, seed=seed,
+                                 patient_id=f"BENCH-{num_slices}-{seed}")
+    uid = COMPRESSION[compress]
+    if uid is not None:
+        for f in paths:
+            ds = pydicom.dcmread(f)
+            ds.compress(uid)
+            ds.save_as(f, enforce_file_format=True)
+    marker.write_text(stamp)
     return str(path)
 
 
@@ -218,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slices", type=int, nargs=2, default=[100, 300], metavar=("SHORT", "LONG"),
                    help="series lengths (memory ratio is LONG/SHORT)")
     p.add_argument("--matrix", type=int, default=512, help="rows = columns of each slice")
+    p.add_argument("--compress", choices=sorted(COMPRESSION), default="none",
+                   help="re-encode the phantom files: none (explicit VR little endian, as "
+                        "written), j2k (JPEG 2000 lossless), rle (RLE lossless)")
     p.add_argument("--work_dir", default=None,
                    help="where the studies go (kept and reused); default: a temp dir, removed")
     p.add_argument("--output_json", default=None, help="also write the RESULT JSON here")
@@ -236,10 +256,11 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
     lengths = list(args.slices)
     studies: dict[int, list[str]] = {}
     for n in lengths:
-        studies[n] = [make_study(root / f"s{n}x{args.matrix}_{k}", n, args.matrix, seed=k)
+        studies[n] = [make_study(root / f"s{n}x{args.matrix}_{args.compress}_{k}", n,
+                                 args.matrix, seed=k, compress=args.compress)
                       for k in range(args.studies)]
-    warmup = make_study(root / f"warmup{WARMUP_SLICES}x{WARMUP_MATRIX}", WARMUP_SLICES,
-                        WARMUP_MATRIX, seed=0)
+    warmup = make_study(root / f"warmup{WARMUP_SLICES}x{WARMUP_MATRIX}_{args.compress}",
+                        WARMUP_SLICES, WARMUP_MATRIX, seed=0, compress=args.compress)
     t_gen = time.perf_counter() - t_start
     all_dirs = [d for n in lengths for d in studies[n]]
     cached = warm_page_cache(all_dirs + [warmup])
@@ -297,6 +318,7 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
     return {
         "config": {"studies_per_length": args.studies, "repeats": args.repeats,
                    "slices": lengths, "matrix": args.matrix, "kind": KIND,
+                   "compress": args.compress,
                    "pixel_spacing_mm": PIXEL_SPACING_MM,
                    "slice_thickness_mm": SLICE_THICKNESS_MM, "split": SPLIT,
                    "num_slices_sampled": SCAN_CFG.num_slices, "sampling": SCAN_CFG.sampling,
@@ -318,8 +340,8 @@ def print_table(res: dict) -> None:
     print()
     print(f"Study preprocessing, {cfg['matrix']}x{cfg['matrix']} phantom DICOM "
           f"({cfg['kind']}, {cfg['pixel_spacing_mm']} mm pixels, "
-          f"{cfg['slice_thickness_mm']} mm slices), {cfg['num_slices_sampled']} sampled, "
-          f"split {cfg['split']}")
+          f"{cfg['slice_thickness_mm']} mm slices, compression {cfg['compress']}), "
+          f"{cfg['num_slices_sampled']} sampled, split {cfg['split']}")
     print(f"{cfg['studies_per_length']} studies per length x {cfg['repeats']} repeats, "
           f"warm page cache, {cfg['cpus']} CPUs; median seconds per study "
           "(read = headers/decode/HU, prep = prepare_slice + PNG)")

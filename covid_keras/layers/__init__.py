@@ -1,0 +1,14 @@
+"""DRENet's custom layers, one per concept; all pure Keras 3 and registered under
+``covid_keras>``, so ``.keras`` files load under any backend."""
+
+from covid_keras.layers.anchors import AnchorGrid, anchor_boxes, iou_matrix
+from covid_keras.layers.attention import RegionAttention
+from covid_keras.layers.crop import RegionCrop, crop_and_resize
+from covid_keras.layers.generated import ConfidenceMapImage, ZoomImage
+from covid_keras.layers.head import MLPHead
+from covid_keras.layers.navigator import ProposalHead
+from covid_keras.layers.topk import TopKNMS, greedy_nms_topk
+
+__all__ = ["AnchorGrid", "ConfidenceMapImage", "MLPHead", "ProposalHead", "RegionAttention",
+           "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes", "crop_and_resize",
+           "greedy_nms_topk", "iou_matrix"]

@@ -1,0 +1,88 @@
+"""The anchor grid: one square anchor per feature-map cell, per level (pure Keras 3).
+
+The paper: 48 px anchors on the 14x14 map (stride 32) and 96 px on the 7x7 map (stride 64)
+of a 448 px input - 245 anchors; the authors' code adds 192 px at stride 128 (4x4, 16
+anchors). Sizes are given for a 448 px input and scale with ``input_size`` (so a 64 px test
+model has the same geometry, shrunk); strides are the backbone's. Boxes are
+``(y0, x0, y1, x1)`` in input-image pixels and may extend past the image: crops read zeros
+there (the authors pad the image by 224 px).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+REFERENCE_SIZE = 448
+PAPER_LEVELS = ((32, 48.0), (64, 96.0))  # (stride, anchor size at 448 px)
+CODE_LEVELS = ((32, 48.0), (64, 96.0), (128, 192.0))
+
+
+def anchor_boxes(input_size: int, levels) -> np.ndarray:
+    """(A, 4) float32 boxes (y0, x0, y1, x1), level by level, row-major within a level."""
+    boxes = []
+    for stride, size_at_448 in levels:
+        n = math.ceil(input_size / stride)
+        size = size_at_448 * input_size / REFERENCE_SIZE
+        # Centres of the cells of a stride-``stride`` map over the input.
+        centres = (np.arange(n, dtype=np.float64) + 0.5) * stride
+        cy, cx = np.meshgrid(centres, centres, indexing="ij")
+        half = size / 2.0
+        level = np.stack([cy - half, cx - half, cy + half, cx + half], axis=-1).reshape(-1, 4)
+        boxes.append(level)
+    return np.concatenate(boxes, axis=0).astype(np.float32)
+
+
+def level_sizes(input_size: int, levels) -> list[int]:
+    """Anchors per level."""
+    return [math.ceil(input_size / stride) ** 2 for stride, _ in levels]
+
+
+def iou_matrix(boxes: np.ndarray) -> np.ndarray:
+    """(A, A) IoU of every pair of boxes (float32)."""
+    y0, x0, y1, x1 = (boxes[:, i][:, None] for i in range(4))
+    iy = np.clip(np.minimum(y1, y1.T) - np.maximum(y0, y0.T), 0, None)
+    ix = np.clip(np.minimum(x1, x1.T) - np.maximum(x0, x0.T), 0, None)
+    inter = iy * ix
+    area = (y1 - y0) * (x1 - x0)
+    return (inter / (area + area.T - inter)).astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="covid_keras")
+class AnchorGrid(keras.layers.Layer):
+    """Returns the anchors tiled over the batch: any input (B, ...) -> (B, A, 4) float32.
+
+    Args:
+      input_size: the model's square input size in pixels.
+      levels: ``[(stride, anchor_size_at_448), ...]``.
+    """
+
+    def __init__(self, input_size: int, levels=PAPER_LEVELS, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if int(input_size) <= 0:
+            raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
+        self.input_size = int(input_size)
+        self.levels = tuple((int(s), float(a)) for s, a in levels)
+        self.boxes = anchor_boxes(self.input_size, self.levels)
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def call(self, x):
+        boxes = ops.convert_to_tensor(self.boxes, dtype="float32")
+        batch = ops.shape(x)[0]
+        return ops.broadcast_to(boxes[None], (batch, self.num_anchors, 4))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_anchors, 4)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"input_size": self.input_size,
+                       "levels": [list(level) for level in self.levels]})
+        return config
