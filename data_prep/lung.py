@@ -39,6 +39,10 @@ class LungMaskParams:
     min_region_fraction: float = 0.01
     close_mm: float = 8.0
     mirror_ratio: float = 0.25
+    # Masks are computed on the slice shrunk to at most this many pixels a side (area
+    # interpolation) and enlarged back smoothly. 512 (no shrinking of the usual matrix):
+    # at 256, ground-glass lungs lose up to a fifth of their mask (COVID-19-NY-SBU A046441).
+    work_size: int = 512
 
 
 def _disc(radius_px: int) -> np.ndarray:
@@ -89,14 +93,34 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0,
 def lung_mask_hu(hu: np.ndarray, pixel_spacing_mm: float | None = None,
                  params: LungMaskParams = LungMaskParams()) -> np.ndarray:
     """Boolean lung mask of an axial HU slice (rows x columns)."""
+    return lung_and_body_masks(hu, pixel_spacing_mm, params)[0]
+
+
+def lung_and_body_masks(hu: np.ndarray, pixel_spacing_mm: float | None = None,
+                        params: LungMaskParams = LungMaskParams()
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(lung, body) boolean masks of an axial HU slice, at the slice's size."""
     if hu.ndim != 2:
         raise ValueError(f"lung_mask_hu expects a 2-D slice. Received shape: {hu.shape}")
     hu = np.asarray(hu, dtype=np.float32)
-    pixel_spacing_mm = _spacing(hu.shape, pixel_spacing_mm)
+    spacing = _spacing(hu.shape, pixel_spacing_mm)
+    scale = params.work_size / max(hu.shape)
+    if scale >= 1.0:
+        return _masks(hu, spacing, params)
+    small_shape = (max(1, round(hu.shape[1] * scale)), max(1, round(hu.shape[0] * scale)))
+    small = cv2.resize(hu, small_shape, interpolation=cv2.INTER_AREA)
+    lung, body = _masks(small, spacing / scale, params)
+    size = (hu.shape[1], hu.shape[0])
+    return tuple(cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5
+                 for m in (lung, body))  # type: ignore[return-value]
+
+
+def _masks(hu: np.ndarray, pixel_spacing_mm: float, params: LungMaskParams
+           ) -> tuple[np.ndarray, np.ndarray]:
     body = body_mask(hu, params.body_threshold_hu, pixel_spacing_mm)
     body_area = int(body.sum())
     if body_area == 0:
-        return np.zeros(hu.shape, bool)
+        return np.zeros(hu.shape, bool), body
     close = _disc(round(params.close_mm / pixel_spacing_mm))
     air = ((hu < params.air_threshold_hu) & body).astype(np.uint8)
     air = cv2.morphologyEx(air, cv2.MORPH_OPEN, _disc(1))
@@ -121,7 +145,7 @@ def lung_mask_hu(hu: np.ndarray, pixel_spacing_mm: float | None = None,
     lung &= body
     if lung.any():
         lung |= _mirror_missing_lung(lung, body, hu, params.mirror_ratio)
-    return lung
+    return lung, body
 
 
 def _mirror_missing_lung(lung: np.ndarray, body: np.ndarray, hu: np.ndarray,

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from covid_keras.imaging import unit_to_u8, window_hu
-from data_prep.lung import LungMaskParams, body_mask, lung_mask_hu
+from data_prep.lung import LungMaskParams, lung_and_body_masks
 
 SAMPLING_MODES = ("paper", "middle50")
 
@@ -95,10 +95,10 @@ def prepare_slice(hu: np.ndarray, cfg: PrepConfig, *, pixel_spacing_mm: float | 
     hu = np.asarray(hu, dtype=np.float32)
     if float(hu.max()) == float(hu.min()):
         return "constant_image"
-    body_area = int(body_mask(hu, cfg.lung.body_threshold_hu, pixel_spacing_mm).sum())
+    mask, body = lung_and_body_masks(hu, pixel_spacing_mm, cfg.lung)
+    body_area = int(body.sum())
     if cfg.lung_filter and body_area < 0.01 * hu.size:
         return "all_air"
-    mask = lung_mask_hu(hu, pixel_spacing_mm, cfg.lung)
     fraction = float(mask.sum()) / max(body_area, 1)
     has_lung = fraction >= cfg.min_lung_fraction and mask.any()
     if cfg.lung_filter and not has_lung:
