@@ -59,6 +59,7 @@ from data_prep.preprocess import PrepConfig, prepare_slice, sample_indices  # no
 from data_prep.study import (  # noqa: E402
     ScanConfig,
     StudyTask,
+    encode_png,
     list_files,
     process_study,
     scan_study,
@@ -95,17 +96,6 @@ def run_ours(study_dir: str) -> dict:
             "dropped": dict(result.dropped)}
 
 
-def _png(img: np.ndarray) -> bytes:
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    elif img.ndim == 3:
-        img = np.ascontiguousarray(img[..., ::-1])
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _hu(ds: pydicom.Dataset) -> np.ndarray:
     hu = ds.pixel_array.astype(np.float32) * np.float32(float(ds.RescaleSlope))
     hu += np.float32(float(ds.RescaleIntercept))
@@ -130,8 +120,8 @@ def run_naive(study_dir: str) -> dict:
         if isinstance(p, str):
             dropped[p] = dropped.get(p, 0) + 1
             continue
-        images.append(_png(p.image))
-        _png(p.mask)
+        images.append(encode_png(p.image))
+        encode_png(p.mask)
         kept.append(i)
     t2 = time.perf_counter()
     return {"total_s": t2 - t0, "read_s": t1 - t0, "prep_s": t2 - t1,

@@ -286,7 +286,7 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
         # Per-file decode warnings stay: they name the files.
 
 
-def _png(img: np.ndarray) -> bytes:
+def encode_png(img: np.ndarray) -> bytes:
     """PNG bytes with the channels in array order (OpenCV writes 3 channels as BGR)."""
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
@@ -302,11 +302,11 @@ def _png(img: np.ndarray) -> bytes:
 def _record(scan: StudyScan, s: SampledSlice, p: PreparedSlice, result: StudyResult,
             label_index: int) -> dict:
     return {
-        schema.IMAGE: _png(p.image),
+        schema.IMAGE: encode_png(p.image),
         schema.HEIGHT: int(p.image.shape[0]),
         schema.WIDTH: int(p.image.shape[1]),
         schema.CHANNELS: int(p.image.shape[2]),
-        schema.MASK: _png(p.mask),
+        schema.MASK: encode_png(p.mask),
         schema.LABEL_NAME: result.label,
         schema.LABEL_INDEX: int(label_index),
         schema.PATIENT_KEY: scan.patient_key,

@@ -10,7 +10,7 @@ from covid_keras.imaging import unit_to_u8, window_hu
 from data_prep import phantom, slice_images
 from data_prep.pipeline import plan_shards
 from data_prep.preprocess import PrepConfig, fill_blank_with_rotated_lung, prepare_slice
-from data_prep.study import _png
+from data_prep.study import encode_png
 
 SPACING = 350.0 / 128
 
@@ -27,7 +27,7 @@ def test_three_windows_keep_their_channel_order_in_the_png(slice_hu):
                                              ("bone", 400, 1800)))
     out = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING)
     assert out.image.shape == (64, 64, 3)
-    decoded = tf.io.decode_png(_png(out.image)).numpy()
+    decoded = tf.io.decode_png(encode_png(out.image)).numpy()
     np.testing.assert_array_equal(decoded, out.image)
     assert out.image[..., 0].mean() > out.image[..., 1].mean()  # lung window is brighter
 
