@@ -1,10 +1,29 @@
 """covid_keras: chest CT COVID-19 diagnosis with evidence, in TensorFlow / Keras 3.
 
-Importing the package is cheap: it does not import TensorFlow or Keras. The TFRecord
-schema lives in :mod:`covid_keras.schema` and is shared by data_prep (the writer) and the
-training / export / predict code (the readers).
+``import covid_keras`` is cheap (no TensorFlow, no Keras): the model builders load on first
+use. The TFRecord schema is :mod:`covid_keras.schema`, shared by data_prep (the writer) and
+the readers.
+
+    from covid_keras import build_drenet, build_classifier
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_LAZY = {
+    "build_drenet": ("covid_keras.drenet", "build_drenet"),
+    "DRENet": ("covid_keras.drenet", "DRENet"),
+    "build_classifier": ("covid_keras.baselines", "build_classifier"),
+    "build_resnet50_five_class": ("covid_keras.baselines", "build_resnet50_five_class"),
+    "build_backbone": ("covid_keras.backbones", "build_backbone"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'covid_keras' has no attribute {name!r}")

@@ -1,0 +1,62 @@
+"""Baseline classifiers (pure Keras 3): the paper's Tables 1-2 and seed 004's ResNet-50.
+
+``build_classifier("resnet50" | "vgg16" | "densenet121" | "densenet169" | "tiny", ...)``:
+backbone -> global average pool -> Dropout -> Dense(num_classes) logits (float32), outputs
+``{"logits": ...}`` like DRENet's prediction key, so training, export and predict treat
+every model alike. ``trainable="last3"`` is seed 004: only the backbone's last three
+convolution layers (and their batch norms) and the classifier train.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from covid_keras.backbones import build_backbone
+
+TRAINABLE = ("all", "last3", "head")
+
+
+def set_trainable(backbone: keras.Model, mode: str) -> list[str]:
+    """Freezes the backbone but for ``mode``'s layers; returns the names left trainable."""
+    if mode not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}. Received: {mode!r}")
+    if mode == "all":
+        backbone.trainable = True
+        return [lay.name for lay in backbone.layers if lay.weights]
+    convs = [lay for lay in backbone.layers if isinstance(lay, layers.Conv2D)]
+    keep = set()
+    if mode == "last3":
+        for conv in convs[-3:]:
+            keep.add(conv.name)
+            bn = conv.name.replace("_conv", "_bn")  # keras.applications' naming
+            if bn != conv.name and bn in {lay.name for lay in backbone.layers}:
+                keep.add(bn)
+    for lay in backbone.layers:
+        lay.trainable = lay.name in keep
+    return sorted(keep)
+
+
+def build_classifier(backbone: str = "resnet50", num_classes: int = 5,
+                     input_size: int = 224, weights: str | None = None,
+                     trainable: str = "all", dropout: float = 0.0,
+                     name: str | None = None) -> keras.Model:
+    """A plain image classifier with ``{"logits": (B, num_classes)}`` output."""
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2. Received: num_classes={num_classes}")
+    net = build_backbone(backbone, weights)
+    set_trainable(net, trainable)
+    image = keras.Input((input_size, input_size, 3), name="image")
+    x = net(image)["pool"]
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(image, {"logits": logits}, name=name or f"{backbone}_classifier")
+
+
+def build_resnet50_five_class(input_size: int = 224, weights: str | None = None,
+                              backbone: str = "resnet50") -> keras.Model:
+    """Seed 004: ImageNet ResNet-50, last 3 conv layers + classifier trainable, 5 classes
+    (normal, COVID-19, non-COVID viral, bacterial, tuberculosis)."""
+    return build_classifier(backbone, 5, input_size, weights, trainable="last3",
+                            name="resnet50_five_class")
