@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dicom,beam,dev]"
+	$(PY) -m pip install --quiet -e ".[dicom,beam,jax,dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -23,9 +23,10 @@ demo: venv
 	$(PY) -m data_prep.build_tfrecords --flagfile=configs/data/demo.cfg \
 	    --input=$(DEMO_DIR)/studies --output_dir=$(DEMO_DIR)/tfrecords
 
-## test: lint + the whole test suite (slow tests included).
+## test: lint + the whole suite under TensorFlow, then the model tests under JAX.
 test: venv lint
 	$(PY) -m pytest -q tests
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m model tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

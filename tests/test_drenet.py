@@ -1,0 +1,222 @@
+"""DRENet end to end at tiny shapes (weights=None, the tiny backbone, nothing downloaded).
+
+Runs under whichever backend KERAS_BACKEND selects (CI runs this file under TensorFlow and
+JAX); the cross-backend test loads a TensorFlow-saved model in a JAX subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from covid_keras import build_classifier, build_drenet, build_resnet50_five_class
+from covid_keras.drenet import OUTPUT_KEYS
+
+pytestmark = pytest.mark.model
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 128
+RNG = np.random.default_rng(0)
+
+
+def _batch(n=2, size=SIZE):
+    return RNG.uniform(-1, 1, size=(n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    keras.utils.set_random_seed(1)
+    return build_drenet(3, input_size=SIZE, backbone="tiny")
+
+
+def test_outputs_are_the_contract(paper_model):
+    out = paper_model(_batch())
+    assert set(out) == set(OUTPUT_KEYS)
+    shapes = {k: tuple(v.shape) for k, v in out.items()}
+    assert shapes == {"logits": (2, 3), "raw_logits": (2, 3), "region_logits": (2, 3, 3),
+                      "navigator_scores": (2, 3), "boxes": (2, 3, 4), "box_scores": (2, 3)}
+    for key in ("logits", "raw_logits", "region_logits", "boxes", "box_scores"):
+        assert keras.backend.standardize_dtype(out[key].dtype) == "float32", key
+    scores = np.asarray(out["box_scores"])
+    assert np.all(scores > 0) and np.allclose(scores.max(axis=1), 1.0)
+
+
+def test_mixed_precision_keeps_boxes_and_logits_float32():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_drenet(2, input_size=SIZE, backbone="tiny")
+        out = model(_batch())
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert keras.backend.standardize_dtype(model.get_layer("tiny_backbone")
+                                           .get_layer("stem_conv").compute_dtype) == "bfloat16"
+    for key in OUTPUT_KEYS:
+        assert keras.backend.standardize_dtype(out[key].dtype) == "float32", key
+    assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_code_variant():
+    model = build_drenet(2, input_size=256, backbone="tiny", variant="code")
+    out = model(_batch(2, 256))
+    assert tuple(out["boxes"].shape) == (2, 6, 4)
+    assert tuple(out["region_logits"].shape) == (2, 6, 2)
+    names = {layer.name for layer in model.layers}
+    assert "zoom_image" in names and "region_attention" not in names
+    assert model.get_layer("head").hidden_units == 0
+
+
+def test_boxes_are_anchors_in_input_pixels(paper_model):
+    from covid_keras.layers import anchor_boxes
+    from covid_keras.layers.anchors import PAPER_LEVELS
+
+    out = paper_model(_batch())
+    anchors = anchor_boxes(SIZE, PAPER_LEVELS)
+    for box in np.asarray(out["boxes"]).reshape(-1, 4):
+        assert np.min(np.abs(anchors - box).sum(axis=1)) < 1e-4
+
+
+def _grads(model, x, output_key, variables):
+    """d sum(output) / d variables, on the active backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            target = ops.sum(ops.cast(out[output_key], "float32"))
+        return [None if g is None else np.asarray(g) for g in tape.gradient(target, variables)]
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        wanted = [next(i for i, t in enumerate(model.trainable_variables) if t is v)
+                  for v in variables]
+
+        def f(tv):
+            out, _ = model.stateless_call(tv, non_trainable, x, training=True)
+            return ops.sum(ops.cast(out[output_key], "float32"))
+
+        g = jax.grad(f)(trainable)
+        return [np.asarray(g[i]) for i in wanted]
+    pytest.skip(f"gradient check written for tensorflow and jax, not {backend}")
+
+
+def _nonzero(g):
+    return g is not None and float(np.abs(g).sum()) > 0
+
+
+def test_gradients_reach_backbone_from_concat_head_not_through_boxes(paper_model):
+    x = _batch()
+    backbone_vars = paper_model.get_layer("tiny_backbone").trainable_variables
+    nav_vars = paper_model.get_layer("navigator").trainable_variables
+    g_backbone = _grads(paper_model, x, "logits", backbone_vars)
+    assert all(_nonzero(g) for g in g_backbone[:4])  # stem and first stage convs
+    # The prediction does not depend on the navigator except through box choice: no
+    # gradient flows through box coordinates (nor through the generated image's scores).
+    assert not any(_nonzero(g) for g in _grads(paper_model, x, "logits", nav_vars))
+    assert not any(_nonzero(g) for g in _grads(paper_model, x, "boxes", nav_vars))
+    # The navigator scores get gradient (from the ranking loss), the backbone none from it.
+    assert any(_nonzero(g) for g in _grads(paper_model, x, "navigator_scores", nav_vars))
+    assert not any(_nonzero(g) for g in _grads(paper_model, x, "navigator_scores",
+                                               backbone_vars))
+
+
+def test_a_few_train_steps_lower_the_loss():
+    keras.utils.set_random_seed(3)
+    model = build_drenet(2, input_size=SIZE, backbone="tiny")
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    x = _batch(4)
+    y = np.array([0, 1, 0, 1])
+    history = model.fit(x, y, batch_size=4, epochs=8, verbose=0).history
+    assert history["loss"][-1] < 0.7 * history["loss"][0], history["loss"]
+    for term in ("raw_loss", "concat_loss", "region_loss", "rank_loss"):
+        assert term in history and np.isfinite(history[term]).all()
+    total = [sum(history[t][i] for t in ("raw_loss", "concat_loss", "region_loss",
+                                         "rank_loss")) for i in range(8)]
+    np.testing.assert_allclose(total, history["loss"], rtol=1e-4)
+
+
+def test_save_reload_same_outputs(paper_model, tmp_path):
+    x = _batch()
+    path = tmp_path / "drenet.keras"
+    paper_model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert type(reloaded).__name__ == "DRENet"
+    a, b = paper_model(x), reloaded(x)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+                    reason="saves under TensorFlow and loads under JAX: runs in the TF pass")
+def test_saved_under_tensorflow_loads_under_jax(paper_model, tmp_path):
+    pytest.importorskip("jax", reason="needs jax (CI installs it: pip install jax)")
+    x = _batch()
+    paper_model.save(tmp_path / "drenet.keras")
+    np.save(tmp_path / "x.npy", x)
+    expected = {k: np.asarray(v) for k, v in paper_model(x).items()}
+    code = ("import numpy as np, keras, json, sys\n"
+            "import covid_keras.drenet\n"
+            f"m = keras.saving.load_model({str(tmp_path / 'drenet.keras')!r})\n"
+            f"out = m(np.load({str(tmp_path / 'x.npy')!r}))\n"
+            "np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})\n"
+            "print(json.dumps(keras.backend.backend()))\n")
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "jax.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == "jax"
+    got = np.load(tmp_path / "jax.npz")
+    for key in OUTPUT_KEYS:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-4, err_msg=key)
+
+
+def test_builder_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="Received"):
+        build_drenet(3, input_size=SIZE, backbone="tiny", variant="torch")
+    with pytest.raises(ValueError, match="Received"):
+        build_drenet(3, input_size=SIZE, backbone="alexnet")
+    with pytest.raises(ValueError, match="Received"):
+        build_drenet(3, input_size=SIZE, backbone="tiny", weights="/no/such/file.h5")
+    with pytest.raises(ValueError, match="Received"):
+        build_drenet(3, input_size=SIZE, backbone="tiny", weights="imagenet")
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    from covid_keras.backbones import build_backbone
+
+    a = build_backbone("tiny")
+    path = tmp_path / "tiny.weights.h5"
+    a.save_weights(path)
+    b = build_backbone("tiny", weights=str(path))
+    x = _batch(1, 64)
+    np.testing.assert_allclose(np.asarray(a(x)["pool"]), np.asarray(b(x)["pool"]), atol=1e-6)
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="Could not load"):
+        build_backbone("tiny", weights=str(bad))
+
+
+@pytest.mark.parametrize("name", ["tiny", "vgg16", "densenet121"])
+def test_classifier_baselines(name):
+    size = 64
+    model = build_classifier(name, num_classes=3, input_size=size)
+    out = model(_batch(2, size))
+    assert set(out) == {"logits"} and tuple(out["logits"].shape) == (2, 3)
+
+
+def test_seed004_only_last_three_convs_and_classifier_train():
+    model = build_resnet50_five_class(input_size=64)
+    names = sorted({v.path.split("/")[0] for v in model.trainable_variables})
+    assert names == ["conv5_block3_1_bn", "conv5_block3_1_conv", "conv5_block3_2_bn",
+                     "conv5_block3_2_conv", "conv5_block3_3_bn", "conv5_block3_3_conv",
+                     "logits"]
+    assert tuple(model(_batch(1, 64))["logits"].shape) == (1, 5)
