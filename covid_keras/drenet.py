@@ -28,6 +28,10 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+# Keras's own per-replica loss scaling (x 1/replicas under a tf.distribute strategy, the
+# identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
+from keras.src.losses.loss import scale_loss_for_distribution
+
 from covid_keras import losses
 from covid_keras.backbones import build_backbone
 from covid_keras.layers import (
@@ -71,7 +75,7 @@ class DRENet(keras.Model):
             total = total + self.loss_weights_by_term[name] * value
         for extra in self.losses:  # regularisers, if any
             total = total + ops.cast(extra, "float32")
-        return total
+        return scale_loss_for_distribution(total)
 
     def get_config(self):
         return {"build_config": self.build_config, "name": self.name}

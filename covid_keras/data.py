@@ -1,0 +1,205 @@
+"""The tf.data input pipeline over data_prep's TFRecords (through :mod:`covid_keras.schema`).
+
+    ds = make_dataset("tfrecords/demo", "train", batch_size=8, training=True,
+                      input_size=448, backbone="resnet50")
+
+Training: the shard list is shuffled every epoch, shards are read with a parallel
+interleave, records shuffled, parsed, decoded, augmented (horizontal flip, brightness and
+contrast jitter as the authors; small rotations optional), normalised as the backbone
+expects, batched (the last partial batch dropped), prefetched; optionally class-balanced.
+Evaluation: the shards in order, no shuffle, no augmentation, every record exactly once
+(the last batch kept), with the record keys alongside for patient-level aggregation.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from covid_keras import schema
+from covid_keras.backbones import PREPROCESSING
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+META_KEYS = ("label", "patient_key", "study_key", "slice_index", "sop_key")
+
+
+def shard_files(data_dir: str, split: str) -> list[str]:
+    """The split's shards, in name order. Raises a clear error when there are none."""
+    files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*-of-*.tfrecord.gz")))
+    if not files:
+        raise FileNotFoundError(f"No {split}-*-of-*.tfrecord.gz shards in {data_dir} "
+                                "(build them with python -m data_prep.build_tfrecords)")
+    return files
+
+
+def read_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: --data_dir must be a data_prep output")
+    with open(path) as f:
+        return json.load(f)
+
+
+def split_counts(manifest: dict, split: str) -> dict[str, int]:
+    """label -> slices in ``split``, from the dataset manifest."""
+    out: dict[str, int] = {}
+    for label, sites in manifest["counts"].get(split, {}).items():
+        out[label] = sum(cell["slices"] for cell in sites.values())
+    return out
+
+
+def class_weights(manifest: dict, split: str = "train") -> dict[int, float]:
+    """Inverse-frequency weights (mean 1 over slices) for Keras ``class_weight``."""
+    counts = split_counts(manifest, split)
+    classes = manifest["classes"]
+    total = sum(counts.values())
+    present = [c for c in classes if counts.get(c, 0) > 0]
+    return {i: (total / (len(present) * counts[c]) if counts.get(c, 0) else 0.0)
+            for i, c in enumerate(classes)}
+
+
+def normalize(image_u8, backbone: str):
+    """uint8 RGB-ordered (B, H, W, 3) or (H, W, 3) -> float32 as the backbone was trained."""
+    mode = PREPROCESSING.get(backbone)
+    if mode is None:
+        raise ValueError(f"No preprocessing for backbone {backbone!r}. Known: "
+                         f"{sorted(PREPROCESSING)}")
+    x = tf.cast(image_u8, tf.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR)
+    if mode == "torch":
+        return (x / 255.0 - tf.constant(TORCH_MEAN)) / tf.constant(TORCH_STD)
+    return x / 127.5 - 1.0
+
+
+def decode_image(encoded, input_size: int):
+    """PNG bytes (1 or 3 channels) -> uint8 (input_size, input_size, 3)."""
+    img = tf.io.decode_png(encoded, channels=0)
+    img = tf.cond(tf.shape(img)[-1] == 1, lambda: tf.image.grayscale_to_rgb(img),
+                  lambda: img[..., :3])
+    img.set_shape([None, None, 3])
+    size = tf.shape(img)[:2]
+    img = tf.cond(tf.reduce_all(size == input_size), lambda: img,
+                  lambda: tf.cast(tf.image.resize(img, [input_size, input_size],
+                                                  antialias=True), tf.uint8))
+    return tf.ensure_shape(img, [input_size, input_size, 3])
+
+
+def augment(image_u8, seed, rotation_degrees: float = 0.0):
+    """Stateless augmentation of one uint8 image: flip, brightness, contrast [, rotation]."""
+    s = tf.random.experimental.stateless_split(seed, 4)
+    x = tf.cast(image_u8, tf.float32) / 255.0
+    x = tf.image.stateless_random_flip_left_right(x, s[0])
+    x = tf.image.stateless_random_brightness(x, 0.1, s[1])
+    x = tf.image.stateless_random_contrast(x, 0.8, 1.2, s[2])
+    if rotation_degrees:
+        angle = tf.random.stateless_uniform([], s[3], -1.0, 1.0) * (
+            rotation_degrees * math.pi / 180.0)
+        x = _rotate(x, angle)
+    return tf.cast(tf.clip_by_value(x, 0.0, 1.0) * 255.0 + 0.5, tf.uint8)
+
+
+def _rotate(image, angle):
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    # Output -> input mapping for ImageProjectiveTransformV3.
+    transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+                 0.0, 0.0]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=tf.stack(transform)[None],
+        output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR",
+        fill_mode="CONSTANT")
+    return out[0]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    input_size: int = 448
+    backbone: str = "resnet50"
+    rotation_degrees: float = 0.0
+    shuffle_buffer: int = 512
+    deterministic: bool = False
+    class_balanced: bool = False
+    num_classes: int = 0  # for class balancing
+    seed: int = 0
+
+
+def _parse(serialized):
+    return tf.io.parse_single_example(serialized, schema.parse_spec())
+
+
+def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
+                 cfg: PipelineConfig = PipelineConfig(), with_meta: bool = False,
+                 repeat: bool = False, files: list[str] | None = None) -> tf.data.Dataset:
+    """(image float32 (B, S, S, 3), label int32 (B,)) batches; with ``with_meta`` the second
+    element is a dict of :data:`META_KEYS` (label, patient/study keys, slice index).
+
+    ``files`` overrides the split's shard list (a worker's share)."""
+    files = files if files is not None else shard_files(data_dir, split)
+    options = tf.data.Options()
+    options.deterministic = cfg.deterministic or not training
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.FILE if training and len(files) > 1
+        else tf.data.experimental.AutoShardPolicy.DATA)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                       cycle_length=min(len(files), 8) if training else 1,
+                       num_parallel_calls=tf.data.AUTOTUNE if training else None,
+                       **({"deterministic": cfg.deterministic} if training else {}))
+    if training:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and cfg.class_balanced:
+        if cfg.num_classes < 2:
+            raise ValueError("class_balanced sampling needs num_classes >= 2. Received: "
+                             f"{cfg.num_classes}")
+        per_class = [ds.filter(lambda r, c=c: tf.equal(r[schema.LABEL_INDEX], c)).repeat()
+                     for c in range(cfg.num_classes)]
+        ds = tf.data.Dataset.sample_from_datasets(per_class, seed=cfg.seed,
+                                                  stop_on_empty_dataset=False)
+    if training:
+        counter = tf.data.Dataset.counter(start=0)
+        ds = tf.data.Dataset.zip((ds, counter))
+        base = tf.constant([cfg.seed, 0], tf.int64)
+
+        def prepare(r, i):
+            img = decode_image(r[schema.IMAGE], cfg.input_size)
+            img = augment(img, base + tf.stack([tf.constant(0, tf.int64), i]),
+                          cfg.rotation_degrees)
+            return _output(r, img, cfg, with_meta)
+    else:
+        def prepare(r):
+            return _output(r, decode_image(r[schema.IMAGE], cfg.input_size), cfg, with_meta)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _output(r, img_u8, cfg: PipelineConfig, with_meta: bool):
+    image = normalize(img_u8, cfg.backbone)
+    label = tf.cast(r[schema.LABEL_INDEX], tf.int32)
+    if not with_meta:
+        return image, label
+    return image, {"label": label, "patient_key": r[schema.PATIENT_KEY],
+                   "study_key": r[schema.STUDY_KEY],
+                   "slice_index": tf.cast(r[schema.SLICE_INDEX], tf.int32),
+                   "sop_key": r[schema.SOP_KEY]}
+
+
+def count_records(files: list[str]) -> int:
+    """Records in the given shards (reads them once)."""
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))

@@ -1,0 +1,67 @@
+"""A custom distributed training loop for MultiWorkerMirroredStrategy.
+
+Keras 3 ``Model.fit`` fails under MultiWorkerMirroredStrategy on TF 2.21
+(keras-team/keras#20585, "Attempt to convert a value (PerReplica...)"), so the multi-worker
+path steps the model itself: per replica, forward + ``model.compute_loss`` (which already
+scales the loss by 1 / replicas, as Keras does for compiled losses) + gradients; the
+optimizer's ``apply_gradients`` all-reduces them across workers. Keras callbacks get the
+usual hooks, so validation, checkpoints, backup, CSV and TensorBoard behave as with fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def fit_custom_loop(model, optimizer, strategy, train_ds, steps_per_epoch: int,
+                    initial_epoch: int, epochs: int, callbacks: list,
+                    class_weight: dict | None = None) -> None:
+    import keras
+
+    with strategy.scope():
+        model.optimizer = optimizer  # callbacks (TensorBoard lr, backup) read it here
+        optimizer.build(model.trainable_variables)
+        loss_mean = keras.metrics.Mean(name="loss")
+    weights = None
+    if class_weight:
+        weights = tf.constant([class_weight[i] for i in range(len(class_weight))], tf.float32)
+
+    def replica_step(x, y):
+        sample_weight = tf.gather(weights, y) if weights is not None else None
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x, y, y_pred, sample_weight, training=True)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        loss_mean.update_state(loss * strategy.num_replicas_in_sync)
+
+    @tf.function
+    def train_step(iterator):
+        x, y = next(iterator)
+        strategy.run(replica_step, args=(x, y))
+
+    dist_ds = strategy.experimental_distribute_dataset(train_ds)
+    iterator = iter(dist_ds)
+    cb = keras.callbacks.CallbackList(callbacks, model=model, add_progbar=False,
+                                      epochs=epochs, steps=steps_per_epoch)
+    model.stop_training = False
+    cb.on_train_begin()
+    epoch = getattr(model, "_initial_epoch", None) or initial_epoch  # BackupAndRestore
+    while epoch < epochs and not model.stop_training:
+        loss_mean.reset_state()
+        for m in model.metrics:
+            m.reset_state()
+        cb.on_epoch_begin(epoch)
+        for step in range(steps_per_epoch):
+            cb.on_train_batch_begin(step)
+            train_step(iterator)
+            cb.on_train_batch_end(step, {"loss": float(loss_mean.result())})
+        logs = {"loss": float(loss_mean.result())}
+        for m in model.metrics:
+            result = m.result()
+            if np.ndim(result) == 0:
+                logs[m.name] = float(result)
+        cb.on_epoch_end(epoch, logs)
+        epoch += 1
+    cb.on_train_end()

@@ -1,0 +1,346 @@
+"""Train DRENet or a baseline on data_prep's TFRecords.
+
+    python -m covid_keras.train --flagfile=configs/drenet_covid_vs_bacterial.cfg \\
+        --data_dir=tfrecords/mine --run_dir=runs/drenet_cvb
+
+The run folder receives: ``run_info.json`` (resolved flags, package versions, git sha, the
+dataset manifest's SHA-256, the seed, the strategy), ``flags.cfg`` (a flagfile that repeats
+the run), ``best.keras`` (best validation patient-level AUC) with ``best.keras.json``,
+``final.keras``, ``log.csv``, ``metrics.json`` (validation metrics of the best and final
+models), ``tensorboard/`` (each loss term, learning rate, slice- and patient-level AUC /
+sensitivity / specificity, PR curves, slices with their top-K boxes, HParams) and
+``backup/`` while running (a killed run restarts where its last backup stopped: run the
+same command again).
+
+Strategies: ``mirrored`` (default: every visible GPU; one device on CPU) trains with
+``Model.fit``; ``multi_worker`` (MultiWorkerMirroredStrategy with TF_CONFIG) uses a custom
+distributed loop around the model's ``compute_loss``, because Keras 3 ``fit`` fails under
+that strategy on TF 2.21 (keras-team/keras#20585). Global batch = per-replica batch x
+replicas; only the chief writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("data_dir", None, "Folder of TFRecords written by data_prep "
+                    "(shards + manifest.json).")
+flags.DEFINE_string("run_dir", None, "Output folder of the run (created).")
+flags.DEFINE_enum("model", "drenet", ["drenet", "classifier"], "DRENet or a plain "
+                  "backbone classifier (the baselines).")
+flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "vgg16", "densenet121", "densenet169",
+                                           "tiny"], "Backbone (tiny: CPU tests and demo).")
+flags.DEFINE_string("backbone_weights", None, "None, 'imagenet' (downloads) or a local "
+                    "weights file.")
+flags.DEFINE_enum("variant", "paper", ["paper", "code"], "DRENet as in the paper or as in "
+                  "the authors' code.")
+flags.DEFINE_enum("trainable", "all", ["all", "last3", "head"], "What trains: everything, "
+                  "the backbone's last 3 conv layers + classifier (seed 004), or the head only "
+                  "(fine-tuning with --init_from).")
+flags.DEFINE_string("init_from", None, "Start from this .keras model (fine-tuning on a new "
+                    "hospital's data).")
+flags.DEFINE_integer("input_size", 448, "Model input side in pixels.")
+flags.DEFINE_integer("epochs", 120, "Epochs (ignored with --stages).")
+flags.DEFINE_integer("batch_size", 4, "Per-replica batch size.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimiser (ignored with --stages).")
+flags.DEFINE_float("learning_rate", 8e-4, "Initial learning rate.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay.")
+flags.DEFINE_list("lr_decay_epochs", ["60", "100"], "Epochs at which lr x --lr_decay_factor.")
+flags.DEFINE_float("lr_decay_factor", 0.1, "Learning-rate decay factor.")
+flags.DEFINE_list("stages", [], "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... (seed 004: "
+                  "adam@1e-4:25,sgd@1e-3:25).")
+flags.DEFINE_integer("early_stopping_patience", 0, "Epochs without val patient AUC gain "
+                     "before stopping (0: off).")
+flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
+flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
+flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
+flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.")
+flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
+flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
+flags.DEFINE_string("val_split", "val", "Split that chooses the checkpoint.")
+flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker", "one_device"],
+                  "tf.distribute strategy.")
+flags.DEFINE_integer("backup_every_steps", 0, "Back up the training state every N steps "
+                     "too (0: at epoch ends only).")
+flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 compute (GPUs).")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_integer("num_display_images", 4, "Validation slices shown with their boxes.")
+flags.DEFINE_integer("shuffle_buffer", 512, "Record shuffle buffer.")
+flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
+flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (tests "
+                     "of MirroredStrategy without GPUs; 0: leave it).")
+
+log = logging.getLogger("covid_keras.train")
+
+
+# ------------------------------------------------------------------ run folder
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("covid_keras", "keras", "tensorflow", "tensorflow-cpu", "numpy", "jax",
+                 "scikit-learn", "tensorboard"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def resolved_flags() -> dict:
+    return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+
+
+def write_run_info(run_dir: str, extra: dict) -> None:
+    manifest = os.path.join(FLAGS.data_dir, "manifest.json")
+    with open(manifest, "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    info = {"flags": resolved_flags(), "versions": versions(), "git_sha": git_sha(),
+            "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
+            "command": " ".join(sys.argv), **extra}
+    _atomic_text(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
+    _atomic_text(os.path.join(run_dir, "flags.cfg"), FLAGS.flags_into_string())
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ strategy
+def make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    # Several logical CPUs (tests configure two) mirror over them; one CPU: one device.
+    return tf.distribute.MirroredStrategy(cpus) if len(cpus) > 1 else \
+        tf.distribute.OneDeviceStrategy(cpus[0])
+
+
+def is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                    "chief" not in resolver.cluster_spec().as_dict())
+
+
+# ------------------------------------------------------------------ model
+def build_model(num_classes: int):
+    import keras
+
+    from covid_keras.baselines import build_classifier
+    from covid_keras.drenet import build_drenet
+
+    if FLAGS.init_from:
+        model = keras.saving.load_model(FLAGS.init_from)
+        out = model.output
+        got = (out["logits"] if isinstance(out, dict) else out).shape[-1]
+        if int(got) != num_classes:
+            raise ValueError(f"--init_from has {got} classes, the dataset {num_classes}. "
+                             f"Received: {FLAGS.init_from}")
+    elif FLAGS.model == "drenet":
+        model = build_drenet(num_classes, input_size=FLAGS.input_size,
+                             backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
+                             variant=FLAGS.variant)
+    else:
+        model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
+                                 FLAGS.backbone_weights, trainable=FLAGS.trainable)
+    apply_trainable(model, FLAGS.trainable)
+    return model
+
+
+def apply_trainable(model, mode: str) -> None:
+    """all: everything; last3: the backbone's last 3 conv layers (+ their batch norms) and
+    everything after the backbone; head: only the final classifier layers."""
+    from covid_keras.baselines import set_trainable
+
+    backbone = next((layer for layer in model.layers if layer.name.endswith("_backbone")),
+                    None)
+    for layer in model.layers:
+        layer.trainable = mode != "head" or layer.name in ("head", "logits")
+    if backbone is not None:
+        set_trainable(backbone, mode)
+
+
+def compile_model(model, optimizer, jit_compile: bool):
+    import keras
+
+    if type(model).__name__ == "DRENet":
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    else:
+        model.compile(optimizer=optimizer, jit_compile=jit_compile,
+                      loss={"logits": keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True)})
+
+
+# ------------------------------------------------------------------ main
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    import keras
+    import tensorflow as tf
+
+    from covid_keras import callbacks as cbs
+    from covid_keras import data, recipes
+
+    if FLAGS.cpu_devices:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_devices)
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if FLAGS.mixed_precision:
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    manifest = data.read_manifest(FLAGS.data_dir)
+    classes = manifest["classes"]
+    strategy = make_strategy(FLAGS.strategy)
+    chief = is_chief(strategy)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = FLAGS.batch_size * replicas
+    run_dir = FLAGS.run_dir if chief else os.path.join(
+        FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
+    os.makedirs(run_dir, exist_ok=True)
+    if chief:
+        write_run_info(run_dir, {"strategy": type(strategy).__name__, "replicas": replicas,
+                                 "global_batch": global_batch, "classes": classes})
+    log.info("%s, %d replica(s), global batch %d, classes %s", type(strategy).__name__,
+             replicas, global_batch, classes)
+
+    cfg = data.PipelineConfig(input_size=FLAGS.input_size, backbone=FLAGS.backbone,
+                              rotation_degrees=FLAGS.rotation_degrees,
+                              shuffle_buffer=FLAGS.shuffle_buffer,
+                              deterministic=FLAGS.deterministic,
+                              class_balanced=FLAGS.class_balanced, num_classes=len(classes),
+                              seed=FLAGS.seed)
+    train_slices = sum(data.split_counts(manifest, "train").values())
+    steps = FLAGS.steps_per_epoch or max(1, train_slices // global_batch)
+    if train_slices < global_batch:
+        raise ValueError(f"The train split has {train_slices} slices, fewer than one global "
+                         f"batch ({global_batch}).")
+    evaluator = cbs.Evaluator(FLAGS.data_dir, FLAGS.val_split, global_batch, cfg,
+                              FLAGS.num_display_images)
+    stages = [recipes.Stage.parse(s) for s in FLAGS.stages] or [
+        recipes.Stage(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.epochs)]
+    decay_epochs = [int(e) for e in FLAGS.lr_decay_epochs]
+    with strategy.scope():
+        model = build_model(len(classes))
+    hparams = {k: v for k, v in resolved_flags().items() if k not in ("data_dir", "run_dir")}
+
+    first_epoch = 0
+    for i, stage in enumerate(stages):
+        last_epoch = first_epoch + stage.epochs
+        with strategy.scope():
+            lr = recipes.schedule(stage.learning_rate, steps, decay_epochs,
+                                  FLAGS.lr_decay_factor, first_epoch)
+            optimizer = recipes.make_optimizer(stage.optimizer, lr, FLAGS.momentum,
+                                               FLAGS.weight_decay)
+        callbacks = [
+            cbs.PatientValidation(evaluator, classes, os.path.join(run_dir, "tensorboard"),
+                                  hparams=hparams if i == 0 else None, write=chief),
+            cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"), write=chief),
+            keras.callbacks.BackupAndRestore(
+                os.path.join(run_dir, "backup", f"stage{i}"),
+                save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
+            keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+        ]
+        if FLAGS.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                "val_patient_auc", mode="max", patience=FLAGS.early_stopping_patience))
+        if chief:
+            callbacks.append(keras.callbacks.TensorBoard(
+                os.path.join(run_dir, "tensorboard"), update_freq="epoch"))
+        train_ds = data.make_dataset(FLAGS.data_dir, "train", global_batch, training=True,
+                                     cfg=cfg, repeat=True)
+        class_weight = data.class_weights(manifest) if FLAGS.class_weights else None
+        log.info("stage %d: %s lr %g, epochs %d-%d, %d steps/epoch", i, stage.optimizer,
+                 stage.learning_rate, first_epoch, last_epoch, steps)
+        if FLAGS.strategy == "multi_worker":
+            from covid_keras.distributed import fit_custom_loop
+
+            fit_custom_loop(model, optimizer, strategy, train_ds, steps, first_epoch,
+                            last_epoch, callbacks, class_weight)
+        else:
+            compile_model(model, optimizer, FLAGS.jit_compile)
+            model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch,
+                      steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight,
+                      verbose=FLAGS.verbose, shuffle=False)
+        first_epoch = last_epoch
+        if model.stop_training:
+            break
+
+    validation = callbacks[0]
+    final = validation.evaluate(model)[0]
+    results = {"val_split": FLAGS.val_split, "final": final}
+    if chief:
+        import shutil
+
+        shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)  # run finished
+        model.save(os.path.join(run_dir, "final.keras"))
+        best_path = os.path.join(run_dir, "best.keras")
+        if os.path.exists(best_path):
+            results["best"] = validation.evaluate(keras.saving.load_model(best_path))[0]
+        _atomic_text(os.path.join(run_dir, "metrics.json"),
+                     json.dumps(results, indent=2, default=float) + "\n")
+    print(summary_line(final, FLAGS.val_split))
+    return 0
+
+
+def summary_line(m: dict, split: str) -> str:
+    def f(v):
+        return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    return (f"{split}: patients {m['patients']} AUC {f(m['patient_auc'])} sensitivity "
+            f"{f(m['patient_sensitivity'])} specificity {f(m['patient_specificity'])} | "
+            f"slices {m['slices']} AUC {f(m['slice_auc'])} sensitivity "
+            f"{f(m['slice_sensitivity'])} specificity {f(m['slice_specificity'])}")
+
+
+def run_main():
+    flags.mark_flags_as_required(["data_dir", "run_dir"])
+    t0 = time.time()
+    try:
+        app.run(main)
+    finally:
+        log.info("took %.0f s", time.time() - t0)
+
+
+if __name__ == "__main__":
+    run_main()
