@@ -38,10 +38,17 @@ class Evaluator:
         self.patient_keys = patients
         self.study_keys = studies
         self.slice_index = np.concatenate(slices) if slices else np.zeros((0,), np.int32)
-        # Known cardinality: Keras predicts exactly these batches (and does not warn).
-        batches = -(-len(self.labels) // batch_size)
-        self.images = ds.map(lambda x, meta: x).apply(
-            tf.data.experimental.assert_cardinality(batches))
+        # Padded with blank images to whole batches, so that every replica of a
+        # distribution strategy gets a full share (an empty per-replica batch fails in
+        # TensorFlow); the padding's predictions are dropped. Known cardinality: Keras
+        # predicts exactly these batches.
+        n = len(self.labels)
+        pad = (-n) % batch_size
+        blank = tf.data.Dataset.from_tensors(
+            tf.zeros([cfg.input_size, cfg.input_size, 3], tf.float32)).repeat(pad)
+        self.images = (ds.map(lambda x, meta: x).unbatch().concatenate(blank)
+                       .batch(batch_size).apply(
+                           tf.data.experimental.assert_cardinality((n + pad) // batch_size)))
         raw_cfg = cfg
         raw = tf.data.TFRecordDataset(data.shard_files(data_dir, split), "GZIP").take(
             num_display).map(data._parse).map(
@@ -56,6 +63,7 @@ class Evaluator:
         if not isinstance(out, dict):
             out = {"logits": out}
         n = len(self)
+        out = {k: np.asarray(v)[:n] for k, v in out.items()}
         if out["logits"].shape[0] != n:
             raise RuntimeError(f"Predicted {out['logits'].shape[0]} slices for {n} records")
         return out
@@ -177,3 +185,35 @@ class BestCheckpoint(keras.callbacks.Callback):
         with open(self.state_path + ".tmp", "w") as f:
             json.dump({"best": self.best, "epoch": int(epoch), "monitor": self.monitor}, f)
         os.replace(self.state_path + ".tmp", self.state_path)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore with an atomic commit, so that a run killed at any moment
+    resumes. Keras writes ``latest.weights.h5`` in place and then the epoch metadata: a kill
+    mid-write leaves weights that cannot be read, and a kill between the two files pairs
+    new weights with an old epoch. Here the weights alternate between two files and the
+    metadata, which names the file, is renamed into place last: it is the commit."""
+
+    _slot = 0
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        self._slot = 1 - self._slot
+        name = f"slot{self._slot}.weights.h5"
+        self.model.save_weights(os.path.join(self.backup_dir, name), overwrite=True)
+        tmp = self._training_metadata_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                       "weights": name}, f)
+        os.replace(tmp, self._training_metadata_path)
+
+    def _load_model(self):
+        if not os.path.exists(self._training_metadata_path):
+            return
+        with open(self._training_metadata_path) as f:
+            meta = json.load(f)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        self._slot = int(meta["weights"][len("slot")])
+        self.model._initial_epoch = meta["epoch"]

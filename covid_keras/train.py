@@ -239,7 +239,8 @@ def main(argv):
         FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
     os.makedirs(run_dir, exist_ok=True)
     if chief:
-        write_run_info(run_dir, {"strategy": type(strategy).__name__, "replicas": replicas,
+        write_run_info(run_dir, {"strategy": FLAGS.strategy,
+                                 "strategy_class": type(strategy).__name__, "replicas": replicas,
                                  "global_batch": global_batch, "classes": classes})
     log.info("%s, %d replica(s), global batch %d, classes %s", type(strategy).__name__,
              replicas, global_batch, classes)
@@ -276,7 +277,7 @@ def main(argv):
             cbs.PatientValidation(evaluator, classes, os.path.join(run_dir, "tensorboard"),
                                   hparams=hparams if i == 0 else None, write=chief),
             cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"), write=chief),
-            keras.callbacks.BackupAndRestore(
+            cbs.AtomicBackupAndRestore(
                 os.path.join(run_dir, "backup", f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
             keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),

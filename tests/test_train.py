@@ -1,0 +1,224 @@
+"""The trainer end to end on generated TFRecords (tiny DRENet, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import phantom
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
+                          patients_per_kind=3, num_slices=20, matrix=64, seed=0)
+    out = root / "tfrecords"
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
+         f"--output_dir={out}", "--image_size=64", "--min_slices=5", "--workers=1",
+         "--classes=normal,covid,bacterial", "--split_fractions=0.6,0.2,0.2",
+         "--shard_size_mb=0.05"], cwd=REPO, env=ENV, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def train_cmd(data_dir, run_dir, *extra):
+    return [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
+            f"--data_dir={data_dir}", f"--run_dir={run_dir}", *extra]
+
+
+def run_train(data_dir, run_dir, *extra, timeout=900):
+    proc = subprocess.run(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def read_log(run_dir):
+    with open(Path(run_dir) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("mirrored")
+    proc = run_train(data_dir, run_dir, "--cpu_devices=2")
+    return run_dir, proc
+
+
+def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
+    run_dir, proc = mirrored_run
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["strategy_class"] == "MirroredStrategy" and info["replicas"] == 2
+    assert info["global_batch"] == 4
+    for key in ("flags", "versions", "git_sha", "dataset_manifest_sha256", "seed"):
+        assert key in info
+    import hashlib
+
+    assert info["dataset_manifest_sha256"] == hashlib.sha256(
+        (data_dir / "manifest.json").read_bytes()).hexdigest()
+    for name in ("best.keras", "final.keras", "flags.cfg", "metrics.json", "log.csv"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "backup").exists()  # removed when the run finished
+    log = read_log(run_dir)
+    assert [int(r["epoch"]) for r in log] == [0, 1]
+    assert "val: patients" in proc.stdout
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["final"]["patients"] == 3 and "best" in m
+    flags_cfg = (run_dir / "flags.cfg").read_text()
+    assert "--cpu_devices=2" in flags_cfg and f"--data_dir={data_dir}" in flags_cfg
+
+
+def _events(run_dir, sub) -> dict:
+    """tag -> list of summary values, read from the event files with tf.data."""
+    import tensorflow as tf
+
+    out: dict = {}
+    for path in sorted(glob.glob(str(run_dir / "tensorboard" / sub / "events.out.*"))):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(value)
+    return out
+
+
+def test_tensorboard_events_have_the_named_scalars_and_images(mirrored_run):
+    run_dir, _ = mirrored_run
+    train = _events(run_dir, "train")
+    for name in ("loss", "raw_loss", "concat_loss", "region_loss", "rank_loss",
+                 "learning_rate"):
+        assert f"epoch_{name}" in train, (name, sorted(train))
+    assert len(train["epoch_rank_loss"]) == 2  # one per epoch
+    val = _events(run_dir, "validation")
+    for name in ("patient_auc", "patient_sensitivity", "patient_specificity", "slice_auc",
+                 "slice_sensitivity", "slice_specificity"):
+        assert f"epoch_{name}" in val, (name, sorted(val))
+    assert {"slice_pr_curve/pr_curves", "patient_pr_curve/pr_curves",
+            "slices_with_top_k_boxes", "_hparams_/session_start_info"} <= set(val)
+    assert val["slice_pr_curve/pr_curves"][0].metadata.plugin_data.plugin_name == "pr_curves"
+    image = val["slices_with_top_k_boxes"][-1].tensor
+    # width, height, then the PNG-encoded images (num_display_images=2 in smoke.cfg)
+    assert image.string_val[:2] == [b"64", b"64"] and len(image.string_val) == 4
+    assert image.string_val[2].startswith(b"\x89PNG")
+
+
+def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ("--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2")
+    proc = subprocess.Popen(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        # Wait for epoch 0 to be logged and a mid-epoch-1 backup to be written after it.
+        while time.time() < deadline:
+            if (run_dir / "log.csv").exists() and len(read_log(run_dir)) >= 1:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        meta = run_dir / "backup" / "stage0" / "training_metadata.json"
+        while time.time() < deadline:  # a committed backup from inside epoch 1
+            try:
+                if json.loads(meta.read_text())["epoch"] == 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
+    assert not (run_dir / "final.keras").exists()
+    run_train(data_dir, run_dir, *extra)
+    log = read_log(run_dir)
+    assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # resumed at epoch 1, not 0
+    import keras
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+
+    model = keras.saving.load_model(run_dir / "final.keras")
+    # The resumed run restarts epoch 1 from the mid-epoch backup's weights and optimizer
+    # state: more steps than an uninterrupted run, i.e. the killed run's steps were kept.
+    assert int(model.optimizer.iterations.numpy()) > 3 * 6
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_localhost(data_dir, tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen(
+            train_cmd(data_dir, tmp_path / "run", "--strategy=multi_worker"), cwd=REPO,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    lines = [next(ln for ln in out.splitlines() if ln.startswith("val: ")) for out, _ in outs]
+    assert lines[0] == lines[1]  # both workers hold the same weights
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["strategy"] == "multi_worker" and info["replicas"] == 2
+    assert info["strategy_class"] == "CollectiveAllReduceStrategy"  # MWMS's class in TF 2
+    assert [int(r["epoch"]) for r in read_log(tmp_path / "run")] == [0, 1]
+    worker_dir = tmp_path / "run" / ".worker-1"
+    assert not (worker_dir / "final.keras").exists()  # only the chief writes
+
+
+def test_evaluation_counts_every_record_once(data_dir):
+    from covid_keras import data
+    from covid_keras.callbacks import Evaluator
+
+    manifest = data.read_manifest(str(data_dir))
+    for split in ("train", "val", "test"):
+        expected = sum(data.split_counts(manifest, split).values())
+        files = data.shard_files(str(data_dir), split)
+        assert data.count_records(files) == expected
+        cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+        for batch in (1, 3, 7):
+            ds = data.make_dataset(str(data_dir), split, batch, training=False, cfg=cfg,
+                                   with_meta=True)
+            sops = [k for _, m in ds for k in m["sop_key"].numpy()]
+            assert len(sops) == expected and len(set(sops)) == expected
+        ev = Evaluator(str(data_dir), split, 5, cfg, num_display=0)
+        assert len(ev) == expected
+
+
+def test_train_pipeline_batches_and_augments(data_dir):
+    from covid_keras import data
+
+    cfg = data.PipelineConfig(input_size=64, backbone="resnet50", rotation_degrees=10, seed=1)
+    ds = data.make_dataset(str(data_dir), "train", 4, training=True, cfg=cfg, repeat=True)
+    x, y = next(iter(ds))
+    assert x.shape == (4, 64, 64, 3) and y.shape == (4,)
+    # caffe normalisation: BGR minus the ImageNet mean
+    assert float(x.numpy().min()) >= -123.68 - 1e-3 and float(x.numpy().max()) <= 255 - 103.9
+    balanced = data.make_dataset(str(data_dir), "train", 8, training=True,
+                                 cfg=data.PipelineConfig(input_size=64, backbone="tiny",
+                                                         class_balanced=True, num_classes=3))
+    labels = np.concatenate([b[1].numpy() for b in balanced.take(30)])
+    counts = np.bincount(labels, minlength=3) / len(labels)
+    assert np.all(np.abs(counts - 1 / 3) < 0.1), counts
