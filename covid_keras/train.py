@@ -70,6 +70,9 @@ flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
 flags.DEFINE_string("val_split", "val", "Split that chooses the checkpoint.")
+flags.DEFINE_list("report_splits", [], "Held-out splits (e.g. test) on which the best "
+                  "checkpoint is evaluated once at the end (metrics.json); never used to "
+                  "choose anything.")
 flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker", "one_device"],
                   "tf.distribute strategy.")
 flags.DEFINE_integer("backup_every_steps", 0, "Back up the training state every N steps "
@@ -317,7 +320,17 @@ def main(argv):
         model.save(os.path.join(run_dir, "final.keras"))
         best_path = os.path.join(run_dir, "best.keras")
         if os.path.exists(best_path):
-            results["best"] = validation.evaluate(keras.saving.load_model(best_path))[0]
+            best = keras.saving.load_model(best_path)
+            results["best"] = validation.evaluate(best)[0]
+            for split in FLAGS.report_splits:
+                if split == FLAGS.val_split:
+                    raise ValueError(f"--report_splits must not include the val split "
+                                     f"{split!r}: it chose the checkpoint.")
+                held_out = cbs.PatientValidation(
+                    cbs.Evaluator(FLAGS.data_dir, split, global_batch, cfg, 0), classes, None)
+                results[f"best_on_{split}"] = held_out.evaluate(best)[0]
+                print("best checkpoint on held-out " +
+                      summary_line(results[f"best_on_{split}"], split))
         _atomic_text(os.path.join(run_dir, "metrics.json"),
                      json.dumps(results, indent=2, default=float) + "\n")
     print(summary_line(final, FLAGS.val_split))

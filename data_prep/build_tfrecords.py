@@ -71,6 +71,9 @@ flags.DEFINE_enum("split_scheme", "paper", list(SCHEMES), "paper: 60/10/30 by pa
                   "repeated_3to1: seed 004's five 3:1 train/val splits (see --repeat).")
 flags.DEFINE_list("split_fractions", ["0.6", "0.1", "0.3"], "train,val,test patient fractions.")
 flags.DEFINE_integer("repeat", 0, "Which of the five repeated 3:1 splits the records carry.")
+flags.DEFINE_float("val_from_train", 0.0, "Move this fraction of the train patients "
+                   "(stratified, seeded) to val, e.g. when the manifest's val is the "
+                   "held-out test (--split_map=val:test).")
 flags.DEFINE_float("shard_size_mb", 128.0, "Target shard size; shards per split = "
                    "ceil(total / this), balanced by study.")
 flags.DEFINE_string("salt_file", None, "Secret salt for patient/study keys; created (random) if "
@@ -121,7 +124,8 @@ def build_config() -> pipeline.RunConfig:
     return pipeline.RunConfig(
         output_dir=output_dir, scan=scan, prep=prep, classes=tuple(FLAGS.classes),
         split_scheme=FLAGS.split_scheme, split_fractions=fractions,  # type: ignore[arg-type]
-        repeat=FLAGS.repeat, seed=FLAGS.seed, workers=FLAGS.workers,
+        repeat=FLAGS.repeat, val_from_train=FLAGS.val_from_train, seed=FLAGS.seed,
+        workers=FLAGS.workers,
         shard_size_mb=FLAGS.shard_size_mb, dataset=dataset)
 
 

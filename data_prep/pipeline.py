@@ -61,6 +61,7 @@ class RunConfig:
     split_scheme: str = "paper"
     split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
     repeat: int = 0
+    val_from_train: float = 0.0
     seed: int = 0
     workers: int = 1
     shard_size_mb: float = 128.0
@@ -256,7 +257,7 @@ def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
             usable.append(m)
         plan.splits = assign_splits(plan.patients, scheme=cfg.split_scheme,
                                     fractions=cfg.split_fractions, seed=cfg.seed,
-                                    repeat=cfg.repeat)
+                                    repeat=cfg.repeat, val_from_train=cfg.val_from_train)
     except StudyError as err:  # the driver raises it again: the run fails loudly
         plan.fatal = (err.reason, err.detail, err.file)
         return plan

@@ -60,8 +60,13 @@ def _cut(keys: list[str], fractions: tuple[float, ...], names: tuple[str, ...],
 
 def assign_splits(patients: dict[str, PatientInfo], *, scheme: str = "paper",
                   fractions: tuple[float, float, float] = (0.6, 0.1, 0.3), seed: int = 0,
-                  repeat: int = 0) -> dict[str, str]:
-    """patient key -> split. Deterministic for the same patients, seed and repeat."""
+                  repeat: int = 0, val_from_train: float = 0.0) -> dict[str, str]:
+    """patient key -> split. Deterministic for the same patients, seed and repeat.
+
+    ``val_from_train`` moves that fraction of the train patients (stratified, seeded) to
+    val: for a dataset whose official split has no separate validation set to choose
+    checkpoints on (COVID-CT: its official val then serves as the held-out test, with
+    ``--split_map=val:test``)."""
     if scheme not in SCHEMES:
         raise ValueError(f"Split scheme must be one of {SCHEMES}. Received: {scheme!r}")
     if not 0 <= repeat < NUM_REPEATS:
@@ -81,6 +86,19 @@ def assign_splits(patients: dict[str, PatientInfo], *, scheme: str = "paper",
     for stratum, keys in sorted(strata.items()):
         rng = np.random.default_rng(_stratum_seed(seed, stratum, repeat))
         out.update(_cut(keys, fracs, names, rng))
+    if val_from_train:
+        if not 0.0 < val_from_train < 1.0:
+            raise ValueError(f"val_from_train must be in (0, 1). Received: {val_from_train}")
+        train: dict[str, list[str]] = {}
+        for key in sorted(out):
+            if out[key] == "train":
+                p = patients[key]
+                train.setdefault(f"{p.label}|{p.site}", []).append(key)
+        for stratum, keys in sorted(train.items()):
+            rng = np.random.default_rng(_stratum_seed(seed, "val_from_train|" + stratum,
+                                                      repeat))
+            out.update(_cut(keys, (1.0 - val_from_train, val_from_train), ("train", "val"),
+                            rng))
     return out
 
 

@@ -66,3 +66,13 @@ def test_split_counts(n, expected):
     from data_prep.split import split_counts
 
     assert split_counts(n, (0.6, 0.1, 0.3)) == expected
+
+
+def test_val_from_train_moves_train_patients_only():
+    pats = {f"p{i}": PatientInfo("covid" if i % 2 else "non_covid", "a",
+                                 "test" if i >= 16 else "train") for i in range(20)}
+    a = assign_splits(pats, seed=0, val_from_train=0.25)
+    assert all(a[f"p{i}"] == "test" for i in range(16, 20))
+    val = [k for k, v in a.items() if v == "val"]
+    assert len(val) == 4 and {pats[k].label for k in val} == {"covid", "non_covid"}
+    assert a == assign_splits(pats, seed=0, val_from_train=0.25)

@@ -1,0 +1,55 @@
+"""Every flagfile: starts with its command, has no commented-out flags, and parses with
+the program it is for (unknown flags or bad values fail)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = sorted((REPO / "configs").glob("*.cfg"))
+DATA = sorted((REPO / "configs" / "data").glob("*.cfg"))
+
+
+@pytest.mark.parametrize("path", TRAIN + DATA, ids=lambda p: p.name)
+def test_flagfile_header_and_no_commented_out_flags(path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# python -m ") or lines[0].startswith("# make demo:") or \
+        lines[0].startswith("# Shared"), lines[0]
+    for line in lines:
+        stripped = line.strip()
+        assert not stripped.startswith("#--") and not stripped.startswith("# --"), line
+        assert not stripped or stripped.startswith("#") or stripped.startswith("--"), line
+
+
+PARSE = """
+import sys
+from absl import flags
+import {module} as m
+from covid_keras import recipes
+bad = []
+for path in sys.argv[1:]:
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["prog", "--flagfile=" + path] + {extra})
+        for stage in getattr(flags.FLAGS, "stages", None) or []:
+            recipes.Stage.parse(stage)
+    except Exception as exc:
+        bad.append(f"{{path}}: {{exc}}")
+print("\\n".join(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.parametrize("module,paths,extra", [
+    ("covid_keras.train", TRAIN, ["--data_dir=d", "--run_dir=r"]),
+    ("data_prep.build_tfrecords", DATA, ["--input=i"]),
+])
+def test_flagfiles_parse(module, paths, extra):
+    code = PARSE.format(module=module, extra=repr(extra))
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, paths)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
