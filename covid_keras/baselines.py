@@ -37,6 +37,18 @@ def set_trainable(backbone: keras.Model, mode: str) -> list[str]:
     return sorted(keep)
 
 
+def apply_trainable(model: keras.Model, mode: str) -> None:
+    """all: everything; last3: the backbone's last 3 conv layers (+ their batch norms) and
+    every layer after the backbone; head: only the final classifier (``head`` / ``logits``)."""
+    if mode not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}. Received: {mode!r}")
+    backbone = next((lay for lay in model.layers if lay.name.endswith("_backbone")), None)
+    for lay in model.layers:
+        lay.trainable = mode != "head" or lay.name in ("head", "logits")
+    if backbone is not None:
+        set_trainable(backbone, mode)
+
+
 def build_classifier(backbone: str = "resnet50", num_classes: int = 5,
                      input_size: int = 224, weights: str | None = None,
                      trainable: str = "all", dropout: float = 0.0,

@@ -34,6 +34,7 @@ from keras.src.losses.loss import scale_loss_for_distribution
 
 from covid_keras import losses
 from covid_keras.backbones import build_backbone
+from covid_keras.baselines import apply_trainable
 from covid_keras.layers import (
     AnchorGrid,
     ConfidenceMapImage,
@@ -96,7 +97,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  weights: str | None = None, variant: str = "paper", top_k: int | None = None,
                  crop_size: int | None = None, iou_threshold: float = 0.1,
                  loss_weights: dict | None = None, rank_margin: float = 1.0,
-                 dropout: float = 0.5, name: str = "drenet") -> DRENet:
+                 dropout: float = 0.5, trainable: str = "all",
+                 name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -110,6 +112,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
       crop_size: region crop side (default input_size // 2: 224 at 448).
       iou_threshold: greedy NMS threshold (0.1).
       loss_weights: {"raw", "concat", "region", "rank"} -> weight (1 each).
+      trainable: "all", "last3" (backbone's last 3 convs + everything after it) or "head"
+        (fine-tuning); kept in the config, so a saved model reloads frozen the same way.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -126,7 +130,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "backbone": backbone, "weights": None, "variant": variant,
                     "top_k": top_k, "crop_size": crop, "iou_threshold": float(iou_threshold),
                     "loss_weights": weights_by_term, "rank_margin": float(rank_margin),
-                    "dropout": float(dropout)}
+                    "dropout": float(dropout), "trainable": trainable}
 
     net = build_backbone(backbone, weights)
     image = keras.Input((input_size, input_size, 3), name="image")
@@ -160,7 +164,10 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     box_scores = BoxScores(name="box_scores")(nav_scores)
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}
-    return DRENet(image, outputs, build_config, name=name)
+    model = DRENet(image, outputs, build_config, name=name)
+    if trainable != "all":
+        apply_trainable(model, trainable)
+    return model
 
 
 @keras.saving.register_keras_serializable(package="covid_keras")

@@ -168,7 +168,7 @@ def is_chief(strategy) -> bool:
 def build_model(num_classes: int):
     import keras
 
-    from covid_keras.baselines import build_classifier
+    from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
     if FLAGS.init_from:
@@ -178,28 +178,21 @@ def build_model(num_classes: int):
         if int(got) != num_classes:
             raise ValueError(f"--init_from has {got} classes, the dataset {num_classes}. "
                              f"Received: {FLAGS.init_from}")
+        size = model.input_shape[1] if not isinstance(model.input_shape, dict) else None
+        if size is not None and int(size) != FLAGS.input_size:
+            raise ValueError(f"--init_from expects {size} px inputs; set --input_size={size}. "
+                             f"Received: --input_size={FLAGS.input_size}")
     elif FLAGS.model == "drenet":
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
                              backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
-                             variant=FLAGS.variant)
+                             variant=FLAGS.variant, trainable=FLAGS.trainable)
     else:
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
                                  FLAGS.backbone_weights, trainable=FLAGS.trainable)
     apply_trainable(model, FLAGS.trainable)
+    if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing
+        model.build_config["trainable"] = FLAGS.trainable
     return model
-
-
-def apply_trainable(model, mode: str) -> None:
-    """all: everything; last3: the backbone's last 3 conv layers (+ their batch norms) and
-    everything after the backbone; head: only the final classifier layers."""
-    from covid_keras.baselines import set_trainable
-
-    backbone = next((layer for layer in model.layers if layer.name.endswith("_backbone")),
-                    None)
-    for layer in model.layers:
-        layer.trainable = mode != "head" or layer.name in ("head", "logits")
-    if backbone is not None:
-        set_trainable(backbone, mode)
 
 
 def compile_model(model, optimizer, jit_compile: bool):

@@ -222,3 +222,21 @@ def test_train_pipeline_batches_and_augments(data_dir):
     labels = np.concatenate([b[1].numpy() for b in balanced.take(30)])
     counts = np.bincount(labels, minlength=3) / len(labels)
     assert np.all(np.abs(counts - 1 / 3) < 0.1), counts
+
+
+def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_path):
+    import keras
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+
+    src = mirrored_run[0] / "final.keras"
+    run_train(data_dir, tmp_path / "ft", f"--init_from={src}", "--trainable=head",
+              "--epochs=1", "--steps_per_epoch=2", "--learning_rate=0.1")
+    before = keras.saving.load_model(src)
+    after = keras.saving.load_model(tmp_path / "ft" / "final.keras")
+    changed = {}
+    for a, b in zip(before.weights, after.weights):
+        assert a.path == b.path
+        changed[a.path] = not np.array_equal(np.asarray(a), np.asarray(b))
+    moved = sorted(p for p, c in changed.items() if c and "optimizer" not in p)
+    assert moved and all(p.startswith("head/") for p in moved), moved
