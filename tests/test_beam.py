@@ -5,37 +5,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep import phantom
+from tests.test_build_tfrecords import failures, run_cli
 
 pytest.importorskip("apache_beam", reason="needs the [beam] extra: pip install -e .[beam]")
 
 pytestmark = pytest.mark.beam
 
-REPO = Path(__file__).resolve().parents[1]
 MATRIX = 64
 SPACING = 350.0 / MATRIX
 SLICES = 20
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "data_prep.build_tfrecords", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def failures(out_dir: Path) -> list[dict]:
-    with open(out_dir / "failures.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _hashes(folder: Path) -> dict[str, str]:
