@@ -191,3 +191,18 @@ def test_mlp_head_dropout_off_at_inference():
 def test_bad_arguments_say_received(cls, kwargs):
     with pytest.raises(ValueError, match="Received"):
         cls(**kwargs)
+
+
+def test_drenet_plumbing_layers(tmp_path):
+    from covid_keras.drenet import BoxScores, RegionsFromBatch, RegionsToBatch
+
+    crops = RNG.normal(size=(2, 3, 4, 4, 3)).astype(np.float32)
+    flat = run_layer_test(tmp_path, RegionsToBatch, {}, crops, (6, 4, 4, 3), 0)
+    np.testing.assert_array_equal(flat[4], crops[1, 1])
+    feats = RNG.normal(size=(6, 5)).astype(np.float32)
+    back = run_layer_test(tmp_path, RegionsFromBatch, {"regions": 3}, feats, (2, 3, 5), 0)
+    np.testing.assert_array_equal(back[1, 2], feats[5])
+    scores = np.array([[2.0, 0.0, 1.0], [-1.0, -1.0, 3.0]], np.float32)
+    out = run_layer_test(tmp_path, BoxScores, {}, scores, (2, 3), 0)
+    np.testing.assert_allclose(out, np.exp(scores - scores.max(axis=1, keepdims=True)),
+                               rtol=1e-6)
