@@ -14,7 +14,7 @@ from tests.test_build_tfrecords import failures, run_cli
 
 pytest.importorskip("apache_beam", reason="needs the [beam] extra: pip install -e .[beam]")
 
-pytestmark = pytest.mark.beam
+pytestmark = [pytest.mark.beam, pytest.mark.slow]
 
 MATRIX = 64
 SPACING = 350.0 / MATRIX

@@ -18,6 +18,7 @@ import pytest
 
 from data_prep import phantom
 
+pytestmark = pytest.mark.slow  # real training runs in subprocesses: minutes, not seconds
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
 
