@@ -38,7 +38,6 @@ Prints a table and one ``RESULT {json}`` line; ``--output_json`` also writes the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -52,6 +51,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/model.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(REPO))
+
+from common import emit_result  # noqa: E402 (bench/common.py)
 
 # Per mode: input_size, batch_size, backbone, steps, warmup, dtype policy.
 DEFAULTS = {
@@ -377,11 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     notes = set_environment(args)  # before Keras is imported (in bench)
     res = bench(args, notes)
-    print_table(res)
-    line = json.dumps(res, sort_keys=True)
-    print("RESULT " + line)
-    if args.output_json:
-        Path(args.output_json).write_text(line + "\n")
+    emit_result(res, print_table, args.output_json)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:  # `python bench/prep.py` puts bench/, not the rep
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from common import emit_result  # noqa: E402 (bench/common.py)
 from pydicom.uid import JPEG2000Lossless, RLELossless  # noqa: E402
 
 from covid_keras import schema  # noqa: E402
@@ -394,11 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="bench_prep_") as tmp:
             res = bench(args, Path(tmp))
-    print_table(res)
-    line = json.dumps(res, sort_keys=True)
-    print("RESULT " + line)
-    if args.output_json:
-        Path(args.output_json).write_text(line + "\n")
+    emit_result(res, print_table, args.output_json)
 
 
 if __name__ == "__main__":

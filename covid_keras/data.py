@@ -79,17 +79,22 @@ def normalize(image_u8, backbone: str):
     return x / 127.5 - 1.0
 
 
-def decode_image(encoded, input_size: int):
-    """PNG bytes (1 or 3 channels) -> uint8 (input_size, input_size, 3)."""
+def decode_image(encoded, input_size: int, rgb: bool = True):
+    """PNG bytes (1 or 3 channels) -> uint8 (input_size, input_size, 3), or with
+    ``rgb=False`` the record's own channels (cheaper to augment: grey is 1 channel)."""
     img = tf.io.decode_png(encoded, channels=0)
-    img = tf.cond(tf.shape(img)[-1] == 1, lambda: tf.image.grayscale_to_rgb(img),
-                  lambda: img[..., :3])
-    img.set_shape([None, None, 3])
     size = tf.shape(img)[:2]
     img = tf.cond(tf.reduce_all(size == input_size), lambda: img,
                   lambda: tf.cast(tf.image.resize(img, [input_size, input_size],
                                                   antialias=True), tf.uint8))
-    return tf.ensure_shape(img, [input_size, input_size, 3])
+    return to_rgb(img) if rgb else img
+
+
+def to_rgb(img):
+    """(S, S, 1 or 3+) -> (S, S, 3): grey repeated, else the first three channels."""
+    img = tf.cond(tf.shape(img)[-1] == 1, lambda: tf.repeat(img, 3, axis=-1),
+                  lambda: img[..., :3])
+    return tf.ensure_shape(img, [None, None, 3])
 
 
 def augment(image_u8, seed, rotation_degrees: float = 0.0):
@@ -176,10 +181,11 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
         base = tf.constant([cfg.seed, 0], tf.int64)
 
         def prepare(r, i):
-            img = decode_image(r[schema.IMAGE], cfg.input_size)
+            # Augment the record's own channels (1 for grey), then repeat to RGB.
+            img = decode_image(r[schema.IMAGE], cfg.input_size, rgb=False)
             img = augment(img, base + tf.stack([tf.constant(0, tf.int64), i]),
                           cfg.rotation_degrees)
-            return _output(r, img, cfg, with_meta)
+            return _output(r, to_rgb(img), cfg, with_meta)
     else:
         def prepare(r):
             return _output(r, decode_image(r[schema.IMAGE], cfg.input_size), cfg, with_meta)
@@ -189,7 +195,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
 
 
 def _output(r, img_u8, cfg: PipelineConfig, with_meta: bool):
-    image = normalize(img_u8, cfg.backbone)
+    image = normalize(tf.ensure_shape(img_u8, [cfg.input_size, cfg.input_size, 3]),
+                      cfg.backbone)
     label = tf.cast(r[schema.LABEL_INDEX], tf.int32)
     if not with_meta:
         return image, label
