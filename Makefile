@@ -24,7 +24,7 @@ demo: venv
 	$(PY) -m data_prep.build_tfrecords --flagfile=configs/data/demo.cfg \
 	    --input=$(DEMO_DIR)/studies --output_dir=$(DEMO_DIR)/tfrecords
 	$(PY) -m covid_keras.train --flagfile=configs/demo.cfg \
-	    --data_dir=$(DEMO_DIR)/tfrecords --run_dir=$(DEMO_DIR)/drenet
+	    --data_dir=$(DEMO_DIR)/tfrecords --run_dir=$(DEMO_DIR)/drenet --overwrite
 
 ## test: lint + the whole suite under TensorFlow, then the model tests under JAX.
 test: venv lint

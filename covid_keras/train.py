@@ -82,6 +82,8 @@ flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("num_display_images", 4, "Validation slices shown with their boxes.")
 flags.DEFINE_integer("shuffle_buffer", 512, "Record shuffle buffer.")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
+flags.DEFINE_bool("overwrite", False, "Replace a finished run in --run_dir (without it, a "
+                  "finished run is an error; an interrupted one resumes).")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (tests "
                      "of MirroredStrategy without GPUs; 0: leave it).")
 
@@ -135,6 +137,30 @@ def _atomic_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+RUN_FILES = ("run_info.json", "flags.cfg", "best.keras", "best.keras.json", "final.keras",
+             "log.csv", "metrics.json")
+
+
+def prepare_run_dir(run_dir: str, overwrite: bool) -> None:
+    """Creates the run folder. A finished run (final.keras, no backup) is an error unless
+    ``overwrite``, which removes its files; an interrupted run (a backup) resumes."""
+    import shutil
+
+    os.makedirs(run_dir, exist_ok=True)
+    finished = os.path.exists(os.path.join(run_dir, "final.keras")) and not os.path.isdir(
+        os.path.join(run_dir, "backup"))
+    if not finished:
+        return
+    if not overwrite:
+        raise ValueError(f"{run_dir} holds a finished run: pass --overwrite to replace it, "
+                         "or choose another --run_dir")
+    for name in RUN_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
 
 
 # ------------------------------------------------------------------ strategy
@@ -233,7 +259,7 @@ def main(argv):
     global_batch = FLAGS.batch_size * replicas
     run_dir = FLAGS.run_dir if chief else os.path.join(
         FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
-    os.makedirs(run_dir, exist_ok=True)
+    prepare_run_dir(run_dir, FLAGS.overwrite)
     if chief:
         write_run_info(run_dir, {"strategy": FLAGS.strategy,
                                  "strategy_class": type(strategy).__name__, "replicas": replicas,

@@ -241,3 +241,10 @@ def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_pat
         changed[a.path] = not np.array_equal(np.asarray(a), np.asarray(b))
     moved = sorted(p for p, c in changed.items() if c and "optimizer" not in p)
     assert moved and all(p.startswith("head/") for p in moved), moved
+
+
+def test_finished_run_dir_needs_overwrite(mirrored_run, data_dir):
+    run_dir, _ = mirrored_run
+    proc = subprocess.run(train_cmd(data_dir, run_dir, "--epochs=1"), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
