@@ -36,7 +36,6 @@ from covid_keras import losses
 from covid_keras.backbones import build_backbone
 from covid_keras.baselines import apply_trainable
 from covid_keras.layers import (
-    AnchorGrid,
     ConfidenceMapImage,
     MLPHead,
     ProposalHead,
@@ -138,7 +137,6 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     raw_logits = layers.Dense(num_classes, dtype="float32", name="raw_logits")(feats["pool"])
 
     scores_all = ProposalHead(num_levels=len(levels), name="navigator")(feats["conv5"])
-    AnchorGrid(input_size, levels, name="anchors")(image)  # documents the grid in the graph
     top = TopKNMS(input_size, levels, groups, iou_threshold, name="top_k")(scores_all)
     boxes, nav_scores = top["boxes"], top["scores"]
     k = sum(g[2] for g in groups)

@@ -36,11 +36,6 @@ def anchor_boxes(input_size: int, levels) -> np.ndarray:
     return np.concatenate(boxes, axis=0).astype(np.float32)
 
 
-def level_sizes(input_size: int, levels) -> list[int]:
-    """Anchors per level."""
-    return [math.ceil(input_size / stride) ** 2 for stride, _ in levels]
-
-
 def iou_matrix(boxes: np.ndarray) -> np.ndarray:
     """(A, A) IoU of every pair of boxes (float32)."""
     y0, x0, y1, x1 = (boxes[:, i][:, None] for i in range(4))

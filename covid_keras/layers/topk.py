@@ -64,7 +64,7 @@ class TopKNMS(keras.layers.Layer):
             if not (0 <= lo < hi <= len(self.levels)) or k < 1:
                 raise ValueError(f"Each group is (first_level, end_level, k) within "
                                  f"{len(self.levels)} levels, k >= 1. Received: {self.groups}")
-        self.boxes = anchor_boxes(self.input_size, self.levels)
+        self.boxes = anchor_boxes(self.input_size, self.levels)  # the AnchorGrid's boxes
         sizes = [len(anchor_boxes(self.input_size, [lv])) for lv in self.levels]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self._ranges = [(int(starts[lo]), int(starts[hi]), k) for lo, hi, k in self.groups]
