@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 ## trained on the CPU, with validation (and held-out test) patient-level metrics printed.
 demo: venv
 	$(PY) -m data_prep.phantom --output_dir=$(DEMO_DIR)/studies --kinds=normal,covid,bacterial \
-	    --patients_per_kind=6 --num_slices=60 --matrix=256 --seed=0
+	    --patients_per_kind=10 --num_slices=60 --matrix=256 --seed=0
 	$(PY) -m data_prep.build_tfrecords --flagfile=configs/data/demo.cfg \
 	    --input=$(DEMO_DIR)/studies --output_dir=$(DEMO_DIR)/tfrecords
 	$(PY) -m covid_keras.train --flagfile=configs/demo.cfg \
