@@ -144,17 +144,29 @@ def _parse(serialized):
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                  cfg: PipelineConfig = PipelineConfig(), with_meta: bool = False,
-                 repeat: bool = False, files: list[str] | None = None) -> tf.data.Dataset:
+                 repeat: bool = False, shard: tuple[int, int] | None = None
+                 ) -> tf.data.Dataset:
     """(image float32 (B, S, S, 3), label int32 (B,)) batches; with ``with_meta`` the second
     element is a dict of :data:`META_KEYS` (label, patient/study keys, slice index).
 
-    ``files`` overrides the split's shard list (a worker's share)."""
-    files = files if files is not None else shard_files(data_dir, split)
+    ``shard=(index, count)``: this input pipeline's share for multi-worker training, by
+    file when there are at least ``count`` shard files, else by record; tf.data's own
+    auto-sharding is then off. Without it the policy is DATA (evaluation, single worker):
+    auto-sharding by FILE must find the file list by walking the graph, which fails on
+    the zipped augmentation counter ("Did not find a shardable source")."""
+    files = shard_files(data_dir, split)
     options = tf.data.Options()
     options.deterministic = cfg.deterministic or not training
     options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.FILE if training and len(files) > 1
+        tf.data.experimental.AutoShardPolicy.OFF if shard
         else tf.data.experimental.AutoShardPolicy.DATA)
+    by_record = None
+    if shard:
+        index, count = shard
+        if len(files) >= count:
+            files = files[index::count]
+        else:
+            by_record = (count, index)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
         ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
@@ -166,6 +178,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                        **({"deterministic": cfg.deterministic} if training else {}))
     if training:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    if by_record:
+        ds = ds.shard(*by_record)
     ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
     if training and cfg.class_balanced:
         if cfg.num_classes < 2:

@@ -14,9 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 
-def fit_custom_loop(model, optimizer, strategy, train_ds, steps_per_epoch: int,
+def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int,
                     initial_epoch: int, epochs: int, callbacks: list,
                     class_weight: dict | None = None) -> None:
+    """``dataset_fn(input_context)`` returns this input pipeline's per-replica batches
+    (``tf.distribute.Strategy.distribute_datasets_from_function``: explicit sharding)."""
     import keras
 
     with strategy.scope():
@@ -41,7 +43,7 @@ def fit_custom_loop(model, optimizer, strategy, train_ds, steps_per_epoch: int,
         x, y = next(iterator)
         strategy.run(replica_step, args=(x, y))
 
-    dist_ds = strategy.experimental_distribute_dataset(train_ds)
+    dist_ds = strategy.distribute_datasets_from_function(dataset_fn)
     iterator = iter(dist_ds)
     cb = keras.callbacks.CallbackList(callbacks, model=model, add_progbar=False,
                                       epochs=epochs, steps=steps_per_epoch)

@@ -310,17 +310,23 @@ def main(argv):
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(
                 os.path.join(run_dir, "tensorboard"), update_freq="epoch"))
-        train_ds = data.make_dataset(FLAGS.data_dir, "train", global_batch, training=True,
-                                     cfg=cfg, repeat=True)
         class_weight = data.class_weights(manifest) if FLAGS.class_weights else None
         log.info("stage %d: %s lr %g, epochs %d-%d, %d steps/epoch", i, stage.optimizer,
                  stage.learning_rate, first_epoch, last_epoch, steps)
         if FLAGS.strategy == "multi_worker":
             from covid_keras.distributed import fit_custom_loop
 
-            fit_custom_loop(model, optimizer, strategy, train_ds, steps, first_epoch,
+            def dataset_fn(ctx):
+                return data.make_dataset(
+                    FLAGS.data_dir, "train", ctx.get_per_replica_batch_size(global_batch),
+                    training=True, cfg=cfg, repeat=True,
+                    shard=(ctx.input_pipeline_id, ctx.num_input_pipelines))
+
+            fit_custom_loop(model, optimizer, strategy, dataset_fn, steps, first_epoch,
                             last_epoch, callbacks, class_weight)
         else:
+            train_ds = data.make_dataset(FLAGS.data_dir, "train", global_batch,
+                                         training=True, cfg=cfg, repeat=True)
             compile_model(model, optimizer, FLAGS.jit_compile)
             model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch,
                       steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight,

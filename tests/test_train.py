@@ -29,9 +29,12 @@ def data_dir(tmp_path_factory):
     phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
                           patients_per_kind=3, num_slices=20, matrix=64, seed=0)
     out = root / "tfrecords"
+    salt = root / "salt.key"
+    salt.write_text("0123456789abcdef" * 4)  # fixed: the same split (and shards) every run
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
          f"--output_dir={out}", "--image_size=64", "--min_slices=5", "--workers=1",
+         f"--salt_file={salt}",
          "--classes=normal,covid,bacterial", "--split_fractions=0.6,0.2,0.2",
          "--shard_size_mb=0.05"], cwd=REPO, env=ENV, capture_output=True, text=True,
         timeout=600)
@@ -206,6 +209,22 @@ def test_evaluation_counts_every_record_once(data_dir):
             assert len(sops) == expected and len(set(sops)) == expected
         ev = Evaluator(str(data_dir), split, 5, cfg, num_display=0)
         assert len(ev) == expected
+
+
+def test_multi_worker_shards_are_disjoint_and_complete(data_dir):
+    from covid_keras import data
+
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    files = data.shard_files(str(data_dir), "train")
+    assert len(files) >= 2  # the fixture's small --shard_size_mb: sharding by file is tested
+    for count in (2, len(files) + 1):  # by file; by record (more workers than files)
+        seen = []
+        for index in range(count):
+            ds = data.make_dataset(str(data_dir), "train", 1, training=False, cfg=cfg,
+                                   with_meta=True, shard=(index, count))
+            seen.append({k for _, m in ds for k in m["sop_key"].numpy()})
+        union = set().union(*seen)
+        assert sum(len(s) for s in seen) == len(union) == data.count_records(files)
 
 
 def test_train_pipeline_batches_and_augments(data_dir):
