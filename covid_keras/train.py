@@ -290,6 +290,12 @@ def main(argv):
     first_epoch = 0
     for i, stage in enumerate(stages):
         last_epoch = first_epoch + stage.epochs
+        done_path = os.path.join(run_dir, "backup", f"stage{i}.done.weights.h5")
+        if os.path.exists(done_path):  # a resumed run: this stage finished before the kill
+            model.load_weights(done_path)
+            log.info("stage %d finished in an earlier run: its weights are restored", i)
+            first_epoch = last_epoch
+            continue
         with strategy.scope():
             lr = recipes.schedule(stage.learning_rate, steps, decay_epochs,
                                   FLAGS.lr_decay_factor, first_epoch)
@@ -332,8 +338,14 @@ def main(argv):
                       steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight,
                       verbose=FLAGS.verbose, shuffle=False)
         first_epoch = last_epoch
-        if model.stop_training:
-            break
+        if len(stages) > 1:  # remembered, so a run killed in a later stage does not redo it
+            os.makedirs(os.path.dirname(done_path), exist_ok=True)
+            tmp = done_path.replace(".done.", ".tmp.")
+            model.save_weights(tmp)
+            os.replace(tmp, done_path)
+        # Early stopping ends the current stage only: seed 004 runs its SGD stage after the
+        # Adam stage whatever happened in it.
+        model.stop_training = False
 
     validation = callbacks[0]
     final = validation.evaluate(model)[0]

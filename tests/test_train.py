@@ -163,6 +163,29 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
     assert int(model.optimizer.iterations.numpy()) > 3 * 6
 
 
+def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ("--stages=sgd@0.01:1,adam@0.001:2", "--steps_per_epoch=4",
+             "--backup_every_steps=1")
+    proc = subprocess.Popen(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and not meta.exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (run_dir / "backup" / "stage0.done.weights.h5").exists()
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
+    run_train(data_dir, run_dir, *extra)
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0, 1, 2]  # stage 0 not redone
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
