@@ -122,32 +122,34 @@ def test_tensorboard_events_have_the_named_scalars_and_images(mirrored_run):
     assert image.string_val[2].startswith(b"\x89PNG")
 
 
-def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    extra = ("--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2")
-    proc = subprocess.Popen(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
+def kill_when(cmd, ready, timeout: float = 600) -> None:
+    """Starts ``cmd`` and SIGKILLs it as soon as ``ready()`` is true (before it ends)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
     try:
-        # Wait for epoch 0 to be logged and a mid-epoch-1 backup to be written after it.
-        while time.time() < deadline:
-            if (run_dir / "log.csv").exists() and len(read_log(run_dir)) >= 1:
-                break
+        while time.time() < deadline and not ready():
             assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
-        meta = run_dir / "backup" / "stage0" / "training_metadata.json"
-        while time.time() < deadline:  # a committed backup from inside epoch 1
-            try:
-                if json.loads(meta.read_text())["epoch"] == 1:
-                    break
-            except (OSError, ValueError):
-                pass
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ("--epochs=3", "--steps_per_epoch=6", "--backup_every_steps=2")
+    meta = run_dir / "backup" / "stage0" / "training_metadata.json"
+
+    def committed_in_epoch_1():  # a committed backup from inside epoch 1
+        try:
+            return json.loads(meta.read_text())["epoch"] == 1
+        except (OSError, ValueError):
+            return False
+
+    kill_when(train_cmd(data_dir, run_dir, *extra), committed_in_epoch_1)
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     assert not (run_dir / "final.keras").exists()
     run_train(data_dir, run_dir, *extra)
@@ -167,19 +169,8 @@ def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp
     run_dir = tmp_path / "run"
     extra = ("--stages=sgd@0.01:1,adam@0.001:2", "--steps_per_epoch=4",
              "--backup_every_steps=1")
-    proc = subprocess.Popen(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = run_dir / "backup" / "stage1" / "training_metadata.json"
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and not meta.exists():
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
     assert (run_dir / "backup" / "stage0.done.weights.h5").exists()
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     run_train(data_dir, run_dir, *extra)
