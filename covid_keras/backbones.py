@@ -53,8 +53,14 @@ def _tiny(inputs, width: int = 16):
     return x
 
 
+# PyTorch's BatchNorm2d momentum 0.1 (the authors' code), in Keras's convention: moving
+# statistics keep up on short runs (Keras's 0.99 leaves them stale after a few hundred steps).
+BN_MOMENTUM = 0.9
+
+
 def build_backbone(name: str = "resnet50", weights: str | None = None,
-                   input_shape=(None, None, 3)) -> keras.Model:
+                   input_shape=(None, None, 3), bn_momentum: float = BN_MOMENTUM
+                   ) -> keras.Model:
     """The named-output backbone.
 
     Args:
@@ -63,6 +69,7 @@ def build_backbone(name: str = "resnet50", weights: str | None = None,
         of a weights file (``.weights.h5``) for this architecture.
       input_shape: (H, W, 3); H and W may be None (the same backbone reads 448 px slices
         and 224 px crops).
+      bn_momentum: momentum of every batch-norm layer's moving statistics.
     """
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone. Expected one of {BACKBONES}. Received: {name!r}")
@@ -93,6 +100,9 @@ def build_backbone(name: str = "resnet50", weights: str | None = None,
         conv5 = app.get_layer(FEATURE_LAYERS[name]).output
     pool = layers.GlobalAveragePooling2D(name="pool")(conv5)
     model = keras.Model(inputs, {"conv5": conv5, "pool": pool}, name=f"{name}_backbone")
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(bn_momentum)
     if path is not None:  # the tiny backbone: a .weights.h5 of this model
         try:
             model.load_weights(path)
@@ -100,3 +110,31 @@ def build_backbone(name: str = "resnet50", weights: str | None = None,
             raise ValueError(f"Could not load backbone weights from {path} into {name!r} "
                              f"({type(exc).__name__}: {exc})") from exc
     return model
+
+
+def branch_view(backbone: keras.Model, branch: str) -> keras.Model:
+    """The same backbone for another kind of input, with batch norms of its own.
+
+    Every layer but the batch norms is shared (the same weights: DRENet's one backbone);
+    each ``BatchNormalization`` is replaced by a copy (same config and initial values,
+    named ``<branch>_<name>``), so that the branch's inputs (DRENet's region crops, or its
+    almost-blank generated image) neither use nor move the image's statistics. The view is
+    named ``<arch>_<branch>_backbone``.
+    """
+    def clone(layer):
+        if not isinstance(layer, layers.BatchNormalization):
+            return layer
+        config = layer.get_config()
+        config["name"] = f"{branch}_{layer.name}"
+        return layers.BatchNormalization.from_config(config)
+
+    cloned = keras.models.clone_model(backbone, clone_function=clone)
+    arch = backbone.name[: -len("_backbone")] if backbone.name.endswith("_backbone") else \
+        backbone.name
+    view = keras.Model(cloned.input, cloned.output, name=f"{arch}_{branch}_backbone")
+    originals = {lay.name: lay for lay in backbone.layers
+                 if isinstance(lay, layers.BatchNormalization)}
+    for lay in view.layers:
+        if isinstance(lay, layers.BatchNormalization):
+            lay.set_weights(originals[lay.name[len(branch) + 1:]].get_weights())
+    return view

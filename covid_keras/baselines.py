@@ -30,8 +30,9 @@ def set_trainable(backbone: keras.Model, mode: str) -> list[str]:
         for conv in convs[-3:]:
             keep.add(conv.name)
             bn = conv.name.replace("_conv", "_bn")  # keras.applications' naming
-            if bn != conv.name and bn in {lay.name for lay in backbone.layers}:
-                keep.add(bn)
+            # A branch view's own batch norms are named <branch>_<bn>.
+            keep.update(lay.name for lay in backbone.layers if bn != conv.name and
+                        (lay.name == bn or lay.name.endswith("_" + bn)))
     for lay in backbone.layers:
         lay.trainable = lay.name in keep
     return sorted(keep)
@@ -42,10 +43,10 @@ def apply_trainable(model: keras.Model, mode: str) -> None:
     every layer after the backbone; head: only the final classifier (``head`` / ``logits``)."""
     if mode not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}. Received: {mode!r}")
-    backbone = next((lay for lay in model.layers if lay.name.endswith("_backbone")), None)
+    backbones = [lay for lay in model.layers if lay.name.endswith("_backbone")]
     for lay in model.layers:
         lay.trainable = mode != "head" or lay.name in ("head", "logits")
-    if backbone is not None:
+    for backbone in backbones:  # DRENet's branch views share the convs, not the batch norms
         set_trainable(backbone, mode)
 
 

@@ -4,9 +4,10 @@
                       input_size=448, backbone="resnet50")
 
 Training: the shard list is shuffled every epoch, shards are read with a parallel
-interleave, records shuffled, parsed, decoded, augmented (horizontal flip, brightness and
-contrast jitter as the authors; small rotations optional), normalised as the backbone
-expects, batched (the last partial batch dropped), prefetched; optionally class-balanced.
+interleave, records shuffled, parsed, decoded, augmented (horizontal flip and a
+multiplicative brightness jitter, as the authors; small rotations optional), normalised as
+the backbone expects, batched (the last partial batch dropped), prefetched; optionally
+class-balanced.
 Evaluation: the shards in order, no shuffle, no augmentation, every record exactly once
 (the last batch kept), with the record keys alongside for patient-level aggregation.
 """
@@ -97,13 +98,18 @@ def to_rgb(img):
     return tf.ensure_shape(img, [None, None, 3])
 
 
+BRIGHTNESS_RANGE = (0.874, 1.126)  # the authors' multiplicative jitter
+
+
 def augment(image_u8, seed, rotation_degrees: float = 0.0):
-    """Stateless augmentation of one uint8 image: flip, brightness, contrast [, rotation]."""
+    """Stateless augmentation of one uint8 image: horizontal flip and brightness x
+    U(0.874, 1.126), as the authors' code [, rotation]. Multiplicative, so the black
+    (masked) background stays black; additive jitter or a contrast jitter around the mean
+    would grey it, and the background would then tell train from val images."""
     s = tf.random.experimental.stateless_split(seed, 4)
     x = tf.cast(image_u8, tf.float32) / 255.0
     x = tf.image.stateless_random_flip_left_right(x, s[0])
-    x = tf.image.stateless_random_brightness(x, 0.1, s[1])
-    x = tf.image.stateless_random_contrast(x, 0.8, 1.2, s[2])
+    x = x * tf.random.stateless_uniform([], s[1], *BRIGHTNESS_RANGE)
     if rotation_degrees:
         angle = tf.random.stateless_uniform([], s[3], -1.0, 1.0) * (
             rotation_degrees * math.pi / 180.0)

@@ -8,15 +8,16 @@
 Flow (448 px input, ResNet-50; sizes scale with ``input_size``):
 
 1. backbone(image) -> conv5 (14x14x2048) and its pooled feature -> ``raw_logits``;
-2. proposal head on conv5 (gradient stopped) -> a score per anchor (245 paper / 261 code);
+2. proposal head on conv5 (gradient stopped; resized to 14x14 below 448 px, so the anchor
+   layout is the same at every size) -> a score per anchor (245 paper / 261 code);
 3. top-K by greedy NMS (K=3, IoU 0.1; code: 3 small + 3 large) -> ``boxes``,
    ``navigator_scores``; ``box_scores`` = scores normalised to (0, 1] (best box = 1);
-4. each box cropped (bilinear, no gradient) to 224 px -> the same backbone -> region
-   features -> ``region_logits``;
+4. each box cropped (bilinear, no gradient) to 224 px -> the same backbone (its convs;
+   batch norms of the crops' own) -> region features -> ``region_logits``;
 5. the generated image (paper: image x confidence map; code: zoom on the top large box)
-   -> the same backbone -> its pooled feature;
-6. paper: attention over the region features; concat(global, regions, generated) -> MLP
-   head (code: one Dense) -> ``logits``, the prediction.
+   -> the same backbone (batch norms of its own) -> its pooled feature;
+6. paper: attention over the region features; concat(global, regions, generated) ->
+   batch norm -> MLP head (code: one Dense) -> ``logits``, the prediction.
 
 The loss (:mod:`covid_keras.losses`) is in :meth:`DRENet.compute_loss`, so ``fit`` works on
 every backend with ``compile(optimizer=...)`` and no ``loss``; each term is tracked as a
@@ -33,7 +34,7 @@ from keras import layers, ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
 from covid_keras import losses
-from covid_keras.backbones import build_backbone
+from covid_keras.backbones import branch_view, build_backbone
 from covid_keras.baselines import apply_trainable
 from covid_keras.layers import (
     ConfidenceMapImage,
@@ -44,7 +45,7 @@ from covid_keras.layers import (
     TopKNMS,
     ZoomImage,
 )
-from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS
+from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS, level_grid
 from covid_keras.layers.generated import normalised_scores
 
 VARIANTS = ("paper", "code")
@@ -96,8 +97,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  weights: str | None = None, variant: str = "paper", top_k: int | None = None,
                  crop_size: int | None = None, iou_threshold: float = 0.1,
                  loss_weights: dict | None = None, rank_margin: float = 1.0,
-                 dropout: float = 0.5, trainable: str = "all",
-                 name: str = "drenet") -> DRENet:
+                 dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
+                 head_norm: bool = True, name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -113,6 +114,12 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
       loss_weights: {"raw", "concat", "region", "rank"} -> weight (1 each).
       trainable: "all", "last3" (backbone's last 3 convs + everything after it) or "head"
         (fine-tuning); kept in the config, so a saved model reloads frozen the same way.
+      branch_bn: the crops and the generated image go through the shared backbone with
+        batch norms of their own (:func:`~covid_keras.backbones.branch_view`); False: one
+        set of statistics for all three inputs (each pass normalises by its own batch in
+        training, and inference uses their blended moving average).
+      head_norm: batch-normalise the concatenated features before the head (see
+        :mod:`covid_keras.layers.head`: without it the head collapses on real data).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -129,20 +136,24 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "backbone": backbone, "weights": None, "variant": variant,
                     "top_k": top_k, "crop_size": crop, "iou_threshold": float(iou_threshold),
                     "loss_weights": weights_by_term, "rank_margin": float(rank_margin),
-                    "dropout": float(dropout), "trainable": trainable}
+                    "dropout": float(dropout), "trainable": trainable,
+                    "branch_bn": bool(branch_bn), "head_norm": bool(head_norm)}
 
     net = build_backbone(backbone, weights)
+    crop_net = branch_view(net, "crops") if branch_bn else net
+    generated_net = branch_view(net, "generated") if branch_bn else net
     image = keras.Input((input_size, input_size, 3), name="image")
     feats = net(image)
     raw_logits = layers.Dense(num_classes, dtype="float32", name="raw_logits")(feats["pool"])
 
-    scores_all = ProposalHead(num_levels=len(levels), name="navigator")(feats["conv5"])
+    scores_all = ProposalHead(num_levels=len(levels), grid_size=level_grid(levels[0][0]),
+                              name="navigator")(feats["conv5"])
     top = TopKNMS(input_size, levels, groups, iou_threshold, name="top_k")(scores_all)
     boxes, nav_scores = top["boxes"], top["scores"]
     k = sum(g[2] for g in groups)
 
     crops = RegionCrop(crop, name="region_crop")([image, boxes])  # (B, K, c, c, 3)
-    region_feats = net(RegionsToBatch(name="regions_to_batch")(crops))["pool"]
+    region_feats = crop_net(RegionsToBatch(name="regions_to_batch")(crops))["pool"]
     region_feats = RegionsFromBatch(k, name="regions_from_batch")(region_feats)
     region_logits = layers.Dense(num_classes, dtype="float32", name="region_logits")(
         region_feats)
@@ -151,14 +162,14 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         generated = ConfidenceMapImage(name="generated_image")([image, boxes, nav_scores])
     else:
         generated = ZoomImage(box_index=k // 2, name="zoom_image")([image, boxes])
-    generated_feat = net(generated)["pool"]
+    generated_feat = generated_net(generated)["pool"]
 
     if attention:
         region_feats = RegionAttention(name="region_attention")(region_feats)["features"]
     concat = layers.Concatenate(name="concat")(
         [feats["pool"], layers.Flatten(name="regions_flat")(region_feats), generated_feat])
     logits = MLPHead(num_classes, hidden_units=hidden, dropout=dropout if hidden else 0.0,
-                     name="head")(concat)
+                     normalize=head_norm, branches=k + 2, name="head")(concat)
     box_scores = BoxScores(name="box_scores")(nav_scores)
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}

@@ -3,6 +3,12 @@
 DRENet (paper and code): SGD lr 8e-4, momentum 0.9, weight decay 1e-4, lr x 0.1 at epochs
 60 and 100, batch 4. Seed 004: Adam 1e-4, then SGD 1e-3 (two stages), early stopping.
 A stage is written ``OPTIMIZER@LR:EPOCHS`` (``adam@1e-4:25``).
+
+Weight decay is *coupled* by default, as in the authors' PyTorch optimisers
+(``torch.optim.SGD(weight_decay=1e-4)``): ``wd x w`` is added to the gradient before
+momentum, so with momentum 0.9 it acts ~10x as strongly as Keras's decoupled
+``weight_decay`` of the same number (``w -= lr x wd x w``), and with Adam at lr 1e-4 the
+decoupled form is nil. ``decoupled`` keeps Keras's (AdamW / SGDW) form.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+from keras import ops
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -47,12 +54,59 @@ def schedule(learning_rate: float, steps_per_epoch: int, decay_epochs: list[int]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
+WEIGHT_DECAY_TYPES = ("coupled", "decoupled")
+
+
+class _CoupledDecay:
+    """Mixin: adds ``coupled_decay x variable`` to each (already aggregated) gradient in
+    ``update_step``, which every backend calls once per variable."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.coupled_decay:
+            gradient = ops.add(gradient, ops.multiply(ops.cast(self.coupled_decay,
+                                                               gradient.dtype),
+                                                      ops.cast(variable, gradient.dtype)))
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config["coupled_decay"] = self.coupled_decay
+        return config
+
+
+@keras.saving.register_keras_serializable(package="covid_keras")
+class CoupledSGD(_CoupledDecay, keras.optimizers.SGD):
+    """SGD with PyTorch's (coupled) weight decay."""
+
+    def __init__(self, *args, coupled_decay: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coupled_decay = float(coupled_decay)
+
+
+@keras.saving.register_keras_serializable(package="covid_keras")
+class CoupledAdam(_CoupledDecay, keras.optimizers.Adam):
+    """Adam with PyTorch's (coupled, L2) weight decay."""
+
+    def __init__(self, *args, coupled_decay: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coupled_decay = float(coupled_decay)
+
+
 def make_optimizer(name: str, learning_rate, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
-    """SGD (with momentum) or Adam; weight decay decoupled (Keras ``weight_decay``)."""
+                   weight_decay: float = 0.0, weight_decay_type: str = "coupled"
+                   ) -> keras.optimizers.Optimizer:
+    """SGD (with momentum) or Adam; weight decay coupled (PyTorch's, the authors') or
+    decoupled (Keras's ``weight_decay``)."""
+    if weight_decay_type not in WEIGHT_DECAY_TYPES:
+        raise ValueError(f"weight_decay_type must be one of {WEIGHT_DECAY_TYPES}. Received: "
+                         f"{weight_decay_type!r}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
+    if weight_decay_type == "coupled":
+        if name == "sgd":
+            return CoupledSGD(learning_rate, momentum=momentum, coupled_decay=weight_decay)
+        return CoupledAdam(learning_rate, coupled_decay=weight_decay)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=momentum,
                                     weight_decay=weight_decay or None)
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay or None)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
+    return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay or None)

@@ -56,13 +56,21 @@ flags.DEFINE_integer("batch_size", 4, "Per-replica batch size.")
 flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimiser (ignored with --stages).")
 flags.DEFINE_float("learning_rate", 8e-4, "Initial learning rate.")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay.")
+flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (see --weight_decay_type).")
+flags.DEFINE_enum("weight_decay_type", "coupled", ["coupled", "decoupled"], "coupled: "
+                  "PyTorch's (the authors'): wd x w added to the gradient, ~10x Keras's "
+                  "decoupled form under momentum 0.9; decoupled: Keras's weight_decay.")
 flags.DEFINE_list("lr_decay_epochs", ["60", "100"], "Epochs at which lr x --lr_decay_factor.")
 flags.DEFINE_float("lr_decay_factor", 0.1, "Learning-rate decay factor.")
 flags.DEFINE_list("stages", [], "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... (seed 004: "
                   "adam@1e-4:25,sgd@1e-3:25).")
-flags.DEFINE_integer("early_stopping_patience", 0, "Epochs without val patient AUC gain "
-                     "before stopping (0: off).")
+flags.DEFINE_integer("early_stopping_patience", 0, "Epochs without improvement of "
+                     "--checkpoint_monitor before stopping (0: off).")
+flags.DEFINE_enum("checkpoint_monitor", "prediction_loss", ["prediction_loss", "patient_auc"],
+                  "What chooses best.keras on --val_split: prediction_loss (the prediction's "
+                  "cross-entropy over every val slice; ties: higher patient AUC) or "
+                  "patient_auc (ties: lower prediction loss). The chosen epoch is in "
+                  "best.keras.json and metrics.json.")
 flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
 flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
 flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
@@ -129,7 +137,15 @@ def write_run_info(run_dir: str, extra: dict) -> None:
             "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
             "command": " ".join(sys.argv), **extra}
     _atomic_text(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
-    _atomic_text(os.path.join(run_dir, "flags.cfg"), FLAGS.flags_into_string())
+    _atomic_text(os.path.join(run_dir, "flags.cfg"), program_flagfile())
+
+
+def program_flagfile() -> str:
+    """This program's own flags (not absl's, TensorFlow's or a test runner's), one per line:
+    ``--flagfile=<run>/flags.cfg`` repeats the run."""
+    lines = [f.serialize() for f in FLAGS.get_flags_for_module(sys.modules[__name__])
+             if f.value is not None]
+    return "".join(line + "\n" for line in lines if line)
 
 
 def _atomic_text(path: str, text: str) -> None:
@@ -300,19 +316,21 @@ def main(argv):
             lr = recipes.schedule(stage.learning_rate, steps, decay_epochs,
                                   FLAGS.lr_decay_factor, first_epoch)
             optimizer = recipes.make_optimizer(stage.optimizer, lr, FLAGS.momentum,
-                                               FLAGS.weight_decay)
+                                               FLAGS.weight_decay, FLAGS.weight_decay_type)
         callbacks = [
             cbs.PatientValidation(evaluator, classes, os.path.join(run_dir, "tensorboard"),
                                   hparams=hparams if i == 0 else None, write=chief),
-            cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"), write=chief),
+            cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"),
+                               monitor=FLAGS.checkpoint_monitor, write=chief),
             cbs.AtomicBackupAndRestore(
                 os.path.join(run_dir, "backup", f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
             keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         ]
         if FLAGS.early_stopping_patience:
+            key, mode, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
             callbacks.append(keras.callbacks.EarlyStopping(
-                "val_patient_auc", mode="max", patience=FLAGS.early_stopping_patience))
+                key, mode=mode, patience=FLAGS.early_stopping_patience))
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(
                 os.path.join(run_dir, "tensorboard"), update_freq="epoch"))
@@ -359,6 +377,10 @@ def main(argv):
         if os.path.exists(best_path):
             best = keras.saving.load_model(best_path)
             results["best"] = validation.evaluate(best)[0]
+            with open(best_path + ".json") as f:
+                chosen = json.load(f)
+            results["best_epoch"] = chosen["epoch"]
+            results["checkpoint_monitor"] = chosen["monitor"]
             for split in FLAGS.report_splits:
                 if split == FLAGS.val_split:
                     raise ValueError(f"--report_splits must not include the val split "
@@ -375,13 +397,20 @@ def main(argv):
 
 
 def summary_line(m: dict, split: str) -> str:
+    """One line per split: accuracy, AUC (and the macro AUC over more than two classes),
+    then COVID-vs-rest sensitivity / specificity of the argmax (labelled so: a perfect AUC
+    with a zero argmax sensitivity is a threshold, not a ranking, problem)."""
     def f(v):
         return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    return (f"{split}: patients {m['patients']} AUC {f(m['patient_auc'])} sensitivity "
-            f"{f(m['patient_sensitivity'])} specificity {f(m['patient_specificity'])} | "
-            f"slices {m['slices']} AUC {f(m['slice_auc'])} sensitivity "
-            f"{f(m['slice_sensitivity'])} specificity {f(m['slice_specificity'])}")
+    def level(name: str, count: str) -> str:
+        macro = (f" macro AUC {f(m[name + '_macro_auc'])}" if name + "_macro_auc" in m
+                 else "")
+        return (f"{count} {m[count]} accuracy {f(m[name + '_accuracy'])}{macro} | COVID AUC "
+                f"{f(m[name + '_auc'])}, argmax sensitivity {f(m[name + '_sensitivity'])} "
+                f"specificity {f(m[name + '_specificity'])}")
+
+    return f"{split}: {level('patient', 'patients')} || {level('slice', 'slices')}"
 
 
 def run_main():

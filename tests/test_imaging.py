@@ -33,3 +33,19 @@ def test_parse_windows():
         parse_windows(["soft"])
     with pytest.raises(ValueError, match="positive"):
         parse_windows(["0:0"])
+
+
+def test_brightness_jitter_is_multiplicative_and_keeps_the_background_black():
+    import tensorflow as tf
+
+    from covid_keras.data import BRIGHTNESS_RANGE, augment
+
+    img = np.zeros((16, 16, 1), np.uint8)
+    img[4:12, 4:12] = 200
+    ratios = []
+    for i in range(20):
+        out = augment(tf.constant(img), tf.constant([3, i], tf.int64)).numpy()
+        assert np.all(out[img == 0] == 0)  # masked background stays black
+        ratios.append(out.max() / 200.0)
+    assert BRIGHTNESS_RANGE[0] - 0.01 <= min(ratios) < 1.0 < max(ratios) <= \
+        BRIGHTNESS_RANGE[1] + 0.01

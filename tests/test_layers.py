@@ -17,7 +17,7 @@ from covid_keras.layers import (
     anchor_boxes,
     iou_matrix,
 )
-from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS
+from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS, check_coverage, coverage
 from tests.layer_helper import run_layer_test
 
 pytestmark = pytest.mark.model
@@ -32,16 +32,63 @@ def test_anchor_grid_448_numbers(tmp_path):
     assert anchor_boxes(448, CODE_LEVELS).shape == (261, 4)
     x = np.zeros((2, 64, 64, 3), np.float32)
     out = run_layer_test(tmp_path, AnchorGrid, {"input_size": 64, "levels": PAPER_LEVELS}, x,
-                         (2, 5, 4), 0)
+                         (2, 245, 4), 0)
     np.testing.assert_allclose(out[1], anchor_boxes(64, PAPER_LEVELS))
+
+
+@pytest.mark.parametrize("size", [64, 128, 224, 448])
+def test_anchors_tile_every_input_size_as_at_448(size):
+    """Sizes and strides scale together: the 448 px layout, shrunk (245 anchors, the whole
+    image covered), not 20 anchors over 30 % of a 128 px image."""
+    boxes = anchor_boxes(size, PAPER_LEVELS)
+    assert boxes.shape == (245, 4)
+    np.testing.assert_allclose(boxes, anchor_boxes(448, PAPER_LEVELS) * size / 448, rtol=1e-5)
+    assert coverage(size, PAPER_LEVELS) == 1.0
+    assert coverage(size, CODE_LEVELS) == 1.0
+    # the centres of the first level tile the image: 14 per side, evenly spaced
+    grid = boxes[:196].reshape(14, 14, 4)
+    np.testing.assert_allclose((grid[:, 0, 0] + grid[:, 0, 2]) / 2,
+                               (np.arange(14) + 0.5) * size / 14, rtol=1e-4)
+    np.testing.assert_allclose((grid[0, :, 1] + grid[0, :, 3]) / 2,
+                               (np.arange(14) + 0.5) * size / 14, rtol=1e-4)
+
+
+def test_a_layout_that_leaves_most_of_the_image_uncovered_is_refused():
+    sparse = ((32, 4.0), (64, 8.0))  # 4 px anchors every 32 px: ~2 % of the image
+    assert coverage(128, sparse) < 0.1
+    with pytest.raises(ValueError, match=r"cover \d+% of a 128 px image.*Received"):
+        check_coverage(128, sparse)
+    with pytest.raises(ValueError, match="cover"):
+        TopKNMS(128, sparse)
+    with pytest.raises(ValueError, match="cover"):
+        AnchorGrid(128, sparse)
 
 
 def test_proposal_head(tmp_path):
     x = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
     # 2 levels: down1 + tidy1 + down2 + tidy2 = 4 convs x (kernel, bias)
-    run_layer_test(tmp_path, ProposalHead, {"num_levels": 2, "filters": 16}, x, (2, 16 + 4), 8)
-    run_layer_test(tmp_path, ProposalHead, {"num_levels": 3, "filters": 16}, x,
-                   (2, 16 + 4 + 1), 12)
+    run_layer_test(tmp_path, ProposalHead, {"num_levels": 2, "filters": 16,
+                                            "grid_size": None}, x, (2, 16 + 4), 8)
+    run_layer_test(tmp_path, ProposalHead, {"num_levels": 3, "filters": 16,
+                                            "grid_size": None}, x, (2, 16 + 4 + 1), 12)
+
+
+def test_proposal_head_scores_every_anchor_of_a_small_input(tmp_path):
+    """A 128 px ResNet gives a 4x4 conv5; the head reads it resized to 14x14, one score for
+    each of the 245 anchors, and a 14x14 conv5 (448 px) is read as it is."""
+    small = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    run_layer_test(tmp_path, ProposalHead, {"num_levels": 2, "filters": 16}, small,
+                   (2, 196 + 49), 8)
+    run_layer_test(tmp_path, ProposalHead, {"num_levels": 3, "filters": 16}, small,
+                   (2, 196 + 49 + 16), 12)
+    head = ProposalHead(num_levels=2, filters=16)
+    big = RNG.normal(size=(2, 14, 14, 8)).astype(np.float32)
+    same = ProposalHead(num_levels=2, filters=16, grid_size=None)
+    out, ref = head(big), same(big)
+    for a, b in zip(head.weights, same.weights):
+        b.assign(a)
+    np.testing.assert_allclose(np.asarray(head(big)), np.asarray(same(big)), atol=1e-5)
+    assert tuple(out.shape) == tuple(ref.shape) == (2, 245)
 
 
 def _scores_for(input_size, levels, best):
@@ -170,10 +217,13 @@ def test_region_attention(tmp_path):
 
 def test_mlp_head(tmp_path):
     x = RNG.normal(size=(2, 10)).astype(np.float32)
+    # input batch norm (gamma, beta; moving mean, variance) + hidden + logits
     run_layer_test(tmp_path, MLPHead, {"num_classes": 3, "hidden_units": 6, "dropout": 0.5},
-                   x, (2, 3), 4)
+                   x, (2, 3), 6, 2)
+    run_layer_test(tmp_path, MLPHead, {"num_classes": 3, "hidden_units": 6, "dropout": 0.5,
+                                       "normalize": False}, x, (2, 3), 4)
     run_layer_test(tmp_path, MLPHead, {"num_classes": 3, "hidden_units": 0, "dropout": 0.0},
-                   x, (2, 3), 2)
+                   x, (2, 3), 4, 2)
 
 
 def test_mlp_head_dropout_off_at_inference():

@@ -32,15 +32,29 @@ def test_three_windows_keep_their_channel_order_in_the_png(slice_hu):
     assert out.image[..., 0].mean() > out.image[..., 1].mean()  # lung window is brighter
 
 
-def test_val_zero_outside_lung_train_filled(slice_hu):
+def test_fill_is_the_same_for_every_split_by_default(slice_hu):
     cfg = PrepConfig(image_size=64)
-    val = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING)
+    val = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING,
+                        rng=np.random.default_rng(0))
     train = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING, is_train=True,
                           rng=np.random.default_rng(0))
     outside = val.mask == 0
     assert outside.mean() > 0.2
+    assert (val.image[outside] == 0).mean() < 0.1  # blank filled with lung, val too
+    np.testing.assert_array_equal(train.image, val.image)
+    none = prepare_slice(slice_hu, PrepConfig(image_size=64, fill_blank="none"),
+                         pixel_spacing_mm=SPACING, is_train=True, rng=np.random.default_rng(0))
+    assert np.all(none.image[outside] == 0)
+
+
+def test_paper_train_only_fill_behind_a_flag(slice_hu):
+    cfg = PrepConfig(image_size=64, fill_blank="rotate_train")
+    val = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING)
+    train = prepare_slice(slice_hu, cfg, pixel_spacing_mm=SPACING, is_train=True,
+                          rng=np.random.default_rng(0))
+    outside = val.mask == 0
     assert np.all(val.image[outside] == 0)
-    assert (train.image[outside] == 0).mean() < 0.1  # blank filled with lung
+    assert (train.image[outside] == 0).mean() < 0.1
     np.testing.assert_array_equal(train.mask, val.mask)
 
 

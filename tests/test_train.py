@@ -87,6 +87,21 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     assert m["final"]["patients"] == 3 and "best" in m
     flags_cfg = (run_dir / "flags.cfg").read_text()
     assert "--cpu_devices=2" in flags_cfg and f"--data_dir={data_dir}" in flags_cfg
+    assert "test_random_seed" not in flags_cfg and "--alsologtostderr" not in flags_cfg
+    chosen = json.loads((run_dir / "best.keras.json").read_text())
+    assert m["best_epoch"] == chosen["epoch"] in (1, 2)
+    assert m["checkpoint_monitor"] == chosen["monitor"] == "val_prediction_loss"
+    for key in ("loss", "prediction_loss", "concat_loss", "head_active_units",
+                "logits_spread"):
+        assert key in m["best"], key
+
+
+def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
+    run_dir, _ = mirrored_run
+    run_train(data_dir, tmp_path / "again", f"--flagfile={run_dir / 'flags.cfg'}",
+              f"--run_dir={tmp_path / 'again'}", "--cpu_devices=0", "--epochs=1",
+              "--steps_per_epoch=1")
+    assert (tmp_path / "again" / "final.keras").exists()
 
 
 def _events(run_dir, sub) -> dict:
@@ -110,8 +125,12 @@ def test_tensorboard_events_have_the_named_scalars_and_images(mirrored_run):
         assert f"epoch_{name}" in train, (name, sorted(train))
     assert len(train["epoch_rank_loss"]) == 2  # one per epoch
     val = _events(run_dir, "validation")
+    # the validation loss beside the training loss (same tag, validation run), the head's
+    # health each epoch
     for name in ("patient_auc", "patient_sensitivity", "patient_specificity", "slice_auc",
-                 "slice_sensitivity", "slice_specificity"):
+                 "slice_sensitivity", "slice_specificity", "loss", "concat_loss",
+                 "prediction_loss", "head_active_units", "logits_spread",
+                 "raw_logits_spread", "region_logits_spread"):
         assert f"epoch_{name}" in val, (name, sorted(val))
     assert {"slice_pr_curve/pr_curves", "patient_pr_curve/pr_curves",
             "slices_with_top_k_boxes", "_hparams_/session_start_info"} <= set(val)

@@ -2,10 +2,15 @@
 
 The paper: 48 px anchors on the 14x14 map (stride 32) and 96 px on the 7x7 map (stride 64)
 of a 448 px input - 245 anchors; the authors' code adds 192 px at stride 128 (4x4, 16
-anchors). Sizes are given for a 448 px input and scale with ``input_size`` (so a 64 px test
-model has the same geometry, shrunk); strides are the backbone's. Boxes are
-``(y0, x0, y1, x1)`` in input-image pixels and may extend past the image: crops read zeros
-there (the authors pad the image by 224 px).
+anchors). Sizes AND strides are given for a 448 px input and scale together with
+``input_size``: every input size gets the same layout, shrunk (a 128 px model has 245
+anchors of 13.7 and 27.4 px at strides 9.1 and 18.3, tiling its image as 448 px does; the
+proposal head reads a 14x14 map, resized from the backbone's conv5 when that is smaller).
+With the backbone's own strides at 128 px there would be 20 anchors covering 30 % of the
+image: measured, it starves the navigator. A layout that leaves most of the image outside
+every anchor is refused (:func:`check_coverage`). Boxes are ``(y0, x0, y1, x1)`` in
+input-image pixels and may extend past the image: crops read zeros there (the authors pad
+the image by 224 px).
 """
 
 from __future__ import annotations
@@ -17,23 +22,48 @@ import numpy as np
 from keras import ops
 
 REFERENCE_SIZE = 448
-PAPER_LEVELS = ((32, 48.0), (64, 96.0))  # (stride, anchor size at 448 px)
+PAPER_LEVELS = ((32, 48.0), (64, 96.0))  # (stride, anchor size), both at 448 px
 CODE_LEVELS = ((32, 48.0), (64, 96.0), (128, 192.0))
+MIN_COVERAGE = 0.5  # of the image inside at least one anchor
+
+
+def level_grid(stride_at_448: int) -> int:
+    """Cells per side of a level (14, 7, 4 for strides 32, 64, 128): the same at any size."""
+    return math.ceil(REFERENCE_SIZE / stride_at_448)
 
 
 def anchor_boxes(input_size: int, levels) -> np.ndarray:
     """(A, 4) float32 boxes (y0, x0, y1, x1), level by level, row-major within a level."""
     boxes = []
-    for stride, size_at_448 in levels:
-        n = math.ceil(input_size / stride)
-        size = size_at_448 * input_size / REFERENCE_SIZE
-        # Centres of the cells of a stride-``stride`` map over the input.
-        centres = (np.arange(n, dtype=np.float64) + 0.5) * stride
+    scale = input_size / REFERENCE_SIZE
+    for stride_at_448, size_at_448 in levels:
+        n = level_grid(stride_at_448)
+        size = size_at_448 * scale
+        # Centres of the cells of the level's n x n map over the input.
+        centres = (np.arange(n, dtype=np.float64) + 0.5) * stride_at_448 * scale
         cy, cx = np.meshgrid(centres, centres, indexing="ij")
         half = size / 2.0
         level = np.stack([cy - half, cx - half, cy + half, cx + half], axis=-1).reshape(-1, 4)
         boxes.append(level)
     return np.concatenate(boxes, axis=0).astype(np.float32)
+
+
+def coverage(input_size: int, levels) -> float:
+    """Share of the image's pixels inside at least one anchor of ``levels``."""
+    covered = np.zeros((input_size, input_size), bool)
+    for y0, x0, y1, x1 in anchor_boxes(input_size, levels):
+        covered[max(int(np.floor(y0)), 0):max(int(np.ceil(y1)), 0),
+                max(int(np.floor(x0)), 0):max(int(np.ceil(x1)), 0)] = True
+    return float(covered.mean())
+
+
+def check_coverage(input_size: int, levels) -> None:
+    """Refuses an anchor layout that leaves most of the image outside every anchor."""
+    share = coverage(input_size, levels)
+    if share < MIN_COVERAGE:
+        raise ValueError(f"The anchors cover {share:.0%} of a {input_size} px image (at least "
+                         f"{MIN_COVERAGE:.0%} needed): the navigator could never pick most "
+                         f"of it. Received: input_size={input_size}, levels={list(levels)}")
 
 
 def iou_matrix(boxes: np.ndarray) -> np.ndarray:
@@ -62,6 +92,7 @@ class AnchorGrid(keras.layers.Layer):
             raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
         self.input_size = int(input_size)
         self.levels = tuple((int(s), float(a)) for s, a in levels)
+        check_coverage(self.input_size, self.levels)
         self.boxes = anchor_boxes(self.input_size, self.levels)
 
     @property

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from covid_keras.layers.anchors import anchor_boxes, iou_matrix
+from covid_keras.layers.anchors import anchor_boxes, check_coverage, iou_matrix
 
 NEG = -1e9
 
@@ -64,6 +64,7 @@ class TopKNMS(keras.layers.Layer):
             if not (0 <= lo < hi <= len(self.levels)) or k < 1:
                 raise ValueError(f"Each group is (first_level, end_level, k) within "
                                  f"{len(self.levels)} levels, k >= 1. Received: {self.groups}")
+        check_coverage(self.input_size, self.levels)
         self.boxes = anchor_boxes(self.input_size, self.levels)  # the AnchorGrid's boxes
         sizes = [len(anchor_boxes(self.input_size, [lv])) for lv in self.levels]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)

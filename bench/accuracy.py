@@ -1,0 +1,157 @@
+"""Benchmark: the accuracy protocol. Flagfiles x seeds on one data folder, mean +- sd.
+
+Not a test: it trains. For each ``--flagfiles`` entry and each seed in ``--seeds`` it runs
+
+    python -m covid_keras.train --flagfile=F --data_dir=D --run_dir=W/<name>/seed<k> \\
+        --seed=k --report_splits=<the data folder's splits other than train and val>
+
+(fresh processes, one at a time), then reads each run's ``metrics.json`` (the checkpoint
+chosen on ``--val_split``, evaluated on val and once on each held-out split) and
+``log.csv`` (one validation row per epoch). Per flagfile it prints the mean +- sd over
+seeds of the val and held-out patient and slice AUC, the chosen epoch, and the stability
+of training: the largest distance of the last 5 epochs' val patient AUC from their mean.
+The val figures chose the checkpoint: only the held-out ones are an accuracy claim.
+
+A run whose ``metrics.json`` exists is reused (the protocol is resumable); ``--rerun``
+trains it again. Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes
+it too).
+
+    .venv/bin/python bench/accuracy.py --data_dir=tfrecords/covid_ct_holdout \\
+        --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg --seeds=0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+LAST_EPOCHS = 5
+
+
+def held_out_splits(data_dir: str, val_split: str) -> list[str]:
+    names = {os.path.basename(p).split("-")[0]
+             for p in glob.glob(os.path.join(data_dir, "*-*-of-*.tfrecord.gz"))}
+    return sorted(names - {"train", val_split})
+
+
+def mean_sd(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 \
+        else 0.0
+    return {"mean": mean, "sd": sd, "n": len(vals)}
+
+
+def stability(log_csv: Path) -> dict:
+    """Last epochs' val patient AUC: their values, mean and largest distance from it."""
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    aucs = [float(r["val_patient_auc"]) for r in rows if r.get("val_patient_auc")]
+    last = aucs[-LAST_EPOCHS:]
+    if not last:
+        return {"last": [], "max_dev": None}
+    mean = sum(last) / len(last)
+    return {"last": last, "mean": mean, "max_dev": max(abs(v - mean) for v in last),
+            "all": aucs}
+
+
+def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
+            extra: list[str], rerun: bool) -> dict:
+    metrics_path = run_dir / "metrics.json"
+    if rerun or not metrics_path.exists():
+        cmd = [sys.executable, "-m", "covid_keras.train", f"--flagfile={flagfile}",
+               f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
+               f"--report_splits={','.join(splits)}", "--overwrite", "--verbose=0", *extra]
+        t0 = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"seed{seed}.log", "w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"training failed (exit {proc.returncode}): see "
+                             f"{run_dir.parent / f'seed{seed}.log'}")
+        print(f"    took {time.time() - t0:.0f} s", flush=True)
+    metrics = json.loads(metrics_path.read_text())
+    out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
+           "val": {k: metrics["best"][k] for k in ("patient_auc", "slice_auc")},
+           "stability": stability(run_dir / "log.csv")}
+    for split in splits:
+        m = metrics[f"best_on_{split}"]
+        out[split] = {k: m[k] for k in ("patient_auc", "slice_auc")}
+    return out
+
+
+def summarise(runs: list[dict], splits: list[str]) -> dict:
+    summary = {}
+    for split in ["val", *splits]:
+        for key in ("patient_auc", "slice_auc"):
+            summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in runs])
+    summary["last5_val_patient_auc_max_dev"] = mean_sd(
+        [r["stability"]["max_dev"] for r in runs])
+    summary["best_epoch"] = mean_sd([r["best_epoch"] for r in runs])
+    return summary
+
+
+def print_table(res: dict) -> None:
+    def f(ms):
+        return "-" if ms["mean"] is None else f"{ms['mean']:.3f} +- {ms['sd']:.3f}"
+
+    print(f"\nData {res['data_dir']}, seeds {res['seeds']}; val chose the checkpoint, "
+          f"held out: {res['held_out'] or 'none'}")
+    keys = [k for k in next(iter(res["models"].values()))["summary"]]
+    width = max(len(k) for k in keys)
+    names = list(res["models"])
+    print(" " * width + "  " + "  ".join(f"{n:>24}" for n in names))
+    for k in keys:
+        print(f"{k:<{width}}  " + "  ".join(f"{f(res['models'][n]['summary'][k]):>24}"
+                                            for n in names))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="data_prep output (train/val[/test]).")
+    p.add_argument("--flagfiles", required=True,
+                   help="Comma-separated training flagfiles, one model each.")
+    p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
+    p.add_argument("--work_dir", default="runs/accuracy", help="Run folders go here.")
+    p.add_argument("--val_split", default="val")
+    p.add_argument("--rerun", action="store_true", help="Train again even if finished.")
+    p.add_argument("--output_json", default=None)
+    p.add_argument("extra", nargs="*", help="More train flags after --, for every run "
+                   "(e.g. -- --epochs=3).")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
+        p.error(f"--data_dir={args.data_dir} is not a data_prep output (no manifest.json)")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    splits = held_out_splits(args.data_dir, args.val_split)
+    res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
+           "extra_flags": args.extra}
+    for flagfile in [f for f in args.flagfiles.split(",") if f]:
+        if not os.path.isfile(flagfile):
+            p.error(f"no such flagfile: {flagfile}")
+        name = Path(flagfile).stem
+        runs = [run_one(flagfile, args.data_dir, Path(args.work_dir) / name / f"seed{s}", s,
+                        splits, args.extra, args.rerun) for s in seeds]
+        res["models"][name] = {"flagfile": flagfile, "runs": runs,
+                               "summary": summarise(runs, splits)}
+    emit_result(res, print_table, args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
