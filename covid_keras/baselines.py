@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from covid_keras import recipes  # noqa: F401 - registers the optimisers saved with models
 from covid_keras.backbones import build_backbone
 
 TRAINABLE = ("all", "last3", "head")

@@ -33,7 +33,10 @@ from keras import layers, ops
 # identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
 from keras.src.losses.loss import scale_loss_for_distribution
 
-from covid_keras import losses
+from covid_keras import (
+    losses,
+    recipes,  # noqa: F401 - registers the optimisers saved with models
+)
 from covid_keras.backbones import branch_view, build_backbone
 from covid_keras.baselines import apply_trainable
 from covid_keras.layers import (
@@ -98,7 +101,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  crop_size: int | None = None, iou_threshold: float = 0.1,
                  loss_weights: dict | None = None, rank_margin: float = 1.0,
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
-                 head_norm: bool = True, name: str = "drenet") -> DRENet:
+                 head_norm: bool = True, head_hidden_units: int | None = None,
+                 name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -120,6 +124,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         training, and inference uses their blended moving average).
       head_norm: batch-normalise the concatenated features before the head (see
         :mod:`covid_keras.layers.head`: without it the head collapses on real data).
+      head_hidden_units: the head's hidden width (None: the variant's, paper 512, code 0 =
+        a single Dense).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -132,12 +138,17 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         raise ValueError(f"loss_weights keys must be in {losses.TERMS}. Received: {unknown}")
     crop = int(crop_size or input_size // 2)
     levels, groups, hidden, attention = _levels_and_groups(variant, top_k)
+    if head_hidden_units is not None:
+        if int(head_hidden_units) < 0:
+            raise ValueError(f"head_hidden_units must be >= 0. Received: {head_hidden_units}")
+        hidden = int(head_hidden_units)
     build_config = {"num_classes": int(num_classes), "input_size": int(input_size),
                     "backbone": backbone, "weights": None, "variant": variant,
                     "top_k": top_k, "crop_size": crop, "iou_threshold": float(iou_threshold),
                     "loss_weights": weights_by_term, "rank_margin": float(rank_margin),
                     "dropout": float(dropout), "trainable": trainable,
-                    "branch_bn": bool(branch_bn), "head_norm": bool(head_norm)}
+                    "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
+                    "head_hidden_units": head_hidden_units}
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net

@@ -45,6 +45,9 @@ flags.DEFINE_string("backbone_weights", None, "None, 'imagenet' (downloads) or a
                     "weights file.")
 flags.DEFINE_enum("variant", "paper", ["paper", "code"], "DRENet as in the paper or as in "
                   "the authors' code.")
+flags.DEFINE_integer("head_hidden_units", None, "DRENet head: hidden width of the MLP over "
+                     "the concatenated features (default: the variant's, paper 512, code 0 = "
+                     "one Dense).")
 flags.DEFINE_enum("trainable", "all", ["all", "last3", "head"], "What trains: everything, "
                   "the backbone's last 3 conv layers + classifier (seed 004), or the head only "
                   "(fine-tuning with --init_from).")
@@ -66,11 +69,13 @@ flags.DEFINE_list("stages", [], "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... (see
                   "adam@1e-4:25,sgd@1e-3:25).")
 flags.DEFINE_integer("early_stopping_patience", 0, "Epochs without improvement of "
                      "--checkpoint_monitor before stopping (0: off).")
-flags.DEFINE_enum("checkpoint_monitor", "prediction_loss", ["prediction_loss", "patient_auc"],
-                  "What chooses best.keras on --val_split: prediction_loss (the prediction's "
-                  "cross-entropy over every val slice; ties: higher patient AUC) or "
-                  "patient_auc (ties: lower prediction loss). The chosen epoch is in "
-                  "best.keras.json and metrics.json.")
+flags.DEFINE_enum("checkpoint_monitor", "smoothed_patient_auc",
+                  ["smoothed_patient_auc", "prediction_loss", "patient_auc"],
+                  "What chooses best.keras on --val_split: smoothed_patient_auc (the mean val "
+                  "patient AUC of the epoch and the two before; ties: lower prediction loss), "
+                  "prediction_loss (the prediction's cross-entropy over every val slice; "
+                  "ties: higher patient AUC) or patient_auc (ties: lower prediction loss). "
+                  "The chosen epoch is in best.keras.json and metrics.json.")
 flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
 flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
 flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
@@ -179,6 +184,27 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> None:
     shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
 
 
+def check_splits(manifest: dict) -> None:
+    """Every split the run will read exists and is not empty, and no held-out split is the
+    one that chooses the checkpoint: checked before anything is written or trained."""
+    from covid_keras import data
+
+    report = [s for s in FLAGS.report_splits if s]
+    if FLAGS.val_split in report:
+        raise ValueError(f"--report_splits must not include the val split "
+                         f"{FLAGS.val_split!r}: it chooses the checkpoint. Received: "
+                         f"--report_splits={','.join(report)}")
+    for flag, split in [("train", "train"), ("--val_split", FLAGS.val_split)] + [
+            ("--report_splits", s) for s in report]:
+        slices = sum(data.split_counts(manifest, split).values())
+        if slices == 0:
+            known = sorted(s for s in manifest.get("counts", {})
+                           if sum(data.split_counts(manifest, s).values()))
+            raise ValueError(f"{flag}: the split {split!r} has no slices in "
+                             f"{FLAGS.data_dir} (its splits with slices: {known}).")
+        data.shard_files(FLAGS.data_dir, split)
+
+
 # ------------------------------------------------------------------ strategy
 def make_strategy(name: str):
     import tensorflow as tf
@@ -227,7 +253,8 @@ def build_model(num_classes: int):
     elif FLAGS.model == "drenet":
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
                              backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
-                             variant=FLAGS.variant, trainable=FLAGS.trainable)
+                             variant=FLAGS.variant, trainable=FLAGS.trainable,
+                             head_hidden_units=FLAGS.head_hidden_units)
     else:
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
                                  FLAGS.backbone_weights, trainable=FLAGS.trainable)
@@ -268,6 +295,7 @@ def main(argv):
     if FLAGS.mixed_precision:
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     manifest = data.read_manifest(FLAGS.data_dir)
+    check_splits(manifest)
     classes = manifest["classes"]
     strategy = make_strategy(FLAGS.strategy)
     chief = is_chief(strategy)
@@ -382,9 +410,6 @@ def main(argv):
             results["best_epoch"] = chosen["epoch"]
             results["checkpoint_monitor"] = chosen["monitor"]
             for split in FLAGS.report_splits:
-                if split == FLAGS.val_split:
-                    raise ValueError(f"--report_splits must not include the val split "
-                                     f"{split!r}: it chose the checkpoint.")
                 held_out = cbs.PatientValidation(
                     cbs.Evaluator(FLAGS.data_dir, split, global_batch, cfg, 0), classes, None)
                 results[f"best_on_{split}"] = held_out.evaluate(best)[0]

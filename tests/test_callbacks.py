@@ -21,8 +21,27 @@ def _feed(cb, rows):
     return saved
 
 
-def test_checkpoint_on_prediction_loss_by_default_ties_broken_by_patient_auc(tmp_path):
+def test_checkpoint_on_smoothed_patient_auc_by_default(tmp_path):
+    """One lucky epoch of a noisy AUC does not win alone: the mean of the last three does,
+    ties broken by the lower prediction loss."""
     cb = BestCheckpoint(str(tmp_path / "best.keras"), write=False)
+    aucs = [0.60, 0.88, 0.17, 0.76, 0.78, 0.80, 0.70]
+    losses = [0.9, 0.8, 0.8, 0.7, 0.6, 0.6, 0.5]
+    logs = []
+    for epoch, (a, loss) in enumerate(zip(aucs, losses)):
+        row = {"val_patient_auc": a, "val_prediction_loss": loss}
+        cb.on_epoch_end(epoch, row)
+        logs.append(row["val_patient_auc_smoothed"])
+    np.testing.assert_allclose(logs[:3], [0.60, 0.74, (0.60 + 0.88 + 0.17) / 3])
+    assert cb.best_epoch == 6  # (0.76 + 0.78 + 0.80) / 3, not the window of the lone 0.88
+    tie = BestCheckpoint(str(tmp_path / "b2.keras"), write=False)
+    _feed(tie, [{"val_patient_auc": 0.8, "val_prediction_loss": 0.9},
+                {"val_patient_auc": 0.8, "val_prediction_loss": 0.5}])
+    assert tie.best_epoch == 2
+
+
+def test_checkpoint_on_prediction_loss_ties_broken_by_patient_auc(tmp_path):
+    cb = BestCheckpoint(str(tmp_path / "best.keras"), monitor="prediction_loss", write=False)
     rows = [{"val_prediction_loss": 0.60, "val_patient_auc": 0.90},
             {"val_prediction_loss": 0.55, "val_patient_auc": 0.70},
             {"val_prediction_loss": 0.55, "val_patient_auc": 0.80},  # tie: higher AUC wins
@@ -45,14 +64,14 @@ def test_checkpoint_on_patient_auc_breaks_ties_by_lower_loss(tmp_path):
 
 def test_checkpoint_state_records_the_epoch_and_survives_a_resume(tmp_path):
     path = tmp_path / "best.keras"
-    cb = BestCheckpoint(str(path))
+    cb = BestCheckpoint(str(path), monitor="prediction_loss")
     cb.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
     cb.on_epoch_end(0, {"val_prediction_loss": 0.7, "val_patient_auc": 0.6})
     cb.on_epoch_end(1, {"val_prediction_loss": 0.5, "val_patient_auc": 0.6})
     state = json.loads((tmp_path / "best.keras.json").read_text())
     assert state["epoch"] == 2 and state["monitor"] == "val_prediction_loss"
     assert state["best"] == 0.5 and state["tie_break"] == 0.6
-    resumed = BestCheckpoint(str(path))
+    resumed = BestCheckpoint(str(path), monitor="prediction_loss")
     assert resumed.best == 0.5 and resumed.best_epoch == 2
     assert not resumed._better(0.6)
     with pytest.raises(ValueError, match="monitor must be one of"):
@@ -101,3 +120,23 @@ def test_coupled_weight_decay_is_pytorchs():
     assert isinstance(adam, recipes.CoupledAdam) and adam.get_config()["coupled_decay"] == wd
     with pytest.raises(ValueError, match="weight_decay_type"):
         recipes.make_optimizer("sgd", lr, weight_decay_type="l2")
+
+
+def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from covid_keras import build_classifier
+
+    model = build_classifier("tiny", 2, 32)
+    model.compile(optimizer=recipes.make_optimizer("adam", 1e-3, weight_decay=1e-4),
+                  loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    model.fit(np.zeros((2, 32, 32, 3), np.float32), np.array([0, 1]), verbose=0)
+    model.save(tmp_path / "m.keras")
+    code = ("import keras, covid_keras.baselines; m = keras.saving.load_model(%r); "
+            "print(type(m.optimizer).__name__, m.optimizer.coupled_decay)" % str(
+                tmp_path / "m.keras"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["CoupledAdam", "0.0001"]

@@ -90,7 +90,7 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     assert "test_random_seed" not in flags_cfg and "--alsologtostderr" not in flags_cfg
     chosen = json.loads((run_dir / "best.keras.json").read_text())
     assert m["best_epoch"] == chosen["epoch"] in (1, 2)
-    assert m["checkpoint_monitor"] == chosen["monitor"] == "val_prediction_loss"
+    assert m["checkpoint_monitor"] == chosen["monitor"] == "val_patient_auc_smoothed"
     for key in ("loss", "prediction_loss", "concat_loss", "head_active_units",
                 "logits_spread"):
         assert key in m["best"], key
@@ -129,7 +129,8 @@ def test_tensorboard_events_have_the_named_scalars_and_images(mirrored_run):
     # health each epoch
     for name in ("patient_auc", "patient_sensitivity", "patient_specificity", "slice_auc",
                  "slice_sensitivity", "slice_specificity", "loss", "concat_loss",
-                 "prediction_loss", "head_active_units", "logits_spread",
+                 "prediction_loss", "patient_auc_smoothed", "head_active_units",
+                 "logits_spread",
                  "raw_logits_spread", "region_logits_spread"):
         assert f"epoch_{name}" in val, (name, sorted(val))
     assert {"slice_pr_curve/pr_curves", "patient_pr_curve/pr_curves",
@@ -300,3 +301,16 @@ def test_finished_run_dir_needs_overwrite(mirrored_run, data_dir):
     proc = subprocess.run(train_cmd(data_dir, run_dir, "--epochs=1"), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--report_splits=tset", "the split 'tset' has no slices"),
+    ("--report_splits=val", "must not include the val split"),
+    ("--val_split=valid", "the split 'valid' has no slices"),
+])
+def test_bad_splits_fail_before_anything_is_written(data_dir, tmp_path, flag, message):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(data_dir, run_dir, flag), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not run_dir.exists() or not any(run_dir.iterdir())
