@@ -6,6 +6,12 @@ path steps the model itself: per replica, forward + ``model.compute_loss`` (whic
 scales the loss by 1 / replicas, as Keras does for compiled losses) + gradients; the
 optimizer's ``apply_gradients`` all-reduces them across workers. Keras callbacks get the
 usual hooks, so validation, checkpoints, backup, CSV and TensorBoard behave as with fit.
+
+Batch-norm moving statistics are updated by each worker from its own batches and are not
+all-reduced (Keras creates them with aggregation "none"): the workers' copies drift apart
+(with momentum 0.9 within a few steps). Every float non-trainable variable is therefore
+averaged across the replicas at each epoch end, before validation and checkpoints, so that
+every worker holds, and the chief saves, the same model.
 """
 
 from __future__ import annotations
@@ -43,6 +49,19 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
         x, y = next(iterator)
         strategy.run(replica_step, args=(x, y))
 
+    stats = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+
+    def replica_means():
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                              [tf.identity(v.value) for v in stats])
+
+    @tf.function
+    def sync_statistics():
+        means = strategy.run(replica_means)
+        for v, m in zip(stats, means):  # cross-replica context: every local copy
+            v.assign(strategy.experimental_local_results(m)[0])
+
     dist_ds = strategy.distribute_datasets_from_function(dataset_fn)
     iterator = iter(dist_ds)
     cb = keras.callbacks.CallbackList(callbacks, model=model, add_progbar=False,
@@ -59,6 +78,8 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
             cb.on_train_batch_begin(step)
             train_step(iterator)
             cb.on_train_batch_end(step, {"loss": float(loss_mean.result())})
+        if stats:
+            sync_statistics()
         logs = {"loss": float(loss_mean.result())}
         for m in model.metrics:
             result = m.result()
