@@ -26,10 +26,10 @@ demo: venv
 	$(PY) -m covid_keras.train --flagfile=configs/demo.cfg \
 	    --data_dir=$(DEMO_DIR)/tfrecords --run_dir=$(DEMO_DIR)/drenet --overwrite
 
-## test: lint + the whole suite under TensorFlow, then the model tests under JAX.
+## test: lint + the whole suite under TensorFlow, then the (fast) model tests under JAX.
 test: venv lint
 	$(PY) -m pytest -q tests
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m model tests
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "model and not slow" tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
