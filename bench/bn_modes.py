@@ -9,9 +9,9 @@ that trained. For each ``--run_dirs`` entry this loads ``--model_file`` (default
 the slice accuracy of ``logits``:
 
 * inference mode: ``model.predict`` (moving statistics; dropout off);
-* training mode: ``model(batch, training=True)`` over batches of ``--batch_size`` (the
-  batch's statistics, as in training) with dropout set to 0, so that only batch norm
-  differs.
+* training mode: ``model(batch, training=True)`` over shuffled batches of
+  ``--batch_size`` (the batch's statistics, as in training) with dropout set to 0, so that
+  only batch norm differs.
 
 The target (issue "DRENet that learns"): inference within 2 points of training mode.
 Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes it too).
@@ -47,7 +47,10 @@ def accuracies(run_dir: str, data_dir: str, split: str, batch_size: int,
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0
-    ds = data.make_dataset(data_dir, split, batch_size, training=False, cfg=cfg)
+    # Shuffled as in training (records are stored patient by patient: an ordered batch
+    # normalised by its own statistics would lose the label it shares), not augmented.
+    ds = data.make_dataset(data_dir, split, 256, training=False, cfg=cfg).unbatch().shuffle(
+        100_000, seed=0).batch(batch_size)
     right_inf = right_train = n = 0
     for images, labels in ds:
         y = labels.numpy()

@@ -184,6 +184,49 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> None:
     shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
 
 
+def saved_model_spec(path: str) -> dict:
+    """Backbone, input size and classes of a ``.keras`` file, read from its config (no
+    weights loaded), so that ``--init_from`` normalises inputs for the model it loads."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ValueError(f"--init_from={path} is not a readable .keras model "
+                         f"({type(exc).__name__}: {exc})") from None
+    if config.get("class_name") == "DRENet":
+        b = config["config"]["build_config"]
+        return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
+                "num_classes": int(b["num_classes"]), "model": "drenet"}
+    layers_ = config.get("config", {}).get("layers", [])
+    backbone = next((lay["config"]["name"][: -len("_backbone")] for lay in layers_
+                     if lay["config"].get("name", "").endswith("_backbone")), None)
+    size = next((lay["config"]["batch_shape"][1] for lay in layers_
+                 if lay.get("class_name") == "InputLayer"), None)
+    if backbone is None or size is None:
+        raise ValueError(f"--init_from={path}: not a covid_keras model (no backbone or input "
+                         "size in its config)")
+    return {"backbone": backbone, "input_size": int(size), "num_classes": None,
+            "model": "classifier"}
+
+
+def apply_init_from_spec(classes: list[str]) -> None:
+    """--init_from: the loaded model's backbone and input size replace the flags' (and are
+    what run_info.json records), with a log line when they differ."""
+    if not FLAGS.init_from:
+        return
+    spec = saved_model_spec(FLAGS.init_from)
+    if spec["num_classes"] is not None and spec["num_classes"] != len(classes):
+        raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
+                         f"{len(classes)} ({classes}). Received: {FLAGS.init_from}")
+    for name in ("backbone", "input_size", "model"):
+        if getattr(FLAGS, name) != spec[name]:
+            log.info("--init_from: %s %s (from the model; the flag said %s)", name,
+                     spec[name], getattr(FLAGS, name))
+            setattr(FLAGS, name, spec[name])
+
+
 def check_splits(manifest: dict) -> None:
     """Every split the run will read exists and is not empty, and no held-out split is the
     one that chooses the checkpoint: checked before anything is written or trained."""
@@ -296,6 +339,7 @@ def main(argv):
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     manifest = data.read_manifest(FLAGS.data_dir)
     check_splits(manifest)
+    apply_init_from_spec(manifest["classes"])
     classes = manifest["classes"]
     strategy = make_strategy(FLAGS.strategy)
     chief = is_chief(strategy)

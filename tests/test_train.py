@@ -284,8 +284,13 @@ def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_pat
     import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
 
     src = mirrored_run[0] / "final.keras"
+    # --backbone=resnet50 (configs/finetune_new_hospital.cfg's) must not normalise the
+    # inputs of the tiny model it loads: the model's own backbone and size win
     run_train(data_dir, tmp_path / "ft", f"--init_from={src}", "--trainable=head",
-              "--epochs=1", "--steps_per_epoch=2", "--learning_rate=0.1")
+              "--epochs=1", "--steps_per_epoch=2", "--learning_rate=0.1",
+              "--backbone=resnet50", "--input_size=448")
+    recorded = json.loads((tmp_path / "ft" / "run_info.json").read_text())["flags"]
+    assert recorded["backbone"] == "tiny" and recorded["input_size"] == 64
     before = keras.saving.load_model(src)
     after = keras.saving.load_model(tmp_path / "ft" / "final.keras")
     changed = {}
