@@ -174,9 +174,9 @@ class PatientValidation(keras.callbacks.Callback):
 
     def evaluate(self, model: keras.Model | None = None) -> tuple[dict, dict]:
         """Metrics and outputs of ``model`` (default: the model being trained)."""
-        out = self.evaluator.predict(model if model is not None else self.model)
-        probs = metrics.softmax(np.asarray(out["logits"], np.float64))
         model = model if model is not None else self.model
+        out = self.evaluator.predict(model)
+        probs = metrics.softmax(np.asarray(out["logits"], np.float64))
         result = metrics.classification_metrics(probs, self.evaluator.labels,
                                                 self.evaluator.patient_keys, self.classes)
         if len(self.evaluator):
@@ -213,10 +213,10 @@ class PatientValidation(keras.callbacks.Callback):
 
 
 CHECKPOINT_MONITORS = {
-    # name: (log key, mode, tie-break log key)
-    "smoothed_patient_auc": ("val_patient_auc_smoothed", "max", "val_prediction_loss"),
-    "prediction_loss": ("val_prediction_loss", "min", "val_patient_auc"),
-    "patient_auc": ("val_patient_auc", "max", "val_prediction_loss"),
+    # name: (log key, mode, tie-break log key, tie-break mode)
+    "smoothed_patient_auc": ("val_patient_auc_smoothed", "max", "val_prediction_loss", "min"),
+    "prediction_loss": ("val_prediction_loss", "min", "val_patient_auc", "max"),
+    "patient_auc": ("val_patient_auc", "max", "val_prediction_loss", "min"),
 }
 SMOOTHING_EPOCHS = 3
 
@@ -247,8 +247,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"monitor must be one of {sorted(CHECKPOINT_MONITORS)}. "
                              f"Received: {monitor!r}")
         self.path, self.write = path, write
-        self.monitor_name = monitor
-        self.monitor, self.mode, self.tie_key = CHECKPOINT_MONITORS[monitor]
+        self.monitor, self.mode, self.tie_key, self.tie_mode = CHECKPOINT_MONITORS[monitor]
         self.state_path = path + ".json"
         self.best = None
         self.best_tie = None
@@ -264,13 +263,13 @@ class BestCheckpoint(keras.callbacks.Callback):
                 self.recent = list(state.get("recent_patient_auc", []))
 
     def _key(self, value: float, tie: float | None) -> tuple[float, float]:
-        """Smaller is better: (primary, tie-break), NaN worst."""
-        primary = value if self.mode == "min" else -value
-        tie_sort = None if tie is None else (-tie if self.tie_key == "val_patient_auc"
-                                             else tie)
-        nan = float("inf")
-        return (nan if primary != primary else primary,
-                nan if tie_sort is None or tie_sort != tie_sort else tie_sort)
+        """Smaller is better: (primary, tie-break); NaN or a missing value is worst."""
+        def order(v, mode):
+            if v is None or v != v:
+                return float("inf")
+            return v if mode == "min" else -v
+
+        return order(value, self.mode), order(tie, self.tie_mode)
 
     def _better(self, value: float, tie: float | None = None) -> bool:
         if value != value:  # NaN never improves

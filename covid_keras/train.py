@@ -204,10 +204,12 @@ def saved_model_spec(path: str) -> dict:
                      if lay["config"].get("name", "").endswith("_backbone")), None)
     size = next((lay["config"]["batch_shape"][1] for lay in layers_
                  if lay.get("class_name") == "InputLayer"), None)
-    if backbone is None or size is None:
-        raise ValueError(f"--init_from={path}: not a covid_keras model (no backbone or input "
-                         "size in its config)")
-    return {"backbone": backbone, "input_size": int(size), "num_classes": None,
+    classes = next((lay["config"]["units"] for lay in layers_
+                    if lay["config"].get("name") == "logits"), None)
+    if backbone is None or size is None or classes is None:
+        raise ValueError(f"--init_from={path}: not a covid_keras model (no backbone, input "
+                         "size or logits layer in its config)")
+    return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
             "model": "classifier"}
 
 
@@ -217,7 +219,7 @@ def apply_init_from_spec(classes: list[str]) -> None:
     if not FLAGS.init_from:
         return
     spec = saved_model_spec(FLAGS.init_from)
-    if spec["num_classes"] is not None and spec["num_classes"] != len(classes):
+    if spec["num_classes"] != len(classes):
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
                          f"{len(classes)} ({classes}). Received: {FLAGS.init_from}")
     for name in ("backbone", "input_size", "model"):
@@ -282,17 +284,8 @@ def build_model(num_classes: int):
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
-    if FLAGS.init_from:
+    if FLAGS.init_from:  # its backbone, size and classes were checked at start-up
         model = keras.saving.load_model(FLAGS.init_from)
-        out = model.output
-        got = (out["logits"] if isinstance(out, dict) else out).shape[-1]
-        if int(got) != num_classes:
-            raise ValueError(f"--init_from has {got} classes, the dataset {num_classes}. "
-                             f"Received: {FLAGS.init_from}")
-        size = model.input_shape[1] if not isinstance(model.input_shape, dict) else None
-        if size is not None and int(size) != FLAGS.input_size:
-            raise ValueError(f"--init_from expects {size} px inputs; set --input_size={size}. "
-                             f"Received: --input_size={FLAGS.input_size}")
     elif FLAGS.model == "drenet":
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
                              backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
@@ -400,7 +393,7 @@ def main(argv):
             keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         ]
         if FLAGS.early_stopping_patience:
-            key, mode, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
+            key, mode, _, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
             callbacks.append(keras.callbacks.EarlyStopping(
                 key, mode=mode, patience=FLAGS.early_stopping_patience))
         if chief:
