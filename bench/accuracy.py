@@ -57,10 +57,15 @@ def mean_sd(values: list[float]) -> dict:
 
 
 def stability(log_csv: Path) -> dict:
-    """Last epochs' val patient AUC: their values, mean and largest distance from it."""
+    """Last epochs' val patient AUC (from a run's log.csv): see :func:`stability_of`."""
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
-    aucs = [float(r["val_patient_auc"]) for r in rows if r.get("val_patient_auc")]
+    return stability_of([float(r["val_patient_auc"]) for r in rows
+                         if r.get("val_patient_auc")])
+
+
+def stability_of(aucs: list[float]) -> dict:
+    """The last epochs' val patient AUC: their values, mean and largest distance from it."""
     last = aucs[-LAST_EPOCHS:]
     if not last:
         return {"last": [], "max_dev": None}

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from covid_keras import schema
 from covid_keras.backbones import PREPROCESSING
+from covid_keras.imaging import BRIGHTNESS_RANGE
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -98,7 +99,6 @@ def to_rgb(img):
     return tf.ensure_shape(img, [None, None, 3])
 
 
-BRIGHTNESS_RANGE = (0.874, 1.126)  # the authors' multiplicative jitter
 
 
 def augment(image_u8, seed, rotation_degrees: float = 0.0):

@@ -19,6 +19,10 @@ WINDOWS_HU: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
+# Training brightness jitter: x U(lo, hi), the authors' multiplicative jitter (used by the
+# tf.data pipeline and by the NumPy pipeline of bench/accuracy_jax.py).
+BRIGHTNESS_RANGE = (0.874, 1.126)
+
 
 def parse_windows(names: list[str] | tuple[str, ...]) -> list[tuple[str, float, float]]:
     """``["lung", "-600:1200"]`` -> ``[("lung", -700, 1500), ("-600:1200", -600, 1200)]``."""

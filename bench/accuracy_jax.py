@@ -1,0 +1,286 @@
+"""Benchmark: the accuracy protocol on a machine without TensorFlow (KERAS_BACKEND=jax, GPU).
+
+The same protocol as ``bench/accuracy.py`` (flagfiles x seeds, checkpoint chosen on val
+by the smoothed patient AUC with the prediction loss breaking ties, held-out splits
+reported once), but over a ``.npz`` written by ``bench/export_npz.py`` instead of
+TFRecords, with the input pipeline done in NumPy: per epoch a seeded shuffle, the last
+partial batch dropped, a horizontal flip and the multiplicative brightness jitter of
+:data:`covid_keras.imaging.BRIGHTNESS_RANGE` (as the tf.data pipeline), grey to RGB, the
+backbone's normalisation. The model, optimiser, schedule and loss are the project's own
+(:mod:`covid_keras.drenet`, :mod:`covid_keras.baselines`, :mod:`covid_keras.recipes`),
+built from the flagfile's flags; ``--input_size`` overrides the flagfile's (448 on the GPU).
+Differences from ``covid_keras.train``: no tf.data shuffle buffer (a full shuffle instead),
+no TensorBoard, the best weights are kept in memory.
+
+Runs go in parallel (``--jobs``, one process each, sharing the GPU); each writes its JSON
+to ``--work_dir`` as it finishes, and a rerun reuses finished ones. Ends with the same
+table and ``RESULT {json}`` line as ``bench/accuracy.py``.
+
+    python bench/accuracy_jax.py --data=covid_ct_holdout.npz \\
+        --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg \\
+        --seeds=0,1,2 --input_size=448 --jobs=6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(HERE), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from accuracy import print_table, stability_of, summarise  # noqa: E402
+from common import emit_result  # noqa: E402
+
+CAFFE_MEAN_BGR = np.array((103.939, 116.779, 123.68), np.float32)
+TORCH_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+TORCH_STD = np.array((0.229, 0.224, 0.225), np.float32)
+SMOOTHING_EPOCHS = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS (that module imports TF)
+
+
+def read_flagfile(path: str, seen: tuple = ()) -> dict[str, str]:
+    """--name=value lines, nested --flagfile= included first (later lines win)."""
+    if path in seen:
+        raise SystemExit(f"flagfile cycle at {path}")
+    out: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, _, value = line[2:].partition("=")
+        if name == "flagfile":
+            out.update(read_flagfile(value, seen + (path,)))
+        elif name.startswith("no") and not _:
+            out[name[2:]] = "false"
+        else:
+            out[name] = value if _ else "true"
+    return out
+
+
+def normalize(x_u8: np.ndarray, backbone: str) -> np.ndarray:
+    from covid_keras.backbones import PREPROCESSING
+
+    x = x_u8.astype(np.float32)
+    mode = PREPROCESSING[backbone]
+    if mode == "caffe":
+        return x[..., ::-1] - CAFFE_MEAN_BGR
+    if mode == "torch":
+        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
+    return x / 127.5 - 1.0
+
+
+def to_rgb(x: np.ndarray) -> np.ndarray:
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[1] == size:
+        return images
+    import cv2
+
+    out = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
+                    for im in images])
+    return out.reshape(out.shape[:3] + (images.shape[-1],))
+
+
+def augment(batch_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal flip (p 0.5) and brightness x U(BRIGHTNESS_RANGE), as covid_keras.data."""
+    from covid_keras.imaging import BRIGHTNESS_RANGE
+
+    x = batch_u8.astype(np.float32) / 255.0
+    flip = rng.random(len(x)) < 0.5
+    x[flip] = x[flip, :, ::-1]
+    x *= rng.uniform(*BRIGHTNESS_RANGE, size=(len(x), 1, 1, 1)).astype(np.float32)
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
+            overrides: dict[str, str], out_path: Path) -> dict:
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras
+
+    from covid_keras import metrics, recipes
+    from covid_keras.baselines import apply_trainable, build_classifier
+    from covid_keras.drenet import build_drenet
+
+    f = read_flagfile(flagfile)
+    f.update(overrides)
+    size = input_size or int(f.get("input_size", 448))
+    backbone = f.get("backbone", "resnet50")
+    epochs, batch = int(f.get("epochs", 120)), int(f.get("batch_size", 4))
+    keras.utils.set_random_seed(seed)
+    d = np.load(data_path)
+    classes = [str(c) for c in d["classes"]]
+    splits = [s for s in ("train", "val", "test") if f"{s}_images" in d]
+    held_out = [s for s in splits if s not in ("train", "val")]
+    x = {s: resize(d[f"{s}_images"], size) for s in splits}
+    y = {s: d[f"{s}_labels"] for s in splits}
+    pat = {s: d[f"{s}_patients"] for s in splits}
+    n = len(classes)
+    hidden = f.get("head_hidden_units")
+    if f.get("model", "drenet") == "drenet":
+        model = build_drenet(n, input_size=size, backbone=backbone, weights=None,
+                             variant=f.get("variant", "paper"),
+                             trainable=f.get("trainable", "all"),
+                             head_hidden_units=int(hidden) if hidden not in (None, "") else None)
+        compile_kw = {}
+    else:
+        model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"))
+        compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True)}}
+    apply_trainable(model, f.get("trainable", "all"))
+    steps = max(1, len(y["train"]) // batch)
+    decay = [int(e) for e in f.get("lr_decay_epochs", "").split(",") if e.strip()]
+    lr = recipes.schedule(float(f.get("learning_rate", 8e-4)), steps, decay,
+                          float(f.get("lr_decay_factor", 0.1)))
+    opt = recipes.make_optimizer(f.get("optimizer", "sgd"), lr, float(f.get("momentum", 0.9)),
+                                 float(f.get("weight_decay", 1e-4)),
+                                 f.get("weight_decay_type", "coupled"))
+    model.compile(optimizer=opt, jit_compile=True, **compile_kw)
+    rng = np.random.default_rng([seed, 12345])
+    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits if s != "train"}
+
+    def evaluate(split: str) -> tuple[dict, float]:
+        out = model.predict(x_eval[split], batch_size=32, verbose=0)
+        logits = np.asarray(out["logits"] if isinstance(out, dict) else out, np.float64)
+        probs = softmax(logits)
+        m = metrics.classification_metrics(probs, y[split], pat[split], classes)
+        loss = float(-np.mean(np.log(probs[np.arange(len(probs)), y[split]] + 1e-12)))
+        return m, loss
+
+    history, recent = [], []
+    best_key, best_epoch, best_weights = None, None, None
+    t0 = time.time()
+    for epoch in range(epochs):
+        order = rng.permutation(len(y["train"]))
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            xb = normalize(to_rgb(augment(x["train"][idx], rng)), backbone)
+            logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
+        m, loss = evaluate("val")
+        recent = (recent + [m["patient_auc"]])[-SMOOTHING_EPOCHS:]
+        smoothed = float(np.mean(recent))
+        key = (-smoothed if smoothed == smoothed else float("inf"), loss)
+        if best_key is None or key < best_key:
+            best_key, best_epoch, best_weights = key, epoch + 1, model.get_weights()
+        history.append({"epoch": epoch + 1, "val_patient_auc": m["patient_auc"],
+                        "val_slice_auc": m["slice_auc"], "val_prediction_loss": loss,
+                        "val_patient_auc_smoothed": smoothed,
+                        "train_loss": float(logs.get("loss", float("nan"))),
+                        "seconds": time.time() - t0})
+        print(f"[{Path(flagfile).stem} seed {seed}] epoch {epoch + 1}: val patient AUC "
+              f"{m['patient_auc']:.3f} (smoothed {smoothed:.3f}), loss {loss:.3f}, "
+              f"{time.time() - t0:.0f} s", flush=True)
+    model.set_weights(best_weights)
+    val_m, _ = evaluate("val")
+    res = {"seed": seed, "best_epoch": best_epoch, "input_size": size,
+           "val": {k: val_m[k] for k in ("patient_auc", "slice_auc")},
+           "stability": stability_of([h["val_patient_auc"] for h in history]),
+           "history": history, "train_seconds": time.time() - t0,
+           "backend": keras.backend.backend()}
+    for split in held_out:
+        m, _ = evaluate(split)
+        res[split] = {k: m[k] for k in ("patient_auc", "slice_auc")}
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=float))
+    os.replace(tmp, out_path)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help=".npz from bench/export_npz.py")
+    p.add_argument("--flagfiles", required=True, help="Comma-separated training flagfiles.")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="Model input side (default: the flagfile's).")
+    p.add_argument("--jobs", type=int, default=1, help="Runs at once (processes).")
+    p.add_argument("--work_dir", default="runs/accuracy_jax")
+    p.add_argument("--rerun", action="store_true")
+    p.add_argument("--output_json", default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
+    p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
+    args = p.parse_args(argv)
+    overrides = {}
+    for e in args.extra:
+        name, _, value = e.lstrip("-").partition("=")
+        overrides[name] = value
+    work = Path(args.work_dir)
+    if args.one:
+        flagfile, seed = args.one.rsplit(":", 1)
+        run_one(args.data, flagfile, int(seed), args.input_size, overrides,
+                work / f"{Path(flagfile).stem}-seed{seed}.json")
+        return 0
+    if not os.path.isfile(args.data):
+        p.error(f"--data={args.data}: no such file")
+    flagfiles = [f for f in args.flagfiles.split(",") if f]
+    for f in flagfiles:
+        if not os.path.isfile(f):
+            p.error(f"no such flagfile: {f}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    work.mkdir(parents=True, exist_ok=True)
+    todo = [(f, s) for f in flagfiles for s in seeds
+            if args.rerun or not (work / f"{Path(f).stem}-seed{s}.json").exists()]
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    running: list[tuple[subprocess.Popen, str]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            f, s = todo.pop(0)
+            cmd = [sys.executable, __file__, f"--data={args.data}", f"--flagfiles={f}",
+                   f"--work_dir={work}", f"--one={f}:{s}"]
+            if args.input_size:
+                cmd.append(f"--input_size={args.input_size}")
+            cmd += ["--", *args.extra] if args.extra else []
+            log = open(work / f"{Path(f).stem}-seed{s}.log", "w")
+            running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), f"{f}:{s}"))
+            print(f"[{time.strftime('%H:%M:%S')}] started {f} seed {s}", flush=True)
+        time.sleep(2)
+        for proc, name in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, name))
+                print(f"[{time.strftime('%H:%M:%S')}] {name} exit {proc.returncode}",
+                      flush=True)
+                if proc.returncode:
+                    failed.append(name)
+    res = {"data_dir": args.data, "seeds": seeds, "models": {}, "extra_flags": args.extra,
+           "input_size": args.input_size, "failed": failed}
+    held = set()
+    for f in flagfiles:
+        runs = []
+        for s in seeds:
+            path = work / f"{Path(f).stem}-seed{s}.json"
+            if path.exists():
+                runs.append(json.loads(path.read_text()))
+        if not runs:
+            continue
+        splits = [k for k in ("test",) if k in runs[0]]
+        held.update(splits)
+        res["models"][Path(f).stem] = {"flagfile": f, "runs": runs,
+                                       "summary": summarise(runs, splits)}
+    res["held_out"] = sorted(held)
+    if res["models"]:
+        emit_result(res, print_table, args.output_json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Export data_prep's TFRecords to one ``.npz`` for machines without TensorFlow (the GPU
+machine runs JAX only): ``bench/accuracy_jax.py`` reads it.
+
+Per split ``<s>`` (every split the folder has): ``<s>_images`` uint8 (N, S, S, C), the
+record's own decoded PNG (windowed slice, C = windows, before any augmentation or
+normalisation; resized to ``--image_size`` when given), ``<s>_labels`` int32 (N,),
+``<s>_patients`` int32 (N,): a patient number, unique within the file, in order of first
+appearance (the records' pseudonymous keys are not copied). Plus ``classes`` and
+``image_size``. Written compressed, atomically.
+
+    .venv/bin/python bench/export_npz.py --data_dir=tfrecords/covid_ct_holdout \\
+        --output=covid_ct_holdout.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="data_prep output folder (TFRecords)")
+    p.add_argument("--output", required=True, help=".npz file to write")
+    p.add_argument("--image_size", type=int, default=0,
+                   help="resize every slice to this side (0: keep the records' size)")
+    return p.parse_args(argv)
+
+
+def export(data_dir: str, output: str, image_size: int = 0) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from covid_keras import data, schema
+
+    manifest = data.read_manifest(data_dir)
+    arrays: dict[str, np.ndarray] = {"classes": np.asarray(manifest["classes"]),}
+    patient_numbers: dict[bytes, int] = {}
+    counts = {}
+    for split in schema.SPLITS:
+        try:
+            files = data.shard_files(data_dir, split)
+        except FileNotFoundError:
+            continue
+        images, labels, patients = [], [], []
+        ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+        for raw in ds:
+            r = tf.io.parse_single_example(raw, schema.parse_spec())
+            img = tf.io.decode_png(r[schema.IMAGE], channels=0)
+            if image_size and img.shape[0] != image_size:
+                img = tf.cast(tf.image.resize(img, [image_size, image_size], antialias=True)
+                              + 0.5, tf.uint8)
+            images.append(img.numpy())
+            labels.append(int(r[schema.LABEL_INDEX]))
+            key = r[schema.PATIENT_KEY].numpy()
+            patients.append(patient_numbers.setdefault(key, len(patient_numbers)))
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = np.asarray(labels, np.int32)
+        arrays[f"{split}_patients"] = np.asarray(patients, np.int32)
+        counts[split] = {"slices": len(labels), "patients": len(set(patients))}
+    if not counts:
+        raise SystemExit(f"{data_dir}: no TFRecord shards")
+    arrays["image_size"] = np.asarray(next(a for k, a in arrays.items()
+                                           if k.endswith("_images")).shape[1])
+    tmp = output + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, output)
+    return counts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    counts = export(args.data_dir, args.output, args.image_size)
+    size = os.path.getsize(args.output) / 2**20
+    print(f"{args.output}: {counts}, {size:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
