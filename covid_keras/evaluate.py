@@ -1,0 +1,153 @@
+"""Evaluate a training run on a split: metrics with CIs, patient decisions, explanations.
+
+    python -m covid_keras.evaluate --run_dir=runs/drenet --data_dir=tfrecords/covid_ct \\
+        --split=test --output_dir=reports/drenet_test
+    python -m covid_keras.evaluate --compare runs/drenet runs/vgg16 runs/densenet \\
+        runs/resnet50 --split=test --output_dir=reports/table1
+
+Writes to ``--output_dir``: ``metrics.json`` (sections ``slice`` and ``patient``, each
+metric ``{"value", "ci95"}``; per-class and macro entries over more than 2 classes;
+calibration, confusion matrices, ROC points, per-site breakdown, warnings), ``slices.csv``,
+``patients.csv``, ``report.html`` with ``roc.png``, ``pr.png``, ``reliability.png``,
+``confusion.png`` and ``explanations/<patient_key>.png``.
+
+The model is the run's ``best.keras`` (``--checkpoint`` picks another). The patient rule
+and threshold are the run's ``decision.json``; a run without one gets them chosen now on
+its validation split (``--val_split``, default the run's), never on ``--split``
+(``--save_decision`` keeps them in the run folder).
+
+``--compare RUN RUN ...`` (space- or comma-separated) writes ``comparison.md`` and
+``comparison.csv``: one row per run, laid out like the DRENet paper's Table 1 (two
+classes) or Table 2 (more), with CIs. A RUN is an evaluation output folder (its
+metrics.json is read) or a training run (evaluated now on ``--split`` into
+``<output_dir>/<run name>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("run_dir", None, "Training run folder (best.keras, run_info.json).")
+flags.DEFINE_string("data_dir", None, "TFRecords folder (default: the run's --data_dir).")
+flags.DEFINE_string("split", "test", "Split to evaluate.")
+flags.DEFINE_string("output_dir", None, "Output folder (default: <run_dir>/eval_<split>).")
+flags.DEFINE_string("checkpoint", None, "Model file (a path or a file of the run; default "
+                    "best.keras, else final.keras).")
+flags.DEFINE_string("val_split", None, "Split that chooses the decision when the run has no "
+                    "decision.json (default: the run's --val_split).")
+flags.DEFINE_string("val_data_dir", None, "TFRecords of --val_split (default: the run's "
+                    "--data_dir).")
+flags.DEFINE_enum("criterion", "youden", ["youden", "sensitivity"], "How the decision is "
+                  "chosen on val (without decision.json): Youden's J, or the highest "
+                  "specificity at sensitivity >= --target_sensitivity.")
+flags.DEFINE_float("target_sensitivity", 0.9, "For --criterion=sensitivity.")
+flags.DEFINE_bool("save_decision", False, "Write a decision chosen now into the run folder "
+                  "(decision.json), where export and predict read it.")
+flags.DEFINE_integer("batch_size", 8, "Prediction batch size.")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples of patients for the 95 % CIs "
+                     "(0: none).")
+flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+flags.DEFINE_integer("top_slices", 3, "Slices shown per patient in the explanations.")
+flags.DEFINE_integer("max_explained_patients", -1, "Patients with explanations (-1: all).")
+flags.DEFINE_bool("report", True, "Write the plots, explanations and report.html.")
+flags.DEFINE_list("compare", [], "Runs or evaluation folders to tabulate (space- or "
+                  "comma-separated).")
+
+log = logging.getLogger("covid_keras.evaluate")
+
+
+def expand_compare(argv: list[str]) -> list[str]:
+    """``--compare A B C`` -> ``--compare=A,B,C`` (absl list flags take one value)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--compare" or arg.startswith("--compare="):
+            values = [arg.split("=", 1)[1]] if "=" in arg else []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            out.append("--compare=" + ",".join(v for v in values if v))
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def is_evaluation(path: str) -> bool:
+    m = os.path.join(path, "metrics.json")
+    if not os.path.isfile(m):
+        return False
+    with open(m) as f:
+        return json.load(f).get("kind") == "covid_keras.evaluate"
+
+
+def run_name(path: str, taken: set) -> str:
+    parts = os.path.normpath(path).split(os.sep)
+    name = parts[-1]
+    if name in taken and len(parts) > 1:
+        name = f"{parts[-2]}/{parts[-1]}"
+    return name
+
+
+def evaluate_args(run_dir: str, output_dir: str | None) -> dict:
+    return dict(run_dir=run_dir, data_dir=FLAGS.data_dir, split=FLAGS.split,
+                output_dir=output_dir, checkpoint=FLAGS.checkpoint, val_split=FLAGS.val_split,
+                val_data_dir=FLAGS.val_data_dir, criterion=FLAGS.criterion,
+                target_sensitivity=FLAGS.target_sensitivity, batch_size=FLAGS.batch_size,
+                n_bootstrap=FLAGS.bootstrap, seed=FLAGS.seed, top_slices=FLAGS.top_slices,
+                max_explained=FLAGS.max_explained_patients,
+                save_decision=FLAGS.save_decision, report=FLAGS.report)
+
+
+def compare(paths: list[str], output_dir: str) -> dict:
+    from covid_keras import evaluation
+
+    results, taken = {}, set()
+    for path in paths:
+        name = run_name(path, taken)
+        taken.add(name)
+        if is_evaluation(path):
+            with open(os.path.join(path, "metrics.json")) as f:
+                m = json.load(f)
+        else:
+            m = evaluation.evaluate_run(**evaluate_args(
+                path, os.path.join(output_dir, name.replace("/", "_"))))
+        spec = m.get("model", {})
+        label = f"{name} ({spec.get('kind', '?')}, {spec.get('backbone', '?')})"
+        results[label] = m
+    out = evaluation.write_comparison(output_dir, results)
+    print(out["markdown"])
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    from covid_keras import evaluation
+
+    if FLAGS.compare:
+        if not FLAGS.output_dir:
+            raise app.UsageError("--compare needs --output_dir")
+        compare(FLAGS.compare, FLAGS.output_dir)
+        return 0
+    if not FLAGS.run_dir:
+        raise app.UsageError("--run_dir is required (or --compare)")
+    evaluation.evaluate_run(**evaluate_args(FLAGS.run_dir, FLAGS.output_dir))
+    return 0
+
+
+def run_main(argv=None):
+    app.run(main, argv=expand_compare(list(sys.argv if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    run_main()
