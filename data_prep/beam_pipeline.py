@@ -123,10 +123,15 @@ def build(p, tasks: list[StudyTask], cfg: pipeline.RunConfig, spool: str, summar
 
 def run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
         beam_argv: list[str]) -> pipeline.RunSummary:
+    options = pipeline_options(beam_argv)
+    with pipeline.exclusive_output(cfg.output_dir):
+        return _run(tasks, cfg, resolved_flags, options)
+
+
+def _run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
+         options) -> pipeline.RunSummary:
     import apache_beam as beam
 
-    options = pipeline_options(beam_argv)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     spool = os.path.join(cfg.output_dir, pipeline.SPOOL)
     os.makedirs(spool, exist_ok=True)
     summary_path = os.path.join(spool, f"{SUMMARY_PREFIX}{uuid.uuid4().hex}.pkl")

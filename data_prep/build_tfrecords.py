@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from covid_keras.imaging import parse_windows
-from data_prep import inputs, pipeline
+from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams
 from data_prep.preprocess import SAMPLING_MODES, PrepConfig
@@ -80,6 +80,17 @@ flags.DEFINE_float("val_from_train", 0.0, "Move this fraction of the train patie
                    "held-out test (--split_map=val:test).")
 flags.DEFINE_float("shard_size_mb", 128.0, "Target shard size; shards per split = "
                    "ceil(total / this), balanced by study.")
+flags.DEFINE_string("manifest_encoding", "auto", "The manifest CSV's text encoding. auto: "
+                    "UTF-8 (with or without BOM) or UTF-16 with a BOM; rows with other bytes "
+                    "fail with manifest_encoding (a path's bytes are kept). E.g. cp1252, "
+                    "latin-1 for legacy Windows files.")
+flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Files larger than this are "
+                   "never read (file_too_large).")
+flags.DEFINE_integer("max_image_pixels", limits.DEFAULT_MAX_IMAGE_PIXELS, "Images whose "
+                     "header gives more rows x columns (x frames) are never decoded "
+                     "(image_too_large): a small PNG can decode to gigabytes.")
+flags.DEFINE_float("study_timeout_s", limits.DEFAULT_STUDY_TIMEOUT_S, "A study whose headers "
+                   "(or whose pixels) take longer fails with study_timeout; 0: no limit.")
 flags.DEFINE_string("salt_file", None, "Secret salt for patient/study keys; created (random) if "
                     "missing. Default: <output_dir>/patient_salt.key. Keep it private.")
 
@@ -101,7 +112,8 @@ def _salt(path: str) -> bytes:
 # Flags that cannot change a byte of the records are left out of manifest.json, so that the
 # same input gives the same files wherever and however parallel the run (and the salt's
 # location stays private).
-NOT_RECORDED = ("output_dir", "workers", "salt_file", "runner")
+# --input is not recorded either: its folder names may name a patient.
+NOT_RECORDED = ("input", "output_dir", "workers", "salt_file", "runner", "study_timeout_s")
 
 
 def resolved_flags() -> dict:
@@ -117,7 +129,11 @@ def build_config() -> pipeline.RunConfig:
     level, width = (float(v) for v in FLAGS.image_window)
     scan = ScanConfig(salt=_salt(FLAGS.salt_file or os.path.join(output_dir, "patient_salt.key")),
                       num_slices=FLAGS.num_slices, sampling=FLAGS.sampling,
-                      min_slices=FLAGS.min_slices, image_window_hu=(level, width))
+                      min_slices=FLAGS.min_slices, image_window_hu=(level, width),
+                      limits=limits.Limits(
+                          max_file_bytes=int(FLAGS.max_file_mb * 1024 * 1024),
+                          max_image_pixels=FLAGS.max_image_pixels,
+                          study_timeout_s=FLAGS.study_timeout_s))
     prep = PrepConfig(image_size=FLAGS.image_size, windows=tuple(parse_windows(FLAGS.windows)),
                       lung_filter=FLAGS.lung_filter, min_lung_fraction=FLAGS.min_lung_fraction,
                       crop_to_lung=FLAGS.crop_to_lung, fill_blank=FLAGS.fill_blank,
@@ -135,13 +151,18 @@ def build_config() -> pipeline.RunConfig:
 
 def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
-    tasks = inputs.read_input(
-        FLAGS.input, columns=inputs.parse_mapping(FLAGS.manifest_columns, "--manifest_columns"),
-        label_map=inputs.parse_mapping(FLAGS.label_map, "--label_map"),
-        split_map=inputs.parse_mapping(FLAGS.split_map, "--split_map"))
+    try:
+        tasks = inputs.read_input(
+            FLAGS.input,
+            columns=inputs.parse_mapping(FLAGS.manifest_columns, "--manifest_columns"),
+            label_map=inputs.parse_mapping(FLAGS.label_map, "--label_map"),
+            split_map=inputs.parse_mapping(FLAGS.split_map, "--split_map"),
+            encoding=FLAGS.manifest_encoding)
+    except (ValueError, OSError) as err:  # the input as a whole cannot be read: one line
+        logging.error("%s", err)
+        return 1
     cfg = build_config()
-    logging.info("%d studies from %s -> %s (%d workers)", len(tasks), FLAGS.input,
-                 cfg.output_dir, cfg.workers)
+    logging.info("%d studies -> %s (%d workers)", len(tasks), cfg.output_dir, cfg.workers)
     try:
         if FLAGS.runner == "beam":
             from data_prep import beam_pipeline
@@ -151,7 +172,7 @@ def main(argv: list[str]) -> int:
             if len(argv) > 1:
                 raise app.UsageError(f"Unknown arguments: {argv[1:]}")
             summary = pipeline.run(tasks, cfg, resolved_flags())
-    except StudyError as err:  # run-level: e.g. a patient in two splits
+    except (StudyError, RuntimeError) as err:  # run-level: e.g. another run on the folder
         logging.error("Run failed: %s", err)
         return 1
     print(pipeline.summary_table(summary.manifest))

@@ -4,6 +4,19 @@ Every problem data_prep meets has a reason code from :data:`REASONS`: it goes to
 ``failures.csv`` (``level`` = ``error`` when the study was not written, ``warning`` when it
 was written anyway) and, counted, to ``manifest.json``. Tests assert on these codes, so they
 are a contract: add new ones, never rename.
+
+Naming, and what never appears downstream. A study is named in ``failures.csv``, the log and
+``manifest.json`` by its *pseudonymous name*: where it came from in the input, plus a salted
+hash of its path, e.g. ``line00017.3fa9c2d1e0`` (the manifest's 17th line) or
+``entry00003.3fa9c2d1e0`` (the 3rd ``<label>/<study>`` entry of a folder input, in sorted
+order). A file of a study is named ``file00012.5be0c1d2`` (the 12th file of the study's sorted
+listing, and a salted hash of its path inside the study). Folder and file names, absolute
+paths and DICOM tag values (names, ids, dates, descriptions, UIDs) are never written: they can
+hold patient data. ``python -m data_prep.study_names --input=... --salt_file=...`` prints the
+name -> path table on the operator's terminal (it writes no file). Details say what was wrong
+in words and numbers of our own (counts, sizes, reason codes, the names of standard transfer
+syntaxes), never a value read from the input. Library warnings (pydicom's, which quote tag
+values) are captured and counted by kind in one ``library_warning`` row per study.
 """
 
 from __future__ import annotations
@@ -29,16 +42,43 @@ REASONS: dict[str, str] = {
     "duplicate_study": "the same study and series were already listed under another path",
     "patient_split_conflict": "a patient is assigned to two splits",
     "internal_error": "unexpected error while processing the study (a bug: please report)",
+    "study_timeout": "the study took longer than --study_timeout_s",
+    "bad_pixel_spacing": "PixelSpacing absent-but-required, NaN, <= 0 or outside the "
+                         "plausible range (e.g. in metres); rejected before any pixel is read",
+    "mixed_matrix": "slices of the series differ in Rows x Columns (warning when the most "
+                    "common size still has enough slices, the others dropped; else error)",
+    "mixed_pixel_spacing": "slices of the series differ in PixelSpacing (warning when the most "
+                           "common spacing still has enough slices, the others dropped; else "
+                           "error)",
+    # manifest rows (level "error": the row's study is not processed; other rows go on)
+    "missing_study_path": "the manifest row has no study_path",
+    "missing_label": "the manifest row (or folder) has no label",
+    "unknown_split": "the manifest row's split is not train, val or test (after --split_map)",
+    "invalid_label": "the label is not printable text of at most 64 characters starting with "
+                     "a letter or digit (NUL, control characters, formula-like '=+-@' starts)",
+    "invalid_site": "the site is not printable text of at most 64 characters starting with "
+                    "a letter or digit",
+    "manifest_encoding": "a cell of the row is not text in the manifest's encoding (see "
+                         "--manifest_encoding)",
     # single file (level "warning" unless it leaves the study empty)
     "not_dicom": "file is neither DICOM nor a PNG/JPEG slice; ignored",
+    "not_regular_file": "not a regular file (FIFO, device, socket, dangling or looping link); "
+                        "never opened",
+    "file_too_large": "file larger than --max_file_mb; never read",
+    "image_too_large": "image dimensions (from its header, before decoding) over "
+                       "--max_image_pixels",
     "dicomdir": "DICOMDIR index file; ignored",
-    "truncated_file": "file ends early or its pixel data is shorter than the header says",
+    "truncated_file": "file ends early (a DICOM preamble or header cut short) or its pixel data "
+                      "is shorter than the header says",
     "pixel_decode_error": "pixel data could not be decoded",
     "image_decode_error": "the slice image could not be decoded",
     # warnings on studies that are still written
     "series_rejected": "another series of the study was rejected (detail says why)",
     "missing_rescale": "RescaleSlope/RescaleIntercept absent; assumed slope 1, intercept 0",
-    "missing_position": "ImagePositionPatient absent; slices ordered by InstanceNumber",
+    "missing_position": "ImagePositionPatient absent on some slices; ordered by InstanceNumber, "
+                        "else SliceLocation, else file name (the detail says which)",
+    "library_warning": "a library (pydicom) warned while reading; counted by kind, values "
+                       "withheld",
     "missing_orientation": "ImageOrientationPatient absent; assumed axial",
     "missing_transfer_syntax": "no Transfer Syntax UID; read with the encoding pydicom detected",
     "duplicate_position": "two slices share a position; the duplicate was dropped",

@@ -996,10 +996,14 @@ def write_dataset(root: str | os.PathLike, *,
     Patient ids are "PHANTOM-<kind>-<nnn>" (n from 001), one id per patient; patients alternate
     between sites "site_a" / "site_b" (counted over all kinds).
 
-    layout="folders": ``<root>/<kind>/<patient_id>_<YYYYMMDD>/*.dcm``; every third patient of
+    Study folders are named ``study_<hash>`` (a hash of the patient id, seed and study
+    number): never after the patient id or the date, the layout real exports should not have
+    either (data_prep never echoes folder names, but other tools do).
+
+    layout="folders": ``<root>/<kind>/study_<hash>/*.dcm``; every third patient of
       each kind (n = 3, 6, ...) has two studies on two dates (different study UIDs and seeds),
       so that patient-level grouping can be tested. Returns ``root``.
-    layout="manifest": ``<root>/studies/<patient_id>_<YYYYMMDD>/*.dcm`` (one study per patient)
+    layout="manifest": ``<root>/studies/study_<hash>/*.dcm`` (one study per patient)
       plus ``<root>/manifest.csv`` with columns study_path,label,patient_id,site,split
       (study_path relative to the csv's folder, '/'-separated; split left empty). Returns the
       path of ``manifest.csv``.
@@ -1023,7 +1027,7 @@ def write_dataset(root: str | os.PathLike, *,
                 study_seed = _derive_seed(seed, kind, n, s)
                 date = (first + dt.timedelta(days=s * (14 + _hash_int(pid, seed) % 60)))
                 date_s = date.strftime("%Y%m%d")
-                study_name = f"{pid}_{date_s}"
+                study_name = f"study_{_hash_int('study-folder', pid, seed, s) % 16**10:010x}"
                 if layout == "folders":
                     study_dir = root_p / kind / study_name
                 else:
@@ -1084,8 +1088,13 @@ def _main(argv: list[str]) -> None:
     print(f"SYNTHETIC phantom dataset (not real patients) written to {root}")
     print(f"  {len(studies)} studies, {len(files)} files, layout={fl.layout}, "
           f"{fl.num_slices} slices of {fl.matrix}x{fl.matrix}, seed={fl.seed}")
+    if fl.layout == "manifest":
+        with open(result, newline="", encoding="utf-8") as f:
+            labels = [row["label"] for row in csv.DictReader(f)]
+    else:
+        labels = [s.parent.name for s in studies]
     for kind in fl.kinds:
-        n = sum(1 for s in studies if f"PHANTOM-{kind}-" in s.name)
+        n = labels.count(kind)
         print(f"  {kind}: {n} studies")
     if fl.layout == "manifest":
         print(f"  manifest: {result}")

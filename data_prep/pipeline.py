@@ -4,11 +4,22 @@ Work is spooled per study under ``<output_dir>/.partial/`` (one pickle per proce
 written atomically), so a killed run resumes where it stopped; shards are written at the
 end from the spool, in a fixed order, so the same input always gives the same bytes
 whatever the number of workers. The spool is removed after a successful run.
+
+Resume trusts only what it can: a spool file's name is a hash of everything that changes the
+study's records (the configuration, the class order and label, the split, the manifest's
+patient id and site, and the identity of every file of the study: relative path, size,
+modification time, inode), so a changed input or flag reprocesses the study. The outputs
+are written into a staging folder beside ``output_dir`` and swapped in whole (an atomic
+exchange where the OS has it), so a reader never sees new shards under an old
+``manifest.json``. A lock beside ``output_dir`` keeps two runs apart; the next run removes
+what a killed one left (staging folders, ``*.tmp-*`` files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -30,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from covid_keras import schema
+from data_prep import redact
 from data_prep.errors import Issue, StudyError
 from data_prep.preprocess import PrepConfig
 from data_prep.split import PatientInfo, assign_splits, check_disjoint, merge_patient
@@ -50,6 +62,11 @@ FAILURES = "failures.csv"
 SPOOL = ".partial"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
 MANIFEST_VERSION = 1
+# Bump when a code change alters records: the spool of an older version is then not reused.
+SPOOL_VERSION = 2
+TMP_RE = re.compile(r"\.tmp-\d+$")
+OURS_RE = re.compile(r"^((train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz|manifest\.json|"
+                     r"failures\.csv|\.partial)$|\.tmp-\d+$")
 
 
 @dataclass(frozen=True)
@@ -112,13 +129,21 @@ def parallel_map(fn: Callable, arg_list: list[tuple], workers: int, desc: str) -
 
 # ---------------------------------------------------------------- spool
 def _config_hash(cfg: RunConfig) -> str:
-    parts = repr((cfg.scan, cfg.prep, cfg.seed)).encode()
+    parts = repr((SPOOL_VERSION, cfg.scan, cfg.prep, cfg.seed, cfg.classes)).encode()
     return hashlib.sha256(parts).hexdigest()[:16]
 
 
-def _spool_path(spool: str, task: StudyTask, split: str, cfg_hash: str) -> str:
-    key = hashlib.sha256(f"{task.study_id}|{task.path}|{split}|{cfg_hash}".encode()).hexdigest()
-    return os.path.join(spool, key[:24] + ".pkl")
+def spool_key(scan: StudyScan, split: str, label_index: int, cfg_hash: str) -> str:
+    """A hash of everything that changes this study's records."""
+    t = scan.task
+    parts = (cfg_hash, t.study_id, t.path, t.label, t.site, t.patient_id, split, label_index,
+             scan.fingerprint, scan.patient_key, scan.study_key, scan.series_key,
+             scan.slice_count, [(s.path, s.index, s.sop_key) for s in scan.sampled])
+    return hashlib.sha256(redact.to_bytes(repr(parts))).hexdigest()
+
+
+def _spool_path(spool: str, key: str) -> str:
+    return os.path.join(spool, key[:32] + ".pkl")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -131,17 +156,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def _process_to_spool(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
-                      prep: PrepConfig, seed: int, spool_file: str) -> StudyResult:
+                      prep: PrepConfig, seed: int, spool_file: str, key: str) -> StudyResult:
     """Worker: process one study, spool its records, return the result without them."""
     if os.path.exists(spool_file):
         try:
             with open(spool_file, "rb") as f:
                 result = pickle.load(f)
+            if result.spool_key != key:
+                raise ValueError("spool key mismatch")
             result.records = [None] * len(result.records)  # placeholders: counts only
             return result
-        except Exception:  # noqa: BLE001 - a damaged spool file is simply redone
+        except Exception:  # noqa: BLE001 - a damaged or foreign spool file is redone
             os.remove(spool_file)
     result = process_study(scan, split, label_index, scan_cfg, prep, seed)
+    result.spool_key = key
     if result.error is None:
         for r in result.records:
             schema.validate(r)
@@ -176,6 +204,7 @@ def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
 
     tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
+    # A kill during the write leaves the temp file: prepare_output_dir removes it next run.
     with tf.io.TFRecordWriter(tmp, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
         for s in serialized:
             w.write(s)
@@ -198,7 +227,7 @@ class StudyMeta:
     """What the plan needs of one scanned study (small: the plan sees all of them)."""
 
     index: int
-    study_id: str
+    name: str  # the study's pseudonymous name
     label: str
     site: str
     manifest_split: str
@@ -210,7 +239,7 @@ class StudyMeta:
     @classmethod
     def of(cls, index: int, scan: StudyScan) -> "StudyMeta":
         t = scan.task
-        return cls(index, t.study_id, t.label, t.site, t.split, scan.patient_key,
+        return cls(index, scan.name, t.label, t.site, t.split, scan.patient_key,
                    scan.study_key, scan.series_key, scan.error is not None)
 
 
@@ -227,7 +256,8 @@ class Plan:
 
 
 def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
-    """Duplicates, unknown labels, the patient table and the patient-level split."""
+    """Duplicates, unknown labels, the patient table and the patient-level split. A patient
+    given two manifest splits fails that patient's studies only."""
     plan = Plan()
     good: list[StudyMeta] = []
     seen_studies: dict[tuple[str, str], str] = {}
@@ -236,32 +266,47 @@ def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
             continue
         dup_key = (m.study_key, m.series_key)
         if dup_key in seen_studies:
-            plan.rejected[m.index] = Issue(m.study_id, "", "duplicate_study",
+            plan.rejected[m.index] = Issue(m.name, "", "duplicate_study",
                                            f"same study and series as {seen_studies[dup_key]}",
                                            "error")
             continue
-        seen_studies[dup_key] = m.study_id
+        seen_studies[dup_key] = m.name
         good.append(m)
     plan.classes = list(cfg.classes) or sorted({m.label for m in good})
     class_index = {c: i for i, c in enumerate(plan.classes)}
     usable: list[StudyMeta] = []
+    for m in good:
+        if m.label not in class_index:
+            plan.rejected[m.index] = Issue(
+                m.name, "", "label_unknown",
+                f"the row's label is not one of the {len(plan.classes)} --classes", "error")
+            continue
+        usable.append(m)
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for m in usable:
+        if m.manifest_split:
+            splits_of[m.patient_key].add(m.manifest_split)
+    conflicted = {k for k, v in splits_of.items() if len(v) > 1}
+    kept: list[StudyMeta] = []
+    for m in usable:
+        if m.patient_key in conflicted:
+            names = sorted(x.name for x in usable if x.patient_key == m.patient_key)
+            plan.rejected[m.index] = Issue(
+                m.name, "", "patient_split_conflict",
+                f"patient {m.patient_key} is given splits {sorted(splits_of[m.patient_key])} "
+                f"by studies {names}; none of them is written", "error")
+            continue
+        merge_patient(plan.patients, m.patient_key,
+                      PatientInfo(m.label, m.site, m.manifest_split), m.name)
+        kept.append(m)
     try:
-        for m in good:
-            if m.label not in class_index:
-                plan.rejected[m.index] = Issue(
-                    m.study_id, "", "label_unknown",
-                    f"label {m.label!r} not in --classes {plan.classes}", "error")
-                continue
-            merge_patient(plan.patients, m.patient_key,
-                          PatientInfo(m.label, m.site, m.manifest_split), m.study_id)
-            usable.append(m)
         plan.splits = assign_splits(plan.patients, scheme=cfg.split_scheme,
                                     fractions=cfg.split_fractions, seed=cfg.seed,
                                     repeat=cfg.repeat, val_from_train=cfg.val_from_train)
     except StudyError as err:  # the driver raises it again: the run fails loudly
         plan.fatal = (err.reason, err.detail, err.file)
         return plan
-    plan.jobs = {m.index: (plan.splits[m.patient_key], class_index[m.label]) for m in usable}
+    plan.jobs = {m.index: (plan.splits[m.patient_key], class_index[m.label]) for m in kept}
     return plan
 
 
@@ -289,9 +334,10 @@ def process_job(index: int, scan: StudyScan, job: tuple[str, int] | None, cfg: R
     if job is None:
         return Outcome(index, scan.issues, scan.error, None)
     split, label_index = job
-    spool_file = _spool_path(spool, scan.task, split, cfg_hash)
+    key = spool_key(scan, split, label_index, cfg_hash)
+    spool_file = _spool_path(spool, key)
     result = _process_to_spool(scan, split, label_index, cfg.scan, cfg.prep, cfg.seed,
-                               spool_file)
+                               spool_file, key)
     return Outcome(index, scan.issues, scan.error, result, spool_file)
 
 
@@ -325,6 +371,95 @@ def collect(outcomes: list[Outcome], plan: Plan
     return issues, results, slice_stats
 
 
+# ---------------------------------------------------------------- the output folder
+def _staging_paths(output_dir: str) -> tuple[str, str]:
+    real = os.path.realpath(output_dir)
+    return os.path.dirname(real), os.path.basename(real)
+
+
+@contextlib.contextmanager
+def exclusive_output(output_dir: str) -> Iterator[None]:
+    """Holds ``.<name>.lock`` beside the output folder for the run (a second run on the same
+    folder fails at once) and removes what a killed run left: staging folders and
+    ``*.tmp-*`` files."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    parent, base = _staging_paths(output_dir)
+    fd = os.open(os.path.join(parent, f".{base}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"Another data_prep run is writing {output_dir}") from None
+        clean_stale(output_dir)
+        yield
+    finally:
+        os.close(fd)
+
+
+def clean_stale(output_dir: str) -> int:
+    """Removes staging folders and temp files of earlier (killed) runs. Returns the count."""
+    parent, base = _staging_paths(output_dir)
+    n = 0
+    for entry in os.listdir(parent):
+        if entry.startswith((f".{base}.staging-", f".{base}.old-")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            n += 1
+    for folder in (output_dir, os.path.join(output_dir, SPOOL)):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            if TMP_RE.search(entry):
+                os.remove(os.path.join(folder, entry))
+                n += 1
+    if n:
+        log.info("Removed %d leftovers of an interrupted run.", n)
+    return n
+
+
+def _renameat2_exchange(a: str, b: str) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def swap_in(staging: str, output_dir: str) -> None:
+    """Makes ``staging`` the output folder in one step; the old content ends up at
+    ``staging`` (the caller removes it). Without an atomic exchange, two renames (the
+    folder is briefly absent, never mixed)."""
+    real = os.path.realpath(output_dir)
+    if _renameat2_exchange(staging, real):
+        return
+    parent, base = _staging_paths(output_dir)
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    os.rename(real, old)
+    os.rename(staging, real)
+    os.rename(old, staging)
+
+
+def _carry_over(output_dir: str, staging: str) -> None:
+    """Entries of the output folder that are not ours (the salt file, a user's notes) are
+    linked (or copied) into the staging folder."""
+    for entry in sorted(os.listdir(output_dir)):
+        if OURS_RE.search(entry):
+            continue
+        src, dst = os.path.join(output_dir, entry), os.path.join(staging, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+            continue
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def finish(outcomes: list[Outcome], plan: Plan, cfg: RunConfig, resolved_flags: dict,
            n_input: int) -> RunSummary:
     """Shards, manifest.json and failures.csv from the outcomes; removes the spool."""
@@ -338,7 +473,11 @@ def finish(outcomes: list[Outcome], plan: Plan, cfg: RunConfig, resolved_flags: 
 # ---------------------------------------------------------------- the run
 def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     """scan (headers) -> plan (split) -> process (pixels, spooled) -> shards + manifest."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    with exclusive_output(cfg.output_dir):
+        return _run(tasks, cfg, resolved_flags)
+
+
+def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     spool = os.path.join(cfg.output_dir, SPOOL)
     os.makedirs(spool, exist_ok=True)
     scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan"))
@@ -363,7 +502,10 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         key = f"{result.patient_key}/{result.study_key}"
         by_split[result.split][key] = (result, spool_file)
     files: dict[str, dict] = {}
-    new_names = set()
+    parent, base = _staging_paths(cfg.output_dir)
+    staging = os.path.join(parent, f".{base}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     for split in schema.SPLITS:
         studies = by_split.get(split, {})
         if not studies:
@@ -372,8 +514,7 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         shards = plan_shards(sizes, cfg.shard_size_mb)
         for i, keys in enumerate(shards):
             name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"
-            new_names.add(name)
-            path = os.path.join(cfg.output_dir, name)
+            path = os.path.join(staging, name)
 
             def records(keys: list[str] = keys) -> Iterator[bytes]:
                 for k in keys:
@@ -384,14 +525,14 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
             n = write_tfrecord_gz(path, records())
             files[name] = {"split": split, "records": n, "studies": len(keys),
                            "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
-    for old in os.listdir(cfg.output_dir):
-        if SHARD_RE.match(old) and old not in new_names:
-            os.remove(os.path.join(cfg.output_dir, old))
     manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
                               issues, files, slice_stats)
-    write_failures(os.path.join(cfg.output_dir, FAILURES), issues)
-    atomic_write_bytes(os.path.join(cfg.output_dir, MANIFEST),
+    write_failures(os.path.join(staging, FAILURES), issues)
+    atomic_write_bytes(os.path.join(staging, MANIFEST),
                        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    _carry_over(cfg.output_dir, staging)
+    swap_in(staging, cfg.output_dir)  # readers see the old folder or the new one, whole
+    shutil.rmtree(staging, ignore_errors=True)  # the old content
     return manifest
 
 
@@ -469,7 +610,8 @@ def write_failures(path: str, issues: list[Issue]) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["study", "file", "reason", "level", "detail"])
     for i in sorted(issues, key=lambda i: (i.study, i.level, i.file, i.reason, i.detail)):
-        w.writerow([i.study, i.file, i.reason, i.level, i.detail])
+        w.writerow([redact.spreadsheet_safe(c) for c in (i.study, i.file, i.reason, i.level,
+                                                         i.detail)])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_prep import limits
 from data_prep.errors import Issue, StudyError
+from data_prep.limits import Limits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -36,16 +38,40 @@ def natural_key(path: str) -> list:
     return [float(p) if i % 2 else p.lower() for i, p in enumerate(parts)] + [path]
 
 
-def read_grey(path: str, study: str) -> tuple[np.ndarray, list[Issue]]:
-    """Decodes a PNG/JPEG slice to a 2-D uint8 grey array. Raises StudyError."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise StudyError("image_decode_error", f"cannot read: {exc}", path)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+HEADER_BYTES = 256 * 1024  # a JPEG frame header can follow EXIF / ICC segments
+
+
+def header_size(data: bytes, path: str) -> tuple[int, int]:
+    """(height, width) from a PNG / JPEG header. Raises StudyError(image_decode_error)."""
+    size = limits.image_header_size(data[:HEADER_BYTES])
+    if size is None:
+        raise StudyError("image_decode_error", "no PNG/JPEG image header found", path)
+    return size
+
+
+def check_header(path: str, lim: Limits) -> tuple[int, int]:
+    """Reads only the header: raises StudyError(image_too_large | image_decode_error | ...)
+    before anything is decoded."""
+    height, width = header_size(limits.read_bytes(path, lim, HEADER_BYTES), path)
+    limits.check_pixels(height, width, lim, path)
+    return height, width
+
+
+def read_grey(path: str, study: str, lim: Limits | None = None
+              ) -> tuple[np.ndarray, list[Issue]]:
+    """Decodes a PNG/JPEG slice to a 2-D uint8 grey array, after checking its dimensions
+    (from the header) against the pixel limit. Raises StudyError."""
+    lim = lim or Limits()
+    data = limits.read_bytes(path, lim)
+    height, width = header_size(data, path)
+    limits.check_pixels(height, width, lim, path)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise StudyError("image_decode_error", "OpenCV cannot decode the image (truncated?)",
                          path)
+    if img.shape[0] * img.shape[1] > lim.max_image_pixels:  # the header lied
+        raise StudyError("image_too_large", f"decoded to {img.shape[0]} x {img.shape[1]}", path)
     return to_grey_u8(img, path, study)
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,21 +28,31 @@ import numpy as np
 
 from covid_keras import schema
 from covid_keras.imaging import grey_to_hu
-from data_prep import dicom_io, slice_images
+from data_prep import dicom_io, limits, redact, slice_images
 from data_prep.errors import Issue, StudyError
+from data_prep.limits import Limits, StudyTimeout
 from data_prep.preprocess import PreparedSlice, PrepConfig, prepare_slice, sample_indices
+
+# Bytes read to find a PNG / JPEG's dimensions (a JPEG's frame header can follow EXIF and
+# ICC segments of up to 64 KiB each).
+IMAGE_HEADER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class StudyTask:
-    """One row of the input: a study folder (or a single slice image) and what we know."""
+    """One row of the input: a study folder (or a single slice image) and what we know.
 
-    study_id: str  # how logs and failures.csv name it: the path as given in the input
+    ``study_id`` (the path as the input gives it) and ``path`` are private: they only ever
+    feed salted hashes. Outputs name the study by :attr:`StudyScan.name`."""
+
+    study_id: str
     path: str
     label: str
     patient_id: str = ""  # from the manifest; empty -> DICOM PatientID -> study folder name
     site: str = "default"
     split: str = ""  # from the manifest; empty -> assigned by data_prep.split
+    origin: str = ""  # where in the input: "line00017" (manifest), "entry00003" (folders)
+    error: tuple[str, str] | None = None  # a bad input row: (reason, detail)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class ScanConfig:
     # The window 8-bit slice images are assumed to have been exported with: their grey
     # levels are mapped back to pseudo-HU through it.
     image_window_hu: tuple[float, float] = (-700.0, 1500.0)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -68,12 +80,15 @@ class SampledSlice:
 @dataclass
 class StudyScan:
     task: StudyTask
+    name: str = ""  # the study's pseudonymous name (data_prep.redact.study_name)
     kind: str = ""  # "dicom" | "images"
     patient_key: str = ""
     study_key: str = ""
     series_key: str = ""
     slice_count: int = 0
+    fingerprint: str = ""  # every file's relative path, size and mtime, hashed
     sampled: list[SampledSlice] = field(default_factory=list)
+    file_names: dict[str, str] = field(default_factory=dict)  # path -> pseudonymous name
     issues: list[Issue] = field(default_factory=list)
     error: Issue | None = None
 
@@ -90,21 +105,24 @@ class StudyResult:
     dropped: dict[str, int] = field(default_factory=dict)
     sampled: int = 0
     error: Issue | None = None
+    spool_key: str = ""
 
 
 def salted_key(salt: bytes, kind: str, value: str, length: int = 16) -> str:
     """Pseudonymous key: the first ``length`` hex chars of SHA-256(salt | kind | value)."""
-    h = hashlib.sha256(salt + b"\x00" + kind.encode() + b"\x00" + value.encode("utf-8"))
+    h = hashlib.sha256(salt + b"\x00" + kind.encode() + b"\x00" + redact.to_bytes(value))
     return h.hexdigest()[:length]
 
 
 def list_files(path: str) -> list[str]:
-    """Every regular file under ``path`` (recursively), sorted; ``path`` itself if a file."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
+    """Every file entry under ``path`` (recursively, links to folders not followed), sorted;
+    ``path`` itself if it is not a folder. Entries are not opened here: FIFOs, devices and
+    dangling links are listed, and rejected (never opened) by :mod:`data_prep.limits`."""
+    if not os.path.isdir(path):
+        return [path]
     out = []
-    for root, dirs, files in os.walk(p, onerror=_raise):
+    for root, dirs, files in os.walk(path, onerror=_raise):
+        limits.check_deadline()
         dirs.sort()
         out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
     return out
@@ -114,13 +132,10 @@ def _raise(err: OSError) -> None:
     raise err
 
 
-def _sniff(path: str) -> str:
-    """'dicom', 'png', 'jpeg' or 'other', from the first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return "unreadable"
+def _sniff(path: str, lim: Limits) -> str:
+    """'dicom', 'png', 'jpeg', 'image_suffix' or 'other', from the first bytes. Raises
+    StudyError(not_regular_file | file_too_large) without opening what is not a file."""
+    head = limits.read_bytes(path, lim, 132)
     if len(head) == 132 and head[128:132] == b"DICM":
         return "dicom"
     kind = slice_images.sniff(head)
@@ -132,15 +147,39 @@ def _sniff(path: str) -> str:
 
 
 def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
-    scan = StudyScan(task=task)
-    try:
-        _scan(scan, cfg)
-    except StudyError as err:
-        scan.error = Issue(task.study_id, err.file, err.reason, err.detail, "error")
-    except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
-        scan.error = Issue(task.study_id, "", "internal_error",
-                           f"{type(exc).__name__}: {exc} | {_last_frame(exc)}", "error")
+    """Never raises for bad input; every issue it returns names the study and its files by
+    their pseudonymous names only."""
+    scan = StudyScan(task=task, name=redact.study_name(task.origin or "study", task.study_id,
+                                                        cfg.salt))
+    started = time.monotonic()
+    with redact.capture_library_messages() as messages:
+        try:
+            with limits.deadline(cfg.limits.study_timeout_s):
+                _scan(scan, cfg)
+        except StudyError as err:
+            scan.error = Issue(task.study_id, err.file, err.reason, err.detail, "error")
+        except StudyTimeout:
+            scan.error = Issue(task.study_id, "", "study_timeout",
+                               f"reading headers took over --study_timeout_s="
+                               f"{cfg.limits.study_timeout_s:g} s "
+                               f"({time.monotonic() - started:.1f} s)", "error")
+        except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
+            scan.error = Issue(task.study_id, "", "internal_error",
+                               f"{type(exc).__name__} | {_last_frame(exc)}", "error")
+    if messages:
+        scan.issues.append(Issue(task.study_id, "", "library_warning",
+                                 "while reading headers: " + redact.summarise(messages),
+                                 "warning"))
+    scan.issues = [_redacted(i, scan) for i in scan.issues]
+    if scan.error is not None:
+        scan.error = _redacted(scan.error, scan)
+        scan.sampled = []
     return scan
+
+
+def _redacted(issue: Issue, scan: StudyScan) -> Issue:
+    """The issue with the study's and file's pseudonymous names in place of paths."""
+    return dataclasses.replace(issue, study=scan.name, file=scan.file_names.get(issue.file, ""))
 
 
 def _last_frame(exc: BaseException) -> str:
@@ -148,25 +187,55 @@ def _last_frame(exc: BaseException) -> str:
     return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
 
 
+def _fingerprint(files: list[str], root: str) -> str:
+    """A hash of every file's path (relative to the study), size and modification time:
+    a changed, added or removed file changes it (resume must not reuse its records)."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+            ident = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        except OSError:
+            ident = "unreadable"
+        rel = os.path.relpath(f, root) if os.path.isdir(root) else os.path.basename(f)
+        h.update(redact.to_bytes(rel) + b"\x00" + ident.encode() + b"\x00")
+    return h.hexdigest()[:24]
+
+
 def _scan(scan: StudyScan, cfg: ScanConfig) -> None:
     task = scan.task
-    if not os.path.exists(task.path):
+    if task.error is not None:
+        raise StudyError(*task.error)
+    if not os.path.lexists(task.path):
         raise StudyError("unreadable_path", "path does not exist", task.path)
     if not os.access(task.path, os.R_OK):
         raise StudyError("unreadable_path", "permission denied", task.path)
     try:
         files = list_files(task.path)
     except OSError as exc:
-        raise StudyError("unreadable_path", f"cannot list folder: {exc}", task.path)
+        raise StudyError("unreadable_path", f"cannot list folder ({type(exc).__name__})",
+                         task.path)
+    scan.file_names = redact.file_names(files, task.path, cfg.salt)
+    scan.fingerprint = _fingerprint(files, task.path)
     if not files:
         raise StudyError("empty_study", "no files", task.path)
-    kinds = {f: _sniff(f) for f in files}
+    kinds: dict[str, str] = {}
+    for f in files:
+        limits.check_deadline()
+        try:
+            kinds[f] = _sniff(f, cfg.limits)
+        except StudyError as err:
+            kinds[f] = "rejected"
+            scan.issues.append(Issue(task.study_id, f, err.reason, err.detail, "warning"))
+    if len(files) == 1 and kinds[files[0]] == "rejected":  # a single file: its reason
+        last = scan.issues.pop()
+        raise StudyError(last.reason, last.detail, last.file)
     images = [f for f in files if kinds[f] in ("png", "jpeg")]
     dicom_like = [f for f in files if kinds[f] in ("dicom", "other")]
     for f in files:
-        if kinds[f] in ("unreadable", "image_suffix"):
-            why = "cannot open" if kinds[f] == "unreadable" else "image name, not image bytes"
-            scan.issues.append(Issue(task.study_id, f, "not_dicom", why, "warning"))
+        if kinds[f] == "image_suffix":
+            scan.issues.append(Issue(task.study_id, f, "not_dicom",
+                                     "image name, not image bytes", "warning"))
     if images and any(kinds[f] == "dicom" for f in files):
         raise StudyError("mixed_dicom_and_images",
                          f"{len(images)} images and {sum(k == 'dicom' for k in kinds.values())}"
@@ -176,13 +245,28 @@ def _scan(scan: StudyScan, cfg: ScanConfig) -> None:
             scan.issues.append(Issue(task.study_id, f, "not_dicom", "not a PNG/JPEG slice",
                                      "warning"))
         _scan_images(scan, images, cfg)
-    else:
+    elif dicom_like:
         _scan_dicom(scan, dicom_like, cfg)
+    else:
+        reasons = sorted({i.reason for i in scan.issues if i.level == "warning"})
+        raise StudyError(reasons[0] if len(reasons) == 1 else "no_readable_slices",
+                         f"none of {len(files)} files can be read", task.path)
 
 
 def _scan_images(scan: StudyScan, images: list[str], cfg: ScanConfig) -> None:
     task = scan.task
-    ordered = sorted(images, key=slice_images.natural_key)
+    usable = []
+    for f in images:  # dimensions from the header, before anything is decoded
+        limits.check_deadline()
+        try:
+            slice_images.check_header(f, cfg.limits)
+            usable.append(f)
+        except StudyError as err:
+            scan.issues.append(Issue(task.study_id, f, err.reason, err.detail, "warning"))
+    if not usable:
+        last = scan.issues.pop()
+        raise StudyError(last.reason, f"every slice image rejected ({last.detail})", last.file)
+    ordered = sorted(usable, key=slice_images.natural_key)
     scan.kind = "images"
     scan.slice_count = len(ordered)
     rel = _study_name(task)
@@ -201,11 +285,13 @@ def _study_name(task: StudyTask) -> str:
 
 def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
     task = scan.task
-    headers, issues = dicom_io.read_headers(files, task.study_id)
+    headers, issues = dicom_io.read_headers(files, task.study_id, cfg.limits)
     scan.issues.extend(issues)
     if not headers:
-        raise StudyError("no_readable_slices",
-                         f"none of {len(files)} files is DICOM or a PNG/JPEG slice", task.path)
+        reasons = sorted({i.reason for i in issues})
+        raise StudyError(reasons[0] if len(reasons) == 1 else "no_readable_slices",
+                         f"none of {len(files)} files is usable DICOM or a PNG/JPEG slice",
+                         task.path)
     series = dicom_io.choose_series(headers, task.study_id, cfg.min_slices)
     scan.issues.extend(series.warnings)
     scan.kind = "dicom"
@@ -224,9 +310,9 @@ def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
 
 def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndarray, list]:
     if scan.kind == "dicom":
-        header = s.header if s.header is not None else dicom_io.read_header(s.path)
-        return dicom_io.read_hu(header, scan.task.study_id)
-    grey, warnings = slice_images.read_grey(s.path, scan.task.study_id)
+        header = s.header if s.header is not None else dicom_io.read_header(s.path, cfg.limits)
+        return dicom_io.read_hu(header, scan.task.study_id, cfg.limits)
+    grey, warnings = slice_images.read_grey(s.path, scan.task.study_id, cfg.limits)
     level, width = cfg.image_window_hu
     return grey_to_hu(grey, level, width), warnings
 
@@ -234,19 +320,35 @@ def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndar
 def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
                   prep: PrepConfig, seed: int) -> StudyResult:
     """Decodes and preprocesses the sampled slices of a scanned study. The result's issues
-    are this step's only (the scan's own are in ``scan.issues``)."""
+    are this step's only (the scan's own are in ``scan.issues``). Never raises for bad
+    input; bounded by ``scan_cfg.limits``."""
     task = scan.task
     result = StudyResult(scan.study_key, scan.patient_key, task.label, task.site, split,
                          sampled=len(scan.sampled))
     if scan.error is not None:
         result.error = scan.error
         return result
-    try:
-        _process(scan, result, label_index, scan_cfg, prep, seed)
-    except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
-        result.records = []
-        result.error = Issue(task.study_id, "", "internal_error",
-                             f"{type(exc).__name__}: {exc} | {_last_frame(exc)}", "error")
+    started = time.monotonic()
+    with redact.capture_library_messages() as messages:
+        try:
+            with limits.deadline(scan_cfg.limits.study_timeout_s):
+                _process(scan, result, label_index, scan_cfg, prep, seed)
+        except StudyTimeout:
+            result.records = []
+            result.error = Issue(task.study_id, "", "study_timeout",
+                                 f"decoding and preprocessing took over --study_timeout_s="
+                                 f"{scan_cfg.limits.study_timeout_s:g} s "
+                                 f"({time.monotonic() - started:.1f} s)", "error")
+        except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
+            result.records = []
+            result.error = Issue(task.study_id, "", "internal_error",
+                                 f"{type(exc).__name__} | {_last_frame(exc)}", "error")
+    if messages:
+        result.issues.append(Issue(task.study_id, "", "library_warning",
+                                   "while decoding: " + redact.summarise(messages), "warning"))
+    result.issues = [_redacted(i, scan) for i in result.issues]
+    if result.error is not None:
+        result.error = _redacted(result.error, scan)
     return result
 
 
@@ -258,6 +360,7 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
         prep = dataclasses.replace(prep, lung=dataclasses.replace(prep.lung,
                                                                    gas_median_hu=-math.inf))
     for s in scan.sampled:
+        limits.check_deadline()
         try:
             hu, warnings = _load_hu(scan, s, scan_cfg)
         except StudyError as err:
@@ -277,9 +380,10 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
     if not result.records:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
         reason = "no_lung_slices"
-        if result.dropped and set(result.dropped) <= {"truncated_file", "pixel_decode_error",
-                                                       "image_decode_error"}:
-            reason = max(result.dropped, key=result.dropped.get)
+        file_reasons = {"truncated_file", "pixel_decode_error", "image_decode_error",
+                        "not_regular_file", "file_too_large", "image_too_large"}
+        if result.dropped and set(result.dropped) <= file_reasons:
+            reason = max(sorted(result.dropped), key=result.dropped.get)
         result.error = Issue(task.study_id, "", reason,
                              f"all {len(scan.sampled)} sampled slices dropped ({counts})",
                              "error")

@@ -63,9 +63,9 @@ def test_beam_matches_local(studies, tmp_path):
     assert max(int(n.split("-of-")[1][:5]) for n in local) > 1  # several shards in a split
     assert (tmp_path / "beam" / "failures.csv").read_bytes() == \
         (tmp_path / "local" / "failures.csv").read_bytes()
-    errors = {r["study"]: r["reason"] for r in failures(tmp_path / "beam")
+    errors = {r["study"].split(".")[0]: r["reason"] for r in failures(tmp_path / "beam")
               if r["level"] == "error"}
-    assert errors == {"studies/empty": "empty_study"}
+    assert errors == {"line00008": "empty_study"}  # studies/empty, the manifest's 8th line
     # the junk file is reported once (scan warnings are not repeated by processing)
     assert sum(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam")) == 1
     assert (tmp_path / "beam" / "manifest.json").read_bytes() == \
@@ -77,7 +77,7 @@ def test_beam_matches_local(studies, tmp_path):
     assert not (tmp_path / "beam" / ".partial").exists()
 
 
-def test_beam_patient_split_conflict_fails_loudly(tmp_path):
+def test_beam_patient_split_conflict_fails_that_patient(tmp_path):
     for name in ("a", "b"):
         phantom.write_series(tmp_path / "studies" / name, kind="covid", seed=ord(name),
                              num_slices=SLICES, matrix=MATRIX, pixel_spacing_mm=SPACING)
@@ -87,5 +87,7 @@ def test_beam_patient_split_conflict_fails_loudly(tmp_path):
     proc = run_cli(f"--input={manifest}", f"--output_dir={tmp_path / 'out'}", "--runner=beam",
                    f"--salt_file={tmp_path / 'salt'}", "--image_size=64", "--min_slices=5",
                    check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 1  # its only patient failed: nothing was written
     assert "patient_split_conflict" in proc.stderr
+    reasons = [r["reason"] for r in failures(tmp_path / "out") if r["level"] == "error"]
+    assert reasons == ["patient_split_conflict"] * 2

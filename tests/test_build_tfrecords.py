@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,16 @@ def bad_input_run(tmp_path_factory):
         w.writerows(rows)
     out = root / "out"
     proc = run_cli(f"--input={manifest}", *common_flags(out, root / "salt.key"))
-    return out, proc
+    return out, proc, {path: f"line{i + 2:05d}" for i, (path, _, _) in enumerate(rows)}
+
+
+def by_study(rows: list[dict], lines: dict[str, str]) -> dict[str, list[dict]]:
+    """failures.csv rows by the manifest path of their study (names are 'line00005.<hash>')."""
+    path_of = {line: path for path, line in lines.items()}
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(path_of[r["study"].split(".")[0]], []).append(r)
+    return out
 
 
 EXPECTED_ERRORS = {
@@ -179,22 +189,23 @@ GOOD = {"studies/good_covid", "studies/good_normal", *EXPECTED_WARNINGS}
 
 
 def test_bad_input_each_has_a_named_reason(bad_input_run):
-    out, proc = bad_input_run
-    rows = failures(out)
-    errors = {r["study"]: r for r in rows if r["level"] == "error"}
+    out, proc, lines = bad_input_run
+    studies = by_study(failures(out), lines)
+    errors = {k: r for k, rows in studies.items() for r in rows if r["level"] == "error"}
     assert {k: v["reason"] for k, v in errors.items()} == EXPECTED_ERRORS
     for study, reasons in EXPECTED_WARNINGS.items():
-        got = {r["reason"] for r in rows if r["study"] == study and r["level"] == "warning"}
+        got = {r["reason"] for r in studies[study] if r["level"] == "warning"}
         assert reasons <= got, (study, got)
     assert "dropped (all_air" in errors["studies/all_air"]["detail"]
     assert "constant_image" in errors["studies/all_zero"]["detail"]
     assert "MPEG2" in errors["studies/mpeg2"]["detail"]
-    junk = [Path(r["file"]).name for r in rows if r["study"] == "studies/with_junk"]
-    assert sorted(junk) == ["fake.png", "notes.txt"]  # each reported once
+    junk = [r["file"] for r in studies["studies/with_junk"] if r["reason"] == "not_dicom"]
+    assert len(set(junk)) == len(junk) == 2  # each reported once, by its pseudonymous name
+    assert all(re.fullmatch(r"file\d{5}\.[0-9a-f]{8}", f) for f in junk), junk
 
 
 def test_bad_input_every_good_study_is_written(bad_input_run):
-    out, proc = bad_input_run
+    out, proc, _ = bad_input_run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["studies"]["written"] == len(GOOD)
     assert manifest["studies"]["failed"] == len(EXPECTED_ERRORS)
@@ -208,11 +219,11 @@ def test_bad_input_every_good_study_is_written(bad_input_run):
 
 
 def test_two_series_uses_the_longer_one(bad_input_run):
-    out, _ = bad_input_run
+    out, _, lines = bad_input_run
     recs = read_records(out)
     counts = {r[schema.SLICE_COUNT] for r in recs}
     assert 6 not in counts  # the 6-slice series was never used
-    detail = [r["detail"] for r in failures(out) if r["study"] == "studies/two_series"]
+    detail = [r["detail"] for r in by_study(failures(out), lines)["studies/two_series"]]
     assert any("6 files" in d for d in detail)
 
 
@@ -233,17 +244,27 @@ def test_strict_and_nothing_written_exit_codes(tmp_path):
     assert "Nothing was written" in proc.stderr
 
 
-def test_patient_in_two_manifest_splits_fails_loudly(tmp_path):
+def test_patient_in_two_manifest_splits_fails_that_patient_only(tmp_path):
     s = tmp_path / "studies"
     series(s / "a", kind="covid", seed=1)
     series(s / "b", kind="covid", seed=2)
+    series(s / "c", kind="covid", seed=3)
     manifest = tmp_path / "m.csv"
     manifest.write_text("study_path,label,patient_id,split\n"
-                        "studies/a,covid,P1,train\nstudies/b,covid,P1,test\n")
-    proc = run_cli(f"--input={manifest}", *common_flags(tmp_path / "out", tmp_path / "salt"),
-                   check=False)
-    assert proc.returncode == 1
-    assert "patient_split_conflict" in proc.stderr
+                        "studies/a,covid,P1,train\nstudies/b,covid,P1,test\n"
+                        "studies/c,covid,P2,train\n")
+    out = tmp_path / "out"
+    proc = run_cli(f"--input={manifest}", *common_flags(out, tmp_path / "salt"), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "patient_split_conflict" in proc.stderr  # the log says so, by pseudonymous names
+    errors = {r["study"].split(".")[0]: r["reason"] for r in failures(out)
+              if r["level"] == "error"}
+    assert errors == {"line00002": "patient_split_conflict",
+                      "line00003": "patient_split_conflict"}
+    assert json.loads((out / "manifest.json").read_text())["studies"]["written"] == 1
+    assert run_cli(f"--input={manifest}", "--strict",
+                   *common_flags(tmp_path / "o2", tmp_path / "salt"), check=False
+                   ).returncode == 1
 
 
 # ------------------------------------------------------------------ good data

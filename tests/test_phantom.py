@@ -347,6 +347,11 @@ def test_dataset_folders(tmp_path: Path) -> None:
             assert ds.PatientID.startswith(f"PHANTOM-{kind}-")
             patients.setdefault(ds.PatientID, set()).add((ds.StudyInstanceUID, ds.StudyDate))
     assert len(patients) == 6
+    # folders are never named after the patient id or the study date (issue 9)
+    for study in root.glob("*/*"):
+        ds = pydicom.dcmread(next(study.iterdir()), stop_before_pixels=True)
+        assert ds.PatientID not in study.name and ds.StudyDate not in study.name, study.name
+        assert study.name.startswith("study_")
     two = {pid: s for pid, s in patients.items() if len(s) == 2}
     assert sorted(two) == ["PHANTOM-covid-003", "PHANTOM-normal-003"]
     for studies in two.values():
@@ -388,3 +393,4 @@ def test_cli(tmp_path: Path) -> None:
     assert "SYNTHETIC" in out.stdout
     assert (tmp_path / "cli" / "manifest.csv").is_file()
     assert len(list((tmp_path / "cli" / "studies").iterdir())) == 2
+    assert "normal: 1 studies" in out.stdout and "tuberculosis: 1 studies" in out.stdout

@@ -1,0 +1,131 @@
+"""What data_prep says about a study without saying anything about the patient.
+
+* :func:`study_name` / :func:`file_names`: the pseudonymous names failures.csv, the log and
+  manifest.json use (see :mod:`data_prep.errors` for the scheme). Paths and folder names
+  (which hospitals fill with ``<PatientID>_<date>`` or a name) never leave the worker.
+* :func:`capture_library_messages`: pydicom's warnings (``warnings`` module and the
+  ``pydicom`` logger) quote tag values, UIDs included; they are caught and counted by kind.
+* :func:`spreadsheet_safe`: a failures.csv cell can never start a formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import warnings
+from collections import Counter
+from typing import Iterator
+
+
+def to_bytes(text: str) -> bytes:
+    """UTF-8 bytes of any str, including the surrogate-escaped bytes of a path that is not
+    valid UTF-8 (os.fsdecode's), so that every path can be hashed."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _hash(salt: bytes, kind: str, value: str, length: int) -> str:
+    h = hashlib.sha256(salt + b"\x00" + kind.encode() + b"\x00" + to_bytes(value))
+    return h.hexdigest()[:length]
+
+
+def study_name(origin: str, path: str, salt: bytes) -> str:
+    """``<origin>.<10 hex>``: where the study came from in the input (``line00017``,
+    ``entry00003``) and a salted hash of its path."""
+    return f"{origin}.{_hash(salt, 'study-name', path, 10)}"
+
+
+def file_names(files: list[str], root: str, salt: bytes) -> dict[str, str]:
+    """path -> ``file<NNNNN>.<8 hex>`` (1-based index in the study's sorted listing, salted
+    hash of the path relative to the study)."""
+    out = {}
+    for i, f in enumerate(files, start=1):
+        rel = os.path.relpath(f, root) if os.path.isdir(root) else os.path.basename(f)
+        out[f] = f"file{i:05d}.{_hash(salt, 'file-name', rel, 8)}"
+    return out
+
+
+def escaped(text: str) -> str:
+    """A printable ASCII rendering of any str: bytes that were not UTF-8 as ``\\xff``,
+    control characters as ``\\x00`` / ``\\n``, other non-ASCII as ``\\u20ac``."""
+    s = to_bytes(text).decode("utf-8", "backslashreplace")
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return s.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# ---------------------------------------------------------------- library messages
+_KINDS = (
+    (re.compile(r"Invalid value for VR (\w\w)"), "invalid {0} value"),
+    (re.compile(r"VR of '?(\w\w)'? .*(differ|mismatch)", re.I), "VR mismatch"),
+    (re.compile(r"[Ee]xpected explicit VR"), "VR mismatch"),
+    (re.compile(r"(end of (the )?file|truncat|shorter|EOF)", re.I), "file ends early"),
+    (re.compile(r"[Pp]reamble"), "missing preamble"),
+    (re.compile(r"[Tt]ransfer [Ss]yntax"), "transfer syntax"),
+    (re.compile(r"[Cc]haracter set|[Ee]ncoding|codec", re.I), "character set"),
+    (re.compile(r"length", re.I), "element length"),
+)
+
+
+def message_kind(message: str) -> str:
+    """A value-free name for a library message (never the message itself)."""
+    for pattern, name in _KINDS:
+        m = pattern.search(message)
+        if m:
+            return name.format(*m.groups()) if "{0}" in name else name
+    return "other"
+
+
+class _Collect(logging.Handler):
+    def __init__(self, counts: Counter) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            try:
+                msg = record.getMessage()
+            except Exception:  # noqa: BLE001 - a broken record is still counted
+                msg = ""
+            self.counts[message_kind(msg)] += 1
+
+
+@contextlib.contextmanager
+def capture_library_messages() -> Iterator[Counter]:
+    """Every warning (``warnings`` module) and every pydicom log record of WARNING or above
+    raised inside is counted by kind and printed nowhere."""
+    counts: Counter = Counter()
+    logger = logging.getLogger("pydicom")
+    handler = _Collect(counts)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield counts
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+            # pydicom's warn_and_log both warns and logs the same message: count it once.
+            seen = Counter(message_kind(str(w.message)) for w in caught)
+            for kind, n in seen.items():
+                counts[kind] = max(counts[kind], n)
+
+
+def summarise(counts: Counter) -> str:
+    """'invalid UI value x200, VR mismatch x3' (kinds only, never values)."""
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- failures.csv
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """Printable ASCII, and never read as a formula by a spreadsheet (a leading
+    ``= + - @ TAB CR`` gets a ``'`` in front, OWASP's CSV-injection advice)."""
+    text = escaped(cell)
+    return "'" + text if cell.startswith(_FORMULA_START) or text.startswith(_FORMULA_START) \
+        else text
