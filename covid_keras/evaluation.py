@@ -101,13 +101,16 @@ class Predictions:
 
 class SplitPredictor:
     """A split's records in order, every record once: metadata in memory (labels, keys,
-    sites), images streamed to the model in batches. Replaces ``callbacks.Evaluator``.
+    sites), images streamed to the model in batches. Replaces ``callbacks.Evaluator``
+    (same ``labels``, ``patient_keys``, ``study_keys``, ``slice_index``, ``display_u8``,
+    ``predict``; callers wrap the model themselves, e.g. ``predict(_probe(model))``).
 
     The images are padded with blank ones to whole batches (every replica of a
     distribution strategy then gets a full share); the padding's outputs are dropped.
     """
 
-    def __init__(self, data_dir: str, split: str, batch_size: int, cfg=None):
+    def __init__(self, data_dir: str, split: str, batch_size: int, cfg=None,
+                 num_display: int = 0):
         import tensorflow as tf
 
         from covid_keras import data, schema
@@ -139,6 +142,9 @@ class SplitPredictor:
                        .batch(self.batch_size).apply(
                            tf.data.experimental.assert_cardinality(
                                (n + pad) // self.batch_size)))
+        # The first slices as uint8 (TensorBoard's slices with their boxes), or None.
+        shown = self.images_u8(range(min(int(num_display), n)))
+        self.display_u8 = np.stack([shown[i] for i in sorted(shown)]) if shown else None
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -872,6 +878,16 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         raise ValueError(f"No --data_dir given and none in {run_dir}'s run_info.json")
     output_dir = output_dir or os.path.join(run_dir, f"eval_{split}")
     os.makedirs(output_dir, exist_ok=True)
+    notes, warnings = [], []
+    run_data_dir = flags.get("data_dir")
+    run_val = flags.get("val_split") or "val"
+    decision = read_decision(run_dir)
+    v_dir = val_data_dir or run_data_dir or data_dir
+    v_split = val_split or run_val
+    if decision is None and same_split(v_dir, v_split, data_dir, split):
+        raise ValueError(f"The run has no {DECISION_FILE} and its validation split "
+                         f"({v_split} of {v_dir}) is the evaluated split: a threshold is "
+                         "never chosen on the split it is evaluated on (pass --val_split)")
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     model = load_model(ckpt)
     spec = model_spec(model)
@@ -884,23 +900,12 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         f"on {split} of {data_dir}")
     predictor = SplitPredictor(data_dir, split, batch_size, cfg)
     preds = predictor.predictions(model, classes)
-    notes, warnings = [], []
-
-    run_data_dir = flags.get("data_dir")
-    run_val = flags.get("val_split") or "val"
-    decision = read_decision(run_dir)
     if decision is not None:
         if decision.get("checkpoint") and os.path.basename(ckpt) != decision["checkpoint"]:
             warnings.append(f"decision.json was chosen for {decision['checkpoint']}; this "
                             f"evaluation uses {os.path.basename(ckpt)}")
         notes.append(f"Decision read from {os.path.join(run_dir, DECISION_FILE)}.")
     else:
-        v_dir = val_data_dir or run_data_dir or data_dir
-        v_split = val_split or run_val
-        if same_split(v_dir, v_split, data_dir, split):
-            raise ValueError(f"The run has no decision.json and its validation split "
-                             f"({v_split} of {v_dir}) is the evaluated split: a threshold "
-                             "is never chosen on the split it is evaluated on")
         log(f"evaluate: {run_dir} has no {DECISION_FILE}: choosing the rule and threshold "
             f"on {v_split} of {v_dir} ({criterion})")
         v_pred = SplitPredictor(v_dir, v_split, batch_size, cfg).predictions(model, classes)

@@ -1,0 +1,591 @@
+"""Evaluation: metrics against scikit-learn, patient rules, decisions chosen on val only,
+the seeded bootstrap, strict metrics.json, Grad-CAM on a planted lesion, the CLI on a run
+folder, and the HTML report in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from covid_keras import evaluation as ev
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+CLASSES = ["non_covid", "covid"]
+
+
+def strict_loads(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def make_preds(rng, patients=12, slices=3, classes=CLASSES, signal=1.0, sites=None):
+    """Random slice probabilities, the positive class's a little higher for its patients."""
+    pos = ev.positive_index(classes)
+    labels, keys, probs, site = [], [], [], []
+    for p in range(patients):
+        y = p % len(classes)
+        for _ in range(slices):
+            logits = rng.normal(size=len(classes))
+            logits[y] += signal
+            probs.append(np.exp(logits) / np.exp(logits).sum())
+            labels.append(y)
+            keys.append(f"p{p:03d}")
+            site.append(sites[p] if sites else "default")
+    n = len(labels)
+    assert pos < len(classes)
+    return ev.Predictions(list(classes), np.asarray(labels), np.asarray(probs), keys,
+                          [f"s{k}" for k in keys], np.zeros(n, int), site, {}, "test", "")
+
+
+# ------------------------------------------------------------------ metrics
+def test_binary_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 60)
+        score = np.round(rng.uniform(size=60), 1)  # ties
+        pred = (score >= 0.5).astype(int)
+        m = ev.binary_metrics(y, score, pred)
+        assert m["auc"] == pytest.approx(skm.roc_auc_score(y, score))
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+        assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+        assert m["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
+        assert m["ppv"] == pytest.approx(skm.precision_score(y, pred))
+        assert m["npv"] == pytest.approx(skm.precision_score(y, pred, pos_label=0))
+        assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+
+
+def test_three_class_per_class_and_macro_equal_scikit_learn():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1, 1, 1], 90)
+    labels = rng.integers(0, 3, 90)
+    pred = probs.argmax(1)
+    m = ev.level_metrics(labels, probs, pred, positive=1)
+    assert m["macro"]["auc"] == pytest.approx(
+        skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert m["macro"]["sensitivity"] == pytest.approx(
+        skm.recall_score(labels, pred, average="macro"))
+    assert m["macro"]["ppv"] == pytest.approx(skm.precision_score(labels, pred, average="macro"))
+    assert m["macro"]["f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro"))
+    assert m["macro"]["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    for c in range(3):
+        assert m["per_class"][c]["auc"] == pytest.approx(
+            skm.roc_auc_score(labels == c, probs[:, c]))
+        assert m["per_class"][c]["specificity"] == pytest.approx(
+            skm.recall_score(labels == c, pred == c, pos_label=False))
+    assert m["sensitivity"] == m["per_class"][1]["sensitivity"]  # top level: covid vs rest
+
+
+def test_f1_is_two_pr_over_p_plus_r_not_the_papers_mean():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    pred = np.array([1, 0, 0, 0, 1, 0, 0, 0])  # P = 1/2, R = 1/4
+    m = ev.binary_metrics(y, pred.astype(float), pred)
+    assert m["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    assert m["f1"] != pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_ece_and_reliability_by_hand():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.05, 0.15, 0.95, 0.55])
+    # bins: [0,.1): |0-.05|; [.1,.2): |0-.15|; [.5,.6): |1-.55|; [.9,1]: |1-.95|
+    assert ev.ece_score(y, s) == pytest.approx((0.05 + 0.15 + 0.45 + 0.05) / 4)
+    bins = ev.reliability(y, s)
+    assert bins[5][2] == 1 and bins[5][4] == 1.0 and bins[3][2] == 0 and bins[3][3] is None
+
+
+# ------------------------------------------------------------------ patient rules
+def test_mean_and_any_rules_on_hand_made_patients():
+    p_covid = np.array([0.2, 0.9, 0.3,   # a: mean 0.467, max 0.9
+                        0.1, 0.2,        # b: mean 0.15, max 0.2
+                        0.6, 0.7])       # c: mean 0.65, max 0.7
+    probs = np.stack([1 - p_covid, p_covid], 1)
+    labels = np.array([1, 1, 1, 0, 0, 1, 1])
+    keys = ["a", "a", "a", "b", "b", "c", "c"]
+    mean = ev.aggregate(probs, labels, keys, "mean", 1)
+    anyr = ev.aggregate(probs, labels, keys, "any", 1)
+    assert mean.keys == anyr.keys == ["a", "b", "c"]
+    np.testing.assert_allclose(mean.score, [1.4 / 3, 0.15, 0.65])
+    np.testing.assert_allclose(anyr.score, [0.9, 0.2, 0.7])
+    np.testing.assert_allclose(anyr.probs[0], [0.1, 0.9])  # the most positive slice's
+    # At 0.5: the mean misses patient a, "any" calls it positive (one abnormal slice).
+    assert ev.decide(mean.probs, 0.5, 1).tolist() == [0, 0, 1]
+    assert ev.decide(anyr.probs, 0.5, 1).tolist() == [1, 0, 1]
+    # Negative only if every slice is below the threshold.
+    assert ev.decide(anyr.probs, 0.95, 1).tolist() == [0, 0, 0]
+
+
+def test_three_class_decision_falls_back_to_the_most_probable_other_class():
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.35, 0.55], [0.2, 0.5, 0.3]])
+    # covid (1) above 0.32 wins; else the larger of the other two.
+    assert ev.decide(probs, 0.32, 1).tolist() == [0, 1, 1]
+    assert ev.decide(probs, 0.6, 1).tolist() == [0, 2, 2]
+
+
+def test_patient_with_two_labels_is_an_error():
+    with pytest.raises(ValueError, match="labels"):
+        ev.aggregate(np.full((2, 2), 0.5), np.array([0, 1]), ["a", "a"], "mean", 1)
+
+
+# ------------------------------------------------------------------ decisions
+def test_choose_decision_youden_by_hand():
+    # One slice per patient: positives 0.3, 0.4, 0.8; negatives 0.1, 0.2, 0.35.
+    s = np.array([0.3, 0.4, 0.8, 0.1, 0.2, 0.35])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    d = ev.choose_decision(np.stack([1 - s, s], 1), labels, list("abcdef"), CLASSES)
+    # t = 0.25 (midpoint 0.2 / 0.3): sens 1, spec 2/3 -> J 0.667; t = 0.375: sens 2/3,
+    # spec 1 -> J 0.667 too; the tie goes to the threshold nearest 0.5.
+    assert d["threshold"] == pytest.approx(0.375)
+    assert d["criterion_value"] == pytest.approx(2 / 3)
+    assert d["rule"] == "mean" and d["positive_class"] == "covid"
+    d90 = ev.choose_decision(np.stack([1 - s, s], 1), labels, list("abcdef"), CLASSES,
+                             criterion="sensitivity", target_sensitivity=0.9)
+    assert d90["threshold"] == pytest.approx(0.25) and d90["val_sensitivity"] == 1.0
+
+
+def test_choose_decision_prefers_any_when_it_separates_val():
+    # Positives have one high slice among low ones: only "any" separates them.
+    p = np.array([0.9, 0.1, 0.1, 0.8, 0.1, 0.1, 0.4, 0.4, 0.4, 0.45, 0.4, 0.4])
+    labels = np.array([1] * 6 + [0] * 6)
+    keys = [k for k in "abcd" for _ in range(3)]
+    d = ev.choose_decision(np.stack([1 - p, p], 1), labels, keys, CLASSES)
+    assert d["rule"] == "any" and d["criterion_value"] == pytest.approx(1.0)
+    assert d["per_rule"]["mean"]["criterion_value"] < 1.0
+
+
+def test_threshold_comes_from_val_never_from_the_evaluated_split():
+    rng = np.random.default_rng(3)
+    val = make_preds(rng, patients=20, signal=2.0)
+    test = make_preds(rng, patients=20, signal=2.0)
+    test.probs = np.stack([1 - test.probs[:, 1] ** 3, test.probs[:, 1] ** 3], 1)  # shifted
+    d = ev.choose_decision(val.probs, val.labels, val.patient_keys, CLASSES)
+    d["split"] = "val"
+    r = ev.evaluate_predictions(test, d, n_bootstrap=0)
+    assert r["decision"]["threshold"] == d["threshold"]
+    assert r["decision"]["chosen_on_split"] == "val"
+    pats = ev.aggregate(test.probs, test.labels, test.patient_keys, d["rule"], 1)
+    expected = ev.binary_metrics(pats.labels == 1, pats.score, pats.score >= d["threshold"])
+    assert r["patient"]["sensitivity"]["value"] == pytest.approx(expected["sensitivity"])
+    on_test = ev.choose_decision(test.probs, test.labels, test.patient_keys, CLASSES)
+    assert on_test["threshold"] != pytest.approx(d["threshold"])  # test would choose another
+
+
+def test_write_and_read_decision(tmp_path):
+    rng = np.random.default_rng(4)
+    val = make_preds(rng, patients=10)
+    d = ev.write_decision(str(tmp_path), val, split="val", checkpoint="best.keras")
+    back = ev.read_decision(str(tmp_path))
+    assert back["rule"] == d["rule"] and back["threshold"] == d["threshold"]
+    assert back["split"] == "val" and back["checkpoint"] == "best.keras"
+    strict_loads((tmp_path / "decision.json").read_text())
+    (tmp_path / "decision.json").write_text('{"rule": "median", "threshold": 0.5, '
+                                            '"positive_class": "covid", "split": "val"}')
+    with pytest.raises(ValueError, match="rule"):
+        ev.read_decision(str(tmp_path))
+
+
+def test_a_run_without_decision_is_not_decided_on_the_evaluated_split(tmp_path):
+    (tmp_path / "run_info.json").write_text(json.dumps(
+        {"flags": {"data_dir": str(tmp_path / "data"), "val_split": "val"}}))
+    with pytest.raises(ValueError, match="never chosen on the split"):
+        ev.evaluate_run(str(tmp_path), split="val", output_dir=str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ bootstrap, JSON
+def test_bootstrap_is_seeded_and_reproducible():
+    rng = np.random.default_rng(5)
+    preds = make_preds(rng, patients=16, signal=0.3)
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    a = ev.evaluate_predictions(preds, d, n_bootstrap=200, seed=7)
+    b = ev.evaluate_predictions(preds, d, n_bootstrap=200, seed=7)
+    c = ev.evaluate_predictions(preds, d, n_bootstrap=200, seed=8)
+    for level in ("slice", "patient"):
+        assert a[level]["auc"]["ci95"] == b[level]["auc"]["ci95"]
+        lo, hi = a[level]["auc"]["ci95"]
+        assert lo <= a[level]["auc"]["value"] <= hi
+    assert 0.0 < a["patient"]["auc"]["ci95"][0] < a["patient"]["auc"]["ci95"][1] < 1.0
+    assert a["patient"]["auc"]["ci95"] != c["patient"]["auc"]["ci95"]
+    assert a["slice"]["f1"]["ci95"] != c["slice"]["f1"]["ci95"]
+
+
+def test_bootstrap_resamples_patients_not_slices():
+    # Two patients of each class, 50 slices each: slice bootstrap would give a narrow
+    # interval; resampling patients must give a wide one.
+    rng = np.random.default_rng(6)
+    preds = make_preds(rng, patients=4, slices=50, signal=0.5)
+    calls = []
+
+    def fn(idx):
+        calls.append(np.asarray(idx))
+        return {"x": float(len(idx))}
+
+    ev.bootstrap(fn, np.array([0, 1, 0, 1]), n=20, seed=0)
+    assert all(len(c) == 4 and set(c) <= {0, 1, 2, 3} for c in calls)
+    # stratified: each resample keeps two patients of each label
+    assert all(sorted(np.array([0, 1, 0, 1])[c].tolist()) == [0, 0, 1, 1] for c in calls)
+    del preds
+
+
+def test_metrics_json_is_strict_with_null_and_reason(tmp_path):
+    rng = np.random.default_rng(7)
+    preds = make_preds(rng, patients=6)
+    keep = preds.labels == 1  # one class only: AUC and specificity undefined
+    one = ev.Predictions(CLASSES, preds.labels[keep], preds.probs[keep],
+                         [k for k, m in zip(preds.patient_keys, keep) if m],
+                         [k for k, m in zip(preds.study_keys, keep) if m],
+                         preds.slice_index[keep], [s for s, m in zip(preds.sites, keep) if m])
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    r = ev.evaluate_predictions(one, d, n_bootstrap=50)
+    text = ev.dumps(ev.public_result(r))
+    m = strict_loads(text)
+    assert m["patient"]["auc"] == {"value": None, "ci95": None,
+                                   "reason": "the labels have one class only"}
+    assert m["patient"]["specificity"]["value"] is None
+    assert m["patient"]["sensitivity"]["value"] is not None
+    for level in ("slice", "patient"):
+        for k in ev.METRICS:
+            assert set(m[level][k]) >= {"value", "ci95"}
+
+
+def test_three_classes_have_per_class_and_macro_sections():
+    rng = np.random.default_rng(8)
+    classes = ["normal", "covid", "bacterial"]
+    preds = make_preds(rng, patients=15, classes=classes, signal=1.5)
+    d = {"rule": "mean", "threshold": 0.4, "positive_class": "covid", "split": "val"}
+    m = strict_loads(ev.dumps(ev.public_result(ev.evaluate_predictions(preds, d, 100))))
+    for level in ("slice", "patient"):
+        assert set(m[level]["per_class"]) == set(classes)
+        assert set(m[level]["macro"]) == set(ev.METRICS)
+        assert m[level]["macro"]["auc"]["ci95"] is not None
+    assert len(m["confusion"]["patient"]) == 3
+
+
+def test_per_site_warns_when_a_class_comes_from_one_site():
+    rng = np.random.default_rng(9)
+    sites = ["A" if p % 2 == 0 else ("A" if p % 4 == 1 else "B") for p in range(12)]
+    # even patients (non_covid) all from A; covid patients from A and B
+    preds = make_preds(rng, patients=12, sites=sites)
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    r = ev.evaluate_predictions(preds, d, n_bootstrap=0)
+    assert set(r["sites"]) == {"A", "B"}
+    assert r["sites"]["B"]["patients_by_class"] == {"non_covid": 0, "covid": 3}
+    assert any("'non_covid' comes from a single site ('A')" in w for w in r["warnings"])
+    assert not any("'covid' comes from a single site" in w for w in r["warnings"])
+
+
+def test_csv_files_have_the_contract_columns(tmp_path):
+    rng = np.random.default_rng(10)
+    preds = make_preds(rng, patients=4, slices=2)
+    preds.outputs = {"boxes": np.tile([[1.0, 2.0, 30.0, 40.0]], (len(preds), 2, 1)),
+                     "box_scores": np.ones((len(preds), 2))}
+    d = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    r = ev.evaluate_predictions(preds, d, n_bootstrap=0)
+    ev.write_slices_csv(str(tmp_path / "slices.csv"), preds)
+    ev.write_patients_csv(str(tmp_path / "patients.csv"), r["_patients"], r["_patient_pred"],
+                          CLASSES)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "slices.csv").read_text())))
+    assert list(rows[0]) == ["patient_key", "study_key", "slice_index", "label",
+                             "prob_non_covid", "prob_covid", "boxes"]
+    assert json.loads(rows[0]["boxes"])[0] == [1.0, 2.0, 30.0, 40.0, 1.0]
+    pats = list(csv.DictReader(io.StringIO((tmp_path / "patients.csv").read_text())))
+    assert list(pats[0]) == ["patient_key", "label", "prob_non_covid", "prob_covid",
+                             "decision"]
+    assert len(pats) == 4
+    for row in pats:  # "any": a patient's probabilities are its most positive slice's
+        mine = [float(s["prob_covid"]) for s in rows if s["patient_key"] == row["patient_key"]]
+        assert float(row["prob_covid"]) == pytest.approx(max(mine), abs=1e-6)
+        assert row["decision"] == ("covid" if max(mine) >= 0.5 else "non_covid")
+
+
+def test_comparison_table_like_the_papers(tmp_path):
+    rng = np.random.default_rng(11)
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    results = {name: ev.public_result(ev.evaluate_predictions(
+        make_preds(rng, patients=10, signal=s), d, 100)) for name, s in
+        (("drenet", 2.0), ("vgg16", 0.5))}
+    out = ev.write_comparison(str(tmp_path), results)
+    md = out["markdown"]
+    assert "Table 1" in md and "| model | AUC | Recall | Precision | Specificity |" in md
+    assert "(P+R)/2" in md
+    rows = list(csv.reader(io.StringIO((tmp_path / "comparison.csv").read_text())))
+    assert rows[0][:4] == ["model", "AUC", "AUC ci95 lo", "AUC ci95 hi"]
+    assert [r[0] for r in rows[1:]] == ["drenet", "vgg16"]
+    auc = results["drenet"]["patient"]["auc"]
+    assert float(rows[1][1]) == pytest.approx(auc["value"], abs=1e-4)
+    assert float(rows[1][2]) == pytest.approx(auc["ci95"][0], abs=1e-4)
+
+
+def test_compare_accepts_space_separated_runs():
+    from covid_keras.evaluate import expand_compare
+
+    argv = ["prog", "--compare", "a", "b", "c", "--split=test", "--compare=d"]
+    assert expand_compare(argv) == ["prog", "--compare=a,b,c", "--split=test",
+                                    "--compare=d"]
+
+
+# ------------------------------------------------------------------ Grad-CAM
+def lesion_images(rng, n, size=96):
+    x = rng.uniform(0.0, 0.4, (n, size, size, 1)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    masks = np.zeros((n, size, size), bool)
+    yy, xx = np.mgrid[:size, :size]
+    for i in np.flatnonzero(y):
+        cy, cx = rng.integers(16, size - 16, 2)
+        masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < 10 ** 2
+        x[i, masks[i], 0] = 0.95
+    return np.repeat(x, 3, -1) * 2.0 - 1.0, y, masks
+
+
+def test_gradcam_weighs_the_planted_lesion_over_the_background():
+    import keras
+
+    from covid_keras.baselines import build_classifier
+    from covid_keras.gradcam import GradCAM
+
+    rng = np.random.default_rng(0)
+    x, y, _ = lesion_images(rng, 256)
+    keras.utils.set_random_seed(0)
+    model = build_classifier("tiny", 2, 96)
+    model.compile(keras.optimizers.Adam(3e-3), loss={
+        "logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    model.fit(x, {"logits": y}, epochs=4, batch_size=16, verbose=0)
+    xt, yt, mt = lesion_images(rng, 40)
+    cams = GradCAM(model)(xt[yt == 1], class_index=1)
+    assert cams.dtype == np.float32 and cams.shape == (int((yt == 1).sum()), 96, 96)
+    assert 0.0 <= cams.min() and cams.max() <= 1.0
+    inside = np.array([c[m].mean() for c, m in zip(cams, mt[yt == 1])])
+    outside = np.array([c[~m].mean() for c, m in zip(cams, mt[yt == 1])])
+    assert inside.mean() > 1.5 * outside.mean()
+    assert (inside > outside).mean() >= 0.9
+
+
+def test_gradcam_runs_on_drenet_over_the_image_backbone():
+    from covid_keras.drenet import build_drenet
+    from covid_keras.gradcam import GradCAM, conv_features, image_backbone
+
+    model = build_drenet(2, input_size=64, backbone="tiny")
+    assert image_backbone(model).name == "tiny_backbone"
+    assert tuple(conv_features(model).shape[1:3]) == (2, 2)
+    x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
+    cams = GradCAM(model)(x, class_index=1)
+    assert cams.shape == (3, 64, 64) and cams.dtype == np.float32
+    assert np.isfinite(cams).all()
+
+
+# ------------------------------------------------------------------ a run folder
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(root: Path, patients: dict, slices: int = 3, size: int = 64,
+                  seed: int = 0) -> Path:
+    """TFRecords like data_prep's: ``patients`` = split -> patients per class. COVID
+    patients have a bright lesion. Sites: non_covid from "A"; covid from "A" and "B"."""
+    from covid_keras import schema
+
+    rng = np.random.default_rng(seed)
+    import tensorflow as tf
+
+    root.mkdir(parents=True, exist_ok=True)
+    counts: dict = {}
+    yy, xx = np.mgrid[:size, :size]
+    for split, per_class in patients.items():
+        path = root / f"{split}-00000-of-00001.tfrecord.gz"
+        with tf.io.TFRecordWriter(str(path), "GZIP") as w:
+            for c, name in enumerate(CLASSES):
+                for p in range(per_class):
+                    key = f"{split[:2]}{c}{p:02d}".ljust(16, "0")
+                    site = "A" if c == 0 or p % 2 == 0 else "B"
+                    cell = counts.setdefault(split, {}).setdefault(name, {}).setdefault(
+                        site, {"patients": 0, "slices": 0, "studies": 1})
+                    cell["patients"] += 1
+                    for s in range(slices):
+                        img = rng.uniform(0, 90, (size, size)).astype(np.uint8)
+                        if c == 1:
+                            cy, cx = rng.integers(12, size - 12, 2)
+                            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 240
+                        cell["slices"] += 1
+                        w.write(schema.serialize({
+                            schema.IMAGE: png(img), schema.HEIGHT: size, schema.WIDTH: size,
+                            schema.CHANNELS: 1, schema.MASK: png(np.full((size, size), 255,
+                                                                         np.uint8)),
+                            schema.LABEL_NAME: name, schema.LABEL_INDEX: c,
+                            schema.PATIENT_KEY: key, schema.STUDY_KEY: key[::-1],
+                            schema.SERIES_KEY: key, schema.SOP_KEY: f"{key}{s}",
+                            schema.SLICE_INDEX: s, schema.SLICE_COUNT: slices,
+                            schema.POSITION_MM: float(s), schema.LUNG_FRACTION: 0.5,
+                            schema.SITE: site, schema.SPLIT: split}))
+    (root / "manifest.json").write_text(json.dumps({"classes": CLASSES, "counts": counts}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("evaldata") / "tfrecords",
+                         {"train": 6, "val": 4, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset, tmp_path_factory):
+    """A run folder as train.py leaves it (run_info.json, best.keras), no decision.json:
+    a tiny DRENet trained a few steps."""
+    import keras
+
+    from covid_keras import data
+    from covid_keras.drenet import build_drenet
+
+    run = tmp_path_factory.mktemp("run")
+    keras.utils.set_random_seed(0)
+    model = build_drenet(2, input_size=64, backbone="tiny")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    ds = data.make_dataset(str(dataset), "train", 4, training=True, cfg=cfg, repeat=True)
+    model.fit(ds, epochs=2, steps_per_epoch=6, verbose=0, shuffle=False)
+    model.save(run / "best.keras")
+    (run / "run_info.json").write_text(json.dumps(
+        {"flags": {"data_dir": str(dataset), "val_split": "val", "model": "drenet",
+                   "backbone": "tiny", "input_size": 64}}))
+    return run
+
+
+def test_split_predictor_keeps_the_pipelines_record_order(dataset):
+    from covid_keras import data
+
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    sp = ev.SplitPredictor(str(dataset), "test", 3, cfg, num_display=2)
+    keys, labels = [], []
+    for _, meta in data.make_dataset(str(dataset), "test", 5, training=False, cfg=cfg,
+                                     with_meta=True):
+        keys += [k.decode() for k in meta["patient_key"].numpy()]
+        labels += meta["label"].numpy().tolist()
+    assert sp.patient_keys == keys and sp.labels.tolist() == labels and len(sp) == 24
+    assert set(sp.sites) == {"A", "B"}
+    assert sp.display_u8.shape == (2, 64, 64, 3) and sp.display_u8.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={run_dir}",
+         f"--data_dir={dataset}", "--split=test", f"--output_dir={out}", "--bootstrap=100"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "no decision.json: choosing the rule and threshold on val" in proc.stdout
+    for name in ("metrics.json", "slices.csv", "patients.csv", "report.html", "roc.png",
+                 "pr.png", "reliability.png", "confusion.png", "decision.json"):
+        assert (out / name).is_file(), name
+    m = strict_loads((out / "metrics.json").read_text())
+    assert m["decision"]["chosen_on_split"] == "val" and m["split"] == "test"
+    assert m["slice"]["count"] == 24 and m["patient"]["count"] == 8
+    for level in ("slice", "patient"):
+        for k in ev.METRICS:
+            assert set(m[level][k]) >= {"value", "ci95"}
+    # The threshold is the val split's choice, reproduced from val's predictions.
+    import keras  # noqa: F401
+
+    from covid_keras import data
+
+    model = ev.load_model(str(run_dir / "best.keras"))
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    val = ev.SplitPredictor(str(dataset), "val", 4, cfg).predictions(model, CLASSES)
+    d = ev.choose_decision(val.probs, val.labels, val.patient_keys, CLASSES)
+    assert m["decision"]["threshold"] == pytest.approx(d["threshold"])
+    assert m["decision"]["rule"] == d["rule"]
+    assert not (run_dir / "decision.json").exists()  # not saved without --save_decision
+    assert not any("chose the decision threshold" in w for w in m["warnings"])
+    assert any("'non_covid' comes from a single site" in w for w in m["warnings"])
+    expl = sorted((out / "explanations").glob("*.png"))
+    assert len(expl) == 8
+    html = (out / "report.html").read_text()
+    assert "Warning" in html and "roc.png" in html and "explanations/" in html
+    with open(out / "patients.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+
+
+@pytest.mark.slow
+def test_evaluating_the_threshold_split_warns_in_the_report(run_dir, dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    model = ev.load_model(str(run / "best.keras"))
+    from covid_keras import data
+
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    ev.write_decision(str(run), ev.SplitPredictor(str(dataset), "val", 4, cfg).predictions(
+        model, CLASSES), split="val")
+    m = ev.evaluate_run(str(run), split="val", output_dir=str(tmp_path / "out"),
+                        n_bootstrap=20, max_explained=1, log=lambda s: None)
+    assert any("chose the decision threshold" in w for w in m["warnings"])
+    assert any("chose the checkpoint" in w for w in m["warnings"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "chose the decision threshold" in html
+    assert len(list((tmp_path / "out" / "explanations").glob("*.png"))) == 1
+
+
+# ------------------------------------------------------------------ the HTML report
+CHROMIUM = "/usr/bin/chromium"
+
+
+def synthetic_report(out: Path) -> Path:
+    from covid_keras import report
+
+    rng = np.random.default_rng(12)
+    preds = make_preds(rng, patients=10, sites=["A"] * 5 + ["B"] * 5)
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val",
+         "criterion": "youden_j"}
+    r = ev.evaluate_predictions(preds, d, 100)
+    r["warnings"].append("This split (val) chose the decision threshold: test warning.")
+    plots = report.write_plots(str(out), r, preds)
+    (out / "explanations").mkdir(exist_ok=True)
+    shutil.copy(out / "roc.png", out / "explanations" / "p000.png")
+    expl = [{"key": "p000", "label": "non_covid", "decision": "covid", "score": 0.6,
+             "file": "explanations/p000.png", "slices": [0, 1, 2]}]
+    return Path(report.write_html(str(out), r, plots, expl))
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+def test_report_loads_in_headless_chromium_without_console_errors(tmp_path):
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    page_path = synthetic_report(tmp_path)
+    messages, errors, failed = [], [], []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: messages.append((m.type, m.text)))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.goto(page_path.as_uri(), wait_until="load")
+        broken = page.evaluate(
+            "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+            ".map(i => i.src)")
+        title = page.title()
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    artifacts = Path(os.environ.get("COVID_KERAS_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artifacts / "report_chromium.png")
+    assert shot.stat().st_size > 10_000
+    assert [m for m in messages if m[0] == "error"] == [] and errors == [] and failed == []
+    assert broken == []
+    assert title.startswith("covid_keras evaluation")
