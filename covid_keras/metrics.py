@@ -1,45 +1,32 @@
-"""Slice- and patient-level metrics (NumPy / scikit-learn; no TensorFlow).
+"""The training logs' slice- and patient-level metrics (NumPy / scikit-learn; no
+TensorFlow), on :mod:`covid_keras.evaluation`'s definitions.
 
 A patient's probabilities are the mean of their slices' probabilities (the paper's
-aggregation). The positive class for AUC, sensitivity and specificity is "covid" when the
-classes have it (else class 1): COVID vs the rest. Sensitivity / specificity use the
-predicted class (argmax); the AUC, every threshold. With more than two classes the
-macro one-vs-rest AUC and the accuracy are reported too.
+aggregation, :func:`covid_keras.evaluation.aggregate` with ``rule="mean"``). The positive
+class for AUC, sensitivity and specificity is "covid" when the classes have it (else class
+1): COVID vs the rest. Sensitivity / specificity here use the predicted class (argmax): the
+per-epoch logs. Reports use the decision chosen on validation (rule and threshold,
+``decision.json``) through :func:`covid_keras.evaluation.evaluate_predictions`. With more
+than two classes the macro one-vs-rest AUC and the accuracy are reported too.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from covid_keras.evaluation import aggregate, auc_score, positive_index, softmax
 
-def positive_index(classes: list[str]) -> int:
-    return classes.index("covid") if "covid" in classes else 1
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+__all__ = ["positive_index", "softmax", "aggregate_by_patient", "classification_metrics"]
 
 
 def aggregate_by_patient(probs: np.ndarray, labels: np.ndarray, patient_keys
                          ) -> tuple[np.ndarray, np.ndarray, list]:
     """Mean probabilities per patient (in first-seen order), the patient's label, the keys.
     Raises if a patient's slices disagree on the label."""
-    groups: OrderedDict = OrderedDict()
-    for i, key in enumerate(patient_keys):
-        groups.setdefault(key, []).append(i)
-    p_out, y_out = [], []
-    for key, idx in groups.items():
-        ys = set(int(v) for v in labels[idx])
-        if len(ys) != 1:
-            raise ValueError(f"Patient {key!r} has slices with labels {sorted(ys)}")
-        p_out.append(probs[idx].mean(axis=0))
-        y_out.append(ys.pop())
-    return np.asarray(p_out), np.asarray(y_out), list(groups)
+    probs = np.asarray(probs, np.float64)
+    pats = aggregate(probs, np.asarray(labels), patient_keys, "mean", positive=1)
+    return pats.probs, pats.labels, pats.keys
 
 
 def _binary(probs: np.ndarray, labels: np.ndarray, pos: int) -> dict:
@@ -50,7 +37,7 @@ def _binary(probs: np.ndarray, labels: np.ndarray, pos: int) -> dict:
     fp = int(((pred == 1) & (y == 0)).sum())
     fn = int(((pred == 0) & (y == 1)).sum())
     out = {
-        "auc": float(roc_auc_score(y, probs[:, pos])) if 0 < y.sum() < len(y) else float("nan"),
+        "auc": auc_score(y, probs[:, pos]),
         "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
         "precision": tp / (tp + fp) if tp + fp else float("nan"),

@@ -35,3 +35,23 @@ def test_three_classes_positive_is_covid():
 def test_patient_with_two_labels_is_an_error():
     with pytest.raises(ValueError, match="labels"):
         aggregate_by_patient(np.ones((2, 2)) / 2, np.array([0, 1]), ["a", "a"])
+
+
+def test_training_metrics_share_evaluations_definitions():
+    from sklearn.metrics import roc_auc_score
+
+    from covid_keras import evaluation
+
+    rng = np.random.default_rng(0)
+    p = np.round(rng.uniform(size=40), 1)
+    probs = np.stack([1 - p, p], 1)
+    labels = rng.integers(0, 2, 40)
+    keys = [f"k{i // 2}" for i in range(40)]
+    labels = np.repeat(labels[::2], 2)  # one label per patient
+    m = classification_metrics(probs, labels, keys, ["non_covid", "covid"])
+    assert m["slice_auc"] == pytest.approx(roc_auc_score(labels, p))
+    pats = evaluation.aggregate(probs, labels, keys, "mean", 1)
+    assert m["patient_auc"] == pytest.approx(roc_auc_score(pats.labels, pats.score))
+    p_probs, p_labels, p_keys = aggregate_by_patient(probs, labels, keys)
+    np.testing.assert_allclose(p_probs, pats.probs)
+    assert p_keys == pats.keys and p_labels.tolist() == pats.labels.tolist()
