@@ -48,22 +48,18 @@ TORCH_STD = np.array((0.229, 0.224, 0.225), np.float32)
 SMOOTHING_EPOCHS = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS (that module imports TF)
 
 
-def read_flagfile(path: str, seen: tuple = ()) -> dict[str, str]:
-    """--name=value lines, nested --flagfile= included first (later lines win)."""
-    if path in seen:
-        raise SystemExit(f"flagfile cycle at {path}")
+def read_flagfile(path: str) -> dict[str, str]:
+    """The flagfile's flags (nested --flagfile= included as covid_keras.cli resolves them;
+    later lines win): name -> value ("true"/"false" for --name / --noname)."""
+    from covid_keras.cli import expand_flagfiles
+
     out: dict[str, str] = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line.startswith("--"):
-            continue
-        name, _, value = line[2:].partition("=")
-        if name == "flagfile":
-            out.update(read_flagfile(value, seen + (path,)))
-        elif name.startswith("no") and not _:
+    for arg in expand_flagfiles(["prog", f"--flagfile={path}"])[1:]:
+        name, sep, value = arg[2:].partition("=")
+        if not sep and name.startswith("no"):
             out[name[2:]] = "false"
         else:
-            out[name] = value if _ else "true"
+            out[name] = value if sep else "true"
     return out
 
 
@@ -111,7 +107,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
-            overrides: dict[str, str], out_path: Path) -> dict:
+            overrides: dict[str, str], out_path: Path, track_held_out: bool = False) -> dict:
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
@@ -179,11 +175,18 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         key = (-smoothed if smoothed == smoothed else float("inf"), loss)
         if best_key is None or key < best_key:
             best_key, best_epoch, best_weights = key, epoch + 1, model.get_weights()
-        history.append({"epoch": epoch + 1, "val_patient_auc": m["patient_auc"],
-                        "val_slice_auc": m["slice_auc"], "val_prediction_loss": loss,
-                        "val_patient_auc_smoothed": smoothed,
-                        "train_loss": float(logs.get("loss", float("nan"))),
-                        "seconds": time.time() - t0})
+        row = {"epoch": epoch + 1, "val_patient_auc": m["patient_auc"],
+               "val_slice_auc": m["slice_auc"], "val_prediction_loss": loss,
+               "val_patient_auc_smoothed": smoothed,
+               "train_loss": float(logs.get("loss", float("nan"))),
+               "seconds": time.time() - t0}
+        if track_held_out:  # diagnostics only: never used to choose anything
+            for split in held_out:
+                row[f"{split}_patient_auc"] = evaluate(split)[0]["patient_auc"]
+        history.append(row)
+        partial = out_path.with_suffix(".partial.json")
+        partial.write_text(json.dumps({"seed": seed, "best_epoch": best_epoch,
+                                       "history": history}, default=float))
         print(f"[{Path(flagfile).stem} seed {seed}] epoch {epoch + 1}: val patient AUC "
               f"{m['patient_auc']:.3f} (smoothed {smoothed:.3f}), loss {loss:.3f}, "
               f"{time.time() - t0:.0f} s", flush=True)
@@ -214,6 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="Runs at once (processes).")
     p.add_argument("--work_dir", default="runs/accuracy_jax")
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--track_held_out", action="store_true",
+                   help="Also record the held-out AUC of every epoch in the history "
+                        "(diagnostics; the checkpoint is still chosen on val alone), and "
+                        "write each run's history as it goes (<run>.partial.json)")
     p.add_argument("--output_json", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
     if args.one:
         flagfile, seed = args.one.rsplit(":", 1)
         run_one(args.data, flagfile, int(seed), args.input_size, overrides,
-                work / f"{Path(flagfile).stem}-seed{seed}.json")
+                work / f"{Path(flagfile).stem}-seed{seed}.json", args.track_held_out)
         return 0
     if not os.path.isfile(args.data):
         p.error(f"--data={args.data}: no such file")
@@ -248,6 +255,8 @@ def main(argv=None) -> int:
                    f"--work_dir={work}", f"--one={f}:{s}"]
             if args.input_size:
                 cmd.append(f"--input_size={args.input_size}")
+            if args.track_held_out:
+                cmd.append("--track_held_out")
             cmd += ["--", *args.extra] if args.extra else []
             log = open(work / f"{Path(f).stem}-seed{s}.log", "w")
             running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,

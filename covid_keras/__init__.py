@@ -4,7 +4,8 @@
 use. The TFRecord schema is :mod:`covid_keras.schema`, shared by data_prep (the writer) and
 the readers.
 
-    from covid_keras import build_drenet, build_classifier
+    from covid_keras import build_drenet, build_classifier, load_model
+    model = load_model("runs/x/best.keras")   # + model.covid_keras_info: classes, input...
 """
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ _LAZY = {
     "build_classifier": ("covid_keras.baselines", "build_classifier"),
     "build_resnet50_five_class": ("covid_keras.baselines", "build_resnet50_five_class"),
     "build_backbone": ("covid_keras.backbones", "build_backbone"),
+    "load_model": ("covid_keras.saving", "load_model"),
 }
 
 __all__ = ["__version__", *_LAZY]

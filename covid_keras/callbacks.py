@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from covid_keras import data, losses, metrics
+from covid_keras import data, files, losses, metrics, saving
+from covid_keras.keras_private import AtomicBackupAndRestore  # noqa: F401 (re-exported)
 
 LOGIT_OUTPUTS = ("logits", "raw_logits", "region_logits")
+BEST_METRICS = ("patient_auc", "slice_auc", "patient_accuracy", "slice_accuracy",
+                "prediction_loss")
 
 
 class Evaluator:
@@ -55,11 +59,18 @@ class Evaluator:
         self.images = (ds.map(lambda x, meta: x).unbatch().concatenate(blank)
                        .batch(batch_size).apply(
                            tf.data.experimental.assert_cardinality((n + pad) // batch_size)))
-        raw_cfg = cfg
-        raw = tf.data.TFRecordDataset(data.shard_files(data_dir, split), "GZIP").take(
-            num_display).map(data._parse).map(
-            lambda r: data.decode_image(r[data.schema.IMAGE], raw_cfg.input_size))
-        self.display_u8 = np.stack([x.numpy() for x in raw]) if num_display else None
+        self.display_index = display_indices(self.labels, self.patient_keys, num_display)
+        self.display_u8 = None
+        if len(self.display_index):
+            wanted = {int(i): j for j, i in enumerate(self.display_index)}
+            shown = [None] * len(wanted)
+            raw = tf.data.TFRecordDataset(data.shard_files(data_dir, split), "GZIP")
+            for i, record in enumerate(raw.take(int(max(wanted)) + 1)):
+                if i in wanted:
+                    r = tf.io.parse_single_example(record, data.schema.parse_spec())
+                    shown[wanted[i]] = data.decode_image(r[data.schema.IMAGE],
+                                                         cfg.input_size).numpy()
+            self.display_u8 = np.stack(shown)
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -73,6 +84,59 @@ class Evaluator:
         if out["logits"].shape[0] != n:
             raise RuntimeError(f"Predicted {out['logits'].shape[0]} slices for {n} records")
         return out
+
+
+def display_indices(labels: np.ndarray, patient_keys: list, count: int) -> np.ndarray:
+    """Up to ``count`` slice indices for TensorBoard's box images: the classes in turn, each
+    time a slice of a patient not shown yet (the middle slice of that patient's run)."""
+    if count <= 0 or len(labels) == 0:
+        return np.zeros((0,), np.int64)
+    by_class: dict[int, list[list[int]]] = {}
+    seen: dict = {}
+    for i, (label, key) in enumerate(zip(labels, patient_keys)):
+        if key not in seen:
+            seen[key] = []
+            by_class.setdefault(int(label), []).append(seen[key])
+        seen[key].append(i)
+    queues = {c: list(p) for c, p in sorted(by_class.items())}
+    out: list[int] = []
+    while len(out) < count and any(queues.values()):
+        for c in sorted(queues):
+            if queues[c] and len(out) < count:
+                slices = queues[c].pop(0)
+                out.append(slices[len(slices) // 2])
+    return np.asarray(out, np.int64)
+
+
+def caption(images: np.ndarray, texts: list[str]) -> np.ndarray:
+    """float (N, S, S, 3) in [0, 1] with a caption (label, probability) drawn at the top."""
+    import cv2
+
+    out = np.ascontiguousarray(np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    size = out.shape[1]
+    scale = max(0.3, size / 400.0)
+    for img, text in zip(out, texts):
+        cv2.rectangle(img, (0, 0), (size - 1, int(22 * scale)), (0, 0, 0), -1)
+        cv2.putText(img, text, (2, int(16 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale,
+                    (255, 255, 80), 1, cv2.LINE_AA)
+    return out.astype(np.float32) / 255.0
+
+
+_WRITERS: dict = {}
+
+
+def close_writers() -> None:
+    """Closes this process's cached writers (a run folder started again)."""
+    for w in _WRITERS.values():
+        w.close()
+    _WRITERS.clear()
+
+
+def summary_writer(log_dir: str):
+    """One tf.summary writer per folder in this process (several callbacks share it)."""
+    if log_dir not in _WRITERS:
+        _WRITERS[log_dir] = tf.summary.create_file_writer(log_dir)
+    return _WRITERS[log_dir]
 
 
 def _probe(model: keras.Model) -> keras.Model:
@@ -160,17 +224,39 @@ class PatientValidation(keras.callbacks.Callback):
         self.prefix = prefix
         self.hparams = hparams
         self.write = write and log_dir is not None
-        self.writer = (tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+        self.writer = (summary_writer(os.path.join(log_dir, "validation"))
                        if self.write else None)
         self.last: dict = {}
+        self._hparams_written = False
 
     def on_train_begin(self, logs=None):
-        if self.writer is not None and self.hparams:
+        if self.writer is not None and self.hparams and not self._hparams_written:
             from tensorboard.plugins.hparams import api as hp
 
+            values = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                      for k, v in self.hparams.items()}
+            values = {k: v for k, v in values.items()
+                      if isinstance(v, (bool, int, float, str))}
             with self.writer.as_default():
-                hp.hparams({k: v for k, v in self.hparams.items()
-                            if isinstance(v, (bool, int, float, str))})
+                hp.hparams_config(
+                    hparams=[hp.HParam(k) for k in sorted(values)],
+                    metrics=[hp.Metric(f"best/{k}", group="validation",
+                                       display_name=f"best epoch {k}")
+                             for k in BEST_METRICS])
+                hp.hparams(values)
+            self._hparams_written = True
+
+    def write_best(self, best: dict | None, epoch: int | None) -> None:
+        """The chosen checkpoint's validation metrics as ``best/<metric>`` scalars (the
+        HParams dashboard's metrics), at its epoch."""
+        if self.writer is None or not best or epoch is None:
+            return
+        with self.writer.as_default():
+            for k in BEST_METRICS:
+                value = best.get(k)
+                if value is not None and value == value:
+                    tf.summary.scalar(f"best/{k}", float(value), step=int(epoch) - 1)
+        self.writer.flush()
 
     def evaluate(self, model: keras.Model | None = None) -> tuple[dict, dict]:
         """Metrics and outputs of ``model`` (default: the model being trained)."""
@@ -195,20 +281,27 @@ class PatientValidation(keras.callbacks.Callback):
             return
         pos = metrics.positive_index(self.classes)
         with self.writer.as_default():
-            _pr_curve_summary("slice_pr_curve", self.evaluator.labels == pos,
+            _pr_curve_summary("val/slice_pr_curve", self.evaluator.labels == pos,
                               out["probs"][:, pos], epoch)
             p_probs, p_labels, _ = metrics.aggregate_by_patient(
                 out["probs"], self.evaluator.labels, self.evaluator.patient_keys)
-            _pr_curve_summary("patient_pr_curve", p_labels == pos, p_probs[:, pos], epoch)
+            _pr_curve_summary("val/patient_pr_curve", p_labels == pos, p_probs[:, pos],
+                              epoch)
             shown = self.evaluator.display_u8
             if shown is not None and len(shown):
+                idx = self.evaluator.display_index
                 boxes = out.get("boxes")
                 if boxes is not None:
-                    drawn = draw_boxes(shown, np.asarray(boxes[: len(shown)]))
+                    drawn = draw_boxes(shown, np.asarray(boxes)[idx])
                 else:
                     drawn = shown.astype(np.float32) / 255.0
-                tf.summary.image("slices_with_top_k_boxes", drawn, step=epoch,
-                                 max_outputs=len(shown))
+                texts = []
+                for i in idx:
+                    label = self.classes[int(self.evaluator.labels[i])]
+                    texts.append(f"{label}: p({label}) "
+                                 f"{out['probs'][i, int(self.evaluator.labels[i])]:.2f}")
+                tf.summary.image("val/slices_with_top_k_boxes", caption(drawn, texts),
+                                 step=epoch, max_outputs=len(shown))
         self.writer.flush()
 
 
@@ -241,8 +334,10 @@ class BestCheckpoint(keras.callbacks.Callback):
     * ``patient_auc``: this epoch's patient AUC alone (ties: lower prediction loss).
     """
 
-    def __init__(self, path: str, monitor: str = "smoothed_patient_auc", write: bool = True):
+    def __init__(self, path: str, monitor: str = "smoothed_patient_auc", write: bool = True,
+                 class_names: list[str] | None = None):
         super().__init__()
+        self.class_names = class_names
         if monitor not in CHECKPOINT_MONITORS:
             raise ValueError(f"monitor must be one of {sorted(CHECKPOINT_MONITORS)}. "
                              f"Received: {monitor!r}")
@@ -260,7 +355,8 @@ class BestCheckpoint(keras.callbacks.Callback):
                 self.best = state.get("best")
                 self.best_tie = state.get("tie_break")
                 self.best_epoch = state.get("epoch")
-                self.recent = list(state.get("recent_patient_auc", []))
+                self.recent = [float("nan") if v is None else v
+                               for v in state.get("recent_patient_auc", [])]
 
     def _key(self, value: float, tie: float | None) -> tuple[float, float]:
         """Smaller is better: (primary, tie-break); NaN or a missing value is worst."""
@@ -298,43 +394,95 @@ class BestCheckpoint(keras.callbacks.Callback):
         if not self.write:
             return
         if improved:
-            tmp = self.path + ".tmp.keras"
-            self.model.save(tmp)
-            os.replace(tmp, self.path)
-        with open(self.state_path + ".tmp", "w") as f:  # every epoch: the smoothing window
-            json.dump({"best": self.best, "tie_break": self.best_tie,
-                       "tie_break_monitor": self.tie_key, "epoch": self.best_epoch,
-                       "monitor": self.monitor, "recent_patient_auc": self.recent}, f)
-        os.replace(self.state_path + ".tmp", self.state_path)
+            if self.class_names:
+                saving.save_model(self.model, self.path, self.class_names)
+            else:
+                tmp = self.path + ".tmp.keras"
+                self.model.save(tmp)
+                os.replace(tmp, self.path)
+        files.write_json(self.state_path, {  # every epoch: the smoothing window
+            "best": self.best, "tie_break": self.best_tie, "tie_break_monitor": self.tie_key,
+            "epoch": self.best_epoch, "monitor": self.monitor,
+            "recent_patient_auc": self.recent})
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras's BackupAndRestore with an atomic commit, so that a run killed at any moment
-    resumes. Keras writes ``latest.weights.h5`` in place and then the epoch metadata: a kill
-    mid-write leaves weights that cannot be read, and a kill between the two files pairs
-    new weights with an old epoch. Here the weights alternate between two files and the
-    metadata, which names the file, is renamed into place last: it is the commit."""
+def tensorboard_tag(key: str) -> tuple[str, str]:
+    """A log key -> (run, tag): ``loss/...`` for every loss (training and validation under
+    the same tag, so they are drawn in one chart), ``head/...`` for the head's health,
+    ``val/...`` and ``train/...`` for the rest."""
+    run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+    if name == "loss":
+        return run, "loss/total"
+    if name.endswith("_loss"):
+        return run, "loss/" + name[: -len("_loss")]
+    if name.startswith("head_") or name.endswith("_spread"):
+        return run, "head/" + name.removeprefix("head_")
+    return run, ("val/" if run == "validation" else "train/") + name
 
-    _slot = 0
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        self._slot = 1 - self._slot
-        name = f"slot{self._slot}.weights.h5"
-        self.model.save_weights(os.path.join(self.backup_dir, name), overwrite=True)
-        tmp = self._training_metadata_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                       "weights": name}, f)
-        os.replace(tmp, self._training_metadata_path)
+class GroupedTensorBoard(keras.callbacks.Callback):
+    """Per-epoch scalars in grouped tags (:func:`tensorboard_tag`) and the learning rate
+    (``optimizer/learning_rate``): ``tensorboard/train`` and ``tensorboard/validation``.
+    Put it after :class:`BestCheckpoint`, which adds the smoothed AUC to the logs."""
 
-    def _load_model(self):
-        if not os.path.exists(self._training_metadata_path):
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            run, tag = tensorboard_tag(key)
+            with summary_writer(os.path.join(self.log_dir, run)).as_default():
+                tf.summary.scalar(tag, value, step=epoch)
+        opt = getattr(self.model, "optimizer", None)
+        if opt is not None:
+            lr = float(keras.ops.convert_to_numpy(opt.learning_rate))
+            with summary_writer(os.path.join(self.log_dir, "train")).as_default():
+                tf.summary.scalar("optimizer/learning_rate", lr, step=epoch)
+        for run in ("train", "validation"):
+            summary_writer(os.path.join(self.log_dir, run)).flush()
+
+
+class EpochLine(keras.callbacks.Callback):
+    """The console: one short line per epoch (loss, val loss, val patient AUC and its
+    smoothed value, seconds, a mark when the checkpoint improved); with ``verbose=1`` a
+    step bar showing the loss during the epoch. Everything else goes to TensorBoard and
+    log.csv."""
+
+    def __init__(self, epochs: int, steps: int, verbose: int = 2,
+                 best: "BestCheckpoint | None" = None):
+        super().__init__()
+        self.epochs, self.steps, self.verbose, self.best = epochs, steps, verbose, best
+        self.bar = None
+        self.t0 = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+        if self.verbose == 1:
+            self.bar = keras.utils.Progbar(self.steps, stateful_metrics=["loss"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(batch + 1, [("loss", float(logs["loss"]))])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.verbose == 0:
             return
-        with open(self._training_metadata_path) as f:
-            meta = json.load(f)
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
-        self._slot = int(meta["weights"][len("slot")])
-        self.model._initial_epoch = meta["epoch"]
+        logs = logs or {}
+
+        def f(key, fmt=".4f"):
+            v = logs.get(key)
+            return "-" if v is None or v != v else format(float(v), fmt)
+
+        line = (f"epoch {epoch + 1}/{self.epochs}: loss {f('loss')}, val loss "
+                f"{f('val_loss')}, val patient AUC {f('val_patient_auc', '.3f')}")
+        if "val_patient_auc_smoothed" in logs:
+            line += f" (smoothed {f('val_patient_auc_smoothed', '.3f')})"
+        line += f", {time.time() - self.t0:.0f} s"
+        if self.best is not None and self.best.best_epoch == epoch + 1:
+            line += "  * best.keras"
+        print(line, flush=True)

@@ -29,7 +29,6 @@ from covid_keras.imaging import BRIGHTNESS_RANGE
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
-META_KEYS = ("label", "patient_key", "study_key", "slice_index", "sop_key")
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
@@ -153,7 +152,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                  repeat: bool = False, shard: tuple[int, int] | None = None
                  ) -> tf.data.Dataset:
     """(image float32 (B, S, S, 3), label int32 (B,)) batches; with ``with_meta`` the second
-    element is a dict of :data:`META_KEYS` (label, patient/study keys, slice index).
+    element is a dict: label, patient_key, study_key, slice_index, sop_key.
 
     ``shard=(index, count)``: this input pipeline's share for multi-worker training, by
     file when there are at least ``count`` shard files, else by record; tf.data's own

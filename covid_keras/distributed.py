@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from covid_keras import keras_private
+
 
 def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int,
                     initial_epoch: int, epochs: int, callbacks: list,
@@ -68,7 +70,7 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
                                       epochs=epochs, steps=steps_per_epoch)
     model.stop_training = False
     cb.on_train_begin()
-    epoch = getattr(model, "_initial_epoch", None) or initial_epoch  # BackupAndRestore
+    epoch = keras_private.initial_epoch(model, initial_epoch)  # set by BackupAndRestore
     while epoch < epochs and not model.stop_training:
         loss_mean.reset_state()
         for m in model.metrics:

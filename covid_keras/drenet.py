@@ -29,16 +29,16 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-# Keras's own per-replica loss scaling (x 1/replicas under a tf.distribute strategy, the
-# identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
-from keras.src.losses.loss import scale_loss_for_distribution
-
 from covid_keras import (
     losses,
     recipes,  # noqa: F401 - registers the optimisers saved with models
 )
 from covid_keras.backbones import branch_view, build_backbone
 from covid_keras.baselines import apply_trainable
+
+# Keras's own per-replica loss scaling (x 1/replicas under a tf.distribute strategy, the
+# identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
+from covid_keras.keras_private import scale_loss_for_distribution
 from covid_keras.layers import (
     ConfidenceMapImage,
     MLPHead,

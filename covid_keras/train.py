@@ -30,7 +30,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from covid_keras import cli, files
 
 FLAGS = flags.FLAGS
 
@@ -94,9 +96,12 @@ flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 compute (GPUs).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("num_display_images", 4, "Validation slices shown with their boxes.")
 flags.DEFINE_integer("shuffle_buffer", 512, "Record shuffle buffer.")
-flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
-flags.DEFINE_bool("overwrite", False, "Replace a finished run in --run_dir (without it, a "
-                  "finished run is an error; an interrupted one resumes).")
+flags.DEFINE_integer("verbose", 1, "Console progress: 0 silent, 1 a step bar and one line "
+                     "per epoch, 2 one line per epoch (loss, val loss, val patient AUC, time; "
+                     "the full metrics go to TensorBoard and log.csv).")
+flags.DEFINE_bool("overwrite", False, "Start --run_dir again from scratch, whether it holds "
+                  "a finished or an interrupted run. Without it a finished run is an error "
+                  "and an interrupted one resumes, if its flags are the same.")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (tests "
                      "of MirroredStrategy without GPUs; 0: leave it).")
 
@@ -136,13 +141,12 @@ def resolved_flags() -> dict:
 
 def write_run_info(run_dir: str, extra: dict) -> None:
     manifest = os.path.join(FLAGS.data_dir, "manifest.json")
-    with open(manifest, "rb") as f:
-        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    manifest_sha = hashlib.sha256(files.read_text(manifest).encode()).hexdigest()
     info = {"flags": resolved_flags(), "versions": versions(), "git_sha": git_sha(),
             "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
             "command": " ".join(sys.argv), **extra}
-    _atomic_text(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
-    _atomic_text(os.path.join(run_dir, "flags.cfg"), program_flagfile())
+    files.write_json(os.path.join(run_dir, "run_info.json"), info)
+    files.atomic_write_text(os.path.join(run_dir, "flags.cfg"), program_flagfile())
 
 
 def program_flagfile() -> str:
@@ -153,35 +157,63 @@ def program_flagfile() -> str:
     return "".join(line + "\n" for line in lines if line)
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 RUN_FILES = ("run_info.json", "flags.cfg", "best.keras", "best.keras.json", "final.keras",
-             "log.csv", "metrics.json")
+             "log.csv", "metrics.json", "decision.json")
+# Flags that do not change what a run computes: a resumed run may change them.
+RESUMABLE_CHANGES = ("overwrite", "verbose", "report_splits", "num_display_images",
+                     "cpu_devices", "backup_every_steps", "data_dir", "run_dir")
 
 
-def prepare_run_dir(run_dir: str, overwrite: bool) -> None:
-    """Creates the run folder. A finished run (final.keras, no backup) is an error unless
-    ``overwrite``, which removes its files; an interrupted run (a backup) resumes."""
+def changed_flags(stored: dict, current: dict) -> list[str]:
+    """``--name: old -> new`` for every run-defining flag that differs."""
+    out = []
+    for name in sorted(set(stored) | set(current)):
+        if name in RESUMABLE_CHANGES:
+            continue
+        old, new = stored.get(name), current.get(name)
+        if old != new and not (isinstance(old, list) and list(old) == list(new or [])):
+            out.append(f"--{name}: {old!r} -> {new!r}")
+    return out
+
+
+def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
+    """Creates the run folder and says what the run will do: ``"new"``, ``"resume"`` (an
+    interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
+    files are removed first, for a finished and for an interrupted run alike). A finished
+    run without ``overwrite``, or an interrupted one whose flags changed, is an error."""
     import shutil
 
-    os.makedirs(run_dir, exist_ok=True)
     finished = os.path.exists(os.path.join(run_dir, "final.keras")) and not os.path.isdir(
         os.path.join(run_dir, "backup"))
-    if not finished:
-        return
-    if not overwrite:
+    started = any(os.path.exists(os.path.join(run_dir, n))
+                  for n in ("run_info.json", "backup", "best.keras"))
+    if overwrite and (finished or started):
+        for name in RUN_FILES:
+            path = os.path.join(run_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        for name in ("tensorboard", "backup"):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        log.info("--overwrite: %s starts again from scratch", run_dir)
+        return "overwrite"
+    if finished:
         raise ValueError(f"{run_dir} holds a finished run: pass --overwrite to replace it, "
-                         "or choose another --run_dir")
-    for name in RUN_FILES:
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
-    shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
+                         "or choose another --run_dir (evaluate it with "
+                         "python -m covid_keras.evaluate)")
+    if started:
+        info_path = os.path.join(run_dir, "run_info.json")
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                stored = json.load(f).get("flags", {})
+            diff = changed_flags(stored, resolved_flags())
+            if diff:
+                raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
+                                 f"{'; '.join(diff)}): rerun with its flags "
+                                 f"(--flagfile={os.path.join(run_dir, 'flags.cfg')}) to "
+                                 "resume, or pass --overwrite to start again")
+        return "resume"
+    os.makedirs(run_dir, exist_ok=True)
+    return "new"
 
 
 def saved_model_spec(path: str) -> dict:
@@ -315,11 +347,12 @@ def compile_model(model, optimizer, jit_compile: bool):
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
-    import keras
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    keras = cli.import_keras_quietly(FLAGS.verbosity >= 1)
     import tensorflow as tf
 
     from covid_keras import callbacks as cbs
-    from covid_keras import data, recipes
+    from covid_keras import data, recipes, saving
 
     if FLAGS.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -333,6 +366,7 @@ def main(argv):
     manifest = data.read_manifest(FLAGS.data_dir)
     check_splits(manifest)
     apply_init_from_spec(manifest["classes"])
+    stages, decay_epochs = check_recipe()
     classes = manifest["classes"]
     strategy = make_strategy(FLAGS.strategy)
     chief = is_chief(strategy)
@@ -340,7 +374,10 @@ def main(argv):
     global_batch = FLAGS.batch_size * replicas
     run_dir = FLAGS.run_dir if chief else os.path.join(
         FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
-    prepare_run_dir(run_dir, FLAGS.overwrite)
+    cbs.close_writers()
+    mode = prepare_run_dir(run_dir, FLAGS.overwrite)
+    if mode == "resume":
+        log.info("%s holds an interrupted run with the same flags: resuming it", run_dir)
     if chief:
         write_run_info(run_dir, {"strategy": FLAGS.strategy,
                                  "strategy_class": type(strategy).__name__, "replicas": replicas,
@@ -361,12 +398,18 @@ def main(argv):
                          f"batch ({global_batch}).")
     evaluator = cbs.Evaluator(FLAGS.data_dir, FLAGS.val_split, global_batch, cfg,
                               FLAGS.num_display_images)
-    stages = [recipes.Stage.parse(s) for s in FLAGS.stages] or [
-        recipes.Stage(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.epochs)]
-    decay_epochs = [int(e) for e in FLAGS.lr_decay_epochs]
     with strategy.scope():
         model = build_model(len(classes))
     hparams = {k: v for k, v in resolved_flags().items() if k not in ("data_dir", "run_dir")}
+    hparams["dataset"] = manifest.get("dataset", os.path.basename(
+        os.path.normpath(FLAGS.data_dir)))
+    tb_dir = os.path.join(run_dir, "tensorboard")
+    validation = cbs.PatientValidation(evaluator, classes, tb_dir, hparams=hparams,
+                                       write=chief)
+    best_cb = cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"),
+                                 monitor=FLAGS.checkpoint_monitor, write=chief,
+                                 class_names=classes)
+    total_epochs = sum(st.epochs for st in stages)
 
     first_epoch = 0
     for i, stage in enumerate(stages):
@@ -383,10 +426,8 @@ def main(argv):
             optimizer = recipes.make_optimizer(stage.optimizer, lr, FLAGS.momentum,
                                                FLAGS.weight_decay, FLAGS.weight_decay_type)
         callbacks = [
-            cbs.PatientValidation(evaluator, classes, os.path.join(run_dir, "tensorboard"),
-                                  hparams=hparams if i == 0 else None, write=chief),
-            cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"),
-                               monitor=FLAGS.checkpoint_monitor, write=chief),
+            validation,
+            best_cb,
             cbs.AtomicBackupAndRestore(
                 os.path.join(run_dir, "backup", f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
@@ -397,8 +438,8 @@ def main(argv):
             callbacks.append(keras.callbacks.EarlyStopping(
                 key, mode=mode, patience=FLAGS.early_stopping_patience))
         if chief:
-            callbacks.append(keras.callbacks.TensorBoard(
-                os.path.join(run_dir, "tensorboard"), update_freq="epoch"))
+            callbacks.append(cbs.GroupedTensorBoard(tb_dir))
+        callbacks.append(cbs.EpochLine(total_epochs, steps, FLAGS.verbose, best_cb))
         class_weight = data.class_weights(manifest) if FLAGS.class_weights else None
         log.info("stage %d: %s lr %g, epochs %d-%d, %d steps/epoch", i, stage.optimizer,
                  stage.learning_rate, first_epoch, last_epoch, steps)
@@ -419,7 +460,7 @@ def main(argv):
             compile_model(model, optimizer, FLAGS.jit_compile)
             model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch,
                       steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight,
-                      verbose=FLAGS.verbose, shuffle=False)
+                      verbose=0, shuffle=False)
         first_epoch = last_epoch
         if len(stages) > 1:  # remembered, so a run killed in a later stage does not redo it
             os.makedirs(os.path.dirname(done_path), exist_ok=True)
@@ -430,17 +471,16 @@ def main(argv):
         # Adam stage whatever happened in it.
         model.stop_training = False
 
-    validation = callbacks[0]
     final = validation.evaluate(model)[0]
     results = {"val_split": FLAGS.val_split, "final": final}
     if chief:
         import shutil
 
         shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)  # run finished
-        model.save(os.path.join(run_dir, "final.keras"))
+        saving.save_model(model, os.path.join(run_dir, "final.keras"), classes)
         best_path = os.path.join(run_dir, "best.keras")
         if os.path.exists(best_path):
-            best = keras.saving.load_model(best_path)
+            best = saving.load_model(best_path)
             results["best"] = validation.evaluate(best)[0]
             with open(best_path + ".json") as f:
                 chosen = json.load(f)
@@ -452,9 +492,11 @@ def main(argv):
                 results[f"best_on_{split}"] = held_out.evaluate(best)[0]
                 print("best checkpoint on held-out " +
                       summary_line(results[f"best_on_{split}"], split))
-        _atomic_text(os.path.join(run_dir, "metrics.json"),
-                     json.dumps(results, indent=2, default=float) + "\n")
+        files.write_json(os.path.join(run_dir, "metrics.json"), results)
+        validation.write_best(results.get("best"), results.get("best_epoch"))
     print(summary_line(final, FLAGS.val_split))
+    if chief:
+        print(final_summary(run_dir, results, classes))
     return 0
 
 
@@ -475,11 +517,56 @@ def summary_line(m: dict, split: str) -> str:
     return f"{split}: {level('patient', 'patients')} || {level('slice', 'slices')}"
 
 
+def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
+    """Where the models are, which epoch was chosen and how, the positive class and the
+    decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
+    from covid_keras import metrics
+
+    lines = []
+    if "best_epoch" in results:
+        lines.append(f"best checkpoint: epoch {results['best_epoch']} (chosen by "
+                     f"{FLAGS.checkpoint_monitor} on {FLAGS.val_split!r}): "
+                     f"{os.path.join(run_dir, 'best.keras')}")
+    lines.append(f"last epoch: {os.path.join(run_dir, 'final.keras')}")
+    lines.append(f"positive class: {classes[metrics.positive_index(classes)]!r} of {classes}")
+    decision = os.path.join(run_dir, "decision.json")
+    if os.path.exists(decision):
+        with open(decision) as f:
+            d = json.load(f)
+        lines.append(f"decision: {d.get('rule')} rule, threshold {d.get('threshold')} "
+                     f"({d.get('criterion')}, chosen on {d.get('split', FLAGS.val_split)!r})")
+    else:
+        lines.append("decision: argmax of the class probabilities (no decision.json)")
+    lines.append(f"metrics: {os.path.join(run_dir, 'metrics.json')}, TensorBoard: "
+                 f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    return "\n".join(lines)
+
+
+def check_recipe():
+    """--stages, --lr_decay_epochs and --backbone_weights, checked before anything is
+    written. Returns (stages, decay epochs)."""
+    from covid_keras import recipes
+
+    stages = [recipes.Stage.parse(s) for s in FLAGS.stages if s] or [
+        recipes.Stage(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.epochs)]
+    try:
+        decay_epochs = [int(e) for e in FLAGS.lr_decay_epochs if str(e).strip()]
+    except ValueError:
+        raise ValueError("--lr_decay_epochs must be whole epochs, comma-separated. "
+                         f"Received: {','.join(FLAGS.lr_decay_epochs)}") from None
+    weights = FLAGS.backbone_weights
+    if weights not in (None, "", "imagenet") and not files.exists(weights):
+        raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "
+                                "'imagenet' or a local weights file)")
+    if FLAGS.epochs < 1 and not FLAGS.stages:
+        raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
+    return stages, decay_epochs
+
+
 def run_main():
-    flags.mark_flags_as_required(["data_dir", "run_dir"])
     t0 = time.time()
     try:
-        app.run(main)
+        cli.run(main, required=["data_dir", "run_dir"], program="covid_keras.train")
     finally:
         log.info("took %.0f s", time.time() - t0)
 

@@ -29,12 +29,12 @@ PARSE = """
 import sys
 from absl import flags
 import {module} as m
-from covid_keras import recipes
+from covid_keras import cli, recipes
 bad = []
 for path in sys.argv[1:]:
     flags.FLAGS.unparse_flags()
     try:
-        flags.FLAGS(["prog", "--flagfile=" + path] + {extra})
+        flags.FLAGS(cli.expand_flagfiles(["prog", "--flagfile=" + path]) + {extra})
         for stage in getattr(flags.FLAGS, "stages", None) or []:
             recipes.Stage.parse(stage)
     except Exception as exc:

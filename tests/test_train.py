@@ -20,7 +20,9 @@ from data_prep import phantom
 
 pytestmark = pytest.mark.slow  # real training runs in subprocesses: minutes, not seconds
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+# TF_CPP_MIN_LOG_LEVEL unset: the entry points quieten TensorFlow themselves (tested)
+ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+ENV["KERAS_BACKEND"] = "tensorflow"
 
 
 @pytest.fixture(scope="module")
@@ -117,29 +119,52 @@ def _events(run_dir, sub) -> dict:
     return out
 
 
-def test_tensorboard_events_have_the_named_scalars_and_images(mirrored_run):
+def test_tensorboard_events_have_the_grouped_scalars_and_images(mirrored_run):
     run_dir, _ = mirrored_run
     train = _events(run_dir, "train")
-    for name in ("loss", "raw_loss", "concat_loss", "region_loss", "rank_loss",
-                 "learning_rate"):
-        assert f"epoch_{name}" in train, (name, sorted(train))
-    assert len(train["epoch_rank_loss"]) == 2  # one per epoch
+    for tag in ("loss/total", "loss/raw", "loss/concat", "loss/region", "loss/rank",
+                "optimizer/learning_rate"):
+        assert tag in train, (tag, sorted(train))
+    assert len(train["loss/rank"]) == 2  # one per epoch
+    assert not [t for t in train if t.startswith("epoch_")]  # Keras's ungrouped tags
     val = _events(run_dir, "validation")
     # the validation loss beside the training loss (same tag, validation run), the head's
-    # health each epoch
-    for name in ("patient_auc", "patient_sensitivity", "patient_specificity", "slice_auc",
-                 "slice_sensitivity", "slice_specificity", "loss", "concat_loss",
-                 "prediction_loss", "patient_auc_smoothed", "head_active_units",
-                 "logits_spread",
-                 "raw_logits_spread", "region_logits_spread"):
-        assert f"epoch_{name}" in val, (name, sorted(val))
-    assert {"slice_pr_curve/pr_curves", "patient_pr_curve/pr_curves",
-            "slices_with_top_k_boxes", "_hparams_/session_start_info"} <= set(val)
-    assert val["slice_pr_curve/pr_curves"][0].metadata.plugin_data.plugin_name == "pr_curves"
-    image = val["slices_with_top_k_boxes"][-1].tensor
+    # health each epoch, the metrics under val/, the chosen epoch's under best/
+    for tag in ("val/patient_auc", "val/patient_sensitivity", "val/patient_specificity",
+                "val/slice_auc", "val/slice_sensitivity", "val/slice_specificity",
+                "val/patient_auc_smoothed", "loss/total", "loss/concat", "loss/prediction",
+                "head/active_units", "head/logits_spread", "head/raw_logits_spread",
+                "head/region_logits_spread", "best/patient_auc", "best/slice_auc"):
+        assert tag in val, (tag, sorted(val))
+    assert len(val["loss/total"]) == 2 and len(val["best/patient_auc"]) == 1
+    assert {"val/slice_pr_curve/pr_curves", "val/patient_pr_curve/pr_curves",
+            "val/slices_with_top_k_boxes", "_hparams_/session_start_info",
+            "_hparams_/experiment"} <= set(val)
+    assert val["val/slice_pr_curve/pr_curves"][0].metadata.plugin_data.plugin_name == \
+        "pr_curves"
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        val["_hparams_/session_start_info"][0].metadata.plugin_data.content)
+    hparams = start.session_start_info.hparams
+    assert hparams["backbone"].string_value == "tiny" and "dataset" in hparams
+    image = val["val/slices_with_top_k_boxes"][-1].tensor
     # width, height, then the PNG-encoded images (num_display_images=2 in smoke.cfg)
     assert image.string_val[:2] == [b"64", b"64"] and len(image.string_val) == 4
     assert image.string_val[2].startswith(b"\x89PNG")
+
+
+def test_box_images_come_from_different_patients_of_each_class():
+    from covid_keras.callbacks import display_indices
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 0, 0])
+    keys = ["a", "a", "a", "b", "b", "c", "d", "d", "e", "e"]
+    idx = display_indices(labels, keys, 5)
+    assert [int(labels[i]) for i in idx] == [0, 1, 2, 0, 1]
+    assert len({keys[i] for i in idx}) == 5  # five patients
+    assert idx[0] == 1  # the middle slice of patient a
+    assert len(display_indices(labels, keys, 20)) == 5  # one slice per patient at most
+    assert len(display_indices(labels, keys, 0)) == 0
 
 
 def kill_when(cmd, ready, timeout: float = 600) -> None:
@@ -172,7 +197,8 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
     kill_when(train_cmd(data_dir, run_dir, *extra), committed_in_epoch_1)
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     assert not (run_dir / "final.keras").exists()
-    run_train(data_dir, run_dir, *extra)
+    proc = run_train(data_dir, run_dir, *extra)
+    assert "resuming from epoch 2" in proc.stderr, proc.stderr[-2000:]
     log = read_log(run_dir)
     assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # resumed at epoch 1, not 0
     import keras
@@ -195,6 +221,75 @@ def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     run_train(data_dir, run_dir, *extra)
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0, 1, 2]  # stage 0 not redone
+
+
+def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ("--epochs=2", "--steps_per_epoch=4", "--backup_every_steps=1")
+    meta = run_dir / "backup" / "stage0" / "training_metadata.json"
+    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
+    assert not (run_dir / "final.keras").exists()
+    # other run-defining flags: refused, nothing changed
+    proc = subprocess.run(train_cmd(data_dir, run_dir, *extra, "--learning_rate=0.5"),
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--learning_rate: 0.01 -> 0.5" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and meta.exists()
+    # --overwrite: a fresh run with the new flags (not a resume)
+    proc = run_train(data_dir, run_dir, *extra, "--learning_rate=0.5", "--overwrite")
+    assert "resuming" not in proc.stderr
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0, 1]
+    flags = json.loads((run_dir / "run_info.json").read_text())["flags"]
+    assert flags["learning_rate"] == 0.5
+
+
+def test_run_killed_after_its_last_stage_resumes(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ("--stages=sgd@0.01:1,sgd@0.01:1", "--steps_per_epoch=2",
+             "--backup_every_steps=1")
+    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
+    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
+    backup = run_dir / "backup"
+    # What a kill between the last stage's marker and final.keras leaves behind
+    import shutil
+
+    shutil.copy(backup / "stage0.done.weights.h5", backup / "stage1.done.weights.h5")
+    proc = run_train(data_dir, run_dir, *extra)
+    assert (run_dir / "final.keras").exists() and (run_dir / "metrics.json").exists()
+    assert "val: patients" in proc.stdout
+
+
+def test_user_errors_are_one_line_and_verbosity_shows_the_traceback(data_dir, tmp_path):
+    cases = [
+        (["--data_dir=" + str(tmp_path / "missing")], "manifest.json is missing"),
+        (["--stages=adam@x"], "A stage is OPTIMIZER@LR:EPOCHS"),
+        (["--backbone_weights=" + str(tmp_path / "none.h5")], "no such file"),
+        (["stray"], "unexpected argument(s) 'stray'"),
+    ]
+    for extra, message in cases:
+        run_dir = tmp_path / "run"
+        cmd = train_cmd(data_dir, run_dir) + extra
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0, extra
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert not run_dir.exists(), extra  # nothing written before the arguments are valid
+    proc = subprocess.run(train_cmd(data_dir, tmp_path / "run", "--stages=adam@x",
+                                    "--verbosity=1"),
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_console_is_quiet_and_the_epoch_line_short(mirrored_run):
+    _, proc = mirrored_run
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2 and all(len(ln) < 130 for ln in lines), lines
+    assert "val patient AUC" in lines[0] and "val loss" in lines[0]
+    assert "best checkpoint: epoch" in proc.stdout and "positive class: 'covid'" in proc.stdout
+    for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "E0000"):
+        assert noise not in proc.stderr, noise
 
 
 def _free_port():

@@ -1,0 +1,97 @@
+"""Files the project writes: atomic (write a temporary file beside, then rename) and, for
+JSON, strict (``null``, never ``NaN`` or ``Infinity``). The one owner of both.
+
+Local paths use ``os``; a path with a scheme (``gs://``, ``ram://``, ``s3://``...) goes
+through ``tf.io.gfile``, so every file system registered with TensorFlow works (TensorFlow
+is imported only then).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def exists(path: str) -> bool:
+    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if is_remote(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+    if is_remote(path):
+        with _gfile().GFile(path, "r") as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """``path`` appears whole or not at all (a reader never sees a partial file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if is_remote(path):
+        gfile = _gfile()
+        with gfile.GFile(tmp, "wb") as f:
+            f.write(data)
+        gfile.rename(tmp, path, overwrite=True)
+        return
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def strict(obj: Any) -> Any:
+    """A JSON-ready copy: NaN and infinities become ``None``, NumPy scalars and arrays
+    become Python numbers and lists, tuples lists."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text (raises on anything that is not JSON after :func:`strict`)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False) + "\n"
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, dumps(obj, indent))

@@ -1,0 +1,95 @@
+"""Saving and loading the project's ``.keras`` models, with what a user needs to run them.
+
+A ``.keras`` file written by :func:`save_model` carries, beside Keras's own entries, a
+``covid_keras.json`` entry: the class names (in output order), the backbone, the input
+size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
+``keras.applications``), the model kind, and the package version. :func:`load_model`
+returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
+be used without reading the run folder. Keras ignores the extra entry.
+
+Keras 3 has no plug-in registry: its ``keras.models.load_model`` finds the project's
+classes (DRENet, its layers, the coupled optimisers) once they are registered, i.e. after
+``import covid_keras.drenet`` (or :func:`register`). ``covid_keras.load_model(path)``
+(:func:`load_model`) does that for you. No TensorFlow here: it works under every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+INFO_ENTRY = "covid_keras.json"
+
+
+def register() -> None:
+    """Registers every serialisable class of the project with Keras."""
+    import covid_keras.baselines  # noqa: F401
+    import covid_keras.drenet  # noqa: F401
+    import covid_keras.layers  # noqa: F401
+    import covid_keras.recipes  # noqa: F401
+
+
+def model_info(model, class_names: list[str]) -> dict:
+    """The dictionary stored with ``model`` (see the module docstring)."""
+    from covid_keras import __version__
+    from covid_keras.backbones import PREPROCESSING
+
+    build = getattr(model, "build_config", None)
+    if isinstance(build, dict) and "backbone" in build:
+        backbone, size, kind = build["backbone"], int(build["input_size"]), "drenet"
+        variant = build.get("variant")
+    else:
+        backbone = next((lay.name[: -len("_backbone")] for lay in model.layers
+                         if lay.name.endswith("_backbone")), None)
+        size, kind, variant = int(model.input_shape[1]), "classifier", None
+    if len(class_names) != _num_outputs(model):
+        raise ValueError(f"{len(class_names)} class names for a model with "
+                         f"{_num_outputs(model)} outputs: {class_names}")
+    return {"class_names": list(class_names), "backbone": backbone, "input_size": size,
+            "preprocessing": PREPROCESSING.get(backbone), "model": kind,
+            "variant": variant, "covid_keras_version": __version__}
+
+
+def _num_outputs(model) -> int:
+    out = model.output
+    logits = out["logits"] if isinstance(out, dict) else out
+    return int(logits.shape[-1])
+
+
+def save_model(model, path: str, class_names: list[str]) -> None:
+    """``model.save`` to a temporary file, the info entry added, renamed into place."""
+    info = model_info(model, class_names)
+    tmp = f"{path}.tmp-{os.getpid()}.keras"
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.writestr(INFO_ENTRY, json.dumps(info, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_info(path: str) -> dict | None:
+    """The info entry of a ``.keras`` file (``None`` for a file saved without it)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if INFO_ENTRY not in z.namelist():
+                return None
+            return json.loads(z.read(INFO_ENTRY))
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable .keras model ({type(exc).__name__}: "
+                         f"{exc})") from None
+
+
+def load_model(path: str, compile: bool = True):
+    """``keras.saving.load_model`` with the project's classes registered, and the stored
+    info as ``model.covid_keras_info`` (``None`` when the file has none)."""
+    import keras
+
+    register()
+    info = read_info(path)
+    model = keras.saving.load_model(path, compile=compile)
+    object.__setattr__(model, "covid_keras_info", info)
+    return model

@@ -1,0 +1,120 @@
+"""covid_keras.cli (flagfiles, one-line errors) and covid_keras.files (atomic, strict JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_keras import cli, files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_nested_flagfiles_resolve_relative_to_the_including_file(tmp_path, monkeypatch):
+    conf = tmp_path / "configs"
+    (conf / "data").mkdir(parents=True)
+    (conf / "base.cfg").write_text("# shared\n--epochs=120\n--batch_size=4\n")
+    (conf / "data" / "more.cfg").write_text("--seed=3\n")
+    (conf / "exp.cfg").write_text("--flagfile=base.cfg\n  --epochs=12  \n// comment\n"
+                                  "--flagfile=data/more.cfg\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the configs' folder
+    argv = cli.expand_flagfiles(["prog", "--data_dir=x", f"--flagfile={conf / 'exp.cfg'}",
+                                 "--batch_size=8"])
+    assert argv == ["prog", "--data_dir=x", "--epochs=120", "--batch_size=4", "--epochs=12",
+                    "--seed=3", "--batch_size=8"]
+    # the space-separated form too
+    assert cli.expand_flagfiles(["prog", "--flagfile", str(conf / "base.cfg")])[1:] == [
+        "--epochs=120", "--batch_size=4"]
+
+
+def test_old_style_flagfiles_relative_to_the_working_directory_still_work(tmp_path,
+                                                                         monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.cfg").write_text("--epochs=5\n")
+    (tmp_path / "configs" / "exp.cfg").write_text("--flagfile=configs/base.cfg\n--seed=1\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.expand_flagfiles(["p", "--flagfile=configs/exp.cfg"])[1:] == [
+        "--epochs=5", "--seed=1"]
+
+
+def test_missing_and_cyclic_flagfiles_are_clear_errors(tmp_path):
+    (tmp_path / "a.cfg").write_text("--flagfile=nope.cfg\n")
+    with pytest.raises(ValueError, match=r"nope.cfg \(included from .*a.cfg\)"):
+        cli.expand_flagfiles(["p", f"--flagfile={tmp_path / 'a.cfg'}"])
+    (tmp_path / "b.cfg").write_text("--flagfile=c.cfg\n")
+    (tmp_path / "c.cfg").write_text("--flagfile=b.cfg\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        cli.expand_flagfiles(["p", f"--flagfile={tmp_path / 'b.cfg'}"])
+
+
+def test_every_config_resolves_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in sorted((REPO / "configs").glob("*.cfg")):
+        argv = cli.expand_flagfiles(["p", f"--flagfile={path}"])
+        assert any(a.startswith("--model=") for a in argv), path  # base.cfg was included
+
+
+def test_error_line_is_one_line():
+    assert cli.error_line(ValueError("bad\nthing  here")) == "bad thing here"
+    line = cli.error_line(RuntimeError("boom"))
+    assert line.startswith("RuntimeError: boom") and "--verbosity=1" in line
+    assert "\n" not in cli.error_line(FileNotFoundError(2, "No such file", "/x/y"))
+
+
+def test_wants_debug():
+    assert cli.wants_debug(["p", "--verbosity=1"]) and cli.wants_debug(["p", "-v", "2"])
+    assert not cli.wants_debug(["p", "--verbosity=0"]) and not cli.wants_debug(["p"])
+
+
+def test_a_stray_argument_and_a_bad_flag_are_one_line(tmp_path):
+    code = ("from absl import flags\n"
+            "flags.DEFINE_integer('n', 1, 'n')\n"
+            "from covid_keras import cli\n"
+            "def main(argv):\n"
+            "    raise ValueError('n must be even. Received: 3')\n"
+            "cli.run(main, program='prog')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for args, message in [(["x"], "prog: error: unexpected argument(s) 'x'"),
+                          ([], "prog: error: n must be even. Received: 3")]:
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(message), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, "--verbosity=1"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_strict_json_has_null_never_nan():
+    text = files.dumps({"a": float("nan"), "b": [np.float32(1.5), np.inf, np.int64(3)],
+                        "c": np.array([0.5, np.nan]), "d": (True, None)})
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert data == {"a": None, "b": [1.5, None, 3], "c": [0.5, None], "d": [True, None]}
+    assert not math.isnan(data["b"][0])
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "m.json"
+    files.write_json(str(path), {"x": 1})
+    files.write_json(str(path), {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_remote_paths_go_through_tf_gfile():
+    pytest.importorskip("tensorflow")
+    path = "ram://covid_keras_test/run/metrics.json"
+    files.makedirs("ram://covid_keras_test/run")
+    files.write_json(path, {"auc": float("nan")})
+    assert files.exists(path)
+    assert json.loads(files.read_text(path)) == {"auc": None}

@@ -1,0 +1,50 @@
+"""The Keras internals fenced in covid_keras.keras_private exist and behave as used, on the
+installed Keras; the test is pinned to the Keras version they were read from."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from covid_keras import keras_private
+
+pytestmark = pytest.mark.model
+
+
+def test_keras_version_is_the_one_the_internals_were_checked_against():
+    installed = ".".join(keras.__version__.split(".")[:2])
+    assert installed == keras_private.KERAS_CHECKED, (
+        f"Keras {keras.__version__} is installed; covid_keras/keras_private.py was checked "
+        f"against {keras_private.KERAS_CHECKED}: re-check each internal it uses, then "
+        "update KERAS_CHECKED")
+
+
+def test_backup_and_restore_has_the_private_members_we_override():
+    cb = keras.callbacks.BackupAndRestore("/tmp/unused-backup-dir")
+    for name in keras_private.BACKUP_PRIVATE_MEMBERS:
+        assert hasattr(cb, name), name
+    assert issubclass(keras_private.AtomicBackupAndRestore, keras.callbacks.BackupAndRestore)
+
+
+def test_fit_starts_at_the_initial_epoch_a_callback_sets():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    seen = []
+
+    class Restore(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            keras_private.set_initial_epoch(self.model, 2)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    x = np.zeros((4, 2), np.float32)
+    model.fit(x, x[:, :1], epochs=4, verbose=0, callbacks=[Restore()])
+    assert seen == [2, 3]
+    assert keras_private.initial_epoch(model, 0) == 2
+
+
+def test_scale_loss_for_distribution_is_identity_without_a_strategy():
+    assert float(keras_private.scale_loss_for_distribution(keras.ops.convert_to_tensor(
+        3.0))) == pytest.approx(3.0)
