@@ -320,18 +320,15 @@ def choose_series(headers: list[SliceHeader], study: str, min_slices: int) -> Se
     groups: dict[str, list[SliceHeader]] = {}
     for h in sorted(headers, key=lambda h: h.path):
         groups.setdefault(h.series_uid, []).append(h)
-    warnings: list[Issue] = []
+    dropped: dict[str, list[Issue]] = {}
     # Files whose pixels cannot be decoded here leave their series before it is judged.
     for uid, group in list(groups.items()):
         problems = {h.path: _decoder_problem(h.transfer_syntax) for h in group}
         bad = [h for h in group if problems[h.path]]
         if bad and len(bad) < len(group):
-            for h in bad:
-                warnings.append(Issue(study, h.path, "compressed_no_decoder",
-                                      str(problems[h.path]), "warning"))
+            dropped[uid] = [Issue(study, h.path, "compressed_no_decoder",
+                                  str(problems[h.path]), "warning") for h in bad]
             groups[uid] = [h for h in group if not problems[h.path]]
-        elif bad:
-            groups[uid] = group  # the whole series: judged below, with its reason
     rejected: list[tuple[str, str, int, str]] = []  # reason, detail, n, series label
     usable: list[list[SliceHeader]] = []
     for uid, group in sorted(groups.items()):
@@ -353,7 +350,7 @@ def choose_series(headers: list[SliceHeader], study: str, min_slices: int) -> Se
     usable.sort(key=lambda g: (-len(g), _most_common([h.series_number for h in g]),
                                g[0].series_uid))
     group = usable[0]
-    warnings = [w for w in warnings if w.file in {h.path for h in group}]
+    warnings = list(dropped.get(group[0].series_uid, []))
     warnings += [
         Issue(study, "", "series_rejected", f"{lab} ({n} files): {r} ({d})", "warning")
         for r, d, n, lab in rejected
