@@ -244,6 +244,26 @@ def decide(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
     return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
 
 
+def decide_patient(slice_probs: np.ndarray, decision: dict) -> dict:
+    """One unlabelled patient (predict, serving): its slices' probabilities (S, C) under
+    ``decision`` (decision.json: rule, threshold, classes, positive_class) -> {"probs"
+    (C,), "score", "decision" (class name), "rule", "threshold", "slice_order" (slices by
+    score, highest first)}."""
+    classes = list(decision["classes"])
+    pos = classes.index(decision["positive_class"])
+    probs = np.asarray(slice_probs, np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(classes) or not len(probs):
+        raise ValueError(f"slice_probs must be (slices >= 1, {len(classes)}). Received: "
+                         f"{probs.shape}")
+    pats = aggregate(probs, np.zeros(len(probs), np.int64), ["p"] * len(probs),
+                     decision["rule"], pos)
+    t = float(decision["threshold"])
+    return {"probs": pats.probs[0].tolist(), "score": float(pats.score[0]),
+            "decision": classes[int(decide(pats.probs, t, pos)[0])],
+            "rule": decision["rule"], "threshold": t,
+            "slice_order": np.argsort(-probs[:, pos], kind="stable").tolist()}
+
+
 # ------------------------------------------------------------------ metrics
 def auc_score(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney, ties count half): scikit-learn's roc_auc_score; NaN when

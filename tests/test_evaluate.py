@@ -589,3 +589,15 @@ def test_report_loads_in_headless_chromium_without_console_errors(tmp_path):
     assert [m for m in messages if m[0] == "error"] == [] and errors == [] and failed == []
     assert broken == []
     assert title.startswith("covid_keras evaluation")
+
+
+def test_decide_patient_for_prediction_without_labels():
+    d = {"rule": "any", "threshold": 0.5, "classes": CLASSES, "positive_class": "covid"}
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2]])
+    out = ev.decide_patient(probs, d)
+    assert out["decision"] == "covid" and out["score"] == pytest.approx(0.7)
+    assert out["slice_order"] == [1, 2, 0]
+    out = ev.decide_patient(probs, dict(d, rule="mean"))
+    assert out["decision"] == "non_covid" and out["score"] == pytest.approx(1.0 / 3)
+    with pytest.raises(ValueError, match="slice_probs"):
+        ev.decide_patient(np.zeros((0, 2)), d)
