@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -90,10 +91,13 @@ def is_evaluation(path: str) -> bool:
 
 
 def run_name(path: str, taken: set) -> str:
-    parts = os.path.normpath(path).split(os.sep)
-    name = parts[-1]
-    if name in taken and len(parts) > 1:
-        name = f"{parts[-2]}/{parts[-1]}"
+    """The run's folder with its parent (runs/<experiment>/seed0 -> <experiment>/seed0),
+    numbered if that is taken."""
+    parts = [p for p in os.path.normpath(os.path.abspath(path)).split(os.sep) if p]
+    name = "/".join(parts[-2:])
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base} ({i})", i + 1
     return name
 
 
@@ -119,7 +123,7 @@ def compare(paths: list[str], output_dir: str) -> dict:
                 m = json.load(f)
         else:
             m = evaluation.evaluate_run(**evaluate_args(
-                path, os.path.join(output_dir, name.replace("/", "_"))))
+                path, os.path.join(output_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))))
         spec = m.get("model", {})
         label = f"{name} ({spec.get('kind', '?')}, {spec.get('backbone', '?')})"
         results[label] = m

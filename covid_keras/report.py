@@ -199,7 +199,8 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
                     if box_scores is not None:
                         a_img.text(x0 + 1, y0 + 1, f"{float(box_scores[i][k]):.2f}",
                                    color=colour, fontsize=7, va="top")
-            a_img.set_title(f"slice {int(preds.slice_index[i])}: "
+            a_img.set_title(f"study {preds.study_keys[i][:6]} slice "
+                            f"{int(preds.slice_index[i])}: "
                             f"P({classes[pos]})={preds.probs[i, pos]:.2f}", fontsize=8)
             a_cam.imshow(img)
             a_cam.imshow(cams[i], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)

@@ -601,3 +601,45 @@ def test_decide_patient_for_prediction_without_labels():
     assert out["decision"] == "non_covid" and out["score"] == pytest.approx(1.0 / 3)
     with pytest.raises(ValueError, match="slice_probs"):
         ev.decide_patient(np.zeros((0, 2)), d)
+
+
+def test_comparison_of_three_class_runs_is_laid_out_like_table_2(tmp_path):
+    rng = np.random.default_rng(13)
+    classes = ["normal", "covid", "bacterial"]
+    d = {"rule": "mean", "threshold": 0.4, "positive_class": "covid", "split": "val"}
+    results = {"drenet": ev.public_result(ev.evaluate_predictions(
+        make_preds(rng, patients=12, classes=classes, signal=2.0), d, 50))}
+    md = ev.write_comparison(str(tmp_path), results)["markdown"]
+    assert "Table 2" in md and "| model | Recall | Precision | Specificity |" in md
+    macro = results["drenet"]["patient"]["macro"]
+    assert f"{macro['sensitivity']['value']:.3f}" in md.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_run_folder_written_by_train(dataset, tmp_path):
+    """The trainer's own run folder (configs/smoke.cfg, a few steps) evaluates."""
+    run = tmp_path / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
+         f"--data_dir={dataset}", f"--run_dir={run}", "--epochs=1", "--steps_per_epoch=2",
+         "--num_display_images=0", "--verbose=0"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "eval"
+    m = ev.evaluate_run(str(run), split="test", output_dir=str(out), n_bootstrap=20,
+                        max_explained=2, log=lambda s: None)
+    assert m["data_dir"] == str(dataset) and m["decision"]["chosen_on_split"] == "val"
+    assert m["patient"]["count"] == 8 and m["checkpoint"].endswith(".keras")
+    assert (out / "report.html").is_file()
+    assert len(list((out / "explanations").glob("*.png"))) == 2
+
+
+def test_compare_names_runs_by_experiment_and_seed():
+    from covid_keras.evaluate import run_name
+
+    taken: set = set()
+    names = []
+    for p in ("/r/drenet/seed0", "/r/resnet50/seed0", "/r/drenet/seed0"):
+        names.append(run_name(p, taken))
+        taken.add(names[-1])
+    assert names == ["drenet/seed0", "resnet50/seed0", "drenet/seed0 (2)"]
