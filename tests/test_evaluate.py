@@ -643,3 +643,24 @@ def test_compare_names_runs_by_experiment_and_seed():
         names.append(run_name(p, taken))
         taken.add(names[-1])
     assert names == ["drenet/seed0", "resnet50/seed0", "drenet/seed0 (2)"]
+
+
+def test_split_predictor_predicts_every_record_once_with_a_partial_batch(dataset):
+    import keras
+
+    from covid_keras import data
+    from covid_keras.baselines import build_classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("tiny", 2, 64)
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    sp = ev.SplitPredictor(str(dataset), "test", 5, cfg)  # 24 records: 4 full + 4 padded
+    out = sp.predict(model)
+    assert out["logits"].shape == (24, 2)
+    images = np.concatenate([x.numpy() for x, _ in data.make_dataset(
+        str(dataset), "test", 7, training=False, cfg=cfg)])
+    np.testing.assert_allclose(out["logits"], model.predict(images, verbose=0)["logits"],
+                               rtol=1e-4, atol=1e-5)
+    preds = sp.predictions(model, CLASSES, outputs=out)
+    np.testing.assert_allclose(preds.probs.sum(1), 1.0)
+    assert preds.split == "test" and len(preds) == 24
