@@ -42,7 +42,10 @@ REASONS: dict[str, str] = {
     "duplicate_study": "the same study and series were already listed under another path",
     "patient_split_conflict": "a patient is assigned to two splits",
     "internal_error": "unexpected error while processing the study (a bug: please report)",
-    "study_timeout": "the study took longer than --study_timeout_s",
+    "study_timeout": "the study took longer than --study_timeout_s (its worker is killed "
+                     "when it does not stop by itself)",
+    "worker_crashed": "the worker process died while handling the study (a decoder crash, "
+                      "or the OS killed it, e.g. for memory); a fresh worker goes on",
     "bad_pixel_spacing": "PixelSpacing absent-but-required, NaN, <= 0 or outside the "
                          "plausible range (e.g. in metres); rejected before any pixel is read",
     "mixed_matrix": "slices of the series differ in Rows x Columns (warning when the most "

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import pickle
 import platform
@@ -41,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from covid_keras import schema
-from data_prep import redact
+from data_prep import redact, workers
 from data_prep.errors import Issue, StudyError
 from data_prep.preprocess import PrepConfig
 from data_prep.split import PatientInfo, assign_splits, check_disjoint, merge_patient
@@ -98,33 +97,55 @@ class RunSummary:
 
 # ---------------------------------------------------------------- parallel helpers
 def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
+    workers.init_worker()
 
 
-def _call(args: tuple[Callable, tuple]) -> Any:
-    fn, fn_args = args
-    return fn(*fn_args)
-
-
-def parallel_map(fn: Callable, arg_list: list[tuple], workers: int, desc: str) -> Iterator:
-    """fn(*args) for each args, in order, over ``workers`` spawned processes (0/1: inline),
-    with a progress bar (shown on a terminal)."""
+def parallel_map(fn: Callable, arg_list: list[tuple], n_workers: int, desc: str,
+                 on_lost: Callable[[tuple, str, str], Any], hard_timeout_s: float = 0.0
+                 ) -> Iterator:
+    """fn(*args) for each args, in order, over ``n_workers`` spawned processes (0/1: inline),
+    with a progress bar (shown on a terminal). A task whose worker dies or runs past
+    ``hard_timeout_s`` becomes ``on_lost(args, "crashed" | "timeout", detail)``
+    (:mod:`data_prep.workers`); the others go on."""
     bar = tqdm(total=len(arg_list), desc=desc, unit="study", disable=None, file=sys.stderr)
     try:
-        if workers <= 1 or len(arg_list) <= 1:
-            for args in arg_list:
-                yield fn(*args)
-                bar.update()
-            return
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, len(arg_list)), initializer=_init_worker) as pool:
-            for out in pool.imap(_call, [(fn, a) for a in arg_list], chunksize=1):
-                yield out
-                bar.update()
+        if n_workers <= 1 or len(arg_list) <= 1:
+            outputs: Iterable = (fn(*args) for args in arg_list)
+        else:
+            outputs = workers.run_tasks(fn, arg_list, n_workers, on_lost, hard_timeout_s)
+        for out in outputs:
+            yield out
+            bar.update()
     finally:
         bar.close()
+
+
+def hard_timeout(cfg: RunConfig) -> float:
+    """Seconds after which a worker still busy with one study is killed (0: never): well past
+    the study's own limit, which normally ends it first."""
+    soft = cfg.scan.limits.study_timeout_s
+    return soft * 1.5 + 30.0 if soft > 0 else 0.0
+
+
+def _lost_reason(why: str) -> str:
+    return "study_timeout" if why == "timeout" else "worker_crashed"
+
+
+def _lost_scan(args: tuple, why: str, detail: str) -> StudyScan:
+    task, scan_cfg = args
+    scan = StudyScan(task=task, name=redact.study_name(task.origin or "study", task.study_id,
+                                                        scan_cfg.salt))
+    scan.error = Issue(scan.name, "", _lost_reason(why), f"reading headers: {detail}",
+                       "error")
+    return scan
+
+
+def _lost_job(args: tuple, why: str, detail: str) -> Outcome:
+    index, scan, job, _cfg, _spool, _cfg_hash = args
+    result = StudyResult(scan.study_key, scan.patient_key, scan.task.label, scan.task.site,
+                         job[0], sampled=len(scan.sampled))
+    result.error = Issue(scan.name, "", _lost_reason(why), f"decoding: {detail}", "error")
+    return Outcome(index, scan.issues, scan.error, result)
 
 
 # ---------------------------------------------------------------- spool
@@ -480,7 +501,8 @@ def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSumm
 def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     spool = os.path.join(cfg.output_dir, SPOOL)
     os.makedirs(spool, exist_ok=True)
-    scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan"))
+    scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan",
+                              _lost_scan, hard_timeout(cfg)))
     plan = make_plan([StudyMeta.of(i, s) for i, s in enumerate(scans)], cfg)
     if plan.fatal is not None:
         raise StudyError(*plan.fatal)
@@ -489,7 +511,8 @@ def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSum
                 for i, scan in enumerate(scans) if i not in plan.jobs]
     args = [(i, scan, plan.jobs[i], cfg, spool, cfg_hash) for i, scan in enumerate(scans)
             if i in plan.jobs]
-    outcomes += parallel_map(process_job, args, cfg.workers, "preprocess")
+    outcomes += parallel_map(process_job, args, cfg.workers, "preprocess", _lost_job,
+                             hard_timeout(cfg))
     return finish(outcomes, plan, cfg, resolved_flags, len(tasks))
 
 

@@ -1,0 +1,140 @@
+"""Worker processes that one study can neither hang nor kill the batch with.
+
+``multiprocessing.Pool`` waits forever for the result of a worker that died (a decoder's
+segmentation fault, the OS killing it for memory) and cannot take back a task stuck in C
+code. :func:`run_tasks` gives each worker one task at a time over its own pipe, watches its
+process, and when a worker dies or runs past the hard time limit it kills it, starts a fresh
+one, and hands the task to ``on_lost`` (which turns it into that study's failure); every
+other task goes on. The soft limit (:func:`data_prep.limits.deadline`, inside the task)
+normally ends a slow study first, with a cleaner reason.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterator
+
+# Lost tasks: "timeout" (past the hard limit, killed) or "crashed" (the process died).
+OnLost = Callable[[tuple, str, str], Any]
+
+
+def init_worker() -> None:
+    """One OpenCV thread per worker process (the processes are the parallelism)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _worker_main(conn: Connection) -> None:
+    init_worker()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        index, fn, args = msg
+        try:
+            out = (index, True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, by type only
+            out = (index, False, type(exc).__name__)
+        try:
+            conn.send(out)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+            conn.send((index, False, type(exc).__name__))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    task: int | None = None
+    started: float = 0.0
+
+
+def _start(ctx) -> _Worker:
+    parent, child = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+    process.start()
+    child.close()
+    return _Worker(process, parent)
+
+
+def _stop(worker: _Worker, kill: bool) -> None:
+    if kill:
+        worker.process.kill()
+    else:
+        try:
+            worker.conn.send(None)
+        except (OSError, ValueError):
+            pass
+    worker.process.join(5)
+    if worker.process.is_alive():
+        worker.process.kill()
+        worker.process.join(5)
+    worker.conn.close()
+
+
+def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost,
+              hard_timeout_s: float = 0.0) -> Iterator:
+    """``fn(*args)`` for each args, yielded in order, over ``workers`` spawned processes.
+    ``hard_timeout_s`` > 0: a task running longer is killed with its worker."""
+    ctx = multiprocessing.get_context("spawn")
+    pending = deque(range(len(arg_list)))
+    done: dict[int, Any] = {}
+    pool = [_start(ctx) for _ in range(min(workers, len(arg_list)))]
+    next_out = 0
+    try:
+        while next_out < len(arg_list):
+            for i, w in enumerate(pool):
+                if w.task is None and pending and not w.process.is_alive():
+                    _stop(w, kill=True)  # died between tasks
+                    pool[i] = w = _start(ctx)
+                if w.task is None and pending:
+                    w.task, w.started = pending.popleft(), time.monotonic()
+                    w.conn.send((w.task, fn, arg_list[w.task]))
+            busy = [w for w in pool if w.task is not None]
+            timeout = None
+            if hard_timeout_s > 0 and busy:
+                first_end = min(w.started for w in busy) + hard_timeout_s
+                timeout = max(0.0, first_end - time.monotonic())
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                             timeout))
+            now = time.monotonic()
+            for i, w in enumerate(pool):
+                if w.task is None:
+                    continue
+                lost = ""
+                if w.conn in ready:
+                    try:
+                        index, ok, value = w.conn.recv()
+                        done[index] = value if ok else on_lost(arg_list[index], "crashed",
+                                                               f"raised {value}")
+                        w.task = None
+                        continue
+                    except (EOFError, OSError):
+                        lost = "crashed"
+                elif w.process.sentinel in ready:
+                    lost = "crashed"
+                elif hard_timeout_s > 0 and now - w.started > hard_timeout_s:
+                    lost = "timeout"
+                if lost:
+                    if lost == "crashed":
+                        w.process.join(2)  # the pipe can close before the exit is seen
+                    code = w.process.exitcode
+                    detail = (f"killed after {now - w.started:.0f} s" if lost == "timeout" else
+                              f"the worker process died (exit code {code})")
+                    done[w.task] = on_lost(arg_list[w.task], lost, detail)
+                    _stop(w, kill=True)
+                    pool[i] = _start(ctx)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+    finally:
+        for w in pool:
+            _stop(w, kill=w.task is not None)

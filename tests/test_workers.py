@@ -1,0 +1,52 @@
+"""data_prep.workers: a worker that dies or hangs costs its own study, not the batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from data_prep import pipeline, workers
+from data_prep.study import StudyTask
+from tests.test_bad_inputs import scan_cfg
+
+
+def square_or_die(x: int) -> int:
+    if x == 3:
+        os._exit(3)  # a decoder's crash, or the OS killing the process for memory
+    if x == 5:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # past every soft limit
+        time.sleep(600)
+    if x == 6:
+        raise ValueError("a bug")
+    return x * x
+
+
+def lost(args: tuple, why: str, detail: str) -> tuple:
+    return why, args[0], detail
+
+
+def test_a_dead_or_stuck_worker_costs_its_task_only():
+    start = time.monotonic()
+    out = list(workers.run_tasks(square_or_die, [(i,) for i in range(9)], 2, lost,
+                                 hard_timeout_s=3.0))
+    assert time.monotonic() - start < 60
+    assert out[:3] == [0, 1, 4] and out[4] == 16 and out[7:] == [49, 64]
+    assert out[3][:2] == ("crashed", 3) and "exit code 3" in out[3][2]
+    assert out[5][:2] == ("timeout", 5) and out[5][2].startswith("killed after")
+    assert out[6] == ("crashed", 6, "raised ValueError")
+
+
+def crash(task: StudyTask, cfg) -> None:
+    os._exit(9)
+
+
+def test_lost_studies_get_a_named_reason():
+    tasks = [StudyTask(study_id=f"s{i}", path=f"/nonexistent/{i}", label="covid",
+                       origin=f"line{i + 2:05d}") for i in range(2)]
+    cfg = scan_cfg()
+    scans = list(pipeline.parallel_map(crash, [(t, cfg) for t in tasks], 2, "scan",
+                                       pipeline._lost_scan, 30.0))
+    assert [s.error.reason for s in scans] == ["worker_crashed"] * 2
+    assert [s.name.split(".")[0] for s in scans] == ["line00002", "line00003"]
+    assert "/nonexistent" not in repr([s.error for s in scans])
