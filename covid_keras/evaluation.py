@@ -609,11 +609,26 @@ def evaluate_predictions(preds: Predictions, decision: dict, n_bootstrap: int =
     result["roc"] = {"slice": roc_points(labels == pos, preds.probs[:, pos]),
                      "patient": roc_points(pats.labels == pos, pats.score)}
     result["sites"], site_warnings = per_site(pats, patient_pred, classes, pos)
-    result["warnings"] = site_warnings
+    result["warnings"] = site_warnings + small_sample_warnings(pats.labels, classes)
     result["_patients"] = pats  # for the CSVs and the report; removed before writing
     result["_patient_pred"] = patient_pred
     result["_slice_pred"] = slice_pred
     return result
+
+
+MIN_PATIENTS_PER_CLASS = 10
+
+
+def small_sample_warnings(patient_labels, classes) -> list:
+    """A warning per class with fewer than :data:`MIN_PATIENTS_PER_CLASS` patients: a
+    bootstrap over so few patients understates the uncertainty."""
+    out = []
+    for c, name in enumerate(classes):
+        n = int(np.sum(np.asarray(patient_labels) == c))
+        if n < MIN_PATIENTS_PER_CLASS:
+            out.append(f"Class {name!r} has {n} patient(s) here: metrics and their bootstrap "
+                       "CIs over so few patients are unreliable.")
+    return out
 
 
 def per_site(pats: Patients, patient_pred: np.ndarray, classes, pos: int):

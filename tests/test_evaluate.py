@@ -282,6 +282,9 @@ def test_per_site_warns_when_a_class_comes_from_one_site():
     assert r["sites"]["B"]["patients_by_class"] == {"non_covid": 0, "covid": 3}
     assert any("'non_covid' comes from a single site ('A')" in w for w in r["warnings"])
     assert not any("'covid' comes from a single site" in w for w in r["warnings"])
+    assert sum("unreliable" in w for w in r["warnings"]) == 2  # 6 patients per class
+    big = ev.evaluate_predictions(make_preds(rng, patients=24), d, n_bootstrap=0)
+    assert not any("unreliable" in w for w in big["warnings"])
 
 
 def test_csv_files_have_the_contract_columns(tmp_path):
