@@ -148,9 +148,9 @@ def check_pixel_spacing(spacing: tuple[float, ...] | None, path: str) -> None:
     lo, hi = PIXEL_SPACING_RANGE_MM
     for v in spacing:
         if not (lo <= v <= hi):  # NaN fails every comparison
-            what = "not a number" if v != v else f"{v:g} mm"
-            raise StudyError("bad_pixel_spacing", f"PixelSpacing {what} is outside "
-                             f"[{lo:g}, {hi:g}] mm (metres or micrometres?)", path)
+            what = "is not a number" if v != v else f"of {v:g} mm is outside [{lo:g}, {hi:g}] mm"
+            raise StudyError("bad_pixel_spacing", f"PixelSpacing {what} (NaN, <= 0, or in "
+                             "metres / micrometres?)", path)
 
 
 # ---------------------------------------------------------------- time

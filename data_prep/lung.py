@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from data_prep.limits import PIXEL_SPACING_RANGE_MM
+
 
 @dataclass(frozen=True)
 class LungMaskParams:
@@ -72,9 +74,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _spacing(shape: tuple[int, ...], pixel_spacing_mm: float | None) -> float:
-    """The pixel size, or 0.7 mm at 512 pixels scaled to the image when unknown."""
-    if pixel_spacing_mm is None or pixel_spacing_mm <= 0:
+    """The pixel size, or 0.7 mm at 512 pixels scaled to the image when unknown. An
+    implausible size (NaN, <= 0, metres) would size the kernels absurdly: refused."""
+    if pixel_spacing_mm is None:
         return 0.7 * 512.0 / max(shape)
+    lo, hi = PIXEL_SPACING_RANGE_MM
+    if not lo <= pixel_spacing_mm <= hi:
+        raise ValueError(f"pixel_spacing_mm must be in [{lo}, {hi}] mm. Received: "
+                         f"{pixel_spacing_mm}")
     return float(pixel_spacing_mm)
 
 

@@ -265,6 +265,16 @@ def test_manifest_rows_fail_one_by_one(tmp_path):
     assert tasks[-1].split == "train" and tasks[-1].site == "default"
 
 
+def test_folder_input_label_names_are_validated(tmp_path):
+    root = os.fsencode(tmp_path / "in")
+    for label in (b"covid", b"=cmd", b"co\xffvid", b"x" * 80):
+        os.makedirs(os.path.join(root, label, b"study1"))
+    tasks = inputs.read_input(os.fsdecode(root))
+    errors = sorted((t.error or ("ok",))[0] for t in tasks)
+    assert errors == ["invalid_label"] * 3 + ["ok"]
+    assert [t.origin for t in tasks] == [f"entry{i:05d}" for i in range(1, 5)]
+
+
 def test_manifest_encodings(tmp_path, caplog):
     text = "study_path,label,site\nstudies/é,covid,Hôpital\n"
     for encoding, raw in (("utf-8", text.encode()), ("utf-8-sig", text.encode("utf-8-sig")),
@@ -433,6 +443,16 @@ def test_implausible_pixel_spacing_is_rejected_before_any_pixel(tmp_path, value,
     assert scan.error is not None and scan.error.reason == "bad_pixel_spacing", scan.error
 
 
+def test_lung_mask_refuses_an_implausible_spacing():
+    from data_prep.lung import lung_mask_hu
+
+    hu = np.full((32, 32), -1000.0, np.float32)
+    for bad in (float("nan"), 0.0, -1.0, 0.0007, 1e6):
+        with pytest.raises(ValueError, match="Received"):
+            lung_mask_hu(hu, pixel_spacing_mm=bad)
+    lung_mask_hu(hu, pixel_spacing_mm=0.7)
+
+
 def test_pydicom_warnings_are_counted_never_printed(tmp_path, capfd):
     study = tmp_path / "study"
     edit(series(study, kind="covid", seed=1),
@@ -556,3 +576,12 @@ def test_rewrite_is_staged_and_swapped_whole(two_studies, tmp_path, monkeypatch)
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == {p.name for p in out.glob("*.tfrecord.gz")}
     assert manifest["image"]["size"] == 48
+
+
+def test_two_runs_on_one_output_folder_are_refused(tmp_path):
+    with pipeline.exclusive_output(str(tmp_path / "out")):
+        with pytest.raises(RuntimeError, match="Another data_prep run"):
+            with pipeline.exclusive_output(str(tmp_path / "out")):
+                pass
+    with pipeline.exclusive_output(str(tmp_path / "out")):  # released
+        pass
