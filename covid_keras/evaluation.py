@@ -292,7 +292,7 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, pred: np.ndarray) -> dict:
     fp = float(np.sum(pred & ~y))
     fn = float(np.sum(~pred & y))
     sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn) if (tp + fn) and (tp + fp) else float("nan")
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)  # 2PR/(P+R); 0 when nothing positive is found
     return {"auc": auc_score(y, score), "accuracy": _ratio(tp + tn, len(y)),
             "sensitivity": sens, "specificity": _ratio(tn, tn + fp), "ppv": ppv,
             "npv": _ratio(tn, tn + fn), "f1": f1}
@@ -304,7 +304,7 @@ REASONS = {"auc": "the labels have one class only",
            "specificity": "no negative examples",
            "ppv": "no positive decisions",
            "npv": "no negative decisions",
-           "f1": "no positive examples or no positive decisions",
+           "f1": "no positive examples and no positive decisions",
            "ece": "no examples"}
 
 

@@ -94,6 +94,9 @@ def test_f1_is_two_pr_over_p_plus_r_not_the_papers_mean():
     m = ev.binary_metrics(y, pred.astype(float), pred)
     assert m["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
     assert m["f1"] != pytest.approx((0.5 + 0.25) / 2)
+    none_found = ev.binary_metrics(y, np.zeros(8), np.zeros(8, int))
+    assert none_found["f1"] == 0.0 == skm.f1_score(y, np.zeros(8, int), zero_division=0)
+    assert none_found["ppv"] != none_found["ppv"]  # NaN: no positive decisions
 
 
 def test_ece_and_reliability_by_hand():
