@@ -85,6 +85,8 @@ REASONS: dict[str, str] = {
     "missing_orientation": "ImageOrientationPatient absent; assumed axial",
     "missing_transfer_syntax": "no Transfer Syntax UID; read with the encoding pydicom detected",
     "duplicate_position": "two slices share a position; the duplicate was dropped",
+    "slice_substituted": "a sampled file could not be read; a neighbouring slice (between the "
+                         "same sampled neighbours) was used instead",
     "rgba_image": "RGBA slice image flattened to grey over black",
     "colour_image": "colour slice image converted to grey",
     "sixteen_bit_image": "16-bit slice image rescaled to 8 bits",

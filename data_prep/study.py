@@ -88,6 +88,7 @@ class StudyScan:
     slice_count: int = 0
     fingerprint: str = ""  # every file's relative path, size and mtime, hashed
     sampled: list[SampledSlice] = field(default_factory=list)
+    spares: list[SampledSlice] = field(default_factory=list)  # the series' other slices
     file_names: dict[str, str] = field(default_factory=dict)  # path -> pseudonymous name
     issues: list[Issue] = field(default_factory=list)
     error: Issue | None = None
@@ -173,7 +174,7 @@ def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
     scan.issues = [_redacted(i, scan) for i in scan.issues]
     if scan.error is not None:
         scan.error = _redacted(scan.error, scan)
-        scan.sampled = []
+        scan.sampled, scan.spares = [], []
     return scan
 
 
@@ -273,10 +274,19 @@ def _scan_images(scan: StudyScan, images: list[str], cfg: ScanConfig) -> None:
     scan.patient_key = salted_key(cfg.salt, "patient", task.patient_id or rel)
     scan.study_key = salted_key(cfg.salt, "study", rel)
     scan.series_key = scan.study_key
-    for i in sample_indices(len(ordered), cfg.num_slices, cfg.sampling):
-        name = os.path.relpath(ordered[i], task.path) if os.path.isdir(task.path) else ""
-        scan.sampled.append(SampledSlice(ordered[i], i, float(i),
-                                         salted_key(cfg.salt, "sop", rel + "/" + name), None))
+    slices = []
+    for i, path in enumerate(ordered):
+        name = os.path.relpath(path, task.path) if os.path.isdir(task.path) else ""
+        slices.append(SampledSlice(path, i, float(i),
+                                   salted_key(cfg.salt, "sop", rel + "/" + name), None))
+    _sample(scan, slices, cfg)
+
+
+def _sample(scan: StudyScan, slices: list[SampledSlice], cfg: ScanConfig) -> None:
+    """The sampled slices, and the others as spares for a sampled file that fails to decode."""
+    chosen = set(sample_indices(len(slices), cfg.num_slices, cfg.sampling))
+    scan.sampled = [s for s in slices if s.index in chosen]
+    scan.spares = [s for s in slices if s.index not in chosen]
 
 
 def _study_name(task: StudyTask) -> str:
@@ -300,12 +310,10 @@ def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
     scan.patient_key = salted_key(cfg.salt, "patient", patient)
     scan.study_key = salted_key(cfg.salt, "study", series.study_uid or _study_name(task))
     scan.series_key = salted_key(cfg.salt, "series", series.series_uid)
-    for i in sample_indices(len(series), cfg.num_slices, cfg.sampling):
-        h = series.slices[i]
-        scan.sampled.append(SampledSlice(
-            h.path, i, series.positions_mm[i],
-            salted_key(cfg.salt, "sop", h.sop_uid or h.path),
-            h.pixel_spacing_mm[0] if h.pixel_spacing_mm else None, h))
+    _sample(scan, [SampledSlice(h.path, i, series.positions_mm[i],
+                                salted_key(cfg.salt, "sop", h.sop_uid or h.path),
+                                h.pixel_spacing_mm[0] if h.pixel_spacing_mm else None, h)
+                   for i, h in enumerate(series.slices)], cfg)
 
 
 def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndarray, list]:
@@ -352,6 +360,24 @@ def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanC
     return result
 
 
+# A sampled file failing for one of these is replaced by a neighbouring slice.
+FILE_REASONS = frozenset({"truncated_file", "pixel_decode_error", "image_decode_error",
+                          "not_regular_file", "file_too_large", "image_too_large"})
+MAX_SUBSTITUTES = 2
+
+
+def _with_substitutes(scan: StudyScan, k: int, used: set[int]):
+    """The k-th sampled slice, then up to MAX_SUBSTITUTES unused slices nearest to it that
+    lie strictly between its sampled neighbours (the sampling's spacing is kept)."""
+    s = scan.sampled[k]
+    yield s
+    lo = scan.sampled[k - 1].index if k > 0 else -1
+    hi = scan.sampled[k + 1].index if k + 1 < len(scan.sampled) else scan.slice_count
+    near = sorted((x for x in scan.spares if lo < x.index < hi and x.index not in used),
+                  key=lambda x: (abs(x.index - s.index), x.index))
+    yield from near[:MAX_SUBSTITUTES]
+
+
 def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: ScanConfig,
              prep: PrepConfig, seed: int) -> None:
     task = scan.task
@@ -359,15 +385,31 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
     if scan.kind == "images":  # no real HU: the gas test would call dark lung "gas"
         prep = dataclasses.replace(prep, lung=dataclasses.replace(prep.lung,
                                                                    gas_median_hu=-math.inf))
-    for s in scan.sampled:
-        limits.check_deadline()
-        try:
-            hu, warnings = _load_hu(scan, s, scan_cfg)
-        except StudyError as err:
-            result.issues.append(Issue(task.study_id, err.file, err.reason, err.detail,
-                                       "warning"))
-            result.dropped[err.reason] = result.dropped.get(err.reason, 0) + 1
+    used = {s.index for s in scan.sampled}
+    for k, sampled in enumerate(scan.sampled):
+        loaded = None
+        for s in _with_substitutes(scan, k, used):
+            limits.check_deadline()
+            if s is not sampled:
+                result.sampled += 1
+                used.add(s.index)
+            try:
+                loaded = _load_hu(scan, s, scan_cfg)
+                break
+            except StudyError as err:
+                result.issues.append(Issue(task.study_id, err.file, err.reason, err.detail,
+                                           "warning"))
+                result.dropped[err.reason] = result.dropped.get(err.reason, 0) + 1
+                if err.reason not in FILE_REASONS:
+                    break
+        if loaded is None:
             continue
+        if s is not sampled:
+            result.issues.append(Issue(task.study_id, s.path, "slice_substituted",
+                                       f"slice {s.index} used in place of slice "
+                                       f"{sampled.index}, which could not be read",
+                                       "warning"))
+        hu, warnings = loaded
         result.issues.extend(warnings)
         rng = np.random.default_rng(
             [seed, int(hashlib.sha256(s.sop_key.encode()).hexdigest()[:8], 16)])
@@ -380,9 +422,7 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
     if not result.records:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
         reason = "no_lung_slices"
-        file_reasons = {"truncated_file", "pixel_decode_error", "image_decode_error",
-                        "not_regular_file", "file_too_large", "image_too_large"}
-        if result.dropped and set(result.dropped) <= file_reasons:
+        if result.dropped and set(result.dropped) <= FILE_REASONS:
             reason = max(sorted(result.dropped), key=result.dropped.get)
         result.error = Issue(task.study_id, "", reason,
                              f"all {len(scan.sampled)} sampled slices dropped ({counts})",

@@ -388,6 +388,28 @@ def test_corrupt_pixel_data_in_some_files_is_a_warning(tmp_path):
     assert "truncated_file" in reasons(result.issues, "warning")
 
 
+def test_an_unreadable_sampled_file_is_replaced_by_a_neighbour(tmp_path):
+    """Every sampled file of a 30-slice series is cut short: each is replaced by the nearest
+    slice between the same sampled neighbours, so the study keeps what a clean one has."""
+    study = tmp_path / "study"
+    series(study, kind="covid", seed=1, num_slices=30)
+    cfg, prep = scan_cfg(), PrepConfig(image_size=32)
+    clean = process_study(scan_study(task(study), cfg), "train", 0, cfg, prep, 0)
+    scan = scan_study(task(study), cfg)
+    for s in scan.sampled:
+        data = Path(s.path).read_bytes()
+        Path(s.path).write_bytes(data[:-MATRIX * MATRIX])
+    result = process_study(scan_study(task(study), cfg), "train", 0, cfg, prep, 0)
+    assert result.error is None
+    subs = [i for i in result.issues if i.reason == "slice_substituted"]
+    assert len(subs) == 15 and result.dropped["truncated_file"] == 15
+    assert result.sampled == 30  # 15 sampled + 15 substitutes tried
+    indices = sorted(int(r[schema.SLICE_INDEX]) for r in result.records)
+    assert len(set(indices)) == len(indices)
+    assert not set(indices) & {s.index for s in scan.sampled}
+    assert abs(len(result.records) - len(clean.records)) <= 2
+
+
 @pytest.mark.parametrize("keep,basis", [("InstanceNumber", "InstanceNumber"),
                                         ("SliceLocation", "SliceLocation"),
                                         ("", "file name")])
