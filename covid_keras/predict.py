@@ -1,0 +1,569 @@
+"""One study in, one answer out.
+
+    python -m covid_keras.predict --study=<DICOM folder | .zip | folder of PNG/JPEG slices> \
+        --model=<export dir | run dir | .keras> --output_dir=<dir> [--server=http://host:8501]
+
+The study is read and prepared by data_prep's own functions (:func:`data_prep.study.
+scan_study` and :func:`data_prep.study.process_study`: series choice, sampling, lung mask,
+crop, window, fill), with the settings the training records were built with (stored in the
+export's ``assets.extra/covid_keras.json``, or read from the run's dataset manifest); the
+prepared slices reach the model through the input pipeline's decoding
+(:func:`covid_keras.data.decode_image`). The model is the export's ``predict_study``
+signature (a SavedModel, a run folder or a .keras file loaded here), or, with ``--server``,
+the same signature on a running TF Serving / ``covid_keras.serve`` over REST.
+
+``--output_dir`` receives, all at once (built beside and renamed into place):
+
+* ``prediction.json`` (:data:`FORMAT_VERSION`): the patient's probabilities per class, the
+  decision, its rule and threshold; the series used and why; every slice used (salted hash
+  of its SOPInstanceUID, index and position in the series, lung fraction, probabilities,
+  boxes (y0, x0, y1, x1 in the model's input pixels of the prepared slice) and scores);
+  the top slices; warnings (``few_slices``, ``not_ct_verified``, dropped slices, rejected
+  series, ...);
+* ``evidence_<n>.png`` for the top slices: the prepared slice with its boxes, and its
+  Grad-CAM overlay for the decided class.
+
+Nothing in them (or in the log) names the patient: the study is named by a salted hash of
+its path, slices by salted hashes of their UIDs (the salt: ``--salt_file``, created once
+and kept private), and no DICOM attribute value is copied.
+
+Bad input (not CT, no lung slices, a corrupt file, a zip with ``../`` paths, links or an
+expansion bomb, a model that refuses the request) is a one-line error naming the study's
+pseudonym and the reason; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+import zipfile
+
+import numpy as np
+from absl import flags
+
+from covid_keras import cli, files
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("covid_keras.predict")
+FORMAT_VERSION = 1
+JSON_FILE = "prediction.json"
+DEFAULT_SALT = os.path.join("~", ".covid_keras", "predict_salt.key")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("study", None, "A DICOM study folder, a .zip of one, or a folder of "
+                        "PNG/JPEG slices.")
+    flags.DEFINE_string("model", None, "An export (<base>/<name> or <base>/<name>/<version>), "
+                        "a training run folder, or a .keras file. With --server: optional, "
+                        "where the preprocessing settings are read from.")
+    flags.DEFINE_string("output_dir", None, "Where prediction.json and the evidence PNGs go.")
+    flags.DEFINE_string("server", None, "http://host:8501: predict through a running TF "
+                        "Serving (or covid_keras.serve) over REST instead of loading a model.")
+    flags.DEFINE_string("model_name", "drenet", "The served model's name (with --server).")
+    flags.DEFINE_integer("top_slices", 3, "Slices with evidence PNGs (highest score for the "
+                         "decided class).")
+    flags.DEFINE_string("salt_file", DEFAULT_SALT, "Secret salt for the study and slice hashes "
+                        "(created, random, when missing). Keep it private.")
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
+    flags.DEFINE_float("max_zip_mb", 2048.0, "A zipped study may expand to at most this much.")
+    flags.DEFINE_integer("max_zip_files", 20000, "A zipped study may hold at most this many "
+                         "entries.")
+    flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
+
+
+class StudyFailure(ValueError):
+    """The study cannot be predicted: ``study <name>: <reason> (<detail>)``."""
+
+    def __init__(self, study: str, reason: str, detail: str = ""):
+        super().__init__(f"study {study}: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+
+
+# ------------------------------------------------------------------ salt, zip
+def read_salt(path: str) -> bytes:
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.atomic_write_bytes(path, secrets.token_hex(32).encode())
+        os.chmod(path, 0o600)
+    with open(path, "rb") as f:
+        salt = f.read().strip()
+    if len(salt) < 16:
+        raise ValueError(f"salt file {path} is too short (need >= 16 bytes)")
+    return salt
+
+
+def unpack_zip(path: str, dest: str, name: str, max_bytes: int, max_files: int) -> str:
+    """Extracts a zipped study safely into ``dest``: no absolute or ``..`` paths, no links
+    or special files, at most ``max_files`` entries and ``max_bytes`` expanded (counted while
+    extracting, never trusted from the headers), per-entry ratio check. Raises
+    StudyFailure(zip_unsafe | zip_bomb | corrupt_zip)."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise StudyFailure(name, "corrupt_zip", type(exc).__name__) from None
+    with zf:
+        entries = zf.infolist()
+        if len(entries) > max_files:
+            raise StudyFailure(name, "zip_bomb", f"{len(entries)} entries > --max_zip_files="
+                                                 f"{max_files}")
+        if sum(e.file_size for e in entries) > max_bytes:
+            raise StudyFailure(name, "zip_bomb", "declared size over --max_zip_mb")
+        root = os.path.realpath(dest)
+        total = 0
+        for i, e in enumerate(entries, start=1):
+            parts = e.filename.replace("\\", "/").split("/")
+            if e.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise StudyFailure(name, "zip_unsafe", f"entry {i} has an absolute or '..' "
+                                                       "path")
+            mode = e.external_attr >> 16
+            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                raise StudyFailure(name, "zip_unsafe", f"entry {i} is a link or special file")
+            target = os.path.realpath(os.path.join(root, *[p for p in parts if p]))
+            if not (target == root or target.startswith(root + os.sep)):
+                raise StudyFailure(name, "zip_unsafe", f"entry {i} leaves the study folder")
+            if e.is_dir():
+                os.makedirs(target, exist_ok=True)
+                continue
+            if e.compress_size and e.file_size / e.compress_size > 1000 and \
+                    e.file_size > (1 << 20):
+                raise StudyFailure(name, "zip_bomb", f"entry {i} expands "
+                                                     f"{e.file_size // e.compress_size}x")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                with zf.open(e) as src, open(target, "wb") as dst:
+                    while True:
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise StudyFailure(name, "zip_bomb", "expands past "
+                                                                 "--max_zip_mb")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib_error(), EOFError, OSError,
+                    NotImplementedError, RuntimeError) as exc:
+                raise StudyFailure(name, "corrupt_zip", f"entry {i}: "
+                                                        f"{type(exc).__name__}") from None
+    return dest
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+# ------------------------------------------------------------------ preprocessing
+def prep_configs(info: dict, salt: bytes):
+    """data_prep's ScanConfig and PrepConfig as the training records were built (from the
+    export info's ``data_prep`` entry; data_prep's defaults for what it does not say)."""
+    from data_prep.limits import Limits
+    from data_prep.lung import LungMaskParams
+    from data_prep.preprocess import PrepConfig
+    from data_prep.study import ScanConfig
+
+    dp = info.get("data_prep") or {}
+    fl = dp.get("flags") or {}
+    pp = dp.get("preprocessing")
+    size = int(dp.get("records_image_size") or info["input_size"])
+    windows = tuple((w["name"], float(w["level_hu"]), float(w["width_hu"]))
+                    for w in info.get("windows") or [])
+    if pp:
+        known = {f.name for f in dataclasses.fields(PrepConfig)}
+        kw = {k: v for k, v in pp.items() if k in known}
+        kw["windows"] = tuple(tuple(w) for w in kw.get("windows", windows))
+        lung_known = {f.name for f in dataclasses.fields(LungMaskParams)}
+        kw["lung"] = LungMaskParams(**{k: v for k, v in (kw.get("lung") or {}).items()
+                                       if k in lung_known})
+        prep = PrepConfig(**kw)
+    else:
+        prep = PrepConfig(image_size=size, **({"windows": windows} if windows else {}))
+    limits = Limits()
+    if "max_file_mb" in fl:
+        limits = dataclasses.replace(limits, max_file_bytes=int(float(fl["max_file_mb"])
+                                                                * 1024 * 1024))
+    if "max_image_pixels" in fl:
+        limits = dataclasses.replace(limits, max_image_pixels=int(fl["max_image_pixels"]))
+    window = fl.get("image_window") or [-700.0, 1500.0]
+    scan = ScanConfig(salt=salt, num_slices=int(fl.get("num_slices", 15)),
+                      sampling=str(fl.get("sampling", "paper")),
+                      min_slices=int(fl.get("min_slices", 8)),
+                      image_window_hu=(float(window[0]), float(window[1])), limits=limits)
+    return scan, prep
+
+
+def prepare_study(path: str, name: str, info: dict, salt: bytes):
+    """(scan, result): data_prep's scan and processing of the study (split "test": no
+    train-only fill). Raises StudyFailure when the study yields no slice."""
+    from data_prep.study import StudyTask, process_study, scan_study
+
+    scan_cfg, prep = prep_configs(info, salt)
+    task = StudyTask(study_id=path, path=path, label="unknown", origin="study")
+    scan = scan_study(task, scan_cfg)
+    if scan.error is not None:
+        raise StudyFailure(name, scan.error.reason, scan.error.detail)
+    result = process_study(scan, "test", 0, scan_cfg, prep, seed=0)
+    if result.error is not None:
+        raise StudyFailure(name, result.error.reason, result.error.detail)
+    return scan, result, scan_cfg, prep
+
+
+def slices_u8(records: list[dict], input_size: int) -> np.ndarray:
+    """The records' PNGs through the input pipeline's decoding: (N, S, S, 3) uint8."""
+    from covid_keras import data, schema
+
+    return np.stack([data.decode_image(r[schema.IMAGE], input_size).numpy()
+                     for r in records])
+
+
+# ------------------------------------------------------------------ models
+class LocalModel:
+    """A SavedModel, run folder or .keras file, called in this process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.info, self.study_fn, self.cam_fn, self.source = _load(path)
+
+    def predict_study(self, images: np.ndarray) -> dict:
+        import tensorflow as tf
+
+        out = self.study_fn(images=tf.constant(images, tf.float32))
+        return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in
+                out.items()}
+
+    def gradcam(self, images: np.ndarray, class_index: int) -> np.ndarray:
+        import tensorflow as tf
+
+        out = self.cam_fn(images=tf.constant(images, tf.float32),
+                          class_index=tf.fill([len(images)], tf.constant(class_index,
+                                                                         tf.int32)))
+        return np.asarray(out["heatmaps"])
+
+
+def find_export(path: str) -> str | None:
+    """``path`` if it is a SavedModel version folder; the highest version when it is a
+    folder of versions; else None."""
+    from covid_keras.export import versions
+
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    found = versions(path) if os.path.isdir(path) else []
+    return os.path.join(path, str(found[-1])) if found else None
+
+
+def read_export_info(version_dir: str) -> dict:
+    from covid_keras.export import ASSETS_EXTRA, INFO_FILE
+
+    p = os.path.join(version_dir, ASSETS_EXTRA, INFO_FILE)
+    if not os.path.isfile(p):
+        raise ValueError(f"{version_dir} is a SavedModel without assets.extra/{INFO_FILE}: "
+                         "not a covid_keras export")
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load(path: str):
+    export_dir = find_export(path) if os.path.isdir(path) else None
+    if export_dir:
+        import tensorflow as tf
+
+        info = read_export_info(export_dir)
+        loaded = tf.saved_model.load(export_dir)
+        return (info, loaded.signatures["predict_study"], loaded.signatures["gradcam"],
+                {"kind": "savedmodel", "model_name": info.get("model_name"),
+                 "version": info.get("version")})
+    from covid_keras import export
+    from covid_keras.serving_signatures import Signatures
+
+    if os.path.isdir(path):
+        model, info, decision = export.load_run(path)
+        source = {"kind": "run", "checkpoint": info["checkpoint"]}
+    elif os.path.isfile(path) and path.endswith(".keras"):
+        from covid_keras.saving import load_model
+
+        model = load_model(path, compile=False)
+        if model.covid_keras_info is None:
+            raise ValueError(f"{os.path.basename(path)} carries no class names")
+        prep, warnings = export.data_prep_settings(None, model.covid_keras_info["input_size"])
+        warnings.append("a .keras file has no decision: predict decides by argmax")
+        info = export.export_info(model.covid_keras_info, prep, None, None, path, warnings)
+        decision = None
+        source = {"kind": "keras", "checkpoint": os.path.basename(path)}
+    else:
+        raise FileNotFoundError(f"--model {path} is not an export, a run folder or a "
+                                ".keras file")
+    sigs = Signatures(model, info, decision)
+    return info, sigs.predict_study, sigs.gradcam, source
+
+
+class ServerModel:
+    """The model on a TF Serving REST endpoint (``predict_study`` and ``gradcam``)."""
+
+    def __init__(self, url: str, model_name: str, info: dict | None, timeout_s: float):
+        import requests
+
+        self.url = url.rstrip("/") + f"/v1/models/{model_name}"
+        self.timeout = timeout_s
+        self.session = requests.Session()
+        meta = self._call("GET", "/metadata")
+        sig = meta["metadata"]["signature_def"]["signature_def"].get("predict_study")
+        if sig is None:
+            raise ValueError(f"the served model {model_name} has no predict_study signature "
+                             "(not a covid_keras export)")
+        dims = sig["inputs"]["images"]["tensor_shape"]["dim"]
+        size = int(dims[1]["size"])
+        self.version = meta["model_spec"]["version"]
+        if info is None:
+            from covid_keras import export
+
+            prep, warnings = export.data_prep_settings(None, size)
+            info = {"input_size": size, "windows": prep["windows"],
+                    "data_prep": {"records_image_size": size, "flags": {},
+                                  "preprocessing": None},
+                    "warnings": warnings + ["--server without --model: data_prep's default "
+                                            "preprocessing is assumed"]}
+        elif int(info["input_size"]) != size:
+            raise ValueError(f"--model's input size {info['input_size']} differs from the "
+                             f"served model's {size}")
+        self.info = info
+        self.source = {"kind": "server", "model_name": model_name, "version": self.version}
+
+    def _call(self, method: str, suffix: str, body: dict | None = None) -> dict:
+        import requests
+
+        try:
+            r = self.session.request(method, self.url + suffix, json=body,
+                                     timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise OSError(f"cannot reach the model server ({type(exc).__name__})") from None
+        try:
+            out = r.json()
+        except ValueError:
+            out = {"error": f"HTTP {r.status_code}, not JSON"}
+        if r.status_code != 200:
+            raise ValueError(f"model server: HTTP {r.status_code}: {out.get('error')}")
+        return out
+
+    def predict_study(self, images: np.ndarray) -> dict:
+        out = self._call("POST", ":predict", {
+            "signature_name": "predict_study",
+            "inputs": {"images": np.rint(images).astype(np.uint8).tolist()}})["outputs"]
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def gradcam(self, images: np.ndarray, class_index: int) -> np.ndarray:
+        out = self._call("POST", ":predict", {
+            "signature_name": "gradcam",
+            "inputs": {"images": np.rint(images).astype(np.uint8).tolist(),
+                       "class_index": [int(class_index)] * len(images)}})["outputs"]
+        return np.asarray(out, np.float32)
+
+
+# ------------------------------------------------------------------ evidence
+def evidence_png(image_u8: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                 heat: np.ndarray | None) -> bytes:
+    """The slice with its boxes (left) and the Grad-CAM overlay (right), at least 256 px."""
+    import cv2
+
+    from data_prep.study import encode_png
+
+    grey = image_u8[..., 0]
+    size = grey.shape[0]
+    scale = max(1, int(np.ceil(256 / size)))
+    big = cv2.resize(grey, (size * scale, size * scale), interpolation=cv2.INTER_NEAREST)
+    left = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+    for (y0, x0, y1, x1), s in zip(boxes, scores):
+        p0 = (int(round(x0 * scale)), int(round(y0 * scale)))
+        p1 = (int(round(x1 * scale)) - 1, int(round(y1 * scale)) - 1)
+        cv2.rectangle(left, p0, p1, (255, 64, 64), 2)
+        cv2.putText(left, f"{s:.2f}", (p0[0] + 3, max(p0[1] + 14, 14)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+    panels = [left]
+    if heat is not None:
+        h = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), big.shape[::-1],
+                       interpolation=cv2.INTER_LINEAR)
+        colour = cv2.applyColorMap(np.rint(h * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+        base = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+        panels.append(np.rint(0.6 * base + 0.4 * colour).astype(np.uint8))
+    return encode_png(np.concatenate(panels, axis=1))
+
+
+# ------------------------------------------------------------------ the answer
+def _warnings(scan, result, kept: int, num_slices: int, info: dict) -> list[dict]:
+    out: list[dict] = []
+    for issue in list(scan.issues) + list(result.issues):
+        out.append({"reason": issue.reason, "file": issue.file, "detail": issue.detail})
+    if result.dropped:
+        out.append({"reason": "slices_dropped", "file": "", "detail": ", ".join(
+            f"{k} {v}" for k, v in sorted(result.dropped.items()))})
+    if kept < max(3, num_slices // 3):
+        out.append({"reason": "few_slices", "file": "",
+                    "detail": f"{kept} slices used (of {num_slices} sampled at most)"})
+    if scan.kind == "images":
+        out.append({"reason": "not_ct_verified", "file": "",
+                    "detail": "PNG/JPEG slices carry no modality or HU: a CT in the "
+                              "records' window is assumed"})
+    for w in info.get("warnings") or []:
+        out.append({"reason": "model", "file": "", "detail": w})
+    return out
+
+
+def _series(scan, result, scan_cfg) -> dict:
+    rejected = [i.detail for i in scan.issues if i.reason == "series_rejected"]
+    if scan.kind == "dicom":
+        why = ("the axial CT series with the most slices" +
+               (f" ({len(rejected)} other series rejected or shorter)" if rejected else
+                " (the only usable series)"))
+    else:
+        why = "the study's PNG/JPEG slices, in natural name order"
+    return {"kind": scan.kind, "series_key": scan.series_key,
+            "slices_in_series": int(scan.slice_count), "sampled": len(scan.sampled),
+            "used": len(result.records), "sampling": scan_cfg.sampling,
+            "why": why, "other_series": rejected}
+
+
+def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
+                  overwrite: bool = False, max_zip_bytes: int = 2 << 30,
+                  max_zip_files: int = 20000) -> dict:
+    """The whole command (see the module docstring); returns prediction.json's content."""
+    from covid_keras import __version__, schema
+    from data_prep import redact
+
+    name = redact.study_name("study", os.path.abspath(study), salt)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(f"--output_dir {output_dir} is not empty (--overwrite replaces it)")
+    if not os.path.exists(study):
+        raise StudyFailure(name, "unreadable_path", "path does not exist")
+    info = model.info
+    with tempfile.TemporaryDirectory(prefix="covid_keras_predict_") as tmp:
+        path = study
+        if os.path.isfile(study) and zipfile.is_zipfile(study):
+            path = unpack_zip(study, os.path.join(tmp, "study"), name, max_zip_bytes,
+                              max_zip_files)
+        elif os.path.isfile(study) and study.lower().endswith(".zip"):
+            raise StudyFailure(name, "corrupt_zip", "not a readable zip file")
+        scan, result, scan_cfg, prep = prepare_study(path, name, info, salt)
+    size = int(info["input_size"])
+    images = slices_u8(result.records, size)
+    try:
+        out = model.predict_study(images.astype(np.float32))
+    except ValueError as exc:
+        raise StudyFailure(name, "model_refused", str(exc)) from None
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in
+               np.asarray(out["class_names"]).tolist()]
+    decision = int(out["decision"])
+    threshold = float(out["threshold"])
+    slice_probs = np.asarray(out["slice_probabilities"], np.float64)
+    boxes = np.asarray(out["boxes"], np.float64).reshape(len(images), -1, 4)
+    box_scores = np.asarray(out["box_scores"], np.float64).reshape(len(images), -1)
+    order = np.argsort(-slice_probs[:, decision], kind="stable")[:max(0, top)]
+    heat = model.gradcam(images[order].astype(np.float32), decision) if len(order) else []
+    stage = os.path.join(os.path.dirname(os.path.abspath(output_dir)) or ".",
+                         f".{os.path.basename(os.path.abspath(output_dir))}.partial-"
+                         f"{os.getpid()}")
+    slices = []
+    evidence = {}
+    for rank, i in enumerate(order.tolist(), start=1):
+        evidence[i] = f"evidence_{rank}.png"
+    for i, rec in enumerate(result.records):
+        slices.append({
+            "sop_key": rec[schema.SOP_KEY], "index": int(rec[schema.SLICE_INDEX]),
+            "position_mm": float(rec[schema.POSITION_MM]),
+            "lung_fraction": float(rec[schema.LUNG_FRACTION]),
+            "probabilities": dict(zip(classes, slice_probs[i].tolist())),
+            "boxes": [{"box_yxyx": b.tolist(), "score": float(s)}
+                      for b, s in zip(boxes[i], box_scores[i])],
+            "evidence": evidence.get(i)})
+    d = info.get("decision") or {}
+    answer = {
+        "format_version": FORMAT_VERSION, "tool": "covid_keras.predict",
+        "covid_keras_version": __version__, "study": name,
+        "model": {**model.source, "class_names": classes, "input_size": size,
+                  "backbone": info.get("backbone"), "git_sha": info.get("git_sha")},
+        "patient": {
+            "probabilities": dict(zip(classes, np.asarray(out["probabilities"],
+                                                          np.float64).tolist())),
+            "decision": classes[decision], "decision_index": decision,
+            "score": float(out["score"]), "rule": _text(out["rule"]),
+            "method": "argmax" if threshold < 0 else "threshold",
+            "threshold": None if threshold < 0 else float(d.get("threshold", threshold)),
+            "positive_class": d.get("positive_class")},
+        "series": _series(scan, result, scan_cfg),
+        "slices": slices,
+        "top_slices": [int(i) for i in order.tolist()],
+        "boxes_in": f"(y0, x0, y1, x1) pixels of the {size} px prepared slice",
+        "preprocessing": {"num_slices": scan_cfg.num_slices, "sampling": scan_cfg.sampling,
+                          "image_size": prep.image_size, "windows": [list(w) for w in
+                                                                     prep.windows],
+                          "fill_blank": prep.fill_blank,
+                          "min_lung_fraction": prep.min_lung_fraction},
+        "warnings": _warnings(scan, result, len(result.records), scan_cfg.num_slices, info),
+    }
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        for k, i in enumerate(order.tolist()):
+            files.atomic_write_bytes(os.path.join(stage, evidence[i]), evidence_png(
+                images[i], boxes[i], box_scores[i], heat[k] if len(heat) else None))
+        files.write_json(os.path.join(stage, JSON_FILE), answer)
+        _swap_in(stage, output_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return answer
+
+
+def _text(v) -> str:
+    v = np.asarray(v).item()
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _swap_in(stage: str, output_dir: str) -> None:
+    old = None
+    if os.path.exists(output_dir):
+        old = f"{stage}.old"
+        os.rename(output_dir, old)
+    os.rename(stage, output_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    cli.import_keras_quietly(FLAGS.verbosity >= 1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not FLAGS.model and not FLAGS.server:
+        raise ValueError("--model or --server is required")
+    salt = read_salt(FLAGS.salt_file)
+    if FLAGS.server:
+        info = None
+        if FLAGS.model:
+            export_dir = find_export(FLAGS.model)
+            info = read_export_info(export_dir) if export_dir else LocalModel(
+                FLAGS.model).info
+        model = ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s)
+    else:
+        model = LocalModel(FLAGS.model)
+    answer = predict_study(FLAGS.study, model, FLAGS.output_dir, salt, FLAGS.top_slices,
+                           FLAGS.overwrite, int(FLAGS.max_zip_mb * 1024 * 1024),
+                           FLAGS.max_zip_files)
+    p = answer["patient"]
+    probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
+    rule = (f"{p['rule']} rule, {p['positive_class']} >= {p['threshold']:.4g}"
+            if p["method"] == "threshold" else "argmax")
+    print(f"{answer['study']}: {p['decision']} ({probs}; {rule}; "
+          f"{answer['series']['used']} slices) -> {FLAGS.output_dir}", flush=True)
+    for w in answer["warnings"]:
+        if w["reason"] in ("few_slices", "not_ct_verified", "slices_dropped"):
+            log.warning("warning: %s: %s", w["reason"], w["detail"])
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, required=["study", "output_dir"], program="covid_keras.predict")

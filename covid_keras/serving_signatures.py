@@ -1,0 +1,259 @@
+"""The SavedModel's serving functions (TensorFlow graph code), used by :mod:`covid_keras.export`.
+
+Every signature takes *windowed slices as in the records*: the uint8 pixel values of the
+slice data_prep prepared (lung crop, window, fill; ``image/encoded`` of a record), before
+the backbone's normalisation, which happens inside the graph (:func:`covid_keras.data.
+normalize`, the input pipeline's own function). A client therefore never needs to know
+whether the backbone wants ``caffe``, ``torch`` or ``tf`` normalisation.
+
+=================  ===========================================  ===========================
+signature          inputs                                       outputs
+=================  ===========================================  ===========================
+serving_default    ``images`` float32 (B, S, S, 3), values      ``probabilities`` (B, C)
+                   0..255 (uint8 range; a grey slice repeated   softmax; ``boxes``
+                   on the 3 channels, or 3 windows)             (B, K, 4) (y0, x0, y1, x1)
+                                                                input pixels; ``box_scores``
+                                                                (B, K) in (0, 1]. A
+                                                                classifier has K = 0.
+predict_images     ``image_bytes`` string (B,): PNG or JPEG     the same as serving_default
+                   bytes of windowed slices, any size, grey,
+                   RGB, RGBA or 16-bit
+predict_study      ``images`` float32 (N, S, S, 3): all the     ``probabilities`` (C,)
+                   slices of ONE study (the batch is the        patient; ``score`` ();
+                   study)                                       ``decision`` () int32;
+                                                                ``decision_name`` ();
+                                                                ``threshold`` () (-1:
+                                                                argmax); ``rule`` ();
+                                                                ``class_names`` (C,);
+                                                                ``slice_probabilities``
+                                                                (N, C); ``boxes`` (N, K, 4);
+                                                                ``box_scores`` (N, K)
+gradcam            ``images`` float32 (B, S, S, 3) and          ``heatmaps`` (B, S, S) in
+                   ``class_index`` int32 (B,)                   [0, 1]
+=================  ===========================================  ===========================
+
+``predict_images`` decodes inside the graph exactly as data_prep reads a slice image
+(:func:`data_prep.slice_images.read_grey`: 16-bit rescaled by 1/257, alpha composited over
+black, colour to grey with OpenCV's BT.601 fixed-point weights), pads it to a square with
+black (a prepared slice's background outside the lung) and resizes it to S with data_prep's
+interpolation rule (area when shrinking, linear when enlarging, rounded to uint8). A model
+trained on 3 windows keeps the image's 3 channels instead of greying it.
+
+``predict_study`` aggregates with the decision stored with the run (decision.json: ``mean``
+or ``any`` rule, the positive class's threshold; :func:`covid_keras.evaluation.aggregate` /
+:func:`covid_keras.evaluation.decide` in graph form); without one, it takes the mean and the
+most probable class (``threshold`` -1).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from covid_keras import data, gradcam
+
+SERVING_DEFAULT = "serving_default"
+PREDICT_IMAGES = "predict_images"
+PREDICT_STUDY = "predict_study"
+GRADCAM = "gradcam"
+SIGNATURES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_STUDY, GRADCAM)
+IMAGES = "images"
+IMAGE_BYTES = "image_bytes"
+CLASS_INDEX = "class_index"
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# OpenCV's cvtColor(BGR2GRAY) for uint8 (OpenCV 5, measured bit-exact on 200k colours):
+# (R*9798 + G*19235 + B*3735 + 2**14) >> 15.
+_GREY_WEIGHTS = (9798, 19235, 3735)
+_GREY_SHIFT = 15
+
+
+# ------------------------------------------------------------------ image decoding
+def _rgb_to_grey_u8(rgb):
+    """(H, W, 3) uint8 RGB -> (H, W, 1) uint8, bit-exact with cv2.cvtColor(BGR2GRAY)."""
+    x = tf.cast(rgb, tf.int32)
+    y = (x[..., 0] * _GREY_WEIGHTS[0] + x[..., 1] * _GREY_WEIGHTS[1]
+         + x[..., 2] * _GREY_WEIGHTS[2] + (1 << (_GREY_SHIFT - 1))) // (1 << _GREY_SHIFT)
+    return tf.cast(y, tf.uint8)[..., None]
+
+
+def _composite(rgb, alpha):
+    """Alpha over black as data_prep: rint(rgb * float32(alpha / 255))."""
+    a = tf.cast(alpha, tf.float32) / 255.0
+    return tf.cast(tf.math.rint(tf.cast(rgb, tf.float32) * a), tf.uint8)
+
+
+def decode_u8(encoded):
+    """PNG / JPEG bytes -> (H, W, C) uint8, C in 1..4, as OpenCV decodes for data_prep
+    (16-bit PNG: rint(x / 257); JPEG with the accurate integer DCT)."""
+    head8 = tf.strings.substr(encoded, 0, 8)
+    head3 = tf.strings.substr(encoded, 0, 3)
+    is_png = tf.equal(head8, PNG_MAGIC)
+    is_jpeg = tf.equal(head3, JPEG_MAGIC)
+    check = tf.debugging.Assert(tf.logical_or(is_png, is_jpeg),
+                                ["image_bytes: not a PNG or JPEG image"])
+
+    def png():
+        x = tf.io.decode_png(encoded, channels=0, dtype=tf.uint16)  # 8-bit: x * 257
+        return tf.cast(tf.math.rint(tf.cast(x, tf.float32) / 257.0), tf.uint8)
+
+    def jpeg():
+        return tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE")
+
+    with tf.control_dependencies([check]):
+        return tf.cond(is_png, png, jpeg)
+
+
+def to_grey_u8(img):
+    """(H, W, C) uint8 -> (H, W, 1): :func:`data_prep.slice_images.to_grey_u8` in graph
+    form (grey as is; grey + alpha and RGBA composited over black; colour to BT.601)."""
+    c = tf.shape(img)[-1]
+    return tf.switch_case(c - 1, [
+        lambda: img[..., :1],
+        lambda: _composite(img[..., :1], img[..., 1:2]),
+        lambda: _rgb_to_grey_u8(img[..., :3]),
+        lambda: _rgb_to_grey_u8(_composite(img[..., :3], img[..., 3:4])),
+    ])
+
+
+def pad_square_resize_u8(img, size: int):
+    """(H, W, C) uint8 -> (size, size, C): centred on a black square, then resized as
+    data_prep.preprocess.prepare_slice resizes (area when shrinking, linear when
+    enlarging), rounded."""
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+    side = tf.maximum(h, w)
+    img = tf.image.pad_to_bounding_box(img, (side - h) // 2, (side - w) // 2, side, side)
+
+    def resize(method):
+        def fn():
+            out = tf.image.resize(tf.cast(img, tf.float32), [size, size], method=method)
+            return tf.cast(tf.clip_by_value(tf.math.rint(out), 0.0, 255.0), tf.uint8)
+        return fn
+
+    return tf.case([(tf.equal(side, size), lambda: img),
+                    (tf.greater(side, size), resize("area"))],
+                   default=resize("bilinear"), exclusive=False)
+
+
+def decode_slice_u8(encoded, size: int, channels: int):
+    """One encoded windowed slice -> uint8 (size, size, 3) as the model's input records
+    hold it: decoded, grey (``channels`` 1) or its first 3 channels (``channels`` 3),
+    padded square, resized, repeated to 3 channels."""
+    img = decode_u8(encoded)
+    if channels == 1:
+        img = to_grey_u8(img)
+    else:
+        check = tf.debugging.Assert(tf.shape(img)[-1] >= 3, [
+            "image_bytes: a 3-window model needs 3-channel slice images"])
+        with tf.control_dependencies([check]):
+            img = tf.identity(img[..., :3])
+    img = pad_square_resize_u8(img, size)
+    img = tf.ensure_shape(img, [size, size, channels])
+    return tf.ensure_shape(data.to_rgb(img), [size, size, 3])
+
+
+# ------------------------------------------------------------------ the functions
+class Signatures:
+    """The serving functions of one Keras model (DRENet or a classifier).
+
+    ``info``: the export's description (``class_names``, ``input_size``, ``backbone``,
+    ``windows``); ``decision``: ``{"rule", "threshold", "positive_class"}`` or ``None``
+    (argmax)."""
+
+    def __init__(self, model, info: dict, decision: dict | None):
+        self.model = model
+        self.size = int(info["input_size"])
+        self.backbone = info["backbone"]
+        self.class_names = list(info["class_names"])
+        self.channels = len(info.get("windows") or [None])
+        if self.channels not in (1, 3):
+            raise ValueError(f"1 or 3 windows. Received: {info.get('windows')}")
+        self.decision = decision
+        self.cam_model = None
+
+    # specs
+    def image_spec(self, name: str = IMAGES):
+        return tf.TensorSpec([None, self.size, self.size, 3], tf.float32, name=name)
+
+    def input_signatures(self) -> dict:
+        return {
+            SERVING_DEFAULT: [self.image_spec()],
+            PREDICT_IMAGES: [tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)],
+            PREDICT_STUDY: [self.image_spec()],
+            GRADCAM: [self.image_spec(), tf.TensorSpec([None], tf.int32, name=CLASS_INDEX)],
+        }
+
+    def functions(self) -> dict:
+        return {SERVING_DEFAULT: self.serving_default, PREDICT_IMAGES: self.predict_images,
+                PREDICT_STUDY: self.predict_study, GRADCAM: self.gradcam}
+
+    # the model
+    def _outputs(self, images):
+        x = data.normalize(tf.cast(images, tf.float32), self.backbone)
+        out = self.model(x, training=False)
+        if not isinstance(out, dict):
+            out = {"logits": out}
+        probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
+        batch = tf.shape(probs)[0]
+        if "boxes" in out:
+            boxes = tf.cast(out["boxes"], tf.float32)
+            scores = tf.cast(out["box_scores"], tf.float32)
+        else:
+            boxes = tf.zeros([batch, 0, 4], tf.float32)
+            scores = tf.zeros([batch, 0], tf.float32)
+        return {"probabilities": probs, "boxes": boxes, "box_scores": scores}
+
+    def serving_default(self, images):
+        return self._outputs(images)
+
+    def predict_images(self, image_bytes):
+        images = tf.map_fn(lambda b: decode_slice_u8(b, self.size, self.channels),
+                           image_bytes, fn_output_signature=tf.TensorSpec(
+                               [self.size, self.size, 3], tf.uint8))
+        return self._outputs(tf.cast(images, tf.float32))
+
+    def predict_study(self, images):
+        n = tf.shape(images)[0]
+        tf.debugging.assert_positive(n, message="predict_study: a study needs at least "
+                                                 "one slice")
+        out = self._outputs(images)
+        probs = out["probabilities"]
+        names = tf.constant(self.class_names)
+        if self.decision is None:
+            patient = tf.reduce_mean(probs, axis=0)
+            decision = tf.cast(tf.argmax(patient), tf.int32)
+            score = tf.reduce_max(patient)
+            threshold, rule = tf.constant(-1.0), tf.constant("mean")
+        else:
+            pos = self.class_names.index(self.decision["positive_class"])
+            if self.decision["rule"] == "mean":
+                patient = tf.reduce_mean(probs, axis=0)
+            else:  # any: the probabilities of the slice with the highest positive score
+                patient = probs[tf.argmax(probs[:, pos])]
+            score = patient[pos]
+            t = float(self.decision["threshold"])
+            others = tf.tensor_scatter_nd_update(patient, [[pos]], [-1.0])
+            decision = tf.where(score >= t, tf.constant(pos, tf.int32),
+                                tf.cast(tf.argmax(others), tf.int32))
+            threshold, rule = tf.constant(t, tf.float32), tf.constant(self.decision["rule"])
+        return {"probabilities": patient, "score": score, "decision": decision,
+                "decision_name": tf.gather(names, decision), "threshold": threshold,
+                "rule": rule, "class_names": names, "slice_probabilities": probs,
+                "boxes": out["boxes"], "box_scores": out["box_scores"]}
+
+    def gradcam(self, images, class_index):
+        import keras
+
+        if self.cam_model is None:
+            out = self.model.output
+            logits = out["logits"] if isinstance(out, dict) else out
+            self.cam_model = keras.Model(self.model.inputs,
+                                         [gradcam.conv_features(self.model), logits])
+        x = data.normalize(tf.cast(images, tf.float32), self.backbone)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            conv, logits = self.cam_model(x, training=False)
+            target = tf.gather(tf.cast(logits, tf.float32), class_index, axis=1,
+                               batch_dims=1)
+        grads = tape.gradient(target, conv)
+        return {"heatmaps": gradcam.combine(conv, grads, (self.size, self.size))}

@@ -1,0 +1,61 @@
+"""Tiny run folders and exports shared by test_export, test_serve and test_predict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CLASSES3 = ["normal", "covid", "bacterial"]
+CLASSES2 = ["normal", "covid"]
+
+
+def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
+             data_dir: Path | None = None, seed: int = 0) -> Path:
+    """A run folder as the trainer leaves it (best.keras with class names, run_info.json,
+    optionally decision.json) around an untrained tiny 64 px model."""
+    import keras
+
+    from covid_keras import build_classifier, build_drenet, files
+    from covid_keras.saving import save_model
+
+    keras.utils.set_random_seed(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "classifier":
+        model, classes = build_classifier("tiny", 2, input_size=64), CLASSES2
+    else:
+        model = build_drenet(3, input_size=64, backbone="tiny",
+                             variant="code" if kind == "drenet_code" else "paper")
+        classes = CLASSES3
+    save_model(model, str(run_dir / "best.keras"), classes)
+    files.write_json(str(run_dir / "run_info.json"), {
+        "flags": {"data_dir": str(data_dir) if data_dir else None}, "git_sha": "abc123"})
+    if decision is not None:
+        files.write_json(str(run_dir / "decision.json"), {
+            "split": "val", "classes": classes, "criterion": "youden_j", **decision})
+    return run_dir
+
+
+def fake_manifest(data_dir: Path, image_size: int = 64) -> Path:
+    """A dataset manifest.json with data_prep's preprocessing entries (what export reads)."""
+    import dataclasses
+
+    from data_prep.preprocess import PrepConfig
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prep = dataclasses.asdict(PrepConfig(image_size=image_size))
+    (data_dir / "manifest.json").write_text(json.dumps({
+        "classes": CLASSES3, "image": {"size": image_size, "channels": 1},
+        "windows": [{"name": "lung", "level_hu": -700.0, "width_hu": 1500.0}],
+        "flags": {"image_size": image_size, "num_slices": 15, "sampling": "paper",
+                  "min_slices": 5, "windows": ["lung"], "image_window": ["-700", "1500"],
+                  "input": "/secret/path/of/patients"},
+        "preprocessing": prep}))
+    return data_dir
+
+
+def quiet_env() -> dict:
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = "tensorflow"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
