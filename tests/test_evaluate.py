@@ -564,37 +564,103 @@ def synthetic_report(out: Path) -> Path:
     return Path(report.write_html(str(out), r, plots, expl))
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                    reason=f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
-def test_report_loads_in_headless_chromium_without_console_errors(tmp_path):
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    page_path = synthetic_report(tmp_path)
-    messages, errors, failed = [], [], []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: messages.append((m.type, m.text)))
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda r: failed.append(r.url))
-        page.goto(page_path.as_uri(), wait_until="load")
-        broken = page.evaluate(
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+def load_in_chromium(page: Path, shot: Path, profile: Path) -> dict:
+    """Loads ``page`` in headless Chromium and screenshots it. Returns {"console": console
+    errors and uncaught exceptions, "broken": images that did not load, "title"}. Through
+    Playwright when it is installed, else Chromium's own --screenshot with its console log
+    on stderr (images are then checked as files)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return _load_with_chromium_cli(page, shot, profile)
+    console, broken = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1200, "height": 900})
+        tab.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        tab.on("pageerror", lambda e: console.append(str(e)))
+        tab.on("requestfailed", lambda r: broken.append(r.url))
+        tab.goto(page.as_uri(), wait_until="load")
+        broken += tab.evaluate(
             "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
             ".map(i => i.src)")
-        title = page.title()
-        shot = tmp_path / "report.png"
-        page.screenshot(path=str(shot), full_page=True)
+        title = tab.title()
+        tab.screenshot(path=str(shot), full_page=True)
         browser.close()
+    return {"console": console, "broken": broken, "title": title}
+
+
+def _load_with_chromium_cli(page: Path, shot: Path, profile: Path) -> dict:
+    import re
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", *CHROMIUM_ARGS, "--enable-logging=stderr", "--v=0",
+         f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,4000",
+         page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+    class Images(HTMLParser):
+        srcs: list = []
+        title = ""
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.srcs = []
+    text = page.read_text()
+    parser.feed(text)
+    broken = []
+    for src in parser.srcs:
+        try:
+            Image.open(page.parent / src).verify()
+        except Exception:  # noqa: BLE001 - any unreadable image is broken
+            broken.append(src)
+    m = re.search(r"<title>(.*?)</title>", text)
+    return {"console": console, "broken": broken, "title": m.group(1) if m else ""}
+
+
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian: apt-get install "
+                                         "chromium)")
+
+
+@needs_chromium
+def test_report_loads_in_headless_chromium_without_console_errors(tmp_path):
+    page = synthetic_report(tmp_path)
+    shot = tmp_path / "report.png"
+    got = load_in_chromium(page, shot, tmp_path / "profile")
     artifacts = Path(os.environ.get("COVID_KERAS_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, artifacts / "report_chromium.png")
     assert shot.stat().st_size > 10_000
-    assert [m for m in messages if m[0] == "error"] == [] and errors == [] and failed == []
-    assert broken == []
-    assert title.startswith("covid_keras evaluation")
+    assert got["console"] == [] and got["broken"] == []
+    assert got["title"].startswith("covid_keras evaluation")
+
+
+@needs_chromium
+def test_the_chromium_check_sees_console_errors_and_broken_images(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"><title>t'
+                    '</title></head><body><img src="missing.png"><script>console.error('
+                    '"boom"); undefinedFn();</script></body></html>')
+    got = load_in_chromium(page, tmp_path / "bad.png", tmp_path / "profile")
+    assert any("boom" in m for m in got["console"])
+    assert any("undefinedFn" in m for m in got["console"])
+    assert any("missing.png" in b for b in got["broken"])
+    fallback = _load_with_chromium_cli(page, tmp_path / "bad2.png", tmp_path / "profile2")
+    assert any("boom" in m for m in fallback["console"])
+    assert fallback["broken"] == ["missing.png"]
 
 
 def test_decide_patient_for_prediction_without_labels():
