@@ -91,6 +91,9 @@ flags.DEFINE_integer("max_image_pixels", limits.DEFAULT_MAX_IMAGE_PIXELS, "Image
                      "(image_too_large): a small PNG can decode to gigabytes.")
 flags.DEFINE_float("study_timeout_s", limits.DEFAULT_STUDY_TIMEOUT_S, "A study whose headers "
                    "(or whose pixels) take longer fails with study_timeout; 0: no limit.")
+flags.DEFINE_float("worker_memory_mb", limits.DEFAULT_WORKER_MEMORY_MB, "Address-space cap "
+                   "of each worker process (--workers > 1): a study allocating more fails "
+                   "with out_of_memory; 0: no cap.")
 flags.DEFINE_string("salt_file", None, "Secret salt for patient/study keys; created (random) if "
                     "missing. Default: <output_dir>/patient_salt.key. Keep it private.")
 
@@ -113,7 +116,8 @@ def _salt(path: str) -> bytes:
 # same input gives the same files wherever and however parallel the run (and the salt's
 # location stays private).
 # --input is not recorded either: its folder names may name a patient.
-NOT_RECORDED = ("input", "output_dir", "workers", "salt_file", "runner", "study_timeout_s")
+NOT_RECORDED = ("input", "output_dir", "workers", "salt_file", "runner", "study_timeout_s",
+                "worker_memory_mb")
 
 
 def resolved_flags() -> dict:
@@ -133,7 +137,8 @@ def build_config() -> pipeline.RunConfig:
                       limits=limits.Limits(
                           max_file_bytes=int(FLAGS.max_file_mb * 1024 * 1024),
                           max_image_pixels=FLAGS.max_image_pixels,
-                          study_timeout_s=FLAGS.study_timeout_s))
+                          study_timeout_s=FLAGS.study_timeout_s,
+                          worker_memory_mb=FLAGS.worker_memory_mb))
     prep = PrepConfig(image_size=FLAGS.image_size, windows=tuple(parse_windows(FLAGS.windows)),
                       lung_filter=FLAGS.lung_filter, min_lung_fraction=FLAGS.min_lung_fraction,
                       crop_to_lung=FLAGS.crop_to_lung, fill_blank=FLAGS.fill_blank,

@@ -44,6 +44,7 @@ REASONS: dict[str, str] = {
     "internal_error": "unexpected error while processing the study (a bug: please report)",
     "study_timeout": "the study took longer than --study_timeout_s (its worker is killed "
                      "when it does not stop by itself)",
+    "out_of_memory": "the study needed more memory than --worker_memory_mb allows",
     "worker_crashed": "the worker process died while handling the study (a decoder crash, "
                       "or the OS killed it, e.g. for memory); a fresh worker goes on",
     "bad_pixel_spacing": "PixelSpacing absent-but-required, NaN, <= 0 or outside the "

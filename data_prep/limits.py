@@ -26,6 +26,8 @@ from data_prep.errors import StudyError
 DEFAULT_MAX_FILE_MB = 256.0
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_STUDY_TIMEOUT_S = 600.0
+# A worker's address space: a 448 px study with JPEG decoding peaks near 0.5 GB of it.
+DEFAULT_WORKER_MEMORY_MB = 4096.0
 # In-plane pixel spacing a chest CT can have: 0.1 mm (micro-CT-like reconstructions) to
 # 20 mm (far coarser than any diagnostic CT). 0.0007 (metres) or 700 (micrometres) are
 # rejected before the lung mask sizes its kernels from them.
@@ -37,6 +39,7 @@ class Limits:
     max_file_bytes: int = int(DEFAULT_MAX_FILE_MB * 1024 * 1024)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     study_timeout_s: float = DEFAULT_STUDY_TIMEOUT_S  # <= 0: no limit
+    worker_memory_mb: float = DEFAULT_WORKER_MEMORY_MB  # <= 0: no limit; worker processes only
 
 
 def check_regular(path: str, limits: Limits) -> os.stat_result:

@@ -101,8 +101,8 @@ def _init_worker() -> None:
 
 
 def parallel_map(fn: Callable, arg_list: list[tuple], n_workers: int, desc: str,
-                 on_lost: Callable[[tuple, str, str], Any], hard_timeout_s: float = 0.0
-                 ) -> Iterator:
+                 on_lost: Callable[[tuple, str, str], Any], hard_timeout_s: float = 0.0,
+                 memory_limit_mb: float = 0.0) -> Iterator:
     """fn(*args) for each args, in order, over ``n_workers`` spawned processes (0/1: inline),
     with a progress bar (shown on a terminal). A task whose worker dies or runs past
     ``hard_timeout_s`` becomes ``on_lost(args, "crashed" | "timeout", detail)``
@@ -112,7 +112,8 @@ def parallel_map(fn: Callable, arg_list: list[tuple], n_workers: int, desc: str,
         if n_workers <= 1 or len(arg_list) <= 1:
             outputs: Iterable = (fn(*args) for args in arg_list)
         else:
-            outputs = workers.run_tasks(fn, arg_list, n_workers, on_lost, hard_timeout_s)
+            outputs = workers.run_tasks(fn, arg_list, n_workers, on_lost, hard_timeout_s,
+                                        memory_limit_mb)
         for out in outputs:
             yield out
             bar.update()
@@ -501,8 +502,9 @@ def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSumm
 def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     spool = os.path.join(cfg.output_dir, SPOOL)
     os.makedirs(spool, exist_ok=True)
+    memory = cfg.scan.limits.worker_memory_mb
     scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan",
-                              _lost_scan, hard_timeout(cfg)))
+                              _lost_scan, hard_timeout(cfg), memory))
     plan = make_plan([StudyMeta.of(i, s) for i, s in enumerate(scans)], cfg)
     if plan.fatal is not None:
         raise StudyError(*plan.fatal)
@@ -512,7 +514,7 @@ def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSum
     args = [(i, scan, plan.jobs[i], cfg, spool, cfg_hash) for i, scan in enumerate(scans)
             if i in plan.jobs]
     outcomes += parallel_map(process_job, args, cfg.workers, "preprocess", _lost_job,
-                             hard_timeout(cfg))
+                             hard_timeout(cfg), memory)
     return finish(outcomes, plan, cfg, resolved_flags, len(tasks))
 
 

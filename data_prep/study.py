@@ -165,8 +165,7 @@ def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
                                f"{cfg.limits.study_timeout_s:g} s "
                                f"({time.monotonic() - started:.1f} s)", "error")
         except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
-            scan.error = Issue(task.study_id, "", "internal_error",
-                               f"{type(exc).__name__} | {_last_frame(exc)}", "error")
+            scan.error = Issue(task.study_id, "", *_unexpected(exc), "error")
     if messages:
         scan.issues.append(Issue(task.study_id, "", "library_warning",
                                  "while reading headers: " + redact.summarise(messages),
@@ -181,6 +180,17 @@ def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
 def _redacted(issue: Issue, scan: StudyScan) -> Issue:
     """The issue with the study's and file's pseudonymous names in place of paths."""
     return dataclasses.replace(issue, study=scan.name, file=scan.file_names.get(issue.file, ""))
+
+
+def _unexpected(exc: Exception) -> tuple[str, str]:
+    """(reason, detail) of an unexpected exception: out_of_memory for a failed allocation
+    (NumPy's MemoryError, OpenCV's), else internal_error. The detail never holds the
+    exception's message (it can quote input values)."""
+    text = str(exc) if isinstance(exc, cv2.error) else ""
+    if isinstance(exc, MemoryError) or "Insufficient memory" in text or \
+            "Failed to allocate" in text:
+        return "out_of_memory", f"{type(exc).__name__} | {_last_frame(exc)}"
+    return "internal_error", f"{type(exc).__name__} | {_last_frame(exc)}"
 
 
 def _last_frame(exc: BaseException) -> str:
@@ -349,8 +359,7 @@ def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanC
                                  f"({time.monotonic() - started:.1f} s)", "error")
         except Exception as exc:  # noqa: BLE001 - one bad study must never stop the run
             result.records = []
-            result.error = Issue(task.study_id, "", "internal_error",
-                                 f"{type(exc).__name__} | {_last_frame(exc)}", "error")
+            result.error = Issue(task.study_id, "", *_unexpected(exc), "error")
     if messages:
         result.issues.append(Issue(task.study_id, "", "library_warning",
                                    "while decoding: " + redact.summarise(messages), "warning"))

@@ -22,15 +22,25 @@ from typing import Any, Callable, Iterator
 OnLost = Callable[[tuple, str, str], Any]
 
 
-def init_worker() -> None:
-    """One OpenCV thread per worker process (the processes are the parallelism)."""
+def init_worker(memory_limit_mb: float = 0.0) -> None:
+    """One OpenCV thread per worker process (the processes are the parallelism); with a
+    memory limit, the process's address space is capped there (an allocation over it fails
+    with MemoryError in that study instead of taking the machine's memory)."""
     import cv2
 
     cv2.setNumThreads(1)
+    if memory_limit_mb > 0:
+        import resource
+
+        limit = int(memory_limit_mb * 1024 * 1024)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _worker_main(conn: Connection) -> None:
-    init_worker()
+def _worker_main(conn: Connection, memory_limit_mb: float) -> None:
+    init_worker(memory_limit_mb)
     while True:
         try:
             msg = conn.recv()
@@ -57,9 +67,9 @@ class _Worker:
     started: float = 0.0
 
 
-def _start(ctx) -> _Worker:
+def _start(ctx, memory_limit_mb: float) -> _Worker:
     parent, child = ctx.Pipe(duplex=True)
-    process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+    process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb), daemon=True)
     process.start()
     child.close()
     return _Worker(process, parent)
@@ -81,20 +91,21 @@ def _stop(worker: _Worker, kill: bool) -> None:
 
 
 def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost,
-              hard_timeout_s: float = 0.0) -> Iterator:
+              hard_timeout_s: float = 0.0, memory_limit_mb: float = 0.0) -> Iterator:
     """``fn(*args)`` for each args, yielded in order, over ``workers`` spawned processes.
-    ``hard_timeout_s`` > 0: a task running longer is killed with its worker."""
+    ``hard_timeout_s`` > 0: a task running longer is killed with its worker;
+    ``memory_limit_mb`` > 0: each worker's address space is capped."""
     ctx = multiprocessing.get_context("spawn")
     pending = deque(range(len(arg_list)))
     done: dict[int, Any] = {}
-    pool = [_start(ctx) for _ in range(min(workers, len(arg_list)))]
+    pool = [_start(ctx, memory_limit_mb) for _ in range(min(workers, len(arg_list)))]
     next_out = 0
     try:
         while next_out < len(arg_list):
             for i, w in enumerate(pool):
                 if w.task is None and pending and not w.process.is_alive():
                     _stop(w, kill=True)  # died between tasks
-                    pool[i] = w = _start(ctx)
+                    pool[i] = w = _start(ctx, memory_limit_mb)
                 if w.task is None and pending:
                     w.task, w.started = pending.popleft(), time.monotonic()
                     w.conn.send((w.task, fn, arg_list[w.task]))
@@ -131,7 +142,7 @@ def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost
                               f"the worker process died (exit code {code})")
                     done[w.task] = on_lost(arg_list[w.task], lost, detail)
                     _stop(w, kill=True)
-                    pool[i] = _start(ctx)
+                    pool[i] = _start(ctx, memory_limit_mb)
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1

@@ -50,3 +50,35 @@ def test_lost_studies_get_a_named_reason():
     assert [s.error.reason for s in scans] == ["worker_crashed"] * 2
     assert [s.name.split(".")[0] for s in scans] == ["line00002", "line00003"]
     assert "/nonexistent" not in repr([s.error for s in scans])
+
+
+def allocate_mb(mb: int) -> int:
+    import numpy as np
+
+    return int(np.ones(mb * 1024 * 1024, np.uint8).sum() // (1024 * 1024))
+
+
+def test_worker_memory_is_capped():
+    out = list(workers.run_tasks(allocate_mb, [(16,), (3000,), (16,)], 2, lost,
+                                 memory_limit_mb=1024))
+    assert out[0] == out[2] == 16
+    assert out[1] == ("crashed", 3000, "raised MemoryError")
+
+
+def test_a_study_out_of_memory_is_named(tmp_path, monkeypatch):
+    from data_prep import dicom_io
+    from data_prep.preprocess import PrepConfig
+    from data_prep.study import process_study, scan_study
+    from tests.test_bad_inputs import series, task
+
+    study = tmp_path / "study"
+    series(study, kind="covid", seed=1)
+    cfg = scan_cfg()
+    scan = scan_study(task(study), cfg)
+
+    def oom(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(dicom_io, "read_hu", oom)
+    result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32), 0)
+    assert result.error is not None and result.error.reason == "out_of_memory"
