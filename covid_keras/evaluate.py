@@ -121,6 +121,11 @@ def compare(paths: list[str], output_dir: str) -> dict:
         if is_evaluation(path):
             with open(os.path.join(path, "metrics.json")) as f:
                 m = json.load(f)
+        elif not any(os.path.isfile(os.path.join(path, f)) for f in ("best.keras",
+                                                                       "final.keras")):
+            raise ValueError(f"--compare: {path} is neither an evaluation folder (metrics.json"
+                             " written by covid_keras.evaluate) nor a training run (best.keras"
+                             " or final.keras)")
         else:
             m = evaluation.evaluate_run(**evaluate_args(
                 path, os.path.join(output_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))))

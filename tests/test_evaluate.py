@@ -736,3 +736,27 @@ def test_split_predictor_predicts_every_record_once_with_a_partial_batch(dataset
     preds = sp.predictions(model, CLASSES, outputs=out)
     np.testing.assert_allclose(preds.probs.sum(1), 1.0)
     assert preds.split == "test" and len(preds) == 24
+
+
+def test_compare_command_tabulates_evaluation_folders(tmp_path):
+    rng = np.random.default_rng(14)
+    d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    for name, signal in (("drenet", 2.0), ("vgg16", 0.3)):
+        m = ev.public_result(ev.evaluate_predictions(make_preds(rng, 10, signal=signal), d,
+                                                     50))
+        m["kind"] = "covid_keras.evaluate"
+        m["model"] = {"kind": "drenet" if name == "drenet" else "classifier",
+                      "backbone": "resnet50" if name == "drenet" else "vgg16"}
+        (tmp_path / "evals" / name).mkdir(parents=True)
+        (tmp_path / "evals" / name / "metrics.json").write_text(ev.dumps(m))
+    (tmp_path / "not_a_run").mkdir()
+    cmd = [sys.executable, "-m", "covid_keras.evaluate", "--compare",
+           str(tmp_path / "evals" / "drenet"), str(tmp_path / "evals" / "vgg16"),
+           f"--output_dir={tmp_path / 'table'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "table" / "comparison.md").read_text()
+    assert "| evals/drenet (drenet, resnet50) |" in md and "evals/vgg16 (classifier, vgg16)" in md
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "not_a_run"), cmd[-1]], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "neither an evaluation folder" in bad.stderr
