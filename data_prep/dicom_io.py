@@ -93,6 +93,13 @@ def _text(ds: pydicom.Dataset, keyword: str, default: str = "") -> str:
     return default if value is None else str(value).strip()
 
 
+def _finite(values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """None unless every value is finite (a NaN position or orientation is no position)."""
+    if values is None or not all(np.isfinite(v) and abs(v) < 1e9 for v in values):
+        return None
+    return values
+
+
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
     value = ds.get(keyword)
     if value is None:
@@ -135,14 +142,16 @@ def read_header(path: str | os.PathLike, lim: Limits | None = None) -> SliceHead
         series_number = int(ds.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
         series_number = 0
-    position = _floats(ds, "ImagePositionPatient", 3)
+    position = _finite(_floats(ds, "ImagePositionPatient", 3))
     spacing = _floats(ds, "PixelSpacing", 2)
-    location = _floats(ds, "SliceLocation", 1)
+    location = _finite(_floats(ds, "SliceLocation", 1))
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
         raise StudyError("not_dicom", "Rows, Columns or NumberOfFrames is not a number", path)
+    if rows <= 0 or columns <= 0:
+        raise StudyError("not_dicom", f"no image (Rows x Columns = {rows} x {columns})", path)
     limits.check_pixels(rows, columns, lim, path, frames)
     return SliceHeader(
         path=path,
@@ -156,7 +165,7 @@ def read_header(path: str | os.PathLike, lim: Limits | None = None) -> SliceHead
         series_number=series_number,
         instance_number=instance,
         slice_location=location[0] if location else None,
-        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        orientation=_finite(_floats(ds, "ImageOrientationPatient", 6)),
         position=position if position is None else (position[0], position[1], position[2]),
         pixel_spacing_mm=spacing if spacing is None else (spacing[0], spacing[1]),
         rows=rows,
@@ -472,8 +481,16 @@ def read_hu(header: SliceHeader, study: str, lim: Limits | None = None
     if slope is None or intercept is None:
         warnings.append(Issue(study, header.path, "missing_rescale",
                               "RescaleSlope/Intercept absent; assumed 1 and 0", "warning"))
-    slope = 1.0 if slope is None else float(slope)
-    intercept = 0.0 if intercept is None else float(intercept)
+    try:
+        slope = 1.0 if slope is None else float(slope)
+        intercept = 0.0 if intercept is None else float(intercept)
+    except (TypeError, ValueError):
+        raise StudyError("bad_rescale", "RescaleSlope or RescaleIntercept is not a number",
+                         header.path)
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0
+            and abs(slope) < 1e6 and abs(intercept) < 1e6):
+        raise StudyError("bad_rescale", "RescaleSlope / RescaleIntercept is NaN, infinite, "
+                         "zero (slope) or implausibly large", header.path)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
     return hu, warnings

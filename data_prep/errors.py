@@ -69,6 +69,9 @@ REASONS: dict[str, str] = {
     "not_regular_file": "not a regular file (FIFO, device, socket, dangling or looping link); "
                         "never opened",
     "file_too_large": "file larger than --max_file_mb; never read",
+    "bad_rescale": "RescaleSlope / RescaleIntercept not a number, infinite, zero slope or "
+                   "implausibly large: the slice is not read",
+    "unreadable_file": "the file cannot be opened (permission denied)",
     "image_too_large": "image dimensions (from its header, before decoding) over "
                        "--max_image_pixels",
     "dicomdir": "DICOMDIR index file; ignored",

@@ -31,6 +31,7 @@ log = logging.getLogger("data_prep")
 COLUMNS = ("study_path", "label", "patient_id", "site", "split")
 VALID_SPLITS = ("train", "val", "test")
 MAX_CELL_CHARS = 64
+MAX_FIELD_CHARS = 16 * 1024 * 1024  # csv's 128 KiB default would abort the whole manifest
 
 
 def parse_mapping(items: list[str] | None, what: str) -> dict[str, str]:
@@ -149,6 +150,7 @@ def _read_manifest(path: str, columns: dict[str, str], label_map: dict[str, str]
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         text = decode_manifest(f.read(), os.path.basename(path), encoding)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in reader.fieldnames or []]
     reader.fieldnames = header
@@ -157,8 +159,14 @@ def _read_manifest(path: str, columns: dict[str, str], label_map: dict[str, str]
             raise ValueError(f"Manifest {os.path.basename(path)} has no column "
                              f"{col[required]!r} (columns: {len(header)})")
     tasks = []
-    for row in reader:
-        line = reader.line_num
+    rows: list[tuple[int, dict]] = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise ValueError(f"Manifest {os.path.basename(path)} is not valid CSV near line "
+                         f"{reader.line_num} ({exc})") from None
+    for line, row in rows:
         cells = {c: (row.get(col[c]) or "").strip() for c in COLUMNS}
         rel = cells["study_path"]
         split = split_map.get(cells["split"].lower(), cells["split"].lower())

@@ -70,7 +70,7 @@ def open_regular(path: str, limits: Limits) -> Iterator[BinaryIO]:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise StudyError("not_regular_file", f"cannot open ({type(exc).__name__})", path)
+        raise StudyError("unreadable_file", f"cannot open ({type(exc).__name__})", path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

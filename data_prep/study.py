@@ -371,7 +371,8 @@ def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanC
 
 # A sampled file failing for one of these is replaced by a neighbouring slice.
 FILE_REASONS = frozenset({"truncated_file", "pixel_decode_error", "image_decode_error",
-                          "not_regular_file", "file_too_large", "image_too_large"})
+                          "not_regular_file", "unreadable_file", "file_too_large",
+                          "image_too_large", "bad_rescale"})
 MAX_SUBSTITUTES = 2
 
 

@@ -275,6 +275,13 @@ def test_folder_input_label_names_are_validated(tmp_path):
     assert [t.origin for t in tasks] == [f"entry{i:05d}" for i in range(1, 5)]
 
 
+def test_a_huge_manifest_cell_fails_its_row_only(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("study_path,label\na,covid\nb," + "x" * 300_000 + "\nc,normal\n")
+    tasks = inputs.read_input(str(manifest))
+    assert [(t.error or ("",))[0] for t in tasks] == ["", "invalid_label", ""]
+
+
 def test_manifest_encodings(tmp_path, caplog):
     text = "study_path,label,site\nstudies/é,covid,Hôpital\n"
     for encoding, raw in (("utf-8", text.encode()), ("utf-8-sig", text.encode("utf-8-sig")),
@@ -463,6 +470,45 @@ def test_implausible_pixel_spacing_is_rejected_before_any_pixel(tmp_path, value,
     scan = scan_study(task(study), scan_cfg())
     assert time.monotonic() - start < 10
     assert scan.error is not None and scan.error.reason == "bad_pixel_spacing", scan.error
+
+
+@pytest.mark.parametrize("case", ["nan_position", "nan_orientation", "bad_slope",
+                                  "zero_slope", "text_intercept", "zero_rows"])
+def test_broken_numbers_have_a_reason(tmp_path, case):
+    study = tmp_path / "study"
+
+    def breaks(ds, i):
+        if case == "nan_position":
+            ds[0x00200032] = pydicom.DataElement(0x00200032, "DS", "nan\\nan\\nan")
+        elif case == "nan_orientation":
+            ds[0x00200037] = pydicom.DataElement(0x00200037, "DS", "nan\\0\\0\\0\\nan\\0")
+        elif case == "bad_slope":
+            ds.RescaleSlope = "inf"
+        elif case == "zero_slope":
+            ds.RescaleSlope = "0"
+        elif case == "text_intercept":
+            ds.RescaleIntercept = "-1024.5"  # made text below, in the file's bytes
+        else:
+            ds.Rows = 0
+    paths = series(study, kind="covid", seed=1)
+    edit(paths, breaks)
+    if case == "text_intercept":
+        for p in paths:
+            data = p.read_bytes()
+            assert data.count(b"-1024.5 ") == 1
+            p.write_bytes(data.replace(b"-1024.5 ", b"abc     "))
+    cfg = scan_cfg()
+    scan = scan_study(task(study), cfg)
+    result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32), 0)
+    if case == "nan_position":  # no usable position: ordered otherwise, and says so
+        assert result.error is None and "missing_position" in reasons(scan.issues)
+        assert all(np.isfinite(r[schema.POSITION_MM]) for r in result.records)
+    elif case == "nan_orientation":
+        assert result.error is None and "missing_orientation" in reasons(scan.issues)
+    elif case == "zero_rows":
+        assert scan.error is not None and scan.error.reason == "not_dicom"
+    else:
+        assert result.error is not None and result.error.reason == "bad_rescale"
 
 
 def test_lung_mask_refuses_an_implausible_spacing():
