@@ -464,7 +464,8 @@ def read_hu(header: SliceHeader, study: str, lim: Limits | None = None
         raise StudyError("truncated_file", "no pixel data", header.path)
     expected = header.rows * header.columns * int(ds.get("BitsAllocated", 16)) // 8
     tsuid = UID(ds.file_meta.TransferSyntaxUID)
-    if not tsuid.is_compressed and len(ds.PixelData) < expected:
+    compressed = tsuid.is_transfer_syntax and tsuid.is_compressed
+    if not compressed and len(ds.PixelData) < expected:
         raise StudyError("truncated_file",
                          f"pixel data has {len(ds.PixelData)} bytes, header says {expected}",
                          header.path)

@@ -135,6 +135,12 @@ def phi_run(tmp_path_factory):
     plant(phi_series(studies / "covid" / f"{NAME_FAMILY}_scout", seed=3),
           SeriesDescription=f"TOPOGRAM {NAME_FAMILY} {DATE}")
     plant(phi_series(studies / "covid" / f"{PATIENT_ID}_mr", seed=4), Modality="PHIMODQXZ")
+    odd_syntax = phi_series(studies / "covid" / f"{NAME_GIVEN}_syntax", seed=5)
+    plant(odd_syntax)
+    for p in odd_syntax:  # a private Transfer Syntax UID that holds the planted digits
+        data = p.read_bytes().replace(b"1.2.840.10008.1.2.1\x00",
+                                      f"1.2.3.{UID_DIGITS}.77\x00".encode())  # 20 bytes
+        p.write_bytes(data)
     (studies / "covid" / f"{NAME_GIVEN}_{DATE}_empty").mkdir()
     (studies / "normal" / f"{NAME_FAMILY}_{PATIENT_ID}.png").write_text(TEXT)
     out = base / "out"  # the operator's own folder: the log may name it
@@ -149,7 +155,8 @@ def test_phi_run_wrote_and_failed_what_it_should(phi_run):
     out, _, _ = phi_run
     rows = failures(out)
     errors = sorted(r["reason"] for r in rows if r["level"] == "error")
-    assert errors == ["empty_study", "localizer", "non_ct_modality", "not_dicom"]
+    assert errors == ["compressed_no_decoder", "empty_study", "localizer", "non_ct_modality",
+                      "not_dicom"]
     warnings = {r["reason"] for r in rows if r["level"] == "warning"}
     assert {"not_dicom", "library_warning"} <= warnings
     recs = read_records(out)
