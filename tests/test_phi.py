@@ -131,6 +131,8 @@ def phi_run(tmp_path_factory):
     (good / f"{NAME_FAMILY}_notes.txt").write_text(f"{NAME_FAMILY} {PATIENT_ID}")  # not DICOM
     plant(phi_series(studies / "normal" / f"{NAME_GIVEN}_{DATE}", seed=2, kind="normal"),
           invalid_uids=True)
+    odd_name = os.path.join(os.fsencode(studies / "normal"), b"\xff\xfe" + DATE.encode())
+    plant(phi_series(Path(os.fsdecode(odd_name)), seed=6, kind="normal"))  # not UTF-8
     # failing studies whose reasons could quote the planted values
     plant(phi_series(studies / "covid" / f"{NAME_FAMILY}_scout", seed=3),
           SeriesDescription=f"TOPOGRAM {NAME_FAMILY} {DATE}")
@@ -160,7 +162,7 @@ def test_phi_run_wrote_and_failed_what_it_should(phi_run):
     warnings = {r["reason"] for r in rows if r["level"] == "warning"}
     assert {"not_dicom", "library_warning"} <= warnings
     recs = read_records(out)
-    assert len({r[schema.STUDY_KEY] for r in recs}) == 2  # one planted PatientID: 1 patient
+    assert len({r[schema.STUDY_KEY] for r in recs}) == 3  # one planted PatientID: 1 patient
     assert len({r[schema.PATIENT_KEY] for r in recs}) == 1
     localizer = next(r for r in rows if r["reason"] == "localizer")
     assert "SeriesDescription says TOPOGRAM" in localizer["detail"]
