@@ -1,0 +1,257 @@
+"""covid_keras.predict: one study in (DICOM folder, zip, PNG/JPEG slices), one answer out,
+prepared by data_prep's own functions (tested equal to the training records), locally or
+through a served export; bad input fails with the study's pseudonym and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data_prep import phantom
+from tests.export_helpers import make_run, quiet_env
+
+pytestmark = pytest.mark.slow  # TFRecords, an export and predict runs: ~1 min
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from covid_keras import export, predict
+
+    root = tmp_path_factory.mktemp("predict")
+    phantom.write_dataset(root / "studies", kinds=("normal", "covid"), patients_per_kind=1,
+                          num_slices=20, matrix=128, seed=0)
+    salt = root / "salt.key"
+    salt.write_text("0123456789abcdef" * 4)
+    data_dir = root / "tfrecords"
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
+         f"--output_dir={data_dir}", "--image_size=64", "--min_slices=5", "--workers=1",
+         f"--salt_file={salt}", "--classes=normal,covid,bacterial",
+         "--split_fractions=1,0,0"], cwd=REPO, env=quiet_env(), capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
+                                             "positive_class": "covid"}, data_dir)
+    model, info, decision = export.load_run(str(run))
+    version_dir = export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    study = next((root / "studies" / "covid").iterdir())
+    return {"root": root, "run": run, "export": root / "exports" / "drenet",
+            "version_dir": Path(version_dir), "study": study, "data_dir": data_dir,
+            "salt": predict.read_salt(str(salt)), "salt_file": salt,
+            "model": predict.LocalModel(str(root / "exports" / "drenet"))}
+
+
+def _records(data_dir):
+    import tensorflow as tf
+
+    from covid_keras import schema
+
+    out = []
+    for f in sorted(data_dir.glob("*.tfrecord.gz")):
+        for raw in tf.data.TFRecordDataset(str(f), compression_type="GZIP"):
+            out.append(schema.parse(raw.numpy()))
+    return out
+
+
+def _no_phi(text: str, study: Path) -> None:
+    assert "PHANTOM" not in text  # the phantom's PatientID / PatientName
+    assert study.name not in text and str(study.parent) not in text
+
+
+def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
+    """The slices predict prepares are the training records' (same sop keys, same pixels:
+    the per-slice probabilities equal the Keras model's on the records' images)."""
+    import tensorflow as tf
+
+    from covid_keras import data, predict, schema
+    from covid_keras.saving import load_model
+
+    out_dir = tmp_path / "out"
+    answer = predict.predict_study(str(setup["study"]), setup["model"], str(out_dir),
+                                   setup["salt"])
+    text = (out_dir / "prediction.json").read_text()
+    assert json.loads(text) == json.loads(json.dumps(answer))
+    _no_phi(text, setup["study"])
+    assert answer["format_version"] == 1
+    classes = answer["model"]["class_names"]
+    assert classes == ["normal", "covid", "bacterial"]
+    p = answer["patient"]
+    assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+    assert p["decision"] in classes and p["rule"] == "mean" and p["threshold"] == 0.3
+    assert p["method"] == "threshold" and p["positive_class"] == "covid"
+    assert answer["series"]["kind"] == "dicom" and answer["series"]["slices_in_series"] == 20
+    assert "most slices" in answer["series"]["why"]
+    # the records of this study (the dataset's salt: the same sop keys)
+    by_sop = {r[schema.SOP_KEY].decode(): r for r in _records(setup["data_dir"])}
+    slices = answer["slices"]
+    assert len(slices) == answer["series"]["used"] >= 3
+    assert all(s["sop_key"] in by_sop for s in slices)
+    model = load_model(str(setup["run"] / "best.keras"), compile=False)
+    imgs = np.stack([data.decode_image(by_sop[s["sop_key"]][schema.IMAGE], SIZE).numpy()
+                     for s in slices]).astype(np.float32)
+    logits = model(data.normalize(tf.constant(imgs), "tiny"), training=False)["logits"]
+    want = tf.nn.softmax(logits).numpy()
+    got = np.array([[s["probabilities"][c] for c in classes] for s in slices])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose([p["probabilities"][c] for c in classes], want.mean(0),
+                               atol=1e-4)
+    for s in slices:
+        assert len(s["boxes"]) == 3 and all(len(b["box_yxyx"]) == 4 for b in s["boxes"])
+        assert s["index"] == int(by_sop[s["sop_key"]][schema.SLICE_INDEX])
+    pngs = sorted(f.name for f in out_dir.glob("evidence_*.png"))
+    assert pngs == [f"evidence_{i}.png" for i in range(1, min(3, len(slices)) + 1)]
+    ev = cv2.imread(str(out_dir / pngs[0]))
+    assert ev.shape[1] == 2 * ev.shape[0] >= 512  # slice with boxes | Grad-CAM overlay
+    assert [slices[i]["evidence"] for i in answer["top_slices"]] == pngs
+    # a run folder and a .keras file give the same slices and probabilities
+    run_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+        str(setup["run"])), str(tmp_path / "run_out"), setup["salt"])
+    assert run_answer["patient"]["decision"] == p["decision"]
+    np.testing.assert_allclose(list(run_answer["patient"]["probabilities"].values()),
+                               list(p["probabilities"].values()), atol=1e-5)
+    keras_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+        str(setup["run"] / "best.keras")), str(tmp_path / "k_out"), setup["salt"])
+    assert keras_answer["patient"]["method"] == "argmax"
+    assert any(w["reason"] == "model" for w in keras_answer["warnings"])
+
+
+def test_zip_and_png_slices(setup, tmp_path):
+    from covid_keras import predict
+
+    study = setup["study"]
+    zpath = tmp_path / "study.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in sorted(study.iterdir()):
+            z.write(f, f"inner/{f.name}")
+    folder = predict.predict_study(str(study), setup["model"], str(tmp_path / "a"),
+                                   setup["salt"])
+    zipped = predict.predict_study(str(zpath), setup["model"], str(tmp_path / "b"),
+                                   setup["salt"])
+    assert zipped["patient"] == folder["patient"]
+    assert [s["sop_key"] for s in zipped["slices"]] == [s["sop_key"] for s in folder["slices"]]
+    # PNG slices of the same series, windowed as the records (lung window)
+    import pydicom
+
+    from covid_keras.imaging import unit_to_u8, window_hu
+
+    png_dir = tmp_path / "pngs"
+    png_dir.mkdir()
+    dss = [pydicom.dcmread(str(f)) for f in study.iterdir()]
+    dss.sort(key=lambda d: -float(d.ImagePositionPatient[2]))
+    for i, ds in enumerate(dss):
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(
+            ds.RescaleIntercept)
+        cv2.imwrite(str(png_dir / f"slice_{i}.png"), unit_to_u8(window_hu(hu, -700, 1500)))
+    answer = predict.predict_study(str(png_dir), setup["model"], str(tmp_path / "c"),
+                                   setup["salt"])
+    assert answer["series"]["kind"] == "images" and answer["series"]["used"] >= 1
+    assert any(w["reason"] == "not_ct_verified" for w in answer["warnings"])
+
+
+def _fails(setup, tmp_path, study, reason, **kw):
+    from covid_keras import predict
+
+    out = tmp_path / f"out_{reason}"
+    with pytest.raises(predict.StudyFailure) as err:
+        predict.predict_study(str(study), setup["model"], str(out), setup["salt"], **kw)
+    assert err.value.reason == reason, str(err.value)
+    assert str(err.value).startswith("study study.")
+    assert Path(study).name not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".out_*partial*"))
+
+
+def test_bad_studies_fail_cleanly(setup, tmp_path):
+    mr = tmp_path / "mr_study"
+    phantom.write_study(mr, kind="covid", num_slices=12, matrix=64, modality="MR",
+                        patient_id="PHANTOM-MR")
+    _fails(setup, tmp_path, mr, "non_ct_modality")
+    blank = tmp_path / "blank_slices"
+    blank.mkdir()
+    for i in range(10):
+        img = np.zeros((64, 64), np.uint8)
+        img[20:40, 20:40] = 200  # no lung anywhere
+        cv2.imwrite(str(blank / f"s{i}.png"), img)
+    _fails(setup, tmp_path, blank, "no_lung_slices")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    data = next(setup["study"].glob("*.dcm")).read_bytes()
+    (corrupt / "a.dcm").write_bytes(data[:400])
+    with pytest.raises(Exception) as err:
+        from covid_keras import predict
+
+        predict.predict_study(str(corrupt), setup["model"], str(tmp_path / "x"),
+                              setup["salt"])
+    assert "study study." in str(err.value) and not (tmp_path / "x").exists()
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../../escaped.dcm", data)
+    _fails(setup, tmp_path, evil, "zip_unsafe")
+    assert not (tmp_path.parent / "escaped.dcm").exists()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.dcm", b"\0" * (8 << 20))
+    _fails(setup, tmp_path, bomb, "zip_bomb", max_zip_bytes=4 << 20)
+    notzip = tmp_path / "broken.zip"
+    notzip.write_bytes(b"PK\x03\x04 this is not really a zip")
+    _fails(setup, tmp_path, notzip, "corrupt_zip")
+
+
+def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
+    """predict --server against covid_keras.serve gives the local answer; a bad study is a
+    one-line error naming its pseudonym, nothing written, and the server keeps serving."""
+    import socket
+
+    from covid_keras import predict
+
+    local = predict.predict_study(str(setup["study"]), setup["model"], str(tmp_path / "l"),
+                                  setup["salt"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "serve.err", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "covid_keras.serve", "--model_name=drenet",
+         f"--model_base_path={setup['export']}", f"--rest_api_port={port}", "--port=0"],
+        cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert "serving drenet" in server.stdout.readline()
+        base = [sys.executable, "-m", "covid_keras.predict", f"--model={setup['export']}",
+                f"--server=http://127.0.0.1:{port}", f"--salt_file={setup['salt_file']}"]
+        env = {k: v for k, v in quiet_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        proc = subprocess.run(base + [f"--study={setup['study']}",
+                                      f"--output_dir={tmp_path / 's'}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _no_phi(proc.stdout + proc.stderr, setup["study"])
+        served = json.loads((tmp_path / "s" / "prediction.json").read_text())
+        assert served["model"]["kind"] == "server"
+        assert served["patient"]["decision"] == local["patient"]["decision"]
+        np.testing.assert_allclose(list(served["patient"]["probabilities"].values()),
+                                   list(local["patient"]["probabilities"].values()),
+                                   atol=1e-5)
+        assert [s["sop_key"] for s in served["slices"]] == [
+            s["sop_key"] for s in local["slices"]]
+        bad = tmp_path / "Doe_John_20200101"  # folder names can name the patient
+        bad.mkdir()
+        proc = subprocess.run(base + [f"--study={bad}", f"--output_dir={tmp_path / 'e'}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith("covid_keras.predict: error: study study.")
+        assert "empty_study" in lines[-1] and "Doe" not in proc.stderr
+        assert not (tmp_path / "e").exists()
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        server.stdout.close()
+        err.close()
