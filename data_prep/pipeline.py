@@ -226,7 +226,7 @@ def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
 
     tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
-    # A kill during the write leaves the temp file: prepare_output_dir removes it next run.
+    # A kill during the write leaves the temp file: clean_stale removes it on the next run.
     with tf.io.TFRecordWriter(tmp, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
         for s in serialized:
             w.write(s)
@@ -313,10 +313,12 @@ def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
     for m in usable:
         if m.patient_key in conflicted:
             names = sorted(x.name for x in usable if x.patient_key == m.patient_key)
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                            else "")
             plan.rejected[m.index] = Issue(
                 m.name, "", "patient_split_conflict",
                 f"patient {m.patient_key} is given splits {sorted(splits_of[m.patient_key])} "
-                f"by studies {names}; none of them is written", "error")
+                f"by studies {shown}; none of them is written", "error")
             continue
         merge_patient(plan.patients, m.patient_key,
                       PatientInfo(m.label, m.site, m.manifest_split), m.name)
@@ -474,12 +476,16 @@ def _carry_over(output_dir: str, staging: str) -> None:
             continue
         src, dst = os.path.join(output_dir, entry), os.path.join(staging, entry)
         if os.path.isdir(src) and not os.path.islink(src):
-            shutil.copytree(src, dst, symlinks=True)
-            continue
-        try:
-            os.link(src, dst, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(src, dst, follow_symlinks=False)
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def finish(outcomes: list[Outcome], plan: Plan, cfg: RunConfig, resolved_flags: dict,
