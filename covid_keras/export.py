@@ -328,6 +328,12 @@ def load_run(run_dir: str, checkpoint: str | None = None):
 def main(argv: list[str]) -> int:
     cli.import_keras_quietly(FLAGS.verbosity >= 1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if FLAGS.verbosity < 1:  # TensorFlow's saver / loader INFO lines
+        import tensorflow as tf
+        from absl import logging as absl_logging
+
+        tf.get_logger().setLevel(logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.WARNING)
     model, info, decision = load_run(FLAGS.run_dir, FLAGS.checkpoint)
     for w in info["warnings"]:
         log.warning("warning: %s", w)
