@@ -259,7 +259,7 @@ def _series_reason(group: list[SliceHeader], min_slices: int) -> tuple[str, str]
         return "non_ct_modality", f"Modality {named}"
     frames = max(h.frames for h in group)
     if frames > 1:
-        return "multiframe_unsupported", f"NumberOfFrames {frames}"
+        return "multiframe_unsupported", "NumberOfFrames above 1"
     orientations = [h.orientation for h in group if h.orientation is not None]
     if orientations:
         orientation = _most_common(orientations)
@@ -340,6 +340,9 @@ def choose_series(headers: list[SliceHeader], study: str, min_slices: int) -> Se
             groups[uid] = [h for h in group if not problems[h.path]]
     rejected: list[tuple[str, str, int, str]] = []  # reason, detail, n, series label
     usable: list[list[SliceHeader]] = []
+    # Series are named by their rank (most files first), never by a tag value.
+    ranked = sorted(groups, key=lambda u: (-len(groups[u]), u))
+    label_of = {u: f"series {k}/{len(ranked)}" for k, u in enumerate(ranked, start=1)}
     for uid, group in sorted(groups.items()):
         reason = _series_reason(group, min_slices)
         if reason is None:
@@ -347,7 +350,7 @@ def choose_series(headers: list[SliceHeader], study: str, min_slices: int) -> Se
                             if p), None)
             if problem:
                 reason = ("compressed_no_decoder", problem)
-        label = f"series {_most_common([h.series_number for h in group])}"
+        label = label_of[uid]
         if reason is None:
             usable.append(group)
         else:
@@ -367,7 +370,7 @@ def choose_series(headers: list[SliceHeader], study: str, min_slices: int) -> Se
     for other in usable[1:]:
         warnings.append(Issue(
             study, "", "series_rejected",
-            f"series {_most_common([h.series_number for h in other])} ({len(other)} files): "
+            f"{label_of[other[0].series_uid]} ({len(other)} files): "
             f"fewer slices than the chosen series ({len(group)})", "warning"))
     group = _keep_majority(group, lambda h: (h.rows, h.columns), "mixed_matrix",
                            "matrix sizes (Rows x Columns)", study, min_slices, warnings)
@@ -423,7 +426,7 @@ def _order(group: list[SliceHeader], study: str
     for pos, h in keyed:
         if positions and abs(pos - positions[-1]) < 1e-3:
             warnings.append(Issue(study, h.path, "duplicate_position",
-                                  f"same position ({pos:.2f}) as another slice", "warning"))
+                                  "same position as another slice", "warning"))
             continue
         ordered.append(h)
         positions.append(pos)

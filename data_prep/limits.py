@@ -139,9 +139,8 @@ def check_pixels(rows: int, columns: int, limits: Limits, path: str, frames: int
     n = int(rows) * int(columns) * max(1, int(frames))
     if n > limits.max_image_pixels:
         raise StudyError("image_too_large", f"{rows} x {columns}"
-                         + (f" x {frames} frames" if frames > 1 else "")
-                         + f" = {n} pixels > --max_image_pixels={limits.max_image_pixels}",
-                         path)
+                         + (" x the frame count" if frames > 1 else f" = {n}")
+                         + f" pixels > --max_image_pixels={limits.max_image_pixels}", path)
 
 
 def check_pixel_spacing(spacing: tuple[float, ...] | None, path: str) -> None:
@@ -151,9 +150,10 @@ def check_pixel_spacing(spacing: tuple[float, ...] | None, path: str) -> None:
     lo, hi = PIXEL_SPACING_RANGE_MM
     for v in spacing:
         if not (lo <= v <= hi):  # NaN fails every comparison
-            what = "is not a number" if v != v else f"of {v:g} mm is outside [{lo:g}, {hi:g}] mm"
-            raise StudyError("bad_pixel_spacing", f"PixelSpacing {what} (NaN, <= 0, or in "
-                             "metres / micrometres?)", path)
+            what = ("is not a number" if v != v else "is <= 0" if v <= 0 else
+                    f"is under {lo:g} mm (in metres?)" if v < lo else
+                    f"is over {hi:g} mm (in micrometres?)")
+            raise StudyError("bad_pixel_spacing", f"PixelSpacing {what}", path)
 
 
 # ---------------------------------------------------------------- time

@@ -53,6 +53,8 @@ TEXT_TAGS = {
     "ImageComments": f"{NAME_GIVEN} {DATE}",
     "AdditionalPatientHistory": f"{NAME_GIVEN}",
     "RequestingPhysician": f"{NAME_FAMILY}^Req",
+    # numbers can hold a date too
+    "SeriesNumber": int(DATE), "AcquisitionNumber": int(DATE), "SliceLocation": DATE,
 }
 
 
@@ -144,6 +146,10 @@ def phi_run(tmp_path_factory):
                                       f"1.2.3.{UID_DIGITS}.77\x00".encode())  # 20 bytes
         p.write_bytes(data)
     (studies / "covid" / f"{NAME_GIVEN}_{DATE}_empty").mkdir()
+    plant(phi_series(studies / "covid" / "frames", seed=7), NumberOfFrames=DATE)
+    plant(phi_series(studies / "covid" / "spacing", seed=8), PixelSpacing=[DATE, DATE])
+    plant(phi_series(studies / "covid" / "position", seed=9),
+          ImagePositionPatient=["0", "0", DATE])
     (studies / "normal" / f"{NAME_FAMILY}_{PATIENT_ID}.png").write_text(TEXT)
     out = base / "out"  # the operator's own folder: the log may name it
     proc = run_cli_bytes(f"--input={studies}", f"--output_dir={out}", "--workers=2",
@@ -157,8 +163,9 @@ def test_phi_run_wrote_and_failed_what_it_should(phi_run):
     out, _, _ = phi_run
     rows = failures(out)
     errors = sorted(r["reason"] for r in rows if r["level"] == "error")
-    assert errors == ["compressed_no_decoder", "empty_study", "localizer", "non_ct_modality",
-                      "not_dicom"]
+    assert errors == ["bad_pixel_spacing", "compressed_no_decoder", "empty_study",
+                      "image_too_large", "localizer", "non_ct_modality", "not_dicom",
+                      "too_few_slices"]
     warnings = {r["reason"] for r in rows if r["level"] == "warning"}
     assert {"not_dicom", "library_warning"} <= warnings
     recs = read_records(out)
