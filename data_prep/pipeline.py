@@ -464,8 +464,25 @@ def swap_in(staging: str, output_dir: str) -> None:
     parent, base = _staging_paths(output_dir)
     old = os.path.join(parent, f".{base}.old-{os.getpid()}")
     os.rename(real, old)
-    os.rename(staging, real)
+    try:
+        os.rename(staging, real)
+    except OSError:
+        os.rename(old, real)
+        raise
     os.rename(old, staging)
+
+
+def _move_in(staging: str, output_dir: str) -> None:
+    """The fallback when the folder cannot be swapped (e.g. it is a mount point): files are
+    moved in one by one, old shards removed, manifest.json last."""
+    new = set(os.listdir(staging))
+    for name in sorted(new - {MANIFEST}):
+        if OURS_RE.search(name):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    for name in os.listdir(output_dir):
+        if SHARD_RE.match(name) and name not in new:
+            os.remove(os.path.join(output_dir, name))
+    os.replace(os.path.join(staging, MANIFEST), os.path.join(output_dir, MANIFEST))
 
 
 def _carry_over(output_dir: str, staging: str) -> None:
@@ -562,7 +579,12 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
     atomic_write_bytes(os.path.join(staging, MANIFEST),
                        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     _carry_over(cfg.output_dir, staging)
-    swap_in(staging, cfg.output_dir)  # readers see the old folder or the new one, whole
+    try:
+        swap_in(staging, cfg.output_dir)  # readers see the old folder or the new one, whole
+    except OSError as exc:
+        log.warning("The output folder cannot be swapped in whole (%s: a mount point?); "
+                    "updating it file by file, manifest.json last.", type(exc).__name__)
+        _move_in(staging, cfg.output_dir)
     shutil.rmtree(staging, ignore_errors=True)  # the old content
     return manifest
 

@@ -653,3 +653,21 @@ def test_two_runs_on_one_output_folder_are_refused(tmp_path):
                 pass
     with pipeline.exclusive_output(str(tmp_path / "out")):  # released
         pass
+
+
+def test_an_output_folder_that_cannot_be_swapped_is_updated_file_by_file(
+        two_studies, tmp_path, monkeypatch):
+    out, salt = tmp_path / "out", tmp_path / "salt"
+    flags = [f"--input={two_studies}", *_cli_flags(out, salt), "--shard_size_mb=0.001"]
+    assert _main(monkeypatch, [*flags, "--image_size=48"]) == 0
+
+    def busy(*a, **k):
+        raise OSError(16, "Device or resource busy")  # EBUSY: a mount point
+
+    monkeypatch.setattr(pipeline, "swap_in", busy)
+    assert _main(monkeypatch, [*flags, "--shard_size_mb=100"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image"]["size"] == 32
+    assert set(manifest["files"]) == {p.name for p in out.glob("*.tfrecord.gz")} == {
+        "train-00000-of-00001.tfrecord.gz"}
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
