@@ -218,7 +218,10 @@ def _scan(scan: StudyScan, cfg: ScanConfig) -> None:
     if task.error is not None:
         raise StudyError(*task.error)
     if not os.path.lexists(task.path):
-        raise StudyError("unreadable_path", "path does not exist", task.path)
+        hint = ""
+        if any("\udc80" <= c <= "\udcff" for c in task.path):
+            hint = " (its bytes in the manifest are not UTF-8: see --manifest_encoding)"
+        raise StudyError("unreadable_path", "path does not exist" + hint, task.path)
     if not os.access(task.path, os.R_OK):
         raise StudyError("unreadable_path", "permission denied", task.path)
     try:

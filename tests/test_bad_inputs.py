@@ -297,6 +297,12 @@ def test_manifest_encodings(tmp_path, caplog):
     assert "--manifest_encoding=cp1252" in caplog.text and "cp1252.csv" in caplog.text
     (t,) = inputs.read_input(str(legacy), encoding="cp1252")
     assert t.error is None and t.site == "Hôpital"
+    # a legacy path alone: the row goes on with the path's own bytes, and says so if missing
+    legacy.write_bytes("study_path,label\nstudies/é,covid\n".encode("cp1252"))
+    (t,) = inputs.read_input(str(legacy))
+    assert t.error is None
+    scan = scan_study(t, scan_cfg())
+    assert scan.error.reason == "unreadable_path" and "--manifest_encoding" in scan.error.detail
     with pytest.raises(ValueError, match=r"utf8\.csv cannot be read as ascii"):
         (tmp_path / "utf8.csv").write_bytes(text.encode())
         inputs.read_input(str(tmp_path / "utf8.csv"), encoding="ascii")
