@@ -142,7 +142,8 @@ def _masks(hu: np.ndarray, pixel_spacing_mm: float, params: LungMaskParams
         if area < params.min_region_fraction * body_area:
             continue
         region = labels == i
-        if float(np.median(hu[region & raw_air])) < params.gas_median_hu:
+        raw = hu[region & raw_air]  # empty when closing made the whole region
+        if raw.size and float(np.median(raw)) < params.gas_median_hu:
             continue
         regions.append((area, i, region))
     regions.sort(key=lambda r: -r[0])

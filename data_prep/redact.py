@@ -109,9 +109,14 @@ def capture_library_messages() -> Iterator[Counter]:
             logger.removeHandler(handler)
             logger.propagate = propagate
             # pydicom's warn_and_log both warns and logs the same message: count it once.
-            seen = Counter(message_kind(str(w.message)) for w in caught)
+            seen = Counter(_warning_kind(w) for w in caught)
             for kind, n in seen.items():
                 counts[kind] = max(counts[kind], n)
+
+
+def _warning_kind(w: warnings.WarningMessage) -> str:
+    kind = message_kind(str(w.message))
+    return f"other {w.category.__name__}" if kind == "other" else kind
 
 
 def summarise(counts: Counter) -> str:

@@ -677,3 +677,16 @@ def test_an_output_folder_that_cannot_be_swapped_is_updated_file_by_file(
     assert set(manifest["files"]) == {p.name for p in out.glob("*.tfrecord.gz")} == {
         "train-00000-of-00001.tfrecord.gz"}
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_library_messages_are_counted_by_kind_never_shown(capfd):
+    import logging
+    import warnings
+
+    with redact.capture_library_messages() as counts:
+        logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SECRETUID'")
+        warnings.warn("Invalid value for VR DA: '19230817'", UserWarning)
+        warnings.warn("Mean of empty slice", RuntimeWarning)
+    assert counts == {"invalid UI value": 1, "invalid DA value": 1, "other RuntimeWarning": 1}
+    out, err = capfd.readouterr()
+    assert "SECRET" not in out + err and "19230817" not in out + err

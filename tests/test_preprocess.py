@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -124,3 +126,22 @@ def test_plan_shards_balanced_and_deterministic():
     assert max(loads) - min(loads) <= max(sizes.values())
     assert sorted(k for s in shards for k in s) == sorted(sizes)
     assert shards == plan_shards(dict(reversed(list(sizes.items()))), shard_size_mb=5)
+
+
+def test_lung_mask_raises_no_numpy_warning_on_a_real_slice(shared_data):
+    """A COVID-CT slice whose closed air region holds no raw air pixel (the median of an
+    empty selection warned 'Mean of empty slice'; warnings are errors here)."""
+    from covid_keras.imaging import grey_to_hu
+    from tests.conftest import shared_subdir
+
+    folder = shared_subdir(shared_data, "covid_ct")
+    path = folder / "train" / "COVID" / "2020.03.03.20030775-p12-93%1.png"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    grey, _ = slice_images.read_grey(str(path), "s")
+    cfg = PrepConfig(image_size=64, lung_filter=False, crop_to_lung=False)
+    # as data_prep.study does for slice images (no real HU)
+    cfg = dataclasses.replace(cfg, lung=dataclasses.replace(cfg.lung,
+                                                            gas_median_hu=-float("inf")))
+    out = prepare_slice(grey_to_hu(grey, -700.0, 1500.0), cfg)
+    assert not isinstance(out, str)
