@@ -78,26 +78,26 @@ def message_kind(message: str) -> str:
 
 
 class _Collect(logging.Handler):
-    def __init__(self, counts: Counter) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.counts = counts
+        self.messages: Counter = Counter()  # text -> count; held here, never written
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
             try:
-                msg = record.getMessage()
+                self.messages[record.getMessage()] += 1
             except Exception:  # noqa: BLE001 - a broken record is still counted
-                msg = ""
-            self.counts[message_kind(msg)] += 1
+                self.messages[""] += 1
 
 
 @contextlib.contextmanager
 def capture_library_messages() -> Iterator[Counter]:
     """Every warning (``warnings`` module) and every pydicom log record of WARNING or above
-    raised inside is counted by kind and printed nowhere."""
+    raised inside is counted by kind and printed nowhere. pydicom's ``warn_and_log`` both
+    warns and logs one message: it is counted once."""
     counts: Counter = Counter()
     logger = logging.getLogger("pydicom")
-    handler = _Collect(counts)
+    handler = _Collect()
     propagate = logger.propagate
     logger.addHandler(handler)
     logger.propagate = False
@@ -108,10 +108,15 @@ def capture_library_messages() -> Iterator[Counter]:
         finally:
             logger.removeHandler(handler)
             logger.propagate = propagate
-            # pydicom's warn_and_log both warns and logs the same message: count it once.
-            seen = Counter(_warning_kind(w) for w in caught)
-            for kind, n in seen.items():
-                counts[kind] = max(counts[kind], n)
+            warned: Counter = Counter()
+            kind_of: dict[str, str] = {}
+            for w in caught:
+                text = str(w.message)
+                warned[text] += 1
+                kind_of[text] = _warning_kind(w)
+            for text in set(warned) | set(handler.messages):
+                n = max(warned[text], handler.messages[text])
+                counts[kind_of.get(text) or message_kind(text)] += n
 
 
 def _warning_kind(w: warnings.WarningMessage) -> str:

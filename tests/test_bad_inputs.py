@@ -687,6 +687,8 @@ def test_library_messages_are_counted_by_kind_never_shown(capfd):
         logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SECRETUID'")
         warnings.warn("Invalid value for VR DA: '19230817'", UserWarning)
         warnings.warn("Mean of empty slice", RuntimeWarning)
-    assert counts == {"invalid UI value": 1, "invalid DA value": 1, "other RuntimeWarning": 1}
+        pydicom.misc.warn_and_log("The file has no preamble SECRET2")  # warns AND logs
+    assert counts == {"invalid UI value": 1, "invalid DA value": 1, "other RuntimeWarning": 1,
+                      "missing preamble": 1}
     out, err = capfd.readouterr()
     assert "SECRET" not in out + err and "19230817" not in out + err
