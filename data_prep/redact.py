@@ -4,7 +4,8 @@
   manifest.json use (see :mod:`data_prep.errors` for the scheme). Paths and folder names
   (which hospitals fill with ``<PatientID>_<date>`` or a name) never leave the worker.
 * :func:`capture_library_messages`: pydicom's warnings (``warnings`` module and the
-  ``pydicom`` logger) quote tag values, UIDs included; they are caught and counted by kind.
+  ``pydicom`` logger) quote tag values, UIDs included, and C libraries print to file
+  descriptor 2; all are caught and counted by kind.
 * :func:`spreadsheet_safe`: a failures.csv cell can never start a formula.
 """
 
@@ -15,6 +16,8 @@ import hashlib
 import logging
 import os
 import re
+import sys
+import tempfile
 import warnings
 from collections import Counter
 from typing import Iterator
@@ -101,7 +104,7 @@ def capture_library_messages() -> Iterator[Counter]:
     propagate = logger.propagate
     logger.addHandler(handler)
     logger.propagate = False
-    with warnings.catch_warnings(record=True) as caught:
+    with _native_stderr_counted(counts), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             yield counts
@@ -117,6 +120,31 @@ def capture_library_messages() -> Iterator[Counter]:
             for text in set(warned) | set(handler.messages):
                 n = max(warned[text], handler.messages[text])
                 counts[kind_of.get(text) or message_kind(text)] += n
+
+
+@contextlib.contextmanager
+def _native_stderr_counted(counts: Counter) -> Iterator[None]:
+    """C libraries (libpng, libjpeg, GDCM, OpenJPEG) write straight to file descriptor 2,
+    and some quote the file's own strings (a PNG's ICC profile name): their lines go to an
+    unlinked temporary file instead, and are only counted."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: sink.read(1 << 16), b""))
+            if lines:
+                counts["native library message"] += lines
 
 
 def _warning_kind(w: warnings.WarningMessage) -> str:

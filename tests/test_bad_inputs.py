@@ -692,3 +692,26 @@ def test_library_messages_are_counted_by_kind_never_shown(capfd):
                       "missing preamble": 1}
     out, err = capfd.readouterr()
     assert "SECRET" not in out + err and "19230817" not in out + err
+
+
+def test_native_library_output_is_counted_never_shown(tmp_path, capfd):
+    """libpng prints its warnings (which can quote an ICC profile's name) to fd 2."""
+    ok, buf = cv2.imencode(".png", np.full((64, 64), 128, np.uint8))
+    data = buf.tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    iccp = chunk(b"iCCP", b"Zqxvonk profile\x00\x00" + zlib.compress(b"\x00" * 16))
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "slice.png").write_bytes(data[:33] + iccp + data[33:])
+    cfg = ScanConfig(salt=SALT, min_slices=1, num_slices=1)
+    scan = scan_study(task(study), cfg)
+    result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32, lung_filter=False),
+                           0)
+    (w,) = [i for i in result.issues if i.reason == "library_warning"]
+    assert "native library message x1" in w.detail
+    out, err = capfd.readouterr()
+    assert "libpng" not in out + err and "Zqxvonk" not in out + err
