@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export TF_ENABLE_ONEDNN_OPTS := 1
-export TF_CPP_MIN_LOG_LEVEL := 2
 DEMO_DIR ?= runs/demo
 
 .PHONY: venv demo test test-fast test-slow lint bench clean
@@ -11,7 +10,10 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dicom,beam,jax,dev]"
+	$(PY) -m pip install --quiet -e ".[dicom,beam,jax,serving,dev]"
+	# TF Serving's client protos: their metadata asks for the full `tensorflow`, which would
+	# clash with tensorflow-cpu, so without dependencies (grpcio comes from [serving]).
+	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
 	touch $@
 
 venv: $(VENV)/.installed

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from covid_keras import data, files, losses, metrics, saving
+from covid_keras.evaluation import SplitPredictor
 from covid_keras.keras_private import AtomicBackupAndRestore  # noqa: F401 (re-exported)
 
 LOGIT_OUTPUTS = ("logits", "raw_logits", "region_logits")
@@ -30,60 +31,22 @@ BEST_METRICS = ("patient_auc", "slice_auc", "patient_accuracy", "slice_accuracy"
                 "prediction_loss")
 
 
-class Evaluator:
-    """One split's evaluation data: images batched in order, labels and keys in memory."""
+class Evaluator(SplitPredictor):
+    """A split's evaluation data for the training callbacks: :class:`covid_keras.evaluation.
+    SplitPredictor` (every record once, in order) whose ``predict`` adds the head's input
+    (:func:`_probe`), with TensorBoard's display slices taken from different patients of
+    each class (:func:`display_indices`)."""
 
     def __init__(self, data_dir: str, split: str, batch_size: int, cfg: data.PipelineConfig,
                  num_display: int = 4):
-        self.split = split
-        ds = data.make_dataset(data_dir, split, batch_size, training=False, cfg=cfg,
-                               with_meta=True)
-        labels, patients, studies, slices = [], [], [], []
-        for _, meta in ds:
-            labels.append(meta["label"].numpy())
-            patients.extend(k.decode() for k in meta["patient_key"].numpy())
-            studies.extend(k.decode() for k in meta["study_key"].numpy())
-            slices.append(meta["slice_index"].numpy())
-        self.labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
-        self.patient_keys = patients
-        self.study_keys = studies
-        self.slice_index = np.concatenate(slices) if slices else np.zeros((0,), np.int32)
-        # Padded with blank images to whole batches, so that every replica of a
-        # distribution strategy gets a full share (an empty per-replica batch fails in
-        # TensorFlow); the padding's predictions are dropped. Known cardinality: Keras
-        # predicts exactly these batches.
-        n = len(self.labels)
-        pad = (-n) % batch_size
-        blank = tf.data.Dataset.from_tensors(
-            tf.zeros([cfg.input_size, cfg.input_size, 3], tf.float32)).repeat(pad)
-        self.images = (ds.map(lambda x, meta: x).unbatch().concatenate(blank)
-                       .batch(batch_size).apply(
-                           tf.data.experimental.assert_cardinality((n + pad) // batch_size)))
+        super().__init__(data_dir, split, batch_size, cfg, num_display=0)
         self.display_index = display_indices(self.labels, self.patient_keys, num_display)
-        self.display_u8 = None
-        if len(self.display_index):
-            wanted = {int(i): j for j, i in enumerate(self.display_index)}
-            shown = [None] * len(wanted)
-            raw = tf.data.TFRecordDataset(data.shard_files(data_dir, split), "GZIP")
-            for i, record in enumerate(raw.take(int(max(wanted)) + 1)):
-                if i in wanted:
-                    r = tf.io.parse_single_example(record, data.schema.parse_spec())
-                    shown[wanted[i]] = data.decode_image(r[data.schema.IMAGE],
-                                                         cfg.input_size).numpy()
-            self.display_u8 = np.stack(shown)
-
-    def __len__(self) -> int:
-        return int(len(self.labels))
+        shown = self.images_u8(self.display_index)
+        self.display_u8 = (np.stack([shown[int(i)] for i in self.display_index])
+                           if len(self.display_index) else None)
 
     def predict(self, model: keras.Model) -> dict:
-        out = _probe(model).predict(self.images, verbose=0)
-        if not isinstance(out, dict):
-            out = {"logits": out}
-        n = len(self)
-        out = {k: np.asarray(v)[:n] for k, v in out.items()}
-        if out["logits"].shape[0] != n:
-            raise RuntimeError(f"Predicted {out['logits'].shape[0]} slices for {n} records")
-        return out
+        return super().predict(_probe(model))
 
 
 def display_indices(labels: np.ndarray, patient_keys: list, count: int) -> np.ndarray:
@@ -348,9 +311,8 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.best_tie = None
         self.best_epoch = None
         self.recent: list[float] = []  # val patient AUC of the last epochs (smoothing)
-        if os.path.exists(self.state_path):
-            with open(self.state_path) as f:
-                state = json.load(f)
+        if files.exists(self.state_path):
+            state = json.loads(files.read_text(self.state_path))
             if state.get("monitor") == self.monitor:
                 self.best = state.get("best")
                 self.best_tie = state.get("tie_break")
@@ -394,12 +356,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         if not self.write:
             return
         if improved:
-            if self.class_names:
-                saving.save_model(self.model, self.path, self.class_names)
-            else:
-                tmp = self.path + ".tmp.keras"
-                self.model.save(tmp)
-                os.replace(tmp, self.path)
+            saving.save_model(self.model, self.path, self.class_names)
         files.write_json(self.state_path, {  # every epoch: the smoothing window
             "best": self.best, "tie_break": self.best_tie, "tie_break_monitor": self.tie_key,
             "epoch": self.best_epoch, "monitor": self.monitor,
@@ -486,3 +443,14 @@ class EpochLine(keras.callbacks.Callback):
         if self.best is not None and self.best.best_epoch == epoch + 1:
             line += "  * best.keras"
         print(line, flush=True)
+
+
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras's CSVLogger, which also closes a ``tf.io.gfile`` file (gs://, ram://...):
+    Keras's reads ``file.closed``, which GFile does not have."""
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None and not getattr(self.csv_file, "closed", False):
+            self.csv_file.close()
+        self.csv_file = None
+        self.writer = None

@@ -78,6 +78,25 @@ def import_keras_quietly(debug: bool = False):
     return keras
 
 
+def setup_logging(verbosity: int):
+    """For an entry point's ``main``: Keras (and TensorFlow) imported quietly, INFO lines
+    as plain messages, TensorFlow's saver / loader INFO lines off unless ``verbosity``
+    >= 1. Returns the keras module."""
+    import logging
+
+    debug = verbosity >= 1
+    keras = import_keras_quietly(debug)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if not debug and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        from absl import logging as absl_logging
+
+        tf.get_logger().setLevel(logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    return keras
+
+
 # ------------------------------------------------------------------ flagfiles
 def _read_flagfile(path: str, included_from: str | None, stack: tuple[str, ...]
                    ) -> list[str]:

@@ -14,7 +14,6 @@ Evaluation: the shards in order, no shuffle, no augmentation, every record exact
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -32,8 +31,10 @@ TORCH_STD = (0.229, 0.224, 0.225)
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
-    """The split's shards, in name order. Raises a clear error when there are none."""
-    files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*-of-*.tfrecord.gz")))
+    """The split's shards, in name order (any file system TensorFlow knows: local, gs://,
+    ram://...). Raises a clear error when there are none."""
+    pattern = os.path.join(data_dir, f"{split}-*-of-*.tfrecord.gz")
+    files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"No {split}-*-of-*.tfrecord.gz shards in {data_dir} "
                                 "(build them with python -m data_prep.build_tfrecords)")
@@ -42,9 +43,9 @@ def shard_files(data_dir: str, split: str) -> list[str]:
 
 def read_manifest(data_dir: str) -> dict:
     path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} is missing: --data_dir must be a data_prep output")
-    with open(path) as f:
+    with tf.io.gfile.GFile(path, "r") as f:
         return json.load(f)
 
 

@@ -31,7 +31,9 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from covid_keras import cli
 
 FLAGS = flags.FLAGS
 
@@ -138,24 +140,26 @@ def compare(paths: list[str], output_dir: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # cli.run refuses stray arguments
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    cli.import_keras_quietly(FLAGS.verbosity >= 1)
     from covid_keras import evaluation
 
     if FLAGS.compare:
         if not FLAGS.output_dir:
-            raise app.UsageError("--compare needs --output_dir")
+            raise ValueError("--compare needs --output_dir")
         compare(FLAGS.compare, FLAGS.output_dir)
         return 0
     if not FLAGS.run_dir:
-        raise app.UsageError("--run_dir is required (or --compare)")
+        raise ValueError("--run_dir is required (or --compare)")
     evaluation.evaluate_run(**evaluate_args(FLAGS.run_dir, FLAGS.output_dir))
     return 0
 
 
 def run_main(argv=None):
-    app.run(main, argv=expand_compare(list(sys.argv if argv is None else argv)))
+    cli.run(main, argv=expand_compare(list(sys.argv if argv is None else argv)),
+            program="covid_keras.evaluate")
 
 
 if __name__ == "__main__":

@@ -522,22 +522,29 @@ def write_decision(run_dir: str, preds: Predictions, split: str | None = None,
     Call it at the end of training with the val split's predictions of best.keras."""
     d = choose_decision(preds.probs, preds.labels, preds.patient_keys, preds.classes,
                         criterion, target_sensitivity)
-    d.update({"split": split or preds.split, "data_dir": os.path.abspath(preds.data_dir)
-              if preds.data_dir else None, "dataset_manifest_sha256":
+    from covid_keras import files
+
+    data_dir = preds.data_dir
+    if data_dir and not files.is_remote(data_dir):
+        data_dir = os.path.abspath(data_dir)
+    d.update({"split": split or preds.split, "data_dir": data_dir or None,
+              "dataset_manifest_sha256":
               _manifest_sha(preds.data_dir), "checkpoint": checkpoint,
               "chosen_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     target = path or os.path.join(run_dir, DECISION_FILE)
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    if os.path.dirname(target):
+        files.makedirs(os.path.dirname(target))
     atomic_write(target, dumps(d))
     return d
 
 
 def read_decision(run_dir: str) -> dict | None:
+    from covid_keras import files
+
     path = os.path.join(run_dir, DECISION_FILE)
-    if not os.path.isfile(path):
+    if not files.exists(path):
         return None
-    with open(path) as f:
-        d = json.load(f)
+    d = json.loads(files.read_text(path))
     for key in ("rule", "threshold", "positive_class", "split"):
         if key not in d:
             raise ValueError(f"{path} has no {key!r}: not a covid_keras decision file")
@@ -551,11 +558,12 @@ def _manifest_sha(data_dir: str | None) -> str | None:
 
     if not data_dir:
         return None
+    from covid_keras import files
+
     path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
+    if not files.exists(path):
         return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(files.read_bytes(path)).hexdigest()
 
 
 # ------------------------------------------------------------------ one evaluation
@@ -658,30 +666,17 @@ def per_site(pats: Patients, patient_pred: np.ndarray, classes, pos: int):
 
 
 # ------------------------------------------------------------------ files
-def _strict(o):
-    if isinstance(o, dict):
-        return {str(k): _strict(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_strict(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return float(o) if math.isfinite(float(o)) else None
-    if isinstance(o, np.ndarray):
-        return _strict(o.tolist())
-    return o
-
-
 def dumps(obj) -> str:
     """Strict JSON (NaN / inf become null; raises on anything else non-JSON)."""
-    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+    from covid_keras import files
+
+    return files.dumps(obj)
 
 
 def atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from covid_keras import files
+
+    files.atomic_write_text(path, text)
 
 
 def public_result(result: dict) -> dict:

@@ -35,12 +35,11 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import time
 
 from absl import flags
 
-from covid_keras import cli, files
+from covid_keras import cli, files, provenance
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.export")
@@ -91,20 +90,6 @@ def next_version(model_dir: str) -> int:
 
 
 # ------------------------------------------------------------------ what goes in
-def git_sha() -> str:
-    """HEAD of the exporting code's checkout (``-dirty`` with local changes), or unknown."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-
-
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -206,7 +191,7 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
                         "outputs": {"heatmaps": "(B, S, S) in [0, 1]"}},
         },
         "covid_keras_version": __version__,
-        "git_sha": git_sha(),
+        "git_sha": provenance.git_sha(),
         "trained_git_sha": (run_info or {}).get("git_sha"),
         "checkpoint": os.path.basename(checkpoint),
         "dataset_manifest_sha256": prep["dataset_manifest_sha256"],
@@ -326,14 +311,7 @@ def load_run(run_dir: str, checkpoint: str | None = None):
 
 
 def main(argv: list[str]) -> int:
-    cli.import_keras_quietly(FLAGS.verbosity >= 1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if FLAGS.verbosity < 1:  # TensorFlow's saver / loader INFO lines
-        import tensorflow as tf
-        from absl import logging as absl_logging
-
-        tf.get_logger().setLevel(logging.WARNING)
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    cli.setup_logging(FLAGS.verbosity)
     model, info, decision = load_run(FLAGS.run_dir, FLAGS.checkpoint)
     for w in info["warnings"]:
         log.warning("warning: %s", w)

@@ -37,6 +37,58 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def isdir(path: str) -> bool:
+    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def remove(path: str) -> None:
+    """Removes a file if it exists."""
+    if is_remote(path):
+        if _gfile().exists(path):
+            _gfile().remove(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def rmtree(path: str) -> None:
+    """Removes a folder and everything in it, if it exists."""
+    if is_remote(path):
+        if _gfile().exists(path):
+            _gfile().rmtree(path)
+    else:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rename(src: str, dst: str) -> None:
+    """Replaces ``dst`` by ``src`` (atomic on a local file system)."""
+    if is_remote(src) or is_remote(dst):
+        _gfile().rename(src, dst, overwrite=True)
+    else:
+        os.replace(src, dst)
+
+
+def put_file(local: str, path: str) -> None:
+    """Moves the local file ``local`` to ``path`` (any file system), replacing it whole."""
+    if not is_remote(path):
+        os.replace(local, path)
+        return
+    gfile = _gfile()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    gfile.copy(local, tmp, overwrite=True)
+    gfile.rename(tmp, path, overwrite=True)
+    os.remove(local)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        with _gfile().GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_text(path: str) -> str:
     if is_remote(path):
         with _gfile().GFile(path, "r") as f:

@@ -49,21 +49,21 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     _slot = 0
 
     def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
+        from covid_keras import files
+
+        files.makedirs(self.backup_dir)
         self._slot = 1 - self._slot
         name = f"slot{self._slot}.weights.h5"
         self.model.save_weights(os.path.join(self.backup_dir, name), overwrite=True)
-        tmp = self._training_metadata_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                       "weights": name}, f)
-        os.replace(tmp, self._training_metadata_path)
+        files.atomic_write_text(self._training_metadata_path, json.dumps(
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}))
 
     def _load_model(self):
-        if not os.path.exists(self._training_metadata_path):
+        from covid_keras import files
+
+        if not files.exists(self._training_metadata_path):
             return
-        with open(self._training_metadata_path) as f:
-            meta = json.load(f)
+        meta = json.loads(files.read_text(self._training_metadata_path))
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
@@ -72,4 +72,3 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         logging.getLogger("covid_keras.train").info(
             "resuming from epoch %d: epochs 1-%d restored from %s", meta["epoch"] + 1,
             meta["epoch"], self.backup_dir)
-

@@ -535,14 +535,7 @@ def _swap_in(stage: str, output_dir: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cli.import_keras_quietly(FLAGS.verbosity >= 1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if FLAGS.verbosity < 1:  # TensorFlow's saver / loader INFO lines
-        import tensorflow as tf
-        from absl import logging as absl_logging
-
-        tf.get_logger().setLevel(logging.WARNING)
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    cli.setup_logging(FLAGS.verbosity)
     if not FLAGS.model and not FLAGS.server:
         raise ValueError("--model or --server is required")
     salt = read_salt(FLAGS.salt_file)

@@ -57,15 +57,25 @@ def _num_outputs(model) -> int:
     return int(logits.shape[-1])
 
 
-def save_model(model, path: str, class_names: list[str]) -> None:
-    """``model.save`` to a temporary file, the info entry added, renamed into place."""
-    info = model_info(model, class_names)
-    tmp = f"{path}.tmp-{os.getpid()}.keras"
+def save_model(model, path: str, class_names: list[str] | None) -> None:
+    """``model.save`` to a temporary file, the info entry added (when the class names are
+    given), then moved into place whole (any file system ``covid_keras.files`` knows)."""
+    import tempfile
+
+    from covid_keras import files
+
+    info = model_info(model, class_names) if class_names else None
+    if files.is_remote(path):
+        fd, tmp = tempfile.mkstemp(suffix=".keras")
+        os.close(fd)
+    else:
+        tmp = f"{path}.tmp-{os.getpid()}.keras"
     try:
         model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as z:
-            z.writestr(INFO_ENTRY, json.dumps(info, indent=2))
-        os.replace(tmp, path)
+        if info is not None:
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.writestr(INFO_ENTRY, json.dumps(info, indent=2))
+        files.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -73,8 +83,19 @@ def save_model(model, path: str, class_names: list[str]) -> None:
 
 def read_info(path: str) -> dict | None:
     """The info entry of a ``.keras`` file (``None`` for a file saved without it)."""
+    from covid_keras import files
+
     try:
-        with zipfile.ZipFile(path) as z:
+        if files.is_remote(path):
+            import io
+
+            import tensorflow as tf
+
+            with tf.io.gfile.GFile(path, "rb") as f:
+                source = io.BytesIO(f.read())
+        else:
+            source = path
+        with zipfile.ZipFile(source) as z:
             if INFO_ENTRY not in z.namelist():
                 return None
             return json.loads(z.read(INFO_ENTRY))

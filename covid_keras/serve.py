@@ -562,14 +562,7 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
 
 # ------------------------------------------------------------------ main
 def main(argv: list[str]) -> int:
-    cli.import_keras_quietly(FLAGS.verbosity >= 1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if FLAGS.verbosity < 1:  # TensorFlow's saver / loader INFO lines
-        import tensorflow as tf
-        from absl import logging as absl_logging
-
-        tf.get_logger().setLevel(logging.WARNING)
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    cli.setup_logging(FLAGS.verbosity)
     base = FLAGS.model_base_path
     if not os.path.isdir(base):
         raise FileNotFoundError(f"--model_base_path {base} is not a folder")

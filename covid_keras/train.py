@@ -26,13 +26,12 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 
 from absl import flags
 
-from covid_keras import cli, files
+from covid_keras import cli, files, provenance
 
 FLAGS = flags.FLAGS
 
@@ -78,6 +77,12 @@ flags.DEFINE_enum("checkpoint_monitor", "smoothed_patient_auc",
                   "prediction_loss (the prediction's cross-entropy over every val slice; "
                   "ties: higher patient AUC) or patient_auc (ties: lower prediction loss). "
                   "The chosen epoch is in best.keras.json and metrics.json.")
+flags.DEFINE_enum("decision_criterion", "youden", ["youden", "sensitivity"],
+                  "How the patient decision (aggregation rule + threshold, decision.json) is "
+                  "chosen on --val_split at the end of training: youden (max sensitivity + "
+                  "specificity - 1) or sensitivity (the best specificity with sensitivity >= "
+                  "--target_sensitivity).")
+flags.DEFINE_float("target_sensitivity", 0.9, "With --decision_criterion=sensitivity.")
 flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
 flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
 flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
@@ -109,40 +114,18 @@ log = logging.getLogger("covid_keras.train")
 
 
 # ------------------------------------------------------------------ run folder
-def git_sha() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("covid_keras", "keras", "tensorflow", "tensorflow-cpu", "numpy", "jax",
-                 "scikit-learn", "tensorboard"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def resolved_flags() -> dict:
     return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
 
 
 def write_run_info(run_dir: str, extra: dict) -> None:
     manifest = os.path.join(FLAGS.data_dir, "manifest.json")
-    manifest_sha = hashlib.sha256(files.read_text(manifest).encode()).hexdigest()
-    info = {"flags": resolved_flags(), "versions": versions(), "git_sha": git_sha(),
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(manifest, "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    info = {"flags": resolved_flags(), "versions": provenance.package_versions(),
+            "git_sha": provenance.git_sha(),
             "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
             "command": " ".join(sys.argv), **extra}
     files.write_json(os.path.join(run_dir, "run_info.json"), info)
@@ -181,19 +164,15 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
     files are removed first, for a finished and for an interrupted run alike). A finished
     run without ``overwrite``, or an interrupted one whose flags changed, is an error."""
-    import shutil
-
-    finished = os.path.exists(os.path.join(run_dir, "final.keras")) and not os.path.isdir(
+    finished = files.exists(os.path.join(run_dir, "final.keras")) and not files.isdir(
         os.path.join(run_dir, "backup"))
-    started = any(os.path.exists(os.path.join(run_dir, n))
+    started = any(files.exists(os.path.join(run_dir, n))
                   for n in ("run_info.json", "backup", "best.keras"))
     if overwrite and (finished or started):
         for name in RUN_FILES:
-            path = os.path.join(run_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
+            files.remove(os.path.join(run_dir, name))
         for name in ("tensorboard", "backup"):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            files.rmtree(os.path.join(run_dir, name))
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
     if finished:
@@ -202,9 +181,8 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
                          "python -m covid_keras.evaluate)")
     if started:
         info_path = os.path.join(run_dir, "run_info.json")
-        if os.path.exists(info_path):
-            with open(info_path) as f:
-                stored = json.load(f).get("flags", {})
+        if files.exists(info_path):
+            stored = json.loads(files.read_text(info_path)).get("flags", {})
             diff = changed_flags(stored, resolved_flags())
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
@@ -212,7 +190,7 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
                                  f"(--flagfile={os.path.join(run_dir, 'flags.cfg')}) to "
                                  "resume, or pass --overwrite to start again")
         return "resume"
-    os.makedirs(run_dir, exist_ok=True)
+    files.makedirs(run_dir)
     return "new"
 
 
@@ -277,8 +255,11 @@ def check_splits(manifest: dict) -> None:
         if slices == 0:
             known = sorted(s for s in manifest.get("counts", {})
                            if sum(data.split_counts(manifest, s).values()))
+            why = ("data_prep assigned it no patients: too few patients for "
+                   "--split_fractions, or a manifest without that split"
+                   if split in ("train", "val", "test") else "no such split")
             raise ValueError(f"{flag}: the split {split!r} has no slices in "
-                             f"{FLAGS.data_dir} (its splits with slices: {known}).")
+                             f"{FLAGS.data_dir} ({why}; its splits with slices: {known}).")
         data.shard_files(FLAGS.data_dir, split)
 
 
@@ -352,7 +333,7 @@ def main(argv):
     import tensorflow as tf
 
     from covid_keras import callbacks as cbs
-    from covid_keras import data, recipes, saving
+    from covid_keras import data, evaluation, recipes, saving
 
     if FLAGS.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -415,7 +396,7 @@ def main(argv):
     for i, stage in enumerate(stages):
         last_epoch = first_epoch + stage.epochs
         done_path = os.path.join(run_dir, "backup", f"stage{i}.done.weights.h5")
-        if os.path.exists(done_path):  # a resumed run: this stage finished before the kill
+        if files.exists(done_path):  # a resumed run: this stage finished before the kill
             model.load_weights(done_path)
             log.info("stage %d finished in an earlier run: its weights are restored", i)
             first_epoch = last_epoch
@@ -431,7 +412,7 @@ def main(argv):
             cbs.AtomicBackupAndRestore(
                 os.path.join(run_dir, "backup", f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
-            keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+            cbs.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         ]
         if FLAGS.early_stopping_patience:
             key, mode, _, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
@@ -463,10 +444,10 @@ def main(argv):
                       verbose=0, shuffle=False)
         first_epoch = last_epoch
         if len(stages) > 1:  # remembered, so a run killed in a later stage does not redo it
-            os.makedirs(os.path.dirname(done_path), exist_ok=True)
+            files.makedirs(os.path.dirname(done_path))
             tmp = done_path.replace(".done.", ".tmp.")
             model.save_weights(tmp)
-            os.replace(tmp, done_path)
+            files.rename(tmp, done_path)
         # Early stopping ends the current stage only: seed 004 runs its SGD stage after the
         # Adam stage whatever happened in it.
         model.stop_training = False
@@ -474,24 +455,30 @@ def main(argv):
     final = validation.evaluate(model)[0]
     results = {"val_split": FLAGS.val_split, "final": final}
     if chief:
-        import shutil
-
-        shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)  # run finished
+        files.rmtree(os.path.join(run_dir, "backup"))  # the run finished
         saving.save_model(model, os.path.join(run_dir, "final.keras"), classes)
         best_path = os.path.join(run_dir, "best.keras")
-        if os.path.exists(best_path):
+        if files.exists(best_path):
             best = saving.load_model(best_path)
-            results["best"] = validation.evaluate(best)[0]
-            with open(best_path + ".json") as f:
-                chosen = json.load(f)
+            results["best"], best_out = validation.evaluate(best)
+            decision = choose_decision(run_dir, validation.evaluator, best, best_out, classes)
+            if decision is not None:
+                results["decision"] = {k: decision[k] for k in (
+                    "rule", "threshold", "criterion", "positive_class", "split")}
+            chosen = json.loads(files.read_text(best_path + ".json"))
             results["best_epoch"] = chosen["epoch"]
             results["checkpoint_monitor"] = chosen["monitor"]
             for split in FLAGS.report_splits:
                 held_out = cbs.PatientValidation(
                     cbs.Evaluator(FLAGS.data_dir, split, global_batch, cfg, 0), classes, None)
-                results[f"best_on_{split}"] = held_out.evaluate(best)[0]
+                results[f"best_on_{split}"], out = held_out.evaluate(best)
                 print("best checkpoint on held-out " +
                       summary_line(results[f"best_on_{split}"], split))
+                if decision is not None:
+                    preds = held_out.evaluator.predictions(best, classes, outputs=_plain(out))
+                    m = evaluation.evaluate_predictions(preds, decision, n_bootstrap=0)
+                    results[f"decision_on_{split}"] = evaluation.public_result(m)
+                    print("  at the decision: " + decision_line(m))
         files.write_json(os.path.join(run_dir, "metrics.json"), results)
         validation.write_best(results.get("best"), results.get("best_epoch"))
     print(summary_line(final, FLAGS.val_split))
@@ -517,6 +504,41 @@ def summary_line(m: dict, split: str) -> str:
     return f"{split}: {level('patient', 'patients')} || {level('slice', 'slices')}"
 
 
+def _plain(out: dict) -> dict:
+    """A validation callback's outputs as the model gave them (no probabilities, no probe)."""
+    return {k: v for k, v in out.items() if k not in ("probs", "head_input")}
+
+
+def choose_decision(run_dir: str, evaluator, best, best_out: dict, classes: list[str]):
+    """decision.json: the patient rule and threshold chosen on the val split's predictions
+    of best.keras (--decision_criterion). None, with a warning, when val cannot choose one
+    (e.g. a class missing from it)."""
+    from covid_keras import evaluation
+
+    preds = evaluator.predictions(best, classes, outputs=_plain(best_out))
+    try:
+        return evaluation.write_decision(run_dir, preds, split=FLAGS.val_split,
+                                         checkpoint="best.keras",
+                                         criterion=FLAGS.decision_criterion,
+                                         target_sensitivity=FLAGS.target_sensitivity)
+    except ValueError as exc:
+        log.warning("no decision.json (predictions use the argmax): %s", exc)
+        return None
+
+
+def decision_line(m: dict) -> str:
+    """Patient-level sensitivity / specificity / accuracy at the stored decision."""
+    p = m["patient"]
+
+    def f(key):
+        v = p.get(key, {}).get("value")
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"patients {p['count']}: sensitivity {f('sensitivity')}, specificity "
+            f"{f('specificity')}, accuracy {f('accuracy')} ({m['decision']['rule']} rule, "
+            f"threshold {m['decision']['threshold']:.3f})")
+
+
 def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     """Where the models are, which epoch was chosen and how, the positive class and the
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
@@ -530,9 +552,8 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     lines.append(f"last epoch: {os.path.join(run_dir, 'final.keras')}")
     lines.append(f"positive class: {classes[metrics.positive_index(classes)]!r} of {classes}")
     decision = os.path.join(run_dir, "decision.json")
-    if os.path.exists(decision):
-        with open(decision) as f:
-            d = json.load(f)
+    if files.exists(decision):
+        d = json.loads(files.read_text(decision))
         lines.append(f"decision: {d.get('rule')} rule, threshold {d.get('threshold')} "
                      f"({d.get('criterion')}, chosen on {d.get('split', FLAGS.val_split)!r})")
     else:

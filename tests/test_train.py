@@ -96,6 +96,12 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     for key in ("loss", "prediction_loss", "concat_loss", "head_active_units",
                 "logits_spread"):
         assert key in m["best"], key
+    # the patient decision, chosen on val at the end of training
+    decision = json.loads((run_dir / "decision.json").read_text())
+    assert decision["split"] == "val" and decision["rule"] in ("mean", "any")
+    assert 0.0 <= decision["threshold"] <= 1.0 and decision["positive_class"] == "covid"
+    assert m["decision"]["rule"] == decision["rule"]
+    assert f"decision: {decision['rule']} rule" in proc.stdout
 
 
 def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
@@ -354,6 +360,46 @@ def test_multi_worker_shards_are_disjoint_and_complete(data_dir):
             seen.append({k for _, m in ds for k in m["sop_key"].numpy()})
         union = set().union(*seen)
         assert sum(len(s) for s in seen) == len(union) == data.count_records(files)
+
+
+RAM_RUN = """
+import json, os, sys
+import tensorflow as tf
+from absl import flags
+from covid_keras import cli, saving, train
+src = sys.argv[1]
+tf.io.gfile.makedirs("ram://data")
+for name in tf.io.gfile.listdir(src):
+    if name.endswith(".tfrecord.gz") or name == "manifest.json":
+        tf.io.gfile.copy(os.path.join(src, name), "ram://data/" + name)
+flags.FLAGS(cli.expand_flagfiles(["prog", "--flagfile=configs/smoke.cfg",
+                                  "--data_dir=ram://data", "--run_dir=ram://runs/smoke",
+                                  "--report_splits=test"]))
+train.main([])
+run = "ram://runs/smoke"
+model = saving.load_model(run + "/best.keras")
+print("RESULT " + json.dumps({
+    "names": sorted(n.rstrip("/") for n in tf.io.gfile.listdir(run)),
+    "tensorboard": sorted(n.rstrip("/") for n in tf.io.gfile.listdir(run + "/tensorboard")),
+    "classes": model.covid_keras_info["class_names"],
+    "metrics": json.loads(tf.io.gfile.GFile(run + "/metrics.json").read())["best_epoch"]}))
+"""
+
+
+def test_data_and_run_folders_on_another_file_system(data_dir):
+    # TensorFlow's in-memory ram:// file system, in one process: what gs:// users get
+    proc = subprocess.run([sys.executable, "-c", RAM_RUN, str(data_dir)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    got = json.loads(line[len("RESULT "):])
+    assert {"run_info.json", "flags.cfg", "best.keras", "best.keras.json", "final.keras",
+            "log.csv", "metrics.json", "tensorboard", "decision.json"} <= set(got["names"]), \
+        got["names"]
+    assert "backup" not in got["names"]
+    assert set(got["tensorboard"]) == {"train", "validation"}
+    assert got["classes"] == ["normal", "covid", "bacterial"] and got["metrics"] in (1, 2)
+    assert not (REPO / "ram:").exists()  # nothing fell back to a local path
 
 
 def test_train_pipeline_batches_and_augments(data_dir):
