@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from typing import Iterator
@@ -99,6 +100,12 @@ def capture_library_messages() -> Iterator[Counter]:
     raised inside is counted by kind and printed nowhere. pydicom's ``warn_and_log`` both
     warns and logs one message: it is counted once."""
     counts: Counter = Counter()
+    if threading.current_thread() is not threading.main_thread():
+        # Warning filters and fd 2 are per process: swapping them per thread (Beam's
+        # threaded runners) would race. Such a process is silenced for good instead.
+        silence_libraries()
+        yield counts
+        return
     logger = logging.getLogger("pydicom")
     handler = _Collect()
     propagate = logger.propagate
@@ -145,6 +152,16 @@ def _native_stderr_counted(counts: Counter) -> Iterator[None]:
             lines = sum(chunk.count(b"\n") for chunk in iter(lambda: sink.read(1 << 16), b""))
             if lines:
                 counts["native library message"] += lines
+
+
+def silence_libraries() -> None:
+    """For the whole process: Python warnings ignored, pydicom's log records dropped (C
+    libraries' own stderr cannot be silenced per thread, and is not)."""
+    warnings.simplefilter("ignore")
+    logger = logging.getLogger("pydicom")
+    logger.propagate = False
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def _warning_kind(w: warnings.WarningMessage) -> str:

@@ -715,3 +715,31 @@ def test_native_library_output_is_counted_never_shown(tmp_path, capfd):
     assert "native library message x1" in w.detail
     out, err = capfd.readouterr()
     assert "libpng" not in out + err and "Zqxvonk" not in out + err
+
+
+def test_library_messages_in_a_thread_are_dropped(tmp_path, capfd):
+    """Beam's threaded runners: no per-thread capture is possible, the process is silenced."""
+    import logging
+    import threading
+    import warnings
+
+    got = []
+
+    def work():
+        with redact.capture_library_messages() as counts:
+            logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SECRET3'")
+            warnings.warn("Invalid value for VR DA: 'SECRET4'", UserWarning)
+        got.append(counts)
+
+    filters = warnings.filters[:]
+    propagate = logging.getLogger("pydicom").propagate
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        warnings.filters[:] = filters
+        logging.getLogger("pydicom").propagate = propagate
+    assert got == [{}]
+    out, err = capfd.readouterr()
+    assert "SECRET" not in out + err
