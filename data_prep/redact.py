@@ -101,10 +101,9 @@ def capture_library_messages() -> Iterator[Counter]:
     warns and logs one message: it is counted once."""
     counts: Counter = Counter()
     if threading.current_thread() is not threading.main_thread():
-        # Warning filters and fd 2 are per process: swapping them per thread (Beam's
-        # threaded runners) would race. Such a process is silenced for good instead.
-        silence_libraries()
-        yield counts
+        with _thread_capture() as (caught, logged):
+            yield counts
+        _tally(counts, caught, logged)
         return
     logger = logging.getLogger("pydicom")
     handler = _Collect()
@@ -118,15 +117,60 @@ def capture_library_messages() -> Iterator[Counter]:
         finally:
             logger.removeHandler(handler)
             logger.propagate = propagate
-            warned: Counter = Counter()
-            kind_of: dict[str, str] = {}
-            for w in caught:
-                text = str(w.message)
-                warned[text] += 1
-                kind_of[text] = _warning_kind(w)
-            for text in set(warned) | set(handler.messages):
-                n = max(warned[text], handler.messages[text])
-                counts[kind_of.get(text) or message_kind(text)] += n
+            _tally(counts, caught, handler.messages)
+
+
+def _tally(counts: Counter, caught: list, logged: Counter) -> None:
+    warned: Counter = Counter()
+    kind_of: dict[str, str] = {}
+    for w in caught:
+        text = str(w.message)
+        warned[text] += 1
+        kind_of[text] = _warning_kind(w)
+    for text in set(warned) | set(logged):
+        counts[kind_of.get(text) or message_kind(text)] += max(warned[text], logged[text])
+
+
+# Non-main threads (Beam's threaded runners): warning filters, ``warnings.showwarning`` and
+# the logger are per process, so they are set once for the process and route each message
+# to the capturing thread's own lists. (C libraries' fd 2 cannot be split per thread.)
+_thread = threading.local()
+_hook_lock = threading.Lock()
+
+
+class _ThreadRouter(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logged = getattr(_thread, "logged", None)
+        if logged is not None and record.levelno >= logging.WARNING:
+            try:
+                logged[record.getMessage()] += 1
+            except Exception:  # noqa: BLE001 - a broken record is still counted
+                logged[""] += 1
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    caught = getattr(_thread, "caught", None)
+    if caught is not None:
+        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+    # elsewhere in such a process warnings are dropped: they could quote input values
+
+
+@contextlib.contextmanager
+def _thread_capture() -> Iterator[tuple[list, Counter]]:
+    with _hook_lock:  # (re)installed whenever something else replaced them
+        if warnings.showwarning is not _route_warning:
+            warnings.showwarning = _route_warning
+        logger = logging.getLogger("pydicom")
+        if not any(isinstance(h, _ThreadRouter) for h in logger.handlers):
+            logger.addHandler(_ThreadRouter())
+        logger.propagate = False
+        if not warnings.filters or warnings.filters[0][0] != "always":
+            warnings.simplefilter("always")
+    _thread.caught, _thread.logged = [], Counter()
+    try:
+        yield _thread.caught, _thread.logged
+    finally:
+        _thread.caught = _thread.logged = None
 
 
 @contextlib.contextmanager
@@ -152,16 +196,6 @@ def _native_stderr_counted(counts: Counter) -> Iterator[None]:
             lines = sum(chunk.count(b"\n") for chunk in iter(lambda: sink.read(1 << 16), b""))
             if lines:
                 counts["native library message"] += lines
-
-
-def silence_libraries() -> None:
-    """For the whole process: Python warnings ignored, pydicom's log records dropped (C
-    libraries' own stderr cannot be silenced per thread, and is not)."""
-    warnings.simplefilter("ignore")
-    logger = logging.getLogger("pydicom")
-    logger.propagate = False
-    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
-        logger.addHandler(logging.NullHandler())
 
 
 def _warning_kind(w: warnings.WarningMessage) -> str:

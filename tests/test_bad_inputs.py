@@ -717,29 +717,34 @@ def test_native_library_output_is_counted_never_shown(tmp_path, capfd):
     assert "libpng" not in out + err and "Zqxvonk" not in out + err
 
 
-def test_library_messages_in_a_thread_are_dropped(tmp_path, capfd):
-    """Beam's threaded runners: no per-thread capture is possible, the process is silenced."""
+def test_library_messages_in_threads_are_counted_per_thread(capfd):
+    """Beam's threaded runners: each thread counts its own study's messages."""
     import logging
     import threading
     import warnings
 
-    got = []
+    got: dict[int, dict] = {}
+    barrier = threading.Barrier(2)
 
-    def work():
+    def work(n: int) -> None:
         with redact.capture_library_messages() as counts:
-            logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SECRET3'")
-            warnings.warn("Invalid value for VR DA: 'SECRET4'", UserWarning)
-        got.append(counts)
+            barrier.wait()
+            for _ in range(n):
+                logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SECRET3'")
+                warnings.warn("Invalid value for VR DA: 'SECRET4'", UserWarning)
+            barrier.wait()
+        got[n] = dict(counts)
 
-    filters = warnings.filters[:]
-    propagate = logging.getLogger("pydicom").propagate
+    showwarning, filters = warnings.showwarning, warnings.filters[:]
     try:
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
+        threads = [threading.Thread(target=work, args=(n,)) for n in (1, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
-        warnings.filters[:] = filters
-        logging.getLogger("pydicom").propagate = propagate
-    assert got == [{}]
+        warnings.showwarning, warnings.filters[:] = showwarning, filters
+    assert got == {1: {"invalid UI value": 1, "invalid DA value": 1},
+                   3: {"invalid UI value": 3, "invalid DA value": 3}}
     out, err = capfd.readouterr()
     assert "SECRET" not in out + err
