@@ -128,8 +128,8 @@ def read_header(path: str | os.PathLike, lim: Limits | None = None) -> SliceHead
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         raise StudyError("dicomdir", "DICOMDIR index file", path)
     if "Rows" not in ds or "Columns" not in ds:
-        if preamble and (_is_image_class(sop_class or _text(ds, "SOPClassUID"))
-                         or len(ds) == 0 or "PixelData" not in ds and size < 4096):
+        sop = sop_class or _text(ds, "SOPClassUID")
+        if preamble and (not sop or _is_image_class(sop)):  # an image, or cut before saying
             raise StudyError("truncated_file", f"DICOM file of {size} bytes ends before its "
                              "image attributes (Rows/Columns)", path)
         raise StudyError("not_dicom", "DICOM object without an image (no Rows/Columns)", path)

@@ -353,6 +353,18 @@ def test_truncated_dicom_is_not_called_not_dicom(tmp_path):
         with pytest.raises(Exception) as err:
             dicom_io.read_header(cut)
         assert err.value.reason == "truncated_file", n
+    report = pydicom.Dataset()  # a small, complete non-image object: not truncated
+    report.SOPClassUID = pydicom.uid.BasicTextSRStorage
+    report.SOPInstanceUID = pydicom.uid.generate_uid()
+    report.Modality = "SR"
+    report.file_meta = pydicom.dataset.FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(Exception) as err:
+        dicom_io.read_header(tmp_path / "sr.dcm")
+    assert err.value.reason == "not_dicom"
     text = tmp_path / "notes.dcm"
     text.write_text("not DICOM at all " * 20)
     with pytest.raises(Exception) as err:
