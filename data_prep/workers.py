@@ -108,7 +108,10 @@ def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost
                     pool[i] = w = _start(ctx, memory_limit_mb)
                 if w.task is None and pending:
                     w.task, w.started = pending.popleft(), time.monotonic()
-                    w.conn.send((w.task, fn, arg_list[w.task]))
+                    try:
+                        w.conn.send((w.task, fn, arg_list[w.task]))
+                    except (OSError, ValueError):  # it died just now: seen below
+                        pass
             busy = [w for w in pool if w.task is not None]
             timeout = None
             if hard_timeout_s > 0 and busy:
