@@ -148,7 +148,8 @@ class _ThreadRouter(logging.Handler):
                 logged[""] += 1
 
 
-def _route_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _route_warning(message: Warning | str, category: type[Warning], filename: str,
+                   lineno: int, file: object = None, line: str | None = None) -> None:
     caught = getattr(_thread, "caught", None)
     if caught is not None:
         caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))

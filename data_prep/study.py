@@ -9,7 +9,10 @@ keys. Cheap; it is all the split needs.
 (the rotated-lung fill is for the train split only).
 
 Both return picklable values and never raise for bad input: problems become
-:class:`data_prep.errors.Issue` rows.
+:class:`data_prep.errors.Issue` rows, which name the study and its files by pseudonymous
+names only (:mod:`data_prep.redact`; paths and tag values stay in the worker). Both run
+under the study's limits (:mod:`data_prep.limits`: regular files only, bytes, pixels from
+headers, time) with library messages captured and counted.
 """
 
 from __future__ import annotations
