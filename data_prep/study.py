@@ -299,10 +299,18 @@ def _scan_images(scan: StudyScan, images: list[str], cfg: ScanConfig) -> None:
 
 
 def _sample(scan: StudyScan, slices: list[SampledSlice], cfg: ScanConfig) -> None:
-    """The sampled slices, and the others as spares for a sampled file that fails to decode."""
-    chosen = set(sample_indices(len(slices), cfg.num_slices, cfg.sampling))
-    scan.sampled = [s for s in slices if s.index in chosen]
-    scan.spares = [s for s in slices if s.index not in chosen]
+    """The sampled slices and, as spares for a sampled file that fails to decode, the few
+    unsampled slices nearest to each (the driver holds every study's scan: not all slices)."""
+    chosen = sample_indices(len(slices), cfg.num_slices, cfg.sampling)
+    scan.sampled = [slices[i] for i in chosen]
+    spare: set[int] = set()
+    for k, i in enumerate(chosen):
+        lo = chosen[k - 1] if k > 0 else -1
+        hi = chosen[k + 1] if k + 1 < len(chosen) else len(slices)
+        near = sorted((j for j in range(lo + 1, hi) if j not in chosen),
+                      key=lambda j: (abs(j - i), j))
+        spare.update(near[:2 * MAX_SUBSTITUTES])
+    scan.spares = [slices[j] for j in sorted(spare)]
 
 
 def _study_name(task: StudyTask) -> str:
