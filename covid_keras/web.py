@@ -1,0 +1,769 @@
+"""The diagnosis web page: upload a CT study, see the answer and its evidence.
+
+    python -m covid_keras.web --model=exports/drenet [--port=8080] [--metrics=eval/metrics.json]
+    python -m covid_keras.web --server=http://localhost:8501 --model=exports/drenet
+
+A plain HTML/JS page (``web_static/``) on Starlette, served by uvicorn on 127.0.0.1 (``--host``
+to change). It is a client of :mod:`covid_keras.predict`: an upload becomes a study folder in
+a per-request temporary folder, :func:`covid_keras.predict.predict_study` prepares and
+predicts it (locally, or through TF Serving / ``covid_keras.serve`` with ``--server``) and
+writes ``prediction.json`` and the evidence PNGs there; the page shows them and offers that
+``prediction.json`` for download; the folder is deleted before the answer leaves.
+
+* **Upload:** one .zip of a DICOM study or of PNG/JPEG slices, or many DICOM / PNG / JPEG
+  files (a folder). Limits: ``--max_upload_mb`` for the request, ``--max_files`` files,
+  ``--max_zip_mb`` / ``--max_zip_files`` for what a zip expands to. Zips are unpacked by
+  :func:`covid_keras.predict.unpack_zip` (no absolute or ``..`` paths, no links or special
+  files, expansion counted while extracting). Every file must be DICOM (Part 10), PNG or
+  JPEG by its bytes; ``.*`` files and ``__MACOSX/`` are ignored. A refused upload is answered
+  with its reason and one sentence; it never affects another request.
+* **Answer:** the patient's probabilities per class, the decision with its rule and
+  threshold, the top slices with their boxes and Grad-CAM, predict's warnings.
+* **Always shown:** "research use only: not for clinical use", and the model card built by
+  :func:`model_card` from the export's ``assets.extra/covid_keras.json`` and an evaluation's
+  ``metrics.json`` (``--metrics``; a run folder's ``eval_val/`` or ``eval_*/`` is found by
+  itself) and, when given or found, the dataset's ``manifest.json`` (checked against the
+  SHA-256 the export recorded).
+* **Privacy:** nothing is logged (no access log; an unexpected error is answered with its
+  type only, its traceback printed only with ``--verbosity=1``); the answer names the study
+  by predict's salted pseudonym (the salt: random per process unless ``--salt_file``);
+  nothing is kept after the answer.
+* **Concurrency:** uploads are received and unpacked concurrently; predictions run one at a
+  time (data_prep's capture of library warnings is process-wide, so two studies prepared at
+  once could swap their warnings), at most ``--max_queue`` waiting (then HTTP 503).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from importlib import resources
+
+from absl import flags
+
+from covid_keras import cli
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("covid_keras.web")
+STATIC = "web_static"
+NOTICE = "Research use only: not for clinical use."
+UPLOAD_FIELD = "files"
+IGNORED_PARTS = ("__MACOSX",)
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+                    "X-Frame-Options": "DENY"}
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "An export (<base>/<name> or <base>/<name>/<version>) "
+                        "or a training run folder. With --server: optional, where the "
+                        "preprocessing settings and the model card are read from.")
+    flags.DEFINE_string("server", None, "http://host:8501: predict through TF Serving (or "
+                        "covid_keras.serve) over REST instead of loading the model here.")
+    flags.DEFINE_string("model_name", "drenet", "The served model's name (with --server).")
+    flags.DEFINE_string("metrics", None, "An evaluation's metrics.json (python -m "
+                        "covid_keras.evaluate), or its folder: the model card's validation "
+                        "metrics. Default: a run folder's eval_val/ (else eval_*/).")
+    flags.DEFINE_string("data_manifest", None, "The training TFRecords' manifest.json (or "
+                        "their folder) for the model card's training data; must be the one "
+                        "the export recorded. Default: a run folder's data_dir.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
+    flags.DEFINE_integer("port", 8080, "Port (0: any free port).")
+    flags.DEFINE_float("max_upload_mb", 1024.0, "An upload (the whole request) may be at most "
+                       "this large.")
+    flags.DEFINE_integer("max_files", 2000, "An upload may hold at most this many files.")
+    flags.DEFINE_float("max_zip_mb", 2048.0, "A zipped study may expand to at most this much.")
+    flags.DEFINE_integer("max_zip_files", 20000, "A zipped study may hold at most this many "
+                         "entries.")
+    flags.DEFINE_integer("max_queue", 32, "Uploads waiting for the model at most (then 503).")
+    flags.DEFINE_integer("top_slices", 3, "Slices shown with boxes and Grad-CAM.")
+    flags.DEFINE_string("salt_file", None, "Secret salt for predict's study and slice hashes "
+                        "(default: random for each start of the server).")
+    flags.DEFINE_string("tmp_dir", None, "Where the per-request folders go (default: the "
+                        "system's temporary folder).")
+    flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
+
+
+# ------------------------------------------------------------------ limits, errors
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 1 << 30
+    max_files: int = 2000
+    max_zip_bytes: int = 2 << 30
+    max_zip_files: int = 20000
+    max_queue: int = 32
+
+    def describe(self) -> str:
+        return (f"at most {_mb(self.max_upload_bytes)} and {self.max_files} files per upload; "
+                f"a zip may expand to {_mb(self.max_zip_bytes)} and {self.max_zip_files} "
+                "entries")
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MB"
+
+
+class UploadRejected(ValueError):
+    """The upload is refused before it reaches predict: ``reason`` and one sentence."""
+
+    def __init__(self, reason: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+# ------------------------------------------------------------------ what a file is
+def sniff(head: bytes) -> str | None:
+    """'dicom', 'png', 'jpeg' or 'zip' from a file's first 132 bytes; None otherwise."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    return None
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(132)
+
+
+def upload_parts(name: str, index: int) -> list[str] | None:
+    """The relative path an uploaded file's name asks for, made safe: ``..`` refused,
+    absolute names made relative, odd characters replaced; None for names to ignore (``.*``
+    files and folders, ``__MACOSX``)."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UploadRejected("unsafe_name", f"file {index} ({_shown(name)}) has a '..' part in "
+                                            "its name: refused")
+    if not parts:
+        parts = [f"file{index:05d}"]
+    if any(p.startswith(".") for p in parts) or parts[0] in IGNORED_PARTS:
+        return None
+    return [re.sub(r"[^\w.\- ]", "_", p)[:120] for p in parts]
+
+
+def _shown(name: str) -> str:
+    """A user's file name as it may appear in a message (its last part, at most 80 chars)."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1][:80]
+
+
+def _unique(path: str) -> str:
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    n = 2
+    while os.path.exists(f"{stem}~{n}{ext}"):
+        n += 1
+    return f"{stem}~{n}{ext}"
+
+
+def check_study_folder(folder: str, limits: Limits) -> dict:
+    """Every file under ``folder`` (an unpacked zip) must be DICOM, PNG or JPEG; ignored
+    names are removed. Returns {kind: count}."""
+    counts: dict = {}
+    files = []
+    for root, dirs, names in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        for d in list(dirs):
+            if d.startswith(".") or (rel == "." and d in IGNORED_PARTS):
+                shutil.rmtree(os.path.join(root, d))
+                dirs.remove(d)
+        for n in sorted(names):
+            path = os.path.join(root, n)
+            if n.startswith("."):
+                os.remove(path)
+                continue
+            files.append(path)
+    if len(files) > limits.max_files:
+        raise UploadRejected("too_many_files", f"the zip holds {len(files)} files; at most "
+                                               f"{limits.max_files} are accepted", 413)
+    for i, path in enumerate(sorted(files), start=1):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise UploadRejected("not_an_image", f"zip entry {i} is not a regular file")
+        kind = sniff(_head(path))
+        if kind in (None, "zip"):
+            raise UploadRejected("not_an_image", f"zip entry {i} ({_shown(path)}) is not a "
+                                                 "DICOM, PNG or JPEG file")
+        counts[kind] = counts.get(kind, 0) + 1
+    if not counts:
+        raise UploadRejected("empty_upload", "the zip holds no DICOM, PNG or JPEG file")
+    return counts
+
+
+# ------------------------------------------------------------------ receiving an upload
+async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, str]]:
+    """Streams a multipart/form-data request's ``files`` parts straight into ``dest`` (no
+    copy elsewhere, nothing held in memory beyond one chunk), enforcing the limits while it
+    reads. Returns [(path, kind)] in upload order."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UploadRejected("not_multipart", "send the files as multipart/form-data (the "
+                                              "page's form does)", 415)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes:
+        raise UploadRejected("too_large", f"the upload is {_mb(int(declared))}; at most "
+                                          f"{_mb(limits.max_upload_bytes)} is accepted", 413)
+    state = {"headers": {}, "field": b"", "value": b"", "file": None, "head": b"",
+             "path": None, "skip": False}
+    out: list[tuple[str, str]] = []
+    heads: list[bytes] = []
+
+    def on_part_begin():
+        state.update(headers={}, file=None, head=b"", path=None, skip=False)
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished():
+        _, opts = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        if opts.get(b"name", b"") != UPLOAD_FIELD.encode() or b"filename" not in opts:
+            raise UploadRejected("bad_form", f"only file fields named {UPLOAD_FIELD!r} are "
+                                             "accepted")
+        index = len(out) + 1
+        if index > limits.max_files:
+            raise UploadRejected("too_many_files", f"more than {limits.max_files} files in "
+                                                   "one upload", 413)
+        name = opts[b"filename"].decode("utf-8", "replace")
+        parts = upload_parts(name, index)
+        if parts is None:
+            state["skip"] = True
+            return
+        path = _unique(os.path.join(dest, *parts))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state["path"] = path
+        state["file"] = open(path, "xb")  # noqa: SIM115 - closed at the part's end
+        out.append((path, name))
+
+    def on_part_data(data, start, end):
+        if state["file"] is not None:
+            chunk = data[start:end]
+            if len(state["head"]) < 132:
+                state["head"] += chunk[:132 - len(state["head"])]
+            state["file"].write(chunk)
+
+    def on_part_end():
+        if state["file"] is not None:
+            state["file"].close()
+            state["file"] = None
+            heads.append(state["head"])
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data,
+        "on_part_end": on_part_end, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished})
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limits.max_upload_bytes:
+                raise UploadRejected("too_large", f"the upload is over "
+                                                  f"{_mb(limits.max_upload_bytes)}", 413)
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError:
+        raise UploadRejected("bad_form", "the upload is not well-formed multipart/form-data")
+    finally:
+        if state["file"] is not None:
+            state["file"].close()
+    if not out:
+        raise UploadRejected("empty_upload", "no file was uploaded")
+    files = []
+    for i, ((path, name), head) in enumerate(zip(out, heads), start=1):
+        kind = sniff(head)
+        if kind is None:
+            raise UploadRejected("not_an_image", f"file {i} ({_shown(name)}) is not a DICOM, "
+                                                 "PNG or JPEG file, nor a zip of them")
+        files.append((path, kind))
+    if any(k == "zip" for _, k in files) and len(files) > 1:
+        raise UploadRejected("zip_not_alone", "upload one zip alone, or the study's files "
+                                              "without a zip")
+    return files
+
+
+# ------------------------------------------------------------------ the model card
+def _entry(m: dict | None) -> dict | None:
+    if not isinstance(m, dict) or "value" not in m:
+        return None
+    return {"value": m.get("value"), "ci95": m.get("ci95")}
+
+
+def read_metrics(path: str) -> dict:
+    """An evaluation's metrics.json (a file or the folder holding it). Refuses a training
+    run's metrics.json (no CIs)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.json")
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    patient = m.get("patient") if isinstance(m, dict) else None
+    if not isinstance(patient, dict) or _entry(patient.get("auc")) is None:
+        raise ValueError(f"{path} is not an evaluation's metrics.json (python -m "
+                         "covid_keras.evaluate writes one, with CIs; a training run's "
+                         "metrics.json has none)")
+    return m
+
+
+def read_manifest(path: str) -> tuple[dict, str]:
+    import hashlib
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    with open(path, "rb") as f:
+        raw = f.read()
+    return json.loads(raw), hashlib.sha256(raw).hexdigest()
+
+
+def find_run_files(model_path: str | None) -> tuple[str | None, str | None]:
+    """(metrics.json, manifest.json) a training run folder leads to: its evaluate output
+    (``eval_val/`` first, else the first ``eval_*/``) and its run_info's data_dir."""
+    if not model_path or not os.path.isfile(os.path.join(model_path, "run_info.json")):
+        return None, None
+    metrics = None
+    names = sorted(n for n in os.listdir(model_path) if n.startswith("eval_"))
+    for n in (["eval_val"] if "eval_val" in names else []) + names:
+        if os.path.isfile(os.path.join(model_path, n, "metrics.json")):
+            metrics = os.path.join(model_path, n, "metrics.json")
+            break
+    manifest = None
+    try:
+        with open(os.path.join(model_path, "run_info.json"), encoding="utf-8") as f:
+            data_dir = (json.load(f).get("flags") or {}).get("data_dir")
+        if data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json")):
+            manifest = os.path.join(data_dir, "manifest.json")
+    except (OSError, ValueError):
+        pass
+    return metrics, manifest
+
+
+def model_card(info: dict, source: dict, metrics: dict | None = None,
+               manifest: tuple[dict, str] | None = None, manifest_given: bool = False
+               ) -> dict:
+    """The model card's content, every figure read from the export info (``assets.extra/
+    covid_keras.json``), the evaluation's metrics.json and the dataset manifest."""
+    from covid_keras.evaluation import METRICS
+
+    classes = list(info.get("class_names") or [])
+    limits: list[str] = []
+    d = info.get("decision") or {}
+    dp = info.get("data_prep") or {}
+    card: dict = {
+        "model": {"kind": info.get("model"), "backbone": info.get("backbone"),
+                  "variant": info.get("variant"), "input_size": info.get("input_size"),
+                  "classes": classes, "source": source.get("kind"),
+                  "name": source.get("model_name") or info.get("model_name"),
+                  "version": source.get("version") or info.get("version"),
+                  "checkpoint": info.get("checkpoint"),
+                  "exported_at": info.get("exported_at"),
+                  "covid_keras_version": info.get("covid_keras_version"),
+                  "trained_git_sha": info.get("trained_git_sha")},
+        "decision": {k: d.get(k) for k in ("method", "rule", "threshold", "positive_class",
+                                           "criterion", "split", "val_sensitivity",
+                                           "val_specificity")},
+        "training_data": {"windows": info.get("windows"),
+                          "preparation": dp.get("flags") or {},
+                          "records_image_size": dp.get("records_image_size"),
+                          "manifest_sha256": info.get("dataset_manifest_sha256")},
+        "validation": None,
+        "limits": limits,
+    }
+    if classes:
+        limits.append("It knows only the classes " + ", ".join(classes) + ": a study of any "
+                      "other disease is still given one of them.")
+    if manifest is not None:
+        man, sha = manifest
+        if info.get("dataset_manifest_sha256") not in (None, sha):
+            if manifest_given:
+                raise ValueError("--data_manifest is not the dataset manifest this model was "
+                                 "trained on (its SHA-256 differs from the export's)")
+            limits.append("The run's dataset manifest changed since export: training data "
+                          "counts are not shown.")
+        else:
+            counts = {}
+            for split, by_label in (man.get("counts") or {}).items():
+                counts[split] = {label: {k: sum(int(c.get(k, 0)) for c in sites.values())
+                                         for k in ("patients", "studies", "slices")}
+                                 for label, sites in by_label.items()}
+            sites = sorted({s for by_label in (man.get("counts") or {}).values()
+                            for label_sites in by_label.values() for s in label_sites})
+            card["training_data"].update({"dataset": man.get("dataset"), "counts": counts,
+                                          "sites": sites,
+                                          "split_scheme": man.get("split_scheme")})
+            if len(sites) == 1:
+                limits.append(f"Its data come from one site ({sites[0]}): other scanners and "
+                              "hospitals are untested.")
+    else:
+        limits.append("The training data's counts are unknown here (no dataset manifest "
+                      "given).")
+    for w in info.get("warnings") or []:
+        limits.append(f"Export: {w}")
+    if metrics is not None:
+        mc = list(metrics.get("classes") or [])
+        if mc and classes and mc != classes:
+            raise ValueError(f"the metrics.json is of a model with classes {mc}, this model "
+                             f"has {classes}")
+        md = metrics.get("decision") or {}
+        levels = {}
+        for level in ("patient", "slice"):
+            sec = metrics.get(level) or {}
+            levels[level] = {"count": sec.get("count"),
+                             **{k: _entry(sec.get(k)) for k in METRICS}}
+            macro = sec.get("macro") if isinstance(sec.get("macro"), dict) else {}
+            if macro:
+                levels[level]["macro"] = {k: _entry(macro.get(k)) for k in METRICS
+                                          if _entry(macro.get(k))}
+        by_class: dict = {}
+        for site in (metrics.get("sites") or {}).values():
+            for c, n in (site.get("patients_by_class") or {}).items():
+                by_class[c] = by_class.get(c, 0) + int(n)
+        ece = ((metrics.get("calibration") or {}).get("patient") or {}).get("ece")
+        card["validation"] = {
+            "split": metrics.get("split"), "positive_class": metrics.get("positive_class"),
+            "decision": {"rule": md.get("rule"), "threshold": md.get("threshold"),
+                         "chosen_on_split": md.get("chosen_on_split")},
+            "bootstrap": metrics.get("bootstrap"), "levels": levels,
+            "patients_by_class": by_class, "ece": _entry(ece),
+            "checkpoint": os.path.basename(str(metrics.get("checkpoint") or "")) or None}
+        if d.get("threshold") is not None and md.get("threshold") is not None and \
+                abs(float(d["threshold"]) - float(md["threshold"])) > 1e-6:
+            limits.append(f"The metrics were computed at threshold {md['threshold']:.4g}; "
+                          f"this model decides at {float(d['threshold']):.4g}.")
+        if md.get("chosen_on_split") and md.get("chosen_on_split") == metrics.get("split"):
+            limits.append(f"The threshold was chosen on the split these metrics come from "
+                          f"({metrics.get('split')}): they are optimistic.")
+        for w in metrics.get("warnings") or []:
+            limits.append(f"Evaluation: {w}")
+    else:
+        limits.append("No evaluation was given (--metrics): this model's accuracy is "
+                      "unknown here.")
+    return card
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ci(e: dict | None) -> str:
+    if not e or e.get("value") is None:
+        return "n/a"
+    ci = e.get("ci95")
+    return _num(e["value"]) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else "")
+
+
+def card_html(card: dict) -> str:
+    """The model card as HTML (every value escaped)."""
+    e = html.escape
+    m, d, t, v = card["model"], card["decision"], card["training_data"], card["validation"]
+    out = ['<h2>Model card</h2>', '<h3>Model</h3><dl class="kv">']
+
+    def row(k, val):
+        if val not in (None, "", [], {}):
+            out.append(f"<dt>{e(k)}</dt><dd>{e(str(val))}</dd>")
+
+    row("model", " ".join(str(x) for x in (m["kind"], m["variant"]) if x))
+    row("backbone", m["backbone"])
+    row("input", f"{m['input_size']} px")
+    row("classes", ", ".join(m["classes"]))
+    row("export", ", version ".join(str(m[k]) for k in ("name", "version") if m.get(k)))
+    row("checkpoint", m["checkpoint"])
+    row("exported", m["exported_at"])
+    row("covid_keras", m["covid_keras_version"])
+    row("trained at git", m["trained_git_sha"])
+    if d.get("method") == "threshold":
+        row("decision", f"{d['rule']} of the slice probabilities; {d['positive_class']} when "
+                        f"its score >= {_num(d['threshold'], 4)} (chosen on {d['split']} by "
+                        f"{d['criterion']})")
+    else:
+        row("decision", "the most probable class (argmax; no threshold was chosen)")
+    out.append("</dl><h3>Training data</h3><dl class=\"kv\">")
+    row("dataset", t.get("dataset"))
+    row("windows", ", ".join(f"{w.get('name')} (level {w.get('level_hu')}, width "
+                             f"{w.get('width_hu')} HU)" for w in t.get("windows") or []))
+    prep = t.get("preparation") or {}
+    row("preparation", "; ".join(f"{k} {v if not isinstance(v, list) else ','.join(map(str, v))}"
+                                 for k, v in sorted(prep.items())))
+    row("sites", ", ".join(t.get("sites") or []))
+    row("manifest SHA-256", (t.get("manifest_sha256") or "")[:16])
+    out.append("</dl>")
+    counts = t.get("counts")
+    if counts:
+        labels = sorted({lb for s in counts.values() for lb in s})
+        out.append('<table class="counts"><tr><th>split</th>' + "".join(
+            f"<th>{e(lb)}</th>" for lb in labels) + "</tr>")
+        for split, by in sorted(counts.items()):
+            cells = "".join(
+                f"<td>{by[lb]['patients']} patients, {by[lb]['slices']} slices</td>"
+                if lb in by else "<td>0</td>" for lb in labels)
+            out.append(f"<tr><td>{e(split)}</td>{cells}</tr>")
+        out.append("</table>")
+    out.append("<h3>Validation metrics</h3>")
+    if v is None:
+        out.append('<p class="missing">No evaluation given.</p>')
+    else:
+        vd, bs = v["decision"], v.get("bootstrap") or {}
+        out.append(
+            f"<p>Split <b>{e(str(v['split']))}</b>: "
+            f"{e(str(v['levels']['patient']['count']))} patients ("
+            + e(", ".join(f"{c} {n}" for c, n in v["patients_by_class"].items()))
+            + f"), {e(str(v['levels']['slice']['count']))} slices; "
+            f"positive class {e(str(v['positive_class']))}, {e(str(vd['rule']))} rule, "
+            f"threshold {e(_num(vd['threshold'], 4))} (chosen on "
+            f"{e(str(vd['chosen_on_split']))}). 95 % CIs: bootstrap over "
+            f"{e(str(bs.get('unit', 'patient')))}s, {e(str(bs.get('resamples')))} resamples."
+            "</p>")
+        from covid_keras.evaluation import METRICS
+
+        out.append('<table class="metrics" id="card-metrics"><tr><th>level</th>' + "".join(
+            f"<th>{e(k)}</th>" for k in METRICS) + "</tr>")
+        for level in ("patient", "slice"):
+            lv = v["levels"][level]
+            out.append(f"<tr><td>{level}</td>" + "".join(
+                f'<td data-metric="{level}-{k}">{e(_ci(lv.get(k)))}</td>' for k in METRICS)
+                + "</tr>")
+        out.append("</table>")
+        if v.get("ece"):
+            out.append(f"<p>Calibration (patient ECE): {e(_ci(v['ece']))}</p>")
+    out.append('<h3>Known limits</h3><ul class="limits">')
+    out += [f"<li>{e(x)}</li>" for x in card["limits"]]
+    out.append("</ul>")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ the app
+class _OneAtATime:
+    """The model seen by predict, its calls serialised (a REST session or a TF function
+    shared by the request threads)."""
+
+    def __init__(self, model):
+        import threading
+
+        self.model = model
+        self.info = model.info
+        self.source = model.source
+        self._lock = threading.Lock()
+
+    def predict_study(self, images):
+        with self._lock:
+            return self.model.predict_study(images)
+
+    def gradcam(self, images, class_index):
+        with self._lock:
+            return self.model.gradcam(images, class_index)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("covid_keras").joinpath(STATIC, name).read_bytes()
+
+
+def index_html(card: dict, limits: Limits) -> str:
+    page = _static("index.html").decode("utf-8")
+    return (page.replace("<!--NOTICE-->", html.escape(NOTICE))
+            .replace("<!--LIMITS-->", html.escape(limits.describe()))
+            .replace("<!--CARD-->", card_html(card)))
+
+
+def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
+               top_slices: int = 3, tmp_dir: str | None = None, debug: bool = False):
+    """The Starlette app: ``GET /`` (the page), ``GET /static/{app.js,style.css}``,
+    ``GET /api/card``, ``POST /api/predict`` (multipart ``files``)."""
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    from covid_keras import predict
+    from data_prep import redact
+
+    model = _OneAtATime(model)
+    page = index_html(card, limits)
+    assets = {"app.js": ("text/javascript", _static("app.js")),
+              "style.css": ("text/css", _static("style.css"))}
+    one_model = anyio.CapacityLimiter(1)
+    waiting = {"n": 0}
+
+    def error(status: int, reason: str, message: str):
+        return JSONResponse({"error": message, "reason": reason}, status,
+                            headers=SECURITY_HEADERS)
+
+    async def index(request):
+        return HTMLResponse(page, headers=SECURITY_HEADERS)
+
+    async def static(request):
+        item = assets.get(request.path_params["name"])
+        if item is None:
+            return Response(b"not found", 404, media_type="text/plain")
+        return Response(item[1], media_type=item[0], headers=SECURITY_HEADERS)
+
+    async def card_json(request):
+        return JSONResponse(card, headers=SECURITY_HEADERS)
+
+    def unpack(zip_path: str, study: str) -> None:
+        name = redact.study_name("study", os.path.abspath(study), salt)
+        try:
+            predict.unpack_zip(zip_path, study, name, limits.max_zip_bytes,
+                               limits.max_zip_files)
+        finally:
+            os.remove(zip_path)
+        check_study_folder(study, limits)
+
+    def run_predict(study: str, out: str) -> dict:
+        answer = predict.predict_study(study, model, out, salt, top=top_slices,
+                                       max_zip_bytes=limits.max_zip_bytes,
+                                       max_zip_files=limits.max_zip_files)
+        with open(os.path.join(out, predict.JSON_FILE), encoding="utf-8") as f:
+            text = f.read()
+        evidence = {}
+        for s in answer["slices"]:
+            if s.get("evidence"):
+                with open(os.path.join(out, s["evidence"]), "rb") as f:
+                    evidence[s["evidence"]] = ("data:image/png;base64," +
+                                               base64.b64encode(f.read()).decode("ascii"))
+        return {"prediction": answer, "prediction_json": text, "evidence": evidence}
+
+    async def predict_endpoint(request):
+        started = time.monotonic()
+        tmp = tempfile.mkdtemp(prefix="covid_keras_web_", dir=tmp_dir)
+        queued = False
+        try:
+            study = os.path.join(tmp, "study")
+            os.makedirs(study)
+            files = await receive_upload(request, study, limits)
+            if files[0][1] == "zip":
+                zip_path = os.path.join(tmp, "upload.zip")
+                os.rename(files[0][0], zip_path)
+                shutil.rmtree(study)
+                await anyio.to_thread.run_sync(unpack, zip_path, study)
+            if waiting["n"] >= limits.max_queue:
+                return error(503, "busy", f"{waiting['n']} studies are waiting for the model: "
+                                          "try again in a minute")
+            waiting["n"] += 1
+            queued = True
+            body = await anyio.to_thread.run_sync(run_predict, study,
+                                                  os.path.join(tmp, "out"),
+                                                  limiter=one_model)
+            body["elapsed_s"] = round(time.monotonic() - started, 3)
+            return JSONResponse(body, headers=SECURITY_HEADERS)
+        except UploadRejected as exc:
+            return error(exc.status, exc.reason, str(exc))
+        except predict.StudyFailure as exc:
+            return error(422, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+            if debug:
+                log.exception("request failed")
+            return error(500, "internal_error", f"internal error ({type(exc).__name__}); "
+                                                "nothing was kept")
+        finally:
+            if queued:
+                waiting["n"] -= 1
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return Starlette(routes=[
+        Route("/", index), Route("/static/{name}", static),
+        Route("/api/card", card_json), Route("/api/predict", predict_endpoint,
+                                              methods=["POST"])])
+
+
+# ------------------------------------------------------------------ the command
+def load(model_path: str | None, server: str | None, model_name: str, timeout_s: float):
+    """The model predict will call: a LocalModel, or a ServerModel (its preprocessing and
+    card from ``model_path`` when given)."""
+    from covid_keras import predict
+
+    if not model_path and not server:
+        raise ValueError("--model or --server is required")
+    if model_path and not os.path.exists(model_path):
+        raise FileNotFoundError(f"--model {model_path} does not exist")
+    if model_path and os.path.isfile(model_path):
+        raise ValueError(f"--model {model_path} is a file: give an export or a run folder "
+                         "(a .keras file has no decision)")
+    if server:
+        info = None
+        if model_path:
+            export_dir = predict.find_export(model_path)
+            info = (predict.read_export_info(export_dir) if export_dir else
+                    predict.LocalModel(model_path).info)
+        return predict.ServerModel(server, model_name, info, timeout_s)
+    return predict.LocalModel(model_path)
+
+
+def build_card(model, model_path: str | None, metrics_path: str | None,
+               manifest_path: str | None) -> dict:
+    found_metrics, found_manifest = find_run_files(model_path)
+    metrics = read_metrics(metrics_path or found_metrics) if (metrics_path or
+                                                               found_metrics) else None
+    manifest = read_manifest(manifest_path or found_manifest) if (
+        manifest_path or found_manifest) else None
+    return model_card(model.info, model.source, metrics, manifest,
+                      manifest_given=bool(manifest_path))
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    from covid_keras import predict
+
+    debug = FLAGS.verbosity >= 1
+    cli.import_keras_quietly(debug)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not debug:
+        import tensorflow as tf
+        from absl import logging as absl_logging
+
+        tf.get_logger().setLevel(logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    limits = Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
+                    int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue)
+    model = load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s)
+    card = build_card(model, FLAGS.model, FLAGS.metrics, FLAGS.data_manifest)
+    salt = (predict.read_salt(FLAGS.salt_file) if FLAGS.salt_file else
+            secrets.token_hex(32).encode())
+    app = create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir, debug)
+    config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, access_log=False,
+                            log_level="info" if debug else "warning", server_header=False,
+                            lifespan="off", ws="none")
+    sock = socket.socket(socket.AF_INET6 if ":" in FLAGS.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((FLAGS.host, FLAGS.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {FLAGS.host}:{FLAGS.port} ({exc.strerror})") from None
+    sock.listen(128)
+    print(f"covid_keras.web: http://{FLAGS.host}:{sock.getsockname()[1]}/ "
+          f"({FLAGS.server or FLAGS.model}; {NOTICE.lower()})", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, program="covid_keras.web")
