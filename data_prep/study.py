@@ -177,6 +177,9 @@ def scan_study(task: StudyTask, cfg: ScanConfig) -> StudyScan:
     if scan.error is not None:
         scan.error = _redacted(scan.error, scan)
         scan.sampled, scan.spares = [], []
+    # The driver holds every study's scan: keep the names processing can still need.
+    needed = {s.path for s in scan.sampled} | {s.path for s in scan.spares}
+    scan.file_names = {p: n for p, n in scan.file_names.items() if p in needed}
     return scan
 
 
