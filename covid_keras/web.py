@@ -36,6 +36,7 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
 import json
@@ -559,9 +560,14 @@ def card_html(card: dict) -> str:
 
 
 # ------------------------------------------------------------------ the app
+class ModelUnavailable(RuntimeError):
+    """The model server cannot be reached (its message names no study)."""
+
+
 class _OneAtATime:
     """The model seen by predict, its calls serialised (a REST session or a TF function
-    shared by the request threads)."""
+    shared by the request threads); a model server that cannot be reached is
+    :class:`ModelUnavailable`."""
 
     def __init__(self, model):
         import threading
@@ -572,12 +578,21 @@ class _OneAtATime:
         self._lock = threading.Lock()
 
     def predict_study(self, images):
-        with self._lock:
+        with self._lock, self._reachable():
             return self.model.predict_study(images)
 
     def gradcam(self, images, class_index):
-        with self._lock:
+        with self._lock, self._reachable():
             return self.model.gradcam(images, class_index)
+
+    @contextlib.contextmanager
+    def _reachable(self):
+        try:
+            yield
+        except OSError as exc:
+            if self.source.get("kind") != "server":
+                raise
+            raise ModelUnavailable(str(exc)) from None
 
 
 def _static(name: str) -> bytes:
@@ -676,6 +691,8 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
             return error(exc.status, exc.reason, str(exc))
         except predict.StudyFailure as exc:
             return error(422, exc.reason, str(exc))
+        except ModelUnavailable as exc:
+            return error(502, "model_unavailable", str(exc))
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own
             if debug:
                 log.exception("request failed")

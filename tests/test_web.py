@@ -531,6 +531,45 @@ def test_the_page_in_headless_chromium(setup, tmp_path):
     assert (shots / "web_result_chromium.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow
+def test_through_a_model_server(setup, tmp_path):
+    """--server: the prepared slices go to covid_keras.serve (TF Serving's REST API); the
+    answer is the local one; a server that went away is a clear 502, and nothing is left."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "serve.err", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "covid_keras.serve", "--model_name=drenet",
+         f"--model_base_path={setup['export']}", f"--rest_api_port={port}", "--port=0"],
+        cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    study = setup["studies"]["normal"]
+    tmp_root = tmp_path / "webtmp"
+    tmp_root.mkdir()
+    try:
+        assert "serving drenet" in server.stdout.readline()
+        model = web.load(str(setup["export"]), f"http://127.0.0.1:{port}", "drenet", 60)
+        card = web.build_card(model, str(setup["export"]), str(setup["metrics"]), None)
+        assert card["model"]["source"] == "server" and card["validation"] is not None
+        app = web.create_app(model, card, SALT, tmp_dir=str(tmp_root))
+        r = post(app, study_files(study))
+        assert r.status_code == 200, r.text
+        got, want = r.json()["prediction"], direct(setup, study, tmp_path)
+        assert got["model"]["kind"] == "server"
+        assert got["patient"]["decision"] == want["patient"]["decision"]
+        np.testing.assert_allclose(list(got["patient"]["probabilities"].values()),
+                                   list(want["patient"]["probabilities"].values()), atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        server.stdout.close()
+        err.close()
+    r = post(app, study_files(study))
+    assert r.status_code == 502 and r.json()["reason"] == "model_unavailable"
+    assert "cannot reach the model server" in r.json()["error"]
+    assert list(tmp_root.iterdir()) == []
+
+
 def setup_metrics_auc(setup) -> str:
     e = json.loads((setup["metrics"] / "metrics.json").read_text())["patient"]["auc"]
     return f"{e['value']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
