@@ -1,0 +1,52 @@
+"""bench/serve.py --quick runs end to end (export, two servers, timed requests) and ends
+with a RESULT line holding every figure the issue asks for. Times nothing itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.export_helpers import quiet_env
+
+pytestmark = pytest.mark.slow  # two exports and two server processes: ~40 s
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_serve_quick_result_line(tmp_path):
+    out_json = tmp_path / "result.json"
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "serve.py"), "--quick", "--requests=2",
+         "--probe=1", f"--work_dir={work}", f"--output_json={out_json}"],
+        cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(lines) == 1, done.stdout[-3000:]
+    res = json.loads(lines[0][len("RESULT "):])
+    assert res == json.loads(out_json.read_text())
+    assert res["mode"] == "cpu_quick" and res["slices"] == 15
+    assert res["signature"] == "predict_study" and res["clients"] == [1, 4]
+    for key in ("target_ratio", "ideal_ratio", "pass", "ratio", "summary", "models",
+                "body_mb", "loadavg_before", "loadavg_after"):
+        assert key in res, key
+    assert set(res["models"]) == {"drenet", "classifier"}
+    for m in res["models"].values():
+        assert m["input_size"] == 64 and m["rest_overhead_p50_s"] > 0
+        for c in ("1", "4"):
+            s = m["clients"][c]
+            assert s["n"] >= 2 and len(s["latencies_s"]) == s["n"]
+            assert 0 < s["p50_s"] <= s["p95_s"] and s["req_per_s"] > 0
+    for c in ("1", "4"):
+        assert {"p50", "p95", "req_per_s"} <= set(res["ratio"][c])
+    assert "p50_model_only_est" in res["ratio"]["1"]  # the probe runs at 1 client
+    s = res["summary"]
+    assert set(s["drenet_p50_s"]) == set(s["resnet_p95_s"]) == {"1", "4"}
+    assert s["req_per_s_clients"] == 4 and s["drenet_req_per_s"] > 0
+    assert s["ratio_p50"] == res["ratio"]["1"]["p50"]
+    # the servers were stopped and nothing but the kept work folder remains
+    assert (work / "exports" / "drenet" / "1" / "saved_model.pb").is_file()
+    assert "Traceback" not in (work / "serve_drenet.log").read_text()
