@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dicom,beam,jax,serving,dev]"
+	$(PY) -m pip install --quiet -e ".[dicom,beam,jax,serving,web,dev]"
 	# TF Serving's client protos: their metadata asks for the full `tensorflow`, which would
 	# clash with tensorflow-cpu, so without dependencies (grpcio comes from [serving]).
 	$(PY) -m pip install --quiet --no-deps tensorflow-serving-api==2.21.0
@@ -27,6 +27,9 @@ demo: venv
 	    --input=$(DEMO_DIR)/studies --output_dir=$(DEMO_DIR)/tfrecords
 	$(PY) -m covid_keras.train --flagfile=configs/demo.cfg \
 	    --data_dir=$(DEMO_DIR)/tfrecords --run_dir=$(DEMO_DIR)/drenet --overwrite
+	$(PY) -m covid_keras.evaluate --run_dir=$(DEMO_DIR)/drenet --split=test
+	@echo "The diagnosis page on the demo model (then open http://127.0.0.1:8080/):"
+	@echo "  $(PY) -m covid_keras.web --model=$(DEMO_DIR)/drenet --port=8080"
 
 ## test: lint + the whole suite under TensorFlow, then the (fast) model tests under JAX.
 test: venv lint

@@ -37,31 +37,36 @@ from covid_keras import cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("run_dir", None, "Training run folder (best.keras, run_info.json).")
-flags.DEFINE_string("data_dir", None, "TFRecords folder (default: the run's --data_dir).")
-flags.DEFINE_string("split", "test", "Split to evaluate.")
-flags.DEFINE_string("output_dir", None, "Output folder (default: <run_dir>/eval_<split>).")
-flags.DEFINE_string("checkpoint", None, "Model file (a path or a file of the run; default "
-                    "best.keras, else final.keras).")
-flags.DEFINE_string("val_split", None, "Split that chooses the decision when the run has no "
-                    "decision.json (default: the run's --val_split).")
-flags.DEFINE_string("val_data_dir", None, "TFRecords of --val_split (default: the run's "
-                    "--data_dir).")
-flags.DEFINE_enum("criterion", "youden", ["youden", "sensitivity"], "How the decision is "
-                  "chosen on val (without decision.json): Youden's J, or the highest "
-                  "specificity at sensitivity >= --target_sensitivity.")
-flags.DEFINE_float("target_sensitivity", 0.9, "For --criterion=sensitivity.")
-flags.DEFINE_bool("save_decision", False, "Write a decision chosen now into the run folder "
-                  "(decision.json), where export and predict read it.")
-flags.DEFINE_integer("batch_size", 8, "Prediction batch size.")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples of patients for the 95 % CIs "
-                     "(0: none).")
-flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
-flags.DEFINE_integer("top_slices", 3, "Slices shown per patient in the explanations.")
-flags.DEFINE_integer("max_explained_patients", -1, "Patients with explanations (-1: all).")
-flags.DEFINE_bool("report", True, "Write the plots, explanations and report.html.")
-flags.DEFINE_list("compare", [], "Runs or evaluation folders to tabulate (space- or "
-                  "comma-separated).")
+def define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the library functions
+    below import without claiming flag names that other entry points use)."""
+    flags.DEFINE_string("run_dir", None, "Training run folder (best.keras, run_info.json).")
+    flags.DEFINE_string("data_dir", None, "TFRecords folder (default: the run's --data_dir).")
+    flags.DEFINE_string("split", "test", "Split to evaluate.")
+    flags.DEFINE_string("output_dir", None, "Output folder (default: <run_dir>/eval_<split>).")
+    flags.DEFINE_string("checkpoint", None, "Model file (a path or a file of the run; default "
+                        "best.keras, else final.keras).")
+    flags.DEFINE_string("val_split", None, "Split that chooses the decision when the run has no "
+                        "decision.json (default: the run's --val_split).")
+    flags.DEFINE_string("val_data_dir", None, "TFRecords of --val_split (default: the run's "
+                        "--data_dir).")
+    flags.DEFINE_enum("criterion", "youden", ["youden", "sensitivity"], "How the decision is "
+                      "chosen on val (without decision.json): Youden's J, or the highest "
+                      "specificity at sensitivity >= --target_sensitivity.")
+    flags.DEFINE_float("target_sensitivity", 0.9, "For --criterion=sensitivity.")
+    flags.DEFINE_bool("save_decision", False, "Write a decision chosen now into the run folder "
+                      "(decision.json), where export and predict read it.")
+    flags.DEFINE_integer("batch_size", 8, "Prediction batch size.")
+    flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples of patients for the 95 % CIs "
+                         "(0: none).")
+    flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+    flags.DEFINE_integer("top_slices", 3, "Slices shown per patient in the explanations.")
+    flags.DEFINE_integer("max_explained_patients", -1, "Patients with explanations (-1: all).")
+    flags.DEFINE_bool("report", True, "Write the plots, explanations and report.html.")
+    flags.DEFINE_list("compare", [], "Runs or evaluation folders to tabulate (space- or "
+                      "comma-separated).")
+
+
 
 log = logging.getLogger("covid_keras.evaluate")
 
@@ -158,6 +163,7 @@ def main(argv):
 
 
 def run_main(argv=None):
+    define_flags()
     cli.run(main, argv=expand_compare(list(sys.argv if argv is None else argv)),
             program="covid_keras.evaluate")
 

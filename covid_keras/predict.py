@@ -123,7 +123,8 @@ def unpack_zip(path: str, dest: str, name: str, max_bytes: int, max_files: int) 
                 raise StudyFailure(name, "zip_unsafe", f"entry {i} has an absolute or '..' "
                                                        "path")
             mode = e.external_attr >> 16
-            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+            kind = stat.S_IFMT(mode)  # 0: no type bits (ZipFile.writestr's 0o600)
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise StudyFailure(name, "zip_unsafe", f"entry {i} is a link or special file")
             target = os.path.realpath(os.path.join(root, *[p for p in parts if p]))
             if not (target == root or target.startswith(root + os.sep)):

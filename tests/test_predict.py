@@ -255,3 +255,29 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         server.wait(timeout=30)
         server.stdout.close()
         err.close()
+
+
+def test_unpack_zip_takes_plain_entries_and_refuses_links(tmp_path):
+    """An entry without file-type bits (Python's ZipFile.writestr writes mode 0o600) is a
+    plain file; a symlink entry is refused."""
+    import stat
+    import zipfile
+
+    from covid_keras.predict import StudyFailure, unpack_zip
+
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as z:
+        z.writestr("study/a.dcm", b"x" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    unpack_zip(str(plain), str(out), "s", 1 << 20, 10)
+    assert (out / "study" / "a.dcm").read_bytes() == b"x" * 10
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as z:
+        info = zipfile.ZipInfo("study/evil")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(info, "/etc/passwd")
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    with pytest.raises(StudyFailure, match="link or special file"):
+        unpack_zip(str(link), str(out2), "s", 1 << 20, 10)
