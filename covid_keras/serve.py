@@ -285,6 +285,13 @@ def _decode_value(v):
 
 
 def _array(value, key: str) -> np.ndarray:
+    if isinstance(value, list):  # fast path: a plain numeric tensor (no walk over values)
+        try:
+            fast = np.asarray(value)
+        except ValueError:
+            fast = None
+        if fast is not None and fast.dtype.kind in "iuf":
+            return fast
     value = _decode_value(value)
     try:
         arr = np.array(value)
