@@ -20,6 +20,7 @@ The flow for one study folder:
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -121,6 +122,8 @@ def read_header(path: str | os.PathLike, lim: Limits | None = None) -> SliceHead
         head = f.read(132)
         preamble = len(head) == 132 and head[128:132] == b"DICM"
         size = os.fstat(f.fileno()).st_size
+        if preamble:
+            check_deflated(f, path, lim)
         f.seek(0)
         ds = _parse_header(f, path, preamble)
     meta = getattr(ds, "file_meta", None)
@@ -173,6 +176,35 @@ def read_header(path: str | os.PathLike, lim: Limits | None = None) -> SliceHead
         frames=frames,
         transfer_syntax=tsuid or None,
     )
+
+
+def check_deflated(f, path: str, lim: Limits) -> None:
+    """A Deflated Explicit VR Little Endian file is inflated whole, in memory, by pydicom: a
+    small file can inflate to gigabytes. Its inflated size is measured first (1 MiB at a
+    time); over the byte limit it is file_too_large."""
+    f.seek(0)
+    try:
+        pydicom.filereader.read_preamble(f, False)
+        meta = pydicom.filereader._read_file_meta_info(f)
+        deflated = meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+    except Exception:  # noqa: BLE001 - pydicom's own parse says what is wrong
+        return
+    if not deflated:
+        return
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, chunk = 0, f.read(1 << 20)
+    try:
+        while chunk and not inflate.eof:
+            out = inflate.decompress(chunk, 1 << 20)
+            total += len(out)
+            if total > lim.max_file_bytes:
+                raise StudyError("file_too_large", "the deflated dataset inflates to more than "
+                                 f"--max_file_mb ({lim.max_file_bytes} bytes)", path)
+            if not out and inflate.unconsumed_tail == chunk:
+                return  # no progress: pydicom's parse decides
+            chunk = inflate.unconsumed_tail or f.read(1 << 20)
+    except zlib.error:
+        return  # a broken stream: pydicom's parse fails and names it
 
 
 def _is_image_class(sop_class: str) -> bool:
@@ -441,6 +473,8 @@ def read_hu(header: SliceHeader, study: str, lim: Limits | None = None
     lim = lim or Limits()
     warnings: list[Issue] = []
     with limits.open_regular(header.path, lim) as f:
+        check_deflated(f, header.path, lim)
+        f.seek(0)
         try:
             ds = pydicom.dcmread(f, force=True)
             rows, columns = int(ds.Rows), int(ds.Columns)

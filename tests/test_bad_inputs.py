@@ -204,6 +204,20 @@ def test_dicom_dimensions_checked_from_the_header(tmp_path):
     assert scan.error is not None and scan.error.reason == "image_too_large"
 
 
+def test_deflate_bomb_is_measured_before_pydicom_inflates_it(tmp_path):
+    (p,) = series(tmp_path / "s", kind="covid", seed=1, num_slices=1)
+    ds = pydicom.dcmread(p)
+    ds.add_new(0x00291010, "OB", b"\x00" * (24 * 1024 * 1024))  # 24 MB of zeros
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(Exception) as err:
+        dicom_io.read_header(bomb, Limits(max_file_bytes=4 * 1024 * 1024))
+    assert err.value.reason == "file_too_large" and "inflates" in err.value.detail
+    assert dicom_io.read_header(bomb).rows == MATRIX  # under the default limit: read
+
+
 def test_study_time_limit(tmp_path, monkeypatch):
     study = tmp_path / "study"
     series(study, kind="covid", seed=1)
