@@ -33,7 +33,7 @@ demo: venv
 
 ## test: lint + the whole suite under TensorFlow, then the (fast) model tests under JAX.
 test: venv lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	KERAS_BACKEND=jax $(PY) -m pytest -q -m "model and not slow" tests
 
 test-fast: venv

@@ -37,7 +37,8 @@ flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2)), "Worker processes
                      "The beam runner ignores it (use Beam's --direct_num_workers).")
 flags.DEFINE_integer("seed", 0, "Seed for the split and the train-time rotated-lung fill.")
 flags.DEFINE_bool("strict", False, "Exit non-zero when any study fails.")
-flags.DEFINE_string("dataset", None, "Dataset name (default: --input's base name).")
+flags.DEFINE_string("dataset", None, "Dataset name (default: --output_dir's base name; "
+                    "never --input's, which may identify a patient).")
 flags.DEFINE_enum("runner", "local", ["local", "beam"],
                   "local: processes on this machine; beam: an Apache Beam pipeline (needs the "
                   "[beam] extra). Other --flags pass through as Beam pipeline options; "
@@ -127,8 +128,15 @@ def resolved_flags() -> dict:
 
 
 def build_config() -> pipeline.RunConfig:
-    dataset = FLAGS.dataset or os.path.splitext(os.path.basename(
-        os.path.normpath(FLAGS.input)))[0]
+    # Never named after --input's folder: a hospital export's folder name can identify a
+    # patient, and the name goes into manifest.json and the default output path.
+    if FLAGS.dataset:
+        dataset = FLAGS.dataset
+    elif FLAGS.output_dir:
+        dataset = os.path.basename(os.path.normpath(FLAGS.output_dir))
+    else:
+        raise ValueError("give --output_dir or --dataset (the dataset is not named after "
+                         "--input's folder, which may identify a patient)")
     output_dir = FLAGS.output_dir or os.path.join("tfrecords", dataset)
     level, width = (float(v) for v in FLAGS.image_window)
     scan = ScanConfig(salt=_salt(FLAGS.salt_file or os.path.join(output_dir, "patient_salt.key")),
@@ -166,7 +174,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as err:  # the input as a whole cannot be read: one line
         logging.error("%s", err)
         return 1
-    cfg = build_config()
+    try:
+        cfg = build_config()
+    except (ValueError, OSError) as err:  # flags that cannot make a run: one line
+        logging.error("%s", err)
+        return 1
     logging.info("%d studies -> %s (%d workers)", len(tasks), cfg.output_dir, cfg.workers)
     try:
         if FLAGS.runner == "beam":

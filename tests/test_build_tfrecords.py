@@ -397,3 +397,18 @@ def test_help_and_missing_input():
         assert name in proc.stdout
     proc = run_cli(check=False)
     assert proc.returncode != 0 and "input" in proc.stderr
+
+
+def test_the_dataset_is_never_named_after_the_input_folder(tmp_path):
+    # a hospital export's folder name can hold a patient id and a date
+    root = tmp_path / "DOE_JOHN_19700101"
+    phantom.write_dataset(root, kinds=("normal", "covid"), patients_per_kind=2,
+                          num_slices=SLICES, matrix=MATRIX, seed=2)
+    proc = run_cli(f"--input={root}", "--image_size=64", "--min_slices=5", check=False)
+    assert proc.returncode == 1 and "give --output_dir or --dataset" in proc.stderr
+    assert not (REPO / "tfrecords" / "DOE_JOHN_19700101").exists()
+    out = tmp_path / "out"
+    run_cli(f"--input={root}", f"--output_dir={out}", "--image_size=64", "--min_slices=5",
+            f"--salt_file={tmp_path / 'salt'}")
+    text = (out / "manifest.json").read_text()
+    assert json.loads(text)["dataset"] == "out" and "DOE_JOHN" not in text
