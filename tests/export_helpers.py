@@ -59,3 +59,50 @@ def quiet_env() -> dict:
     env["KERAS_BACKEND"] = "tensorflow"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
+
+
+class ServeProcess:
+    """``python -m covid_keras.serve`` on a free local REST port (no gRPC) for an export,
+    as a context manager: ``with ServeProcess(export, tmp_path) as server: server.url``.
+    Waits until it reports that it serves; ``stop()`` ends it early (a server gone away)."""
+
+    def __init__(self, export: Path, tmp_path: Path, model_name: str = "drenet"):
+        self.export, self.tmp_path, self.model_name = export, tmp_path, model_name
+
+    def __enter__(self) -> "ServeProcess":
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.err = open(self.tmp_path / "serve.err", "w")  # noqa: SIM115 - closed in stop()
+        repo = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "covid_keras.serve", f"--model_name={self.model_name}",
+             f"--model_base_path={self.export}", f"--rest_api_port={self.port}", "--port=0"],
+            cwd=repo, env=quiet_env(), stdout=subprocess.PIPE, stderr=self.err, text=True)
+        try:
+            line = self.proc.stdout.readline()
+            assert f"serving {self.model_name}" in line, line
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if not self.proc.stdout.closed:
+            self.proc.stdout.close()
+        if not self.err.closed:
+            self.err.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

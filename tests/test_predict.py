@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.export_helpers import make_run, quiet_env
+from tests.export_helpers import ServeProcess, make_run, quiet_env
 
 pytestmark = pytest.mark.slow  # TFRecords, an export and predict runs: ~1 min
 REPO = Path(__file__).resolve().parents[1]
@@ -208,24 +208,14 @@ def test_bad_studies_fail_cleanly(setup, tmp_path):
 def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
     """predict --server against covid_keras.serve gives the local answer; a bad study is a
     one-line error naming its pseudonym, nothing written, and the server keeps serving."""
-    import socket
 
     from covid_keras import predict
 
     local = predict.predict_study(str(setup["study"]), setup["model"], str(tmp_path / "l"),
                                   setup["salt"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = open(tmp_path / "serve.err", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "-m", "covid_keras.serve", "--model_name=drenet",
-         f"--model_base_path={setup['export']}", f"--rest_api_port={port}", "--port=0"],
-        cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        assert "serving drenet" in server.stdout.readline()
+    with ServeProcess(setup["export"], tmp_path) as server:
         base = [sys.executable, "-m", "covid_keras.predict", f"--model={setup['export']}",
-                f"--server=http://127.0.0.1:{port}", f"--salt_file={setup['salt_file']}"]
+                f"--server={server.url}", f"--salt_file={setup['salt_file']}"]
         env = {k: v for k, v in quiet_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
         proc = subprocess.run(base + [f"--study={setup['study']}",
                                       f"--output_dir={tmp_path / 's'}"],
@@ -249,12 +239,7 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         assert lines[-1].startswith("covid_keras.predict: error: study study.")
         assert "empty_study" in lines[-1] and "Doe" not in proc.stderr
         assert not (tmp_path / "e").exists()
-        assert server.poll() is None
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        server.stdout.close()
-        err.close()
+        assert server.running()
 
 
 def test_unpack_zip_takes_plain_entries_and_refuses_links(tmp_path):

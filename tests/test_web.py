@@ -30,7 +30,13 @@ import httpx  # noqa: E402
 
 from covid_keras import web  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.export_helpers import CLASSES3, fake_manifest, make_run, quiet_env  # noqa: E402
+from tests.export_helpers import (  # noqa: E402
+    CLASSES3,
+    ServeProcess,
+    fake_manifest,
+    make_run,
+    quiet_env,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SALT = b"0123456789abcdef" * 4
@@ -537,20 +543,11 @@ def test_the_page_in_headless_chromium(setup, tmp_path):
 def test_through_a_model_server(setup, tmp_path):
     """--server: the prepared slices go to covid_keras.serve (TF Serving's REST API); the
     answer is the local one; a server that went away is a clear 502, and nothing is left."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = open(tmp_path / "serve.err", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "-m", "covid_keras.serve", "--model_name=drenet",
-         f"--model_base_path={setup['export']}", f"--rest_api_port={port}", "--port=0"],
-        cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=err, text=True)
     study = setup["studies"]["normal"]
     tmp_root = tmp_path / "webtmp"
     tmp_root.mkdir()
-    try:
-        assert "serving drenet" in server.stdout.readline()
-        model = web.load(str(setup["export"]), f"http://127.0.0.1:{port}", "drenet", 60)
+    with ServeProcess(setup["export"], tmp_path) as server:
+        model = web.load(str(setup["export"]), server.url, "drenet", 60)
         card = web.build_card(model, str(setup["export"]), str(setup["metrics"]), None)
         assert card["model"]["source"] == "server" and card["validation"] is not None
         app = web.create_app(model, card, SALT, tmp_dir=str(tmp_root))
@@ -561,11 +558,6 @@ def test_through_a_model_server(setup, tmp_path):
         assert got["patient"]["decision"] == want["patient"]["decision"]
         np.testing.assert_allclose(list(got["patient"]["probabilities"].values()),
                                    list(want["patient"]["probabilities"].values()), atol=1e-5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        server.stdout.close()
-        err.close()
     r = post(app, study_files(study))
     assert r.status_code == 502 and r.json()["reason"] == "model_unavailable"
     assert "cannot reach the model server" in r.json()["error"]
