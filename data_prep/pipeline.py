@@ -257,12 +257,13 @@ class StudyMeta:
     study_key: str
     series_key: str
     failed: bool
+    split_key: str = ""  # in memory only (study.split_order_key)
 
     @classmethod
     def of(cls, index: int, scan: StudyScan) -> "StudyMeta":
         t = scan.task
         return cls(index, scan.name, t.label, t.site, t.split, scan.patient_key,
-                   scan.study_key, scan.series_key, scan.error is not None)
+                   scan.study_key, scan.series_key, scan.error is not None, scan.split_key)
 
 
 @dataclass
@@ -321,7 +322,7 @@ def make_plan(metas: list[StudyMeta], cfg: RunConfig) -> Plan:
                 f"by studies {shown}; none of them is written", "error")
             continue
         merge_patient(plan.patients, m.patient_key,
-                      PatientInfo(m.label, m.site, m.manifest_split), m.name)
+                      PatientInfo(m.label, m.site, m.manifest_split, m.split_key), m.name)
         kept.append(m)
     try:
         plan.splits = assign_splits(plan.patients, scheme=cfg.split_scheme,

@@ -25,6 +25,9 @@ class PatientInfo:
     label: str
     site: str
     manifest_split: str  # "" when the manifest does not say
+    # the split order (data_prep.study.split_order_key of the raw patient id): in memory
+    # only, never written; "" places the patient by its key
+    order: str = ""
 
 
 def _stratum_seed(seed: int, stratum: str, repeat: int) -> list[int]:
@@ -63,6 +66,10 @@ def assign_splits(patients: dict[str, PatientInfo], *, scheme: str = "paper",
                   repeat: int = 0, val_from_train: float = 0.0) -> dict[str, str]:
     """patient key -> split. Deterministic for the same patients, seed and repeat.
 
+    The seeded permutation starts from the patients' ``order`` keys (salt-independent, held
+    in memory only), so the split does not change with the per-folder salt; a patient
+    without one is placed by its key.
+
     ``val_from_train`` moves that fraction of the train patients (stratified, seeded) to
     val: for a dataset whose official split has no separate validation set to choose
     checkpoints on (COVID-CT: its official val then serves as the held-out test, with
@@ -77,9 +84,12 @@ def assign_splits(patients: dict[str, PatientInfo], *, scheme: str = "paper",
         names, fracs = ("train", "val", "test"), tuple(fractions)
     else:
         names, fracs = ("train", "val"), (3.0, 1.0)
+    def ordered(keys) -> list[str]:
+        return sorted(keys, key=lambda k: (patients[k].order or k, k))
+
     out = {k: p.manifest_split for k, p in patients.items() if p.manifest_split}
     strata: dict[str, list[str]] = {}
-    for key in sorted(patients):
+    for key in ordered(patients):
         p = patients[key]
         if not p.manifest_split:
             strata.setdefault(f"{p.label}|{p.site}", []).append(key)
@@ -90,7 +100,7 @@ def assign_splits(patients: dict[str, PatientInfo], *, scheme: str = "paper",
         if not 0.0 < val_from_train < 1.0:
             raise ValueError(f"val_from_train must be in (0, 1). Received: {val_from_train}")
         train: dict[str, list[str]] = {}
-        for key in sorted(out):
+        for key in ordered(out):
             if out[key] == "train":
                 p = patients[key]
                 train.setdefault(f"{p.label}|{p.site}", []).append(key)
@@ -126,7 +136,8 @@ def merge_patient(patients: dict[str, PatientInfo], key: str, info: PatientInfo,
                          f"patient {key} is in split {old.manifest_split!r} and, through "
                          f"study {study}, in {info.manifest_split!r}")
     if not old.manifest_split and info.manifest_split:
-        patients[key] = PatientInfo(old.label, old.site, info.manifest_split)
+        patients[key] = PatientInfo(old.label, old.site, info.manifest_split,
+                                    old.order or info.order)
 
 
 def check_disjoint(assignment_by_study: list[tuple[str, str]]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import math
 import os
 import time
@@ -86,6 +87,9 @@ class StudyScan:
     name: str = ""  # the study's pseudonymous name (data_prep.redact.study_name)
     kind: str = ""  # "dicom" | "images"
     patient_key: str = ""
+    # the patient's split-order key (split_order_key): unsalted, so the split follows
+    # --seed and the patients alone; kept in memory, never written
+    split_key: str = ""
     study_key: str = ""
     series_key: str = ""
     slice_count: int = 0
@@ -116,6 +120,14 @@ def salted_key(salt: bytes, kind: str, value: str, length: int = 16) -> str:
     """Pseudonymous key: the first ``length`` hex chars of SHA-256(salt | kind | value)."""
     h = hashlib.sha256(salt + b"\x00" + kind.encode() + b"\x00" + redact.to_bytes(value))
     return h.hexdigest()[:length]
+
+
+def split_order_key(patient: str) -> str:
+    """The patient's place in the split order: independent of the per-folder salt, so a
+    rebuild elsewhere (or at another --image_size) gives the same split for the same --seed.
+    Held in memory only: never written to a record, the manifest or a log."""
+    return hmac.new(b"data_prep.split_order", redact.to_bytes(patient),
+                    hashlib.sha256).hexdigest()
 
 
 def list_files(path: str) -> list[str]:
@@ -291,6 +303,7 @@ def _scan_images(scan: StudyScan, images: list[str], cfg: ScanConfig) -> None:
     scan.slice_count = len(ordered)
     rel = _study_name(task)
     scan.patient_key = salted_key(cfg.salt, "patient", task.patient_id or rel)
+    scan.split_key = split_order_key(task.patient_id or rel)
     scan.study_key = salted_key(cfg.salt, "study", rel)
     scan.series_key = scan.study_key
     slices = []
@@ -335,6 +348,7 @@ def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
     scan.slice_count = len(series)
     patient = task.patient_id or series.patient_id or _study_name(task)
     scan.patient_key = salted_key(cfg.salt, "patient", patient)
+    scan.split_key = split_order_key(patient)
     scan.study_key = salted_key(cfg.salt, "study", series.study_uid or _study_name(task))
     scan.series_key = salted_key(cfg.salt, "series", series.series_uid)
     _sample(scan, [SampledSlice(h.path, i, series.positions_mm[i],

@@ -52,29 +52,30 @@ def studies(tmp_path_factory) -> Path:
 def test_beam_matches_local(studies, tmp_path):
     flags = [f"--input={studies}", f"--salt_file={tmp_path / 'salt'}", "--image_size=64",
              "--min_slices=5", "--shard_size_mb=0.02", "--seed=1"]
-    run_cli(*flags, f"--output_dir={tmp_path / 'local'}", "--runner=local", "--workers=1")
-    proc = run_cli(*flags, f"--output_dir={tmp_path / 'beam'}", "--runner=beam",
+    # the same folder name: the dataset is named after it (manifest.json)
+    run_cli(*flags, f"--output_dir={tmp_path / 'local' / 'ds'}", "--runner=local", "--workers=1")
+    proc = run_cli(*flags, f"--output_dir={tmp_path / 'beam' / 'ds'}", "--runner=beam",
                    "--beam_runner=DirectRunner", "--direct_num_workers=2",
                    "--direct_running_mode=multi_processing")
     assert "wrote" in proc.stdout
-    local, beam = _hashes(tmp_path / "local"), _hashes(tmp_path / "beam")
+    local, beam = _hashes(tmp_path / "local" / "ds"), _hashes(tmp_path / "beam" / "ds")
     assert local and beam == local  # byte-identical shards
     assert {n.split("-")[0] for n in local} >= {"train", "test"}
     assert max(int(n.split("-of-")[1][:5]) for n in local) > 1  # several shards in a split
-    assert (tmp_path / "beam" / "failures.csv").read_bytes() == \
-        (tmp_path / "local" / "failures.csv").read_bytes()
-    errors = {r["study"].split(".")[0]: r["reason"] for r in failures(tmp_path / "beam")
+    assert (tmp_path / "beam" / "ds" / "failures.csv").read_bytes() == \
+        (tmp_path / "local" / "ds" / "failures.csv").read_bytes()
+    errors = {r["study"].split(".")[0]: r["reason"] for r in failures(tmp_path / "beam" / "ds")
               if r["level"] == "error"}
     assert errors == {"line00008": "empty_study"}  # studies/empty, the manifest's 8th line
     # the junk file is reported once (scan warnings are not repeated by processing)
-    assert sum(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam")) == 1
-    assert (tmp_path / "beam" / "manifest.json").read_bytes() == \
-        (tmp_path / "local" / "manifest.json").read_bytes()
-    m_beam = json.loads((tmp_path / "beam" / "manifest.json").read_text())
+    assert sum(r["reason"] == "not_dicom" for r in failures(tmp_path / "beam" / "ds")) == 1
+    assert (tmp_path / "beam" / "ds" / "manifest.json").read_bytes() == \
+        (tmp_path / "local" / "ds" / "manifest.json").read_bytes()
+    m_beam = json.loads((tmp_path / "beam" / "ds" / "manifest.json").read_text())
     assert "runner" not in m_beam["flags"]  # it cannot change a byte of the records
     assert m_beam["studies"] == {"input": 7, "written": 6, "failed": 1,
                                  "failed_by_reason": {"empty_study": 1}}
-    assert not (tmp_path / "beam" / ".partial").exists()
+    assert not (tmp_path / "beam" / "ds" / ".partial").exists()
 
 
 def test_beam_patient_split_conflict_fails_that_patient(tmp_path):

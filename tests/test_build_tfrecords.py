@@ -21,6 +21,7 @@ from pydicom.fileset import FileSet
 
 from covid_keras import schema
 from data_prep import phantom
+from data_prep.study import salted_key
 
 REPO = Path(__file__).resolve().parents[1]
 MATRIX = 64
@@ -284,20 +285,21 @@ def _hashes(folder: Path) -> dict[str, str]:
 def test_folder_layout_deterministic_and_patient_level(dataset, tmp_path):
     flags = ["--image_size=64", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
              "--classes=normal,covid,bacterial", "--seed=3"]
-    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'a'}", "--workers=1",
-            *flags)
-    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'b'}", "--workers=2",
-            *flags)
-    a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    # the same folder name: the dataset is named after it (manifest.json)
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'a' / 'ds'}",
+            "--workers=1", *flags)
+    run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'b' / 'ds'}",
+            "--workers=2", *flags)
+    a, b = _hashes(tmp_path / "a" / "ds"), _hashes(tmp_path / "b" / "ds")
     assert a == b  # same bytes, whatever the worker count
     assert any(n.startswith("train-") for n in a) and any(n.startswith("test-") for n in a)
-    recs = read_records(tmp_path / "a")
+    recs = read_records(tmp_path / "a" / "ds")
     split_of: dict[bytes, set] = {}
     for r in recs:
         split_of.setdefault(r[schema.PATIENT_KEY], set()).add(r[schema.SPLIT])
     assert all(len(v) == 1 for v in split_of.values())
     assert len(split_of) == 12  # patients with two studies are one patient
-    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "a" / "ds" / "manifest.json").read_text())
     assert manifest["classes"] == ["normal", "covid", "bacterial"]
     assert manifest["flags"]["seed"] == 3
     for name, info in manifest["files"].items():
@@ -412,3 +414,36 @@ def test_the_dataset_is_never_named_after_the_input_folder(tmp_path):
             f"--salt_file={tmp_path / 'salt'}")
     text = (out / "manifest.json").read_text()
     assert json.loads(text)["dataset"] == "out" and "DOE_JOHN" not in text
+
+
+
+def _planted_patient_ids(folder: Path) -> set[str]:
+    ids = set()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            try:
+                ids.add(str(pydicom.dcmread(f, stop_before_pixels=True).PatientID))
+            except Exception:  # noqa: BLE001 - not a DICOM file
+                continue
+    return ids
+
+
+def test_the_split_follows_the_seed_not_the_salt(dataset, tmp_path):
+    ids = _planted_patient_ids(dataset / "studies")
+
+    def build(name: str, salt: str, seed: int) -> dict[str, str]:
+        """raw patient id (planted by this test's phantom) -> split."""
+        (tmp_path / f"{name}.key").write_text(salt * 4)
+        run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / name}",
+                "--workers=1", "--image_size=32", f"--salt_file={tmp_path / name}.key",
+                "--min_slices=5", f"--seed={seed}")
+        raw_of = {salted_key((salt * 4).encode(), "patient", i): i for i in ids}
+        return {raw_of[r[schema.PATIENT_KEY].decode()]: r[schema.SPLIT].decode()
+                for r in read_records(tmp_path / name)}
+
+    a = build("a", "first-salt", 3)
+    b = build("b", "other-salt", 3)
+    c = build("c", "first-salt", 4)
+    assert len(a) == 12 and len(set(a.values())) > 1
+    assert a == b  # another salt (another folder, a rebuild elsewhere): the same split
+    assert a.keys() == c.keys() and a != c  # another --seed: another split
