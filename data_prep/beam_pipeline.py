@@ -97,7 +97,25 @@ def pipeline_options(beam_argv: list[str]):
         elif arg.startswith("--beam_runner="):
             arg = "--runner=" + arg.split("=", 1)[1]
         args.append(arg)
+    known = set(PipelineOptions([]).get_all_options())
+    for arg in args:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name.replace("-", "_") not in known:  # Beam would drop it with a warning
+            raise ValueError(_unknown_flag(name, known))
     return PipelineOptions(args)
+
+
+def _unknown_flag(name: str, beam_names: set[str]) -> str:
+    """absl's "did you mean" line, over this program's flags and Beam's options."""
+    import difflib
+
+    from absl import flags
+
+    names = set(flags.FLAGS) | beam_names | {"beam_runner"}
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.75)
+    hint = f". Did you mean: {', '.join(close)} ?" if close else ""
+    return (f"Unknown command line flag '{name}' (neither a data_prep flag nor a Beam "
+            f"pipeline option){hint}")
 
 
 # ---------------------------------------------------------------- the run

@@ -92,3 +92,14 @@ def test_beam_patient_split_conflict_fails_that_patient(tmp_path):
     assert "patient_split_conflict" in proc.stderr
     reasons = [r["reason"] for r in failures(tmp_path / "out") if r["level"] == "error"]
     assert reasons == ["patient_split_conflict"] * 2
+
+
+def test_beam_rejects_a_misspelled_flag(studies, tmp_path):
+    """Beam would drop an unknown option with a warning and run at the default size."""
+    proc = run_cli(f"--input={studies}", f"--output_dir={tmp_path / 'out'}", "--runner=beam",
+                   f"--salt_file={tmp_path / 'salt'}", "--beam_runner=DirectRunner",
+                   "--image_sise=64", check=False)
+    assert proc.returncode != 0
+    assert "Unknown command line flag 'image_sise'" in proc.stderr
+    assert "Did you mean: image_size" in proc.stderr
+    assert not list((tmp_path / "out").glob("*.tfrecord.gz"))
