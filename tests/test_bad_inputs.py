@@ -632,7 +632,7 @@ def test_resume_after_an_input_changed_reprocesses_it(two_studies, tmp_path, mon
                                                                                            **k))
     assert _main(monkeypatch, flags) == 0
     assert len(calls) == 1  # the changed study only; the other came from the spool
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh" / "out"  # the same folder name: the dataset is named after it
     monkeypatch.undo()
     assert _main(monkeypatch, [f"--input={two_studies}", *_cli_flags(fresh, salt)]) == 0
     assert _hashes(out) == _hashes(fresh)
