@@ -554,7 +554,6 @@ def read_decision(run_dir: str) -> dict | None:
 
 
 def _manifest_sha(data_dir: str | None) -> str | None:
-    import hashlib
 
     if not data_dir:
         return None
@@ -563,7 +562,7 @@ def _manifest_sha(data_dir: str | None) -> str | None:
     path = os.path.join(data_dir, "manifest.json")
     if not files.exists(path):
         return None
-    return hashlib.sha256(files.read_bytes(path)).hexdigest()
+    return files.sha256(path)
 
 
 # ------------------------------------------------------------------ one evaluation

@@ -115,10 +115,7 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
         return {"windows": DEFAULT_WINDOWS, "records_image_size": input_size,
                 "flags": {"image_size": input_size}, "preprocessing": None,
                 "dataset_manifest_sha256": None}, warnings
-    import hashlib
-
-    with open(os.path.join(data_dir, "manifest.json"), "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = files.sha256(os.path.join(data_dir, "manifest.json"))
     return {"windows": manifest.get("windows") or DEFAULT_WINDOWS,
             "records_image_size": int(manifest.get("image", {}).get("size", input_size)),
             "flags": {k: v for k, v in (manifest.get("flags") or {}).items()

@@ -89,6 +89,13 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (any file system)."""
+    import hashlib
+
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
 def read_text(path: str) -> str:
     if is_remote(path):
         with _gfile().GFile(path, "r") as f:

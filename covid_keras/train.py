@@ -21,7 +21,6 @@ replicas; only the chief writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -120,10 +119,7 @@ def resolved_flags() -> dict:
 
 def write_run_info(run_dir: str, extra: dict) -> None:
     manifest = os.path.join(FLAGS.data_dir, "manifest.json")
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(manifest, "rb") as f:
-        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    manifest_sha = files.sha256(manifest)
     info = {"flags": resolved_flags(), "versions": provenance.package_versions(),
             "git_sha": provenance.git_sha(),
             "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
