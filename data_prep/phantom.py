@@ -20,7 +20,8 @@ head (index 0, superior) to feet; image left = patient right, image top = anteri
 * Disease patterns inside the lungs, by ``kind`` (see :data:`KINDS`):
 
   - ``"covid"``: bilateral, peripheral (subpleural) ground-glass patches, -600...-300 HU.
-  - ``"bacterial"``: lobar consolidation 0...+50 HU in one lobe (unilateral for about 75 % of
+  - ``"bacterial"``: lobar consolidation 0...+50 HU in one lobe and a smaller one in the other
+    lobe of the same lung, so every lung slice shows disease (unilateral for about 75 % of
     seeds); on the lowest slices of a lower-lobe pneumonia it fills most of that lung.
   - ``"viral"``: diffuse bilateral patchy ground glass, central / peribronchovascular,
     -700...-450 HU.
@@ -248,8 +249,8 @@ def _plan_lesions(kind: str, seed: int, dense: bool) -> list[_Blob | _Lobar]:
                 out.append(_Blob(
                     side, rho * math.cos(theta), rho * math.sin(theta),
                     float(rng.uniform(0.25, 0.45)), float(rng.uniform(0.2, 0.35)),
-                    math.degrees(theta) + 90.0, float(rng.uniform(0.15, 0.9)),
-                    float(rng.uniform(0.1, 0.24)), float(rng.uniform(-570.0, -340.0))))
+                    math.degrees(theta) + 90.0, float(rng.uniform(0.05, 0.95)),
+                    float(rng.uniform(0.15, 0.3)), float(rng.uniform(-570.0, -340.0))))
     elif kind == "viral":
         for side in (0, 1):
             medial = -_lung_side_sign(side)
@@ -271,6 +272,12 @@ def _plan_lesions(kind: str, seed: int, dense: bool) -> list[_Blob | _Lobar]:
             other = "upper" if rng.random() < 0.5 else "lower"
             out.append(_Lobar(1 - affected_side, other, float(rng.uniform(0.6, 0.8)),
                               float(rng.uniform(12.0, 38.0)), float(rng.uniform(0.0, 6.3))))
+        # Multilobar on the affected side: the other lobe carries a smaller consolidation, so
+        # every lung slice of the study shows disease (a lesion-free slice cannot carry its
+        # study's label; with one lobe only, a third of the sampled slices had none).
+        out.append(_Lobar(affected_side, "upper" if lobe == "lower" else "lower",
+                          float(rng.uniform(0.6, 0.8)), float(rng.uniform(12.0, 38.0)),
+                          float(rng.uniform(0.0, 6.3))))
     elif kind == "tuberculosis":
         main = int(rng.integers(0, 2))
         for _ in range(int(rng.integers(4, 10))):
