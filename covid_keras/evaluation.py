@@ -13,12 +13,28 @@ Definitions (also written into every metrics.json, ``definitions``):
 
 * positive class: "covid" when the classes have it, else class 1; its probability is the
   slice's *score*.
+* normal class: the class that means "no disease" (``normal``, ``healthy``,
+  ``non_covid``, ... see :func:`infer_normal_class`), inferred from the class names when
+  the decision is chosen and stored in decision.json (``normal_class``); ``null`` with two
+  classes or when no single class name means normal. A decision.json without the field
+  (written before it existed) gets it inferred from its classes when read.
 * patient aggregation rules: ``mean`` (the DRENet paper: the patient's probabilities are
   the mean of its slices'; score = mean slice score) and ``any`` (seed 004: a patient is
-  positive if any slice is, negative only if all are: score = its highest slice score;
+  positive if any slice is, normal only if all are: score = its highest slice score;
   its probabilities are those of that slice).
-* decision: positive when the score >= the threshold, else the most probable of the other
-  classes. Slices are decided with the same threshold on their own score.
+* slice decision: positive when its score >= the threshold, else the most probable of the
+  other classes.
+* patient decision: positive when the patient's score >= the threshold. Otherwise, with
+  ``mean``, the most probable other class of the patient's probabilities; with ``any``
+  and a normal class (seed 004: "only when ALL of his images were recognized as normal
+  will he be classified as normal", and a single abnormal slice is enough for the other
+  diseases too): the normal class only if every slice is decided normal, else the
+  abnormal class decided on his slices (several: the one of the slice with the highest
+  probability of its decided class). With ``any`` and no normal class (two classes, or
+  none of the names means normal): the most probable other class of the patient's
+  probabilities (its highest-scoring slice's). :func:`patient_decisions` (evaluation),
+  :func:`decide_patient` (one unlabelled patient) and the export's ``predict_study``
+  (:mod:`covid_keras.serving_signatures`) apply the same rule.
 * the rule and threshold are chosen on the validation split only, by Youden's J
   (sensitivity + specificity - 1) or the highest specificity at sensitivity >= a target.
 * metrics: AUC (of the score; with more than two classes per class one-vs-rest on each
@@ -54,10 +70,18 @@ DEFINITIONS = {
     "positive_class": "'covid' when the classes have it, else class 1; score = its "
                       "probability",
     "rules": {"mean": "patient probabilities = mean of its slices' (DRENet paper)",
-              "any": "patient positive if any slice is, negative only if all are (seed 004):"
-                     " score = highest slice score"},
+              "any": "patient positive if any slice is, normal only if all slices are "
+                     "(seed 004): score = highest slice score, probabilities = that "
+                     "slice's"},
     "decision": "positive when score >= threshold, else the most probable other class; "
-                "slices use the same threshold on their own score",
+                "slices use the same threshold on their own score. Rule 'any' with a "
+                "normal class: a patient who is not positive is normal only if every "
+                "slice is decided normal, else the abnormal class decided on his slices "
+                "(several: the slice with the highest probability of its decided class)",
+    "normal_class": "the class meaning no disease (normal, healthy, non_covid...), "
+                    "inferred from the class names; null with two classes or none: then "
+                    "'any' decides a non-positive patient by his highest-scoring slice's "
+                    "most probable other class",
     "f1": "2PR/(P+R) (the DRENet paper prints (P+R)/2 as F1)",
     "ci95": "percentile bootstrap over patients (all their slices), stratified by label, "
             "seeded",
@@ -70,6 +94,42 @@ DEFINITIONS = {
 def positive_index(classes) -> int:
     classes = list(classes)
     return classes.index("covid") if "covid" in classes else 1
+
+
+# Class names (lower case, "-" and " " read as "_") that mean "no disease".
+NORMAL_NAMES = ("normal", "healthy", "non_covid", "noncovid", "negative", "no_finding",
+                "no_findings")
+
+
+def infer_normal_class(classes, positive_class: str | None = None) -> str | None:
+    """The class among ``classes`` that means "no disease" (:data:`NORMAL_NAMES`), or None:
+    with two classes (the ``any`` rule's decision does not need it), when none does, or
+    when several do (ambiguous)."""
+    classes = [str(c) for c in classes]
+    if len(classes) <= 2:
+        return None
+    found = [c for c in classes if c != positive_class and
+             c.strip().lower().replace("-", "_").replace(" ", "_") in NORMAL_NAMES]
+    return found[0] if len(found) == 1 else None
+
+
+def normal_class_of(decision: dict, classes=None) -> str | None:
+    """The normal class of a decision (decision.json): its ``normal_class`` when it has the
+    field (None allowed), else inferred from its ``classes`` (or ``classes``): decision
+    files written before the field existed. Raises when it names no class of the
+    decision's, or the positive class."""
+    names = list(decision.get("classes") or classes or [])
+    pos = decision.get("positive_class")
+    if "normal_class" not in decision:
+        return infer_normal_class(names, pos)
+    normal = decision["normal_class"]
+    if normal is None:
+        return None
+    if names and normal not in names:
+        raise ValueError(f"normal_class {normal!r} is not one of the classes {names}")
+    if normal == pos:
+        raise ValueError(f"normal_class {normal!r} is the positive class")
+    return str(normal)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -244,13 +304,52 @@ def decide(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
     return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
 
 
+def any_rule_other(slice_probs: np.ndarray, slice_pred: np.ndarray, normal: int) -> int:
+    """Seed 004's ``any`` decision of a patient who is not positive (no slice reaches the
+    threshold): ``normal`` only if every slice is decided ``normal``; else the abnormal
+    class decided on his slices, the one of the slice with the highest probability of its
+    decided class (ties: the first such slice)."""
+    slice_probs = np.asarray(slice_probs, np.float64)
+    slice_pred = np.asarray(slice_pred, np.int64)
+    abnormal = slice_pred != normal
+    if not abnormal.any():
+        return int(normal)
+    strength = np.where(abnormal, slice_probs[np.arange(len(slice_pred)), slice_pred],
+                        -np.inf)
+    return int(slice_pred[int(np.argmax(strength))])
+
+
+def patient_decisions(slice_probs: np.ndarray, pats: Patients, threshold: float,
+                      positive: int, rule: str, normal: int | None = None,
+                      slice_pred: np.ndarray | None = None) -> np.ndarray:
+    """Class decision per patient of ``pats`` (:func:`aggregate` of ``slice_probs`` by
+    ``rule``): positive when the patient's score >= ``threshold``; otherwise, for ``any``
+    with a ``normal`` class index, :func:`any_rule_other` on his slices' decisions
+    (``slice_pred``, :func:`decide` of ``slice_probs`` when not given); else the most
+    probable other class of the patient's probabilities (:func:`decide`)."""
+    pred = decide(pats.probs, threshold, positive).astype(np.int64)
+    if rule != "any" or normal is None:
+        return pred
+    if normal == positive:
+        raise ValueError("The normal class cannot be the positive class")
+    slice_probs = np.asarray(slice_probs, np.float64)
+    if slice_pred is None:
+        slice_pred = decide(slice_probs, threshold, positive)
+    for i, idx in enumerate(pats.slices):
+        if pred[i] != positive:
+            pred[i] = any_rule_other(slice_probs[idx], slice_pred[idx], normal)
+    return pred
+
+
 def decide_patient(slice_probs: np.ndarray, decision: dict) -> dict:
     """One unlabelled patient (predict, serving): its slices' probabilities (S, C) under
-    ``decision`` (decision.json: rule, threshold, classes, positive_class) -> {"probs"
-    (C,), "score", "decision" (class name), "rule", "threshold", "slice_order" (slices by
-    score, highest first)}."""
+    ``decision`` (decision.json: rule, threshold, classes, positive_class, normal_class;
+    without normal_class it is inferred from the classes) -> {"probs" (C,), "score",
+    "decision" (class name), "rule", "threshold", "normal_class", "slice_order" (slices
+    by score, highest first)}."""
     classes = list(decision["classes"])
     pos = classes.index(decision["positive_class"])
+    normal = normal_class_of(decision, classes)
     probs = np.asarray(slice_probs, np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(classes) or not len(probs):
         raise ValueError(f"slice_probs must be (slices >= 1, {len(classes)}). Received: "
@@ -258,9 +357,11 @@ def decide_patient(slice_probs: np.ndarray, decision: dict) -> dict:
     pats = aggregate(probs, np.zeros(len(probs), np.int64), ["p"] * len(probs),
                      decision["rule"], pos)
     t = float(decision["threshold"])
+    pred = patient_decisions(probs, pats, t, pos, decision["rule"],
+                             None if normal is None else classes.index(normal))
     return {"probs": pats.probs[0].tolist(), "score": float(pats.score[0]),
-            "decision": classes[int(decide(pats.probs, t, pos)[0])],
-            "rule": decision["rule"], "threshold": t,
+            "decision": classes[int(pred[0])],
+            "rule": decision["rule"], "threshold": t, "normal_class": normal,
             "slice_order": np.argsort(-probs[:, pos], kind="stable").tolist()}
 
 
@@ -506,7 +607,8 @@ def choose_decision(probs: np.ndarray, labels: np.ndarray, patient_keys, classes
     name = ("youden_j" if criterion == "youden" else
             f"max_specificity_at_sensitivity>={target_sensitivity:g}")
     return {"rule": best_rule, "threshold": chosen["threshold"],
-            "positive_class": classes[pos], "classes": classes, "criterion": name,
+            "positive_class": classes[pos], "classes": classes,
+            "normal_class": infer_normal_class(classes, classes[pos]), "criterion": name,
             "criterion_value": chosen["criterion_value"],
             "val_sensitivity": chosen["sensitivity"],
             "val_specificity": chosen["specificity"],
@@ -550,6 +652,11 @@ def read_decision(run_dir: str) -> dict | None:
             raise ValueError(f"{path} has no {key!r}: not a covid_keras decision file")
     if d["rule"] not in RULES:
         raise ValueError(f"{path}: rule must be one of {RULES}. Received: {d['rule']!r}")
+    try:
+        # Files written before normal_class existed: inferred from their classes.
+        d["normal_class"] = normal_class_of(d)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return d
 
 
@@ -575,10 +682,13 @@ def evaluate_predictions(preds: Predictions, decision: dict, n_bootstrap: int =
         raise ValueError(f"The decision was chosen for classes {decision['classes']}, the "
                          f"split has {classes}")
     rule, t = decision["rule"], float(decision["threshold"])
+    normal = normal_class_of(decision, classes)
     labels = np.asarray(preds.labels, np.int64)
     pats = aggregate(preds.probs, labels, preds.patient_keys, rule, pos, preds.sites)
     slice_pred = decide(preds.probs, t, pos)
-    patient_pred = decide(pats.probs, t, pos)
+    patient_pred = patient_decisions(preds.probs, pats, t, pos, rule,
+                                     None if normal is None else classes.index(normal),
+                                     slice_pred)
 
     def both(idx):
         sl = np.concatenate([pats.slices[i] for i in idx]) if len(idx) else np.zeros(0, int)
@@ -591,7 +701,7 @@ def evaluate_predictions(preds: Predictions, decision: dict, n_bootstrap: int =
     cis = bootstrap(both, pats.labels, n_bootstrap, seed) if n_bootstrap else {}
     result: dict = {"split": preds.split, "data_dir": preds.data_dir, "classes": classes,
                     "positive_class": classes[pos],
-                    "decision": {"rule": rule, "threshold": t,
+                    "decision": {"rule": rule, "threshold": t, "normal_class": normal,
                                  "criterion": decision.get("criterion"),
                                  "chosen_on_split": decision.get("split")},
                     "bootstrap": {"resamples": int(n_bootstrap), "seed": int(seed),

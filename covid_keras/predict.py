@@ -15,7 +15,9 @@ the same signature on a running TF Serving / ``covid_keras.serve`` over REST.
 ``--output_dir`` receives, all at once (built beside and renamed into place):
 
 * ``prediction.json`` (:data:`FORMAT_VERSION`): the patient's probabilities per class, the
-  decision, its rule and threshold; the series used and why; every slice used (salted hash
+  decision, its rule and threshold (made by the signature as evaluation makes it:
+  :func:`covid_keras.evaluation.decide_patient`; with the ``any`` rule a patient is normal
+  only if every slice is); the series used and why; every slice used (salted hash
   of its SOPInstanceUID, index and position in the series, lung fraction, probabilities,
   boxes (y0, x0, y1, x1 in the model's input pixels of the prepared slice) and scores);
   the top slices; warnings (``few_slices``, ``not_ct_verified``, dropped slices, rejected

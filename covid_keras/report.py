@@ -285,7 +285,9 @@ def write_html(output_dir: str, result: dict, plots: dict, explanations: list,
                  f"<p>Patient rule <b>{e(d['rule'])}</b> ({e(rule_text)}), "
                  f"threshold <b>{d['threshold']:.4f}</b>, chosen on split "
                  f"<b>{e(str(d.get('chosen_on_split')))}</b> by {e(str(d.get('criterion')))}."
-                 f" {e(evaluation.DEFINITIONS['decision'])}.</p>")
+                 + (f" Normal class <b>{e(str(d['normal_class']))}</b>."
+                    if d.get("normal_class") else "")
+                 + f" {e(evaluation.DEFINITIONS['decision'])}.</p>")
     for w in result.get("warnings", []):
         parts.append(f'<div class="warn">Warning: {e(w)}</div>')
     for n in result.get("notes", []):

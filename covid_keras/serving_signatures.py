@@ -40,9 +40,17 @@ interpolation rule (area when shrinking, linear when enlarging, rounded to uint8
 trained on 3 windows keeps the image's 3 channels instead of greying it.
 
 ``predict_study`` aggregates with the decision stored with the run (decision.json: ``mean``
-or ``any`` rule, the positive class's threshold; :func:`covid_keras.evaluation.aggregate` /
-:func:`covid_keras.evaluation.decide` in graph form); without one, it takes the mean and the
-most probable class (``threshold`` -1).
+or ``any`` rule, the positive class's threshold, the normal class;
+:func:`covid_keras.evaluation.aggregate` / :func:`covid_keras.evaluation.patient_decisions`
+in graph form, the same decision as evaluation's and
+:func:`covid_keras.evaluation.decide_patient`): positive when the score >= the threshold;
+otherwise, with ``any`` and a normal class (seed 004), normal only if every slice is decided
+normal, else the abnormal class decided on the slices (several: the slice with the highest
+probability of its decided class); otherwise the most probable other class of the
+patient's probabilities. Without a decision.json it takes the mean and the most probable
+class (``threshold`` -1). The normal class is the decision's ``normal_class``, or, when the
+decision has no such field (files written before it existed), inferred from the class
+names (:func:`covid_keras.evaluation.normal_class_of`).
 """
 
 from __future__ import annotations
@@ -157,8 +165,8 @@ class Signatures:
     """The serving functions of one Keras model (DRENet or a classifier).
 
     ``info``: the export's description (``class_names``, ``input_size``, ``backbone``,
-    ``windows``); ``decision``: ``{"rule", "threshold", "positive_class"}`` or ``None``
-    (argmax)."""
+    ``windows``); ``decision``: ``{"rule", "threshold", "positive_class"}`` (and
+    ``normal_class``, else inferred from the class names) or ``None`` (argmax)."""
 
     def __init__(self, model, info: dict, decision: dict | None):
         self.model = model
@@ -169,6 +177,16 @@ class Signatures:
         if self.channels not in (1, 3):
             raise ValueError(f"1 or 3 windows. Received: {info.get('windows')}")
         self.decision = decision
+        self.normal = None  # the normal class's index (the "any" rule), or None
+        if decision is not None:
+            from covid_keras.evaluation import normal_class_of
+
+            normal = normal_class_of(decision, self.class_names)
+            if normal is not None:
+                if normal not in self.class_names:
+                    raise ValueError(f"normal_class {normal!r} is not one of "
+                                     f"{self.class_names}")
+                self.normal = self.class_names.index(normal)
         self.cam_model = None
 
     # specs
@@ -233,13 +251,32 @@ class Signatures:
             score = patient[pos]
             t = float(self.decision["threshold"])
             others = tf.tensor_scatter_nd_update(patient, [[pos]], [-1.0])
-            decision = tf.where(score >= t, tf.constant(pos, tf.int32),
-                                tf.cast(tf.argmax(others), tf.int32))
+            other = tf.cast(tf.argmax(others), tf.int32)
+            if self.decision["rule"] == "any" and self.normal is not None:
+                other = self._any_other(probs, pos, t)
+            decision = tf.where(score >= t, tf.constant(pos, tf.int32), other)
             threshold, rule = tf.constant(t, tf.float32), tf.constant(self.decision["rule"])
         return {"probabilities": patient, "score": score, "decision": decision,
                 "decision_name": tf.gather(names, decision), "threshold": threshold,
                 "rule": rule, "class_names": names, "slice_probabilities": probs,
                 "boxes": out["boxes"], "box_scores": out["box_scores"]}
+
+    def _any_other(self, probs, pos: int, t: float):
+        """Seed 004's ``any`` decision when no slice reaches the threshold
+        (:func:`covid_keras.evaluation.any_rule_other`): the normal class only if every
+        slice is decided normal, else the decided class of the abnormal slice with the
+        highest probability of its decided class (ties: the first)."""
+        c = len(self.class_names)
+        not_pos = 1.0 - tf.one_hot(pos, c, dtype=probs.dtype)
+        others = probs * not_pos - (1.0 - not_pos)  # the positive column at -1
+        slice_dec = tf.where(probs[:, pos] >= t, tf.constant(pos, tf.int32),
+                             tf.cast(tf.argmax(others, axis=1), tf.int32))
+        normal = tf.constant(self.normal, tf.int32)
+        abnormal = tf.not_equal(slice_dec, normal)
+        own = tf.gather(probs, slice_dec, axis=1, batch_dims=1)
+        strength = tf.where(abnormal, own, tf.fill(tf.shape(own), -1.0))
+        strongest = tf.gather(slice_dec, tf.argmax(strength, output_type=tf.int32))
+        return tf.where(tf.reduce_any(abnormal), strongest, normal)
 
     def gradcam(self, images, class_index):
         import keras

@@ -136,6 +136,162 @@ def test_three_class_decision_falls_back_to_the_most_probable_other_class():
     assert ev.decide(probs, 0.6, 1).tolist() == [0, 2, 2]
 
 
+CLASSES3 = ["normal", "covid", "bacterial"]
+
+
+def _patient_preds(classes, patients: dict) -> "ev.Predictions":
+    """Predictions of hand-made patients: key -> (label, [slice probabilities])."""
+    labels, keys, probs = [], [], []
+    for key, (label, rows) in patients.items():
+        for row in rows:
+            labels.append(classes.index(label))
+            keys.append(key)
+            probs.append(row)
+    n = len(labels)
+    return ev.Predictions(list(classes), np.asarray(labels), np.asarray(probs, np.float64),
+                          keys, [f"s{k}" for k in keys], np.zeros(n, int), ["a"] * n, {},
+                          "test", "")
+
+
+# Seed 004: one abnormal slice is enough (covid, and the other diseases too); normal only
+# when every slice is normal. Threshold 0.5 on covid.
+SEED004 = {
+    # one bacterial slice among normal ones; the highest covid score (0.3) is on a normal
+    # slice, whose most probable other class is normal: the old rule said normal.
+    "one_bacterial": ("bacterial", [[0.6, 0.3, 0.1], [0.3, 0.05, 0.65], [0.9, 0.05, 0.05]]),
+    "all_normal": ("normal", [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.9, 0.05, 0.05]]),
+    # one covid slice above the threshold among bacterial and normal ones: covid
+    "one_covid": ("covid", [[0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]]),
+    # below the threshold everywhere, bacterial everywhere
+    "bacterial": ("bacterial", [[0.3, 0.2, 0.5], [0.2, 0.3, 0.5]]),
+}
+SEED004_OLD = {"one_bacterial": "normal", "all_normal": "normal", "one_covid": "covid",
+               "bacterial": "bacterial"}
+
+
+def test_any_rule_is_normal_only_when_every_slice_is_normal():
+    preds = _patient_preds(CLASSES3, SEED004)
+    d = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "classes": CLASSES3,
+         "criterion": "youden_j", "split": "val"}
+    assert ev.normal_class_of(d) == "normal"  # inferred: no normal_class field
+    r = ev.evaluate_predictions(preds, d, n_bootstrap=0)
+    got = {k: CLASSES3[int(c)] for k, c in zip(r["_patients"].keys, r["_patient_pred"])}
+    assert got == {k: v[0] for k, v in SEED004.items()}
+    assert r["decision"]["normal_class"] == "normal"
+    # the patient level sees those decisions: every patient right, the confusion diagonal
+    assert r["patient"]["macro"]["accuracy"]["value"] == 1.0
+    assert r["confusion"]["patient"] == [[1, 0, 0], [0, 1, 0], [0, 0, 2]]
+    # the score, its AUC and the positive decision are as before (covid vs the threshold)
+    np.testing.assert_allclose(r["_patients"].score, [0.3, 0.2, 0.7, 0.3])
+    for key, (_, rows) in SEED004.items():
+        out = ev.decide_patient(np.asarray(rows), d)
+        assert out["decision"] == got[key] and out["normal_class"] == "normal"
+        assert out["score"] == pytest.approx(max(r[1] for r in rows))
+    # normal_class null: the old rule (the highest-scoring slice's most probable other)
+    old = dict(d, normal_class=None)
+    r_old = ev.evaluate_predictions(preds, old, n_bootstrap=0)
+    assert {k: CLASSES3[int(c)] for k, c in zip(r_old["_patients"].keys,
+                                                 r_old["_patient_pred"])} == SEED004_OLD
+    for key, (_, rows) in SEED004.items():
+        assert ev.decide_patient(np.asarray(rows), old)["decision"] == SEED004_OLD[key]
+    # the mean rule is unchanged by the normal class
+    mean = dict(d, rule="mean")
+    pats = ev.aggregate(preds.probs, preds.labels, preds.patient_keys, "mean", 1)
+    np.testing.assert_array_equal(
+        ev.evaluate_predictions(preds, mean, n_bootstrap=0)["_patient_pred"],
+        ev.decide(pats.probs, 0.5, 1))
+
+
+def test_any_rule_with_several_abnormal_classes_takes_the_strongest_slice():
+    classes = ["normal", "covid", "bacterial", "viral"]
+    d = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "classes": classes,
+         "normal_class": "normal"}
+    rows = [[0.5, 0.1, 0.1, 0.3],     # normal
+            [0.2, 0.1, 0.55, 0.15],   # bacterial 0.55
+            [0.15, 0.15, 0.1, 0.6],   # viral 0.6: the strongest abnormal slice
+            [0.3, 0.2, 0.45, 0.05]]   # bacterial 0.45
+    assert ev.decide_patient(np.asarray(rows), d)["decision"] == "viral"
+    rows[1] = [0.1, 0.1, 0.7, 0.1]
+    assert ev.decide_patient(np.asarray(rows), d)["decision"] == "bacterial"
+    rows[3] = [0.1, 0.5, 0.3, 0.1]  # covid reaches the threshold on one slice: covid
+    assert ev.decide_patient(np.asarray(rows), d)["decision"] == "covid"
+    # three classes without a normal one: the old rule
+    no_normal = ["covid", "bacterial", "viral"]
+    assert ev.infer_normal_class(no_normal, "covid") is None
+    d2 = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "classes": no_normal}
+    probs = np.array([[0.4, 0.5, 0.1], [0.1, 0.2, 0.7]])
+    assert ev.decide_patient(probs, d2)["decision"] == "bacterial"  # slice 0's other class
+
+
+def test_binary_any_rule_is_unchanged():
+    rng = np.random.default_rng(21)
+    for classes in (CLASSES, ["normal", "covid"], ["bacterial", "covid"]):
+        preds = make_preds(rng, patients=30, slices=4, classes=classes)
+        for rule in ev.RULES:
+            d = {"rule": rule, "threshold": 0.45, "positive_class": "covid",
+                 "classes": classes}
+            assert ev.normal_class_of(d) is None
+            r = ev.evaluate_predictions(preds, d, n_bootstrap=0)
+            pats = ev.aggregate(preds.probs, preds.labels, preds.patient_keys, rule, 1)
+            want = ev.decide(pats.probs, 0.45, 1)
+            np.testing.assert_array_equal(r["_patient_pred"], want)
+            # even with a normal class named: two classes leave no other choice
+            np.testing.assert_array_equal(ev.patient_decisions(
+                preds.probs, pats, 0.45, 1, rule, normal=0), want)
+
+
+def test_normal_class_is_inferred_written_and_read(tmp_path):
+    assert ev.infer_normal_class(["normal", "covid", "bacterial"]) == "normal"
+    assert ev.infer_normal_class(["Healthy", "covid", "bacterial"]) == "Healthy"
+    assert ev.infer_normal_class(["non-covid", "covid", "tuberculosis"]) == "non-covid"
+    assert ev.infer_normal_class(["normal", "covid", "viral", "bacterial",
+                                  "tuberculosis"]) == "normal"
+    assert ev.infer_normal_class(["non_covid", "covid"]) is None  # binary
+    assert ev.infer_normal_class(["normal", "healthy", "covid"]) is None  # ambiguous
+    # write_decision stores it; a binary decision stores null
+    rng = np.random.default_rng(8)
+    val = make_preds(rng, patients=12, classes=CLASSES3)
+    d = ev.write_decision(str(tmp_path), val, split="val")
+    assert d["normal_class"] == "normal"
+    stored = strict_loads((tmp_path / "decision.json").read_text())
+    assert stored["normal_class"] == "normal"
+    assert ev.read_decision(str(tmp_path))["normal_class"] == "normal"
+    d2 = ev.write_decision(str(tmp_path / "b"), make_preds(rng, patients=10), split="val")
+    assert d2["normal_class"] is None
+    assert strict_loads((tmp_path / "b" / "decision.json").read_text())["normal_class"] is None
+    # an old decision.json (no normal_class) loads, the normal class inferred
+    old = {k: v for k, v in stored.items() if k != "normal_class"}
+    (tmp_path / "decision.json").write_text(json.dumps(old))
+    back = ev.read_decision(str(tmp_path))
+    assert back["normal_class"] == "normal" and back["threshold"] == d["threshold"]
+    minimal = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "split": "val"}
+    (tmp_path / "decision.json").write_text(json.dumps(minimal))
+    assert ev.read_decision(str(tmp_path))["normal_class"] is None  # no classes known
+    # explicit null is kept; a wrong name is refused
+    (tmp_path / "decision.json").write_text(json.dumps(dict(old, normal_class=None)))
+    assert ev.read_decision(str(tmp_path))["normal_class"] is None
+    for bad in ("viral", "covid"):
+        (tmp_path / "decision.json").write_text(json.dumps(dict(old, normal_class=bad)))
+        with pytest.raises(ValueError, match="normal_class"):
+            ev.read_decision(str(tmp_path))
+    # old decisions evaluate with the seed-004 rule
+    preds = _patient_preds(CLASSES3, SEED004)
+    r = ev.evaluate_predictions(preds, dict(old, rule="any", threshold=0.5), n_bootstrap=0)
+    assert [CLASSES3[int(c)] for c in r["_patient_pred"]] == [v[0] for v in SEED004.values()]
+
+
+def test_patients_csv_decision_follows_the_any_rule(tmp_path):
+    preds = _patient_preds(CLASSES3, SEED004)
+    d = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "classes": CLASSES3,
+         "normal_class": "normal"}
+    r = ev.evaluate_predictions(preds, d, n_bootstrap=0)
+    path = tmp_path / "patients.csv"
+    ev.write_patients_csv(str(path), r["_patients"], r["_patient_pred"], CLASSES3)
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert {row["patient_key"]: row["decision"] for row in rows} == {
+        k: v[0] for k, v in SEED004.items()}
+
+
 def test_patient_with_two_labels_is_an_error():
     with pytest.raises(ValueError, match="labels"):
         ev.aggregate(np.full((2, 2), 0.5), np.array([0, 1]), ["a", "a"], "mean", 1)

@@ -118,6 +118,106 @@ def test_record_png_decodes_as_the_input_pipeline():
         sig.decode_slice_u8(tf.constant(b"GIF89a not an image"), SIZE, 1)
 
 
+# ------------------------------------------------------------------ patient decisions
+class _FixedProbs:
+    """A stand-in model: its logits are log(probs) of fixed slice probabilities."""
+
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, np.float32)
+
+    def __call__(self, x, training=False):
+        import tensorflow as tf
+
+        return {"logits": tf.math.log(tf.constant(self.probs))}
+
+
+def _study(classes, decision, probs, graph=False):
+    """predict_study's outputs for one study whose slices have ``probs``."""
+    import tensorflow as tf
+
+    from covid_keras.serving_signatures import Signatures
+
+    sigs = Signatures(_FixedProbs(probs), {"input_size": 8, "backbone": "tiny",
+                                           "class_names": classes}, decision)
+    fn = sigs.predict_study
+    if graph:
+        fn = tf.function(fn, input_signature=[sigs.image_spec()])
+    out = fn(tf.zeros([len(probs), 8, 8, 3], tf.float32))
+    return {k: np.asarray(v.numpy()) for k, v in out.items()}
+
+
+def _evaluated(classes, decision, probs):
+    """evaluation's patient decision (patients.csv) for one patient with ``probs``."""
+    from covid_keras import evaluation
+
+    n = len(probs)
+    preds = evaluation.Predictions(list(classes), np.zeros(n, int), np.asarray(probs),
+                                   ["p"] * n, ["s"] * n, np.arange(n), ["a"] * n)
+    r = evaluation.evaluate_predictions(preds, dict(decision, classes=classes),
+                                        n_bootstrap=0)
+    return classes[int(r["_patient_pred"][0])]
+
+
+SEED004_CASES = [  # (slice probabilities of normal, covid, bacterial; decision at 0.5)
+    ([[0.6, 0.3, 0.1], [0.3, 0.05, 0.65], [0.9, 0.05, 0.05]], "bacterial"),
+    ([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.9, 0.05, 0.05]], "normal"),
+    ([[0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]], "covid"),
+    ([[0.3, 0.2, 0.5]], "bacterial"),
+]
+
+
+def test_predict_study_decides_as_evaluation_and_decide_patient():
+    """Seed 004's 'any' rule (normal only if every slice is): the serving signature (eager
+    and traced), evaluation's patient decision and decide_patient agree, on hand-made
+    studies and on random ones (2 to 5 classes, both rules, with and without a normal
+    class, old decision files without the field)."""
+    from covid_keras import evaluation
+
+    old = {"rule": "any", "threshold": 0.5, "positive_class": "covid"}  # no normal_class
+    for probs, want in SEED004_CASES:
+        for graph in (False, True):
+            out = _study(CLASSES3, old, probs, graph)
+            assert out["decision_name"].item().decode() == want
+            assert CLASSES3[int(out["decision"])] == want
+            assert float(out["score"]) == pytest.approx(max(p[1] for p in probs), abs=1e-6)
+            np.testing.assert_allclose(out["probabilities"],
+                                       probs[int(np.argmax([p[1] for p in probs]))],
+                                       atol=1e-6)
+        assert _evaluated(CLASSES3, old, probs) == want
+        assert evaluation.decide_patient(np.asarray(probs), dict(old, classes=CLASSES3))[
+            "decision"] == want
+    # normal_class null: the old rule; the first study was called normal then
+    out = _study(CLASSES3, dict(old, normal_class=None), SEED004_CASES[0][0])
+    assert out["decision_name"].item().decode() == "normal"
+
+    rng = np.random.default_rng(11)
+    class_sets = [["normal", "covid"], CLASSES3, ["covid", "bacterial", "viral"],
+                  ["normal", "covid", "viral", "bacterial", "tuberculosis"]]
+    checked = {"any_normal": 0, "changed": 0}
+    for trial in range(120):
+        classes = class_sets[trial % len(class_sets)]
+        n = int(rng.integers(1, 7))
+        probs = rng.dirichlet(np.full(len(classes), 0.7), size=n)
+        probs = probs.astype(np.float32).astype(np.float64)
+        probs /= probs.sum(1, keepdims=True)
+        d = {"rule": ("any", "mean")[trial % 3 == 2],
+             "threshold": float(rng.uniform(0.2, 0.8)), "positive_class": "covid"}
+        if trial % 5 == 4:
+            d["normal_class"] = None
+        want = evaluation.decide_patient(probs, dict(d, classes=classes))
+        out = _study(classes, d, probs)
+        assert out["decision_name"].item().decode() == want["decision"], (classes, d, probs)
+        assert _evaluated(classes, d, probs) == want["decision"]
+        assert float(out["score"]) == pytest.approx(want["score"], abs=1e-5)
+        np.testing.assert_allclose(out["probabilities"], want["probs"], atol=1e-5)
+        if d["rule"] == "any" and want["normal_class"] and len(classes) > 2:
+            checked["any_normal"] += 1
+            oldway = evaluation.decide_patient(probs, dict(d, classes=classes,
+                                                           normal_class=None))
+            checked["changed"] += oldway["decision"] != want["decision"]
+    assert checked["any_normal"] >= 20 and checked["changed"] >= 3, checked
+
+
 # ------------------------------------------------------------------ exports
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -252,8 +352,13 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
             pats = evaluation.aggregate(probs, np.zeros(4, int), ["p"] * 4, decision["rule"],
                                         pos)
             want = pats.probs[0]
-            assert int(study["decision"]) == int(evaluation.decide(
-                pats.probs, decision["threshold"], pos)[0])
+            normal = evaluation.normal_class_of(decision, classes)  # old file: inferred
+            assert normal == ("normal" if kind == "drenet" else None)
+            assert int(study["decision"]) == int(evaluation.patient_decisions(
+                probs, pats, decision["threshold"], pos, decision["rule"],
+                None if normal is None else classes.index(normal))[0])
+            assert classes[int(study["decision"])] == evaluation.decide_patient(
+                probs, decision)["decision"]
             assert study["rule"].item().decode() == decision["rule"]
             assert abs(float(study["threshold"]) - decision["threshold"]) < 1e-6
         np.testing.assert_allclose(study["probabilities"], want, atol=1e-4)

@@ -5,6 +5,7 @@ through a served export; bad input fails with the study's pseudonym and nothing 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -118,6 +119,30 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert run_answer["patient"]["decision"] == p["decision"]
     np.testing.assert_allclose(list(run_answer["patient"]["probabilities"].values()),
                                list(p["probabilities"].values()), atol=1e-5)
+    from covid_keras import evaluation
+
+    run_decision = evaluation.read_decision(str(setup["run"]))
+    assert p["decision"] == evaluation.decide_patient(got, run_decision)["decision"]
+    # seed 004's "any" rule from an old decision.json (no normal_class: inferred "normal"),
+    # a threshold no slice reaches: normal only if every slice is decided normal
+    any_run = tmp_path / "any_run"
+    any_run.mkdir()
+    for name in ("best.keras", "run_info.json"):
+        shutil.copy(setup["run"] / name, any_run / name)
+    (any_run / "decision.json").write_text(json.dumps({
+        "rule": "any", "threshold": 0.999, "positive_class": "covid", "split": "val",
+        "classes": classes, "criterion": "youden_j"}))
+    any_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+        str(any_run)), str(tmp_path / "any_out"), setup["salt"])
+    any_d = evaluation.read_decision(str(any_run))
+    assert any_d["normal_class"] == "normal"
+    any_got = np.array([[s["probabilities"][c] for c in classes]
+                        for s in any_answer["slices"]])
+    want_any = evaluation.decide_patient(any_got, any_d)
+    assert any_answer["patient"]["decision"] == want_any["decision"] != "covid"
+    assert any_answer["patient"]["rule"] == "any"
+    slice_dec = evaluation.decide(any_got, 0.999, 1)
+    assert (want_any["decision"] == "normal") == bool((slice_dec == 0).all())
     keras_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
         str(setup["run"] / "best.keras")), str(tmp_path / "k_out"), setup["salt"])
     assert keras_answer["patient"]["method"] == "argmax"
