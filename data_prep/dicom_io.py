@@ -33,7 +33,6 @@ from data_prep import limits
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
 # Modality codes a detail may name (anything else is "not recognised": a tag value is never
@@ -236,15 +235,6 @@ def _parse_header(f, path: str, preamble: bool) -> pydicom.Dataset:
             raise StudyError("truncated_file", f"DICOM header cannot be parsed to its end "
                              f"({type(exc).__name__})", path)
         raise StudyError("not_dicom", f"unreadable header ({type(exc).__name__})", path)
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when the file is a regular file with the DICOM preamble ('DICM' at byte 128)."""
-    try:
-        head = limits.read_bytes(str(path), Limits(), 132)
-    except StudyError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_headers(paths: list[str], study: str, lim: Limits | None = None

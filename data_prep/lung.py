@@ -170,8 +170,3 @@ def _mirror_missing_lung(lung: np.ndarray, body: np.ndarray, hu: np.ndarray,
     src = np.clip(np.rint(2 * mid - x).astype(int), 0, lung.shape[1] - 1)
     mirrored = lung[:, src]
     return mirrored & body & (hu < 300.0)
-
-
-def lung_fraction(mask: np.ndarray) -> float:
-    """Lung area as a fraction of the whole slice."""
-    return float(mask.mean()) if mask.size else 0.0
