@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from covid_keras import schema
 from covid_keras.backbones import PREPROCESSING
-from covid_keras.imaging import BRIGHTNESS_RANGE
+from covid_keras.imaging import BRIGHTNESS_JITTERS, BRIGHTNESS_RANGE
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -101,15 +101,25 @@ def to_rgb(img):
 
 
 
-def augment(image_u8, seed, rotation_degrees: float = 0.0):
+def augment(image_u8, seed, rotation_degrees: float = 0.0,
+            brightness: str = "multiplicative"):
     """Stateless augmentation of one uint8 image: horizontal flip and brightness x
     U(0.874, 1.126), as the authors' code [, rotation]. Multiplicative, so the black
     (masked) background stays black; additive jitter or a contrast jitter around the mean
-    would grey it, and the background would then tell train from val images."""
+    would grey it, and the background would then tell train from val images.
+    ``brightness="additive"``: the earlier recipe (brightness +- 0.1, then contrast x
+    U(0.8, 1.2) around the mean), kept to measure the change (bench/README.md)."""
+    if brightness not in BRIGHTNESS_JITTERS:
+        raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
+                         f"{brightness!r}")
     s = tf.random.experimental.stateless_split(seed, 4)
     x = tf.cast(image_u8, tf.float32) / 255.0
     x = tf.image.stateless_random_flip_left_right(x, s[0])
-    x = x * tf.random.stateless_uniform([], s[1], *BRIGHTNESS_RANGE)
+    if brightness == "additive":
+        x = tf.image.stateless_random_brightness(x, 0.1, s[1])
+        x = tf.image.stateless_random_contrast(x, 0.8, 1.2, s[2])
+    else:
+        x = x * tf.random.stateless_uniform([], s[1], *BRIGHTNESS_RANGE)
     if rotation_degrees:
         angle = tf.random.stateless_uniform([], s[3], -1.0, 1.0) * (
             rotation_degrees * math.pi / 180.0)
@@ -137,6 +147,7 @@ class PipelineConfig:
     input_size: int = 448
     backbone: str = "resnet50"
     rotation_degrees: float = 0.0
+    brightness: str = "multiplicative"
     shuffle_buffer: int = 512
     deterministic: bool = False
     class_balanced: bool = False
@@ -204,7 +215,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
             # Augment the record's own channels (1 for grey), then repeat to RGB.
             img = decode_image(r[schema.IMAGE], cfg.input_size, rgb=False)
             img = augment(img, base + tf.stack([tf.constant(0, tf.int64), i]),
-                          cfg.rotation_degrees)
+                          cfg.rotation_degrees, cfg.brightness)
             return _output(r, to_rgb(img), cfg, with_meta)
     else:
         def prepare(r):

@@ -33,12 +33,12 @@ from covid_keras import (
     losses,
     recipes,  # noqa: F401 - registers the optimisers saved with models
 )
-from covid_keras.backbones import branch_view, build_backbone
+from covid_keras.backbones import BN_MOMENTUM, branch_view, build_backbone
 from covid_keras.baselines import apply_trainable
 
 # Keras's own per-replica loss scaling (x 1/replicas under a tf.distribute strategy, the
 # identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
-from covid_keras.keras_private import scale_loss_for_distribution
+from covid_keras.keras_private import all_layers, scale_loss_for_distribution
 from covid_keras.layers import (
     ConfidenceMapImage,
     MLPHead,
@@ -102,7 +102,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  loss_weights: dict | None = None, rank_margin: float = 1.0,
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
                  head_norm: bool = True, head_hidden_units: int | None = None,
-                 name: str = "drenet") -> DRENet:
+                 bn_momentum: float = BN_MOMENTUM, name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -126,6 +126,9 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         :mod:`covid_keras.layers.head`: without it the head collapses on real data).
       head_hidden_units: the head's hidden width (None: the variant's, paper 512, code 0 =
         a single Dense).
+      bn_momentum: momentum of every batch norm's moving statistics (backbone, branch
+        views, head): 0.9 = PyTorch's 0.1, as the authors; Keras's 0.99 leaves them stale on
+        short runs.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -148,7 +151,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "loss_weights": weights_by_term, "rank_margin": float(rank_margin),
                     "dropout": float(dropout), "trainable": trainable,
                     "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
-                    "head_hidden_units": head_hidden_units}
+                    "head_hidden_units": head_hidden_units,
+                    "bn_momentum": float(bn_momentum)}
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net
@@ -185,6 +189,9 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}
     model = DRENet(image, outputs, build_config, name=name)
+    for layer in all_layers(model):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(bn_momentum)
     if trainable != "all":
         apply_trainable(model, trainable)
     return model

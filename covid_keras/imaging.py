@@ -22,6 +22,9 @@ WINDOWS_HU: dict[str, tuple[float, float]] = {
 # Training brightness jitter: x U(lo, hi), the authors' multiplicative jitter (used by the
 # tf.data pipeline and by the NumPy pipeline of bench/accuracy_jax.py).
 BRIGHTNESS_RANGE = (0.874, 1.126)
+# The trainer's --brightness_jitter choices; "additive" (+- 0.1 and a contrast jitter, the
+# earlier recipe) greys the black background and is kept only to measure the change.
+BRIGHTNESS_JITTERS = ("multiplicative", "additive")
 
 
 def parse_windows(names: list[str] | tuple[str, ...]) -> list[tuple[str, float, float]]:

@@ -6,6 +6,8 @@ Keras's public API has no hook for these, so they are used here and nowhere else
   its loss for the distribution strategy as Keras's own losses do (DRENet);
 * ``Model._initial_epoch``: where ``fit`` (and our multi-worker loop) starts after a
   restore; ``BackupAndRestore`` sets it the same way;
+* ``Layer._flatten_layers``: every layer nested in a model, through subclassed layers
+  that ``Model.layers`` does not enter (:func:`all_layers`);
 * ``BackupAndRestore``'s private members (``_save_model``, ``_load_model``,
   ``_training_metadata_path``, ``_current_epoch``, ``_last_batch_seen``,
   ``backup_dir``): :class:`AtomicBackupAndRestore` overrides the two methods.
@@ -37,6 +39,13 @@ def initial_epoch(model: keras.Model, default: int = 0) -> int:
 
 def set_initial_epoch(model: keras.Model, epoch: int) -> None:
     model._initial_epoch = int(epoch)
+
+
+def all_layers(model: keras.layers.Layer) -> list:
+    """Every layer inside ``model`` (itself excluded), recursively, each once: also those
+    held by subclassed layers (DRENet's head, its branch views), which ``Model.layers`` and
+    ``Model.submodules`` do not list."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

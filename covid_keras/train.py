@@ -31,6 +31,7 @@ import time
 from absl import flags
 
 from covid_keras import cli, files, provenance
+from covid_keras.imaging import BRIGHTNESS_JITTERS
 
 FLAGS = flags.FLAGS
 
@@ -85,6 +86,14 @@ flags.DEFINE_float("target_sensitivity", 0.9, "With --decision_criterion=sensiti
 flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
 flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
 flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
+flags.DEFINE_enum("brightness_jitter", "multiplicative", list(BRIGHTNESS_JITTERS),
+                  "Training brightness jitter. multiplicative: x U(0.874, 1.126) as the "
+                  "authors (black stays black). additive: +- 0.1 and contrast x U(0.8, 1.2), "
+                  "the earlier recipe: it greys the masked background, so train images differ "
+                  "from val/test ones; kept to measure the change (bench/README.md).")
+flags.DEFINE_float("bn_momentum", 0.9, "Momentum of every batch-norm layer's moving "
+                   "statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 leaves them "
+                   "stale on short runs (inference-mode accuracy below training mode's).")
 flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
@@ -299,14 +308,32 @@ def build_model(num_classes: int):
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
                              backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
                              variant=FLAGS.variant, trainable=FLAGS.trainable,
-                             head_hidden_units=FLAGS.head_hidden_units)
+                             head_hidden_units=FLAGS.head_hidden_units,
+                             bn_momentum=FLAGS.bn_momentum)
     else:
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
                                  FLAGS.backbone_weights, trainable=FLAGS.trainable)
     apply_trainable(model, FLAGS.trainable)
+    set_bn_momentum(model, FLAGS.bn_momentum)
+    if hasattr(model, "build_config"):  # DRENet rebuilds from it when loaded
+        model.build_config["bn_momentum"] = float(FLAGS.bn_momentum)
     if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing
         model.build_config["trainable"] = FLAGS.trainable
     return model
+
+
+def set_bn_momentum(model, momentum: float) -> int:
+    """Sets every batch-norm layer's momentum (backbone, branch views, head; also of a
+    model from --init_from); returns how many there are."""
+    import keras
+
+    from covid_keras.keras_private import all_layers
+
+    norms = [lay for lay in all_layers(model)
+             if isinstance(lay, keras.layers.BatchNormalization)]
+    for lay in norms:
+        lay.momentum = float(momentum)
+    return len(norms)
 
 
 def compile_model(model, optimizer, jit_compile: bool):
@@ -364,6 +391,7 @@ def main(argv):
 
     cfg = data.PipelineConfig(input_size=FLAGS.input_size, backbone=FLAGS.backbone,
                               rotation_degrees=FLAGS.rotation_degrees,
+                              brightness=FLAGS.brightness_jitter,
                               shuffle_buffer=FLAGS.shuffle_buffer,
                               deterministic=FLAGS.deterministic,
                               class_balanced=FLAGS.class_balanced, num_classes=len(classes),
@@ -575,6 +603,8 @@ def check_recipe():
     if weights not in (None, "", "imagenet") and not files.exists(weights):
         raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "
                                 "'imagenet' or a local weights file)")
+    if not 0.0 <= FLAGS.bn_momentum < 1.0:
+        raise ValueError(f"--bn_momentum must be in [0, 1). Received: {FLAGS.bn_momentum}")
     if FLAGS.epochs < 1 and not FLAGS.stages:
         raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
     return stages, decay_epochs

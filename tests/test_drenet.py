@@ -292,3 +292,17 @@ def test_crops_and_generated_image_have_batch_norms_of_their_own():
     one = build_drenet(2, input_size=SIZE, backbone="tiny", branch_bn=False)
     assert not any(lay.name.endswith("crops_backbone") for lay in one.layers)
     assert len(model.trainable_weights) > len(one.trainable_weights)
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_survives_saving(tmp_path):
+    from covid_keras.keras_private import all_layers
+
+    def momenta(m):
+        return {lay.momentum for lay in all_layers(m)
+                if isinstance(lay, keras.layers.BatchNormalization)}
+
+    model = build_drenet(2, input_size=64, backbone="tiny", bn_momentum=0.5)
+    assert momenta(model) == {0.5}  # backbone, branch views and head alike
+    model.save(tmp_path / "m.keras")
+    assert momenta(keras.saving.load_model(tmp_path / "m.keras")) == {0.5}
+    assert momenta(build_drenet(2, input_size=64, backbone="tiny")) == {0.9}

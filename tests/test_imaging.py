@@ -49,3 +49,18 @@ def test_brightness_jitter_is_multiplicative_and_keeps_the_background_black():
         ratios.append(out.max() / 200.0)
     assert BRIGHTNESS_RANGE[0] - 0.01 <= min(ratios) < 1.0 < max(ratios) <= \
         BRIGHTNESS_RANGE[1] + 0.01
+
+
+def test_additive_brightness_jitter_greys_the_background_and_is_refused_by_name():
+    # The earlier recipe, kept to measure the change (--brightness_jitter=additive).
+    import tensorflow as tf
+
+    from covid_keras.data import augment
+
+    img = np.zeros((16, 16, 1), np.uint8)
+    img[4:12, 4:12] = 200
+    outs = [augment(tf.constant(img), tf.constant([3, i], tf.int64), brightness="additive")
+            .numpy() for i in range(20)]
+    assert max(int(o[img == 0].max()) for o in outs) > 0  # black is no longer black
+    with pytest.raises(ValueError, match="Received: 'gamma'"):
+        augment(tf.constant(img), tf.constant([3, 0], tf.int64), brightness="gamma")

@@ -48,3 +48,21 @@ def test_fit_starts_at_the_initial_epoch_a_callback_sets():
 def test_scale_loss_for_distribution_is_identity_without_a_strategy():
     assert float(keras_private.scale_loss_for_distribution(keras.ops.convert_to_tensor(
         3.0))) == pytest.approx(3.0)
+
+
+def test_all_layers_reaches_layers_held_by_a_subclassed_layer():
+    class Holder(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.BatchNormalization(name="inner_bn")
+            self.dense = keras.layers.Dense(2, name="inner_dense")
+
+        def call(self, x):
+            return self.dense(self.norm(x))
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, Holder(name="holder")(keras.layers.Dense(3)(inputs)))
+    names = [layer.name for layer in keras_private.all_layers(model)]
+    assert "inner_bn" in names and "inner_dense" in names and "holder" in names
+    assert len(names) == len(set(names))
+    assert "inner_bn" not in [layer.name for layer in model.layers]
