@@ -520,3 +520,24 @@ def test_predict_requests_and_rest_bodies_map_onto_the_signatures(exported):
         servable.run("predict_images", {"image_bytes": np.array([b"nope"], dtype=object)})
     with pytest.raises(serve.ServingError, match="at least one slice"):
         servable.run("predict_study", {"images": np.zeros((0, SIZE, SIZE, 3), np.float32)})
+
+
+def test_export_keeps_the_decisions_normal_class_null_included(tmp_path):
+    # decision_of carries normal_class into the export (covid_keras.json and predict_study):
+    # an explicit null (the old any rule) must not be re-inferred as "normal".
+    from covid_keras import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    base = {"rule": "any", "threshold": 0.5, "positive_class": "covid", "classes": CLASSES3,
+            "split": "val"}
+    for stored, want in ((None, None), ("normal", "normal")):
+        (run / "decision.json").write_text(json.dumps(dict(base, normal_class=stored)))
+        decision, _ = export.decision_of(str(run), list(CLASSES3))
+        assert "normal_class" in decision and decision["normal_class"] == want
+    (run / "decision.json").write_text(json.dumps(base))  # written before the field
+    decision, _ = export.decision_of(str(run), list(CLASSES3))
+    assert decision["normal_class"] == "normal"
+    probs, answer = SEED004_CASES[0]
+    old_rule = _study(CLASSES3, dict(base, normal_class=None), probs)
+    assert CLASSES3[int(old_rule["decision"])] == "normal" != answer
