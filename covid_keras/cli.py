@@ -170,8 +170,11 @@ def fail(program: str, message: str, code: int = 1):
 
 
 def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
-        argv: Sequence[str] | None = None, program: str | None = None) -> None:
-    """absl's ``app.run(main)`` with the behaviour described in the module docstring."""
+        argv: Sequence[str] | None = None, program: str | None = None,
+        flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+    """absl's ``app.run(main)`` with the behaviour described in the module docstring.
+    ``flags_parser``: absl's ``app.run`` argument (default: absl's strict parser); what it
+    returns beyond the program name counts as stray positional arguments."""
     from absl import app, flags
 
     argv = list(sys.argv if argv is None else argv)
@@ -200,4 +203,7 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
                 raise
             fail(program, error_line(exc))
 
-    app.run(wrapped, argv=argv)
+    if flags_parser is None:
+        app.run(wrapped, argv=argv)
+    else:
+        app.run(wrapped, argv=argv, flags_parser=flags_parser)

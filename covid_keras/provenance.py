@@ -39,3 +39,14 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def module_flags(module_name: str, exclude: tuple[str, ...] = ()) -> dict:
+    """The absl flags ``module_name`` defines and their values (what a run records: the
+    program's own flags, never absl's or TensorFlow's), less ``exclude``."""
+    import sys
+
+    from absl import flags
+
+    return {f.name: f.value for f in flags.FLAGS.get_flags_for_module(sys.modules[module_name])
+            if f.name not in exclude}

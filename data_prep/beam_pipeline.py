@@ -4,9 +4,11 @@
         [--beam_runner=DirectRunner] [--direct_num_workers=2 \\
          --direct_running_mode=multi_processing]
 
-Needs the ``[beam]`` extra (``pip install -e .[beam]``). Unknown command-line arguments are
-Beam pipeline options; ``--beam_runner=X`` is Beam's ``--runner=X`` (``--runner`` itself is
-this project's local / beam switch). Without options, Beam's DirectRunner runs in-process.
+Needs the ``[beam]`` extra (``pip install -e .[beam]``). Command-line flags that are not
+data_prep's and that Beam knows are Beam pipeline options (any other is refused with absl's
+"did you mean"); ``--beam_runner=X`` is Beam's ``--runner=X`` (``--runner`` itself is this
+project's local / beam switch). Without options, Beam's DirectRunner runs in-process. Beam's
+INFO logs show only with ``--verbosity=1``.
 
 The pipeline runs the local runner's own picklable functions (:mod:`data_prep.pipeline`:
 ``scan_study``, ``make_plan``, ``process_planned``, ``finish``)::
@@ -38,12 +40,15 @@ the job's staging location as private as the salt file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
+import shutil
 import uuid
 
-from data_prep import pipeline
+from covid_keras import files
+from data_prep import pipeline, storage
 from data_prep.pipeline import Outcome, Plan, StudyMeta, make_plan, process_planned
 from data_prep.study import StudyScan, StudyTask, scan_study
 
@@ -63,7 +68,7 @@ def _meta(item: tuple[int, StudyScan]) -> StudyMeta:
 
 
 def _write_summary(outcomes: list[Outcome], plan: Plan, path: str) -> None:
-    pipeline.atomic_write_bytes(path, pickle.dumps((outcomes, plan), protocol=4))
+    storage.write_bytes(path, pickle.dumps((outcomes, plan), protocol=4))
 
 
 def _process_fn():
@@ -88,6 +93,15 @@ def pipeline_options(beam_argv: list[str]):
     """Beam's PipelineOptions from the command line's leftovers (--beam_runner -> --runner)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    return PipelineOptions(beam_args(beam_argv))
+
+
+def beam_args(beam_argv: list[str]) -> list[str]:
+    """The command line's leftovers as Beam arguments (--beam_runner -> --runner). Raises a
+    one-line ValueError (absl's "did you mean") for a flag Beam does not know: Beam would
+    drop it with a warning."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     args = []
     for arg in beam_argv:
         if not arg.startswith("-"):
@@ -102,7 +116,7 @@ def pipeline_options(beam_argv: list[str]):
         name = arg.lstrip("-").split("=", 1)[0]
         if name.replace("-", "_") not in known:  # Beam would drop it with a warning
             raise ValueError(_unknown_flag(name, known))
-    return PipelineOptions(args)
+    return args
 
 
 def _unknown_flag(name: str, beam_names: set[str]) -> str:
@@ -140,24 +154,37 @@ def build(p, tasks: list[StudyTask], cfg: pipeline.RunConfig, spool: str, summar
 
 
 def run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
-        beam_argv: list[str]) -> pipeline.RunSummary:
-    options = pipeline_options(beam_argv)
+        options) -> pipeline.RunSummary:
+    """``options``: Beam's PipelineOptions (or the command line's leftovers)."""
+    if isinstance(options, (list, tuple)):
+        options = pipeline_options(list(options))
+    if files.is_remote(cfg.output_dir):
+        # the spool is shared by the workers (Beam's FileSystems); the outputs are written
+        # in a local working folder and copied over, manifest.json last
+        spool = storage.join(cfg.output_dir, pipeline.SPOOL)
+        local = dataclasses.replace(cfg, output_dir=pipeline.work_dir(cfg.output_dir))
+        with pipeline.exclusive_output(local.output_dir):
+            summary = _run(tasks, local, resolved_flags, options, spool)
+        pipeline.publish(local.output_dir, cfg.output_dir)
+        shutil.rmtree(os.path.dirname(local.output_dir), ignore_errors=True)
+        return summary
     with pipeline.exclusive_output(cfg.output_dir):
-        return _run(tasks, cfg, resolved_flags, options)
+        return _run(tasks, cfg, resolved_flags, options,
+                    os.path.join(cfg.output_dir, pipeline.SPOOL))
 
 
 def _run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
-         options) -> pipeline.RunSummary:
+         options, spool: str) -> pipeline.RunSummary:
     import apache_beam as beam
 
-    spool = os.path.join(cfg.output_dir, pipeline.SPOOL)
-    os.makedirs(spool, exist_ok=True)
-    summary_path = os.path.join(spool, f"{SUMMARY_PREFIX}{uuid.uuid4().hex}.pkl")
+    storage.makedirs(spool)
+    n_input = len(tasks)
+    tasks, excluded = pipeline.select_tasks(tasks, cfg)
+    summary_path = storage.join(spool, f"{SUMMARY_PREFIX}{uuid.uuid4().hex}.pkl")
     log.info("Beam pipeline: %d studies, options %s", len(tasks),
              options.get_all_options(drop_default=True))
     with beam.Pipeline(options=options) as p:
         build(p, tasks, cfg, spool, summary_path)
-    with open(summary_path, "rb") as f:
-        outcomes, plan = pickle.load(f)
-    os.remove(summary_path)
-    return pipeline.finish(outcomes, plan, cfg, resolved_flags, len(tasks))
+    outcomes, plan = pickle.loads(storage.read_bytes(summary_path))
+    storage.remove(summary_path)
+    return pipeline.finish(outcomes, plan, cfg, resolved_flags, n_input, excluded, spool)

@@ -8,10 +8,19 @@ as <root>/<label>/<study>/. --output_dir receives <split>-NNNNN-of-NNNNN.tfrecor
 manifest.json (counts, dropped slices, flags, versions, hashes) and failures.csv (every
 rejected study, file and slice warning, with its reason). The exit code is 0 when at least
 one record was written (1 otherwise); with --strict, any failed study also exits 1.
+
+Every flag is checked before anything is written (the salt file, the output folder): an
+unknown flag is absl's one line with "did you mean", a run-time error a user can cause
+(missing input, read-only output path, bad values) one line ``data_prep.build_tfrecords:
+error: ...`` and exit 1; ``--verbosity=1`` shows the traceback (and Beam's INFO logs).
+``--output_dir`` may be on any file system TensorFlow knows (``gs://``, ``s3://``...): the
+local runner then works in a local folder and copies the finished files over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -19,6 +28,7 @@ import sys
 
 from absl import app, flags
 
+from covid_keras import cli, files, provenance
 from covid_keras.imaging import parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
@@ -41,10 +51,18 @@ flags.DEFINE_string("dataset", None, "Dataset name (default: --output_dir's base
                     "never --input's, which may identify a patient).")
 flags.DEFINE_enum("runner", "local", ["local", "beam"],
                   "local: processes on this machine; beam: an Apache Beam pipeline (needs the "
-                  "[beam] extra). Other --flags pass through as Beam pipeline options; "
-                  "--beam_runner=X is Beam's --runner=X (e.g. DirectRunner, DataflowRunner).")
+                  "[beam] extra). Beam pipeline options (e.g. --project, --region, "
+                  "--temp_location, --setup_file) pass through; any other unknown flag is an "
+                  "error. --beam_runner=X is Beam's --runner=X (e.g. DirectRunner, "
+                  "DataflowRunner).")
 flags.DEFINE_list("classes", [], "Class order (label index = position). Default: sorted "
-                  "labels found.")
+                  "labels found. A folder input's other <label>/ folders are excluded "
+                  "(counted apart in manifest.json, not failures); see --exclude_labels for a "
+                  "manifest.")
+flags.DEFINE_list("exclude_labels", [], "Labels (after --label_map) of a manifest input that "
+                  "are left out on purpose, e.g. normal for a covid,bacterial task: counted "
+                  "apart as excluded, not failures. Other labels not in --classes fail their "
+                  "study (label_unknown).")
 flags.DEFINE_list("label_map", [], "FROM:TO label renames, e.g. COVID:covid,NonCOVID:non_covid.")
 flags.DEFINE_list("manifest_columns", [], "OURS:THEIRS column names for a manifest with other "
                   "headers, e.g. study_path:file.")
@@ -100,14 +118,17 @@ flags.DEFINE_string("salt_file", None, "Secret salt for patient/study keys; crea
 
 
 def _salt(path: str) -> bytes:
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        pipeline.atomic_write_bytes(path, secrets.token_hex(32).encode())
-        os.chmod(path, 0o600)
+    """The salt at ``path`` (any file system); created (random, private) when missing."""
+    if not files.exists(path):
+        parent = os.path.dirname(path)
+        if parent:
+            files.makedirs(parent)
+        files.atomic_write_bytes(path, secrets.token_hex(32).encode())
+        if not files.is_remote(path):
+            os.chmod(path, 0o600)
         logging.info("Created a new salt in %s (keep it private, reuse it for this dataset).",
                      path)
-    with open(path, "rb") as f:
-        salt = f.read().strip()
+    salt = files.read_bytes(path).strip()
     if len(salt) < 16:
         raise ValueError(f"Salt file {path} is too short (need >= 16 bytes)")
     return salt
@@ -123,24 +144,95 @@ NOT_RECORDED = ("input", "output_dir", "workers", "salt_file", "runner", "study_
 
 def resolved_flags() -> dict:
     """The flags of this module and their values (what manifest.json records)."""
-    return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])
-            if flag.name not in NOT_RECORDED}
+    return provenance.module_flags(__name__, exclude=NOT_RECORDED)
 
 
-def build_config() -> pipeline.RunConfig:
+def _dataset_and_output() -> tuple[str, str]:
     # Never named after --input's folder: a hospital export's folder name can identify a
     # patient, and the name goes into manifest.json and the default output path.
     if FLAGS.dataset:
         dataset = FLAGS.dataset
     elif FLAGS.output_dir:
-        dataset = os.path.basename(os.path.normpath(FLAGS.output_dir))
+        dataset = os.path.basename(os.path.normpath(FLAGS.output_dir.rstrip("/")))
     else:
         raise ValueError("give --output_dir or --dataset (the dataset is not named after "
                          "--input's folder, which may identify a patient)")
-    output_dir = FLAGS.output_dir or os.path.join("tfrecords", dataset)
+    if not dataset or dataset in (".", "..") or "/" in dataset:
+        raise ValueError(f"--dataset must be a plain name. Received: {dataset!r}")
+    return dataset, FLAGS.output_dir or os.path.join("tfrecords", dataset)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_values() -> None:
+    """Flag values that cannot make a run (one line each), before anything is read."""
+    _check(FLAGS.workers >= 1, f"--workers must be >= 1. Received: {FLAGS.workers}")
+    _check(FLAGS.num_slices >= 1, f"--num_slices must be >= 1. Received: {FLAGS.num_slices}")
+    _check(FLAGS.min_slices >= 1, f"--min_slices must be >= 1. Received: {FLAGS.min_slices}")
+    _check(FLAGS.shard_size_mb > 0, f"--shard_size_mb must be > 0. Received: "
+                                    f"{FLAGS.shard_size_mb}")
+    _check(len(FLAGS.image_window) == 2, "--image_window is LEVEL,WIDTH. Received: "
+                                         f"{','.join(FLAGS.image_window)}")
+    _check(len(FLAGS.split_fractions) == 3, "--split_fractions needs 3 values. Received: "
+                                            f"{','.join(FLAGS.split_fractions)}")
+    try:
+        fractions = [float(v) for v in FLAGS.split_fractions + FLAGS.image_window]
+    except ValueError:
+        raise ValueError("--split_fractions and --image_window take numbers. Received: "
+                         f"{','.join(FLAGS.split_fractions)} and "
+                         f"{','.join(FLAGS.image_window)}") from None
+    _check(min(fractions[:3]) >= 0 and sum(fractions[:3]) > 0, "--split_fractions must be "
+           f"non-negative with a positive sum. Received: {','.join(FLAGS.split_fractions)}")
+    _check(0.0 <= FLAGS.val_from_train < 1.0, "--val_from_train must be in [0, 1). Received: "
+                                              f"{FLAGS.val_from_train}")
+    _check(0 <= FLAGS.repeat < 5, f"--repeat must be in [0, 5). Received: {FLAGS.repeat}")
+    _check(len(set(FLAGS.classes)) == len(FLAGS.classes),
+           f"--classes names a class twice. Received: {','.join(FLAGS.classes)}")
+    _check(not set(FLAGS.exclude_labels) & set(FLAGS.classes),
+           "--exclude_labels and --classes share labels. Received: "
+           f"{sorted(set(FLAGS.exclude_labels) & set(FLAGS.classes))}")
+    _check(not FLAGS.exclude_labels or bool(FLAGS.classes),
+           "--exclude_labels needs --classes (the classes that are kept)")
+    _check(FLAGS.max_file_mb > 0, f"--max_file_mb must be > 0. Received: {FLAGS.max_file_mb}")
+    _check(FLAGS.max_image_pixels > 0, "--max_image_pixels must be > 0. Received: "
+                                       f"{FLAGS.max_image_pixels}")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable(path: str, what: str, *, beside: bool = False) -> None:
+    """A one-line error when ``path`` (a local folder or file to be made) cannot be written;
+    ``beside``: files are also made in its parent folder (the lock, the staging folder).
+    Nothing is written. Paths on other file systems are left to the run."""
+    if files.is_remote(path):
+        return
+    targets = [path] + ([os.path.dirname(os.path.abspath(path))] if beside else [])
+    for target in targets:
+        existing = _nearest_existing(target)
+        if not os.path.isdir(existing):
+            raise ValueError(f"{what} {path} cannot be made: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path} cannot be written: {existing} is read-only")
+
+
+def build_config(salt: bytes | None = None) -> pipeline.RunConfig:
+    """The run's configuration from the flags (``salt=None``: the salt file is read or
+    created, the run's first write)."""
+    _check_values()
+    dataset, output_dir = _dataset_and_output()
     level, width = (float(v) for v in FLAGS.image_window)
-    scan = ScanConfig(salt=_salt(FLAGS.salt_file or os.path.join(output_dir, "patient_salt.key")),
-                      num_slices=FLAGS.num_slices, sampling=FLAGS.sampling,
+    scan = ScanConfig(salt=salt or b"", num_slices=FLAGS.num_slices, sampling=FLAGS.sampling,
                       min_slices=FLAGS.min_slices, image_window_hu=(level, width),
                       limits=limits.Limits(
                           max_file_bytes=int(FLAGS.max_file_mb * 1024 * 1024),
@@ -152,46 +244,70 @@ def build_config() -> pipeline.RunConfig:
                       crop_to_lung=FLAGS.crop_to_lung, fill_blank=FLAGS.fill_blank,
                       lung=LungMaskParams(gas_median_hu=FLAGS.gas_median_hu))
     fractions = tuple(float(v) for v in FLAGS.split_fractions)
-    if len(fractions) != 3:
-        raise ValueError(f"--split_fractions needs 3 values. Received: {FLAGS.split_fractions}")
-    return pipeline.RunConfig(
+    cfg = pipeline.RunConfig(
         output_dir=output_dir, scan=scan, prep=prep, classes=tuple(FLAGS.classes),
         split_scheme=FLAGS.split_scheme, split_fractions=fractions,  # type: ignore[arg-type]
         repeat=FLAGS.repeat, val_from_train=FLAGS.val_from_train, seed=FLAGS.seed,
-        workers=FLAGS.workers,
-        shard_size_mb=FLAGS.shard_size_mb, dataset=dataset)
+        workers=FLAGS.workers, shard_size_mb=FLAGS.shard_size_mb, dataset=dataset,
+        exclude_labels=tuple(FLAGS.exclude_labels))
+    if salt is None:
+        cfg = with_salt(cfg, _salt(salt_path(cfg)))
+    return cfg
+
+
+def salt_path(cfg: pipeline.RunConfig) -> str:
+    return FLAGS.salt_file or os.path.join(cfg.output_dir, "patient_salt.key")
+
+
+def with_salt(cfg: pipeline.RunConfig, salt: bytes) -> pipeline.RunConfig:
+    return dataclasses.replace(cfg, scan=dataclasses.replace(cfg.scan, salt=salt))
 
 
 def main(argv: list[str]) -> int:
+    debug = FLAGS.verbosity >= 1
     logging.getLogger().setLevel(logging.INFO)
-    try:
-        tasks = inputs.read_input(
-            FLAGS.input,
-            columns=inputs.parse_mapping(FLAGS.manifest_columns, "--manifest_columns"),
-            label_map=inputs.parse_mapping(FLAGS.label_map, "--label_map"),
-            split_map=inputs.parse_mapping(FLAGS.split_map, "--split_map"),
-            encoding=FLAGS.manifest_encoding)
-    except (ValueError, OSError) as err:  # the input as a whole cannot be read: one line
-        logging.error("%s", err)
-        return 1
-    try:
-        cfg = build_config()
-    except (ValueError, OSError) as err:  # flags that cannot make a run: one line
-        logging.error("%s", err)
-        return 1
+    # Beam's INFO lines (a dozen per stage) only with --verbosity >= 1
+    logging.getLogger("apache_beam").setLevel(logging.INFO if debug else logging.WARNING)
+    # 1. every flag, the input and the output paths: nothing is written before they pass
+    cfg = build_config(salt=b"")
+    beam_options = None
+    if FLAGS.runner == "beam":
+        try:
+            with _quiet_beam_import():
+                from data_prep import beam_pipeline
+
+                beam_options = beam_pipeline.pipeline_options(_BEAM_ARGV)
+        except ImportError:
+            raise ValueError("--runner=beam needs the [beam] extra: "
+                             "pip install -e .[beam]") from None
+    tasks = inputs.read_input(
+        FLAGS.input,
+        columns=inputs.parse_mapping(FLAGS.manifest_columns, "--manifest_columns"),
+        label_map=inputs.parse_mapping(FLAGS.label_map, "--label_map"),
+        split_map=inputs.parse_mapping(FLAGS.split_map, "--split_map"),
+        encoding=FLAGS.manifest_encoding)
+    if cfg.classes and os.path.isdir(FLAGS.input):
+        # a folder input's <label>/ folders are its classes: the ones not asked for are
+        # excluded on purpose (counted apart), never failures
+        found = {t.label for t in tasks if t.error is None}
+        cfg = dataclasses.replace(cfg, exclude_labels=tuple(
+            sorted(set(cfg.exclude_labels) | (found - set(cfg.classes)))))
+    check_writable(cfg.output_dir, "--output_dir", beside=True)
+    if not files.exists(salt_path(cfg)):
+        check_writable(salt_path(cfg), "--salt_file")
+    # 2. the run (TensorFlow writes the shards: imported without its C++ start-up notices)
+    _import_tensorflow_quietly(debug)
+    cfg = with_salt(cfg, _salt(salt_path(cfg)))
     logging.info("%d studies -> %s (%d workers)", len(tasks), cfg.output_dir, cfg.workers)
     try:
-        if FLAGS.runner == "beam":
+        if beam_options is not None:
             from data_prep import beam_pipeline
 
-            summary = beam_pipeline.run(tasks, cfg, resolved_flags(), argv[1:])
+            summary = beam_pipeline.run(tasks, cfg, resolved_flags(), beam_options)
         else:
-            if len(argv) > 1:
-                raise app.UsageError(f"Unknown arguments: {argv[1:]}")
             summary = pipeline.run(tasks, cfg, resolved_flags())
-    except (StudyError, RuntimeError) as err:  # run-level: e.g. another run on the folder
-        logging.error("Run failed: %s", err)
-        return 1
+    except StudyError as err:  # run-level: e.g. the split cannot be made
+        raise ValueError(f"Run failed: {err}") from err
     print(pipeline.summary_table(summary.manifest))
     print(f"wrote {summary.written_records} records to {cfg.output_dir} "
           f"({len(summary.manifest['files'])} shards); failures: "
@@ -205,14 +321,66 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run_main() -> None:
-    flags.mark_flag_as_required("input")
-    app.run(main, flags_parser=_parse_flags)
+def _import_tensorflow_quietly(debug: bool) -> None:
+    cli.quiet_tensorflow(debug)
+    with cli.quiet_stderr(not debug and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"):
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def _quiet_beam_import():
+    """Beam's import logs a root WARNING about GCP clients a local run never needs: off
+    unless --verbosity >= 1."""
+    root = logging.getLogger()
+    level = root.level
+    if FLAGS.verbosity < 1:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+# The Beam pipeline options of the command line (--runner=beam), set by _parse_flags.
+_BEAM_ARGV: list[str] = []
+
+
+def _usage_error(message: str) -> None:
+    """absl's own report of a flag error (app.parse_flags_with_usage), exit 1."""
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    # Beam's own options (--beam_runner=..., --direct_num_workers=...) pass through.
-    return FLAGS(argv, known_only=True)
+    """absl's strict parse, except that with --runner=beam the flags Beam knows (and
+    --beam_runner) are kept for Beam; any other unknown flag is absl's "did you mean"
+    error. Returns the program name and the positional arguments (errors for cli.run)."""
+    try:
+        rest = FLAGS(argv, known_only=True)
+    except flags.Error as err:
+        _usage_error(str(err))
+    unknown = [a for a in rest[1:] if a.startswith("-") and a != "-"]
+    positional = [a for a in rest[1:] if not (a.startswith("-") and a != "-")]
+    if unknown and FLAGS.runner == "beam":
+        try:
+            with _quiet_beam_import():
+                from data_prep import beam_pipeline
+
+                _BEAM_ARGV[:] = beam_pipeline.beam_args(unknown)
+        except ImportError:
+            _usage_error("--runner=beam needs the [beam] extra: pip install -e .[beam]")
+        except ValueError as err:
+            _usage_error(str(err))
+    elif unknown:
+        app.parse_flags_with_usage(argv)  # absl's "Unknown command line flag ... did you mean"
+        _usage_error(f"Unknown command line flags {unknown}")  # not reached
+    return rest[:1] + positional
+
+
+def run_main() -> None:
+    cli.run(main, required=["input"], program="data_prep.build_tfrecords",
+            flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

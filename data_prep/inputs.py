@@ -83,7 +83,8 @@ def read_input(path: str, *, columns: dict[str, str] | None = None,
     if os.path.isdir(path):
         return _read_folder(path, label_map)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input is neither a folder nor a manifest CSV: {path}")
+        # the path is not echoed: its folder names may name a patient
+        raise ValueError("--input is neither a folder nor a manifest CSV (does it exist?)")
     return _read_manifest(path, columns or {}, label_map, split_map or {}, encoding)
 
 
@@ -104,7 +105,7 @@ def _read_folder(root: str, label_map: dict[str, str]) -> list[StudyTask]:
             tasks.append(StudyTask(study_id=f"{label_dir.name}/{study.name}", path=str(study),
                                    label=label, origin=origin, error=error))
     if not tasks:
-        raise ValueError(f"No <label>/<study> entries under {root}")
+        raise ValueError("--input holds no <label>/<study> entries")
     return tasks
 
 

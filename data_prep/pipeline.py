@@ -13,6 +13,16 @@ are written into a staging folder beside ``output_dir`` and swapped in whole (an
 exchange where the OS has it), so a reader never sees new shards under an old
 ``manifest.json``. A lock beside ``output_dir`` keeps two runs apart; the next run removes
 what a killed one left (staging folders, ``*.tmp-*`` files).
+
+An ``output_dir`` on another file system (``gs://``, ``s3://``, ``ram://``: anything
+``tf.io.gfile`` knows) is built in a local working folder (the spool, hence resume, stay
+local) and copied over when finished: shards first, stale shards removed, ``manifest.json``
+last.
+
+Excluded labels (a class left out of a binary task) are counted apart in
+``manifest.json``'s ``studies.excluded``, never scanned and never failures. A split that ends
+up empty (too few patients for its fraction, or all its studies failed) is a warning in the
+log and in ``manifest.json`` (``empty_splits``: split -> why; ``warnings``).
 """
 
 from __future__ import annotations
@@ -21,7 +31,6 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -29,20 +38,19 @@ import logging
 import math
 import os
 import pickle
-import platform
 import re
 import shutil
-import sys
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from tqdm import tqdm
-
-from covid_keras import schema
-from data_prep import redact, workers
+from covid_keras import files as fs
+from covid_keras import provenance, schema
+from data_prep import redact, storage, workers
 from data_prep.errors import Issue, StudyError
 from data_prep.preprocess import PrepConfig
+from data_prep.progress import Progress
 from data_prep.split import PatientInfo, assign_splits, check_disjoint, merge_patient
 from data_prep.split import repeated_splits as all_repeats
 from data_prep.study import (
@@ -82,6 +90,8 @@ class RunConfig:
     workers: int = 1
     shard_size_mb: float = 128.0
     dataset: str = ""
+    # labels left out on purpose (not in ``classes``): counted apart, never failures
+    exclude_labels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -104,10 +114,10 @@ def parallel_map(fn: Callable, arg_list: list[tuple], n_workers: int, desc: str,
                  on_lost: Callable[[tuple, str, str], Any], hard_timeout_s: float = 0.0,
                  memory_limit_mb: float = 0.0) -> Iterator:
     """fn(*args) for each args, in order, over ``n_workers`` spawned processes (0/1: inline),
-    with a progress bar (shown on a terminal). A task whose worker dies or runs past
+    with a progress bar (log lines when not on a terminal). A task whose worker dies or runs past
     ``hard_timeout_s`` becomes ``on_lost(args, "crashed" | "timeout", detail)``
     (:mod:`data_prep.workers`); the others go on."""
-    bar = tqdm(total=len(arg_list), desc=desc, unit="study", disable=None, file=sys.stderr)
+    bar = Progress(len(arg_list), desc, "study")
     try:
         if n_workers <= 1 or len(arg_list) <= 1:
             outputs: Iterable = (fn(*args) for args in arg_list)
@@ -165,44 +175,33 @@ def spool_key(scan: StudyScan, split: str, label_index: int, cfg_hash: str) -> s
 
 
 def _spool_path(spool: str, key: str) -> str:
-    return os.path.join(spool, key[:32] + ".pkl")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return storage.join(spool, key[:32] + ".pkl")
 
 
 def _process_to_spool(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanConfig,
                       prep: PrepConfig, seed: int, spool_file: str, key: str) -> StudyResult:
     """Worker: process one study, spool its records, return the result without them."""
-    if os.path.exists(spool_file):
+    if storage.exists(spool_file):
         try:
-            with open(spool_file, "rb") as f:
-                result = pickle.load(f)
+            result = pickle.loads(storage.read_bytes(spool_file))
             if result.spool_key != key:
                 raise ValueError("spool key mismatch")
             result.records = [None] * len(result.records)  # placeholders: counts only
             return result
         except Exception:  # noqa: BLE001 - a damaged or foreign spool file is redone
-            os.remove(spool_file)
+            storage.remove(spool_file)
     result = process_study(scan, split, label_index, scan_cfg, prep, seed)
     result.spool_key = key
     if result.error is None:
         for r in result.records:
             schema.validate(r)
-        atomic_write_bytes(spool_file, pickle.dumps(result, protocol=4))
+        storage.write_bytes(spool_file, pickle.dumps(result, protocol=4))
     result.records = [None] * len(result.records)
     return result
 
 
 def _load_spooled(spool_file: str) -> list[dict]:
-    with open(spool_file, "rb") as f:
-        return pickle.load(f).records
+    return pickle.loads(storage.read_bytes(spool_file)).records
 
 
 # ---------------------------------------------------------------- shards
@@ -233,14 +232,6 @@ def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
             n += 1
     os.replace(tmp, path)
     return n
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- the plan
@@ -397,6 +388,10 @@ def collect(outcomes: list[Outcome], plan: Plan
 
 
 # ---------------------------------------------------------------- the output folder
+class OutputBusyError(OSError, RuntimeError):
+    """Another run holds the output folder (a user error: one line, no traceback)."""
+
+
 def _staging_paths(output_dir: str) -> tuple[str, str]:
     real = os.path.realpath(output_dir)
     return os.path.dirname(real), os.path.basename(real)
@@ -416,7 +411,7 @@ def exclusive_output(output_dir: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"Another data_prep run is writing {output_dir}") from None
+            raise OutputBusyError(f"Another data_prep run is writing {output_dir}") from None
         clean_stale(output_dir)
         yield
     finally:
@@ -507,18 +502,128 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def finish(outcomes: list[Outcome], plan: Plan, cfg: RunConfig, resolved_flags: dict,
-           n_input: int) -> RunSummary:
-    """Shards, manifest.json and failures.csv from the outcomes; removes the spool."""
+           n_input: int, excluded: int = 0, spool: str | None = None) -> RunSummary:
+    """Shards, manifest.json and failures.csv from the outcomes; removes the spool
+    (default ``<output_dir>/.partial``)."""
     issues, results, slice_stats = collect(outcomes, plan)
+    notes = run_notes(plan, cfg, results)
     manifest = _write_outputs(results, cfg, plan.classes, plan.patients, plan.splits,
-                              resolved_flags, n_input, issues, slice_stats)
-    shutil.rmtree(os.path.join(cfg.output_dir, SPOOL), ignore_errors=True)
+                              resolved_flags, n_input, issues, slice_stats,
+                              {"excluded": excluded, **notes})
+    storage.rmtree(spool or os.path.join(cfg.output_dir, SPOOL))
     return RunSummary(manifest, issues, sum(len(r.records) for r, _ in results))
+
+
+def expected_splits(cfg: RunConfig) -> list[str]:
+    """The splits the flags ask for (a positive share)."""
+    if cfg.split_scheme == "repeated_3to1":
+        return ["train", "val"]
+    out = [name for name, f in zip(schema.SPLITS, cfg.split_fractions) if f > 0]
+    if cfg.val_from_train > 0 and "val" not in out:
+        out.insert(1, "val")
+    return out
+
+
+def run_notes(plan: Plan, cfg: RunConfig, results: list[tuple[StudyResult, str]]) -> dict:
+    """What the run should say about itself: splits that ended up empty (and why), classes
+    without a written study. Logged as warnings; recorded in manifest.json. Counts and
+    flag values only (never a name)."""
+    empty: dict[str, str] = {}
+    assigned = Counter(plan.splits.values())
+    written = Counter(r.split for r, _ in results)
+    by_fraction = [k for k, p in plan.patients.items() if not p.manifest_split]
+    strata = {(plan.patients[k].label, plan.patients[k].site) for k in by_fraction}
+    manifest_named = {p.manifest_split for p in plan.patients.values() if p.manifest_split}
+    shares = "/".join(f"{100 * f / sum(cfg.split_fractions):g}" for f in cfg.split_fractions)
+    for split in schema.SPLITS:
+        if written[split]:
+            continue
+        if assigned[split]:
+            empty[split] = (f"all {assigned[split]} of its patients' studies failed "
+                            "(see failures.csv)")
+        elif split in expected_splits(cfg) or split in manifest_named:
+            if not plan.patients:
+                why = "no patient at all"
+            elif not by_fraction:
+                why = ("no patient: every patient's split comes from the manifest, which "
+                       "names none for it")
+            elif cfg.split_scheme == "paper":
+                why = (f"no patient: {len(by_fraction)} patients split {shares} within "
+                       f"{len(strata)} label x site strata leave it none (each stratum needs "
+                       "a patient per split with a share)")
+            else:
+                why = (f"no patient: {len(by_fraction)} patients in {len(strata)} label x "
+                       "site strata leave it none")
+            empty[split] = why
+    warnings = [f"split {split!r} is empty: {why}" for split, why in empty.items()]
+    written_classes = {r.label for r, _ in results}
+    for name in plan.classes:
+        if name not in written_classes:
+            warnings.append(f"class {name!r} of --classes has no written study")
+    for w in warnings:
+        log.warning("%s", w)
+    return {"empty_splits": empty, "warnings": warnings}
+
+
+def select_tasks(tasks: list[StudyTask], cfg: RunConfig) -> tuple[list[StudyTask], int]:
+    """The tasks to run, and how many were excluded on purpose (``cfg.exclude_labels``:
+    classes left out of this task, never scanned, never failures)."""
+    if not cfg.exclude_labels:
+        return list(tasks), 0
+    keep = [t for t in tasks if t.error is not None or t.label not in cfg.exclude_labels
+            or t.label in cfg.classes]
+    excluded = len(tasks) - len(keep)
+    if excluded:
+        log.info("%d studies excluded: their labels are not in --classes.", excluded)
+    return keep, excluded
+
+
+def work_dir(output_dir: str) -> str:
+    """The local working folder of an output folder on another file system (stable, so a
+    killed run resumes from its spool)."""
+    digest = hashlib.sha256(output_dir.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "covid_keras-data_prep", digest, "out")
+
+
+def publish(local_dir: str, output_dir: str) -> None:
+    """Copies a finished local output folder to ``output_dir`` (any tf.io.gfile file
+    system): shards and failures.csv, stale shards removed, manifest.json last."""
+    import tensorflow as tf
+
+    gfile = tf.io.gfile
+    gfile.makedirs(output_dir)
+    new = sorted(os.listdir(local_dir))
+    names = [n for n in new if SHARD_RE.match(n)] + [FAILURES]
+    with Progress(len(names) + 1, "copy", "file") as bar:
+        for name in names:
+            _copy_to(os.path.join(local_dir, name), f"{output_dir.rstrip('/')}/{name}")
+            bar.update()
+        for name in gfile.listdir(output_dir):
+            name = name.rstrip("/")
+            if SHARD_RE.match(name) and name not in new:
+                gfile.remove(f"{output_dir.rstrip('/')}/{name}")
+        _copy_to(os.path.join(local_dir, MANIFEST), f"{output_dir.rstrip('/')}/{MANIFEST}")
+        bar.update()
+
+
+def _copy_to(local: str, path: str) -> None:
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tf.io.gfile.copy(local, tmp, overwrite=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 # ---------------------------------------------------------------- the run
 def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     """scan (headers) -> plan (split) -> process (pixels, spooled) -> shards + manifest."""
+    if fs.is_remote(cfg.output_dir):
+        local = dataclasses.replace(cfg, output_dir=work_dir(cfg.output_dir))
+        with exclusive_output(local.output_dir):
+            summary = _run(tasks, local, resolved_flags)
+        publish(local.output_dir, cfg.output_dir)
+        shutil.rmtree(os.path.dirname(local.output_dir), ignore_errors=True)
+        return summary
     with exclusive_output(cfg.output_dir):
         return _run(tasks, cfg, resolved_flags)
 
@@ -527,6 +632,8 @@ def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSum
     spool = os.path.join(cfg.output_dir, SPOOL)
     os.makedirs(spool, exist_ok=True)
     memory = cfg.scan.limits.worker_memory_mb
+    n_input = len(tasks)
+    tasks, excluded = select_tasks(tasks, cfg)
     scans = list(parallel_map(scan_study, [(t, cfg.scan) for t in tasks], cfg.workers, "scan",
                               _lost_scan, hard_timeout(cfg), memory))
     plan = make_plan([StudyMeta.of(i, s) for i, s in enumerate(scans)], cfg)
@@ -539,13 +646,13 @@ def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSum
             if i in plan.jobs]
     outcomes += parallel_map(process_job, args, cfg.workers, "preprocess", _lost_job,
                              hard_timeout(cfg), memory)
-    return finish(outcomes, plan, cfg, resolved_flags, len(tasks))
+    return finish(outcomes, plan, cfg, resolved_flags, n_input, excluded)
 
 
 def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
                    patients: dict[str, PatientInfo], splits: dict[str, str],
                    resolved_flags: dict, n_input: int, issues: list[Issue],
-                   slice_stats: Counter) -> dict:
+                   slice_stats: Counter, notes: dict | None = None) -> dict:
     by_split: dict[str, dict[str, tuple[StudyResult, str]]] = defaultdict(dict)
     for result, spool_file in results:
         key = f"{result.patient_key}/{result.study_key}"
@@ -555,11 +662,12 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
     staging = os.path.join(parent, f".{base}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    bar = Progress(len(results), "write shards", "study")
     for split in schema.SPLITS:
         studies = by_split.get(split, {})
         if not studies:
             continue
-        sizes = {k: os.path.getsize(f) for k, (_, f) in studies.items()}
+        sizes = {k: storage.size(f) for k, (_, f) in studies.items()}
         shards = plan_shards(sizes, cfg.shard_size_mb)
         for i, keys in enumerate(shards):
             name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"
@@ -570,15 +678,17 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
                     recs = sorted(_load_spooled(studies[k][1]), key=lambda r: r[schema.SLICE_INDEX])
                     for r in recs:
                         yield schema.serialize(r)
+                    bar.update()
 
             n = write_tfrecord_gz(path, records())
             files[name] = {"split": split, "records": n, "studies": len(keys),
-                           "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+                           "bytes": os.path.getsize(path), "sha256": fs.sha256(path)}
+    bar.close()
     manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
-                              issues, files, slice_stats)
+                              issues, files, slice_stats, notes)
     write_failures(os.path.join(staging, FAILURES), issues)
-    atomic_write_bytes(os.path.join(staging, MANIFEST),
-                       (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    fs.atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(
+        fs.strict(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n")
     _carry_over(cfg.output_dir, staging)
     try:
         swap_in(staging, cfg.output_dir)  # readers see the old folder or the new one, whole
@@ -590,25 +700,15 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
     return manifest
 
 
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("covid_keras", "numpy", "opencv-python-headless", "pydicom", "tensorflow",
-                 "tensorflow-cpu", "pylibjpeg", "python-gdcm", "apache-beam"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, classes: list[str],
                    patients: dict[str, PatientInfo], splits: dict[str, str],
                    resolved_flags: dict, n_input: int, issues: list[Issue],
-                   files: dict[str, dict], slice_stats: Counter) -> dict:
+                   files: dict[str, dict], slice_stats: Counter,
+                   notes: dict | None = None) -> dict:
     """Counts cover written studies; ``slices`` covers every processed study (the slices
-    of studies that failed for lack of lung are counted as dropped)."""
+    of studies that failed for lack of lung are counted as dropped). ``notes``: the
+    ``excluded`` count, ``empty_splits`` and ``warnings`` (:func:`run_notes`)."""
+    notes = notes or {}
     counts: dict = {}
     kept = 0
     for result, _ in results:
@@ -635,7 +735,10 @@ def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         "split_scheme": cfg.split_scheme,
         "counts": counts,
         "studies": {"input": n_input, "written": len(results), "failed": len(errors),
+                    "excluded": int(notes.get("excluded", 0)),
                     "failed_by_reason": dict(sorted(Counter(i.reason for i in errors).items()))},
+        "empty_splits": dict(notes.get("empty_splits", {})),
+        "warnings": list(notes.get("warnings", [])),
         "slices": {"sampled": slice_stats["sampled"], "kept": kept,
                    "dropped": dict(sorted(dropped.items()))},
         "warnings_by_reason": dict(sorted(Counter(
@@ -643,7 +746,7 @@ def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         "files": files,
         "flags": resolved_flags,
         "preprocessing": _jsonable(dataclasses.asdict(cfg.prep)),
-        "versions": package_versions(),
+        "versions": provenance.package_versions(),
     }
     if cfg.split_scheme == "repeated_3to1":
         manifest["repeat"] = cfg.repeat
@@ -666,12 +769,7 @@ def write_failures(path: str, issues: list[Issue]) -> None:
     for i in sorted(issues, key=lambda i: (i.study, i.level, i.file, i.reason, i.detail)):
         w.writerow([redact.spreadsheet_safe(c) for c in (i.study, i.file, i.reason, i.level,
                                                          i.detail)])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-
-
-def existing_shards(output_dir: str) -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(output_dir, "*.tfrecord.gz"))
-                  if SHARD_RE.match(os.path.basename(p)))
+    fs.atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def summary_table(manifest: dict) -> str:
@@ -684,11 +782,17 @@ def summary_table(manifest: dict) -> str:
             n = sum(c["slices"] for c in sites.values())
             lines.append(f"{split:<6} {label:<16} {s:>8} {p:>9} {n:>8}")
     st, sl = manifest["studies"], manifest["slices"]
-    lines.append(f"studies: {st['input']} in, {st['written']} written, {st['failed']} failed "
-                 f"{st['failed_by_reason'] or ''}")
+    line = f"studies: {st['input']} in, {st['written']} written, {st['failed']} failed"
+    if st["failed_by_reason"]:
+        line += f" {st['failed_by_reason']}"
+    if st.get("excluded"):
+        line += f", {st['excluded']} excluded (labels not in --classes)"
+    lines.append(line)
     lines.append(f"slices: {sl['sampled']} sampled, {sl['kept']} kept, dropped {sl['dropped']}")
     if manifest["warnings_by_reason"]:
         lines.append(f"warnings: {manifest['warnings_by_reason']}")
+    for split, why in manifest.get("empty_splits", {}).items():
+        lines.append(f"empty split {split}: {why}")
     return "\n".join(lines)
 
 

@@ -73,8 +73,9 @@ def test_beam_matches_local(studies, tmp_path):
         (tmp_path / "local" / "ds" / "manifest.json").read_bytes()
     m_beam = json.loads((tmp_path / "beam" / "ds" / "manifest.json").read_text())
     assert "runner" not in m_beam["flags"]  # it cannot change a byte of the records
-    assert m_beam["studies"] == {"input": 7, "written": 6, "failed": 1,
+    assert m_beam["studies"] == {"input": 7, "written": 6, "failed": 1, "excluded": 0,
                                  "failed_by_reason": {"empty_study": 1}}
+    assert "Running pipeline" not in proc.stderr  # Beam's INFO lines: only with -v 1
     assert not (tmp_path / "beam" / "ds" / ".partial").exists()
 
 

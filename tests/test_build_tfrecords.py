@@ -447,3 +447,157 @@ def test_the_split_follows_the_seed_not_the_salt(dataset, tmp_path):
     assert len(a) == 12 and len(set(a.values())) > 1
     assert a == b  # another salt (another folder, a rebuild elsewhere): the same split
     assert a.keys() == c.keys() and a != c  # another --seed: another split
+
+
+# ------------------------------------------------------------------ a TensorFlow user's CLI
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert len(errors) == 1, lines
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+def test_flag_errors_are_absl_lines(tmp_path):
+    _one_line_error(run_cli(f"--output_dir={tmp_path / 'o'}", check=False), "--input")
+    line = _one_line_error(run_cli("--input=x", f"--output_dir={tmp_path / 'o'}",
+                                   "--image_sise=64", check=False),
+                           "Unknown command line flag 'image_sise'")
+    assert "Did you mean: image_size" in line
+    _one_line_error(run_cli("--input=x", f"--output_dir={tmp_path / 'o'}", "stray",
+                            check=False), "unexpected argument", "stray")
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_time_errors_are_one_line_and_nothing_is_written(dataset, tmp_path):
+    salt = tmp_path / "keys" / "salt"
+    secret_name = tmp_path / "DOE_JOHN_19700101"  # the input's own name is never echoed
+    cases = [
+        ([f"--input={secret_name}", f"--output_dir={tmp_path / 'o'}"], "--input"),
+        ([f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'o'}",
+          "--split_fractions=0.5,0.5"], "--split_fractions"),
+        ([f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'o'}",
+          "--image_size=8"], "image_size"),
+        ([f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'o'}",
+          "--val_from_train=1.5"], "--val_from_train"),
+    ]
+    (tmp_path / "a_file").write_text("")  # an output path that cannot be made
+    cases.append(([f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / 'a_file' / 'o'}"],
+                  "--output_dir"))
+    for args, word in cases:
+        proc = run_cli(*args, f"--salt_file={salt}", check=False)
+        line = _one_line_error(proc, "data_prep.build_tfrecords: error:", word)
+        assert "DOE_JOHN" not in proc.stderr + proc.stdout, line
+        assert proc.returncode == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], args  # no salt, no
+        # output folder
+    proc = run_cli(*cases[1][0], f"--salt_file={salt}", "--verbosity=1", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr  # -v 1: the traceback
+
+
+def test_excluded_class_empty_split_and_progress(tmp_path):
+    """A binary task on a 3-class tree: the third class is excluded (counted apart, not a
+    failure, --strict passes); 2 patients a class at 60/10/30 leave val empty: a warning
+    naming it, and manifest.json says so."""
+    phantom.write_dataset(tmp_path / "studies", kinds=("normal", "covid", "bacterial"),
+                          patients_per_kind=2, num_slices=SLICES, matrix=MATRIX, seed=5)
+    out = tmp_path / "out"
+    proc = run_cli(f"--input={tmp_path / 'studies'}", f"--output_dir={out}", "--workers=1",
+                   "--image_size=32", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
+                   "--classes=covid,bacterial", "--strict")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["classes"] == ["covid", "bacterial"]
+    assert m["studies"]["excluded"] == 2  # the 2 normal patients' studies
+    assert m["studies"]["input"] == 6 and m["studies"]["written"] == 4
+    assert m["studies"]["failed"] == 0 and not m["studies"]["failed_by_reason"]
+    assert not [r for r in failures(out) if r["level"] == "error"]
+    assert "excluded" in proc.stdout
+    assert "val" in m["empty_splits"] and "no patient" in m["empty_splits"]["val"]
+    assert any("'val' is empty" in w for w in m["warnings"])
+    assert "split 'val' is empty" in proc.stderr
+    assert {r[schema.SPLIT].decode() for r in read_records(out)} == {"train", "test"}
+    # not on a terminal: each phase ends with a progress log line
+    for phase in ("scan: 4/4 studies", "preprocess: 4/4 studies",
+                  "write shards: 4/4 studies"):
+        assert phase in proc.stderr, proc.stderr[-2000:]
+
+
+def test_manifest_exclude_labels_and_unknown_labels(dataset, tmp_path):
+    rows = ["study_path,label"]
+    for kind_dir in sorted((dataset / "studies").iterdir()):
+        for i, study in enumerate(sorted(kind_dir.iterdir())):
+            label = "other" if kind_dir.name == "normal" and i == 0 else kind_dir.name
+            rows.append(f"{study},{label}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = run_cli(f"--input={manifest}", f"--output_dir={out}", "--workers=1",
+                   "--image_size=32", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
+                   "--classes=covid,bacterial", "--exclude_labels=normal",
+                   "--split_fractions=1,0,0", check=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["studies"]["excluded"] == 4
+    assert m["studies"]["failed_by_reason"] == {"label_unknown": 1}  # "other": a typo?
+    assert m["empty_splits"] == {} and m["warnings"] == []  # val, test: no share asked
+    assert proc.returncode == 0
+    assert run_cli(f"--input={manifest}", f"--output_dir={tmp_path / 'o2'}", "--workers=1",
+                   "--image_size=32", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",
+                   "--classes=covid,bacterial", "--exclude_labels=normal", "--strict",
+                   "--split_fractions=1,0,0", check=False).returncode == 1
+
+
+def test_progress_logs_lines_when_not_on_a_terminal(caplog):
+    import io
+    import logging
+
+    from data_prep.progress import Progress
+
+    caplog.set_level(logging.INFO, logger="data_prep")
+    with Progress(3, "scan", "study", every_s=0.0, stream=io.StringIO()) as bar:
+        for _ in range(3):
+            bar.update()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("scan: 1/3 studies (33 %)") and "left" in lines[0]
+    assert lines[-1].startswith("scan: 3/3 studies in ")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    caplog.clear()
+    term = Terminal()
+    with Progress(2, "write shards", "study", every_s=0.0, stream=term) as bar:
+        bar.update(2)
+    assert not caplog.records and "write shards" in term.getvalue()  # tqdm's bar
+
+
+def test_output_dir_on_another_file_system(dataset, tmp_path):
+    """--output_dir through tf.io.gfile (TensorFlow's in-memory ram:// file system), the
+    default salt file there too."""
+    import tensorflow as tf
+
+    from data_prep import build_tfrecords
+
+    out = f"ram://data_prep_test_{os.getpid()}/ds"
+    tf.io.gfile.makedirs(out)
+    tf.io.gfile.GFile(f"{out}/train-00007-of-00009.tfrecord.gz", "wb").write(b"stale")
+    flags = build_tfrecords.FLAGS
+    flags.unparse_flags()
+    flags(["prog", f"--input={dataset / 'studies'}", f"--output_dir={out}", "--workers=1",
+           "--image_size=32", "--min_slices=5", "--split_fractions=1,0,0"])
+    try:
+        assert build_tfrecords.main(["prog"]) == 0
+    finally:
+        flags.unparse_flags()
+    names = set(tf.io.gfile.listdir(out))
+    m = json.loads(tf.io.gfile.GFile(f"{out}/manifest.json").read())
+    assert m["dataset"] == "ds" and m["studies"]["written"] == 15
+    assert {"manifest.json", "failures.csv", "patient_salt.key"} <= names
+    assert set(m["files"]) == {n for n in names if n.endswith(".tfrecord.gz")}  # stale: gone
+    n = sum(1 for name in m["files"] for _ in tf.data.TFRecordDataset(
+        f"{out}/{name}", compression_type="GZIP"))
+    assert n == m["slices"]["kept"] > 0
+    assert not any(".tmp-" in name for name in names)
