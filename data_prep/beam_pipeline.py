@@ -28,9 +28,11 @@ shards, manifest.json and failures.csv with :func:`data_prep.pipeline._write_out
 outputs are byte-identical to the local runner's for the same input and flags (manifest.json
 differs only by the recorded ``runner`` flag).
 
-On a distributed runner (Dataflow, Flink, Spark), ``--output_dir`` (hence the spool) must be a
-shared POSIX filesystem that the workers and the driver all mount at the same path (NFS,
-Filestore, a GCS FUSE mount): the spool is written with plain ``open`` / ``os.replace``. The
+On a distributed runner (Dataflow, Flink, Spark), ``--output_dir`` (hence the spool) must be
+where the workers and the driver all reach it: a bucket (``gs://``, ``s3://``...: the spool
+goes through Beam's ``FileSystems``, :mod:`data_prep.storage`; the driver writes the outputs
+in a local working folder and copies them over through ``tf.io.gfile``, manifest.json last)
+or a shared POSIX file system mounted at the same path everywhere (NFS, Filestore). The
 driver-side shard write reads every spooled study once on one machine; for very large data it
 is the step to replace with ``beam.io.WriteToTFRecord`` (GZIP, ``shard_name_template=
 '-SSSSS-of-NNNNN'``, ``file_name_suffix='.tfrecord.gz'``), at the price of byte-identical

@@ -25,9 +25,16 @@ def _beam(path: str):
         return None
     try:
         FileSystems.get_filesystem(path)
-    except ValueError:  # a scheme Beam does not know (e.g. TensorFlow's ram://)
-        return None
+    except (ValueError, OSError):  # a scheme Beam does not know (TensorFlow's ram://) or
+        return None  # cannot serve here (hdfs:// without its client)
     return FileSystems
+
+
+def _uncompressed():
+    """Bytes as they are (Beam would otherwise guess a compression from the file name)."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    return CompressionTypes.UNCOMPRESSED
 
 
 def join(folder: str, name: str) -> str:
@@ -55,7 +62,7 @@ def makedirs(path: str) -> None:
 def read_bytes(path: str) -> bytes:
     beam = _beam(path)
     if beam:
-        with beam.open(path) as f:
+        with beam.open(path, compression_type=_uncompressed()) as f:
             return f.read()
     return files.read_bytes(path)
 
@@ -67,7 +74,7 @@ def write_bytes(path: str, data: bytes) -> None:
         files.atomic_write_bytes(path, data)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with beam.create(tmp) as f:
+    with beam.create(tmp, compression_type=_uncompressed()) as f:
         f.write(data)
     if beam.exists(path):
         beam.delete([path])
@@ -95,9 +102,18 @@ def remove(path: str) -> None:
 
 
 def rmtree(path: str) -> None:
+    """Removes a (flat) folder and its files, if there."""
     beam = _beam(path)
-    if beam:
-        if beam.exists(path if path.endswith("/") else path + "/"):
-            beam.delete([path if path.endswith("/") else path + "/"])
-    else:
+    if beam is None:
         files.rmtree(path)
+        return
+    try:
+        found = [m.path for m in beam.match([join(path, "*")])[0].metadata_list]
+    except OSError:
+        found = []
+    if found:
+        beam.delete(found)
+    try:
+        beam.delete([path.rstrip("/")])  # a local or HDFS folder; object stores have none
+    except OSError:
+        pass

@@ -104,3 +104,69 @@ def test_beam_rejects_a_misspelled_flag(studies, tmp_path):
     assert "Unknown command line flag 'image_sise'" in proc.stderr
     assert "Did you mean: image_size" in proc.stderr
     assert not list((tmp_path / "out").glob("*.tfrecord.gz"))
+
+
+def test_beam_output_dir_on_another_file_system(tmp_path):
+    """--output_dir on TensorFlow's ram:// file system (in-process DirectRunner): the spool
+    there too (Beam does not know ram://: tf.io.gfile), the outputs copied over."""
+    import tensorflow as tf
+
+    from data_prep import build_tfrecords
+
+    phantom.write_dataset(tmp_path / "studies", kinds=("normal", "covid"), patients_per_kind=2,
+                          num_slices=SLICES, matrix=MATRIX, seed=1)
+    out = f"ram://beam_test_{tmp_path.name}/ds"
+    flags = build_tfrecords.FLAGS
+    flags.unparse_flags()
+    flags(["prog", f"--input={tmp_path / 'studies'}", f"--output_dir={out}", "--runner=beam",
+           "--image_size=32", "--min_slices=5", "--split_fractions=1,0,0"])
+    build_tfrecords._BEAM_ARGV[:] = ["--runner=DirectRunner",
+                                     "--direct_running_mode=in_memory"]
+    try:
+        assert build_tfrecords.main(["prog"]) == 0
+    finally:
+        flags.unparse_flags()
+        build_tfrecords._BEAM_ARGV[:] = []
+    names = set(tf.io.gfile.listdir(out))
+    m = json.loads(tf.io.gfile.GFile(f"{out}/manifest.json").read())
+    assert m["studies"]["written"] == 4 and set(m["files"]) <= names
+    assert not any(n.startswith(".partial") for n in names)
+
+
+def test_spool_files_go_through_beams_file_systems(tmp_path):
+    """A scheme Beam knows is served by Beam's FileSystems (a test file system here)."""
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    from data_prep import storage
+
+    calls = []
+
+    def strip(p):
+        if isinstance(p, list):
+            return [strip(x) for x in p]
+        return p[len("dptest://"):] if isinstance(p, str) and p.startswith("dptest://") else p
+
+    class TestFileSystem(LocalFileSystem):
+        @classmethod
+        def scheme(cls):
+            return "dptest"
+
+    for name in ("create", "open", "exists", "mkdirs", "match", "delete", "rename"):
+        def method(self, *args, _name=name, **kw):
+            calls.append(_name)
+            return getattr(LocalFileSystem, _name)(self, *[strip(a) for a in args], **kw)
+        setattr(TestFileSystem, name, method)
+
+    spool = f"dptest://{tmp_path}/out/.partial"
+    storage.makedirs(spool)
+    path = storage.join(spool, "a.pkl")
+    storage.write_bytes(path, b"x" * 10)
+    storage.write_bytes(path, b"y" * 12)  # replaced whole
+    assert storage.exists(path) and storage.read_bytes(path) == b"y" * 12
+    assert storage.size(path) == 12
+    assert (tmp_path / "out" / ".partial" / "a.pkl").read_bytes() == b"y" * 12
+    storage.remove(path)
+    assert not storage.exists(path)
+    storage.rmtree(spool)
+    assert not (tmp_path / "out" / ".partial").exists()
+    assert {"create", "open", "rename", "match", "delete"} <= set(calls)
