@@ -33,7 +33,7 @@ from covid_keras.imaging import parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams
-from data_prep.preprocess import SAMPLING_MODES, PrepConfig
+from data_prep.preprocess import FILL_MODES, SAMPLING_MODES, PrepConfig
 from data_prep.split import SCHEMES
 from data_prep.study import ScanConfig
 
@@ -80,7 +80,7 @@ flags.DEFINE_bool("lung_filter", True, "Drop slices with too little lung. Off: k
                   "(those without a found lung are kept whole).")
 flags.DEFINE_bool("crop_to_lung", True, "Crop to the lung box and zero outside the lung. Off: "
                   "the whole slice, padded square.")
-flags.DEFINE_enum("fill_blank", "rotate", ["rotate", "none", "rotate_train"], "Fill the "
+flags.DEFINE_enum("fill_blank", "rotate", list(FILL_MODES), "Fill the "
                   "blank around the lungs with rotated lung (paper), in every split, the same "
                   "for a slice on every run. none: zeros. rotate_train: the paper's train-only "
                   "fill; train and val/test become different image distributions (on the demo "
@@ -298,7 +298,8 @@ def main(argv: list[str]) -> int:
     # 2. the run (TensorFlow writes the shards: imported without its C++ start-up notices)
     _import_tensorflow_quietly(debug)
     cfg = with_salt(cfg, _salt(salt_path(cfg)))
-    logging.info("%d studies -> %s (%d workers)", len(tasks), cfg.output_dir, cfg.workers)
+    logging.info("%d studies -> %s (%s)", len(tasks), cfg.output_dir,
+                 "Beam" if beam_options is not None else f"{cfg.workers} workers")
     try:
         if beam_options is not None:
             from data_prep import beam_pipeline
