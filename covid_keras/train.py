@@ -260,9 +260,10 @@ def check_splits(manifest: dict) -> None:
         if slices == 0:
             known = sorted(s for s in manifest.get("counts", {})
                            if sum(data.split_counts(manifest, s).values()))
-            why = ("data_prep assigned it no patients: too few patients for "
-                   "--split_fractions, or a manifest without that split"
-                   if split in ("train", "val", "test") else "no such split")
+            why = manifest.get("empty_splits", {}).get(split) or (
+                "data_prep assigned it no patients: too few patients for "
+                "--split_fractions, or a manifest without that split"
+                if split in ("train", "val", "test") else "no such split")
             raise ValueError(f"{flag}: the split {split!r} has no slices in "
                              f"{FLAGS.data_dir} ({why}; its splits with slices: {known}).")
         data.shard_files(FLAGS.data_dir, split)

@@ -460,3 +460,23 @@ def test_bad_splits_fail_before_anything_is_written(data_dir, tmp_path, flag, me
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_an_empty_split_error_gives_data_preps_reason(data_dir, tmp_path):
+    # data_prep records why a split is empty (manifest empty_splits); train's one-line error
+    # repeats it instead of guessing.
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["counts"].pop("val", None)
+    reason = "6 patients at 60/10/30 leave none for val"
+    manifest["empty_splits"] = {"val": reason}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(copy, run_dir), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "the split 'val' has no slices" in proc.stderr and reason in proc.stderr
+    assert not run_dir.exists() or not any(run_dir.iterdir())
