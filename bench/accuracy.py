@@ -92,19 +92,25 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
-           "val": {k: metrics["best"][k] for k in ("patient_auc", "slice_auc")},
+           "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]},
            "stability": stability(run_dir / "log.csv")}
     for split in splits:
         m = metrics[f"best_on_{split}"]
-        out[split] = {k: m[k] for k in ("patient_auc", "slice_auc")}
+        out[split] = {k: m[k] for k in KEYS if k in m}
     return out
+
+
+# The positive class's patient and slice AUC, the patient accuracy (argmax over every class)
+# and, with more than two classes, the slice macro AUC (one-vs-rest).
+KEYS = ("patient_auc", "slice_auc", "slice_macro_auc", "patient_accuracy")
 
 
 def summarise(runs: list[dict], splits: list[str]) -> dict:
     summary = {}
     for split in ["val", *splits]:
-        for key in ("patient_auc", "slice_auc"):
-            summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in runs])
+        for key in KEYS:
+            if all(key in r[split] for r in runs):
+                summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in runs])
     summary["last5_val_patient_auc_max_dev"] = mean_sd(
         [r["stability"]["max_dev"] for r in runs])
     summary["best_epoch"] = mean_sd([r["best_epoch"] for r in runs])
