@@ -89,14 +89,26 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(out.shape[:3] + (images.shape[-1],))
 
 
-def augment(batch_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Horizontal flip (p 0.5) and brightness x U(BRIGHTNESS_RANGE), as covid_keras.data."""
-    from covid_keras.imaging import BRIGHTNESS_RANGE
+def augment(batch_u8: np.ndarray, rng: np.random.Generator,
+            brightness: str = "multiplicative") -> np.ndarray:
+    """Horizontal flip (p 0.5) and brightness x U(BRIGHTNESS_RANGE), as covid_keras.data;
+    ``brightness="additive"``: +- 0.1 then contrast x U(0.8, 1.2) around each image's
+    channel means (the trainer's --brightness_jitter=additive)."""
+    from covid_keras.imaging import BRIGHTNESS_JITTERS, BRIGHTNESS_RANGE
 
+    if brightness not in BRIGHTNESS_JITTERS:
+        raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
+                         f"{brightness!r}")
     x = batch_u8.astype(np.float32) / 255.0
     flip = rng.random(len(x)) < 0.5
     x[flip] = x[flip, :, ::-1]
-    x *= rng.uniform(*BRIGHTNESS_RANGE, size=(len(x), 1, 1, 1)).astype(np.float32)
+    shape = (len(x), 1, 1, 1)
+    if brightness == "additive":
+        x += rng.uniform(-0.1, 0.1, size=shape).astype(np.float32)
+        mean = x.mean(axis=(1, 2), keepdims=True)
+        x = (x - mean) * rng.uniform(0.8, 1.2, size=shape).astype(np.float32) + mean
+    else:
+        x *= rng.uniform(*BRIGHTNESS_RANGE, size=shape).astype(np.float32)
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -114,6 +126,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     from covid_keras import metrics, recipes
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
+    from covid_keras.keras_private import all_layers
 
     f = read_flagfile(flagfile)
     f.update(overrides)
@@ -134,13 +147,18 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         model = build_drenet(n, input_size=size, backbone=backbone, weights=None,
                              variant=f.get("variant", "paper"),
                              trainable=f.get("trainable", "all"),
-                             head_hidden_units=int(hidden) if hidden not in (None, "") else None)
+                             head_hidden_units=int(hidden) if hidden not in (None, "") else None,
+                             bn_momentum=float(f.get("bn_momentum", 0.9)))
         compile_kw = {}
     else:
         model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"))
         compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)}}
     apply_trainable(model, f.get("trainable", "all"))
+    for layer in all_layers(model):  # the trainer's --bn_momentum
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(f.get("bn_momentum", 0.9))
+    brightness = f.get("brightness_jitter", "multiplicative")
     steps = max(1, len(y["train"]) // batch)
     decay = [int(e) for e in f.get("lr_decay_epochs", "").split(",") if e.strip()]
     lr = recipes.schedule(float(f.get("learning_rate", 8e-4)), steps, decay,
@@ -167,7 +185,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         order = rng.permutation(len(y["train"]))
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
-            xb = normalize(to_rgb(augment(x["train"][idx], rng)), backbone)
+            xb = normalize(to_rgb(augment(x["train"][idx], rng, brightness)), backbone)
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
         m, loss = evaluate("val")
         recent = (recent + [m["patient_auc"]])[-SMOOTHING_EPOCHS:]
@@ -225,8 +243,10 @@ def main(argv=None) -> int:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
     args = p.parse_args(argv)
+    from covid_keras.cli import expand_flagfiles
+
     overrides = {}
-    for e in args.extra:
+    for e in expand_flagfiles(["accuracy_jax", *args.extra])[1:]:  # -- --flagfile=F too
         name, _, value = e.lstrip("-").partition("=")
         overrides[name] = value
     work = Path(args.work_dir)
