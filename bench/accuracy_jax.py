@@ -124,9 +124,9 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     import keras
 
     from covid_keras import metrics, recipes
+    from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
-    from covid_keras.keras_private import all_layers
 
     f = read_flagfile(flagfile)
     f.update(overrides)
@@ -148,16 +148,14 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                              variant=f.get("variant", "paper"),
                              trainable=f.get("trainable", "all"),
                              head_hidden_units=int(hidden) if hidden not in (None, "") else None,
-                             bn_momentum=float(f.get("bn_momentum", 0.9)))
+                             bn_momentum=float(f.get("bn_momentum", BN_MOMENTUM)))
         compile_kw = {}
     else:
         model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"))
         compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)}}
     apply_trainable(model, f.get("trainable", "all"))
-    for layer in all_layers(model):  # the trainer's --bn_momentum
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = float(f.get("bn_momentum", 0.9))
+    set_bn_momentum(model, float(f.get("bn_momentum", BN_MOMENTUM)))  # --bn_momentum
     brightness = f.get("brightness_jitter", "multiplicative")
     steps = max(1, len(y["train"]) // batch)
     decay = [int(e) for e in f.get("lr_decay_epochs", "").split(",") if e.strip()]

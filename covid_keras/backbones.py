@@ -12,6 +12,8 @@ import os
 import keras
 from keras import layers
 
+from covid_keras.keras_private import all_layers
+
 # The stride-32 feature map of each keras.applications architecture.
 FEATURE_LAYERS = {
     "resnet50": "conv5_block3_out",
@@ -58,6 +60,14 @@ def _tiny(inputs, width: int = 16):
 BN_MOMENTUM = 0.9
 
 
+def set_bn_momentum(model: keras.layers.Layer, momentum: float = BN_MOMENTUM) -> None:
+    """Sets the momentum of every batch norm inside ``model``, nested ones included
+    (DRENet's branch views and head; a loaded model's)."""
+    for layer in all_layers(model):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(momentum)
+
+
 def build_backbone(name: str = "resnet50", weights: str | None = None,
                    input_shape=(None, None, 3), bn_momentum: float = BN_MOMENTUM
                    ) -> keras.Model:
@@ -100,9 +110,7 @@ def build_backbone(name: str = "resnet50", weights: str | None = None,
         conv5 = app.get_layer(FEATURE_LAYERS[name]).output
     pool = layers.GlobalAveragePooling2D(name="pool")(conv5)
     model = keras.Model(inputs, {"conv5": conv5, "pool": pool}, name=f"{name}_backbone")
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = float(bn_momentum)
+    set_bn_momentum(model, bn_momentum)
     if path is not None:  # the tiny backbone: a .weights.h5 of this model
         try:
             model.load_weights(path)

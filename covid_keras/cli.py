@@ -67,15 +67,29 @@ def quiet_stderr(enabled: bool = True):
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def _quiet_import(debug: bool):
+    quiet_tensorflow(debug)
+    with quiet_stderr(not debug and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"):
+        yield
+
+
 def import_keras_quietly(debug: bool = False):
     """``import keras`` (and with it TensorFlow on the TF backend) without its start-up
     notices on stderr. Returns the keras module."""
-    quiet_tensorflow(debug)
-    with quiet_stderr(not debug and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"):
+    with _quiet_import(debug):
         import keras
         if keras.backend.backend() == "tensorflow":
             import tensorflow  # noqa: F401
     return keras
+
+
+def import_tensorflow_quietly(debug: bool = False):
+    """``import tensorflow`` without its start-up notices (data_prep, which needs no
+    Keras). Returns the tensorflow module."""
+    with _quiet_import(debug):
+        import tensorflow
+    return tensorflow
 
 
 def setup_logging(verbosity: int):

@@ -33,12 +33,12 @@ from covid_keras import (
     losses,
     recipes,  # noqa: F401 - registers the optimisers saved with models
 )
-from covid_keras.backbones import BN_MOMENTUM, branch_view, build_backbone
+from covid_keras.backbones import BN_MOMENTUM, branch_view, build_backbone, set_bn_momentum
 from covid_keras.baselines import apply_trainable
 
 # Keras's own per-replica loss scaling (x 1/replicas under a tf.distribute strategy, the
 # identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
-from covid_keras.keras_private import all_layers, scale_loss_for_distribution
+from covid_keras.keras_private import scale_loss_for_distribution
 from covid_keras.layers import (
     ConfidenceMapImage,
     MLPHead,
@@ -189,9 +189,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}
     model = DRENet(image, outputs, build_config, name=name)
-    for layer in all_layers(model):
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = float(bn_momentum)
+    set_bn_momentum(model, bn_momentum)
     if trainable != "all":
         apply_trainable(model, trainable)
     return model

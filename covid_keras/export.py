@@ -137,12 +137,10 @@ def decision_of(run_dir: str, class_names: list[str]) -> tuple[dict | None, list
     if d["positive_class"] not in class_names:
         raise ValueError(f"decision.json's positive class {d['positive_class']!r} is not one "
                          f"of the model's classes {class_names}")
-    out = {k: d.get(k) for k in ("rule", "threshold", "positive_class", "criterion",
-                                 "split", "criterion_value", "val_sensitivity",
-                                 "val_specificity")}
-    if "normal_class" in d:  # the any rule's normal class (null: none, the old rule)
-        out["normal_class"] = d["normal_class"]
-    return out, []
+    # read_decision fills normal_class (null: no normal class, the old any rule)
+    return {k: d.get(k) for k in ("rule", "threshold", "positive_class", "normal_class",
+                                  "criterion", "split", "criterion_value",
+                                  "val_sensitivity", "val_specificity")}, []
 
 
 def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: dict | None,

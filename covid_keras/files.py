@@ -69,15 +69,21 @@ def rename(src: str, dst: str) -> None:
         os.replace(src, dst)
 
 
+def copy_file(local: str, path: str) -> None:
+    """Copies the local file ``local`` to ``path`` (any file system), replacing it whole:
+    a reader sees the old file or the new one."""
+    gfile = _gfile()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    gfile.copy(local, tmp, overwrite=True)
+    gfile.rename(tmp, path, overwrite=True)
+
+
 def put_file(local: str, path: str) -> None:
     """Moves the local file ``local`` to ``path`` (any file system), replacing it whole."""
     if not is_remote(path):
         os.replace(local, path)
         return
-    gfile = _gfile()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    gfile.copy(local, tmp, overwrite=True)
-    gfile.rename(tmp, path, overwrite=True)
+    copy_file(local, path)
     os.remove(local)
 
 

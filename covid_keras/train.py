@@ -300,6 +300,7 @@ def is_chief(strategy) -> bool:
 def build_model(num_classes: int):
     import keras
 
+    from covid_keras.backbones import set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
@@ -315,26 +316,11 @@ def build_model(num_classes: int):
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
                                  FLAGS.backbone_weights, trainable=FLAGS.trainable)
     apply_trainable(model, FLAGS.trainable)
-    set_bn_momentum(model, FLAGS.bn_momentum)
-    if hasattr(model, "build_config"):  # DRENet rebuilds from it when loaded
-        model.build_config["bn_momentum"] = float(FLAGS.bn_momentum)
+    set_bn_momentum(model, FLAGS.bn_momentum)  # the classifier's, a loaded model's
     if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing
-        model.build_config["trainable"] = FLAGS.trainable
+        model.build_config.update({"trainable": FLAGS.trainable,  # and momentum
+                                   "bn_momentum": float(FLAGS.bn_momentum)})
     return model
-
-
-def set_bn_momentum(model, momentum: float) -> int:
-    """Sets every batch-norm layer's momentum (backbone, branch views, head; also of a
-    model from --init_from); returns how many there are."""
-    import keras
-
-    from covid_keras.keras_private import all_layers
-
-    norms = [lay for lay in all_layers(model)
-             if isinstance(lay, keras.layers.BatchNormalization)]
-    for lay in norms:
-        lay.momentum = float(momentum)
-    return len(norms)
 
 
 def compile_model(model, optimizer, jit_compile: bool):

@@ -42,14 +42,10 @@ the job's staging location as private as the salt file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import pickle
-import shutil
 import uuid
 
-from covid_keras import files
 from data_prep import pipeline, storage
 from data_prep.pipeline import Outcome, Plan, StudyMeta, make_plan, process_planned
 from data_prep.study import StudyScan, StudyTask, scan_study
@@ -91,11 +87,11 @@ def _process_fn():
 
 
 # ---------------------------------------------------------------- options
-def pipeline_options(beam_argv: list[str]):
-    """Beam's PipelineOptions from the command line's leftovers (--beam_runner -> --runner)."""
+def pipeline_options(args: list[str]):
+    """Beam's PipelineOptions from :func:`beam_args`'s (checked) arguments."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    return PipelineOptions(beam_args(beam_argv))
+    return PipelineOptions(args)
 
 
 def beam_args(beam_argv: list[str]) -> list[str]:
@@ -157,22 +153,12 @@ def build(p, tasks: list[StudyTask], cfg: pipeline.RunConfig, spool: str, summar
 
 def run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,
         options) -> pipeline.RunSummary:
-    """``options``: Beam's PipelineOptions (or the command line's leftovers)."""
-    if isinstance(options, (list, tuple)):
-        options = pipeline_options(list(options))
-    if files.is_remote(cfg.output_dir):
-        # the spool is shared by the workers (Beam's FileSystems); the outputs are written
-        # in a local working folder and copied over, manifest.json last
-        spool = storage.join(cfg.output_dir, pipeline.SPOOL)
-        local = dataclasses.replace(cfg, output_dir=pipeline.work_dir(cfg.output_dir))
-        with pipeline.exclusive_output(local.output_dir):
-            summary = _run(tasks, local, resolved_flags, options, spool)
-        pipeline.publish(local.output_dir, cfg.output_dir)
-        shutil.rmtree(os.path.dirname(local.output_dir), ignore_errors=True)
-        return summary
-    with pipeline.exclusive_output(cfg.output_dir):
-        return _run(tasks, cfg, resolved_flags, options,
-                    os.path.join(cfg.output_dir, pipeline.SPOOL))
+    """``options``: Beam's PipelineOptions (:func:`pipeline_options`). The spool lies in
+    ``--output_dir``, where every worker reaches it (Beam's FileSystems for a bucket); the
+    outputs are written as the local runner writes them (:func:`pipeline.writing_output`)."""
+    spool = storage.join(cfg.output_dir, pipeline.SPOOL)
+    with pipeline.writing_output(cfg) as out:
+        return _run(tasks, out, resolved_flags, options, spool)
 
 
 def _run(tasks: list[StudyTask], cfg: pipeline.RunConfig, resolved_flags: dict,

@@ -296,7 +296,7 @@ def main(argv: list[str]) -> int:
     if not files.exists(salt_path(cfg)):
         check_writable(salt_path(cfg), "--salt_file")
     # 2. the run (TensorFlow writes the shards: imported without its C++ start-up notices)
-    _import_tensorflow_quietly(debug)
+    cli.import_tensorflow_quietly(debug)
     cfg = with_salt(cfg, _salt(salt_path(cfg)))
     logging.info("%d studies -> %s (%s)", len(tasks), cfg.output_dir,
                  "Beam" if beam_options is not None else f"{cfg.workers} workers")
@@ -320,12 +320,6 @@ def main(argv: list[str]) -> int:
         logging.error("--strict: %d studies failed.", summary.failed_studies)
         return 1
     return 0
-
-
-def _import_tensorflow_quietly(debug: bool) -> None:
-    cli.quiet_tensorflow(debug)
-    with cli.quiet_stderr(not debug and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"):
-        import tensorflow  # noqa: F401
 
 
 @contextlib.contextmanager

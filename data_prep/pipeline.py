@@ -596,36 +596,37 @@ def publish(local_dir: str, output_dir: str) -> None:
     names = [n for n in new if SHARD_RE.match(n)] + [FAILURES]
     with Progress(len(names) + 1, "copy", "file") as bar:
         for name in names:
-            _copy_to(os.path.join(local_dir, name), f"{output_dir.rstrip('/')}/{name}")
+            fs.copy_file(os.path.join(local_dir, name), f"{output_dir.rstrip('/')}/{name}")
             bar.update()
         for name in gfile.listdir(output_dir):
             name = name.rstrip("/")
             if SHARD_RE.match(name) and name not in new:
                 gfile.remove(f"{output_dir.rstrip('/')}/{name}")
-        _copy_to(os.path.join(local_dir, MANIFEST), f"{output_dir.rstrip('/')}/{MANIFEST}")
+        fs.copy_file(os.path.join(local_dir, MANIFEST), f"{output_dir.rstrip('/')}/{MANIFEST}")
         bar.update()
 
 
-def _copy_to(local: str, path: str) -> None:
-    import tensorflow as tf
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tf.io.gfile.copy(local, tmp, overwrite=True)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+@contextlib.contextmanager
+def writing_output(cfg: RunConfig) -> Iterator[RunConfig]:
+    """The config a run writes with, the output folder held exclusively. An output_dir on
+    another file system is built in a local working folder (:func:`work_dir`), published
+    there when the block ends without an error, then removed."""
+    if not fs.is_remote(cfg.output_dir):
+        with exclusive_output(cfg.output_dir):
+            yield cfg
+        return
+    local = dataclasses.replace(cfg, output_dir=work_dir(cfg.output_dir))
+    with exclusive_output(local.output_dir):
+        yield local
+    publish(local.output_dir, cfg.output_dir)
+    shutil.rmtree(os.path.dirname(local.output_dir), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the run
 def run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
     """scan (headers) -> plan (split) -> process (pixels, spooled) -> shards + manifest."""
-    if fs.is_remote(cfg.output_dir):
-        local = dataclasses.replace(cfg, output_dir=work_dir(cfg.output_dir))
-        with exclusive_output(local.output_dir):
-            summary = _run(tasks, local, resolved_flags)
-        publish(local.output_dir, cfg.output_dir)
-        shutil.rmtree(os.path.dirname(local.output_dir), ignore_errors=True)
-        return summary
-    with exclusive_output(cfg.output_dir):
-        return _run(tasks, cfg, resolved_flags)
+    with writing_output(cfg) as out:
+        return _run(tasks, out, resolved_flags)
 
 
 def _run(tasks: list[StudyTask], cfg: RunConfig, resolved_flags: dict) -> RunSummary:
