@@ -384,7 +384,7 @@ def model_card(info: dict, source: dict, metrics: dict | None = None,
                   "covid_keras_version": info.get("covid_keras_version"),
                   "trained_git_sha": info.get("trained_git_sha")},
         "decision": {k: d.get(k) for k in ("method", "rule", "threshold", "positive_class",
-                                           "criterion", "split", "val_sensitivity",
+                                           "normal_class", "criterion", "split", "val_sensitivity",
                                            "val_specificity")},
         "training_data": {"windows": info.get("windows"),
                           "preparation": dp.get("flags") or {},
@@ -502,7 +502,9 @@ def card_html(card: dict) -> str:
     if d.get("method") == "threshold":
         row("decision", f"{d['rule']} of the slice probabilities; {d['positive_class']} when "
                         f"its score >= {_num(d['threshold'], 4)} (chosen on {d['split']} by "
-                        f"{d['criterion']})")
+                        f"{d['criterion']})" + (
+                            f"; {d['normal_class']} only when every slice is"
+                            if d.get("rule") == "any" and d.get("normal_class") else ""))
     else:
         row("decision", "the most probable class (argmax; no threshold was chosen)")
     out.append("</dl><h3>Training data</h3><dl class=\"kv\">")

@@ -89,6 +89,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
     assert p["decision"] in classes and p["rule"] == "mean" and p["threshold"] == 0.3
     assert p["method"] == "threshold" and p["positive_class"] == "covid"
+    assert p["normal_class"] == "normal"  # inferred from the class names
     assert answer["series"]["kind"] == "dicom" and answer["series"]["slices_in_series"] == 20
     assert "most slices" in answer["series"]["why"]
     # the records of this study (the dataset's salt: the same sop keys)
@@ -141,11 +142,13 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     want_any = evaluation.decide_patient(any_got, any_d)
     assert any_answer["patient"]["decision"] == want_any["decision"] != "covid"
     assert any_answer["patient"]["rule"] == "any"
+    assert any_answer["patient"]["normal_class"] == "normal"
     slice_dec = evaluation.decide(any_got, 0.999, 1)
     assert (want_any["decision"] == "normal") == bool((slice_dec == 0).all())
     keras_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
         str(setup["run"] / "best.keras")), str(tmp_path / "k_out"), setup["salt"])
     assert keras_answer["patient"]["method"] == "argmax"
+    assert keras_answer["patient"]["normal_class"] is None
     assert any(w["reason"] == "model" for w in keras_answer["warnings"])
 
 

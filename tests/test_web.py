@@ -239,6 +239,11 @@ def test_model_card_figures_come_from_the_export_and_the_metrics(tmp_path):
     other = web.model_card({**info, "decision": {**info["decision"], "threshold": 0.5}}, {},
                            metrics, None)
     assert any("computed at threshold 0.3" in x for x in other["limits"])
+    assert "only when every slice is" not in page  # the mean rule has no normal class
+    any_card = web.model_card({**info, "decision": {**info["decision"], "rule": "any",
+                                                    "normal_class": "normal"}}, {}, None, None)
+    assert any_card["decision"]["normal_class"] == "normal"
+    assert "normal only when every slice is" in web.card_html(any_card)
     none = web.model_card(info, {}, None, None)
     assert none["validation"] is None and any("No evaluation" in x for x in none["limits"])
     # evaluate's metrics.json is read; a training run's (no CIs) is refused

@@ -26,7 +26,9 @@
     $("decision").textContent = pat.decision;
     $("rule").textContent = pat.method === "threshold"
       ? "(" + pat.rule + " rule: " + pat.positive_class + " when its score \u2265 " +
-        pat.threshold.toFixed(4) + "; score " + pat.score.toFixed(4) + ")"
+        pat.threshold.toFixed(4) + "; score " + pat.score.toFixed(4) +
+        (pat.rule === "any" && pat.normal_class
+          ? "; " + pat.normal_class + " only when every slice is" : "") + ")"
       : "(the most probable class: no threshold)";
     const tbody = $("probabilities").querySelector("tbody");
     tbody.replaceChildren();
