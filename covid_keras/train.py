@@ -123,7 +123,8 @@ log = logging.getLogger("covid_keras.train")
 
 # ------------------------------------------------------------------ run folder
 def resolved_flags() -> dict:
-    return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+    """This program's flags and their values (run_info.json, the resume check, hparams)."""
+    return provenance.module_flags(__name__)
 
 
 def write_run_info(run_dir: str, extra: dict) -> None:
