@@ -463,6 +463,7 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                np.asarray(out["class_names"]).tolist()]
     decision = int(out["decision"])
     threshold = float(out["threshold"])
+    argmax = threshold < 0  # the signature's answer without a decision
     slice_probs = np.asarray(out["slice_probabilities"], np.float64)
     boxes = np.asarray(out["boxes"], np.float64).reshape(len(images), -1, 4)
     box_scores = np.asarray(out["box_scores"], np.float64).reshape(len(images), -1)
@@ -495,11 +496,11 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                                                           np.float64).tolist())),
             "decision": classes[decision], "decision_index": decision,
             "score": float(out["score"]), "rule": _text(out["rule"]),
-            "method": "argmax" if threshold < 0 else "threshold",
-            "threshold": None if threshold < 0 else float(d.get("threshold", threshold)),
+            "method": "argmax" if argmax else "threshold",
+            "threshold": None if argmax else float(d.get("threshold", threshold)),
             "positive_class": d.get("positive_class"),
             # the "any" rule's normal class (normal only if every slice is decided normal)
-            "normal_class": None if threshold < 0 else d.get("normal_class")},
+            "normal_class": None if argmax else d.get("normal_class")},
         "series": _series(scan, result, scan_cfg),
         "slices": slices,
         "top_slices": [int(i) for i in order.tolist()],
