@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from covid_keras import data, files, losses, metrics, saving
+from covid_keras import data, files, keras_private, losses, metrics, saving
 from covid_keras.evaluation import SplitPredictor
 from covid_keras.keras_private import AtomicBackupAndRestore  # noqa: F401 (re-exported)
 
@@ -275,6 +275,19 @@ CHECKPOINT_MONITORS = {
     "patient_auc": ("val_patient_auc", "max", "val_prediction_loss", "min"),
 }
 SMOOTHING_EPOCHS = 3
+
+
+class SwapEMA(keras.callbacks.Callback):
+    """At each epoch's end, exchanges the model's weights with the moving average its
+    optimiser keeps (``--ema_momentum``). Used in pairs around the callbacks that should
+    see the average: ``[SwapEMA(), validation, best checkpoint, SwapEMA(), backup, ...]``.
+    The first swaps the average in, the second swaps the raw weights back, so the backup
+    holds the training state as it was and training goes on from the raw weights. After
+    the last epoch ``fit`` itself leaves the average in the model (Keras's
+    ``finalize_variable_values``): ``final.keras`` is the average too."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        keras_private.swap_ema_weights(self.model)
 
 
 class BestCheckpoint(keras.callbacks.Callback):

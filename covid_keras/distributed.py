@@ -89,4 +89,6 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
                 logs[m.name] = float(result)
         cb.on_epoch_end(epoch, logs)
         epoch += 1
+    with strategy.scope():  # as Keras's fit: the weights' moving average, if kept, stays
+        optimizer.finalize_variable_values(model.trainable_variables)
     cb.on_train_end()

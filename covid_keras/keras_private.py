@@ -10,7 +10,10 @@ Keras's public API has no hook for these, so they are used here and nowhere else
   that ``Model.layers`` does not enter (:func:`all_layers`);
 * ``BackupAndRestore``'s private members (``_save_model``, ``_load_model``,
   ``_training_metadata_path``, ``_current_epoch``, ``_last_batch_seen``,
-  ``backup_dir``): :class:`AtomicBackupAndRestore` overrides the two methods.
+  ``backup_dir``): :class:`AtomicBackupAndRestore` overrides the two methods;
+* ``SwapEMAWeights._swap_variables``: exchanges a model's trainable weights with its
+  optimizer's moving averages (``use_ema=True``), in place and across the replicas of a
+  distribution strategy (:func:`swap_ema_weights`).
 
 ``tests/test_keras_private.py`` checks each of them on the installed Keras and pins the
 Keras version they were read from (:data:`KERAS_CHECKED`): a new Keras fails that test
@@ -46,6 +49,16 @@ def all_layers(model: keras.layers.Layer) -> list:
     held by subclassed layers (DRENet's head, its branch views), which ``Model.layers`` and
     ``Model.submodules`` do not list."""
     return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def swap_ema_weights(model: keras.Model) -> None:
+    """Exchange ``model``'s trainable weights with the moving averages its optimizer keeps
+    (``use_ema=True``); a second call swaps them back. Keras's public ``SwapEMAWeights``
+    does this only around ``evaluate``/``predict`` or at every epoch's edges; its swap
+    itself (per backend, distribution strategies included) is what we call."""
+    swapper = keras.callbacks.SwapEMAWeights()
+    swapper.set_model(model)
+    swapper._swap_variables()
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

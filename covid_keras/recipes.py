@@ -9,6 +9,11 @@ Weight decay is *coupled* by default, as in the authors' PyTorch optimisers
 momentum, so with momentum 0.9 it acts ~10x as strongly as Keras's decoupled
 ``weight_decay`` of the same number (``w -= lr x wd x w``), and with Adam at lr 1e-4 the
 decoupled form is nil. ``decoupled`` keeps Keras's (AdamW / SGDW) form.
+
+``ema_momentum`` > 0 makes the optimiser keep an exponential moving average of the
+weights (Keras's ``use_ema``, updated inside each training step); the trainer validates,
+checkpoints and exports that average (:class:`covid_keras.callbacks.SwapEMA`), while
+training itself follows the raw weights.
 """
 
 from __future__ import annotations
@@ -93,10 +98,14 @@ class CoupledAdam(_CoupledDecay, keras.optimizers.Adam):
 
 
 def make_optimizer(name: str, learning_rate, momentum: float = 0.9,
-                   weight_decay: float = 0.0, weight_decay_type: str = "coupled"
-                   ) -> keras.optimizers.Optimizer:
+                   weight_decay: float = 0.0, weight_decay_type: str = "coupled",
+                   ema_momentum: float = 0.0) -> keras.optimizers.Optimizer:
     """SGD (with momentum) or Adam; weight decay coupled (PyTorch's, the authors') or
-    decoupled (Keras's ``weight_decay``)."""
+    decoupled (Keras's ``weight_decay``); with ``ema_momentum`` in (0, 1) a moving average
+    of the weights besides."""
+    if not 0.0 <= ema_momentum < 1.0:
+        raise ValueError(f"ema_momentum must be in [0, 1). Received: {ema_momentum}")
+    ema = {"use_ema": True, "ema_momentum": float(ema_momentum)} if ema_momentum else {}
     if weight_decay_type not in WEIGHT_DECAY_TYPES:
         raise ValueError(f"weight_decay_type must be one of {WEIGHT_DECAY_TYPES}. Received: "
                          f"{weight_decay_type!r}")
@@ -104,9 +113,10 @@ def make_optimizer(name: str, learning_rate, momentum: float = 0.9,
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
     if weight_decay_type == "coupled":
         if name == "sgd":
-            return CoupledSGD(learning_rate, momentum=momentum, coupled_decay=weight_decay)
-        return CoupledAdam(learning_rate, coupled_decay=weight_decay)
+            return CoupledSGD(learning_rate, momentum=momentum, coupled_decay=weight_decay,
+                              **ema)
+        return CoupledAdam(learning_rate, coupled_decay=weight_decay, **ema)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=momentum,
-                                    weight_decay=weight_decay or None)
-    return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay or None)
+                                    weight_decay=weight_decay or None, **ema)
+    return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay or None, **ema)

@@ -64,6 +64,10 @@ flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (see --weight_decay_type)
 flags.DEFINE_enum("weight_decay_type", "coupled", ["coupled", "decoupled"], "coupled: "
                   "PyTorch's (the authors'): wd x w added to the gradient, ~10x Keras's "
                   "decoupled form under momentum 0.9; decoupled: Keras's weight_decay.")
+flags.DEFINE_float("ema_momentum", 0.0, "Validate, checkpoint and export an exponential "
+                   "moving average of the weights (Polyak averaging), updated every step "
+                   "with this momentum (0.99: about the last 100 steps); 0: the weights as "
+                   "trained. Training itself follows the raw weights.")
 flags.DEFINE_list("lr_decay_epochs", ["60", "100"], "Epochs at which lr x --lr_decay_factor.")
 flags.DEFINE_float("lr_decay_factor", 0.1, "Learning-rate decay factor.")
 flags.DEFINE_list("stages", [], "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... (seed 004: "
@@ -417,10 +421,15 @@ def main(argv):
             lr = recipes.schedule(stage.learning_rate, steps, decay_epochs,
                                   FLAGS.lr_decay_factor, first_epoch)
             optimizer = recipes.make_optimizer(stage.optimizer, lr, FLAGS.momentum,
-                                               FLAGS.weight_decay, FLAGS.weight_decay_type)
-        callbacks = [
+                                               FLAGS.weight_decay, FLAGS.weight_decay_type,
+                                               FLAGS.ema_momentum)
+        # With --ema_momentum, validation and the best checkpoint see the weights' moving
+        # average; the backup (and training) the raw weights.
+        ema = [cbs.SwapEMA()] if FLAGS.ema_momentum else []
+        callbacks = ema + [
             validation,
             best_cb,
+        ] + ema + [
             cbs.AtomicBackupAndRestore(
                 os.path.join(run_dir, "backup", f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
@@ -593,6 +602,8 @@ def check_recipe():
                                 "'imagenet' or a local weights file)")
     if not 0.0 <= FLAGS.bn_momentum < 1.0:
         raise ValueError(f"--bn_momentum must be in [0, 1). Received: {FLAGS.bn_momentum}")
+    if not 0.0 <= FLAGS.ema_momentum < 1.0:
+        raise ValueError(f"--ema_momentum must be in [0, 1). Received: {FLAGS.ema_momentum}")
     if FLAGS.epochs < 1 and not FLAGS.stages:
         raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
     return stages, decay_epochs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from covid_keras import recipes
-from covid_keras.callbacks import BestCheckpoint, head_health, validation_losses
+from covid_keras.callbacks import BestCheckpoint, SwapEMA, head_health, validation_losses
 
 
 def _feed(cb, rows):
@@ -120,6 +120,54 @@ def test_coupled_weight_decay_is_pytorchs():
     assert isinstance(adam, recipes.CoupledAdam) and adam.get_config()["coupled_decay"] == wd
     with pytest.raises(ValueError, match="weight_decay_type"):
         recipes.make_optimizer("sgd", lr, weight_decay_type="l2")
+
+
+def test_ema_momentum_must_be_a_fraction():
+    assert recipes.make_optimizer("adam", 1e-3, ema_momentum=0.99).use_ema
+    assert not recipes.make_optimizer("adam", 1e-3).use_ema
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_momentum"):
+            recipes.make_optimizer("sgd", 1e-3, ema_momentum=bad)
+
+
+def test_swap_ema_pair_shows_the_average_and_training_follows_the_raw_weights():
+    """One step per epoch. The callbacks between the two SwapEMA see the optimiser's moving
+    average of the weights; those after them, and the next step, the raw weights: the
+    raw trajectory is the one a run without the average takes. fit ends on the average."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3).astype(np.float32)
+    momentum, epochs = 0.6, 4
+
+    def run(ema_momentum, callbacks):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(recipes.make_optimizer("sgd", 0.05, momentum=0.0, weight_decay=0.0,
+                                             ema_momentum=ema_momentum), "mse")
+        model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+        return model
+
+    def recorder(into):
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                into.append([np.array(w) for w in self.model.get_weights()])
+        return Record()
+
+    seen, after, plain = [], [], []
+    model = run(momentum, [SwapEMA(), recorder(seen), SwapEMA(), recorder(after)])
+    run(0.0, [recorder(plain)])
+    average = None
+    for step in range(epochs):
+        for a, p in zip(after[step], plain[step]):  # the raw weights: as without the EMA
+            np.testing.assert_allclose(a, p, rtol=1e-5, atol=1e-6)
+        average = (after[step] if average is None else
+                   [momentum * m + (1 - momentum) * w for m, w in zip(average, after[step])])
+        for s, m in zip(seen[step], average):
+            np.testing.assert_allclose(s, m, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(seen[-1][0], after[-1][0])  # the average is not the raw weights
+    for w, m in zip(model.get_weights(), average):  # fit leaves the average in the model
+        np.testing.assert_allclose(w, m, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_path):

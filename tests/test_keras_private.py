@@ -66,3 +66,20 @@ def test_all_layers_reaches_layers_held_by_a_subclassed_layer():
     assert "inner_bn" in names and "inner_dense" in names and "holder" in names
     assert len(names) == len(set(names))
     assert "inner_bn" not in [layer.name for layer in model.layers]
+
+
+def test_swap_ema_weights_exchanges_the_weights_and_the_optimizers_averages():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5), "mse")
+    x = np.ones((4, 2), np.float32)
+    for _ in range(3):  # train_on_batch does not end on the average, as fit does
+        model.train_on_batch(x, x[:, :1] * 3.0)
+    numpy = keras.ops.convert_to_numpy
+    average = [numpy(v) for v in model.optimizer._model_variables_moving_average]
+    weights = [numpy(v) for v in model.trainable_variables]
+    assert not np.allclose(average[0], weights[0])
+    keras_private.swap_ema_weights(model)
+    for v, a in zip(model.trainable_variables, average):
+        np.testing.assert_allclose(numpy(v), a)
+    for v, w in zip(model.optimizer._model_variables_moving_average, weights):
+        np.testing.assert_allclose(numpy(v), w)

@@ -104,6 +104,25 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     assert f"decision: {decision['rule']} rule" in proc.stdout
 
 
+def test_ema_run_validates_checkpoints_and_ends_on_the_average(data_dir, tmp_path):
+    """--ema_momentum on two mirrored replicas: the last epoch's validation saw the weights
+    that final.keras holds (the average, which fit leaves in the model), and the best
+    checkpoint's optimiser keeps the average."""
+    run_dir = tmp_path / "ema"
+    run_train(data_dir, run_dir, "--cpu_devices=2", "--ema_momentum=0.5")
+    last = read_log(run_dir)[-1]
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    for key in ("prediction_loss", "concat_loss", "raw_loss"):
+        assert final[key] == pytest.approx(float(last["val_" + key]), rel=1e-4), key
+    import keras
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+
+    for name in ("best.keras", "final.keras"):
+        optimizer = keras.saving.load_model(run_dir / name).optimizer
+        assert optimizer.use_ema and optimizer.ema_momentum == 0.5, name
+
+
 def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
     run_dir, _ = mirrored_run
     run_train(data_dir, tmp_path / "again", f"--flagfile={run_dir / 'flags.cfg'}",
