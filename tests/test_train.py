@@ -104,25 +104,6 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     assert f"decision: {decision['rule']} rule" in proc.stdout
 
 
-def test_ema_run_validates_checkpoints_and_ends_on_the_average(data_dir, tmp_path):
-    """--ema_momentum on two mirrored replicas: the last epoch's validation saw the weights
-    that final.keras holds (the average, which fit leaves in the model), and the best
-    checkpoint's optimiser keeps the average."""
-    run_dir = tmp_path / "ema"
-    run_train(data_dir, run_dir, "--cpu_devices=2", "--ema_momentum=0.5")
-    last = read_log(run_dir)[-1]
-    final = json.loads((run_dir / "metrics.json").read_text())["final"]
-    for key in ("prediction_loss", "concat_loss", "raw_loss"):
-        assert final[key] == pytest.approx(float(last["val_" + key]), rel=1e-4), key
-    import keras
-
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
-
-    for name in ("best.keras", "final.keras"):
-        optimizer = keras.saving.load_model(run_dir / name).optimizer
-        assert optimizer.use_ema and optimizer.ema_momentum == 0.5, name
-
-
 def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
     run_dir, _ = mirrored_run
     run_train(data_dir, tmp_path / "again", f"--flagfile={run_dir / 'flags.cfg'}",
@@ -237,15 +218,29 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
 
 
 def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp_path):
+    """With --ema_momentum too: after the kill and the resume, the last epoch's validation
+    saw the weights final.keras holds (the moving average, which fit leaves in the model),
+    and the checkpoints' optimisers keep the average."""
     run_dir = tmp_path / "run"
     extra = ("--stages=sgd@0.01:1,adam@0.001:2", "--steps_per_epoch=4",
-             "--backup_every_steps=1")
+             "--backup_every_steps=1", "--ema_momentum=0.5")
     meta = run_dir / "backup" / "stage1" / "training_metadata.json"
     kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
     assert (run_dir / "backup" / "stage0.done.weights.h5").exists()
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     run_train(data_dir, run_dir, *extra)
-    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0, 1, 2]  # stage 0 not redone
+    log = read_log(run_dir)
+    assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # stage 0 not redone
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    for key in ("prediction_loss", "concat_loss", "raw_loss"):
+        assert final[key] == pytest.approx(float(log[-1]["val_" + key]), rel=1e-4), key
+    import keras
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+
+    for name in ("best.keras", "final.keras"):
+        optimizer = keras.saving.load_model(run_dir / name).optimizer
+        assert optimizer.use_ema and optimizer.ema_momentum == 0.5, name
 
 
 def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(data_dir, tmp_path):
