@@ -123,7 +123,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
-    from covid_keras import metrics, recipes
+    from covid_keras import keras_private, metrics, recipes
     from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
@@ -163,8 +163,10 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                           float(f.get("lr_decay_factor", 0.1)))
     opt = recipes.make_optimizer(f.get("optimizer", "sgd"), lr, float(f.get("momentum", 0.9)),
                                  float(f.get("weight_decay", 1e-4)),
-                                 f.get("weight_decay_type", "coupled"))
+                                 f.get("weight_decay_type", "coupled"),
+                                 float(f.get("ema_momentum", 0.0)))
     model.compile(optimizer=opt, jit_compile=True, **compile_kw)
+    ema = opt.use_ema  # --ema_momentum: validate and keep the weights' moving average
     rng = np.random.default_rng([seed, 12345])
     x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits if s != "train"}
 
@@ -185,6 +187,8 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             idx = order[step * batch:(step + 1) * batch]
             xb = normalize(to_rgb(augment(x["train"][idx], rng, brightness)), backbone)
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
+        if ema:  # the average in for validation (and the best weights), the raw weights
+            keras_private.swap_ema_weights(model)  # back before the next step
         m, loss = evaluate("val")
         recent = (recent + [m["patient_auc"]])[-SMOOTHING_EPOCHS:]
         smoothed = float(np.mean(recent))
@@ -199,6 +203,8 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         if track_held_out:  # diagnostics only: never used to choose anything
             for split in held_out:
                 row[f"{split}_patient_auc"] = evaluate(split)[0]["patient_auc"]
+        if ema:
+            keras_private.swap_ema_weights(model)
         history.append(row)
         partial = out_path.with_suffix(".partial.json")
         partial.write_text(json.dumps({"seed": seed, "best_epoch": best_epoch,
