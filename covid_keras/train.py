@@ -600,10 +600,10 @@ def check_recipe():
     if weights not in (None, "", "imagenet") and not files.exists(weights):
         raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "
                                 "'imagenet' or a local weights file)")
-    if not 0.0 <= FLAGS.bn_momentum < 1.0:
-        raise ValueError(f"--bn_momentum must be in [0, 1). Received: {FLAGS.bn_momentum}")
-    if not 0.0 <= FLAGS.ema_momentum < 1.0:
-        raise ValueError(f"--ema_momentum must be in [0, 1). Received: {FLAGS.ema_momentum}")
+    for name in ("bn_momentum", "ema_momentum"):
+        value = getattr(FLAGS, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1). Received: {value}")
     if FLAGS.epochs < 1 and not FLAGS.stages:
         raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
     return stages, decay_epochs
