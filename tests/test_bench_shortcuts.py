@@ -1,0 +1,61 @@
+"""bench/shortcuts.py: whole-image statistics and the train-fitted shortcut model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shortcuts():
+    spec = importlib.util.spec_from_file_location("bench_shortcuts",
+                                                  REPO / "bench" / "shortcuts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _images(rng, labels, bright: bool):
+    """Noise slices; with ``bright`` the positives carry a saturated corner (a source's
+    mark, no anatomy)."""
+    x = rng.integers(20, 200, (len(labels), 32, 32), dtype=np.uint8)
+    if bright:
+        x[np.asarray(labels) == 1, :6, :6] = 255
+    return x
+
+
+def test_statistics_read_what_they_name(shortcuts):
+    x = np.zeros((2, 8, 8, 3), np.uint8)
+    x[1] = 255
+    x[1, :4] = 100  # half grey, half saturated
+    s = shortcuts.statistics(x)
+    assert set(s) == set(shortcuts.STATISTICS)
+    np.testing.assert_allclose(s["black"], [1.0, 0.0])
+    np.testing.assert_allclose(s["saturated"], [0.0, 0.5])
+    np.testing.assert_allclose(s["mean"], [0.0, 177.5])
+    assert s["sharpness"][0] == 0 and s["std"][1] > 0
+
+
+def test_a_source_mark_is_found_and_noise_is_not(shortcuts):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.tile([0, 1], 20), 2)  # 40 patients of two slices each
+    keys = [f"p{i // 2}" for i in range(len(labels))]
+
+    def table(bright):
+        return {split: (np.stack([shortcuts.statistics(_images(rng, labels, bright))[k]
+                                  for k in shortcuts.STATISTICS], axis=1), labels, keys)
+                for split in ("train", "test")}
+
+    marked = shortcuts.shortcut_aucs(table(True))
+    assert marked["test"]["statistic_slice_auc"]["saturated"] == 1.0
+    assert marked["test"]["logistic_slice_auc"] > 0.95
+    assert marked["test"]["patients"] == 40 and marked["test"]["slices"] == 80
+    plain = shortcuts.shortcut_aucs(table(False))
+    assert 0.25 < plain["test"]["logistic_patient_auc"] < 0.75
+    with pytest.raises(ValueError, match="no train split"):
+        shortcuts.shortcut_aucs({"test": table(True)["test"]})
