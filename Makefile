@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_ENABLE_ONEDNN_OPTS := 1
 DEMO_DIR ?= runs/demo
+# pytest-xdist workers for the suites (0: one process). Each test module stays on one
+# worker (--dist loadscope), so a module's fixtures are built once.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
 .PHONY: venv demo test test-fast test-slow lint bench clean
 
@@ -33,14 +37,14 @@ demo: venv
 
 ## test: lint + the whole suite under TensorFlow, then the (fast) model tests under JAX.
 test: venv lint
-	$(PY) -m pytest -q --durations=15 tests
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "model and not slow" tests
+	$(PY) -m pytest -q $(XDIST) --durations=15 tests
+	KERAS_BACKEND=jax $(PY) -m pytest -q $(XDIST) -m "model and not slow" tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q $(XDIST) -m slow tests
 
 lint: venv
 	$(PY) -m ruff check .
