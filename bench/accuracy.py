@@ -22,7 +22,6 @@ it too).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_result  # noqa: E402
+from common import emit_result, parser  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LAST_EPOCHS = 5
@@ -133,8 +132,7 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--data_dir", required=True, help="data_prep output (train/val[/test]).")
     p.add_argument("--flagfiles", required=True,
                    help="Comma-separated training flagfiles, one model each.")

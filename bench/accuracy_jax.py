@@ -40,7 +40,7 @@ for p in (str(HERE), str(REPO)):
         sys.path.insert(0, p)
 
 from accuracy import print_table, stability_of, summarise  # noqa: E402
-from common import emit_result  # noqa: E402
+from common import emit_result, parser  # noqa: E402
 
 CAFFE_MEAN_BGR = np.array((103.939, 116.779, 123.68), np.float32)
 TORCH_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
@@ -229,8 +229,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--data", required=True, help=".npz from bench/export_npz.py")
     p.add_argument("--flagfiles", required=True, help="Comma-separated training flagfiles.")
     p.add_argument("--seeds", default="0,1,2")

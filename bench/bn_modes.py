@@ -22,7 +22,6 @@ Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes it too)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import emit_result  # noqa: E402
+from common import emit_result, parser  # noqa: E402
 
 
 def accuracies(run_dir: str, data_dir: str, split: str, batch_size: int,
@@ -75,8 +74,7 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--data_dir", required=True, help="The runs' data_prep output.")
     p.add_argument("--run_dirs", required=True, help="Comma-separated training run folders.")
     p.add_argument("--split", default="train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Callable
@@ -15,3 +16,9 @@ def emit_result(res: dict, print_table: Callable[[dict], None],
     print("RESULT " + line)
     if output_json:
         Path(output_json).write_text(line + "\n")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's command line, its help led by the docstring's first paragraph."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)

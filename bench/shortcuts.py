@@ -20,13 +20,12 @@ table and a ``RESULT {json}`` line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import emit_result  # noqa: E402
+from common import emit_result, parser  # noqa: E402
 
 STATISTICS = ("mean", "std", "black", "saturated", "center_mean", "sharpness")
 
@@ -108,8 +107,7 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--data_dir", required=True, help="A data_prep output folder.")
     p.add_argument("--input_size", type=int, default=128, help="Side the images are read at.")
     p.add_argument("--positive", type=int, default=1, help="Positive class index.")
