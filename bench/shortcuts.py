@@ -47,8 +47,9 @@ def statistics(images) -> dict:
 def split_table(data_dir: str, input_size: int) -> dict:
     """split -> (features (N, F), labels (N,), patient keys); every split the folder has."""
     import numpy as np
+    import tensorflow as tf
 
-    from covid_keras import data, evaluation
+    from covid_keras import data, evaluation, schema
 
     cfg = data.PipelineConfig(input_size=input_size)
     out = {}
@@ -58,11 +59,19 @@ def split_table(data_dir: str, input_size: int) -> dict:
     for split in sorted(manifest["counts"], key=lambda k: (order.get(k, 3), k)):
         if split in empty:
             continue
-        sp = evaluation.SplitPredictor(data_dir, split, 64, cfg)
-        imgs = sp.images_u8(range(len(sp)))
-        stats = statistics(np.stack([imgs[i] for i in range(len(sp))]))
-        out[split] = (np.stack([stats[k] for k in STATISTICS], axis=1), sp.labels,
-                      sp.patient_keys)
+        sp = evaluation.SplitPredictor(data_dir, split, 64, cfg)  # labels, keys in order
+        spec = {schema.IMAGE: schema.parse_spec()[schema.IMAGE]}
+        images = tf.data.TFRecordDataset(sp.files, "GZIP").map(
+            lambda r: data.decode_image(tf.io.parse_single_example(r, spec)[schema.IMAGE],
+                                        input_size, rgb=False)).batch(256)
+        rows = []  # streamed: a batch of images in memory at a time
+        for batch in images:
+            stats = statistics(batch.numpy())
+            rows.append(np.stack([stats[k] for k in STATISTICS], axis=1))
+        feats = np.concatenate(rows)
+        if len(feats) != len(sp):
+            raise RuntimeError(f"{split}: read {len(feats)} images for {len(sp)} records")
+        out[split] = (feats, sp.labels, sp.patient_keys)
     return out
 
 

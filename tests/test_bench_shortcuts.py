@@ -59,3 +59,22 @@ def test_a_source_mark_is_found_and_noise_is_not(shortcuts):
     assert 0.25 < plain["test"]["logistic_patient_auc"] < 0.75
     with pytest.raises(ValueError, match="no train split"):
         shortcuts.shortcut_aucs({"test": table(True)["test"]})
+
+
+def test_split_table_streams_every_split_of_a_data_folder(shortcuts, tmp_path):
+    """Records as data_prep writes them: one row of statistics per record, in record
+    order, beside its label and patient; the COVID slices' bright lesion shows in the
+    mean brightness on every split."""
+    from tests.test_evaluate import write_dataset
+
+    folder = write_dataset(tmp_path / "tfrecords", {"train": 6, "val": 4, "test": 4})
+    table = shortcuts.split_table(str(folder), 64)
+    assert list(table) == ["train", "val", "test"]
+    for split, n in (("train", 6), ("val", 4), ("test", 4)):
+        feats, labels, keys = table[split]
+        assert feats.shape == (2 * n * 3, len(shortcuts.STATISTICS))
+        assert len(labels) == len(keys) == len(feats) and len(set(keys)) == 2 * n
+    res = shortcuts.shortcut_aucs(table)
+    for split in table:
+        assert res[split]["statistic_slice_auc"]["mean"] == 1.0
+        assert res[split]["statistic_slice_auc"]["saturated"] == 0.5  # lesions are 240
