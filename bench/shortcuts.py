@@ -45,33 +45,36 @@ def statistics(images) -> dict:
 
 
 def split_table(data_dir: str, input_size: int) -> dict:
-    """split -> (features (N, F), labels (N,), patient keys); every split the folder has."""
+    """split -> (features (N, F), labels (N,), patient keys); every split the folder has.
+    One pass over each split's shards, a batch of images in memory at a time."""
     import numpy as np
     import tensorflow as tf
 
-    from covid_keras import data, evaluation, schema
+    from covid_keras import data, schema
 
-    cfg = data.PipelineConfig(input_size=input_size)
-    out = {}
+    keys = (schema.IMAGE, schema.LABEL_INDEX, schema.PATIENT_KEY)
+    spec = {k: v for k, v in schema.parse_spec().items() if k in keys}
+
+    def parse(record):
+        r = tf.io.parse_single_example(record, spec)
+        return (data.decode_image(r[schema.IMAGE], input_size, rgb=False),
+                r[schema.LABEL_INDEX], r[schema.PATIENT_KEY])
+
     manifest = data.read_manifest(data_dir)
     empty = set(manifest.get("empty_splits", []))
     order = {"train": 0, "val": 1, "test": 2}
+    out = {}
     for split in sorted(manifest["counts"], key=lambda k: (order.get(k, 3), k)):
         if split in empty:
             continue
-        sp = evaluation.SplitPredictor(data_dir, split, 64, cfg)  # labels, keys in order
-        spec = {schema.IMAGE: schema.parse_spec()[schema.IMAGE]}
-        images = tf.data.TFRecordDataset(sp.files, "GZIP").map(
-            lambda r: data.decode_image(tf.io.parse_single_example(r, spec)[schema.IMAGE],
-                                        input_size, rgb=False)).batch(256)
-        rows = []  # streamed: a batch of images in memory at a time
-        for batch in images:
-            stats = statistics(batch.numpy())
-            rows.append(np.stack([stats[k] for k in STATISTICS], axis=1))
-        feats = np.concatenate(rows)
-        if len(feats) != len(sp):
-            raise RuntimeError(f"{split}: read {len(feats)} images for {len(sp)} records")
-        out[split] = (feats, sp.labels, sp.patient_keys)
+        files = data.shard_files(data_dir, split)
+        feats, labels, patients = [], [], []
+        for images, y, key in tf.data.TFRecordDataset(files, "GZIP").map(parse).batch(256):
+            stats = statistics(images.numpy())
+            feats.append(np.stack([stats[k] for k in STATISTICS], axis=1))
+            labels.extend(y.numpy().tolist())
+            patients.extend(k.decode() for k in key.numpy())
+        out[split] = (np.concatenate(feats), np.asarray(labels, np.int64), patients)
     return out
 
 
