@@ -102,29 +102,57 @@ def to_rgb(img):
 
 
 def augment(image_u8, seed, rotation_degrees: float = 0.0,
-            brightness: str = "multiplicative"):
+            brightness: str = "multiplicative", zoom: float = 0.0, gamma: float = 0.0):
     """Stateless augmentation of one uint8 image: horizontal flip and brightness x
-    U(0.874, 1.126), as the authors' code [, rotation]. Multiplicative, so the black
-    (masked) background stays black; additive jitter or a contrast jitter around the mean
-    would grey it, and the background would then tell train from val images.
+    U(0.874, 1.126), as the authors' code [, zoom, gamma, rotation]. Multiplicative, so the
+    black (masked) background stays black; additive jitter or a contrast jitter around the
+    mean would grey it, and the background would then tell train from val images.
     ``brightness="additive"``: the earlier recipe (brightness +- 0.1, then contrast x
-    U(0.8, 1.2) around the mean), kept to measure the change (bench/README.md)."""
+    U(0.8, 1.2) around the mean), kept to measure the change (bench/README.md).
+
+    ``zoom`` z > 0: a square of side x U(1 - z, 1) of the image's, at a random place,
+    resized back to the full size (the image is zoomed in by up to 1 / (1 - z)).
+    ``gamma`` g > 0: x ** exp(U(-ln(1 + g), ln(1 + g))): brightness and contrast change
+    together while black stays black and white stays white. Both are off by default, and
+    with them off the other draws are the same as without them."""
     if brightness not in BRIGHTNESS_JITTERS:
         raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
                          f"{brightness!r}")
+    if not 0.0 <= zoom < 1.0:
+        raise ValueError(f"zoom must be in [0, 1). Received: {zoom}")
+    if gamma < 0.0:
+        raise ValueError(f"gamma must be >= 0. Received: {gamma}")
     s = tf.random.experimental.stateless_split(seed, 4)
     x = tf.cast(image_u8, tf.float32) / 255.0
     x = tf.image.stateless_random_flip_left_right(x, s[0])
+    if zoom or gamma:  # own draws, so that the default recipe's draws do not move
+        extra = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 1), 2)
+    if zoom:
+        x = _zoom(x, extra[0], zoom)
     if brightness == "additive":
         x = tf.image.stateless_random_brightness(x, 0.1, s[1])
         x = tf.image.stateless_random_contrast(x, 0.8, 1.2, s[2])
     else:
         x = x * tf.random.stateless_uniform([], s[1], *BRIGHTNESS_RANGE)
+    if gamma:
+        g = math.log1p(gamma)
+        x = tf.clip_by_value(x, 0.0, 1.0) ** tf.exp(
+            tf.random.stateless_uniform([], extra[1], -g, g))
     if rotation_degrees:
         angle = tf.random.stateless_uniform([], s[3], -1.0, 1.0) * (
             rotation_degrees * math.pi / 180.0)
         x = _rotate(x, angle)
     return tf.cast(tf.clip_by_value(x, 0.0, 1.0) * 255.0 + 0.5, tf.uint8)
+
+
+def _zoom(image, seed, zoom: float):
+    u = tf.random.stateless_uniform([3], seed)
+    side = 1.0 - zoom * u[0]
+    y0, x0 = (1.0 - side) * u[1], (1.0 - side) * u[2]
+    box = tf.stack([y0, x0, y0 + side, x0 + side])[None]
+    out = tf.image.crop_and_resize(image[None], box, [0], tf.shape(image)[:2])
+    return out[0]
 
 
 def _rotate(image, angle):
@@ -148,6 +176,8 @@ class PipelineConfig:
     backbone: str = "resnet50"
     rotation_degrees: float = 0.0
     brightness: str = "multiplicative"
+    zoom: float = 0.0
+    gamma: float = 0.0
     shuffle_buffer: int = 512
     deterministic: bool = False
     class_balanced: bool = False
@@ -215,7 +245,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
             # Augment the record's own channels (1 for grey), then repeat to RGB.
             img = decode_image(r[schema.IMAGE], cfg.input_size, rgb=False)
             img = augment(img, base + tf.stack([tf.constant(0, tf.int64), i]),
-                          cfg.rotation_degrees, cfg.brightness)
+                          cfg.rotation_degrees, cfg.brightness, cfg.zoom, cfg.gamma)
             return _output(r, to_rgb(img), cfg, with_meta)
     else:
         def prepare(r):

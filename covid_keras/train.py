@@ -90,6 +90,12 @@ flags.DEFINE_float("target_sensitivity", 0.9, "With --decision_criterion=sensiti
 flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
 flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
 flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
+flags.DEFINE_float("zoom_jitter", 0.0, "Random zoom augmentation: a square of side x "
+                   "U(1 - z, 1) of the image's, at a random place, resized back (0: off).",
+                   lower_bound=0.0, upper_bound=0.9)
+flags.DEFINE_float("gamma_jitter", 0.0, "Random gamma augmentation: pixel ** exp(U(-ln(1 + g), "
+                   "ln(1 + g))), brightness and contrast together, black stays black (0: off).",
+                   lower_bound=0.0)
 flags.DEFINE_enum("brightness_jitter", "multiplicative", list(BRIGHTNESS_JITTERS),
                   "Training brightness jitter. multiplicative: x U(0.874, 1.126) as the "
                   "authors (black stays black). additive: +- 0.1 and contrast x U(0.8, 1.2), "
@@ -384,6 +390,7 @@ def main(argv):
     cfg = data.PipelineConfig(input_size=FLAGS.input_size, backbone=FLAGS.backbone,
                               rotation_degrees=FLAGS.rotation_degrees,
                               brightness=FLAGS.brightness_jitter,
+                              zoom=FLAGS.zoom_jitter, gamma=FLAGS.gamma_jitter,
                               shuffle_buffer=FLAGS.shuffle_buffer,
                               deterministic=FLAGS.deterministic,
                               class_balanced=FLAGS.class_balanced, num_classes=len(classes),
