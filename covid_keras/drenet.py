@@ -47,6 +47,7 @@ from covid_keras.layers import (
     RegionCrop,
     TopKNMS,
     ZoomImage,
+    input_normalization,
 )
 from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS, level_grid
 from covid_keras.layers.generated import normalised_scores
@@ -102,7 +103,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  loss_weights: dict | None = None, rank_margin: float = 1.0,
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
                  head_norm: bool = True, head_hidden_units: int | None = None,
-                 bn_momentum: float = BN_MOMENTUM, name: str = "drenet") -> DRENet:
+                 bn_momentum: float = BN_MOMENTUM, input_norm: str = "none",
+                 name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -129,6 +131,10 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
       bn_momentum: momentum of every batch norm's moving statistics (backbone, branch
         views, head): 0.9 = PyTorch's 0.1, as the authors; Keras's 0.99 leaves them stale on
         short runs.
+      input_norm: "none" or "per_image": every image to zero mean and a fixed spread
+        first (:mod:`covid_keras.layers.intensity`), so the outputs do not depend on its
+        overall brightness or contrast. The crops and the generated image are cut from the
+        standardised image.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -152,12 +158,14 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "dropout": float(dropout), "trainable": trainable,
                     "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
                     "head_hidden_units": head_hidden_units,
-                    "bn_momentum": float(bn_momentum)}
+                    "bn_momentum": float(bn_momentum), "input_norm": input_norm}
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net
     generated_net = branch_view(net, "generated") if branch_bn else net
-    image = keras.Input((input_size, input_size, 3), name="image")
+    norm = input_normalization(input_norm, backbone)
+    raw_image = keras.Input((input_size, input_size, 3), name="image")
+    image = norm(raw_image) if norm else raw_image
     feats = net(image)
     raw_logits = layers.Dense(num_classes, dtype="float32", name="raw_logits")(feats["pool"])
 
@@ -188,7 +196,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     box_scores = BoxScores(name="box_scores")(nav_scores)
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}
-    model = DRENet(image, outputs, build_config, name=name)
+    model = DRENet(raw_image, outputs, build_config, name=name)
     set_bn_momentum(model, bn_momentum)
     if trainable != "all":
         apply_trainable(model, trainable)

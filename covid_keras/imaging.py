@@ -25,6 +25,9 @@ BRIGHTNESS_RANGE = (0.874, 1.126)
 # The trainer's --brightness_jitter choices; "additive" (+- 0.1 and a contrast jitter, the
 # earlier recipe) greys the black background and is kept only to measure the change.
 BRIGHTNESS_JITTERS = ("multiplicative", "additive")
+# The models' input_norm choices (covid_keras.layers.intensity): raw intensities, or every
+# image to zero mean and a fixed spread by the model's first layer.
+INPUT_NORMS = ("none", "per_image")
 
 
 def parse_windows(names: list[str] | tuple[str, ...]) -> list[tuple[str, float, float]]:

@@ -31,7 +31,7 @@ import time
 from absl import flags
 
 from covid_keras import cli, files, provenance
-from covid_keras.imaging import BRIGHTNESS_JITTERS
+from covid_keras.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
 
 FLAGS = flags.FLAGS
 
@@ -101,6 +101,11 @@ flags.DEFINE_enum("brightness_jitter", "multiplicative", list(BRIGHTNESS_JITTERS
                   "authors (black stays black). additive: +- 0.1 and contrast x U(0.8, 1.2), "
                   "the earlier recipe: it greys the masked background, so train images differ "
                   "from val/test ones; kept to measure the change (bench/README.md).")
+flags.DEFINE_enum("input_norm", "none", list(INPUT_NORMS),
+                  "per_image: the model's first layer shifts and scales every image to zero "
+                  "mean and a fixed spread, so its prediction does not depend on the image's "
+                  "overall brightness or contrast (saved with the model: evaluation, export, "
+                  "serving and prediction do the same). none: raw intensities.")
 flags.DEFINE_float("bn_momentum", 0.9, "Momentum of every batch-norm layer's moving "
                    "statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 leaves them "
                    "stale on short runs (inference-mode accuracy below training mode's).")
@@ -322,10 +327,11 @@ def build_model(num_classes: int):
                              backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
                              variant=FLAGS.variant, trainable=FLAGS.trainable,
                              head_hidden_units=FLAGS.head_hidden_units,
-                             bn_momentum=FLAGS.bn_momentum)
+                             bn_momentum=FLAGS.bn_momentum, input_norm=FLAGS.input_norm)
     else:
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
-                                 FLAGS.backbone_weights, trainable=FLAGS.trainable)
+                                 FLAGS.backbone_weights, trainable=FLAGS.trainable,
+                                 input_norm=FLAGS.input_norm)
     apply_trainable(model, FLAGS.trainable)
     set_bn_momentum(model, FLAGS.bn_momentum)  # the classifier's, a loaded model's
     if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing

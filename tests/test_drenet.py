@@ -184,6 +184,36 @@ def test_saved_under_tensorflow_loads_under_jax(paper_model, tmp_path):
         np.testing.assert_allclose(got[key], expected[key], atol=1e-4, err_msg=key)
 
 
+@pytest.mark.parametrize("builder", ["drenet", "classifier"])
+def test_per_image_input_norm_makes_every_output_blind_to_brightness_and_contrast(
+        builder, tmp_path):
+    from covid_keras.baselines import build_classifier
+
+    keras.utils.set_random_seed(2)
+    if builder == "drenet":
+        model = build_drenet(2, input_size=SIZE, backbone="tiny", input_norm="per_image")
+        plain = build_drenet(2, input_size=SIZE, backbone="tiny")
+    else:
+        model = build_classifier("tiny", 2, SIZE, input_norm="per_image")
+        plain = build_classifier("tiny", 2, SIZE)
+    x = _batch()
+    brighter = 0.6 * x + 0.3  # the same images, brighter and flatter
+    a, b = model(x, training=False), model(brighter, training=False)
+    for key in a:
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=2e-4,
+                                   err_msg=key)
+    # Without it the same change moves the prediction: the test can fail.
+    assert not np.allclose(np.asarray(plain(x, training=False)["logits"]),
+                           np.asarray(plain(brighter, training=False)["logits"]), atol=2e-4)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert reloaded.get_layer("input_norm").scale == 0.5  # the tiny backbone's [-1, 1] input
+    np.testing.assert_allclose(np.asarray(reloaded(brighter, training=False)["logits"]),
+                               np.asarray(a["logits"]), atol=2e-4)
+    with pytest.raises(ValueError, match="Received: input_norm='zscore'"):
+        build_classifier("tiny", 2, SIZE, input_norm="zscore")
+
+
 def test_builder_arguments_fail_clearly():
     with pytest.raises(ValueError, match="Received"):
         build_drenet(3, input_size=SIZE, backbone="tiny", variant="torch")

@@ -9,6 +9,7 @@ from covid_keras.layers import (
     AnchorGrid,
     ConfidenceMapImage,
     MLPHead,
+    PerImageStandardization,
     ProposalHead,
     RegionAttention,
     RegionCrop,
@@ -237,6 +238,7 @@ def test_mlp_head_dropout_off_at_inference():
 @pytest.mark.parametrize("cls,kwargs", [
     (MLPHead, {"num_classes": 1}), (RegionCrop, {"size": 1}),
     (ProposalHead, {"num_levels": 0}), (RegionAttention, {"units": 0}),
+    (PerImageStandardization, {"scale": 0.0}),
 ])
 def test_bad_arguments_say_received(cls, kwargs):
     with pytest.raises(ValueError, match="Received"):
@@ -256,3 +258,30 @@ def test_drenet_plumbing_layers(tmp_path):
     out = run_layer_test(tmp_path, BoxScores, {}, scores, (2, 3), 0)
     np.testing.assert_allclose(out, np.exp(scores - scores.max(axis=1, keepdims=True)),
                                rtol=1e-6)
+
+
+def test_per_image_standardization_numbers(tmp_path):
+    x = RNG.uniform(0, 255, size=(3, 8, 8, 3)).astype(np.float32)
+    x[1] = x[1] * 0.2 + 40.0  # a darker, flatter image
+    x[2] = 7.0  # a constant image
+    out = run_layer_test(tmp_path, PerImageStandardization, {"scale": 64.0}, x,
+                         (3, 8, 8, 3), 0)
+    for i in (0, 1):  # each image on its own: mean 0, sd 64, over pixels and channels
+        expected = (x[i] - x[i].mean()) / x[i].std() * 64.0
+        np.testing.assert_allclose(out[i], expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(out[2], 0.0)
+    # So a brighter or more contrasted copy of an image comes out the same.
+    np.testing.assert_allclose(PerImageStandardization()(1.7 * x[:1] - 30.0)[0],
+                               PerImageStandardization()(x[:1])[0], atol=1e-4)
+
+
+def test_input_normalization_choices():
+    from covid_keras.layers import input_normalization
+    from covid_keras.layers.intensity import SCALE_BY_PREPROCESSING
+
+    assert input_normalization("none", "resnet50") is None
+    layer = input_normalization("per_image", "resnet50")
+    assert layer.scale == SCALE_BY_PREPROCESSING["caffe"] and layer.name == "input_norm"
+    assert input_normalization("per_image", "densenet121").scale == 1.0
+    with pytest.raises(ValueError, match="Received: input_norm='zscore'"):
+        input_normalization("zscore", "resnet50")

@@ -112,6 +112,22 @@ def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
     assert (tmp_path / "again" / "final.keras").exists()
 
 
+def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, tmp_path):
+    import keras
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+
+    run_train(data_dir, tmp_path / "run", "--input_norm=per_image", "--zoom_jitter=0.2",
+              "--gamma_jitter=0.3", "--epochs=1", "--steps_per_epoch=2")
+    model = keras.saving.load_model(tmp_path / "run" / "final.keras")
+    assert model.get_layer("input_norm").scale > 0  # saved with the model
+    flags_cfg = (tmp_path / "run" / "flags.cfg").read_text()
+    assert "--input_norm=per_image" in flags_cfg and "--zoom_jitter=0.2" in flags_cfg
+    proc = subprocess.run(train_cmd(data_dir, tmp_path / "bad", "--zoom_jitter=1.5"),
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "zoom_jitter" in proc.stderr
+
+
 def _events(run_dir, sub) -> dict:
     """tag -> list of summary values, read from the event files with tf.data."""
     import tensorflow as tf

@@ -6,9 +6,10 @@ from covid_keras.layers.attention import RegionAttention
 from covid_keras.layers.crop import RegionCrop, crop_and_resize
 from covid_keras.layers.generated import ConfidenceMapImage, ZoomImage
 from covid_keras.layers.head import MLPHead
+from covid_keras.layers.intensity import PerImageStandardization, input_normalization
 from covid_keras.layers.navigator import ProposalHead
 from covid_keras.layers.topk import TopKNMS, greedy_nms_topk
 
 __all__ = ["AnchorGrid", "ConfidenceMapImage", "MLPHead", "ProposalHead", "RegionAttention",
-           "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes", "crop_and_resize",
-           "greedy_nms_topk", "iou_matrix"]
+           "PerImageStandardization", "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes",
+           "crop_and_resize", "greedy_nms_topk", "input_normalization", "iou_matrix"]
