@@ -32,3 +32,19 @@ def shared_subdir(shared: Path, name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent from the shared data folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``bench_script("shortcuts")``: bench/shortcuts.py imported as a module (the bench
+    scripts are run as files, not installed)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def intensity():
-    spec = importlib.util.spec_from_file_location("bench_intensity",
-                                                  REPO / "bench" / "intensity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def intensity(bench_script):
+    return bench_script("intensity")
 
 
 def test_changed_images_scale_clip_and_match_the_means(intensity):

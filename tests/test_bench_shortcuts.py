@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def shortcuts():
-    spec = importlib.util.spec_from_file_location("bench_shortcuts",
-                                                  REPO / "bench" / "shortcuts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def shortcuts(bench_script):
+    return bench_script("shortcuts")
 
 
 def _images(rng, labels, bright: bool):
