@@ -11,9 +11,10 @@ CLASSES2 = ["normal", "covid"]
 
 
 def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
-             data_dir: Path | None = None, seed: int = 0) -> Path:
+             data_dir: Path | None = None, seed: int = 0, input_norm: str = "none") -> Path:
     """A run folder as the trainer leaves it (best.keras with class names, run_info.json,
-    optionally decision.json) around an untrained tiny 64 px model."""
+    optionally decision.json) around an untrained tiny 64 px model (``input_norm``: the
+    models' first layer, see covid_keras.layers.intensity)."""
     import keras
 
     from covid_keras import build_classifier, build_drenet, files
@@ -22,10 +23,12 @@ def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
     keras.utils.set_random_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if kind == "classifier":
-        model, classes = build_classifier("tiny", 2, input_size=64), CLASSES2
+        model = build_classifier("tiny", 2, input_size=64, input_norm=input_norm)
+        classes = CLASSES2
     else:
         model = build_drenet(3, input_size=64, backbone="tiny",
-                             variant="code" if kind == "drenet_code" else "paper")
+                             variant="code" if kind == "drenet_code" else "paper",
+                             input_norm=input_norm)
         classes = CLASSES3
     save_model(model, str(run_dir / "best.keras"), classes)
     files.write_json(str(run_dir / "run_info.json"), {

@@ -222,7 +222,8 @@ def test_predict_study_decides_as_evaluation_and_decide_patient():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """{kind: (run_dir, version_dir)}: DRENet paper (decision 'any'), DRENet code (no
-    decision.json), classifier (decision 'mean'), exported through the CLI for the first."""
+    decision.json; with the per-image input normalisation layer), classifier (decision
+    'mean'), exported through the CLI for the first."""
     from covid_keras import export
 
     root = tmp_path_factory.mktemp("export")
@@ -230,7 +231,8 @@ def exported(tmp_path_factory):
     runs = {
         "drenet": make_run(root / "drenet", "drenet", {"rule": "any", "threshold": 0.335,
                                                        "positive_class": "covid"}, data_dir),
-        "drenet_code": make_run(root / "code", "drenet_code", None, None, seed=1),
+        "drenet_code": make_run(root / "code", "drenet_code", None, None, seed=1,
+                                input_norm="per_image"),
         "classifier": make_run(root / "clf", "classifier", {"rule": "mean",
                                                             "threshold": 0.5,
                                                             "positive_class": "covid"},
@@ -319,6 +321,8 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
     got = np.load(tmp_path / "out.npz", allow_pickle=True)
     for kind, (run_dir, export_dir) in exported.items():
         model = load_model(str(run_dir / "best.keras"), compile=False)
+        if kind == "drenet_code":  # the export computes the per-image normalisation too
+            assert model.get_layer("input_norm").scale == 0.5
         info = model.covid_keras_info
         classes, backbone = info["class_names"], info["backbone"]
         assert sorted(got[f"{kind}/signatures"]) == sorted(
