@@ -216,8 +216,9 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
 
 
 def saved_model_spec(path: str) -> dict:
-    """Backbone, input size and classes of a ``.keras`` file, read from its config (no
-    weights loaded), so that ``--init_from`` normalises inputs for the model it loads."""
+    """Backbone, input size, classes and input normalisation of a ``.keras`` file, read from
+    its config (no weights loaded), so that ``--init_from`` normalises inputs for the model
+    it loads."""
     import zipfile
 
     try:
@@ -229,7 +230,8 @@ def saved_model_spec(path: str) -> dict:
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
-                "num_classes": int(b["num_classes"]), "model": "drenet"}
+                "num_classes": int(b["num_classes"]), "model": "drenet",
+                "input_norm": b.get("input_norm", "none")}
     layers_ = config.get("config", {}).get("layers", [])
     backbone = next((lay["config"]["name"][: -len("_backbone")] for lay in layers_
                      if lay["config"].get("name", "").endswith("_backbone")), None)
@@ -240,20 +242,22 @@ def saved_model_spec(path: str) -> dict:
     if backbone is None or size is None or classes is None:
         raise ValueError(f"--init_from={path}: not a covid_keras model (no backbone, input "
                          "size or logits layer in its config)")
+    norm = "per_image" if any(lay.get("class_name") == "PerImageStandardization"
+                              for lay in layers_) else "none"
     return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
-            "model": "classifier"}
+            "model": "classifier", "input_norm": norm}
 
 
 def apply_init_from_spec(classes: list[str]) -> None:
-    """--init_from: the loaded model's backbone and input size replace the flags' (and are
-    what run_info.json records), with a log line when they differ."""
+    """--init_from: the loaded model's backbone, input size and input normalisation replace
+    the flags' (and are what run_info.json records), with a log line when they differ."""
     if not FLAGS.init_from:
         return
     spec = saved_model_spec(FLAGS.init_from)
     if spec["num_classes"] != len(classes):
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
                          f"{len(classes)} ({classes}). Received: {FLAGS.init_from}")
-    for name in ("backbone", "input_size", "model"):
+    for name in ("backbone", "input_size", "model", "input_norm"):
         if getattr(FLAGS, name) != spec[name]:
             log.info("--init_from: %s %s (from the model; the flag said %s)", name,
                      spec[name], getattr(FLAGS, name))

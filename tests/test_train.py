@@ -128,6 +128,20 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
     assert proc.returncode != 0 and "zoom_jitter" in proc.stderr
 
 
+@pytest.mark.parametrize("input_norm", ["none", "per_image"])
+def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
+    from covid_keras import build_classifier, build_drenet
+    from covid_keras.train import saved_model_spec
+
+    build_drenet(2, input_size=64, backbone="tiny", input_norm=input_norm).save(
+        tmp_path / "d.keras")
+    build_classifier("tiny", 2, 64, input_norm=input_norm).save(tmp_path / "c.keras")
+    for name, model in (("d", "drenet"), ("c", "classifier")):
+        spec = saved_model_spec(str(tmp_path / f"{name}.keras"))
+        assert spec == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
+                        "model": model, "input_norm": input_norm}
+
+
 def _events(run_dir, sub) -> dict:
     """tag -> list of summary values, read from the event files with tf.data."""
     import tensorflow as tf
