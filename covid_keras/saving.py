@@ -81,8 +81,8 @@ def save_model(model, path: str, class_names: list[str] | None) -> None:
             os.remove(tmp)
 
 
-def read_info(path: str) -> dict | None:
-    """The info entry of a ``.keras`` file (``None`` for a file saved without it)."""
+def _read_json_entry(path: str, name: str) -> dict | None:
+    """One JSON entry of a ``.keras`` file (``None`` when the file has no such entry)."""
     from covid_keras import files
 
     try:
@@ -96,12 +96,17 @@ def read_info(path: str) -> dict | None:
         else:
             source = path
         with zipfile.ZipFile(source) as z:
-            if INFO_ENTRY not in z.namelist():
+            if name not in z.namelist():
                 return None
-            return json.loads(z.read(INFO_ENTRY))
+            return json.loads(z.read(name))
     except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a readable .keras model ({type(exc).__name__}: "
                          f"{exc})") from None
+
+
+def read_info(path: str) -> dict | None:
+    """The info entry of a ``.keras`` file (``None`` for a file saved without it)."""
+    return _read_json_entry(path, INFO_ENTRY)
 
 
 def load_model(path: str, compile: bool = True):
@@ -114,3 +119,31 @@ def load_model(path: str, compile: bool = True):
     model = keras.saving.load_model(path, compile=compile)
     object.__setattr__(model, "covid_keras_info", info)
     return model
+
+
+def saved_model_spec(path: str) -> dict:
+    """Backbone, input size, classes and input normalisation of a ``.keras`` file, read from
+    its config (no weights loaded): what ``train --init_from`` needs to feed the model it
+    loads the way it was trained."""
+    config = _read_json_entry(path, "config.json")
+    if config is None:
+        raise ValueError(f"{path} is not a readable .keras model (no config.json)")
+    if config.get("class_name") == "DRENet":
+        b = config["config"]["build_config"]
+        return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
+                "num_classes": int(b["num_classes"]), "model": "drenet",
+                "input_norm": b.get("input_norm", "none")}
+    layers_ = config.get("config", {}).get("layers", [])
+    backbone = next((lay["config"]["name"][: -len("_backbone")] for lay in layers_
+                     if lay["config"].get("name", "").endswith("_backbone")), None)
+    size = next((lay["config"]["batch_shape"][1] for lay in layers_
+                 if lay.get("class_name") == "InputLayer"), None)
+    classes = next((lay["config"]["units"] for lay in layers_
+                    if lay["config"].get("name") == "logits"), None)
+    if backbone is None or size is None or classes is None:
+        raise ValueError(f"{path}: not a covid_keras model (no backbone, input "
+                         "size or logits layer in its config)")
+    norm = "per_image" if any(lay.get("class_name") == "PerImageStandardization"
+                              for lay in layers_) else "none"
+    return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
+            "model": "classifier", "input_norm": norm}

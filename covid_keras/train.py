@@ -215,45 +215,17 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     return "new"
 
 
-def saved_model_spec(path: str) -> dict:
-    """Backbone, input size, classes and input normalisation of a ``.keras`` file, read from
-    its config (no weights loaded), so that ``--init_from`` normalises inputs for the model
-    it loads."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            config = json.loads(z.read("config.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ValueError(f"--init_from={path} is not a readable .keras model "
-                         f"({type(exc).__name__}: {exc})") from None
-    if config.get("class_name") == "DRENet":
-        b = config["config"]["build_config"]
-        return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
-                "num_classes": int(b["num_classes"]), "model": "drenet",
-                "input_norm": b.get("input_norm", "none")}
-    layers_ = config.get("config", {}).get("layers", [])
-    backbone = next((lay["config"]["name"][: -len("_backbone")] for lay in layers_
-                     if lay["config"].get("name", "").endswith("_backbone")), None)
-    size = next((lay["config"]["batch_shape"][1] for lay in layers_
-                 if lay.get("class_name") == "InputLayer"), None)
-    classes = next((lay["config"]["units"] for lay in layers_
-                    if lay["config"].get("name") == "logits"), None)
-    if backbone is None or size is None or classes is None:
-        raise ValueError(f"--init_from={path}: not a covid_keras model (no backbone, input "
-                         "size or logits layer in its config)")
-    norm = "per_image" if any(lay.get("class_name") == "PerImageStandardization"
-                              for lay in layers_) else "none"
-    return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
-            "model": "classifier", "input_norm": norm}
-
-
 def apply_init_from_spec(classes: list[str]) -> None:
     """--init_from: the loaded model's backbone, input size and input normalisation replace
     the flags' (and are what run_info.json records), with a log line when they differ."""
     if not FLAGS.init_from:
         return
-    spec = saved_model_spec(FLAGS.init_from)
+    from covid_keras.saving import saved_model_spec
+
+    try:
+        spec = saved_model_spec(FLAGS.init_from)
+    except ValueError as exc:
+        raise ValueError(f"--init_from: {exc}") from None
     if spec["num_classes"] != len(classes):
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
                          f"{len(classes)} ({classes}). Received: {FLAGS.init_from}")

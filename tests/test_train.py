@@ -131,7 +131,7 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
 @pytest.mark.parametrize("input_norm", ["none", "per_image"])
 def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
     from covid_keras import build_classifier, build_drenet
-    from covid_keras.train import saved_model_spec
+    from covid_keras.saving import saved_model_spec
 
     build_drenet(2, input_size=64, backbone="tiny", input_norm=input_norm).save(
         tmp_path / "d.keras")
@@ -140,6 +140,9 @@ def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
         spec = saved_model_spec(str(tmp_path / f"{name}.keras"))
         assert spec == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
                         "model": model, "input_norm": input_norm}
+    (tmp_path / "bad.keras").write_text("not a zip")
+    with pytest.raises(ValueError, match="bad.keras is not a readable .keras model"):
+        saved_model_spec(str(tmp_path / "bad.keras"))
 
 
 def _events(run_dir, sub) -> dict:
@@ -315,7 +318,9 @@ def test_user_errors_are_one_line_and_verbosity_shows_the_traceback(data_dir, tm
         (["--stages=adam@x"], "A stage is OPTIMIZER@LR:EPOCHS"),
         (["--backbone_weights=" + str(tmp_path / "none.h5")], "no such file"),
         (["stray"], "unexpected argument(s) 'stray'"),
+        (["--init_from=" + str(tmp_path / "notes.keras")], "is not a readable .keras model"),
     ]
+    (tmp_path / "notes.keras").write_text("not a zip")
     for extra, message in cases:
         run_dir = tmp_path / "run"
         cmd = train_cmd(data_dir, run_dir) + extra
