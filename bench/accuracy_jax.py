@@ -4,11 +4,12 @@ The same protocol as ``bench/accuracy.py`` (flagfiles x seeds, checkpoint chosen
 by the smoothed patient AUC with the prediction loss breaking ties, held-out splits
 reported once), but over a ``.npz`` written by ``bench/export_npz.py`` instead of
 TFRecords, with the input pipeline done in NumPy: per epoch a seeded shuffle, the last
-partial batch dropped, a horizontal flip and the multiplicative brightness jitter of
-:data:`covid_keras.imaging.BRIGHTNESS_RANGE` (as the tf.data pipeline), grey to RGB, the
-backbone's normalisation. The model, optimiser, schedule and loss are the project's own
-(:mod:`covid_keras.drenet`, :mod:`covid_keras.baselines`, :mod:`covid_keras.recipes`),
-built from the flagfile's flags; ``--input_size`` overrides the flagfile's (448 on the GPU).
+partial batch dropped, the trainer's augmentation (flip, brightness jitter and, where the
+flagfile asks, zoom, gamma and rotation: the same distributions as the tf.data pipeline),
+grey to RGB, the backbone's normalisation. The model (``--input_norm`` included: a layer of
+it), optimiser, schedule and loss are the project's own (:mod:`covid_keras.drenet`,
+:mod:`covid_keras.baselines`, :mod:`covid_keras.recipes`), built from the flagfile's flags;
+``--input_size`` overrides the flagfile's (448 on the GPU).
 Differences from ``covid_keras.train``: no tf.data shuffle buffer (a full shuffle instead),
 no TensorBoard, the best weights are kept in memory.
 
@@ -89,19 +90,59 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(out.shape[:3] + (images.shape[-1],))
 
 
+def zoom_image(x: np.ndarray, side: float, y0: float, x0: float) -> np.ndarray:
+    """The square [y0, y0 + side] x [x0, x0 + side] (fractions of the image) resized back
+    to the full size, bilinear, sampled as ``tf.image.crop_and_resize`` samples a box."""
+    import cv2
+
+    h, w = x.shape[:2]
+    # crop_and_resize to the same size: output pixel i reads input y0 * (h - 1) + i * side
+    m = np.array([[side, 0.0, x0 * (w - 1)], [0.0, side, y0 * (h - 1)]], np.float32)
+    out = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(x.shape)
+
+
+def rotate_image(x: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation by ``angle`` radians about the centre, bilinear, black outside: as
+    ``covid_keras.data._rotate`` (ImageProjectiveTransformV3, constant 0 fill)."""
+    import cv2
+
+    h, w = x.shape[:2]
+    c, s = np.cos(angle), np.sin(angle)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    m = np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], np.float32)
+    out = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return out.reshape(x.shape)
+
+
 def augment(batch_u8: np.ndarray, rng: np.random.Generator,
-            brightness: str = "multiplicative") -> np.ndarray:
-    """Horizontal flip (p 0.5) and brightness x U(BRIGHTNESS_RANGE), as covid_keras.data;
-    ``brightness="additive"``: +- 0.1 then contrast x U(0.8, 1.2) around each image's
-    channel means (the trainer's --brightness_jitter=additive)."""
+            brightness: str = "multiplicative", zoom: float = 0.0, gamma: float = 0.0,
+            rotation_degrees: float = 0.0) -> np.ndarray:
+    """The trainer's augmentation (``covid_keras.data.augment``) in NumPy, in its order:
+    horizontal flip (p 0.5); ``zoom`` z: a square of side x U(1 - z, 1) at a random place,
+    resized back; brightness x U(BRIGHTNESS_RANGE) (``brightness="additive"``: +- 0.1 then
+    contrast x U(0.8, 1.2) around each image's channel means); ``gamma`` g:
+    x ** exp(U(-ln(1 + g), ln(1 + g))); rotation by U(-r, r) degrees, black outside. The
+    same distributions as the tf.data pipeline, not the same draws."""
     from covid_keras.imaging import BRIGHTNESS_JITTERS, BRIGHTNESS_RANGE
 
     if brightness not in BRIGHTNESS_JITTERS:
         raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
                          f"{brightness!r}")
+    if not 0.0 <= zoom < 1.0:
+        raise ValueError(f"zoom must be in [0, 1). Received: {zoom}")
+    if gamma < 0.0:
+        raise ValueError(f"gamma must be >= 0. Received: {gamma}")
     x = batch_u8.astype(np.float32) / 255.0
     flip = rng.random(len(x)) < 0.5
     x[flip] = x[flip, :, ::-1]
+    if zoom:
+        u = rng.random((len(x), 3))
+        sides = 1.0 - zoom * u[:, 0]
+        x = np.stack([zoom_image(im, side, (1.0 - side) * uy, (1.0 - side) * ux)
+                      for im, side, uy, ux in zip(x, sides, u[:, 1], u[:, 2])])
     shape = (len(x), 1, 1, 1)
     if brightness == "additive":
         x += rng.uniform(-0.1, 0.1, size=shape).astype(np.float32)
@@ -109,6 +150,12 @@ def augment(batch_u8: np.ndarray, rng: np.random.Generator,
         x = (x - mean) * rng.uniform(0.8, 1.2, size=shape).astype(np.float32) + mean
     else:
         x *= rng.uniform(*BRIGHTNESS_RANGE, size=shape).astype(np.float32)
+    if gamma:
+        g = np.log1p(gamma)
+        x = np.clip(x, 0.0, 1.0) ** np.exp(rng.uniform(-g, g, size=shape)).astype(np.float32)
+    if rotation_degrees:
+        angles = rng.uniform(-1.0, 1.0, len(x)) * np.deg2rad(rotation_degrees)
+        x = np.stack([rotate_image(im, a) for im, a in zip(x, angles)])
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -127,6 +174,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
+    from covid_keras.saving import model_spec
 
     f = read_flagfile(flagfile)
     f.update(overrides)
@@ -143,20 +191,26 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     pat = {s: d[f"{s}_patients"] for s in splits}
     n = len(classes)
     hidden = f.get("head_hidden_units")
+    input_norm = f.get("input_norm", "none")
+    aug = {"brightness": f.get("brightness_jitter", "multiplicative"),
+           "zoom": float(f.get("zoom_jitter", 0.0)),
+           "gamma": float(f.get("gamma_jitter", 0.0)),
+           "rotation_degrees": float(f.get("rotation_degrees", 0.0))}
     if f.get("model", "drenet") == "drenet":
         model = build_drenet(n, input_size=size, backbone=backbone, weights=None,
                              variant=f.get("variant", "paper"),
                              trainable=f.get("trainable", "all"),
                              head_hidden_units=int(hidden) if hidden not in (None, "") else None,
-                             bn_momentum=float(f.get("bn_momentum", BN_MOMENTUM)))
+                             bn_momentum=float(f.get("bn_momentum", BN_MOMENTUM)),
+                             input_norm=input_norm)
         compile_kw = {}
     else:
-        model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"))
+        model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"),
+                                 input_norm=input_norm)
         compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)}}
     apply_trainable(model, f.get("trainable", "all"))
     set_bn_momentum(model, float(f.get("bn_momentum", BN_MOMENTUM)))  # --bn_momentum
-    brightness = f.get("brightness_jitter", "multiplicative")
     steps = max(1, len(y["train"]) // batch)
     decay = [int(e) for e in f.get("lr_decay_epochs", "").split(",") if e.strip()]
     lr = recipes.schedule(float(f.get("learning_rate", 8e-4)), steps, decay,
@@ -185,7 +239,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         order = rng.permutation(len(y["train"]))
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
-            xb = normalize(to_rgb(augment(x["train"][idx], rng, brightness)), backbone)
+            xb = normalize(to_rgb(augment(x["train"][idx], rng, **aug)), backbone)
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
         if ema:  # the average in for validation (and the best weights), the raw weights
             keras_private.swap_ema_weights(model)  # back before the next step
@@ -215,6 +269,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     model.set_weights(best_weights)
     val_m, _ = evaluate("val")
     res = {"seed": seed, "best_epoch": best_epoch, "input_size": size,
+           "model": model_spec(keras.saving.serialize_keras_object(model)), "augment": aug,
            "val": {k: val_m[k] for k in ("patient_auc", "slice_auc")},
            "stability": stability_of([h["val_patient_auc"] for h in history]),
            "history": history, "train_seconds": time.time() - t0,

@@ -128,6 +128,12 @@ def saved_model_spec(path: str) -> dict:
     config = _read_json_entry(path, "config.json")
     if config is None:
         raise ValueError(f"{path} is not a readable .keras model (no config.json)")
+    return model_spec(config, path)
+
+
+def model_spec(config: dict, where: str = "model") -> dict:
+    """:func:`saved_model_spec` of a serialised model (``keras.saving.serialize_keras_object``
+    of a built model, or a ``.keras`` file's config.json); ``where`` names it in errors."""
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
@@ -141,7 +147,7 @@ def saved_model_spec(path: str) -> dict:
     classes = next((lay["config"]["units"] for lay in layers_
                     if lay["config"].get("name") == "logits"), None)
     if backbone is None or size is None or classes is None:
-        raise ValueError(f"{path}: not a covid_keras model (no backbone, input "
+        raise ValueError(f"{where}: not a covid_keras model (no backbone, input "
                          "size or logits layer in its config)")
     norm = "per_image" if any(lay.get("class_name") == "PerImageStandardization"
                               for lay in layers_) else "none"

@@ -1,0 +1,102 @@
+"""bench/accuracy_jax.py: the NumPy input pipeline mirrors the trainer's augmentation, and a
+flagfile's model and augmentation flags reach the JAX runs (a run on a small .npz)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def jx(bench_script):
+    return bench_script("accuracy_jax")
+
+
+def _smooth(h: int, w: int) -> np.ndarray:
+    i, j = np.mgrid[0:h, 0:w].astype(np.float32)
+    return (0.5 + 0.25 * np.sin(i / 5.0) + 0.2 * np.cos(j / 7.0))[..., None]
+
+
+def test_zoom_and_rotation_sample_as_the_tf_pipeline(jx):
+    import tensorflow as tf
+
+    from covid_keras.data import _rotate
+
+    x = _smooth(40, 56)  # not square: a swapped height and width shows
+    for side, y0, x0 in ((0.75, 0.1, 0.2), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0)):
+        want = tf.image.crop_and_resize(x[None], [[y0, x0, y0 + side, x0 + side]], [0],
+                                        [40, 56])[0].numpy()
+        got = jx.zoom_image(x, side, y0, x0)
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, want, atol=0.01)
+    for angle in (0.3, -0.2):
+        want = _rotate(tf.constant(x), tf.constant(angle, tf.float32)).numpy()
+        got = jx.rotate_image(x, angle)
+        np.testing.assert_allclose(got, want, atol=0.01)
+
+
+def test_augment_options_act_and_defaults_keep_black_black(jx):
+    flat = np.full((200, 16, 16, 1), 128, np.uint8)
+    base = jx.augment(flat, np.random.default_rng(0)) / 255.0
+    assert base.min() > 0.43 and base.max() < 0.57  # x U(0.874, 1.126) only
+    gam = jx.augment(flat, np.random.default_rng(0), gamma=0.4) / 255.0
+    # (0.5 b) ** exp(U(-ln 1.4, ln 1.4)): a wider spread than brightness alone
+    assert gam.min() < 0.40 and gam.max() > 0.60 and 0.31 < gam.min() and gam.max() < 0.67
+    img = np.zeros((50, 32, 32, 1), np.uint8)
+    img[:, 12:20, 12:20] = 200
+    assert not jx.augment(img, np.random.default_rng(1))[:, :4, :4].any()
+    zoomed = jx.augment(img, np.random.default_rng(1), zoom=0.5)
+    lit = (zoomed > 20).reshape(len(img), -1).mean(1)
+    assert lit.max() > 1.5 * (img > 20).reshape(len(img), -1).mean(1).max()  # zoomed in
+    turned = jx.augment(img, np.random.default_rng(1), rotation_degrees=45)
+    assert (turned > 20).any() and not np.array_equal(turned > 20, img > 20)
+    for kw in ({"zoom": 1.0}, {"gamma": -0.1}, {"brightness": "bogus"}):
+        with pytest.raises(ValueError):
+            jx.augment(img, np.random.default_rng(0), **kw)
+
+
+def _npz(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"classes": np.asarray(["covid", "non_covid"])}
+    for split, n in (("train", 24), ("val", 12), ("test", 12)):
+        labels = (np.arange(n) // 2) % 2  # two slices a patient, one label each
+        images = rng.integers(0, 60, (n, 64, 64, 1)).astype(np.uint8)
+        images[labels == 0, 20:44, 20:44] += 150  # a learnable bright square
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+        arrays[f"{split}_patients"] = (np.arange(n) // 2).astype(np.int32)
+    np.savez_compressed(path, **arrays)
+
+
+def test_flagfile_flags_reach_the_jax_runs(tmp_path):
+    _npz(tmp_path / "d.npz")
+    common = ["--backbone=tiny", "--input_size=64", "--batch_size=4", "--epochs=2",
+              "--optimizer=adam", "--learning_rate=1e-3", "--lr_decay_epochs=",
+              "--input_norm=per_image", "--zoom_jitter=0.2", "--gamma_jitter=0.3",
+              "--rotation_degrees=10"]
+    (tmp_path / "d.cfg").write_text("\n".join(["--model=drenet", *common]) + "\n")
+    (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", *common]) + "\n")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
+         f"--flagfiles={tmp_path / 'd.cfg'},{tmp_path / 'c.cfg'}", "--seeds=0",
+         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
+    assert "RESULT {" in proc.stdout
+    res = json.loads((tmp_path / "r.json").read_text())
+    for name, kind in (("d", "drenet"), ("c", "classifier")):
+        run = res["models"][name]["runs"][0]
+        assert run["backend"] == "jax"
+        assert run["model"] == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
+                                "model": kind, "input_norm": "per_image"}  # read off the model
+        assert run["augment"] == {"brightness": "multiplicative", "zoom": 0.2,
+                                  "gamma": 0.3, "rotation_degrees": 10.0}
+        assert len(run["history"]) == 2 and 0.0 <= run["test"]["patient_auc"] <= 1.0
