@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     for r in runs:
         if not (Path(r) / "best.keras").is_file():
             p.error(f"{r}: no best.keras (not a finished run folder)")
+    from covid_keras.cli import import_keras_quietly
+
+    import_keras_quietly()  # TensorFlow's start-up notices off stderr
     emit_result(run(args.data_dir, runs, args.split, factors, args.batch_size), print_table,
                 args.output_json)
     return 0
