@@ -37,9 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export(data_dir: str, output: str, image_size: int = 0) -> dict:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from covid_keras import cli
 
+    tf = cli.import_tensorflow_quietly()  # no start-up notices on stderr
     from covid_keras import data, schema
 
     manifest = data.read_manifest(data_dir)
