@@ -90,31 +90,35 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(out.shape[:3] + (images.shape[-1],))
 
 
-def zoom_image(x: np.ndarray, side: float, y0: float, x0: float) -> np.ndarray:
-    """The square [y0, y0 + side] x [x0, x0 + side] (fractions of the image) resized back
-    to the full size, bilinear, sampled as ``tf.image.crop_and_resize`` samples a box."""
+def _warp(x: np.ndarray, out_to_in: np.ndarray, replicate: bool) -> np.ndarray:
+    """Bilinear resampling of one (H, W, C) image through an output -> input affine map;
+    outside the image: the edge (``replicate``) or black."""
     import cv2
 
     h, w = x.shape[:2]
+    out = cv2.warpAffine(x, out_to_in, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE if replicate else cv2.BORDER_CONSTANT,
+                         borderValue=0.0)
+    return out.reshape(x.shape)
+
+
+def zoom_image(x: np.ndarray, side: float, y0: float, x0: float) -> np.ndarray:
+    """The square [y0, y0 + side] x [x0, x0 + side] (fractions of the image) resized back
+    to the full size, bilinear, sampled as ``tf.image.crop_and_resize`` samples a box."""
+    h, w = x.shape[:2]
     # crop_and_resize to the same size: output pixel i reads input y0 * (h - 1) + i * side
     m = np.array([[side, 0.0, x0 * (w - 1)], [0.0, side, y0 * (h - 1)]], np.float32)
-    out = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE)
-    return out.reshape(x.shape)
+    return _warp(x, m, replicate=True)
 
 
 def rotate_image(x: np.ndarray, angle: float) -> np.ndarray:
     """Rotation by ``angle`` radians about the centre, bilinear, black outside: as
     ``covid_keras.data._rotate`` (ImageProjectiveTransformV3, constant 0 fill)."""
-    import cv2
-
     h, w = x.shape[:2]
     c, s = np.cos(angle), np.sin(angle)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     m = np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], np.float32)
-    out = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    return out.reshape(x.shape)
+    return _warp(x, m, replicate=False)
 
 
 def augment(batch_u8: np.ndarray, rng: np.random.Generator,
@@ -126,15 +130,9 @@ def augment(batch_u8: np.ndarray, rng: np.random.Generator,
     contrast x U(0.8, 1.2) around each image's channel means); ``gamma`` g:
     x ** exp(U(-ln(1 + g), ln(1 + g))); rotation by U(-r, r) degrees, black outside. The
     same distributions as the tf.data pipeline, not the same draws."""
-    from covid_keras.imaging import BRIGHTNESS_JITTERS, BRIGHTNESS_RANGE
+    from covid_keras.imaging import BRIGHTNESS_RANGE, check_augmentation
 
-    if brightness not in BRIGHTNESS_JITTERS:
-        raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
-                         f"{brightness!r}")
-    if not 0.0 <= zoom < 1.0:
-        raise ValueError(f"zoom must be in [0, 1). Received: {zoom}")
-    if gamma < 0.0:
-        raise ValueError(f"gamma must be >= 0. Received: {gamma}")
+    check_augmentation(brightness, zoom, gamma)
     x = batch_u8.astype(np.float32) / 255.0
     flip = rng.random(len(x)) < 0.5
     x[flip] = x[flip, :, ::-1]

@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--positive", type=int, default=1, help="Positive class index.")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
-    from covid_keras.cli import import_keras_quietly
+    from covid_keras.cli import import_tensorflow_quietly
 
-    import_keras_quietly()  # TensorFlow's start-up notices off stderr
+    import_tensorflow_quietly()  # TensorFlow's start-up notices off stderr
     res = {"data_dir": args.data_dir, "input_size": args.input_size,
            "positive": args.positive,
            "splits": shortcut_aucs(split_table(args.data_dir, args.input_size), args.positive)}

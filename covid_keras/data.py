@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from covid_keras import schema
 from covid_keras.backbones import PREPROCESSING
-from covid_keras.imaging import BRIGHTNESS_JITTERS, BRIGHTNESS_RANGE
+from covid_keras.imaging import BRIGHTNESS_RANGE, check_augmentation
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -115,13 +115,7 @@ def augment(image_u8, seed, rotation_degrees: float = 0.0,
     ``gamma`` g > 0: x ** exp(U(-ln(1 + g), ln(1 + g))): brightness and contrast change
     together while black stays black and white stays white. Both are off by default, and
     with them off the other draws are the same as without them."""
-    if brightness not in BRIGHTNESS_JITTERS:
-        raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
-                         f"{brightness!r}")
-    if not 0.0 <= zoom < 1.0:
-        raise ValueError(f"zoom must be in [0, 1). Received: {zoom}")
-    if gamma < 0.0:
-        raise ValueError(f"gamma must be >= 0. Received: {gamma}")
+    check_augmentation(brightness, zoom, gamma)
     s = tf.random.experimental.stateless_split(seed, 4)
     x = tf.cast(image_u8, tf.float32) / 255.0
     x = tf.image.stateless_random_flip_left_right(x, s[0])

@@ -30,6 +30,18 @@ BRIGHTNESS_JITTERS = ("multiplicative", "additive")
 INPUT_NORMS = ("none", "per_image")
 
 
+def check_augmentation(brightness: str, zoom: float, gamma: float) -> None:
+    """The augmentation arguments that covid_keras.data.augment (and the NumPy mirror in
+    bench/accuracy_jax.py) accept: a known brightness jitter, zoom in [0, 1), gamma >= 0."""
+    if brightness not in BRIGHTNESS_JITTERS:
+        raise ValueError(f"brightness must be one of {BRIGHTNESS_JITTERS}. Received: "
+                         f"{brightness!r}")
+    if not 0.0 <= zoom < 1.0:
+        raise ValueError(f"zoom must be in [0, 1). Received: {zoom}")
+    if gamma < 0.0:
+        raise ValueError(f"gamma must be >= 0. Received: {gamma}")
+
+
 def parse_windows(names: list[str] | tuple[str, ...]) -> list[tuple[str, float, float]]:
     """``["lung", "-600:1200"]`` -> ``[("lung", -700, 1500), ("-600:1200", -600, 1200)]``."""
     out = []

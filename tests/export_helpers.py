@@ -1,4 +1,5 @@
-"""Tiny run folders and exports shared by test_export, test_serve and test_predict."""
+"""Tiny run folders and exports shared by test_export, test_serve and test_predict; a
+user's environment for command tests, and the check that a command kept TensorFlow quiet."""
 
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ def fake_manifest(data_dir: Path, image_size: int = 64) -> Path:
                   "input": "/secret/path/of/patients"},
         "preprocessing": prep}))
     return data_dir
+
+
+TF_NOTICES = ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "E0000")
+
+
+def user_env() -> dict:
+    """This environment without the TF_CPP_MIN_LOG_LEVEL that conftest sets: as a user runs
+    a command, so that the command's own quietening is what is tested."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def assert_no_tf_notices(stderr: str) -> None:
+    for notice in TF_NOTICES:
+        assert notice not in stderr, stderr[-2000:]
 
 
 def quiet_env() -> dict:

@@ -1,6 +1,5 @@
 """bench/export_npz.py: data_prep's records to the .npz that bench/accuracy_jax.py reads."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,16 @@ def test_every_split_exported_with_patient_numbers_and_no_keys(tmp_path):
     import tensorflow as tf
 
     from covid_keras import data, schema
+    from tests.export_helpers import assert_no_tf_notices, user_env
     from tests.test_evaluate import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 3, "val": 2, "test": 2})
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
     out = tmp_path / "d.npz"
     proc = subprocess.run([sys.executable, "bench/export_npz.py", f"--data_dir={folder}",
-                           f"--output={out}", "--image_size=32"], cwd=REPO, env=env,
+                           f"--output={out}", "--image_size=32"], cwd=REPO, env=user_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
-        assert noise not in proc.stderr, proc.stderr[-2000:]
+    assert_no_tf_notices(proc.stderr)
     d = np.load(out)
     assert list(d["classes"]) == data.read_manifest(str(folder))["classes"]
     numbers = set()

@@ -73,21 +73,19 @@ def test_split_table_streams_every_split_of_a_data_folder(shortcuts, tmp_path):
 
 def test_the_command_prints_a_result_and_no_tensorflow_notices(tmp_path):
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.export_helpers import assert_no_tf_notices, user_env
     from tests.test_evaluate import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 6, "val": 4, "test": 4})
     repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
     proc = subprocess.run([sys.executable, "bench/shortcuts.py", f"--data_dir={folder}",
-                           "--input_size=64"], cwd=repo, env=env, capture_output=True,
+                           "--input_size=64"], cwd=repo, env=user_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(result) == 1 and json.loads(result[0][7:])["splits"]["val"]
-    for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
-        assert noise not in proc.stderr, proc.stderr[-2000:]
+    assert_no_tf_notices(proc.stderr)
