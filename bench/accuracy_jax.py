@@ -164,10 +164,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
-            overrides: dict[str, str], out_path: Path, track_held_out: bool = False) -> dict:
+            overrides: dict[str, str], out_path: Path, track_held_out: bool = False,
+            bn_stats: str = "moving") -> dict:
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
+    from covid_keras import bn_stats as bn_population
     from covid_keras import keras_private, metrics, recipes
     from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
@@ -220,7 +222,20 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     model.compile(optimizer=opt, jit_compile=True, **compile_kw)
     ema = opt.use_ema  # --ema_momentum: validate and keep the weights' moving average
     rng = np.random.default_rng([seed, 12345])
-    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits if s != "train"}
+    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits}
+    # --bn_stats: the population statistics come from the training images as evaluated
+    # (no augmentation), in training-size batches (the last partial one dropped)
+    pop_batches = [x_eval["train"][i * batch:(i + 1) * batch] for i in range(steps)]
+
+    def population_stats() -> list:
+        """Sets the population statistics; returns the moving ones to put back."""
+        saved = [np.array(v.value) for v in model.non_trainable_variables]
+        bn_population.set_population_statistics(model, pop_batches)
+        return saved
+
+    def restore(saved: list) -> None:
+        for v, val in zip(model.non_trainable_variables, saved):
+            v.assign(val)
 
     def evaluate(split: str) -> tuple[dict, float]:
         out = model.predict(x_eval[split], batch_size=32, verbose=0)
@@ -241,6 +256,17 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
         if ema:  # the average in for validation (and the best weights), the raw weights
             keras_private.swap_ema_weights(model)  # back before the next step
+        extra = {}
+        if bn_stats == "both":  # diagnostics: the same weights with population statistics
+            saved = population_stats()
+            pm = evaluate("val")
+            extra = {"val_patient_auc_pop": pm[0]["patient_auc"],
+                     "val_slice_auc_pop": pm[0]["slice_auc"], "val_prediction_loss_pop": pm[1]}
+            if track_held_out:
+                for split in held_out:
+                    extra[f"{split}_patient_auc_pop"] = evaluate(split)[0]["patient_auc"]
+            restore(saved)
+        saved = population_stats() if bn_stats == "population" else None
         m, loss = evaluate("val")
         recent = (recent + [m["patient_auc"]])[-SMOOTHING_EPOCHS:]
         smoothed = float(np.mean(recent))
@@ -255,6 +281,9 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         if track_held_out:  # diagnostics only: never used to choose anything
             for split in held_out:
                 row[f"{split}_patient_auc"] = evaluate(split)[0]["patient_auc"]
+        row.update(extra)
+        if saved is not None:  # training goes on from the moving statistics
+            restore(saved)
         if ema:
             keras_private.swap_ema_weights(model)
         history.append(row)
@@ -266,7 +295,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
               f"{time.time() - t0:.0f} s", flush=True)
     model.set_weights(best_weights)
     val_m, _ = evaluate("val")
-    res = {"seed": seed, "best_epoch": best_epoch, "input_size": size,
+    res = {"seed": seed, "best_epoch": best_epoch, "input_size": size, "bn_stats": bn_stats,
            "model": model_spec(keras.saving.serialize_keras_object(model)), "augment": aug,
            "val": {k: val_m[k] for k in ("patient_auc", "slice_auc")},
            "stability": stability_of([h["val_patient_auc"] for h in history]),
@@ -295,6 +324,13 @@ def main(argv=None) -> int:
                    help="Also record the held-out AUC of every epoch in the history "
                         "(diagnostics; the checkpoint is still chosen on val alone), and "
                         "write each run's history as it goes (<run>.partial.json)")
+    p.add_argument("--bn_stats", choices=("moving", "population", "both"), default="moving",
+                   help="Batch-norm statistics for validation and the kept checkpoint: "
+                        "moving (the trainer's moving averages), population (recomputed "
+                        "over the training images before each validation: "
+                        "covid_keras.bn_stats), or both (choose on moving; also record "
+                        "each epoch's figures with population statistics, *_pop in the "
+                        "history: a paired diagnostic)")
     p.add_argument("--output_json", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
@@ -309,7 +345,8 @@ def main(argv=None) -> int:
     if args.one:
         flagfile, seed = args.one.rsplit(":", 1)
         run_one(args.data, flagfile, int(seed), args.input_size, overrides,
-                work / f"{Path(flagfile).stem}-seed{seed}.json", args.track_held_out)
+                work / f"{Path(flagfile).stem}-seed{seed}.json", args.track_held_out,
+                args.bn_stats)
         return 0
     if not os.path.isfile(args.data):
         p.error(f"--data={args.data}: no such file")
@@ -333,6 +370,7 @@ def main(argv=None) -> int:
                 cmd.append(f"--input_size={args.input_size}")
             if args.track_held_out:
                 cmd.append("--track_held_out")
+            cmd.append(f"--bn_stats={args.bn_stats}")
             cmd += ["--", *args.extra] if args.extra else []
             log = open(work / f"{Path(f).stem}-seed{s}.log", "w")
             running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,

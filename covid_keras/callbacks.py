@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from covid_keras import data, files, keras_private, losses, metrics, saving
+from covid_keras import bn_stats, data, files, keras_private, losses, metrics, saving
 from covid_keras.evaluation import SplitPredictor
 from covid_keras.keras_private import AtomicBackupAndRestore  # noqa: F401 (re-exported)
 
@@ -288,6 +288,22 @@ class SwapEMA(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         keras_private.swap_ema_weights(self.model)
+
+
+class PopulationBatchNorm(keras.callbacks.Callback):
+    """``--bn_stats=population``: at each epoch's end, before validation and the checkpoint
+    (it comes before them in the callback list, after the first :class:`SwapEMA`), every
+    batch norm's moving statistics become the population statistics of the current weights
+    over ``dataset_fn()`` (the training split, unaugmented: :mod:`covid_keras.bn_stats`).
+    Training is unchanged (it normalises with each batch's own statistics); what is
+    validated, kept as best, saved as final and exported is normalised with them."""
+
+    def __init__(self, dataset_fn):
+        super().__init__()
+        self.dataset_fn = dataset_fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        bn_stats.set_population_statistics(self.model, (x for x, *_ in self.dataset_fn()))
 
 
 class BestCheckpoint(keras.callbacks.Callback):

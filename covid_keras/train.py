@@ -109,6 +109,12 @@ flags.DEFINE_enum("input_norm", "none", list(INPUT_NORMS),
 flags.DEFINE_float("bn_momentum", 0.9, "Momentum of every batch-norm layer's moving "
                    "statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 leaves them "
                    "stale on short runs (inference-mode accuracy below training mode's).")
+flags.DEFINE_enum("bn_stats", "moving", ["moving", "population"], "Batch-norm statistics "
+                  "that validation, the checkpoints and the export use: moving (each batch "
+                  "norm's moving average of recent training batches) or population "
+                  "(recomputed at each epoch's end from the final weights over the whole "
+                  "training split, unaugmented: covid_keras.bn_stats; one extra forward "
+                  "pass over the training split per epoch).")
 flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
@@ -415,7 +421,10 @@ def main(argv):
         # With --ema_momentum, validation and the best checkpoint see the weights' moving
         # average; the backup (and training) the raw weights.
         ema = [cbs.SwapEMA()] if FLAGS.ema_momentum else []
-        callbacks = ema + [
+        population = [cbs.PopulationBatchNorm(lambda: data.make_dataset(
+            FLAGS.data_dir, "train", global_batch, training=False, cfg=cfg))] if (
+            FLAGS.bn_stats == "population") else []
+        callbacks = ema + population + [
             validation,
             best_cb,
         ] + ema + [
@@ -595,6 +604,10 @@ def check_recipe():
             raise ValueError(f"--{name} must be in [0, 1). Received: {value}")
     if FLAGS.epochs < 1 and not FLAGS.stages:
         raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
+    if FLAGS.bn_stats == "population" and FLAGS.strategy == "multi_worker":
+        raise ValueError("--bn_stats=population runs the model outside the replicas "
+                         "(one device, or --strategy=mirrored); it is not supported with "
+                         "--strategy=multi_worker")
     return stages, decay_epochs
 
 

@@ -86,7 +86,8 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
          f"--flagfiles={tmp_path / 'd.cfg'},{tmp_path / 'c.cfg'}", "--seeds=0",
-         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}"],
+         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}",
+         "--bn_stats=both", "--track_held_out"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
@@ -100,3 +101,9 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
         assert run["augment"] == {"brightness": "multiplicative", "zoom": 0.2,
                                   "gamma": 0.3, "rotation_degrees": 10.0}
         assert len(run["history"]) == 2 and 0.0 <= run["test"]["patient_auc"] <= 1.0
+        # --bn_stats=both: each epoch also scored with population statistics (paired)
+        assert run["bn_stats"] == "both"
+        for row in run["history"]:
+            for key in ("val_patient_auc_pop", "val_prediction_loss_pop", "test_patient_auc",
+                        "test_patient_auc_pop"):
+                assert 0.0 <= row[key] < 10.0, (key, row)

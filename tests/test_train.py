@@ -128,6 +128,39 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
     assert proc.returncode != 0 and "zoom_jitter" in proc.stderr
 
 
+def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
+    """--bn_stats=population (two mirrored replicas): the saved model's batch-norm statistics
+    are the population statistics of its own weights over the unaugmented training split;
+    with the default moving averages they are not."""
+    import keras
+    import numpy as np
+
+    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+    from covid_keras import data
+    from covid_keras.bn_stats import population_statistics
+
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    for stats, want_equal in (("population", True), ("moving", False)):
+        run_dir = tmp_path / stats
+        run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2", "--epochs=1")
+        model = keras.saving.load_model(run_dir / "final.keras")
+        batches = (x for x, _ in data.make_dataset(str(data_dir), "train", 4, training=False,
+                                                     cfg=cfg))
+        pooled, n = population_statistics(model, batches)
+        assert n >= 3 and len(pooled) > 3
+        gaps = [float(np.max(np.abs(np.asarray(la.moving_mean) - mean)))
+                for la, mean, _ in pooled]
+        assert (max(gaps) < 1e-3) is want_equal, (stats, max(gaps))
+        if want_equal:
+            for la, _, var in pooled:
+                np.testing.assert_allclose(np.asarray(la.moving_variance), var, rtol=1e-3,
+                                           atol=1e-4)
+    proc = subprocess.run(train_cmd(data_dir, tmp_path / "bad", "--bn_stats=population",
+                                    "--strategy=multi_worker"),
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--bn_stats=population" in proc.stderr
+
+
 @pytest.mark.parametrize("input_norm", ["none", "per_image"])
 def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
     from covid_keras import build_classifier, build_drenet

@@ -1,0 +1,81 @@
+"""Population batch-norm statistics ("precise BN", Wu & Johnson 2021, arXiv:2105.07576).
+
+A batch norm's moving statistics are an exponential average of the last few training
+batches' statistics (momentum 0.9: about the last 10 batches of 8 augmented images), taken
+while the weights were still moving. At evaluation they can sit far from the statistics
+that the final weights produce, and differ from one epoch's end to the next by more than
+the weights do. :func:`set_population_statistics` replaces them with the statistics of the
+final weights over a set of batches (the training images): each batch norm's mean and
+variance in training mode, pooled over the batches (the variance as E[x^2] - E[x]^2 over
+all of them, not an average of per-batch variances).
+
+Pure Keras 3: works on the TensorFlow and JAX backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import keras
+import numpy as np
+
+from covid_keras.keras_private import all_layers
+
+
+def batch_norm_layers(model: keras.layers.Layer) -> list:
+    """Every ``BatchNormalization`` inside ``model`` that updates its statistics in
+    training (trainable; a frozen one keeps its statistics)."""
+    return [la for la in all_layers(model)
+            if isinstance(la, keras.layers.BatchNormalization) and la.trainable]
+
+
+def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, int]:
+    """Training-mode statistics of ``model``'s batch norms over ``batches`` (model inputs).
+
+    Returns ``([(layer, mean, variance), ...], number of batches)``; each batch weighs as
+    many examples as it holds (a last partial batch counts for less). The model is left as it
+    was: weights, moving statistics, momenta and every other non-trainable variable (e.g.
+    random-seed states) are restored. Each batch norm must run once per forward pass
+    (DRENet's branches have their own): a layer run twice would report its last run.
+    """
+    bns = batch_norm_layers(model)
+    saved = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]
+    momenta = [la.momentum for la in bns]
+    sums = [[0.0, 0.0] for _ in bns]
+    n, total = 0, 0
+    try:
+        for la in bns:
+            la.momentum = 0.0  # each forward pass leaves exactly its batch's statistics
+        for xb in batches:
+            model(xb, training=True)
+            size = int(keras.tree.flatten(xb)[0].shape[0])
+            n, total = n + 1, total + size
+            for acc, la in zip(sums, bns):
+                m = keras.ops.convert_to_numpy(la.moving_mean).astype(np.float64)
+                v = keras.ops.convert_to_numpy(la.moving_variance).astype(np.float64)
+                acc[0] = acc[0] + size * m
+                acc[1] = acc[1] + size * (v + m * m)
+    finally:
+        for la, mo in zip(bns, momenta):
+            la.momentum = mo
+        for v, val in zip(model.non_trainable_variables, saved):
+            v.assign(val)
+    out = []
+    for (s1, s2), la in zip(sums, bns):
+        if n:
+            mean = s1 / total
+            out.append((la, mean, np.maximum(s2 / total - mean * mean, 0.0)))
+    return out, n
+
+
+def set_population_statistics(model: keras.Model, batches: Iterable) -> int:
+    """Sets every trainable batch norm's moving mean and variance to its training-mode
+    statistics over ``batches`` (see the module). Returns the number of batch norms set.
+    Raises ValueError when ``batches`` is empty."""
+    stats, n = population_statistics(model, batches)
+    if not n:
+        raise ValueError("population batch-norm statistics need at least one batch")
+    for la, mean, var in stats:
+        la.moving_mean.assign(mean.astype(la.moving_mean.dtype))
+        la.moving_variance.assign(var.astype(la.moving_variance.dtype))
+    return len(stats)
