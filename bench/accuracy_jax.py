@@ -222,10 +222,14 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     model.compile(optimizer=opt, jit_compile=True, **compile_kw)
     ema = opt.use_ema  # --ema_momentum: validate and keep the weights' moving average
     rng = np.random.default_rng([seed, 12345])
-    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits}
+    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits if s != "train"}
     # --bn_stats: the population statistics come from the training images as evaluated
-    # (no augmentation), in training-size batches (the last partial one dropped)
-    pop_batches = [x_eval["train"][i * batch:(i + 1) * batch] for i in range(steps)]
+    # (no augmentation), in training-size batches in a fixed shuffled order (batches that
+    # mix patients and classes, as in training; the records come patient by patient)
+    if bn_stats != "moving":
+        pop_order = np.random.default_rng([seed, 777]).permutation(len(y["train"]))
+        x_pop = normalize(to_rgb(x["train"][pop_order]), backbone)
+        pop_batches = [x_pop[i:i + batch] for i in range(0, len(x_pop), batch)]
 
     def population_stats() -> list:
         """Sets the population statistics; returns the moving ones to put back."""
@@ -289,7 +293,8 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         history.append(row)
         partial = out_path.with_suffix(".partial.json")
         partial.write_text(json.dumps({"seed": seed, "best_epoch": best_epoch,
-                                       "history": history}, default=float))
+                                       "bn_stats": bn_stats, "history": history},
+                                      default=float))
         print(f"[{Path(flagfile).stem} seed {seed}] epoch {epoch + 1}: val patient AUC "
               f"{m['patient_auc']:.3f} (smoothed {smoothed:.3f}), loss {loss:.3f}, "
               f"{time.time() - t0:.0f} s", flush=True)
@@ -327,10 +332,11 @@ def main(argv=None) -> int:
     p.add_argument("--bn_stats", choices=("moving", "population", "both"), default="moving",
                    help="Batch-norm statistics for validation and the kept checkpoint: "
                         "moving (the trainer's moving averages), population (recomputed "
-                        "over the training images before each validation: "
-                        "covid_keras.bn_stats), or both (choose on moving; also record "
-                        "each epoch's figures with population statistics, *_pop in the "
-                        "history: a paired diagnostic)")
+                        "before each validation over the training images, unaugmented, "
+                        "in training-size batches in a fixed shuffled order, as the "
+                        "trainer's --bn_stats=population: covid_keras.bn_stats), or both "
+                        "(choose on moving; also record each epoch's figures with "
+                        "population statistics, *_pop in the history: a paired diagnostic)")
     p.add_argument("--output_json", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")

@@ -74,7 +74,10 @@ def swing(values: list[float]) -> float | None:
 def analyse_run(run: dict, held_out: str = "test") -> dict:
     hist = run["history"]
     out = {"seed": run.get("seed"), "epochs": len(hist)}
-    for stats, suffix in (("moving", ""), ("population", "_pop")):
+    # a --bn_stats=population run's plain figures are population ones (no *_pop keys)
+    variants = ([("population", "")] if run.get("bn_stats") == "population"
+                else [("moving", ""), ("population", "_pop")])
+    for stats, suffix in variants:
         val = [h.get(f"val_patient_auc{suffix}") for h in hist]
         test = [h.get(f"{held_out}_patient_auc{suffix}") for h in hist]
         if any(v is None for v in val):

@@ -185,8 +185,8 @@ def _parse(serialized):
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                  cfg: PipelineConfig = PipelineConfig(), with_meta: bool = False,
-                 repeat: bool = False, shard: tuple[int, int] | None = None
-                 ) -> tf.data.Dataset:
+                 repeat: bool = False, shard: tuple[int, int] | None = None,
+                 order_seed: int | None = None) -> tf.data.Dataset:
     """(image float32 (B, S, S, 3), label int32 (B,)) batches; with ``with_meta`` the second
     element is a dict: label, patient_key, study_key, slice_index, sop_key.
 
@@ -194,7 +194,12 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
     file when there are at least ``count`` shard files, else by record; tf.data's own
     auto-sharding is then off. Without it the policy is DATA (evaluation, single worker):
     auto-sharding by FILE must find the file list by walking the graph, which fails on
-    the zipped augmentation counter ("Did not find a shardable source")."""
+    the zipped augmentation counter ("Did not find a shardable source").
+
+    ``order_seed`` (evaluation only): the records in a fixed shuffled order (the same every
+    pass: files shuffled, then a ``cfg.shuffle_buffer`` shuffle), so that batches mix
+    studies and classes as training batches do (``--bn_stats=population``); without it
+    they come in file order, each study's slices together."""
     files = shard_files(data_dir, split)
     options = tf.data.Options()
     options.deterministic = cfg.deterministic or not training
@@ -208,7 +213,11 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
             files = files[index::count]
         else:
             by_record = (count, index)
+    if order_seed is not None and training:
+        raise ValueError("order_seed is for evaluation passes (training shuffles anyway)")
     ds = tf.data.Dataset.from_tensor_slices(files)
+    if order_seed is not None:
+        ds = ds.shuffle(len(files), seed=order_seed, reshuffle_each_iteration=False)
     if training:
         ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
         if repeat:
@@ -219,6 +228,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                        **({"deterministic": cfg.deterministic} if training else {}))
     if training:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    elif order_seed is not None:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
     if by_record:
         ds = ds.shard(*by_record)
     ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)

@@ -112,9 +112,10 @@ flags.DEFINE_float("bn_momentum", 0.9, "Momentum of every batch-norm layer's mov
 flags.DEFINE_enum("bn_stats", "moving", ["moving", "population"], "Batch-norm statistics "
                   "that validation, the checkpoints and the export use: moving (each batch "
                   "norm's moving average of recent training batches) or population "
-                  "(recomputed at each epoch's end from the final weights over the whole "
-                  "training split, unaugmented: covid_keras.bn_stats; one extra forward "
-                  "pass over the training split per epoch).")
+                  "(recomputed at each epoch's end for that epoch's weights, the averaged "
+                  "ones with --ema_momentum, over the whole training split: unaugmented, "
+                  "--batch_size batches in a fixed shuffled order; covid_keras.bn_stats; "
+                  "one extra forward pass over the training split per epoch).")
 flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
@@ -421,9 +422,12 @@ def main(argv):
         # With --ema_momentum, validation and the best checkpoint see the weights' moving
         # average; the backup (and training) the raw weights.
         ema = [cbs.SwapEMA()] if FLAGS.ema_momentum else []
+        # per-replica batches (the batch norms are not synchronised: each replica
+        # normalises its own --batch_size), in a fixed shuffled order (batches that mix
+        # studies and classes, as in training)
         population = [cbs.PopulationBatchNorm(lambda: data.make_dataset(
-            FLAGS.data_dir, "train", global_batch, training=False, cfg=cfg))] if (
-            FLAGS.bn_stats == "population") else []
+            FLAGS.data_dir, "train", FLAGS.batch_size, training=False, cfg=cfg,
+            order_seed=FLAGS.seed))] if FLAGS.bn_stats == "population" else []
         callbacks = ema + population + [
             validation,
             best_cb,

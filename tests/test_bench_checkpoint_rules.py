@@ -73,6 +73,15 @@ def test_cli_reads_runs_and_partial_runs(tmp_path):
     assert population["held_out_swing"]["mean"] == pytest.approx(0.025)
     assert population["rules"]["val_loss"]["epochs"] == [5]
     assert population["rules"]["val_loss"]["held_out_patient_auc"]["mean"] == 0.8
+    # a --bn_stats=population run: its plain figures are population ones
+    (work / "m-seed0.json").write_text(json.dumps(dict(done, bn_stats="population")))
+    (work / "m-seed1.partial.json").unlink()
+    proc = subprocess.run([sys.executable, "bench/checkpoint_rules.py", f"--runs={work}",
+                           f"--output_json={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    g = json.loads(out.read_text())["groups"][str(work)]
+    assert list(g["summary"]) == ["population"]
+    assert g["summary"]["population"]["held_out_swing"]["mean"] == pytest.approx(0.8)
     bad = subprocess.run([sys.executable, "bench/checkpoint_rules.py",
                           f"--runs={tmp_path / 'nope'}"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)

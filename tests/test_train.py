@@ -129,9 +129,10 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
 
 
 def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
-    """--bn_stats=population (two mirrored replicas): the saved model's batch-norm statistics
-    are the population statistics of its own weights over the unaugmented training split;
-    with the default moving averages they are not."""
+    """--bn_stats=population (two mirrored replicas, a weight average): the saved model's
+    batch-norm statistics are the population statistics of its own (averaged) weights over
+    the unaugmented training split in per-replica batches; with the default moving
+    averages they are not."""
     import keras
     import numpy as np
 
@@ -139,13 +140,18 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
     from covid_keras import data
     from covid_keras.bn_stats import population_statistics
 
-    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny", shuffle_buffer=64)  # smoke.cfg
     for stats, want_equal in (("population", True), ("moving", False)):
         run_dir = tmp_path / stats
-        run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2", "--epochs=1")
+        # with the average, statistics of the raw weights would not match the saved ones
+        run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2", "--epochs=1",
+                  "--ema_momentum=0.5")
         model = keras.saving.load_model(run_dir / "final.keras")
-        batches = (x for x, _ in data.make_dataset(str(data_dir), "train", 4, training=False,
-                                                     cfg=cfg))
+        # the trainer's global seed (--seed=0): tf.data's seeded shuffle combines it with
+        # the op's seed, so the same order needs the same global seed
+        keras.utils.set_random_seed(0)
+        batches = (x for x, _ in data.make_dataset(str(data_dir), "train", 2, training=False,
+                                                     cfg=cfg, order_seed=0))
         pooled, n = population_statistics(model, batches)
         assert n >= 3 and len(pooled) > 3
         gaps = [float(np.max(np.abs(np.asarray(la.moving_mean) - mean)))
@@ -159,6 +165,29 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
                                     "--strategy=multi_worker"),
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--bn_stats=population" in proc.stderr
+
+
+def test_order_seed_mixes_studies_in_a_fixed_order(data_dir):
+    from covid_keras import data
+
+    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+
+    def meta(**kw):
+        out = [m for _, m in data.make_dataset(str(data_dir), "train", 4, training=False,
+                                               cfg=cfg, with_meta=True, **kw)]
+        return ([k for m in out for k in m["sop_key"].numpy().tolist()],
+                [k for m in out for k in m["study_key"].numpy().tolist()])
+
+    def changes(studies):
+        return sum(a != b for a, b in zip(studies, studies[1:]))
+
+    plain, plain_studies = meta()
+    mixed, mixed_studies = meta(order_seed=3)
+    assert sorted(mixed) == sorted(plain) and len(set(plain)) == len(plain)  # each once
+    assert meta(order_seed=3)[0] == mixed  # the same order every pass
+    assert changes(mixed_studies) > 3 * changes(plain_studies)  # studies mixed
+    with pytest.raises(ValueError, match="order_seed"):
+        data.make_dataset(str(data_dir), "train", 4, training=True, cfg=cfg, order_seed=1)
 
 
 @pytest.mark.parametrize("input_norm", ["none", "per_image"])
