@@ -49,6 +49,15 @@ TORCH_STD = np.array((0.229, 0.224, 0.225), np.float32)
 SMOOTHING_EPOCHS = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS (that module imports TF)
 
 
+def smoothed_choice(recent: list[float], loss: float) -> tuple[float, tuple[float, float]]:
+    """The trainer's checkpoint rule on val (``BestCheckpoint``, smoothed_patient_auc):
+    the mean patient AUC of ``recent`` (the last ``SMOOTHING_EPOCHS`` epochs, NaN ones left
+    out) and the key that the best epoch minimises (ties: the lower ``loss``)."""
+    finite = [a for a in recent if a == a]
+    smoothed = sum(finite) / len(finite) if finite else float("nan")
+    return smoothed, (-smoothed if finite else float("inf"), loss)
+
+
 def read_flagfile(path: str) -> dict[str, str]:
     """The flagfile's flags (nested --flagfile= included as covid_keras.cli resolves them;
     later lines win): name -> value ("true"/"false" for --name / --noname)."""
@@ -273,8 +282,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         saved = population_stats() if bn_stats == "population" else None
         m, loss = evaluate("val")
         recent = (recent + [m["patient_auc"]])[-SMOOTHING_EPOCHS:]
-        smoothed = float(np.mean(recent))
-        key = (-smoothed if smoothed == smoothed else float("inf"), loss)
+        smoothed, key = smoothed_choice(recent, loss)
         if best_key is None or key < best_key:
             best_key, best_epoch, best_weights = key, epoch + 1, model.get_weights()
         row = {"epoch": epoch + 1, "val_patient_auc": m["patient_auc"],

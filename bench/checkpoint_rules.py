@@ -25,7 +25,6 @@ Ends with a table and a ``RESULT {json}`` line.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -34,9 +33,9 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from accuracy import mean_sd, stability_of  # noqa: E402
+from accuracy_jax import SMOOTHING_EPOCHS, smoothed_choice  # noqa: E402
 from common import emit_result, parser  # noqa: E402
 
-WINDOW = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS
 RULES = ("smoothed3", "smoothed3_full", "val_loss", "last")
 
 
@@ -53,11 +52,9 @@ def choose(history: list[dict], rule: str, suffix: str = "") -> int | None:
         return history[min(range(len(history)), key=lambda i: loss[i])]["epoch"]
     best, best_key = None, None
     for i, h in enumerate(history):
-        window = [a for a in auc[max(0, i - WINDOW + 1):i + 1] if a == a]
-        if rule == "smoothed3_full" and i + 1 < WINDOW:
+        if rule == "smoothed3_full" and i + 1 < SMOOTHING_EPOCHS:
             continue
-        smoothed = sum(window) / len(window) if window else float("nan")
-        key = (-smoothed if smoothed == smoothed else math.inf, loss[i])
+        _, key = smoothed_choice(auc[max(0, i - SMOOTHING_EPOCHS + 1):i + 1], loss[i])
         if best_key is None or key < best_key:
             best, best_key = h["epoch"], key
     return best

@@ -60,11 +60,12 @@ def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, 
             la.momentum = mo
         for v, val in zip(model.non_trainable_variables, saved):
             v.assign(val)
+    if not n:
+        return [], 0
     out = []
     for (s1, s2), la in zip(sums, bns):
-        if n:
-            mean = s1 / total
-            out.append((la, mean, np.maximum(s2 / total - mean * mean, 0.0)))
+        mean = s1 / total
+        out.append((la, mean, np.maximum(s2 / total - mean * mean, 0.0)))
     return out, n
 
 

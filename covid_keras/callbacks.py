@@ -294,16 +294,17 @@ class PopulationBatchNorm(keras.callbacks.Callback):
     """``--bn_stats=population``: at each epoch's end, before validation and the checkpoint
     (it comes before them in the callback list, after the first :class:`SwapEMA`), every
     batch norm's moving statistics become the population statistics of the current weights
-    over ``dataset_fn()`` (the training split, unaugmented: :mod:`covid_keras.bn_stats`).
-    Training is unchanged (it normalises with each batch's own statistics); what is
-    validated, kept as best, saved as final and exported is normalised with them."""
+    over ``dataset`` ((inputs, ...) batches: the training split, unaugmented, in a fixed
+    order; :mod:`covid_keras.bn_stats`). Training is unchanged (it normalises with each
+    batch's own statistics); what is validated, kept as best, saved as final and exported
+    is normalised with them."""
 
-    def __init__(self, dataset_fn):
+    def __init__(self, dataset):
         super().__init__()
-        self.dataset_fn = dataset_fn
+        self.dataset = dataset
 
     def on_epoch_end(self, epoch, logs=None):
-        bn_stats.set_population_statistics(self.model, (x for x, *_ in self.dataset_fn()))
+        bn_stats.set_population_statistics(self.model, (x for x, *_ in self.dataset))
 
 
 class BestCheckpoint(keras.callbacks.Callback):

@@ -404,6 +404,13 @@ def main(argv):
                                  class_names=classes)
     total_epochs = sum(st.epochs for st in stages)
 
+    # per-replica batches (the batch norms are not synchronised: each replica
+    # normalises its own --batch_size), in a fixed shuffled order (batches that mix
+    # studies and classes, as in training)
+    population = [cbs.PopulationBatchNorm(data.make_dataset(
+        FLAGS.data_dir, "train", FLAGS.batch_size, training=False, cfg=cfg,
+        order_seed=FLAGS.seed))] if FLAGS.bn_stats == "population" else []
+
     first_epoch = 0
     for i, stage in enumerate(stages):
         last_epoch = first_epoch + stage.epochs
@@ -422,12 +429,6 @@ def main(argv):
         # With --ema_momentum, validation and the best checkpoint see the weights' moving
         # average; the backup (and training) the raw weights.
         ema = [cbs.SwapEMA()] if FLAGS.ema_momentum else []
-        # per-replica batches (the batch norms are not synchronised: each replica
-        # normalises its own --batch_size), in a fixed shuffled order (batches that mix
-        # studies and classes, as in training)
-        population = [cbs.PopulationBatchNorm(lambda: data.make_dataset(
-            FLAGS.data_dir, "train", FLAGS.batch_size, training=False, cfg=cfg,
-            order_seed=FLAGS.seed))] if FLAGS.bn_stats == "population" else []
         callbacks = ema + population + [
             validation,
             best_cb,
