@@ -251,11 +251,17 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             v.assign(val)
 
     def evaluate(split: str) -> tuple[dict, float]:
+        """The prediction's metrics and loss on ``split``; for DRENet, ``m["raw"]`` holds
+        the global branch's (``raw_logits``) metrics too (diagnostics)."""
         out = model.predict(x_eval[split], batch_size=32, verbose=0)
         logits = np.asarray(out["logits"] if isinstance(out, dict) else out, np.float64)
         probs = softmax(logits)
         m = metrics.classification_metrics(probs, y[split], pat[split], classes)
         loss = float(-np.mean(np.log(probs[np.arange(len(probs)), y[split]] + 1e-12)))
+        if isinstance(out, dict) and "raw_logits" in out:
+            m["raw"] = metrics.classification_metrics(
+                softmax(np.asarray(out["raw_logits"], np.float64)), y[split], pat[split],
+                classes)
         return m, loss
 
     history, recent = [], []
@@ -290,9 +296,14 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                "val_patient_auc_smoothed": smoothed,
                "train_loss": float(logs.get("loss", float("nan"))),
                "seconds": time.time() - t0}
+        if "raw" in m:  # DRENet: the global branch alone, beside the prediction
+            row["val_raw_patient_auc"] = m["raw"]["patient_auc"]
         if track_held_out:  # diagnostics only: never used to choose anything
             for split in held_out:
-                row[f"{split}_patient_auc"] = evaluate(split)[0]["patient_auc"]
+                hm = evaluate(split)[0]
+                row[f"{split}_patient_auc"] = hm["patient_auc"]
+                if "raw" in hm:
+                    row[f"{split}_raw_patient_auc"] = hm["raw"]["patient_auc"]
         row.update(extra)
         if saved is not None:  # training goes on from the moving statistics
             restore(saved)

@@ -107,3 +107,9 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
             for key in ("val_patient_auc_pop", "val_prediction_loss_pop", "test_patient_auc",
                         "test_patient_auc_pop"):
                 assert 0.0 <= row[key] < 10.0, (key, row)
+            # DRENet's global branch alone, scored beside its prediction (diagnostics)
+            raw = {"val_raw_patient_auc", "test_raw_patient_auc"}
+            if kind == "drenet":
+                assert all(0.0 <= row[k] <= 1.0 for k in raw), row
+            else:
+                assert not raw & set(row), row
