@@ -259,9 +259,10 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         m = metrics.classification_metrics(probs, y[split], pat[split], classes)
         loss = float(-np.mean(np.log(probs[np.arange(len(probs)), y[split]] + 1e-12)))
         if isinstance(out, dict) and "raw_logits" in out:
-            m["raw"] = metrics.classification_metrics(
-                softmax(np.asarray(out["raw_logits"], np.float64)), y[split], pat[split],
-                classes)
+            raw = softmax(np.asarray(out["raw_logits"], np.float64))
+            m["raw"] = metrics.classification_metrics(raw, y[split], pat[split], classes)
+            m["raw"]["loss"] = float(
+                -np.mean(np.log(raw[np.arange(len(raw)), y[split]] + 1e-12)))
         return m, loss
 
     history, recent = [], []
@@ -296,14 +297,15 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                "val_patient_auc_smoothed": smoothed,
                "train_loss": float(logs.get("loss", float("nan"))),
                "seconds": time.time() - t0}
-        if "raw" in m:  # DRENet: the global branch alone, beside the prediction
-            row["val_raw_patient_auc"] = m["raw"]["patient_auc"]
+        if "raw" in m:  # DRENet: the global branch alone, beside the prediction (*_raw)
+            row["val_patient_auc_raw"] = m["raw"]["patient_auc"]
+            row["val_prediction_loss_raw"] = m["raw"]["loss"]
         if track_held_out:  # diagnostics only: never used to choose anything
             for split in held_out:
                 hm = evaluate(split)[0]
                 row[f"{split}_patient_auc"] = hm["patient_auc"]
                 if "raw" in hm:
-                    row[f"{split}_raw_patient_auc"] = hm["raw"]["patient_auc"]
+                    row[f"{split}_patient_auc_raw"] = hm["raw"]["patient_auc"]
         row.update(extra)
         if saved is not None:  # training goes on from the moving statistics
             restore(saved)
