@@ -250,19 +250,20 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         for v, val in zip(model.non_trainable_variables, saved):
             v.assign(val)
 
+    def score(logits, split: str) -> tuple[dict, float]:
+        """Metrics and cross-entropy of one output's logits on ``split``."""
+        probs = softmax(np.asarray(logits, np.float64))
+        m = metrics.classification_metrics(probs, y[split], pat[split], classes)
+        return m, float(-np.mean(np.log(probs[np.arange(len(probs)), y[split]] + 1e-12)))
+
     def evaluate(split: str) -> tuple[dict, float]:
         """The prediction's metrics and loss on ``split``; for DRENet, ``m["raw"]`` holds
-        the global branch's (``raw_logits``) metrics too (diagnostics)."""
+        the global branch's (``raw_logits``) metrics and ``"loss"`` too (diagnostics)."""
         out = model.predict(x_eval[split], batch_size=32, verbose=0)
-        logits = np.asarray(out["logits"] if isinstance(out, dict) else out, np.float64)
-        probs = softmax(logits)
-        m = metrics.classification_metrics(probs, y[split], pat[split], classes)
-        loss = float(-np.mean(np.log(probs[np.arange(len(probs)), y[split]] + 1e-12)))
+        m, loss = score(out["logits"] if isinstance(out, dict) else out, split)
         if isinstance(out, dict) and "raw_logits" in out:
-            raw = softmax(np.asarray(out["raw_logits"], np.float64))
-            m["raw"] = metrics.classification_metrics(raw, y[split], pat[split], classes)
-            m["raw"]["loss"] = float(
-                -np.mean(np.log(raw[np.arange(len(raw)), y[split]] + 1e-12)))
+            raw_m, raw_loss = score(out["raw_logits"], split)
+            m["raw"] = dict(raw_m, loss=raw_loss)
         return m, loss
 
     history, recent = [], []
