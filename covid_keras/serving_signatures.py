@@ -231,9 +231,12 @@ class Signatures:
         return self._outputs(tf.cast(images, tf.float32))
 
     def predict_study(self, images):
-        n = tf.shape(images)[0]
-        tf.debugging.assert_positive(n, message="predict_study: a study needs at least "
-                                                 "one slice")
+        check = tf.debugging.assert_positive(
+            tf.shape(images)[0], message="predict_study: a study needs at least one slice")
+        # the model must wait for the check: without the dependency the graph may run an
+        # op that fails on the empty batch first, and the error then names that op
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
         out = self._outputs(images)
         probs = out["probabilities"]
         names = tf.constant(self.class_names)
