@@ -182,6 +182,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     from covid_keras import keras_private, metrics, recipes
     from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
+    from covid_keras.cli import quiet_stderr
     from covid_keras.drenet import build_drenet
     from covid_keras.saving import model_spec
 
@@ -190,7 +191,10 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     size = input_size or int(f.get("input_size", 448))
     backbone = f.get("backbone", "resnet50")
     epochs, batch = int(f.get("epochs", 120)), int(f.get("batch_size", 4))
-    keras.utils.set_random_seed(seed)
+    # seeds TensorFlow too where it is installed, importing it: its C++ start-up notices
+    # (oneDNN, whatever TF_CPP_MIN_LOG_LEVEL says) stay out of the run's log
+    with quiet_stderr():
+        keras.utils.set_random_seed(seed)
     d = np.load(data_path)
     classes = [str(c) for c in d["classes"]]
     splits = [s for s in ("train", "val", "test") if f"{s}_images" in d]

@@ -83,6 +83,7 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     (tmp_path / "d.cfg").write_text("\n".join(["--model=drenet", *common]) + "\n")
     (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", *common]) + "\n")
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it (conftest sets it)
     proc = subprocess.run(
         [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
          f"--flagfiles={tmp_path / 'd.cfg'},{tmp_path / 'c.cfg'}", "--seeds=0",
@@ -92,6 +93,7 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
     assert "RESULT {" in proc.stdout
+    assert "oneDNN" not in logs, logs[:2000]  # XLA's INFO notices stay out of the logs
     res = json.loads((tmp_path / "r.json").read_text())
     for name, kind in (("d", "drenet"), ("c", "classifier")):
         run = res["models"][name]["runs"][0]
