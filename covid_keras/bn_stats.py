@@ -35,8 +35,12 @@ def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, 
     Returns ``([(layer, mean, variance), ...], number of batches)``; each batch weighs as
     many examples as it holds (a last partial batch counts for less). The model is left as it
     was: weights, moving statistics, momenta and every other non-trainable variable (e.g.
-    random-seed states) are restored. Each batch norm must run once per forward pass
-    (DRENet's branches have their own): a layer run twice would report its last run.
+    random-seed states) are restored.
+
+    Raises ValueError when a batch norm runs more than once per forward pass (one layer
+    shared by several inputs, e.g. DRENet built with ``branch_bn=False``: each run would
+    overwrite the last, and the statistics would be its last input's alone) or when the
+    statistics are not finite (weights that diverged).
     """
     bns = batch_norm_layers(model)
     saved = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]
@@ -47,7 +51,10 @@ def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, 
         for la in bns:
             la.momentum = 0.0  # each forward pass leaves exactly its batch's statistics
         for xb in batches:
-            model(xb, training=True)
+            if n == 0:
+                _check_one_run_each(model, bns, xb)
+            else:
+                model(xb, training=True)
             size = int(keras.tree.flatten(xb)[0].shape[0])
             n, total = n + 1, total + size
             for acc, la in zip(sums, bns):
@@ -66,7 +73,42 @@ def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, 
     for (s1, s2), la in zip(sums, bns):
         mean = s1 / total
         out.append((la, mean, np.maximum(s2 / total - mean * mean, 0.0)))
+    bad = [la.name for la, mean, var in out
+           if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))]
+    if bad:
+        raise ValueError(f"population batch-norm statistics are not finite in {len(bad)} of "
+                         f"{len(out)} batch norms (first: {bad[0]!r}): the weights have "
+                         "diverged")
     return out, n
+
+
+def _check_one_run_each(model: keras.Model, bns: list, xb) -> None:
+    """Runs ``model`` on ``xb`` in training mode, counting each batch norm's runs (its
+    ``call`` wrapped for this one pass); raises ValueError if one ran more than once."""
+    runs = {id(la): 0 for la in bns}
+
+    def counted(la):
+        call = la.call
+
+        def wrapper(*args, **kwargs):
+            runs[id(la)] += 1
+            return call(*args, **kwargs)
+        return wrapper
+
+    for la in bns:
+        object.__setattr__(la, "call", counted(la))
+    try:
+        model(xb, training=True)
+    finally:
+        for la in bns:
+            object.__delattr__(la, "call")
+    shared = [(la.name, runs[id(la)]) for la in bns if runs[id(la)] > 1]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} batch norms run more than once per forward pass (first: "
+            f"{shared[0][0]!r}, {shared[0][1]} times): one layer normalises several inputs "
+            "(DRENet: build it with branch_bn=True), so population statistics would be its "
+            "last input's alone")
 
 
 def set_population_statistics(model: keras.Model, batches: Iterable) -> int:

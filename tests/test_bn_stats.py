@@ -85,3 +85,31 @@ def test_drenet_branches_each_get_their_own_statistics():
     assert n == len(batch_norm_layers(model)) > 3
     np.testing.assert_allclose(_np(model(x, training=False)["logits"]), train, atol=1e-3,
                                rtol=1e-3)
+
+
+def test_a_batch_norm_shared_by_several_inputs_is_refused():
+    """DRENet with branch_bn=False runs each backbone batch norm three times a pass (image,
+    crops, generated image): population statistics would be the last input's alone."""
+    keras.utils.set_random_seed(3)
+    model = build_drenet(2, input_size=64, backbone="tiny", head_hidden_units=0,
+                         branch_bn=False)
+    x = np.random.default_rng(3).uniform(-100, 150, size=(2, 64, 64, 3)).astype("float32")
+    before = [_np(v) for v in model.non_trainable_variables]
+    with pytest.raises(ValueError, match=r"more than once per forward pass .*3 times"):
+        set_population_statistics(model, [x])
+    for v, b in zip(model.non_trainable_variables, before):  # left as it was
+        np.testing.assert_array_equal(_np(v), b)
+    # the count is undone: the same layers run normally afterwards
+    assert all("call" not in vars(la) for la in batch_norm_layers(model))
+
+
+def test_statistics_of_diverged_weights_are_refused():
+    keras.utils.set_random_seed(4)
+    model = _dense_bn_model()
+    d1 = model.get_layer("d1")
+    d1.kernel.assign(np.full(d1.kernel.shape, np.nan, "float32"))
+    x = np.ones((4, 5), "float32")
+    moving = _np(model.get_layer("bn1").moving_mean)
+    with pytest.raises(ValueError, match=r"not finite in 2 of 2 batch norms \(first: 'bn1'\)"):
+        set_population_statistics(model, [x])
+    np.testing.assert_array_equal(_np(model.get_layer("bn1").moving_mean), moving)
