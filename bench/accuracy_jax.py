@@ -279,14 +279,22 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             idx = order[step * batch:(step + 1) * batch]
             xb = normalize(to_rgb(augment(x["train"][idx], rng, **aug)), backbone)
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
-        if ema:  # the average in for validation (and the best weights), the raw weights
-            keras_private.swap_ema_weights(model)  # back before the next step
         extra = {}
+        if ema:  # diagnostics: the weights being trained, before the average goes in
+            nm, nloss = evaluate("val")  # (*_noavg: paired with the average, same run)
+            extra = {"val_patient_auc_noavg": nm["patient_auc"],
+                     "val_slice_auc_noavg": nm["slice_auc"], "val_prediction_loss_noavg": nloss}
+            if track_held_out:
+                for split in held_out:
+                    extra[f"{split}_patient_auc_noavg"] = evaluate(split)[0]["patient_auc"]
+            # the average in for validation (and the best weights), the raw weights back
+            keras_private.swap_ema_weights(model)  # before the next step
         if bn_stats == "both":  # diagnostics: the same weights with population statistics
             saved = population_stats()
             pm = evaluate("val")
-            extra = {"val_patient_auc_pop": pm[0]["patient_auc"],
-                     "val_slice_auc_pop": pm[0]["slice_auc"], "val_prediction_loss_pop": pm[1]}
+            extra.update({"val_patient_auc_pop": pm[0]["patient_auc"],
+                          "val_slice_auc_pop": pm[0]["slice_auc"],
+                          "val_prediction_loss_pop": pm[1]})
             if track_held_out:
                 for split in held_out:
                     extra[f"{split}_patient_auc_pop"] = evaluate(split)[0]["patient_auc"]

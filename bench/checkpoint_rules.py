@@ -9,7 +9,9 @@ reports:
 - the swing: the mean |change| of the val and of the held-out patient AUC from one epoch
   to the next, and the issue's stability figure (the largest distance of the last 5
   epochs' val patient AUC from their mean), for the moving and the population statistics,
-  and for DRENet's global branch alone (``raw_logits``, recorded as ``*_raw``: row "raw");
+  for DRENet's global branch alone (``raw_logits``, recorded as ``*_raw``: row "raw"), and
+  in a run with ``--ema_momentum`` for the weights being trained, without the average
+  (``*_noavg``: row "noavg", paired epoch by epoch with the averaged figures);
 - for each checkpoint rule, applied to the val history alone, the chosen epoch and that
   epoch's held-out patient AUC (mean +- sd over the runs). The rules:
   ``smoothed3`` (the trainer's: the mean of the last 3 epochs' val patient AUC, the first
@@ -38,14 +40,16 @@ from accuracy_jax import SMOOTHING_EPOCHS, smoothed_choice  # noqa: E402
 from common import emit_result, parser  # noqa: E402
 
 RULES = ("smoothed3", "smoothed3_full", "val_loss", "last")
-# figures per run: the prediction with moving / population batch-norm statistics, and
-# DRENet's global branch (raw_logits) alone with the run's statistics (accuracy_jax *_raw)
-VARIANTS = ("moving", "population", "raw")
+# figures per run: the prediction with moving / population batch-norm statistics, DRENet's
+# global branch (raw_logits) alone with the run's statistics (accuracy_jax *_raw), and in
+# a run with --ema_momentum the trained weights without the average (*_noavg)
+VARIANTS = ("moving", "population", "raw", "noavg")
 
 
 def choose(history: list[dict], rule: str, suffix: str = "") -> int | None:
     """The epoch (1-based) that ``rule`` picks from the val figures of ``history``
-    (``suffix`` "_pop": the population-statistics figures; "_raw": DRENet's global branch).
+    (``suffix`` "_pop": the population-statistics figures; "_raw": DRENet's global branch;
+    "_noavg": the weights without their moving average).
     None if none is eligible."""
     auc = [h.get(f"val_patient_auc{suffix}") for h in history]
     loss = [h.get(f"val_prediction_loss{suffix}") for h in history]
@@ -80,6 +84,7 @@ def analyse_run(run: dict, held_out: str = "test") -> dict:
     variants = ([("population", "")] if run.get("bn_stats") == "population"
                 else [("moving", ""), ("population", "_pop")])
     variants.append(("raw", "_raw"))  # DRENet: its global branch alone, chosen on its own val
+    variants.append(("noavg", "_noavg"))  # --ema_momentum: the weights without the average
     for stats, suffix in variants:
         val = [h.get(f"val_patient_auc{suffix}") for h in hist]
         test = [h.get(f"{held_out}_patient_auc{suffix}") for h in hist]

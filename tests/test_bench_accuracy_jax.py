@@ -81,7 +81,8 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
               "--input_norm=per_image", "--zoom_jitter=0.2", "--gamma_jitter=0.3",
               "--rotation_degrees=10"]
     (tmp_path / "d.cfg").write_text("\n".join(["--model=drenet", *common]) + "\n")
-    (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", *common]) + "\n")
+    (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", "--ema_momentum=0.9",
+                                               *common]) + "\n")
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it (conftest sets it)
     proc = subprocess.run(
@@ -115,3 +116,14 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
                 assert all(0.0 <= row[k] < 10.0 for k in raw), row
             else:
                 assert not raw & set(row), row
+            # --ema_momentum (the classifier here): the trained weights without the
+            # average, scored beside it
+            noavg = {"val_patient_auc_noavg", "val_prediction_loss_noavg",
+                     "test_patient_auc_noavg"}
+            if kind == "classifier":
+                assert all(0.0 <= row[k] < 10.0 for k in noavg), row
+            else:
+                assert not noavg & set(row), row
+        if kind == "classifier":  # two sets of weights, two sets of figures
+            assert any(h["val_prediction_loss_noavg"] != h["val_prediction_loss"]
+                       for h in run["history"])

@@ -49,18 +49,22 @@ def test_rules_choose_from_val_only(rules):
     assert rules.swing([0.5]) is None
 
 
-def test_drenet_global_branch_is_chosen_on_its_own_val(rules):
+@pytest.mark.parametrize("variant", ["raw", "noavg"])
+def test_branch_and_unaveraged_weights_are_chosen_on_their_own_val(rules, variant):
+    """DRENet's global branch (*_raw) and, with --ema_momentum, the weights without the
+    average (*_noavg): each chosen on its own val figures, not the prediction's."""
     h = _history(val=[0.6, 0.7, 0.8], loss=[0.5, 0.5, 0.5], test=[0.5, 0.6, 0.7])
     for row, v, t in zip(h, [0.9, 0.6, 0.5], [0.3, 0.9, 0.9]):
-        row.update({"val_patient_auc_raw": v, "val_prediction_loss_raw": 0.5,
-                    "test_patient_auc_raw": t})
+        row.update({f"val_patient_auc_{variant}": v, f"val_prediction_loss_{variant}": 0.5,
+                    f"test_patient_auc_{variant}": t})
     a = rules.analyse_run({"seed": 0, "history": h})
     assert a["moving"]["rules"]["smoothed3"] == {"epoch": 3, "held_out_patient_auc": 0.7}
-    # the branch's own val picks epoch 1 (0.9 alone beats 0.75 and 0.667), held out 0.3
-    assert a["raw"]["rules"]["smoothed3"] == {"epoch": 1, "held_out_patient_auc": 0.3}
-    assert a["raw"]["held_out_swing"] == pytest.approx(0.3)
-    assert "raw" not in rules.analyse_run({"seed": 0, "history": _history([0.5], [0.5], [0.5])})
-    assert list(rules.summarise([a])) == ["moving", "raw"]
+    # its own val picks epoch 1 (0.9 alone beats 0.75 and 0.667), held out 0.3
+    assert a[variant]["rules"]["smoothed3"] == {"epoch": 1, "held_out_patient_auc": 0.3}
+    assert a[variant]["held_out_swing"] == pytest.approx(0.3)
+    assert variant not in rules.analyse_run({"seed": 0,
+                                             "history": _history([0.5], [0.5], [0.5])})
+    assert list(rules.summarise([a])) == ["moving", variant]
 
 
 def test_cli_reads_runs_and_partial_runs(tmp_path):
