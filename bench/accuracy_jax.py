@@ -270,6 +270,17 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             m["raw"] = dict(raw_m, loss=raw_loss)
         return m, loss
 
+    def paired(suffix: str) -> dict:
+        """The diagnostic figures of the model as it stands, keys ending in ``suffix``: val
+        patient / slice AUC and loss, and each held-out split's patient AUC if tracked."""
+        m, loss = evaluate("val")
+        out = {f"val_patient_auc{suffix}": m["patient_auc"],
+               f"val_slice_auc{suffix}": m["slice_auc"], f"val_prediction_loss{suffix}": loss}
+        if track_held_out:
+            for split in held_out:
+                out[f"{split}_patient_auc{suffix}"] = evaluate(split)[0]["patient_auc"]
+        return out
+
     history, recent = [], []
     best_key, best_epoch, best_weights = None, None, None
     t0 = time.time()
@@ -281,23 +292,12 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
         extra = {}
         if ema:  # diagnostics: the weights being trained, before the average goes in
-            nm, nloss = evaluate("val")  # (*_noavg: paired with the average, same run)
-            extra = {"val_patient_auc_noavg": nm["patient_auc"],
-                     "val_slice_auc_noavg": nm["slice_auc"], "val_prediction_loss_noavg": nloss}
-            if track_held_out:
-                for split in held_out:
-                    extra[f"{split}_patient_auc_noavg"] = evaluate(split)[0]["patient_auc"]
+            extra = paired("_noavg")  # (paired with the average, same run)
             # the average in for validation (and the best weights), the raw weights back
             keras_private.swap_ema_weights(model)  # before the next step
         if bn_stats == "both":  # diagnostics: the same weights with population statistics
             saved = population_stats()
-            pm = evaluate("val")
-            extra.update({"val_patient_auc_pop": pm[0]["patient_auc"],
-                          "val_slice_auc_pop": pm[0]["slice_auc"],
-                          "val_prediction_loss_pop": pm[1]})
-            if track_held_out:
-                for split in held_out:
-                    extra[f"{split}_patient_auc_pop"] = evaluate(split)[0]["patient_auc"]
+            extra.update(paired("_pop"))
             restore(saved)
         saved = population_stats() if bn_stats == "population" else None
         m, loss = evaluate("val")

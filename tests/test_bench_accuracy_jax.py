@@ -94,7 +94,7 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
     assert "RESULT {" in proc.stdout
-    assert "oneDNN" not in logs, logs[:2000]  # XLA's INFO notices stay out of the logs
+    assert "oneDNN" not in logs, logs[:2000]  # TF's start-up notices stay out of the logs
     res = json.loads((tmp_path / "r.json").read_text())
     for name, kind in (("d", "drenet"), ("c", "classifier")):
         run = res["models"][name]["runs"][0]
