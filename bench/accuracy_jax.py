@@ -172,6 +172,26 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def compiled_forward(model):
+    """``x -> model(x, training=True)`` compiled with ``jax.jit`` (``stateless_call``, the
+    new non-trainable variables assigned back): the population pass's forward
+    (``covid_keras.bn_stats``); DRENet, 128 px, on 2 CPU cores: 12 batches in 41 s against
+    50-72 s eager (the first batch runs eagerly in both). Traced at its first call per
+    batch shape: with the batch norms' momenta as they are then (0 inside the pass)."""
+    import jax
+
+    @jax.jit
+    def step(trainable, non_trainable, xb):
+        return model.stateless_call(trainable, non_trainable, xb, training=True)[1]
+
+    def forward(xb) -> None:
+        new = step([v.value for v in model.trainable_variables],
+                   [v.value for v in model.non_trainable_variables], xb)
+        for v, val in zip(model.non_trainable_variables, new):
+            v.assign(val)
+    return forward
+
+
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             overrides: dict[str, str], out_path: Path, track_held_out: bool = False,
             bn_stats: str = "moving") -> dict:
@@ -244,10 +264,12 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         x_pop = normalize(to_rgb(x["train"][pop_order]), backbone)
         pop_batches = [x_pop[i:i + batch] for i in range(0, len(x_pop), batch)]
 
+    pop_forward = compiled_forward(model)
+
     def population_stats() -> list:
         """Sets the population statistics; returns the moving ones to put back."""
         saved = [np.array(v.value) for v in model.non_trainable_variables]
-        bn_population.set_population_statistics(model, pop_batches)
+        bn_population.set_population_statistics(model, pop_batches, forward=pop_forward)
         return saved
 
     def restore(saved: list) -> None:

@@ -29,8 +29,14 @@ def batch_norm_layers(model: keras.layers.Layer) -> list:
             if isinstance(la, keras.layers.BatchNormalization) and la.trainable]
 
 
-def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, int]:
+def population_statistics(model: keras.Model, batches: Iterable,
+                          forward=None) -> tuple[list, int]:
     """Training-mode statistics of ``model``'s batch norms over ``batches`` (model inputs).
+
+    ``forward``: a compiled ``x -> model(x, training=True)`` (e.g. a ``tf.function``) for
+    every batch after the first (which runs eagerly, to count each batch norm's runs); it
+    must be traced while this function runs (the momenta are 0 here) or retraced per call.
+    Default: ``model`` called eagerly.
 
     Returns ``([(layer, mean, variance), ...], number of batches)``; each batch weighs as
     many examples as it holds (a last partial batch counts for less). The model is left as it
@@ -53,6 +59,8 @@ def population_statistics(model: keras.Model, batches: Iterable) -> tuple[list, 
         for xb in batches:
             if n == 0:
                 _check_one_run_each(model, bns, xb)
+            elif forward is not None:
+                forward(xb)
             else:
                 model(xb, training=True)
             size = int(keras.tree.flatten(xb)[0].shape[0])
@@ -111,11 +119,11 @@ def _check_one_run_each(model: keras.Model, bns: list, xb) -> None:
             "last input's alone")
 
 
-def set_population_statistics(model: keras.Model, batches: Iterable) -> int:
+def set_population_statistics(model: keras.Model, batches: Iterable, forward=None) -> int:
     """Sets every trainable batch norm's moving mean and variance to its training-mode
-    statistics over ``batches`` (see the module). Returns the number of batch norms set.
-    Raises ValueError when ``batches`` is empty."""
-    stats, n = population_statistics(model, batches)
+    statistics over ``batches`` (see the module; ``forward`` as there). Returns the number
+    of batch norms set. Raises ValueError when ``batches`` is empty."""
+    stats, n = population_statistics(model, batches, forward)
     if not n:
         raise ValueError("population batch-norm statistics need at least one batch")
     for la, mean, var in stats:

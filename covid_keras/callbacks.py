@@ -302,9 +302,17 @@ class PopulationBatchNorm(keras.callbacks.Callback):
     def __init__(self, dataset):
         super().__init__()
         self.dataset = dataset
+        self._forward = None
 
     def on_epoch_end(self, epoch, logs=None):
-        bn_stats.set_population_statistics(self.model, (x for x, *_ in self.dataset))
+        if self._forward is None:  # compiled (DRENet, 128 px, 2 CPU cores: 12 batches in
+            # 17 s against 45 s eager); traced inside the first pass, where every batch
+            # norm's momentum is 0, and reused after
+            model = self.model
+            self._forward = tf.function(lambda x: model(x, training=True),
+                                        reduce_retracing=True)
+        bn_stats.set_population_statistics(self.model, (x for x, *_ in self.dataset),
+                                           forward=self._forward)
 
 
 class BestCheckpoint(keras.callbacks.Callback):

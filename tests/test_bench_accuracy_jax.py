@@ -127,3 +127,39 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
         if kind == "classifier":  # two sets of weights, two sets of figures
             assert any(h["val_prediction_loss_noavg"] != h["val_prediction_loss"]
                        for h in run["history"])
+
+
+COMPILED_POPULATION = """
+import importlib.util, json, sys
+import keras, numpy as np
+from covid_keras.bn_stats import population_statistics
+from covid_keras.drenet import build_drenet
+spec = importlib.util.spec_from_file_location("jx", "bench/accuracy_jax.py")
+jx = importlib.util.module_from_spec(spec); spec.loader.exec_module(jx)
+keras.utils.set_random_seed(0)
+model = build_drenet(2, input_size=64, backbone="tiny", weights=None)
+rng = np.random.default_rng(0)
+batches = [rng.uniform(0, 1, (n, 64, 64, 3)).astype("float32") for n in (4, 4, 4, 2)]
+model(batches[0], training=False)
+eager, _ = population_statistics(model, batches)
+forward = jx.compiled_forward(model)
+gaps = []
+for _ in range(2):  # the second pass reuses the first one's traces
+    got, n = population_statistics(model, batches, forward=forward)
+    gaps.append(max(float(np.max(np.abs(a[1] - b[1])) + np.max(np.abs(a[2] - b[2])))
+                    for a, b in zip(eager, got)))
+spread = max(float(np.max(np.abs(a[1]))) for a in eager)
+print(json.dumps({"gaps": gaps, "n": n, "norms": len(eager), "spread": spread}))
+"""
+
+
+def test_compiled_population_pass_gives_the_eager_statistics(tmp_path):
+    """accuracy_jax's jitted forward (``compiled_forward``) in the population pass: the same
+    statistics as eager calls, twice in a row (the traces are reused)."""
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", COMPILED_POPULATION], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 4 and out["norms"] > 10 and out["spread"] > 1e-3
+    assert max(out["gaps"]) < 1e-4 * max(1.0, out["spread"]), out

@@ -57,6 +57,30 @@ def test_statistics_are_the_pooled_ones_and_the_model_is_left_as_it_was():
         np.testing.assert_array_equal(_np(v), w)
 
 
+def test_a_given_forward_runs_every_batch_but_the_first_with_the_same_statistics():
+    """``forward`` (the trainer passes a compiled one) replaces the eager call for every
+    batch after the first, which runs eagerly to count each batch norm's runs."""
+    keras.utils.set_random_seed(0)
+    model = _dense_bn_model()
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(loc=5.0 * k, size=(4, 5)).astype("float32") for k in range(3)]
+    eager, _ = population_statistics(model, batches)
+    seen = []
+
+    def forward(x):
+        seen.append(x)
+        return model(x, training=True)
+
+    given, n = population_statistics(model, batches, forward=forward)
+    assert n == 3 and [id(x) for x in seen] == [id(b) for b in batches[1:]]
+    for (_, m1, v1), (_, m2, v2) in zip(eager, given):
+        np.testing.assert_allclose(m2, m1, rtol=1e-6)
+        np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    # a forward that does not run the model leaves only the first batch's statistics
+    skipped, _ = population_statistics(model, batches, forward=lambda x: None)
+    assert not np.allclose(skipped[0][1], eager[0][1])
+
+
 def test_one_batch_makes_inference_equal_training_and_frozen_norms_are_kept():
     keras.utils.set_random_seed(1)
     model = _dense_bn_model(frozen_second=True)
