@@ -26,12 +26,13 @@ import pydicom
 import pytest
 
 from covid_keras import schema
-from data_prep import dicom_io, inputs, limits, phantom, pipeline, redact, slice_images
+from data_prep import dicom_io, inputs, limits, pipeline, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits
 from data_prep.preprocess import PrepConfig
 from data_prep.study import ScanConfig, StudyTask, process_study, scan_study
-from tests.test_build_tfrecords import MATRIX, REPO, SPACING, read_records
+from tests.test_build_tfrecords import MATRIX, REPO, read_records
+from tests.test_build_tfrecords import series as _series
 
 SALT = b"s" * 32
 SLICES = 12
@@ -47,11 +48,9 @@ def task(path: Path, origin: str = "line00002", **kw) -> StudyTask:
 
 
 def series(out: Path, **kw) -> list[Path]:
+    """test_build_tfrecords' phantom series, SLICES slices by default."""
     kw.setdefault("num_slices", SLICES)
-    kw.setdefault("matrix", MATRIX)
-    kw.setdefault("pixel_spacing_mm", SPACING)
-    kw.setdefault("slice_thickness_mm", 300.0 / kw["num_slices"])
-    return phantom.write_series(out, **kw)
+    return _series(out, **kw)
 
 
 @contextlib.contextmanager
