@@ -3,7 +3,8 @@
 ``bench/accuracy_jax.py --track_held_out`` records, for every epoch, the val figures (that
 choose) and the held-out patient AUC (that never chooses); with ``--bn_stats=both`` also
 the same weights' figures with population batch-norm statistics (``*_pop``). This script
-reads those run JSONs (or ``.partial.json`` of unfinished runs) and, per group of runs,
+reads those run JSONs (and the ``.partial.json`` of unfinished runs, named in the table's
+heading; ``--finished_only`` leaves them out) and, per group of runs,
 reports:
 
 - the swing: the mean |change| of the val and of the held-out patient AUC from one epoch
@@ -100,17 +101,22 @@ def analyse_run(run: dict, held_out: str = "test") -> dict:
     return out
 
 
-def load_runs(folder: Path) -> list[dict]:
-    """A work folder's run JSONs; an unfinished run's .partial.json where no JSON is."""
-    runs = {}
+def load_runs(folder: Path, finished_only: bool = False) -> tuple[list[dict], list[dict]]:
+    """A work folder's run JSONs and, unless ``finished_only``, an unfinished run's
+    .partial.json where no JSON is. Returns (runs, the unfinished ones among them)."""
+    runs, partial = {}, set()
     for path in sorted(folder.glob("*.json")):
         name = path.name
         if name.endswith(".partial.json"):
             key = name[: -len(".partial.json")]
-            runs.setdefault(key, json.loads(path.read_text()))
+            if not finished_only and key not in runs:
+                runs[key] = json.loads(path.read_text())
+                partial.add(key)
         elif name.count("-seed"):
             runs[path.stem] = json.loads(path.read_text())
-    return [r for r in runs.values() if r.get("history")]
+            partial.discard(path.stem)
+    kept = {k: r for k, r in runs.items() if r.get("history")}
+    return list(kept.values()), [r for k, r in kept.items() if k in partial]
 
 
 def summarise(analyses: list[dict]) -> dict:
@@ -140,7 +146,9 @@ def _fmt(d: dict) -> str:
 
 def print_table(res: dict) -> None:
     for group, g in res["groups"].items():
-        print(f"\n{group}: {g['runs']} run(s), held out = {res['held_out']}")
+        unfinished = "".join(
+            f"; unfinished: seed {u['seed']} at epoch {u['epochs']}" for u in g["unfinished"])
+        print(f"\n{group}: {g['runs']} run(s), held out = {res['held_out']}{unfinished}")
         print("| statistics | val swing | held-out swing | last-5 max dev | "
               + " | ".join(RULES) + " |")
         print("| --- " * (4 + len(RULES)) + "|")
@@ -158,6 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", required=True,
                    help="Comma-separated accuracy_jax work folders (one group each).")
     p.add_argument("--held_out", default="test", help="Held-out split recorded per epoch.")
+    p.add_argument("--finished_only", action="store_true",
+                   help="Leave out unfinished runs (.partial.json: one still running, or "
+                        "one that was stopped), which are counted by default and named in "
+                        "the table's heading.")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     res = {"held_out": args.held_out, "groups": {}}
@@ -165,12 +177,15 @@ def main(argv=None) -> int:
         path = Path(folder)
         if not path.is_dir():
             p.error(f"--runs: {folder}: no such folder")
-        runs = load_runs(path)
+        runs, unfinished = load_runs(path, args.finished_only)
         if not any(f"{args.held_out}_patient_auc" in h for r in runs for h in r["history"]):
             p.error(f"{folder}: no run with a per-epoch {args.held_out} AUC (run "
                     "bench/accuracy_jax.py with --track_held_out)")
         analyses = [analyse_run(r, args.held_out) for r in runs]
         res["groups"][folder] = {"runs": len(runs), "per_run": analyses,
+                                 "unfinished": [{"seed": r.get("seed"),
+                                                 "epochs": len(r["history"])}
+                                                for r in unfinished],
                                  "summary": summarise(analyses)}
     emit_result(res, print_table, args.output_json)
     return 0

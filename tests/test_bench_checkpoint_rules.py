@@ -85,12 +85,23 @@ def test_cli_reads_runs_and_partial_runs(tmp_path):
     assert "RESULT {" in proc.stdout and "| population |" in proc.stdout
     g = json.loads(out.read_text())["groups"][str(work)]
     assert g["runs"] == 2
+    # the unfinished run is counted and named; seed 0's finished JSON wins over its partial
+    assert g["unfinished"] == [{"seed": 1, "epochs": 2}]
+    assert "unfinished: seed 1 at epoch 2" in proc.stdout
     moving, population = g["summary"]["moving"], g["summary"]["population"]
     assert moving["held_out_swing"]["mean"] == pytest.approx((0.8 + 0.0) / 2)
     assert population["held_out_swing"]["n"] == 1  # the partial run has no *_pop
     assert population["held_out_swing"]["mean"] == pytest.approx(0.025)
     assert population["rules"]["val_loss"]["epochs"] == [5]
     assert population["rules"]["val_loss"]["held_out_patient_auc"]["mean"] == 0.8
+    # --finished_only: the stopped run's single partial history is left out
+    proc = subprocess.run([sys.executable, "bench/checkpoint_rules.py", f"--runs={work}",
+                           f"--output_json={out}", "--finished_only"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    g = json.loads(out.read_text())["groups"][str(work)]
+    assert g["runs"] == 1 and g["unfinished"] == [] and "unfinished:" not in proc.stdout
+    assert g["summary"]["moving"]["held_out_swing"]["mean"] == pytest.approx(0.8)
     # a --bn_stats=population run: its plain figures are population ones
     (work / "m-seed0.json").write_text(json.dumps(dict(done, bn_stats="population")))
     (work / "m-seed1.partial.json").unlink()
