@@ -263,8 +263,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         pop_order = np.random.default_rng([seed, 777]).permutation(len(y["train"]))
         x_pop = normalize(to_rgb(x["train"][pop_order]), backbone)
         pop_batches = [x_pop[i:i + batch] for i in range(0, len(x_pop), batch)]
-
-    pop_forward = compiled_forward(model)
+        pop_forward = compiled_forward(model)
 
     def population_stats() -> list:
         """Sets the population statistics; returns the moving ones to put back."""

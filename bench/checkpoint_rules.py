@@ -104,19 +104,17 @@ def analyse_run(run: dict, held_out: str = "test") -> dict:
 def load_runs(folder: Path, finished_only: bool = False) -> tuple[list[dict], list[dict]]:
     """A work folder's run JSONs and, unless ``finished_only``, an unfinished run's
     .partial.json where no JSON is. Returns (runs, the unfinished ones among them)."""
-    runs, partial = {}, set()
-    for path in sorted(folder.glob("*.json")):
+    finished, partial = {}, {}
+    for path in folder.glob("*.json"):
         name = path.name
         if name.endswith(".partial.json"):
-            key = name[: -len(".partial.json")]
-            if not finished_only and key not in runs:
-                runs[key] = json.loads(path.read_text())
-                partial.add(key)
+            if not finished_only:
+                partial[name[: -len(".partial.json")]] = json.loads(path.read_text())
         elif name.count("-seed"):
-            runs[path.stem] = json.loads(path.read_text())
-            partial.discard(path.stem)
-    kept = {k: r for k, r in runs.items() if r.get("history")}
-    return list(kept.values()), [r for k, r in kept.items() if k in partial]
+            finished[path.stem] = json.loads(path.read_text())
+    runs = {**partial, **finished}  # a finished run's JSON wins over its partial
+    kept = {k: runs[k] for k in sorted(runs) if runs[k].get("history")}
+    return list(kept.values()), [r for k, r in kept.items() if k not in finished]
 
 
 def summarise(analyses: list[dict]) -> dict:

@@ -48,6 +48,7 @@ def population_statistics(model: keras.Model, batches: Iterable,
     overwrite the last, and the statistics would be its last input's alone) or when the
     statistics are not finite (weights that diverged).
     """
+    forward = forward or (lambda x: model(x, training=True))
     bns = batch_norm_layers(model)
     saved = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]
     momenta = [la.momentum for la in bns]
@@ -59,10 +60,8 @@ def population_statistics(model: keras.Model, batches: Iterable,
         for xb in batches:
             if n == 0:
                 _check_one_run_each(model, bns, xb)
-            elif forward is not None:
-                forward(xb)
             else:
-                model(xb, training=True)
+                forward(xb)
             size = int(keras.tree.flatten(xb)[0].shape[0])
             n, total = n + 1, total + size
             for acc, la in zip(sums, bns):
