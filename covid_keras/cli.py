@@ -7,8 +7,10 @@
   (then, for older flagfiles, to the working directory), so configs work from any
   directory. A missing file is a one-line error naming the file that includes it.
 * One-line errors: an exception in ``main`` prints ``<program>: error: <message>`` and
-  exits 1; ``--verbosity=1`` shows the traceback instead. A stray positional argument is
-  an error.
+  exits 1; ``--verbosity=1`` shows the traceback instead. An unknown flag, a bad flag
+  value, a stray positional argument and a missing required flag are errors of the same
+  form.
+* ``-h`` is ``--help``, and a help request exits 0 (absl's own exits 1).
 
     if __name__ == "__main__":
         cli.run(main, required=["data_dir", "run_dir"])
@@ -20,6 +22,9 @@ import contextlib
 import os
 import sys
 from typing import Callable, Sequence
+
+#: absl's help flags (``-h`` is taken as ``--help``).
+HELP_FLAGS = ("--help", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 #: Exceptions a user causes (bad paths, bad values, a finished run...): the message alone.
 USER_ERRORS = (ValueError, OSError, KeyError, LookupError)
@@ -187,8 +192,9 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
         argv: Sequence[str] | None = None, program: str | None = None,
         flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """absl's ``app.run(main)`` with the behaviour described in the module docstring.
-    ``flags_parser``: absl's ``app.run`` argument (default: absl's strict parser); what it
-    returns beyond the program name counts as stray positional arguments."""
+    ``flags_parser``: absl's ``app.run`` argument (default: absl's strict parser, its
+    errors as one line); what it returns beyond the program name counts as stray
+    positional arguments."""
     from absl import app, flags
 
     argv = list(sys.argv if argv is None else argv)
@@ -201,13 +207,18 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
         argv = expand_flagfiles(argv)
     except ValueError as exc:
         fail(program, str(exc))
-    if required:
-        flags.mark_flags_as_required(list(required))
+    # -h is --help; absl ends its help with exit status 1, a help request here exits 0.
+    argv = [a if a != "-h" else "--help" for a in argv]
+    asked_help = any(a.split("=", 1)[0] in HELP_FLAGS for a in argv[1:])
 
     def wrapped(args: list[str]):
         if len(args) > 1:
             fail(program, f"unexpected argument(s) {' '.join(args[1:])!r}: every option "
                           "is a --flag (see --help)")
+        missing = [f"--{name}" for name in required if flags.FLAGS[name].value in (None, "")]
+        if missing:
+            fail(program, f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "required (see --help)")
         try:
             return main(args)
         except (KeyboardInterrupt, SystemExit):
@@ -217,7 +228,15 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
                 raise
             fail(program, error_line(exc))
 
-    if flags_parser is None:
-        app.run(wrapped, argv=argv)
-    else:
-        app.run(wrapped, argv=argv, flags_parser=flags_parser)
+    def parse(args: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as exc:  # absl: "FATAL Flags parsing error" and a hint line
+            fail(program, f"{' '.join(str(exc).split())} (see --help)")
+
+    try:
+        app.run(wrapped, argv=argv, flags_parser=flags_parser or parse)
+    except SystemExit as exc:
+        if asked_help and exc.code == 1:
+            raise SystemExit(0) from None
+        raise

@@ -36,6 +36,11 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     pattern = os.path.join(data_dir, f"{split}-*-of-*.tfrecord.gz")
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
+        present = sorted({os.path.basename(f).split("-")[0] for f in tf.io.gfile.glob(
+            os.path.join(data_dir, "*-*-of-*.tfrecord.gz"))})
+        if present:
+            raise FileNotFoundError(f"{data_dir} has no split {split!r} (its splits: "
+                                    f"{', '.join(present)})")
         raise FileNotFoundError(f"No {split}-*-of-*.tfrecord.gz shards in {data_dir} "
                                 "(build them with python -m data_prep.build_tfrecords)")
     return files

@@ -141,6 +141,7 @@ def compare(paths: list[str], output_dir: str) -> dict:
         results[label] = m
     out = evaluation.write_comparison(output_dir, results)
     print(out["markdown"])
+    print(f"written to {output_dir}: comparison.md, comparison.csv")
     return results
 
 

@@ -976,11 +976,15 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             return inside
         raise FileNotFoundError(f"--checkpoint {checkpoint} is neither a file nor a file of "
                                 f"{run_dir}")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a run folder: no such folder")
     for name in ("best.keras", "final.keras"):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{run_dir} has no best.keras or final.keras")
+    raise FileNotFoundError(f"{run_dir} is not a training run: it has no best.keras or "
+                            "final.keras (pass the folder given to covid_keras.train as "
+                            "--run_dir)")
 
 
 def same_split(data_dir_a: str | None, split_a: str | None, data_dir_b: str | None,
@@ -1011,12 +1015,11 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     ``save_decision``. Returns metrics.json's content."""
     from covid_keras import data
 
+    ckpt = resolve_checkpoint(run_dir, checkpoint)  # first: is this a run at all?
     flags = read_run(run_dir)
     data_dir = data_dir or flags.get("data_dir")
     if not data_dir:
         raise ValueError(f"No --data_dir given and none in {run_dir}'s run_info.json")
-    output_dir = output_dir or os.path.join(run_dir, f"eval_{split}")
-    os.makedirs(output_dir, exist_ok=True)
     notes, warnings = [], []
     run_data_dir = flags.get("data_dir")
     run_val = flags.get("val_split") or "val"
@@ -1027,7 +1030,9 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         raise ValueError(f"The run has no {DECISION_FILE} and its validation split "
                          f"({v_split} of {v_dir}) is the evaluated split: a threshold is "
                          "never chosen on the split it is evaluated on (pass --val_split)")
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    data.shard_files(data_dir, split)  # a mistyped split fails before the model loads
+    output_dir = output_dir or os.path.join(run_dir, f"eval_{split}")
+    os.makedirs(output_dir, exist_ok=True)  # only once the inputs are known to be there
     model = load_model(ckpt)
     spec = model_spec(model)
     classes = list(data.read_manifest(data_dir)["classes"])
@@ -1090,6 +1095,8 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     for w in result["warnings"]:
         log(f"WARNING: {w}")
     log(summary_line(public))
+    log(f"written to {output_dir}: " + ("report.html, " if report else "") +
+        "metrics.json, slices.csv, patients.csv")
     return public
 
 
@@ -1101,8 +1108,9 @@ def summary_line(m: dict) -> str:
         return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
     d = m["decision"]
-    parts = [f"{m['split']} ({d['rule']} rule, threshold {d['threshold']:.3f} chosen on "
-             f"{d.get('chosen_on_split')})"]
+    pos = m.get("positive_class", "positive")
+    parts = [f"{m['split']}, {pos} vs rest ({d['rule']} rule, {pos} >= {d['threshold']:.4g} "
+             f"chosen on {d.get('chosen_on_split')})"]
     for level in ("patient", "slice"):
         s = m[level]
         parts.append(f"{level}s {s['count']}: " + ", ".join(

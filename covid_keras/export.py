@@ -1,4 +1,4 @@
-"""A trained run -> a versioned SavedModel for TF Serving.
+r"""A trained run -> a versioned SavedModel for TF Serving.
 
     python -m covid_keras.export --run_dir=runs/drenet --export_base=exports --model_name=drenet
     tensorflow_model_server --model_name=drenet --model_base_path=$PWD/exports/drenet \

@@ -1,4 +1,4 @@
-"""One study in, one answer out.
+r"""One study in, one answer out.
 
     python -m covid_keras.predict --study=<DICOM folder | .zip | folder of PNG/JPEG slices> \
         --model=<export dir | run dir | .keras> --output_dir=<dir> [--server=http://host:8501]
@@ -43,6 +43,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 
@@ -345,7 +346,8 @@ class ServerModel:
             r = self.session.request(method, self.url + suffix, json=body,
                                      timeout=self.timeout)
         except requests.RequestException as exc:
-            raise OSError(f"cannot reach the model server ({type(exc).__name__})") from None
+            raise OSError(f"cannot reach the model server at {self.url} "
+                          f"({type(exc).__name__})") from None
         try:
             out = r.json()
         except ValueError:
@@ -559,14 +561,28 @@ def main(argv: list[str]) -> int:
                            FLAGS.max_zip_files)
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-    rule = (f"{p['rule']} rule, {p['positive_class']} >= {p['threshold']:.4g}"
-            if p["method"] == "threshold" else "argmax")
+    pos = p.get("positive_class")
+    rule = (f"{p['rule']} rule: {pos} when its probability >= {p['threshold']:.4g}, else "
+            "the likeliest other class" if p["method"] == "threshold" else "argmax")
     print(f"{answer['study']}: {p['decision']} ({probs}; {rule}; "
           f"{answer['series']['used']} slices) -> {FLAGS.output_dir}", flush=True)
-    for w in answer["warnings"]:
-        if w["reason"] in ("few_slices", "not_ct_verified", "slices_dropped"):
-            log.warning("warning: %s: %s", w["reason"], w["detail"])
+    for line in warning_lines(answer["warnings"]):
+        print(line, file=sys.stderr, flush=True)
     return 0
+
+
+def warning_lines(warnings: list[dict]) -> list[str]:
+    """prediction.json's warnings for the console: one line per reason (its count and its
+    first detail; every one is in prediction.json)."""
+    by_reason: dict[str, list[str]] = {}
+    for w in warnings:
+        where = f"{w['file']}: " if w.get("file") else ""  # a pseudonym, never the name
+        by_reason.setdefault(str(w.get("reason")), []).append(where + str(w.get("detail", "")))
+    out = []
+    for reason, details in by_reason.items():
+        more = f" (and {len(details) - 1} more in prediction.json)" if len(details) > 1 else ""
+        out.append(f"warning: {reason}: {details[0]}{more}")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A local model server that speaks TF Serving's REST and gRPC APIs.
+r"""A local model server that speaks TF Serving's REST and gRPC APIs.
 
     python -m covid_keras.serve --model_name=drenet --model_base_path=$PWD/exports/drenet \
         --port=8500 --rest_api_port=8501

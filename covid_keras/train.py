@@ -5,11 +5,11 @@
 
 The run folder receives: ``run_info.json`` (resolved flags, package versions, git sha, the
 dataset manifest's SHA-256, the seed, the strategy), ``flags.cfg`` (a flagfile that repeats
-the run), ``best.keras`` (best validation patient-level AUC) with ``best.keras.json``,
-``final.keras``, ``log.csv``, ``metrics.json`` (validation metrics of the best and final
-models), ``tensorboard/`` (each loss term, learning rate, slice- and patient-level AUC /
-sensitivity / specificity, PR curves, slices with their top-K boxes, HParams) and
-``backup/`` while running (a killed run restarts where its last backup stopped: run the
+the run), ``best.keras`` (the epoch chosen on validation by ``--checkpoint_monitor``) with
+``best.keras.json``, ``final.keras``, ``log.csv``, ``metrics.json`` (validation metrics of
+the best and final models), ``tensorboard/`` (each loss term, learning rate, slice- and
+patient-level AUC / sensitivity / specificity, PR curves, slices with their top-K boxes,
+HParams) and ``backup/`` while running (a killed run restarts where its last backup stopped: run the
 same command again).
 
 Strategies: ``mirrored`` (default: every visible GPU; one device on CPU) trains with
@@ -521,7 +521,7 @@ def summary_line(m: dict, split: str) -> str:
     def level(name: str, count: str) -> str:
         macro = (f" macro AUC {f(m[name + '_macro_auc'])}" if name + "_macro_auc" in m
                  else "")
-        return (f"{count} {m[count]} accuracy {f(m[name + '_accuracy'])}{macro} | COVID AUC "
+        return (f"{count} {m[count]} argmax accuracy {f(m[name + '_accuracy'])}{macro} | COVID AUC "
                 f"{f(m[name + '_auc'])}, argmax sensitivity {f(m[name + '_sensitivity'])} "
                 f"specificity {f(m[name + '_specificity'])}")
 
@@ -560,7 +560,8 @@ def decision_line(m: dict) -> str:
 
     return (f"patients {p['count']}: sensitivity {f('sensitivity')}, specificity "
             f"{f('specificity')}, accuracy {f('accuracy')} ({m['decision']['rule']} rule, "
-            f"threshold {m['decision']['threshold']:.3f})")
+            f"{m.get('positive_class', 'positive')} >= "
+            f"{m['decision']['threshold']:.4g})")
 
 
 def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
@@ -578,8 +579,10 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     decision = os.path.join(run_dir, "decision.json")
     if files.exists(decision):
         d = json.loads(files.read_text(decision))
-        lines.append(f"decision: {d.get('rule')} rule, threshold {d.get('threshold')} "
-                     f"({d.get('criterion')}, chosen on {d.get('split', FLAGS.val_split)!r})")
+        lines.append(f"decision: {d.get('rule')} rule, {d.get('positive_class')} probability "
+                     f">= {float(d.get('threshold')):.4g} ({d.get('criterion')}, chosen on "
+                     f"{d.get('split', FLAGS.val_split)!r}; the other classes' probabilities "
+                     "do not enter it)")
     else:
         lines.append("decision: argmax of the class probabilities (no decision.json)")
     lines.append(f"metrics: {os.path.join(run_dir, 'metrics.json')}, TensorBoard: "
@@ -620,8 +623,10 @@ def run_main():
     t0 = time.time()
     try:
         cli.run(main, required=["data_dir", "run_dir"], program="covid_keras.train")
-    finally:
-        log.info("took %.0f s", time.time() - t0)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # an error stays its one line
+            log.info("took %.0f s", time.time() - t0)
+        raise
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def define_flags() -> None:
                         "covid_keras.serve) over REST instead of loading the model here.")
     flags.DEFINE_string("model_name", "drenet", "The served model's name (with --server).")
     flags.DEFINE_string("metrics", None, "An evaluation's metrics.json (python -m "
-                        "covid_keras.evaluate), or its folder: the model card's validation "
-                        "metrics. Default: a run folder's eval_val/ (else eval_*/).")
+                        "covid_keras.evaluate), or its folder: the model card's evaluation "
+                        "metrics (any split; the card names it). Default: a run folder's "
+                        "eval_val/ (else eval_*/).")
     flags.DEFINE_string("data_manifest", None, "The training TFRecords' manifest.json (or "
                         "their folder) for the model card's training data; must be the one "
                         "the export recorded. Default: a run folder's data_dir.")
@@ -528,7 +529,8 @@ def card_html(card: dict) -> str:
                 if lb in by else "<td>0</td>" for lb in labels)
             out.append(f"<tr><td>{e(split)}</td>{cells}</tr>")
         out.append("</table>")
-    out.append("<h3>Validation metrics</h3>")
+    out.append("<h3>Evaluation metrics" + (f" on {e(str(v['split']))}" if v else "") +
+               "</h3>")  # the card's "validation" key: whichever split was evaluated
     if v is None:
         out.append('<p class="missing">No evaluation given.</p>')
     else:

@@ -84,7 +84,7 @@ flags.DEFINE_enum("fill_blank", "rotate", list(FILL_MODES), "Fill the "
                   "blank around the lungs with rotated lung (paper), in every split, the same "
                   "for a slice on every run. none: zeros. rotate_train: the paper's train-only "
                   "fill; train and val/test become different image distributions (on the demo "
-                  "5 %% vs 77 %% zero pixels, lesions 4x denser in train), which costs "
+                  "5 % vs 77 % zero pixels, lesions 4x denser in train), which costs "
                   "accuracy.")
 flags.DEFINE_list("image_window", ["-700", "1500"], "LEVEL,WIDTH in HU that 8-bit slice images "
                   "are assumed to be windowed with (maps grey back to pseudo-HU).")

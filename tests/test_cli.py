@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,55 @@ def test_a_stray_argument_and_a_bad_flag_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "--verbosity=1"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_help_exits_0_and_flag_errors_are_one_line(tmp_path):
+    code = ("from absl import flags\n"
+            "flags.DEFINE_integer('n', 1, 'how many')\n"
+            "flags.DEFINE_string('out', None, 'where')\n"
+            "from covid_keras import cli\n"
+            "def main(argv):\n"
+            "    print('ran', flags.FLAGS.out)\n"
+            "cli.run(main, required=['out'], program='prog')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def call(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    for flag in ("--help", "-h", "--helpfull"):
+        proc = call(flag)
+        assert proc.returncode == 0 and "how many" in proc.stdout, (flag, proc.stderr)
+        assert "ran" not in proc.stdout
+    for args, message in [((), "prog: error: --out is required (see --help)"),
+                          (("--out=",), "prog: error: --out is required (see --help)"),
+                          (("--out=x", "--m=2"), "prog: error: Unknown command line flag 'm'"),
+                          (("--out=x", "--n=two"), "prog: error: flag --n=two:")]:
+        proc = call(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, (args, proc.stderr)
+        assert lines[0].startswith(message), (args, proc.stderr)
+    proc = call("--out=x")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran x", proc.stderr
+
+
+CLIS = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.export",
+        "covid_keras.predict", "covid_keras.serve", "covid_keras.web",
+        "data_prep.build_tfrecords")
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_command_help_exits_0_and_reads_as_written(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    usage, _, flag_help = proc.stdout.partition("\nflags:\n")
+    assert "python -m " in usage and "  --" in flag_help, proc.stdout[:500]
+    assert "%%" not in proc.stdout  # a help string is printed as written, not %-formatted
+    # a docstring's shell continuation stays a backslash and a new line: no two lines of a
+    # command run together ("... --a=1         --b=2")
+    assert not re.search(r"\S {4,}--\w", usage), usage
 
 
 def test_strict_json_has_null_never_nan():

@@ -357,8 +357,27 @@ def test_write_and_read_decision(tmp_path):
 def test_a_run_without_decision_is_not_decided_on_the_evaluated_split(tmp_path):
     (tmp_path / "run_info.json").write_text(json.dumps(
         {"flags": {"data_dir": str(tmp_path / "data"), "val_split": "val"}}))
+    (tmp_path / "best.keras").write_bytes(b"")  # refused before any model is read
     with pytest.raises(ValueError, match="never chosen on the split"):
         ev.evaluate_run(str(tmp_path), split="val", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_run_folder_or_split_is_named_and_nothing_is_written(tmp_path, dataset):
+    with pytest.raises(FileNotFoundError, match="is not a run folder: no such folder"):
+        ev.evaluate_run(str(tmp_path / "nope"), data_dir=str(dataset))
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "parent").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a training run: it has no best"):
+        ev.evaluate_run(str(tmp_path / "parent"), data_dir=str(dataset))
+    assert not any((tmp_path / "parent").iterdir())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.keras").write_bytes(b"")  # not read: the split is checked first
+    with pytest.raises(FileNotFoundError, match=r"has no split 'tset' \(its splits: "
+                                                r"test, train, val\)"):
+        ev.evaluate_run(str(run), data_dir=str(dataset), split="tset")
+    assert sorted(p.name for p in run.iterdir()) == ["best.keras"]
 
 
 # ------------------------------------------------------------------ bootstrap, JSON
@@ -649,6 +668,8 @@ def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path):
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "no decision.json: choosing the rule and threshold on val" in proc.stdout
+    assert f"written to {out}: report.html, metrics.json" in proc.stdout, proc.stdout
+    assert "test, covid vs rest (" in proc.stdout, proc.stdout
     for name in ("metrics.json", "slices.csv", "patients.csv", "report.html", "roc.png",
                  "pr.png", "reliability.png", "confusion.png", "decision.json"):
         assert (out / name).is_file(), name

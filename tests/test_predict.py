@@ -252,6 +252,10 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         _no_phi(proc.stdout + proc.stderr, setup["study"])
         served = json.loads((tmp_path / "s" / "prediction.json").read_text())
         assert served["model"]["kind"] == "server"
+        # the console names the decision's rule, and every warning reason of the JSON
+        assert "when its probability >=" in proc.stdout, proc.stdout
+        for reason in {w["reason"] for w in served["warnings"]}:
+            assert f"warning: {reason}: " in proc.stderr, (reason, proc.stderr)
         assert served["patient"]["decision"] == local["patient"]["decision"]
         np.testing.assert_allclose(list(served["patient"]["probabilities"].values()),
                                    list(local["patient"]["probabilities"].values()),
@@ -268,6 +272,17 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         assert "empty_study" in lines[-1] and "Doe" not in proc.stderr
         assert not (tmp_path / "e").exists()
         assert server.running()
+
+
+def test_console_warnings_one_line_per_reason():
+    from covid_keras.predict import warning_lines
+
+    lines = warning_lines([
+        {"reason": "truncated_file", "file": "file00001.ab12", "detail": "ends early"},
+        {"reason": "slices_dropped", "file": "", "detail": "low_lung_fraction 6"},
+        {"reason": "truncated_file", "file": "file00002.cd34", "detail": "ends early"}])
+    assert lines == ["warning: truncated_file: file00001.ab12: ends early (and 1 more in "
+                     "prediction.json)", "warning: slices_dropped: low_lung_fraction 6"]
 
 
 def test_unpack_zip_takes_plain_entries_and_refuses_links(tmp_path):

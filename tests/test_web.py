@@ -272,6 +272,10 @@ def test_the_page_always_shows_the_notice_and_the_card(fake_app):
     assert r.status_code == 200
     assert "Research use only: not for clinical use." in r.text
     assert 'id="card-metrics"' in r.text and "Known limits" in r.text
+    assert "<h3>Evaluation metrics on val</h3>" in r.text  # the split the card's metrics are of
+    test_card = web.card_html(web.model_card(FakeModel.info, FakeModel.source,
+                                             synthetic_metrics(split="test"), None))
+    assert "<h3>Evaluation metrics on test</h3>" in test_card
     assert "default-src 'none'" in r.headers["content-security-policy"]
     assert r.headers["cache-control"] == "no-store"
     assert get(app, "/static/app.js").headers["content-type"].startswith("text/javascript")
