@@ -192,9 +192,9 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
         argv: Sequence[str] | None = None, program: str | None = None,
         flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """absl's ``app.run(main)`` with the behaviour described in the module docstring.
-    ``flags_parser``: absl's ``app.run`` argument (default: absl's strict parser, its
-    errors as one line); what it returns beyond the program name counts as stray
-    positional arguments."""
+    ``flags_parser``: absl's ``app.run`` argument (default: absl's strict parser); it
+    raises ``flags.Error`` for a bad command line (printed as one line), and what it
+    returns beyond the program name counts as stray positional arguments."""
     from absl import app, flags
 
     argv = list(sys.argv if argv is None else argv)
@@ -230,13 +230,13 @@ def run(main: Callable[[list[str]], int | None], required: Sequence[str] = (),
 
     def parse(args: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(args)
+            return (flags_parser or flags.FLAGS)(args)
         except flags.Error as exc:  # absl: "FATAL Flags parsing error" and a hint line
-            fail(program, f"{' '.join(str(exc).split())} (see --help)")
+            error = exc
+        except SystemExit as exc:  # only absl's help flags exit while parsing
+            if asked_help and exc.code == 1:
+                raise SystemExit(0) from None
+            raise
+        fail(program, f"{' '.join(str(error).split())} (see --help)")
 
-    try:
-        app.run(wrapped, argv=argv, flags_parser=flags_parser or parse)
-    except SystemExit as exc:
-        if asked_help and exc.code == 1:
-            raise SystemExit(0) from None
-        raise
+    app.run(wrapped, argv=argv, flags_parser=parse)

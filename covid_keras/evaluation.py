@@ -295,6 +295,20 @@ def aggregate(probs: np.ndarray, labels: np.ndarray, patient_keys, rule: str, po
                     list(groups.values()), p_sites)
 
 
+def rule_text(rule: str, positive: str, threshold, normal: str | None = None) -> str:
+    """The patient decision in words (for a console line), e.g. ``mean rule: covid when
+    the mean of its slices' covid probability >= 0.44, else the likeliest other class``."""
+    t = f"{float(threshold):.4g}" if isinstance(threshold, (int, float)) else "?"
+    if rule == "any":
+        other = (f"{normal} only if every slice is {normal}, else the class of the strongest "
+                 "abnormal slice" if normal else
+                 f"the likeliest other class of the slice with the highest {positive} "
+                 "probability")
+        return f"any rule: {positive} when a slice's {positive} probability >= {t}, else {other}"
+    return (f"{rule} rule: {positive} when the mean of its slices' {positive} probability "
+            f">= {t}, else the likeliest other class")
+
+
 def decide(probs: np.ndarray, threshold: float, positive: int) -> np.ndarray:
     """Class decisions: ``positive`` where its probability >= threshold, else the most
     probable other class."""
@@ -1031,6 +1045,8 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
                          f"({v_split} of {v_dir}) is the evaluated split: a threshold is "
                          "never chosen on the split it is evaluated on (pass --val_split)")
     data.shard_files(data_dir, split)  # a mistyped split fails before the model loads
+    if decision is None:
+        data.shard_files(v_dir, v_split)  # and so does the split the decision comes from
     output_dir = output_dir or os.path.join(run_dir, f"eval_{split}")
     os.makedirs(output_dir, exist_ok=True)  # only once the inputs are known to be there
     model = load_model(ckpt)
@@ -1096,7 +1112,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         log(f"WARNING: {w}")
     log(summary_line(public))
     log(f"written to {output_dir}: " + ("report.html, " if report else "") +
-        "metrics.json, slices.csv, patients.csv")
+        "metrics.json, slices.csv, patients.csv" + (" and the plots" if report else ""))
     return public
 
 

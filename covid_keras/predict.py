@@ -80,6 +80,23 @@ def define_flags() -> None:
     flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
 
 
+class ServerUnreachable(OSError):
+    """The model server did not answer (the message names its address, never credentials
+    in it; the web page shows its users a fixed text instead)."""
+
+
+def public_url(url: str) -> str:
+    """``url`` without a ``user:password@`` part."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class StudyFailure(ValueError):
     """The study cannot be predicted: ``study <name>: <reason> (<detail>)``."""
 
@@ -346,8 +363,8 @@ class ServerModel:
             r = self.session.request(method, self.url + suffix, json=body,
                                      timeout=self.timeout)
         except requests.RequestException as exc:
-            raise OSError(f"cannot reach the model server at {self.url} "
-                          f"({type(exc).__name__})") from None
+            raise ServerUnreachable(f"cannot reach the model server at "
+                                    f"{public_url(self.url)} ({type(exc).__name__})") from None
         try:
             out = r.json()
         except ValueError:
@@ -561,9 +578,10 @@ def main(argv: list[str]) -> int:
                            FLAGS.max_zip_files)
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-    pos = p.get("positive_class")
-    rule = (f"{p['rule']} rule: {pos} when its probability >= {p['threshold']:.4g}, else "
-            "the likeliest other class" if p["method"] == "threshold" else "argmax")
+    from covid_keras.evaluation import rule_text
+
+    rule = (rule_text(p["rule"], p["positive_class"], p["threshold"], p.get("normal_class"))
+            if p["method"] == "threshold" else "argmax")
     print(f"{answer['study']}: {p['decision']} ({probs}; {rule}; "
           f"{answer['series']['used']} slices) -> {FLAGS.output_dir}", flush=True)
     for line in warning_lines(answer["warnings"]):

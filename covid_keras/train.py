@@ -567,7 +567,7 @@ def decision_line(m: dict) -> str:
 def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     """Where the models are, which epoch was chosen and how, the positive class and the
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
-    from covid_keras import metrics
+    from covid_keras import evaluation, metrics
 
     lines = []
     if "best_epoch" in results:
@@ -579,10 +579,10 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     decision = os.path.join(run_dir, "decision.json")
     if files.exists(decision):
         d = json.loads(files.read_text(decision))
-        lines.append(f"decision: {d.get('rule')} rule, {d.get('positive_class')} probability "
-                     f">= {float(d.get('threshold')):.4g} ({d.get('criterion')}, chosen on "
-                     f"{d.get('split', FLAGS.val_split)!r}; the other classes' probabilities "
-                     "do not enter it)")
+        rule = evaluation.rule_text(d.get("rule"), d.get("positive_class"),
+                                    d.get("threshold"), d.get("normal_class"))
+        lines.append(f"decision: {rule} ({d.get('criterion')}, chosen on "
+                     f"{d.get('split', FLAGS.val_split)!r})")
     else:
         lines.append("decision: argmax of the class probabilities (no decision.json)")
     lines.append(f"metrics: {os.path.join(run_dir, 'metrics.json')}, TensorBoard: "

@@ -529,8 +529,8 @@ def card_html(card: dict) -> str:
                 if lb in by else "<td>0</td>" for lb in labels)
             out.append(f"<tr><td>{e(split)}</td>{cells}</tr>")
         out.append("</table>")
-    out.append("<h3>Evaluation metrics" + (f" on {e(str(v['split']))}" if v else "") +
-               "</h3>")  # the card's "validation" key: whichever split was evaluated
+    out.append("<h3>Evaluation metrics" + (f" on {e(str(v['split']))}" if v and v.get("split")
+                                           else "") + "</h3>")  # the card's "validation" key: whichever split was evaluated
     if v is None:
         out.append('<p class="missing">No evaluation given.</p>')
     else:
@@ -596,6 +596,11 @@ class _OneAtATime:
         except OSError as exc:
             if self.source.get("kind") != "server":
                 raise
+            from covid_keras import predict
+
+            if isinstance(exc, predict.ServerUnreachable):  # its address stays server-side
+                log.warning("%s", exc)
+                raise ModelUnavailable("cannot reach the model server") from None
             raise ModelUnavailable(str(exc)) from None
 
 

@@ -24,9 +24,8 @@ import dataclasses
 import logging
 import os
 import secrets
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from covid_keras import cli, files, provenance
 from covid_keras.imaging import parse_windows
@@ -340,21 +339,12 @@ def _quiet_beam_import():
 _BEAM_ARGV: list[str] = []
 
 
-def _usage_error(message: str) -> None:
-    """absl's own report of a flag error (app.parse_flags_with_usage), exit 1."""
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's strict parse, except that with --runner=beam the flags Beam knows (and
     --beam_runner) are kept for Beam; any other unknown flag is absl's "did you mean"
-    error. Returns the program name and the positional arguments (errors for cli.run)."""
-    try:
-        rest = FLAGS(argv, known_only=True)
-    except flags.Error as err:
-        _usage_error(str(err))
+    error. Returns the program name and the positional arguments (errors for cli.run).
+    A flag error is raised as ``flags.Error``: cli.run makes it one line."""
+    rest = FLAGS(argv, known_only=True)
     unknown = [a for a in rest[1:] if a.startswith("-") and a != "-"]
     positional = [a for a in rest[1:] if not (a.startswith("-") and a != "-")]
     if unknown and FLAGS.runner == "beam":
@@ -364,12 +354,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
                 _BEAM_ARGV[:] = beam_pipeline.beam_args(unknown)
         except ImportError:
-            _usage_error("--runner=beam needs the [beam] extra: pip install -e .[beam]")
+            raise flags.Error("--runner=beam needs the [beam] extra: "
+                              "pip install -e .[beam]") from None
         except ValueError as err:
-            _usage_error(str(err))
+            raise flags.Error(str(err)) from None
     elif unknown:
-        app.parse_flags_with_usage(argv)  # absl's "Unknown command line flag ... did you mean"
-        _usage_error(f"Unknown command line flags {unknown}")  # not reached
+        FLAGS(argv)  # absl's "Unknown command line flag ... Did you mean"
+        raise flags.Error(f"Unknown command line flags {unknown}")  # not reached
     return rest[:1] + positional
 
 

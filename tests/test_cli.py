@@ -102,6 +102,8 @@ def test_help_exits_0_and_flag_errors_are_one_line(tmp_path):
             "flags.DEFINE_string('out', None, 'where')\n"
             "from covid_keras import cli\n"
             "def main(argv):\n"
+            "    if flags.FLAGS.out == 'boom':\n"
+            "        raise ValueError('boom')\n"
             "    print('ran', flags.FLAGS.out)\n"
             "cli.run(main, required=['out'], program='prog')\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -117,7 +119,11 @@ def test_help_exits_0_and_flag_errors_are_one_line(tmp_path):
     for args, message in [((), "prog: error: --out is required (see --help)"),
                           (("--out=",), "prog: error: --out is required (see --help)"),
                           (("--out=x", "--m=2"), "prog: error: Unknown command line flag 'm'"),
-                          (("--out=x", "--n=two"), "prog: error: flag --n=two:")]:
+                          (("--out=x", "--n=two"), "prog: error: flag --n=two:"),
+                          # an error beside a help flag is still an error (exit 1)
+                          (("--n=two", "--help"), "prog: error: flag --n=two:"),
+                          (("--out=boom", "--help=false"), "prog: error: boom"),
+                          (("--out=x", "--", "--help"), "prog: error: unexpected argument")]:
         proc = call(*args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1, (args, proc.stderr)

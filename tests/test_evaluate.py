@@ -840,6 +840,18 @@ def test_the_chromium_check_sees_console_errors_and_broken_images(tmp_path):
     assert fallback["broken"] == ["missing.png"]
 
 
+def test_rule_text_says_what_each_rule_decides():
+    assert ev.rule_text("mean", "covid", 0.44184607) == (
+        "mean rule: covid when the mean of its slices' covid probability >= 0.4418, else "
+        "the likeliest other class")
+    assert ev.rule_text("any", "covid", 0.5, "normal") == (
+        "any rule: covid when a slice's covid probability >= 0.5, else normal only if every "
+        "slice is normal, else the class of the strongest abnormal slice")
+    assert ev.rule_text("any", "covid", 0.5).endswith(
+        "else the likeliest other class of the slice with the highest covid probability")
+    assert ">= ?" in ev.rule_text("mean", "covid", None)  # an old decision.json: no crash
+
+
 def test_decide_patient_for_prediction_without_labels():
     d = {"rule": "any", "threshold": 0.5, "classes": CLASSES, "positive_class": "covid"}
     probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2]])

@@ -253,9 +253,11 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         served = json.loads((tmp_path / "s" / "prediction.json").read_text())
         assert served["model"]["kind"] == "server"
         # the console names the decision's rule, and every warning reason of the JSON
-        assert "when its probability >=" in proc.stdout, proc.stdout
-        for reason in {w["reason"] for w in served["warnings"]}:
-            assert f"warning: {reason}: " in proc.stderr, (reason, proc.stderr)
+        assert "mean rule: covid when the mean of its slices' covid probability >=" in \
+            proc.stdout, proc.stdout
+        assert served["warnings"], "the phantom study should warn (dropped slices)"
+        for line in predict.warning_lines(served["warnings"]):
+            assert line in proc.stderr.splitlines(), (line, proc.stderr)
         assert served["patient"]["decision"] == local["patient"]["decision"]
         np.testing.assert_allclose(list(served["patient"]["probabilities"].values()),
                                    list(local["patient"]["probabilities"].values()),
@@ -272,6 +274,15 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         assert "empty_study" in lines[-1] and "Doe" not in proc.stderr
         assert not (tmp_path / "e").exists()
         assert server.running()
+
+
+def test_server_address_is_named_without_credentials():
+    from covid_keras.predict import public_url
+
+    assert public_url("http://user:secret@10.0.0.5:8501/v1/models/m") == \
+        "http://10.0.0.5:8501/v1/models/m"
+    assert public_url("https://[::1]:8443/v1/models/m") == "https://[::1]:8443/v1/models/m"
+    assert public_url("http://localhost/v1") == "http://localhost/v1"
 
 
 def test_console_warnings_one_line_per_reason():

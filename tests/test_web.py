@@ -570,6 +570,7 @@ def test_through_a_model_server(setup, tmp_path):
     r = post(app, study_files(study))
     assert r.status_code == 502 and r.json()["reason"] == "model_unavailable"
     assert "cannot reach the model server" in r.json()["error"]
+    assert "127.0.0.1" not in r.text and "localhost" not in r.text  # the address stays here
     assert list(tmp_root.iterdir()) == []
 
 
