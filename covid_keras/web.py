@@ -529,8 +529,9 @@ def card_html(card: dict) -> str:
                 if lb in by else "<td>0</td>" for lb in labels)
             out.append(f"<tr><td>{e(split)}</td>{cells}</tr>")
         out.append("</table>")
-    out.append("<h3>Evaluation metrics" + (f" on {e(str(v['split']))}" if v and v.get("split")
-                                           else "") + "</h3>")  # the card's "validation" key: whichever split was evaluated
+    # the card's "validation" key holds whichever split was evaluated: the heading names it
+    split = f" on {e(str(v['split']))}" if v and v.get("split") else ""
+    out.append(f"<h3>Evaluation metrics{split}</h3>")
     if v is None:
         out.append('<p class="missing">No evaluation given.</p>')
     else:
