@@ -1,0 +1,87 @@
+r"""Writes the backbone of a trained model as a file that ``--backbone_weights`` reads.
+
+Used to start DRENet from a plain classifier trained on the same training split (the
+classifier's backbone stands in for the ImageNet weights the papers start from):
+
+  .venv/bin/python bench/backbone_weights.py \
+      --model=runs/covid_ct_resnet50/best.keras --output=runs/r50_backbone.weights.h5
+  .venv/bin/python -m covid_keras.train --flagfile=configs/covid_ct_drenet.cfg \
+      --backbone_weights=runs/r50_backbone.weights.h5 ...
+
+The file holds the keras.applications model of the architecture (include_top=False), so
+``keras.applications.ResNet50(include_top=False, weights=FILE)`` loads it as it loads
+ImageNet's; the tiny backbone's file holds the project's backbone model. Only the weights of
+the image's own backbone are taken (for DRENet, not its branch batch norms).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO, REPO / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from common import parser  # noqa: E402
+
+
+def write_backbone_weights(model, output: str) -> str:
+    """Copies ``model``'s backbone into a fresh model of its architecture and saves it
+    atomically to ``output``; returns the architecture's name."""
+    from covid_keras.backbones import _application, build_backbone
+    from covid_keras.gradcam import image_backbone
+
+    if not output.endswith(".weights.h5"):
+        raise ValueError(f"--output must end in .weights.h5. Received: {output}")
+    source = image_backbone(model)
+    arch = source.name[: -len("_backbone")]
+    if arch == "tiny":
+        target = build_backbone("tiny")
+    else:
+        target = _application(arch)(include_top=False, weights=None,
+                                    input_shape=(None, None, 3))
+    by_name = {lay.name: lay for lay in source.layers}
+    copied = 0
+    for lay in target.layers:
+        if not lay.weights:
+            continue
+        if lay.name not in by_name:
+            raise ValueError(f"the model's {arch} backbone has no layer {lay.name!r}")
+        lay.set_weights(by_name[lay.name].get_weights())
+        copied += 1
+    if not copied:
+        raise ValueError(f"no weights copied from the {arch} backbone")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = output[: -len(".weights.h5")] + f".partial-{os.getpid()}.weights.h5"
+    target.save_weights(partial)
+    os.replace(partial, output)
+    return arch
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--model", required=True,
+                   help="a trained model (.keras: a run's best.keras or final.keras)")
+    p.add_argument("--output", required=True,
+                   help="the weights file to write (must end in .weights.h5)")
+    args = p.parse_args(argv)
+    from covid_keras import cli
+
+    cli.import_keras_quietly()
+    from covid_keras.evaluation import load_model
+
+    try:
+        model = load_model(args.model)
+        arch = write_backbone_weights(model, args.output)
+    except (OSError, ValueError) as exc:
+        print(f"backbone_weights: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{arch} backbone of {args.model} written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
