@@ -136,7 +136,8 @@ flags.DEFINE_integer("verbose", 1, "Console progress: 0 silent, 1 a step bar and
                      "the full metrics go to TensorBoard and log.csv).")
 flags.DEFINE_bool("overwrite", False, "Start --run_dir again from scratch, whether it holds "
                   "a finished or an interrupted run. Without it a finished run is an error "
-                  "and an interrupted one resumes, if its flags are the same.")
+                  "and an interrupted one resumes, if its flags are the same. A one-shot "
+                  "action: flags.cfg does not record it.")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (tests "
                      "of MirroredStrategy without GPUs; 0: leave it).")
 
@@ -144,9 +145,25 @@ log = logging.getLogger("covid_keras.train")
 
 
 # ------------------------------------------------------------------ run folder
+#: Path flags: recorded absolute (run_info.json, flags.cfg), so a run's flags.cfg repeats it
+#: from any working directory.
+PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights")
+#: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
+#: must not replace the finished run it came from).
+NOT_RECORDED = ("overwrite",)
+
+
+def recorded_value(name: str, value):
+    """A flag's value as a run records it: a local path flag made absolute."""
+    if (name in PATH_FLAGS and isinstance(value, str) and value not in ("", "imagenet")
+            and not files.is_remote(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def resolved_flags() -> dict:
     """This program's flags and their values (run_info.json, the resume check, hparams)."""
-    return provenance.module_flags(__name__)
+    return {k: recorded_value(k, v) for k, v in provenance.module_flags(__name__).items()}
 
 
 def write_run_info(run_dir: str, extra: dict) -> None:
@@ -163,8 +180,9 @@ def write_run_info(run_dir: str, extra: dict) -> None:
 def program_flagfile() -> str:
     """This program's own flags (not absl's, TensorFlow's or a test runner's), one per line:
     ``--flagfile=<run>/flags.cfg`` repeats the run."""
-    lines = [f.serialize() for f in FLAGS.get_flags_for_module(sys.modules[__name__])
-             if f.value is not None]
+    lines = [f"--{f.name}={recorded_value(f.name, f.value)}" if f.name in PATH_FLAGS
+             else f.serialize() for f in FLAGS.get_flags_for_module(sys.modules[__name__])
+             if f.value is not None and f.name not in NOT_RECORDED]
     return "".join(line + "\n" for line in lines if line)
 
 
@@ -204,9 +222,10 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
     if finished:
-        raise ValueError(f"{run_dir} holds a finished run: pass --overwrite to replace it, "
-                         "or choose another --run_dir (evaluate it with "
-                         "python -m covid_keras.evaluate)")
+        raise ValueError(f"{run_dir} holds a finished run: evaluate it with python -m "
+                         f"covid_keras.evaluate --run_dir={run_dir}, repeat it into another "
+                         f"folder with --flagfile={os.path.join(run_dir, 'flags.cfg')} "
+                         "--run_dir=<new folder>, or pass --overwrite to replace it")
     if started:
         info_path = os.path.join(run_dir, "run_info.json")
         if files.exists(info_path):
@@ -477,7 +496,8 @@ def main(argv):
         model.stop_training = False
 
     final = validation.evaluate(model)[0]
-    results = {"val_split": FLAGS.val_split, "final": final}
+    results = {"val_split": FLAGS.val_split, "deterministic": bool(FLAGS.deterministic),
+               "final": final}
     if chief:
         files.rmtree(os.path.join(run_dir, "backup"))  # the run finished
         saving.save_model(model, os.path.join(run_dir, "final.keras"), classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -561,6 +562,41 @@ def test_finished_run_dir_needs_overwrite(mirrored_run, data_dir):
     proc = subprocess.run(train_cmd(data_dir, run_dir, "--epochs=1"), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
+
+
+def test_flags_cfg_records_the_run_and_is_reused_from_another_folder(data_dir, tmp_path):
+    # a run as `make demo` makes it: relative paths, --overwrite
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "covid_keras.train", f"--flagfile={REPO / 'configs/smoke.cfg'}",
+         f"--data_dir={os.path.relpath(data_dir, first)}",
+         "--run_dir=runs/r", "--overwrite", "--epochs=1", "--steps_per_epoch=1"],
+        cwd=first, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_dir = first / "runs" / "r"
+    flags_cfg = (run_dir / "flags.cfg").read_text()
+    assert "overwrite" not in flags_cfg, flags_cfg  # a one-shot action, not the run
+    assert f"--run_dir={run_dir}\n" in flags_cfg, flags_cfg  # absolute
+    assert f"--data_dir={data_dir}\n" in flags_cfg, flags_cfg
+    assert json.loads((run_dir / "metrics.json").read_text())["deterministic"] in (True, False)
+    # the same flags into the same folder: one line, the run untouched
+    stamp = (run_dir / "best.keras").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "covid_keras.train",
+                           f"--flagfile={run_dir / 'flags.cfg'}"], cwd=other, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(lines) == 1 and "holds a finished run" in lines[0], proc.stderr[-2000:]
+    assert "covid_keras.evaluate" in lines[0] and "--overwrite" in lines[0]
+    assert (run_dir / "best.keras").stat().st_mtime_ns == stamp
+    # from another working directory into a new folder: the recorded paths still resolve
+    proc = subprocess.run(
+        [sys.executable, "-m", "covid_keras.train", f"--flagfile={run_dir / 'flags.cfg'}",
+         "--run_dir=again"], cwd=other, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (other / "again" / "final.keras").exists()
 
 
 @pytest.mark.parametrize("flag,message", [
