@@ -20,26 +20,46 @@ cannot be installed (this project's CI) this one serves the same SavedModel thro
   ``saved_model.pb`` is served (TF Serving's default "latest" policy); the folder is polled
   every ``--file_system_poll_wait_seconds`` (0: once at start) and a new version is loaded
   and swapped in without a restart; the old one is then unloaded.
-* Errors as TF Serving: ``{"error": "..."}`` with 400 (malformed or wrongly shaped request),
-  404 (unknown model or version), 413 (body over ``--max_request_mb``); gRPC status codes
-  INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED. A bad request never stops the server.
-* Binds ``--host`` (127.0.0.1 by default; TF Serving binds every interface), serves
-  requests concurrently (a thread per REST connection up to ``--rest_api_num_threads``, a
-  gRPC pool of the same size) and logs no request content.
+  A version that fails to load (a folder still being copied) is retried at the next poll;
+  when the served version's folder is removed the highest remaining version is served.
+  Every REST answer from a model names it in the ``X-Model-Version`` header (gRPC: the
+  response's ``model_spec``), so a client knows which version answered.
+* Errors as TF Serving: ``{"error": "..."}`` with 400 (malformed or wrongly shaped request,
+  NaN / Infinity, JSON nested too deeply, more than ``--max_instances`` instances, an image
+  over ``--max_image_pixels`` by its header), 404 (unknown model or version), 408 (request
+  not received within ``--rest_api_timeout_in_ms``), 413 (body over ``--max_request_mb``),
+  503 (the inference queue is full); gRPC status codes INVALID_ARGUMENT / NOT_FOUND /
+  RESOURCE_EXHAUSTED / UNAVAILABLE. A bad request never stops the server.
+* REST on Starlette + uvicorn (asyncio, the stack of :mod:`covid_keras.web`): a connection
+  costs a socket, not a thread, so slow or idle clients cannot hold the server; request
+  headers and bodies must arrive within ``--rest_api_timeout_in_ms``. Inference (JSON
+  decoding included) runs in one pool of ``--rest_api_num_threads`` workers shared with
+  gRPC, at most ``--max_queue`` requests waiting (then 503 / UNAVAILABLE); a request whose
+  client has gone before its turn is not computed.
+* Binds ``--host`` (127.0.0.1 by default; TF Serving binds every interface) and logs no
+  request content. Access control: ``--allowed_hosts`` (the Host header; on a loopback
+  address, the loopback names by default, against DNS rebinding), a browser's cross-site
+  POST refused by its ``Origin``, and ``--auth_token_file`` (``Authorization: Bearer
+  <token>`` on REST, ``authorization`` metadata on gRPC). Binding any other address needs
+  both ``--allowed_hosts`` and ``--auth_token_file``; put TLS in front with a reverse proxy
+  (README).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ctypes
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import threading
-import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from absl import flags
@@ -49,6 +69,9 @@ from covid_keras import cli, files
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.serve")
 DEFAULT_SIGNATURE = "serving_default"
+MAX_INSTANCES = 1024
+MAX_IMAGE_PIXELS = 4096 * 4096  # serving_signatures.MAX_IMAGE_PIXELS (no TF import here)
+VERSION_HEADER = "X-Model-Version"
 
 
 def define_flags() -> None:
@@ -60,10 +83,26 @@ def define_flags() -> None:
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every interface).")
     flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between polls of "
                          "--model_base_path for new versions (0: once at start).")
-    flags.DEFINE_integer("rest_api_num_threads", 8, "Requests served at once (REST and "
-                         "gRPC each).")
+    flags.DEFINE_integer("rest_api_num_threads", 8, "Requests computed at once (the "
+                         "inference workers, shared by REST and gRPC).")
+    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "A REST request's header and its "
+                         "body must each arrive within this time (then 408 and the "
+                         "connection closes).")
     flags.DEFINE_float("max_request_mb", 64.0, "Largest request body (REST) or message "
                        "(gRPC) accepted, MiB.")
+    flags.DEFINE_integer("max_queue", 32, "Requests waiting for an inference worker at most "
+                         "(then HTTP 503 / gRPC UNAVAILABLE).")
+    flags.DEFINE_integer("max_instances", MAX_INSTANCES, "Instances (the batch) per request "
+                         "at most.")
+    flags.DEFINE_integer("max_image_pixels", MAX_IMAGE_PIXELS, "An encoded image (PNG / "
+                         "JPEG, e.g. predict_images) may have at most this many pixels, read "
+                         "from its header before it is decoded.")
+    flags.DEFINE_list("allowed_hosts", None, "Host header values accepted (names, optionally "
+                      "with :port; '*': any). Default on a loopback --host: localhost, "
+                      "127.0.0.1, ::1; required on any other.")
+    flags.DEFINE_string("auth_token_file", None, "A file holding a secret token: REST needs "
+                        "'Authorization: Bearer <token>', gRPC 'authorization' metadata of "
+                        "the same form. Required when --host is not a loopback address.")
 
 
 class ServingError(Exception):
@@ -83,9 +122,163 @@ def not_found(message: str) -> ServingError:
     return ServingError(404, "NOT_FOUND", message)
 
 
+def busy(message: str) -> ServingError:
+    return ServingError(503, "UNAVAILABLE", message)
+
+
+class ClientGone(Exception):
+    """The client closed its connection: nothing is computed or answered for it."""
+
+
+# ------------------------------------------------------------------ access control
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """A Host header (or an Origin's netloc) -> (lower-case name, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else None
+    if value.count(":") == 1:
+        name, port = value.split(":")
+        return name, port
+    return value, None
+
+
+def read_token(path: str) -> str:
+    """The secret in ``path`` (whitespace stripped); at least 16 characters."""
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"--auth_token_file {path}: the token must be one word of at least "
+                         "16 characters")
+    return token
+
+
+class Access:
+    """Who may talk to a server: the Host header against ``allowed_hosts`` (None: any), the
+    bearer ``token`` (None: none needed), and a browser's ``Origin`` against the Host (a
+    cross-site POST; clients that are not browsers send no Origin)."""
+
+    def __init__(self, allowed_hosts=None, token: str | None = None):
+        hosts = [h.strip().lower() for h in (allowed_hosts or []) if h.strip()]
+        self.allowed = None if (allowed_hosts is None or "*" in hosts) else [
+            split_host(h) for h in hosts]
+        self.token = token
+
+    @classmethod
+    def for_binding(cls, host: str, allowed_hosts, token_file: str | None) -> "Access":
+        """The rules for a server on ``host``: on loopback the loopback names and no token
+        by default; anywhere else both flags are required."""
+        if not is_loopback(host) and (not allowed_hosts or not token_file):
+            raise ValueError(f"--host {host} is not a loopback address: give --allowed_hosts "
+                             "and --auth_token_file (and put TLS in front, see README)")
+        if allowed_hosts is None:
+            allowed_hosts = list(LOOPBACK_NAMES)
+        return cls(allowed_hosts, read_token(token_file) if token_file else None)
+
+    def host_ok(self, host_header: str | None) -> bool:
+        if self.allowed is None:
+            return True
+        if not host_header:
+            return False
+        name, port = split_host(host_header)
+        return any(name == n and (p is None or p == port) for n, p in self.allowed)
+
+    def token_ok(self, authorization: str | None) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, value = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode())
+
+    @staticmethod
+    def same_origin(origin: str | None, host_header: str | None,
+                    fetch_site: str | None = None) -> bool:
+        """A browser's request is same-origin: its Origin (when sent) names the Host, and
+        Sec-Fetch-Site (when sent) is not cross-site."""
+        if fetch_site and fetch_site.lower() not in ("same-origin", "none"):
+            return False
+        if origin is None:
+            return True
+        netloc = origin.split("://", 1)[-1].rstrip("/")
+        return bool(host_header) and split_host(netloc) == split_host(host_header)
+
+    def check(self, headers, post: bool) -> None:
+        """Raises ServingError (403 / 401) for a request these rules refuse."""
+        if not self.host_ok(headers.get("host")):
+            raise ServingError(403, "PERMISSION_DENIED", "Host not allowed (--allowed_hosts)")
+        if post and not self.same_origin(headers.get("origin"), headers.get("host"),
+                                         headers.get("sec-fetch-site")):
+            raise ServingError(403, "PERMISSION_DENIED", "cross-site request refused")
+        if not self.token_ok(headers.get("authorization")):
+            raise ServingError(401, "UNAUTHENTICATED", "a valid bearer token is required "
+                                                       "(--auth_token_file)")
+
+
+# ------------------------------------------------------------------ the inference pool
+def release_memory() -> None:
+    """Gives freed heap pages back to the system (glibc keeps them after a large request,
+    so RSS would stay at its peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class InferencePool:
+    """``workers`` threads and at most ``queue`` requests waiting for them; a request over
+    that is refused (503 / UNAVAILABLE) at once instead of waiting without bound."""
+
+    def __init__(self, workers: int, queue: int):
+        self.capacity = max(1, workers) + max(0, queue)
+        self._executor = futures.ThreadPoolExecutor(max(1, workers),
+                                                    thread_name_prefix="inference")
+        self._lock = threading.Lock()
+        self.pending = 0
+
+    def submit(self, fn, *args, alive=None) -> futures.Future:
+        """``fn(*args)`` in a worker; ``alive()`` (when given) is asked when its turn comes:
+        False (the client has gone) and nothing is computed (ClientGone)."""
+        with self._lock:
+            if self.pending >= self.capacity:
+                raise busy(f"{self.pending} requests are being served or waiting: try again "
+                           "later")
+            self.pending += 1
+
+        def job():
+            if alive is not None and not alive():
+                raise ClientGone()
+            return fn(*args)
+
+        fut = self._executor.submit(job)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ------------------------------------------------------------------ models
 class Servable:
     """One loaded version: its signatures (callable) and their SignatureDefs (protos)."""
+
+    max_instances = MAX_INSTANCES
+    max_image_pixels = MAX_IMAGE_PIXELS
 
     def __init__(self, name: str, version: int, path: str):
         import tensorflow as tf
@@ -124,18 +317,24 @@ class Servable:
         tensors = {}
         for key, spec in specs.items():
             value = inputs[key]
+            check_instances(key, value, self.max_instances)
             try:
                 if spec.dtype == tf.string:
                     arr = np.asarray(value, dtype=object)
                     if arr.size and not all(isinstance(v, bytes) for v in arr.flat):
                         raise TypeError("string input holds non-bytes values")
+                    check_images(key, arr, self.max_image_pixels)
                     t = tf.constant(arr, tf.string) if arr.size else tf.zeros(arr.shape,
                                                                               tf.string)
                 else:
                     arr = np.asarray(value)
                     if arr.dtype == object or arr.dtype.kind in "SUV":
                         raise TypeError(f"{arr.dtype} values")
-                    t = tf.constant(arr.astype(spec.dtype.as_numpy_dtype))
+                    arr = arr.astype(spec.dtype.as_numpy_dtype, copy=False)
+                    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                        raise bad_request(f"input {key!r}: NaN and infinite values are not "
+                                          "accepted")
+                    t = tf.constant(arr)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise bad_request(f"input {key!r}: expected {spec.dtype.name} "
                                   f"{spec.shape}: {exc}") from None
@@ -158,6 +357,31 @@ class Servable:
         return out
 
 
+def check_instances(key: str, value, limit: int | None) -> None:
+    n = len(value) if isinstance(value, list) else (
+        int(np.shape(value)[0]) if np.ndim(value) else 0)
+    if limit is not None and n > limit:
+        raise bad_request(f"input {key!r} holds {n} instances; at most {limit} per request "
+                          "(--max_instances)")
+
+
+def check_images(key: str, arr: np.ndarray, max_pixels: int | None) -> None:
+    """Encoded PNG / JPEG values: their size from the header, refused over ``max_pixels``
+    before anything decodes them; a PNG or JPEG whose header cannot be read is refused."""
+    if not max_pixels or not key.endswith("_bytes"):
+        return
+    from covid_keras.serving_signatures import image_header_size
+
+    for i, v in enumerate(arr.flat):
+        try:
+            size = image_header_size(v)
+        except ValueError as exc:
+            raise bad_request(f"input {key!r}[{i}]: {exc}") from None
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise bad_request(f"input {key!r}[{i}]: an image of {size[1]} x {size[0]} "
+                              f"pixels; at most {max_pixels} pixels (--max_image_pixels)")
+
+
 def clean_tf_error(message: str) -> str:
     """A TensorFlow error without its graph noise (node names, stack notes, op names)."""
     msg = " ".join(message.split())
@@ -171,8 +395,10 @@ def clean_tf_error(message: str) -> str:
 class ModelManager:
     """The versions under ``base_path``; serves the highest, loads new ones as they appear."""
 
-    def __init__(self, name: str, base_path: str, poll_s: float):
+    def __init__(self, name: str, base_path: str, poll_s: float,
+                 max_instances: int = MAX_INSTANCES, max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.name, self.base_path, self.poll_s = name, base_path, poll_s
+        self.max_instances, self.max_image_pixels = max_instances, max_image_pixels
         self.current: Servable | None = None
         self.states: dict[int, str] = {}
         self.errors: dict[int, str] = {}
@@ -181,31 +407,51 @@ class ModelManager:
         self._thread: threading.Thread | None = None
 
     def poll(self) -> None:
+        """TF Serving's "latest" policy: serve the highest version that loads. A version
+        that fails to load is tried again at the next poll (it may still be being copied);
+        when the served version's folder is gone, the highest remaining one is served
+        (none left: nothing is served, 404)."""
         from covid_keras.export import versions
 
         found = versions(self.base_path)
-        if not found:
-            return
-        latest = found[-1]
-        if self.current is not None and self.current.version == latest:
-            return
-        if latest in self.errors:
-            return  # a version that failed to load is not retried (TF Serving's behaviour)
-        self.states[latest] = "LOADING"
+        with self._lock:
+            current = self.current
+        for v in sorted(found, reverse=True):
+            if current is not None and v == current.version:
+                return
+            if self._load(v):
+                return
+        if current is not None and current.version not in found:
+            with self._lock:
+                if self.current is current:
+                    self.current = None
+                self.states[current.version] = "END"
+            log.warning("%s version %d was removed: no version left to serve", self.name,
+                        current.version)
+
+    def _load(self, version: int) -> bool:
+        self.states[version] = "LOADING"
         try:
-            servable = Servable(self.name, latest, os.path.join(self.base_path, str(latest)))
+            servable = Servable(self.name, version,
+                                os.path.join(self.base_path, str(version)))
         except Exception as exc:  # noqa: BLE001 - a broken version must not stop serving
-            self.errors[latest] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-            self.states[latest] = "END"
-            log.error("%s version %d failed to load: %s", self.name, latest,
-                      self.errors[latest])
-            return
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            if self.errors.get(version) != error:  # logged once, retried at every poll
+                log.error("%s version %d failed to load (retried at the next poll): %s",
+                          self.name, version, error)
+            self.errors[version] = error
+            self.states[version] = "END"
+            return False
+        servable.max_instances = self.max_instances
+        servable.max_image_pixels = self.max_image_pixels
         with self._lock:
             old, self.current = self.current, servable
-            self.states[latest] = "AVAILABLE"
-            if old is not None:
+            self.states[version] = "AVAILABLE"
+            self.errors.pop(version, None)
+            if old is not None and old.version != version:
                 self.states[old.version] = "END"
-        log.info("serving %s version %d", self.name, latest)
+        log.info("serving %s version %d", self.name, version)
+        return True
 
     def start(self) -> None:
         self.poll()
@@ -308,10 +554,51 @@ def _array(value, key: str) -> np.ndarray:
     return arr
 
 
-def parse_predict_body(body: dict, input_names: list[str]) -> tuple[dict, bool]:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not accepted (NaN and infinities are refused)")
+
+
+def loads(raw: bytes):
+    """JSON request bytes -> Python values (orjson when installed: a C parser, several times
+    faster than json); NaN, Infinity, numbers that overflow to infinity and nesting past
+    orjson's 1024 levels are refused, as malformed JSON is (400)."""
+    try:
+        if _orjson is not None:
+            try:
+                return _orjson.loads(raw)
+            except _orjson.JSONDecodeError as exc:
+                raise bad_request(f"JSON Parse error: {exc}") from None
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request("JSON Parse error: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"JSON Parse error: {exc}") from None
+
+
+def dumps(obj) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(files.strict(obj)) + b"\n"
+    return files.dumps(obj, indent=None).encode("utf-8")
+
+
+try:
+    import orjson as _orjson
+except ImportError:  # the [serving] extra installs it; json is the fallback
+    _orjson = None
+
+
+def parse_predict_body(body: dict, input_names: list[str],
+                       max_instances: int | None = None) -> tuple[dict, bool]:
     """A TF Serving REST predict body -> (inputs, row_format). Row: ``{"instances": [...]}``
     (one value per instance, or an object per instance when there are several inputs);
-    columnar: ``{"inputs": value | {name: value}}``."""
+    columnar: ``{"inputs": value | {name: value}}``. More than ``max_instances`` instances
+    are refused before any value is converted."""
+    if max_instances is not None and isinstance(body, dict):
+        cols = body.get("inputs")
+        named = list(cols.items()) if isinstance(cols, dict) else [("inputs", cols)]
+        for key, value in [("instances", body.get("instances"))] + named:
+            if isinstance(value, list):
+                check_instances(key, value, max_instances)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     has_rows, has_cols = "instances" in body, "inputs" in body
@@ -393,90 +680,243 @@ _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+
                    r"(?::(?P<verb>[a-z]+)|/(?P<meta>metadata))?/?$")
 
 
-def make_rest_server(manager: ModelManager, host: str, port: int, max_bytes: int,
-                     threads: int) -> ThreadingHTTPServer:
-    slots = threading.BoundedSemaphore(max(1, threads))
+def predict_job(servable: Servable, raw: bytes, max_instances: int | None) -> bytes:
+    """One REST predict, from the body's bytes to the answer's (in an inference worker:
+    JSON decoding is CPU work that must not stall the event loop). After a large request
+    the freed heap is given back, so RSS returns to its level before it."""
+    size = len(raw)
+    try:
+        return _predict(servable, raw, max_instances)
+    finally:
+        if size > 1 << 20:
+            release_memory()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "covid_keras.serve"
 
-        def log_message(self, fmt, *args):  # method, path and status only, at debug
-            log.debug("%s %s", self.command, self.path.split("?")[0][:200])
+def _predict(servable: Servable, raw: bytes, max_instances: int | None) -> bytes:
+    body = loads(raw)
+    sig = body.get("signature_name", "") if isinstance(body, dict) else ""
+    if not isinstance(sig, str):
+        raise bad_request("signature_name must be a string")
+    inputs, rows = parse_predict_body(body, sorted(servable.input_specs(sig)), max_instances)
+    del body
+    return dumps(format_predict_response(servable.run(sig, inputs), rows))
 
-        def _send(self, status: int, obj: dict) -> None:
-            body = files.dumps(obj, indent=None).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def _route(self):
-            m = _PATH.match(self.path.split("?")[0])
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer_unless_gone(fut: futures.Future, receive, gone: threading.Event):
+    """The worker's result, or ClientGone as soon as the client disconnects (its job is
+    then cancelled if it has not started: nothing is computed for it)."""
+    work = asyncio.wrap_future(fut)
+    watch = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work in done:
+        return work.result()
+    gone.set()
+    fut.cancel()
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())
+    raise ClientGone()
+
+
+class RestApp:
+    """TF Serving's REST API as an ASGI app (Starlette requests and responses)."""
+
+    def __init__(self, manager: ModelManager, pool: InferencePool, max_bytes: int,
+                 timeout_s: float, access: Access | None = None):
+        self.manager, self.pool, self.max_bytes = manager, pool, max_bytes
+        self.timeout_s = timeout_s
+        self.access = access or Access()
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.requests import Request
+
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.handle(request, receive)
+        except ClientGone:
+            return
+        await response(scope, receive, send)
+
+    @staticmethod
+    def json(status: int, obj: dict | bytes, headers: dict | None = None):
+        from starlette.responses import Response
+
+        body = obj if isinstance(obj, bytes) else dumps(obj)
+        return Response(body, status, headers=headers, media_type="application/json")
+
+    async def handle(self, request, receive):
+        from starlette.requests import ClientDisconnect
+
+        method = request.method
+        close = {"Connection": "close"}
+        try:
+            self.access.check(request.headers, post=method not in ("GET", "HEAD"))
+            path = request.url.path
+            m = _PATH.match(path)
             if not m:
-                raise not_found(f"Malformed request: {self.command} "
-                                f"{self.path.split('?')[0][:200]}")
+                raise not_found(f"Malformed request: {method} {path[:200]}")
+            name, verb, meta = m["name"], m["verb"], m["meta"]
             version = int(m["version"]) if m["version"] else None
-            return m["name"], version, m["verb"], m["meta"]
-
-        def _guard(self, fn) -> None:
-            try:
-                with slots:
-                    fn()
-            except ServingError as err:
-                self._send(err.http, {"error": str(err)})
-            except Exception as exc:  # noqa: BLE001 - one bad request never stops serving
-                log.error("internal error: %s", type(exc).__name__)
-                self._send(500, {"error": f"internal error ({type(exc).__name__})"})
-
-        def do_GET(self):
-            def go():
-                name, version, verb, meta = self._route()
+            if method == "GET":
                 if verb:
                     raise ServingError(405, "UNIMPLEMENTED", f"GET cannot :{verb}")
                 if meta:
-                    self._send(200, metadata_json(manager.get(name, version)))
-                else:
-                    self._send(200, {"model_version_status": manager.status(name, version)})
-            self._guard(go)
+                    servable = self.manager.get(name, version)
+                    return self.json(200, metadata_json(servable),
+                                     {VERSION_HEADER: str(servable.version)})
+                return self.json(200, {"model_version_status": self.manager.status(name,
+                                                                                   version)})
+            if method != "POST":
+                raise ServingError(405, "UNIMPLEMENTED", f"{method[:10]} is not served")
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return self.json(411, {"error": "Content-Length required"}, close)
+            if int(length) > self.max_bytes:
+                return self.json(413, {"error": f"request body of {int(length)} bytes exceeds "
+                                                f"--max_request_mb ({self.max_bytes} bytes)"},
+                                 close)
+            raw = bytearray()
+            try:
+                with _deadline(self.timeout_s):
+                    async for chunk in request.stream():
+                        raw += chunk
+            except TimeoutError:
+                return self.json(408, {"error": f"the request body did not arrive within "
+                                                f"{self.timeout_s:g} s"}, close)
+            except ClientDisconnect:
+                raise ClientGone() from None
+            if verb != "predict" or meta:
+                raise not_found(f"Malformed request: POST {path[:200]} (only :predict is "
+                                "served)")
+            servable = self.manager.get(name, version)
+            gone = threading.Event()
+            fut = self.pool.submit(predict_job, servable, bytes(raw),
+                                   self.manager.max_instances, alive=lambda: not gone.is_set())
+            del raw
+            body = await answer_unless_gone(fut, receive, gone)
+            return self.json(200, body, {VERSION_HEADER: str(servable.version)})
+        except ServingError as err:
+            headers = {"WWW-Authenticate": "Bearer"} if err.http == 401 else None
+            return self.json(err.http, {"error": str(err)}, headers)
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad request never stops serving
+            log.error("internal error: %s", type(exc).__name__)
+            return self.json(500, {"error": f"internal error ({type(exc).__name__})"})
 
-        def do_POST(self):
-            def go():
-                name, version, verb, meta = self._route()
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    self.close_connection = True
-                    raise ServingError(411, "INVALID_ARGUMENT", "Content-Length required")
-                if int(length) > max_bytes:
-                    self.close_connection = True
-                    raise ServingError(413, "RESOURCE_EXHAUSTED",
-                                       f"request body of {int(length)} bytes exceeds "
-                                       f"--max_request_mb ({max_bytes} bytes)")
-                raw = self.rfile.read(int(length))
-                if verb != "predict" or meta:
-                    raise not_found(f"Malformed request: POST {self.path[:200]} (only "
-                                    ":predict is served)")
-                servable = manager.get(name, version)
-                try:
-                    body = json.loads(raw)
-                except (ValueError, UnicodeDecodeError) as exc:
-                    raise bad_request(f"JSON Parse error: {exc}") from None
-                sig = body.get("signature_name", "") if isinstance(body, dict) else ""
-                if not isinstance(sig, str):
-                    raise bad_request("signature_name must be a string")
-                inputs, rows = parse_predict_body(body, sorted(servable.input_specs(sig)))
-                self._send(200, format_predict_response(servable.run(sig, inputs), rows))
-            self._guard(go)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+class _deadline:
+    """``with _deadline(s):`` in a coroutine: TimeoutError when it takes longer."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import anyio
+
+        self._scope = anyio.fail_after(self.seconds)
+        return self._scope.__enter__()
+
+    def __exit__(self, *exc):
+        return self._scope.__exit__(*exc)
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a header deadline: a connection that has not sent a
+    whole request header within ``timeout_s`` of connecting (or of its last answer) is
+    closed, so a client dribbling a header holds a socket for a while, never a thread."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_expired)
+
+        def _header_expired(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.listen(1024)
+    return sock
+
+
+class RestServer:
+    """The REST app on uvicorn in a thread of its own (its event loop)."""
+
+    def __init__(self, app, host: str, port: int, timeout_s: float):
+        import uvicorn
+
+        self.sock = listen(host, port)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, access_log=False, log_level="warning",
+                                server_header=False, lifespan="off", ws="none",
+                                http=header_timeout_protocol(timeout_s),
+                                timeout_keep_alive=max(1, min(5, int(timeout_s))),
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, name="rest",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def make_rest_server(manager: ModelManager, host: str, port: int, max_bytes: int,
+                     threads: int, timeout_s: float = 30.0, queue: int = 32,
+                     access: Access | None = None, pool: InferencePool | None = None
+                     ) -> RestServer:
+    pool = pool or InferencePool(threads, queue)
+    return RestServer(RestApp(manager, pool, max_bytes, timeout_s, access), host, port,
+                      timeout_s)
 
 
 # ------------------------------------------------------------------ gRPC
 def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int,
-                     threads: int):
+                     threads: int, queue: int = 32, access: Access | None = None,
+                     pool: InferencePool | None = None):
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import (
@@ -494,9 +934,16 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
             raise not_found(f"version labels are not served (label {spec.version_label!r})")
         return None
 
+    pool = pool or InferencePool(threads, queue)
+    access = access or Access()
+
     def guarded(fn):
         def call(self, request, context):
             try:
+                if not access.token_ok(dict(context.invocation_metadata()).get(
+                        "authorization")):
+                    raise ServingError(401, "UNAUTHENTICATED", "a valid bearer token is "
+                                       "required in the 'authorization' metadata")
                 return fn(self, request, context)
             except ServingError as err:
                 context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
@@ -517,7 +964,13 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
             except (TypeError, ValueError) as exc:
                 raise bad_request(f"malformed TensorProto: {exc}") from None
             sig = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            out = servable.run(sig, inputs, list(request.output_filter))
+            fut = pool.submit(servable.run, sig, inputs, list(request.output_filter),
+                              alive=context.is_active)
+            del inputs
+            try:
+                out = fut.result()
+            except ClientGone:
+                context.abort(grpc.StatusCode.CANCELLED, "the client has gone")
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = servable.name
             resp.model_spec.version.value = servable.version
@@ -556,7 +1009,8 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
             return resp
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(1, threads)),
+        futures.ThreadPoolExecutor(max_workers=pool.capacity, thread_name_prefix="grpc"),
+        maximum_concurrent_rpcs=pool.capacity,
         options=[("grpc.max_receive_message_length", max_bytes),
                  ("grpc.max_send_message_length", max(max_bytes, 64 << 20))])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), server)
@@ -575,40 +1029,47 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f"--model_base_path {base} is not a folder")
     if not FLAGS.port and not FLAGS.rest_api_port:
         raise ValueError("--port and --rest_api_port are both 0: nothing to serve")
+    access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
     max_bytes = int(FLAGS.max_request_mb * 1024 * 1024)
-    manager = ModelManager(FLAGS.model_name, base, FLAGS.file_system_poll_wait_seconds)
+    timeout_s = max(0.001, FLAGS.rest_api_timeout_in_ms / 1000.0)
+    manager = ModelManager(FLAGS.model_name, base, FLAGS.file_system_poll_wait_seconds,
+                           FLAGS.max_instances, FLAGS.max_image_pixels)
     manager.start()
     if manager.current is None:
         log.warning("no version of %s under %s yet: waiting for one", FLAGS.model_name, base)
+    pool = InferencePool(FLAGS.rest_api_num_threads, FLAGS.max_queue)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     rest = grpc_server = None
     where = []
-    if FLAGS.rest_api_port:
-        rest = make_rest_server(manager, FLAGS.host, FLAGS.rest_api_port, max_bytes,
-                                FLAGS.rest_api_num_threads)
-        threading.Thread(target=rest.serve_forever, name="rest", daemon=True).start()
-        where.append(f"REST http://{FLAGS.host}:{rest.server_address[1]}")
-    if FLAGS.port:
-        grpc_server, bound = make_grpc_server(manager, FLAGS.host, FLAGS.port, max_bytes,
-                                              FLAGS.rest_api_num_threads)
-        grpc_server.start()
-        where.append(f"gRPC {FLAGS.host}:{bound}")
-    version = manager.current.version if manager.current else None
-    print(f"serving {FLAGS.model_name} (version {version}) on {', '.join(where)}",
-          flush=True)
     try:
+        if FLAGS.rest_api_port:
+            rest = make_rest_server(manager, FLAGS.host, FLAGS.rest_api_port, max_bytes,
+                                    FLAGS.rest_api_num_threads, timeout_s, FLAGS.max_queue,
+                                    access, pool)
+            rest.start()
+            where.append(f"REST http://{FLAGS.host}:{rest.port}")
+        if FLAGS.port:
+            grpc_server, bound = make_grpc_server(manager, FLAGS.host, FLAGS.port, max_bytes,
+                                                  FLAGS.rest_api_num_threads, FLAGS.max_queue,
+                                                  access, pool)
+            grpc_server.start()
+            where.append(f"gRPC {FLAGS.host}:{bound}")
+        version = manager.current.version if manager.current else None
+        print(f"serving {FLAGS.model_name} (version {version}) on {', '.join(where)}",
+              flush=True)
         while not stop.wait(0.5):
-            pass
+            if rest is not None and not rest.thread.is_alive():
+                raise OSError("the REST server stopped")
     except KeyboardInterrupt:
         pass
     finally:
         manager.stop()
         if rest is not None:
-            rest.shutdown()
+            rest.stop()
         if grpc_server is not None:
             grpc_server.stop(grace=2).wait()
-        time.sleep(0)
+        pool.shutdown()
     return 0
 
 

@@ -39,6 +39,12 @@ black (a prepared slice's background outside the lung) and resizes it to S with 
 interpolation rule (area when shrinking, linear when enlarging, rounded to uint8). A model
 trained on 3 windows keeps the image's 3 channels instead of greying it.
 
+An encoded image's size is read from its header (PNG's IHDR, JPEG's frame header) before it
+is decoded, and an image of more than :data:`MAX_IMAGE_PIXELS` pixels is refused (an image
+bomb: a small PNG of 20000 x 20000 pixels would otherwise take gigabytes to decode);
+:func:`image_header_size` is the same reading in Python, for a server to refuse it before
+the bytes reach the model.
+
 ``predict_study`` aggregates with the decision stored with the run (decision.json: ``mean``
 or ``any`` rule, the positive class's threshold, the normal class;
 :func:`covid_keras.evaluation.aggregate` / :func:`covid_keras.evaluation.patient_decisions`
@@ -54,6 +60,8 @@ names (:func:`covid_keras.evaluation.normal_class_of`).
 """
 
 from __future__ import annotations
+
+import struct
 
 import tensorflow as tf
 
@@ -74,6 +82,62 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # (R*9798 + G*19235 + B*3735 + 2**14) >> 15.
 _GREY_WEIGHTS = (9798, 19235, 3735)
 _GREY_SHIFT = 15
+# An encoded slice image may have at most this many pixels (its header is read first): a
+# CT slice is 512 x 512; a 16-bit RGBA image this large decodes to 128 MiB.
+MAX_IMAGE_PIXELS = 4096 * 4096
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of PNG or JPEG bytes from their header alone (nothing is decoded);
+    None for bytes that are neither; ValueError for a PNG / JPEG whose header is not
+    readable."""
+    if data.startswith(PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("a PNG without a readable IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return height, width
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    raise ValueError("a JPEG without a readable frame header")
+
+
+def _pixel_check(height, width, max_pixels: int):
+    pixels = tf.cast(height, tf.float64) * tf.cast(width, tf.float64)
+    return tf.debugging.Assert(pixels <= float(max_pixels), [
+        f"image_bytes: an image of more than {max_pixels} pixels (by its header) is refused"])
+
+
+def _png_size(encoded):
+    """(height, width) int64 from a PNG's IHDR (the bytes after the signature)."""
+    raw = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 12, 12),
+                                             b"\0" * 12]), 0, 12)
+    b = tf.cast(tf.io.decode_raw(raw, tf.uint8), tf.int64)
+    ok = tf.Assert(tf.equal(tf.strings.substr(raw, 0, 4), b"IHDR"),
+                   ["image_bytes: a PNG without a readable IHDR header"])
+    with tf.control_dependencies([ok]):
+        width = b[4] * (1 << 24) + b[5] * (1 << 16) + b[6] * (1 << 8) + b[7]
+        height = b[8] * (1 << 24) + b[9] * (1 << 16) + b[10] * (1 << 8) + b[11]
+    return height, width
 
 
 # ------------------------------------------------------------------ image decoding
@@ -91,9 +155,10 @@ def _composite(rgb, alpha):
     return tf.cast(tf.math.rint(tf.cast(rgb, tf.float32) * a), tf.uint8)
 
 
-def decode_u8(encoded):
+def decode_u8(encoded, max_pixels: int = MAX_IMAGE_PIXELS):
     """PNG / JPEG bytes -> (H, W, C) uint8, C in 1..4, as OpenCV decodes for data_prep
-    (16-bit PNG: rint(x / 257); JPEG with the accurate integer DCT)."""
+    (16-bit PNG: rint(x / 257); JPEG with the accurate integer DCT). An image of more than
+    ``max_pixels`` pixels by its header is refused before it is decoded."""
     head8 = tf.strings.substr(encoded, 0, 8)
     head3 = tf.strings.substr(encoded, 0, 3)
     is_png = tf.equal(head8, PNG_MAGIC)
@@ -102,11 +167,14 @@ def decode_u8(encoded):
                                 ["image_bytes: not a PNG or JPEG image"])
 
     def png():
-        x = tf.io.decode_png(encoded, channels=0, dtype=tf.uint16)  # 8-bit: x * 257
+        with tf.control_dependencies([_pixel_check(*_png_size(encoded), max_pixels)]):
+            x = tf.io.decode_png(encoded, channels=0, dtype=tf.uint16)  # 8-bit: x * 257
         return tf.cast(tf.math.rint(tf.cast(x, tf.float32) / 257.0), tf.uint8)
 
     def jpeg():
-        return tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE")
+        shape = tf.io.extract_jpeg_shape(encoded)  # the frame header only
+        with tf.control_dependencies([_pixel_check(shape[0], shape[1], max_pixels)]):
+            return tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE")
 
     with tf.control_dependencies([check]):
         return tf.cond(is_png, png, jpeg)

@@ -1,0 +1,378 @@
+"""covid_keras.serve under attack (issue 29), one test per reproduction: slow clients do not
+stop inference (and cost no thread), image bombs are refused from their header, batches
+over --max_instances, NaN / Infinity and deep nesting are 400, a half-copied version is
+retried and a removed version falls back, every answer names its version, the bearer
+token, the Host check and cross-site POSTs. Each fails on the http.server code."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.export_helpers import make_run, quiet_env
+
+pytestmark = pytest.mark.slow  # an export and a server process
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid grey PNG of width x height zero pixels, a few hundred KB at most."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    comp = zlib.compressobj(9)
+    row = b"\0" * (width + 1)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
+                                                              0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def export_base(tmp_path_factory):
+    from covid_keras import export
+
+    root = tmp_path_factory.mktemp("attack")
+    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
+                                             "positive_class": "covid"})
+    model, info, decision = export.load_run(str(run))
+    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    return root / "exports" / "drenet"
+
+
+@pytest.fixture(scope="module")
+def server(export_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("attack_server")
+    (root / "token").write_text(TOKEN + "\n")
+    rest, grpc_port = free_port(), free_port()
+    err = open(root / "serve.err", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covid_keras.serve", "--model_name=drenet",
+         f"--model_base_path={export_base}", f"--rest_api_port={rest}", f"--port={grpc_port}",
+         "--file_system_poll_wait_seconds=1", "--max_request_mb=8", "--max_instances=8",
+         "--rest_api_num_threads=2", "--rest_api_timeout_in_ms=3000",
+         f"--auth_token_file={root / 'token'}"],
+        cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    assert "serving drenet (version 1)" in line, (line, (root / "serve.err").read_text())
+    yield {"url": f"http://127.0.0.1:{rest}/v1/models/drenet", "port": rest,
+           "grpc": f"127.0.0.1:{grpc_port}", "proc": proc, "base": export_base}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    err.close()
+    assert "Traceback" not in (root / "serve.err").read_text()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _images(n=2):
+    grey = np.random.default_rng(0).integers(0, 256, (n, SIZE, SIZE, 1))
+    return np.repeat(grey, 3, -1).astype(np.float32)
+
+
+def _slow_loris(port: int, n: int) -> list[socket.socket]:
+    """n connections that send a predict header announcing 1000 bytes and then one."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/models/drenet:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        socks.append(s)
+    return socks
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_slow_clients_do_not_stop_inference_and_cost_no_thread(server):
+    """Reproduction 1: 8 slow-loris connections held every REST slot of http.server, so a
+    concurrent status and predict hung; 200 idle sockets made 200 threads."""
+    import requests
+
+    socks = _slow_loris(server["port"], 8)
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        status = requests.get(server["url"], headers=AUTH, timeout=10)
+        assert status.status_code == 200
+        x = _images(1).tolist()
+        resp = requests.post(server["url"] + ":predict", json={"instances": x},
+                             headers=AUTH, timeout=10)
+        assert resp.status_code == 200, resp.text[:300]
+        assert resp.headers["X-Model-Version"] == "1"
+        assert time.monotonic() - t0 < 10
+    finally:
+        for s in socks:
+            s.close()
+    before = _threads(server["proc"].pid)
+    idle = [socket.create_connection(("127.0.0.1", server["port"]), timeout=10)
+            for _ in range(200)]
+    try:
+        time.sleep(0.5)
+        assert _threads(server["proc"].pid) <= before + 2
+        assert requests.get(server["url"], headers=AUTH, timeout=10).status_code == 200
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_slow_bodies_and_headers_time_out(server):
+    """A body that does not arrive within --rest_api_timeout_in_ms (3 s) is answered 408
+    and the connection closed; a header dribbled byte by byte is closed too."""
+    (body,) = _slow_loris(server["port"], 1)
+    header = socket.create_connection(("127.0.0.1", server["port"]), timeout=10)
+    header.sendall(b"GET /v1/models/drenet HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        t0 = time.monotonic()
+        answer = body.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.monotonic() - t0 < 8
+        header.settimeout(8)
+        assert header.recv(4096) == b""  # closed without an answer
+    finally:
+        body.close()
+        header.close()
+
+
+def test_image_bombs_are_refused_from_the_header(server):
+    """Reproduction 2: a small PNG of 20000 x 20000 pixels cost +2.8 GB per request."""
+    import requests
+
+    png = bomb_png(20000, 20000)
+    assert len(png) < 1 << 20
+    rss = _rss(server["proc"].pid)
+    resp = requests.post(server["url"] + ":predict", headers=AUTH, timeout=30, json={
+        "signature_name": "predict_images", "instances": [{"b64": base64.b64encode(
+            png).decode()}]})
+    assert resp.status_code == 400 and "pixels" in resp.json()["error"], resp.text[:300]
+    assert _rss(server["proc"].pid) < rss + (200 << 20)
+    truncated = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHD"
+    resp = requests.post(server["url"] + ":predict", headers=AUTH, timeout=30, json={
+        "signature_name": "predict_images", "instances": [{"b64": base64.b64encode(
+            truncated).decode()}]})
+    assert resp.status_code == 400 and "IHDR" in resp.json()["error"]
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_the_signature_refuses_image_bombs_itself(export_base):
+    """The export's predict_images reads the size from the PNG / JPEG header and refuses a
+    bomb before decoding it (a server that does not check, e.g. TF Serving)."""
+    import cv2
+
+    from covid_keras import serve, serving_signatures
+
+    servable = serve.Servable("drenet", 1, str(export_base / "1"))
+    servable.max_image_pixels = None  # the server's own check off: the graph's answers
+    big = np.zeros((4100, 4100), np.uint8)
+    for ext in (".png", ".jpg"):
+        data = cv2.imencode(ext, big)[1].tobytes()
+        assert serving_signatures.image_header_size(data) == (4100, 4100)
+        with pytest.raises(serve.ServingError, match="pixels"):
+            servable.run("predict_images", {"image_bytes": np.array([data], dtype=object)})
+    ok = cv2.imencode(".jpg", np.full((80, 100), 128, np.uint8))[1].tobytes()
+    assert serving_signatures.image_header_size(ok) == (80, 100)
+    out = servable.run("predict_images", {"image_bytes": np.array([ok], dtype=object)})
+    assert out["probabilities"].shape == (1, 3)
+    assert serving_signatures.image_header_size(b"plain") is None
+    with pytest.raises(ValueError, match="JPEG"):
+        serving_signatures.image_header_size(b"\xff\xd8\xff\xd9")
+
+
+def test_batches_nan_infinity_and_nesting_are_400(server):
+    """Reproductions 3 and 10: a batch over --max_instances (8) is refused before it is
+    converted; NaN, Infinity, a number that overflows and JSON nested 100000 deep are 400
+    (the last was 500)."""
+    import requests
+
+    url = server["url"] + ":predict"
+    x = _images(1)[0].tolist()
+    resp = requests.post(url, json={"instances": [x] * 9}, headers=AUTH, timeout=30)
+    assert resp.status_code == 400 and "max_instances" in resp.json()["error"]
+    resp = requests.post(url, json={"inputs": {"images": [x] * 9}}, headers=AUTH, timeout=30)
+    assert resp.status_code == 400 and "max_instances" in resp.json()["error"]
+    for bad in ("NaN", "Infinity", "-Infinity", "1e999"):
+        body = '{"instances": [[[[%s, 0, 0]]]]}' % bad
+        resp = requests.post(url, data=body, headers=AUTH, timeout=30)
+        assert resp.status_code == 400, (bad, resp.status_code, resp.text[:200])
+    deep = b"[" * 100000 + b"]" * 100000
+    resp = requests.post(url, data=deep, headers=AUTH, timeout=30)
+    assert resp.status_code == 400, resp.text[:300]
+    assert requests.post(url, json={"instances": [x] * 8}, headers=AUTH,
+                         timeout=60).status_code == 200
+
+
+def test_access_control(server):
+    """Reproduction 8: no token, a foreign Host (DNS rebinding) and a cross-site text/plain
+    POST are refused, on REST and on gRPC."""
+    import grpc
+    import requests
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    url = server["url"]
+    body = json.dumps({"instances": _images(1).tolist()})
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": "Bearer wrong-token-xxxxxxxx"},
+                        timeout=10).status_code == 401
+    assert requests.get(url, headers={**AUTH, "Host": "evil.example:8501"},
+                        timeout=10).status_code == 403
+    cross = requests.post(url + ":predict", data=body, timeout=10, headers={
+        **AUTH, "Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert cross.status_code == 403
+    same = requests.post(url + ":predict", data=body, timeout=30, headers={
+        **AUTH, "Origin": f"http://127.0.0.1:{server['port']}"})
+    assert same.status_code == 200
+
+    channel = grpc.insecure_channel(server["grpc"])
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "drenet"
+    req.inputs["images"].CopyFrom(tf.make_tensor_proto(_images(1)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    resp = stub.Predict(req, timeout=60, metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert resp.model_spec.version.value == 1
+    channel.close()
+
+
+def test_binding_elsewhere_needs_access_control(export_base, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "covid_keras.serve", f"--model_base_path={export_base}",
+         "--host=0.0.0.0", f"--rest_api_port={free_port()}", "--port=0"],
+        cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--allowed_hosts" in done.stderr and "--auth_token_file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _status(server) -> list[dict]:
+    import requests
+
+    return requests.get(server["url"], headers=AUTH, timeout=10).json()[
+        "model_version_status"]
+
+
+def _wait(server, check, what: str, seconds: float = 60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        status = _status(server)
+        if check(status):
+            return status
+        time.sleep(0.3)
+    pytest.fail(f"{what}: {status}")
+
+
+def test_versions_retry_a_failed_load_and_fall_back_when_removed(server):
+    """Reproduction 5 (last test of the module: it changes the versions). A version copied
+    file by file (saved_model.pb first) failed once and answered 404 until a restart; a
+    removed version stayed live. Every answer names the version that answered."""
+    import requests
+
+    base = server["base"]
+    one = base / "1"
+    two = base / "2"
+    two.mkdir()
+    shutil.copy(one / "saved_model.pb", two / "saved_model.pb")  # the copy has begun
+    status = _wait(server, lambda s: s[0]["version"] == "2" and s[0]["state"] == "END"
+                   and s[0]["status"]["error_message"], "the half copy is not reported")
+    assert any(s["version"] == "1" and s["state"] == "AVAILABLE" for s in status)
+    x = _images(1).tolist()
+    resp = requests.post(server["url"] + ":predict", json={"instances": x}, headers=AUTH,
+                         timeout=60)
+    assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "1"
+    for item in one.iterdir():  # the copy completes
+        if item.name != "saved_model.pb":
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, two / item.name)
+    _wait(server, lambda s: s[0]["version"] == "2" and s[0]["state"] == "AVAILABLE",
+          "the completed version is not retried")
+    resp = requests.post(server["url"] + ":predict", json={"instances": x}, headers=AUTH,
+                         timeout=60)
+    assert resp.headers["X-Model-Version"] == "2"
+    meta = requests.get(server["url"] + "/metadata", headers=AUTH, timeout=10)
+    assert meta.headers["X-Model-Version"] == "2"
+    shutil.rmtree(two)  # the served version is removed: the highest remaining is served
+    _wait(server, lambda s: any(v["version"] == "1" and v["state"] == "AVAILABLE"
+                                for v in s), "version 1 is not served again")
+    resp = requests.post(server["url"] + ":predict", json={"instances": x}, headers=AUTH,
+                         timeout=60)
+    assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "1"
+    assert requests.post(server["url"] + "/versions/2:predict", json={"instances": x},
+                         headers=AUTH, timeout=60).status_code == 404
+    assert server["proc"].poll() is None
+
+
+def test_the_pool_is_bounded_and_skips_clients_that_have_gone():
+    """Inference runs in a bounded pool: over workers + queue is 503 at once; a request
+    whose client has gone before its turn is never computed (reproduction 4's server
+    side)."""
+    from covid_keras import serve
+
+    pool = serve.InferencePool(1, 1)
+    release = threading.Event()
+    ran = []
+    first = pool.submit(release.wait, 30)
+    second = pool.submit(ran.append, "computed", alive=lambda: False)
+    with pytest.raises(serve.ServingError) as err:
+        pool.submit(ran.append, "third")
+    assert err.value.http == 503 and err.value.grpc_code == "UNAVAILABLE"
+    release.set()
+    assert first.result(timeout=10) is True
+    with pytest.raises(serve.ClientGone):
+        second.result(timeout=10)
+    assert ran == []
+    assert pool.submit(ran.append, "later").result(timeout=10) is None and ran == ["later"]
+    pool.shutdown()
+
+
+def test_access_rules_unit():
+    from covid_keras import serve
+
+    loop = serve.Access.for_binding("127.0.0.1", None, None)
+    assert loop.host_ok("127.0.0.1:8501") and loop.host_ok("localhost")
+    assert loop.host_ok("[::1]:8501") and not loop.host_ok("evil.example")
+    assert loop.token_ok(None)
+    assert serve.Access.same_origin(None, "127.0.0.1:1")
+    assert serve.Access.same_origin("http://127.0.0.1:1", "127.0.0.1:1")
+    assert not serve.Access.same_origin("http://evil.example", "127.0.0.1:1")
+    assert not serve.Access.same_origin(None, "127.0.0.1:1", "cross-site")
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        serve.Access.for_binding("0.0.0.0", None, None)
+    anyhost = serve.Access(["*"])
+    assert anyhost.host_ok("anything")
