@@ -116,7 +116,10 @@ flags.DEFINE_enum("bn_stats", "moving", ["moving", "population"], "Batch-norm st
                   "ones with --ema_momentum, over the whole training split: unaugmented, "
                   "--batch_size batches in a fixed shuffled order; covid_keras.bn_stats; "
                   "one extra forward pass over the training split per epoch).")
-flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops.")
+flags.DEFINE_bool("deterministic", True, "Deterministic input order and TF ops: a rerun "
+                  "with the same flags and --seed repeats the run (on the demo, CPU: no "
+                  "measurable cost). --nodeterministic: faster where an op's deterministic "
+                  "kernel is slow; a GPU op without one is an error under it.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
 flags.DEFINE_string("val_split", "val", "Split that chooses the checkpoint.")
