@@ -1,5 +1,7 @@
 """Seeded synthetic chest CT phantom, written as real DICOM series.
 
+    python -m data_prep.phantom --output_dir=runs/demo/studies --patients_per_kind=10
+
 SYNTHETIC DATA -- NOT REAL PATIENTS. Every image this module produces is drawn from ellipses,
 arcs and Gaussian noise by a seeded random generator. No voxel comes from a real scan or a
 real person; names, ids, dates and UIDs are made up. The phantom exists so that tests,
@@ -1077,7 +1079,6 @@ def _define_flags() -> None:
     flags.DEFINE_enum("layout", "folders", ["folders", "manifest"],
                       "folders: <dir>/<kind>/<study>/; manifest: <dir>/studies/<study>/ plus "
                       "<dir>/manifest.csv.")
-    flags.mark_flag_as_required("output_dir")
 
 
 def _main(argv: list[str]) -> None:
@@ -1108,10 +1109,11 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    from absl import app
+    from covid_keras import cli
 
     _define_flags()
-    app.run(_main)
+    # cli.run: --help exits 0, a missing --output_dir is a one-line error
+    cli.run(_main, required=["output_dir"], program="data_prep.phantom")
 
 
 if __name__ == "__main__":

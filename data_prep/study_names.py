@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from data_prep import inputs, redact
 
@@ -34,8 +34,6 @@ def table(path: str, salt: bytes, columns: dict[str, str] | None = None,
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unknown arguments: {argv[1:]}")
     with open(FLAGS.salt_file, "rb") as f:
         salt = f.read().strip()
     for name, path in table(FLAGS.input, salt,
@@ -46,5 +44,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "salt_file"])
-    app.run(main)
+    from covid_keras import cli
+
+    # cli.run: --help exits 0, a missing flag or path is a one-line error
+    cli.run(main, required=["input", "salt_file"], program="data_prep.study_names")
