@@ -816,6 +816,13 @@ def _fmt_boxes(boxes, scores) -> str:
     return json.dumps(items)
 
 
+def _prob(p) -> str:
+    """A probability as its shortest exact text (``repr``): read back, it is the same
+    number, so saturated probabilities do not tie and an AUC recomputed from the CSV equals
+    metrics.json's (6 decimals made 0.99999991 and 0.99999997 both 1.000000)."""
+    return repr(float(p))
+
+
 def write_slices_csv(path: str, preds: Predictions) -> None:
     """patient_key, study_key, slice_index, label, prob_<class>..., boxes (JSON list of
     [y0, x0, y1, x1, score] in input pixels; empty for models without boxes)."""
@@ -830,7 +837,7 @@ def write_slices_csv(path: str, preds: Predictions) -> None:
         for i in range(len(preds)):
             w.writerow([preds.patient_keys[i], preds.study_keys[i], int(preds.slice_index[i]),
                         preds.classes[int(preds.labels[i])]] +
-                       [f"{p:.6f}" for p in preds.probs[i]] +
+                       [_prob(p) for p in preds.probs[i]] +
                        [_fmt_boxes(None if boxes is None else boxes[i],
                                    None if scores is None else scores[i])])
 
@@ -844,7 +851,7 @@ def write_patients_csv(path: str, pats: Patients, patient_pred, classes) -> None
         w.writerow(["patient_key", "label"] + [f"prob_{c}" for c in classes] + ["decision"])
         for i, key in enumerate(pats.keys):
             w.writerow([key, classes[int(pats.labels[i])]] +
-                       [f"{p:.6f}" for p in pats.probs[i]] + [classes[int(patient_pred[i])]])
+                       [_prob(p) for p in pats.probs[i]] + [classes[int(patient_pred[i])]])
 
 
 # ------------------------------------------------------------------ comparison tables

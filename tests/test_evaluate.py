@@ -489,6 +489,28 @@ def test_csv_files_have_the_contract_columns(tmp_path):
         assert row["decision"] == ("covid" if max(mine) >= 0.5 else "non_covid")
 
 
+def test_csv_probabilities_read_back_exactly_and_give_metrics_jsons_auc(tmp_path):
+    # two saturated patients: 6 decimals wrote both as 1.000000 (a tie: AUC 0.5, not 1.0)
+    covid = np.array([0.99999997, 0.99999991])
+    probs = np.stack([1.0 - covid, covid], axis=1)
+    preds = ev.Predictions(list(CLASSES), np.array([1, 0]), probs, ["a", "b"], ["sa", "sb"],
+                           np.zeros(2, int), ["default"] * 2, {}, "test", "")
+    r = ev.evaluate_predictions(preds, {"rule": "mean", "threshold": 0.5,
+                                        "positive_class": "covid", "split": "val"},
+                                n_bootstrap=0)
+    ev.write_slices_csv(str(tmp_path / "slices.csv"), preds)
+    ev.write_patients_csv(str(tmp_path / "patients.csv"), r["_patients"], r["_patient_pred"],
+                          CLASSES)
+    for name, want in (("slices.csv", probs[:, 1]), ("patients.csv", r["_patients"].probs[:, 1])):
+        rows = list(csv.DictReader(io.StringIO((tmp_path / name).read_text())))
+        got = np.array([float(row["prob_covid"]) for row in rows])
+        np.testing.assert_array_equal(got, want)  # exact, not approximately
+    pats = list(csv.DictReader(io.StringIO((tmp_path / "patients.csv").read_text())))
+    auc = skm.roc_auc_score([row["label"] == "covid" for row in pats],
+                            [float(row["prob_covid"]) for row in pats])
+    assert auc == r["patient"]["auc"]["value"] == 1.0
+
+
 def test_comparison_table_like_the_papers(tmp_path):
     rng = np.random.default_rng(11)
     d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
