@@ -158,6 +158,13 @@ def head_health(model: keras.Model, out: dict) -> dict:
     return result
 
 
+def tb_step(epoch: int) -> int:
+    """TensorBoard's step for Keras's 0-based ``epoch``: the epoch as the console,
+    best.keras.json and metrics.json number it (1 = the first), so the chart's step 18 is
+    the console's "epoch 18"."""
+    return int(epoch) + 1
+
+
 def _pr_curve_summary(name: str, labels: np.ndarray, scores: np.ndarray, step: int) -> None:
     from tensorboard.plugins.pr_curve import summary as pr_summary
 
@@ -211,14 +218,15 @@ class PatientValidation(keras.callbacks.Callback):
 
     def write_best(self, best: dict | None, epoch: int | None) -> None:
         """The chosen checkpoint's validation metrics as ``best/<metric>`` scalars (the
-        HParams dashboard's metrics), at its epoch."""
+        HParams dashboard's metrics), at its epoch (1-based, as best.keras.json's and
+        the console's, the step of every per-epoch scalar: :func:`tb_step`)."""
         if self.writer is None or not best or epoch is None:
             return
         with self.writer.as_default():
             for k in BEST_METRICS:
                 value = best.get(k)
                 if value is not None and value == value:
-                    tf.summary.scalar(f"best/{k}", float(value), step=int(epoch) - 1)
+                    tf.summary.scalar(f"best/{k}", float(value), step=int(epoch))
         self.writer.flush()
 
     def evaluate(self, model: keras.Model | None = None) -> tuple[dict, dict]:
@@ -245,11 +253,11 @@ class PatientValidation(keras.callbacks.Callback):
         pos = metrics.positive_index(self.classes)
         with self.writer.as_default():
             _pr_curve_summary("val/slice_pr_curve", self.evaluator.labels == pos,
-                              out["probs"][:, pos], epoch)
+                              out["probs"][:, pos], tb_step(epoch))
             p_probs, p_labels, _ = metrics.aggregate_by_patient(
                 out["probs"], self.evaluator.labels, self.evaluator.patient_keys)
             _pr_curve_summary("val/patient_pr_curve", p_labels == pos, p_probs[:, pos],
-                              epoch)
+                              tb_step(epoch))
             shown = self.evaluator.display_u8
             if shown is not None and len(shown):
                 idx = self.evaluator.display_index
@@ -264,7 +272,7 @@ class PatientValidation(keras.callbacks.Callback):
                     texts.append(f"{label}: p({label}) "
                                  f"{out['probs'][i, int(self.evaluator.labels[i])]:.2f}")
                 tf.summary.image("val/slices_with_top_k_boxes", caption(drawn, texts),
-                                 step=epoch, max_outputs=len(shown))
+                                 step=tb_step(epoch), max_outputs=len(shown))
         self.writer.flush()
 
 
@@ -417,7 +425,8 @@ def tensorboard_tag(key: str) -> tuple[str, str]:
 
 class GroupedTensorBoard(keras.callbacks.Callback):
     """Per-epoch scalars in grouped tags (:func:`tensorboard_tag`) and the learning rate
-    (``optimizer/learning_rate``): ``tensorboard/train`` and ``tensorboard/validation``.
+    (``optimizer/learning_rate``): ``tensorboard/train`` and ``tensorboard/validation``,
+    at the console's 1-based epoch (:func:`tb_step`).
     Put it after :class:`BestCheckpoint`, which adds the smoothed AUC to the logs."""
 
     def __init__(self, log_dir: str):
@@ -432,12 +441,12 @@ class GroupedTensorBoard(keras.callbacks.Callback):
                 continue
             run, tag = tensorboard_tag(key)
             with summary_writer(os.path.join(self.log_dir, run)).as_default():
-                tf.summary.scalar(tag, value, step=epoch)
+                tf.summary.scalar(tag, value, step=tb_step(epoch))
         opt = getattr(self.model, "optimizer", None)
         if opt is not None:
             lr = float(keras.ops.convert_to_numpy(opt.learning_rate))
             with summary_writer(os.path.join(self.log_dir, "train")).as_default():
-                tf.summary.scalar("optimizer/learning_rate", lr, step=epoch)
+                tf.summary.scalar("optimizer/learning_rate", lr, step=tb_step(epoch))
         for run in ("train", "validation"):
             summary_writer(os.path.join(self.log_dir, run)).flush()
 

@@ -188,3 +188,30 @@ def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["CoupledAdam", "0.0001"]
+
+
+def test_tensorboard_steps_are_the_consoles_epochs(tmp_path):
+    """The console's "epoch 18" (and best.keras.json's epoch 18) is TensorBoard's step 18,
+    for the per-epoch scalars and the chosen epoch's best/* alike."""
+    import glob
+
+    import tensorflow as tf
+
+    from covid_keras.callbacks import GroupedTensorBoard, PatientValidation, close_writers
+
+    tb = GroupedTensorBoard(str(tmp_path))
+    tb.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    for epoch in range(3):  # Keras's 0-based epochs: the console prints epoch 1, 2, 3
+        tb.on_epoch_end(epoch, {"loss": 1.0, "val_patient_auc": 0.5})
+    PatientValidation(None, ["normal", "covid"], str(tmp_path)).write_best(
+        {"patient_auc": 0.9}, 2)  # train.py: metrics.json's best_epoch (1-based)
+    close_writers()
+    steps: dict = {}
+    for path in glob.glob(str(tmp_path / "*" / "events.out.*")):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(int(event.step))
+    assert sorted(steps["loss/total"]) == [1, 2, 3]
+    assert sorted(steps["val/patient_auc"]) == [1, 2, 3]
+    assert steps["best/patient_auc"] == [2]
