@@ -30,7 +30,21 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   nothing is kept after the answer.
 * **Concurrency:** uploads are received and unpacked concurrently; predictions run one at a
   time (data_prep's capture of library warnings is process-wide, so two studies prepared at
-  once could swap their warnings), at most ``--max_queue`` waiting (then HTTP 503).
+  once could swap their warnings), at most ``--max_queue`` requests at once, receiving and
+  unpacking included (then HTTP 503). A request whose client has gone is not predicted.
+* **Disk:** per-request folders live in one folder the page owns (``--tmp_dir``, default
+  ``covid_keras_web-<uid>`` in the system's temporary folder, private); what a killed page
+  left there (uploaded DICOM, PHI) is removed at start. An upload's size and a zip's
+  declared expansion are reserved against ``--disk_budget_mb`` before a byte is written
+  (over it: 503); an entry that expands more than 200x is a bomb. A file that starts as
+  DICOM must have a file meta header that parses within its first 4 KB, checked as it
+  streams in (the rest is never received).
+* **Versions:** with ``--server``, ``prediction.json`` names the version that answered
+  (covid_keras.serve's ``X-Model-Version``), and the card follows it.
+* **Access:** ``--allowed_hosts`` (Host header; on a loopback ``--host`` the loopback names
+  by default), POSTs whose ``Origin`` is another site refused, ``--auth_token_file`` (a
+  bearer header, or ``/?token=<token>`` once: a same-site HttpOnly cookie); both flags are
+  required when binding any other address.
 """
 
 from __future__ import annotations
@@ -45,7 +59,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 from importlib import resources
@@ -93,7 +106,18 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_slices", 3, "Slices shown with boxes and Grad-CAM.")
     flags.DEFINE_string("salt_file", None, "Secret salt for predict's study and slice hashes "
                         "(default: random for each start of the server).")
-    flags.DEFINE_string("tmp_dir", None, "Where the per-request folders go (default: the "
+    flags.DEFINE_float("disk_budget_mb", 8192.0, "What every request at once may write to "
+                       "disk (uploads and unpacked zips, reserved before a byte is written; "
+                       "over it: 503).")
+    flags.DEFINE_list("allowed_hosts", None, "Host header values accepted ('*': any). Default "
+                      "on a loopback --host: localhost, 127.0.0.1, ::1; required on any other.")
+    flags.DEFINE_string("auth_token_file", None, "A file holding a secret token the page "
+                        "needs: 'Authorization: Bearer <token>', or open /?token=<token> once "
+                        "(a same-site cookie). Required when --host is not loopback.")
+    flags.DEFINE_string("tmp_dir", None, "The folder the page owns for its per-request "
+                        "folders; leftovers (a killed page's) are removed at start (default: "
+                        "covid_keras_web-<uid> in the system's temporary folder). Was: where "
+                        "the per-request folders go (default: the "
                         "system's temporary folder).")
     flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
 
@@ -106,6 +130,9 @@ class Limits:
     max_zip_bytes: int = 2 << 30
     max_zip_files: int = 20000
     max_queue: int = 32
+    disk_budget_bytes: int = 8 << 30
+    idle_timeout_s: float = 60.0
+    dicom_head_bytes: int = 4096
 
     def describe(self) -> str:
         return (f"at most {_mb(self.max_upload_bytes)} and {self.max_files} files per upload; "
@@ -138,6 +165,48 @@ def sniff(head: bytes) -> str | None:
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     return None
+
+
+# DICOM Part 10: a 128-byte preamble, "DICM", then the file meta group (0002,xxxx) in
+# explicit VR little endian, holding at least the transfer syntax (0002,0010).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+
+
+def dicom_meta_ok(head: bytes, complete: bool) -> bool | None:
+    """Whether ``head`` (a file's first bytes; ``complete``: the whole file) is a DICOM file
+    whose preamble and file meta header parse. None: not decided yet (more bytes needed)."""
+    if len(head) < 132:
+        return False if complete else None
+    if head[128:132] != b"DICM":
+        return False
+    i, seen_syntax = 132, False
+    while True:
+        if i + 8 > len(head):
+            return (seen_syntax or None) if not complete else seen_syntax
+        group = int.from_bytes(head[i:i + 2], "little")
+        if group != 2:
+            return seen_syntax
+        elem = int.from_bytes(head[i + 2:i + 4], "little")
+        vr = head[i + 4:i + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return False
+        if vr in _LONG_VRS:
+            if i + 12 > len(head):
+                return None if not complete else False
+            length, start = int.from_bytes(head[i + 8:i + 12], "little"), i + 12
+        else:
+            length, start = int.from_bytes(head[i + 6:i + 8], "little"), i + 8
+        if length > 1024:  # no file meta element is this long
+            return False
+        if elem == 0x0010:
+            if start + length > len(head):
+                return None if not complete else False
+            uid = head[start:start + length].rstrip(b"\0 ")
+            if not uid or not re.fullmatch(rb"[0-9.]+", uid):
+                return False
+            seen_syntax = True
+        i = start + length
 
 
 def _head(path: str) -> bytes:
@@ -225,12 +294,35 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
         raise UploadRejected("too_large", f"the upload is {_mb(int(declared))}; at most "
                                           f"{_mb(limits.max_upload_bytes)} is accepted", 413)
     state = {"headers": {}, "field": b"", "value": b"", "file": None, "head": b"",
-             "path": None, "skip": False}
+             "path": None, "skip": False, "kind": None, "name": ""}
     out: list[tuple[str, str]] = []
-    heads: list[bytes] = []
+    kinds: list[str] = []
+    keep = max(132, limits.dicom_head_bytes)
+
+    def check_head(complete: bool) -> None:
+        """What the file is, decided from its first bytes while it streams in: a file
+        that is not DICOM, PNG, JPEG or zip, or a DICOM file whose meta header does not
+        parse within its first ``dicom_head_bytes``, is refused before the rest arrives."""
+        head = state["head"]
+        if state["kind"] is not None or (len(head) < 132 and not complete):
+            return
+        kind = sniff(head)
+        index, name = len(out), state["name"]
+        if kind is None:
+            raise UploadRejected("not_an_image", f"file {index} ({_shown(name)}) is not a "
+                                                 "DICOM, PNG or JPEG file, nor a zip of them")
+        if kind == "dicom":
+            ok = dicom_meta_ok(head, complete or len(head) >= keep)
+            if ok is None:
+                return
+            if not ok:
+                raise UploadRejected("bad_dicom", f"file {index} ({_shown(name)}) starts "
+                                                  "as DICOM but its file meta header does not "
+                                                  f"parse within its first {keep} bytes")
+        state["kind"] = kind
 
     def on_part_begin():
-        state.update(headers={}, file=None, head=b"", path=None, skip=False)
+        state.update(headers={}, file=None, head=b"", path=None, skip=False, kind=None)
 
     def on_header_field(data, start, end):
         state["field"] += data[start:end]
@@ -259,30 +351,44 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
         path = _unique(os.path.join(dest, *parts))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state["path"] = path
+        state["name"] = name
         state["file"] = open(path, "xb")  # noqa: SIM115 - closed at the part's end
         out.append((path, name))
 
     def on_part_data(data, start, end):
         if state["file"] is not None:
             chunk = data[start:end]
-            if len(state["head"]) < 132:
-                state["head"] += chunk[:132 - len(state["head"])]
+            if len(state["head"]) < keep:
+                state["head"] += chunk[:keep - len(state["head"])]
+                check_head(False)
             state["file"].write(chunk)
 
     def on_part_end():
         if state["file"] is not None:
             state["file"].close()
             state["file"] = None
-            heads.append(state["head"])
+            check_head(True)
+            kinds.append(state["kind"])
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_part_data": on_part_data,
         "on_part_end": on_part_end, "on_header_field": on_header_field,
         "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_headers_finished": on_headers_finished})
+    import anyio
+
     total = 0
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                with anyio.fail_after(limits.idle_timeout_s):
+                    chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UploadRejected("timeout", f"the upload stalled for "
+                                                f"{limits.idle_timeout_s:g} s", 408) from None
             total += len(chunk)
             if total > limits.max_upload_bytes:
                 raise UploadRejected("too_large", f"the upload is over "
@@ -296,13 +402,7 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
             state["file"].close()
     if not out:
         raise UploadRejected("empty_upload", "no file was uploaded")
-    files = []
-    for i, ((path, name), head) in enumerate(zip(out, heads), start=1):
-        kind = sniff(head)
-        if kind is None:
-            raise UploadRejected("not_an_image", f"file {i} ({_shown(name)}) is not a DICOM, "
-                                                 "PNG or JPEG file, nor a zip of them")
-        files.append((path, kind))
+    files = [(path, kind) for (path, _), kind in zip(out, kinds)]
     if any(k == "zip" for _, k in files) and len(files) > 1:
         raise UploadRejected("zip_not_alone", "upload one zip alone, or the study's files "
                                               "without a zip")
@@ -564,9 +664,110 @@ def card_html(card: dict) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------ disk: the page's folder
+REQUEST_PREFIX = "covid_keras_web_"
+
+
+def work_root(tmp_dir: str | None) -> str:
+    """The folder the page owns for its per-request folders: ``tmp_dir``, or
+    ``covid_keras_web-<uid>`` in the system's temporary folder (created private; refused
+    when it is a link or another user's)."""
+    root = tmp_dir or os.path.join(tempfile.gettempdir(), f"covid_keras_web-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not os.path.isdir(root) or os.path.islink(root) or (
+            tmp_dir is None and st.st_uid != os.getuid()):
+        raise ValueError(f"the page's folder {root} is a link or another user's")
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(root: str) -> int:
+    """Removes the request folders that a page no longer running left in ``root`` (a page
+    killed mid-request leaves the uploaded files, PHI included); returns how many."""
+    removed = 0
+    for name in os.listdir(root):
+        if not name.startswith(REQUEST_PREFIX):
+            continue
+        m = re.match(rf"{REQUEST_PREFIX}(\d+)_", name)
+        if m and int(m[1]) != os.getpid() and _alive(int(m[1])):
+            continue  # another page's request in progress
+        if m and int(m[1]) == os.getpid():
+            continue
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed += 1
+    return removed
+
+
+class DiskBudget:
+    """What all requests at once may write (uploads and unpacked zips): bytes are reserved
+    before they are written; a reservation over what is left is refused (503)."""
+
+    def __init__(self, total: int):
+        import threading
+
+        self.total, self.used = total, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> int:
+        with self._lock:
+            if self.used + n > self.total:
+                raise UploadRejected("busy", f"the server's disk budget is in use "
+                                             f"({_mb(self.used)} of {_mb(self.total)}): try "
+                                             "again in a minute", 503)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+def zip_declared_bytes(zip_path: str, limits: Limits) -> int:
+    """What a zip says it expands to (its central directory), refused before anything is
+    written when over the per-zip limits or when an entry is a compression bomb."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, OSError):
+        raise UploadRejected("corrupt_zip", "the zip is not readable") from None
+    if len(entries) > limits.max_zip_files:
+        raise UploadRejected("zip_bomb", f"the zip holds {len(entries)} entries; at most "
+                                         f"{limits.max_zip_files}", 413)
+    total = sum(e.file_size for e in entries)
+    if total > limits.max_zip_bytes:
+        raise UploadRejected("zip_bomb", f"the zip expands to {_mb(total)}; at most "
+                                         f"{_mb(limits.max_zip_bytes)}", 413)
+    for i, e in enumerate(entries, start=1):
+        if e.file_size > (1 << 20) and e.file_size > 200 * max(1, e.compress_size):
+            raise UploadRejected("zip_bomb", f"zip entry {i} expands "
+                                             f"{e.file_size // max(1, e.compress_size)}x", 413)
+    return total
+
+
 # ------------------------------------------------------------------ the app
 class ModelUnavailable(RuntimeError):
     """The model server cannot be reached (its message names no study)."""
+
+
+class ClientGone(Exception):
+    """The request's client has gone: its study is not predicted."""
 
 
 class _OneAtATime:
@@ -579,10 +780,36 @@ class _OneAtATime:
 
         self.model = model
         self.info = model.info
-        self.source = model.source
+        self._source = model.source
         self._lock = threading.Lock()
+        self.answered: str | None = None  # the version that answered the last call
+        self.cancelled: threading.Event | None = None  # the current request's client gone
+        session = getattr(model, "session", None)
+        if session is not None and hasattr(session, "hooks"):
+            session.hooks["response"].append(self._saw)
+
+    def _saw(self, response, *args, **kwargs):
+        version = response.headers.get("X-Model-Version")
+        if version and response.status_code == 200 and self._first:
+            self.answered, self._first = version, False
+        return response
+
+    _first = True
+
+    @property
+    def source(self) -> dict:
+        """The model's description, naming the version that answered this request (a
+        model server may have moved to another version since the page started)."""
+        if self.answered is None:
+            return self._source
+        return {**self._source, "version": self.answered}
+
+    def start_request(self, cancelled) -> None:
+        self.answered, self._first, self.cancelled = None, True, cancelled
 
     def predict_study(self, images):
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise ClientGone()
         with self._lock, self._reachable():
             return self.model.predict_study(images)
 
@@ -616,31 +843,67 @@ def index_html(card: dict, limits: Limits) -> str:
             .replace("<!--CARD-->", card_html(card)))
 
 
+TOKEN_COOKIE = "covid_keras_token"
+
+
 def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
-               top_slices: int = 3, tmp_dir: str | None = None, debug: bool = False):
+               top_slices: int = 3, tmp_dir: str | None = None, debug: bool = False,
+               access=None):
     """The Starlette app: ``GET /`` (the page), ``GET /static/{app.js,style.css}``,
-    ``GET /api/card``, ``POST /api/predict`` (multipart ``files``)."""
+    ``GET /api/card``, ``POST /api/predict`` (multipart ``files``). ``access``: a
+    :class:`covid_keras.serve.Access` (Host, Origin and token checks; None: none)."""
+    import threading
+
     import anyio
     from starlette.applications import Starlette
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from starlette.routing import Route
 
     from covid_keras import predict
+    from covid_keras.serve import Access, ServingError
     from data_prep import redact
 
     model = _OneAtATime(model)
-    page = index_html(card, limits)
+    access = access or Access()
+    root = work_root(tmp_dir)
+    removed = remove_leftovers(root)
+    if removed:
+        log.warning("removed %d request folder(s) a previous run of the page left", removed)
+    budget = DiskBudget(limits.disk_budget_bytes)
+    card = json.loads(json.dumps(card))  # the page's own copy: it follows the answers
+    state = {"page": index_html(card, limits), "version": str(card["model"].get("version"))}
     assets = {"app.js": ("text/javascript", _static("app.js")),
               "style.css": ("text/css", _static("style.css"))}
     one_model = anyio.CapacityLimiter(1)
     waiting = {"n": 0}
 
-    def error(status: int, reason: str, message: str):
+    def error(status: int, reason: str, message: str, headers: dict | None = None):
         return JSONResponse({"error": message, "reason": reason}, status,
-                            headers=SECURITY_HEADERS)
+                            headers={**SECURITY_HEADERS, **(headers or {})})
+
+    def refused(request, post: bool = False):
+        """The access checks: a Response when refused, else None. The token may come as
+        a bearer header or as the cookie that /?token= sets."""
+        headers = dict(request.headers)
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        if cookie and "authorization" not in headers:
+            headers["authorization"] = f"Bearer {cookie}"
+        try:
+            access.check(headers, post)
+        except ServingError as err:
+            return error(err.http, "forbidden" if err.http == 403 else "unauthorized",
+                         str(err))
+        return None
 
     async def index(request):
-        return HTMLResponse(page, headers=SECURITY_HEADERS)
+        token = request.query_params.get("token")
+        if token is not None and access.token is not None and access.token_ok(
+                f"Bearer {token}"):  # once: the token moves from the URL to a cookie
+            r = RedirectResponse("/", 303, headers=SECURITY_HEADERS)
+            r.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                         secure=request.url.scheme == "https")
+            return r
+        return refused(request) or HTMLResponse(state["page"], headers=SECURITY_HEADERS)
 
     async def static(request):
         item = assets.get(request.path_params["name"])
@@ -649,18 +912,42 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         return Response(item[1], media_type=item[0], headers=SECURITY_HEADERS)
 
     async def card_json(request):
-        return JSONResponse(card, headers=SECURITY_HEADERS)
+        return refused(request) or JSONResponse(card, headers=SECURITY_HEADERS)
 
-    def unpack(zip_path: str, study: str) -> None:
-        name = redact.study_name("study", os.path.abspath(study), salt)
+    def follow_version(answered) -> str | None:
+        """The card names the version that answered (the page's card HTML is rebuilt when
+        the model server moved to another version); returns the card HTML when it changed."""
+        answered = None if answered is None else str(answered)
+        if answered is None or answered == state["version"]:
+            return None
+        first = card["model"].get("exported_version", card["model"].get("version"))
+        card["model"]["exported_version"] = first
+        card["model"]["version"] = answered
+        note = (f"The model server answered with version {answered}; the rest of this card "
+                f"describes version {first}, the one the page was started with.")
+        card["limits"] = [x for x in card["limits"] if not x.startswith(
+            "The model server answered with version")] + [note]
+        state["version"] = answered
+        state["page"] = index_html(card, limits)
+        return card_html(card)
+
+    def unpack(zip_path: str, study: str) -> int:
+        declared = zip_declared_bytes(zip_path, limits)
+        reserved = budget.reserve(declared)  # before a byte is written
         try:
-            predict.unpack_zip(zip_path, study, name, limits.max_zip_bytes,
-                               limits.max_zip_files)
-        finally:
-            os.remove(zip_path)
-        check_study_folder(study, limits)
+            name = redact.study_name("study", os.path.abspath(study), salt)
+            try:
+                predict.unpack_zip(zip_path, study, name, declared, limits.max_zip_files)
+            finally:
+                os.remove(zip_path)
+            check_study_folder(study, limits)
+        except BaseException:
+            budget.release(reserved)
+            raise
+        return reserved
 
-    def run_predict(study: str, out: str) -> dict:
+    def run_predict(study: str, out: str, cancelled) -> dict:
+        model.start_request(cancelled)
         answer = predict.predict_study(study, model, out, salt, top=top_slices,
                                        max_zip_bytes=limits.max_zip_bytes,
                                        max_zip_files=limits.max_zip_files)
@@ -674,11 +961,34 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
                                                base64.b64encode(f.read()).decode("ascii"))
         return {"prediction": answer, "prediction_json": text, "evidence": evidence}
 
+    async def watch_disconnect(request, gone, scope) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        scope.cancel()
+
     async def predict_endpoint(request):
+        no = refused(request, post=True)
+        if no is not None:
+            return no
         started = time.monotonic()
-        tmp = tempfile.mkdtemp(prefix="covid_keras_web_", dir=tmp_dir)
-        queued = False
+        if waiting["n"] >= limits.max_queue:  # receiving and unpacking count as waiting
+            return error(503, "busy", f"{waiting['n']} studies are waiting for the model: "
+                                      "try again in a minute")
+        waiting["n"] += 1
+        reserved = 0
+        tmp = None
+        gone = threading.Event()
         try:
+            declared = request.headers.get("content-length")
+            upload = (int(declared) if declared and declared.isdigit() else
+                      limits.max_upload_bytes)
+            if upload > limits.max_upload_bytes:
+                raise UploadRejected("too_large", f"the upload is {_mb(upload)}; at most "
+                                                  f"{_mb(limits.max_upload_bytes)} is "
+                                                  "accepted", 413)
+            reserved += budget.reserve(upload)
+            tmp = tempfile.mkdtemp(prefix=f"{REQUEST_PREFIX}{os.getpid()}_", dir=root)
             study = os.path.join(tmp, "study")
             os.makedirs(study)
             files = await receive_upload(request, study, limits)
@@ -686,32 +996,47 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
                 zip_path = os.path.join(tmp, "upload.zip")
                 os.rename(files[0][0], zip_path)
                 shutil.rmtree(study)
-                await anyio.to_thread.run_sync(unpack, zip_path, study)
-            if waiting["n"] >= limits.max_queue:
-                return error(503, "busy", f"{waiting['n']} studies are waiting for the model: "
-                                          "try again in a minute")
-            waiting["n"] += 1
-            queued = True
-            body = await anyio.to_thread.run_sync(run_predict, study,
-                                                  os.path.join(tmp, "out"),
-                                                  limiter=one_model)
+                reserved += await anyio.to_thread.run_sync(unpack, zip_path, study)
+            outcome: dict = {}
+            async with anyio.create_task_group() as tg:  # a client gone cancels the wait
+                tg.start_soon(watch_disconnect, request, gone, tg.cancel_scope)
+                try:
+                    outcome["body"] = await anyio.to_thread.run_sync(
+                        run_predict, study, os.path.join(tmp, "out"), gone,
+                        limiter=one_model)
+                except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                    outcome["error"] = exc
+                finally:
+                    tg.cancel_scope.cancel()
+            if "error" in outcome:
+                raise outcome["error"]
+            body = outcome.get("body")
+            if body is None or gone.is_set():
+                return error(499, "client_gone", "the client has gone")
+            changed = follow_version(body["prediction"]["model"].get("version"))
+            if changed is not None:
+                body["card_html"] = changed
             body["elapsed_s"] = round(time.monotonic() - started, 3)
             return JSONResponse(body, headers=SECURITY_HEADERS)
         except UploadRejected as exc:
-            return error(exc.status, exc.reason, str(exc))
+            return error(exc.status, exc.reason, str(exc),
+                         {"Connection": "close"} if exc.status in (408, 413) else None)
         except predict.StudyFailure as exc:
             return error(422, exc.reason, str(exc))
         except ModelUnavailable as exc:
             return error(502, "model_unavailable", str(exc))
+        except ClientGone:
+            return error(499, "client_gone", "the client has gone")
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own
             if debug:
                 log.exception("request failed")
             return error(500, "internal_error", f"internal error ({type(exc).__name__}); "
                                                 "nothing was kept")
         finally:
-            if queued:
-                waiting["n"] -= 1
-            shutil.rmtree(tmp, ignore_errors=True)
+            waiting["n"] -= 1
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            budget.release(reserved)
 
     return Starlette(routes=[
         Route("/", index), Route("/static/{name}", static),
@@ -767,24 +1092,22 @@ def main(argv: list[str]) -> int:
 
         tf.get_logger().setLevel(logging.WARNING)
         absl_logging.set_verbosity(absl_logging.WARNING)
+    from covid_keras.serve import Access, header_timeout_protocol, listen
+
+    access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
     limits = Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
-                    int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue)
+                    int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue,
+                    int(FLAGS.disk_budget_mb * (1 << 20)))
     model = load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s)
     card = build_card(model, FLAGS.model, FLAGS.metrics, FLAGS.data_manifest)
     salt = (predict.read_salt(FLAGS.salt_file) if FLAGS.salt_file else
             secrets.token_hex(32).encode())
-    app = create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir, debug)
+    app = create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir, debug,
+                     access)
     config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, access_log=False,
                             log_level="info" if debug else "warning", server_header=False,
-                            lifespan="off", ws="none")
-    sock = socket.socket(socket.AF_INET6 if ":" in FLAGS.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((FLAGS.host, FLAGS.port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {FLAGS.host}:{FLAGS.port} ({exc.strerror})") from None
-    sock.listen(128)
+                            lifespan="off", ws="none", http=header_timeout_protocol(30.0))
+    sock = listen(FLAGS.host, FLAGS.port)
     print(f"covid_keras.web: http://{FLAGS.host}:{sock.getsockname()[1]}/ "
           f"({FLAGS.server or FLAGS.model}; {NOTICE.lower()})", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

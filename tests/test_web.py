@@ -45,6 +45,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 DICOM_PREAMBLE = b"\0" * 128 + b"DICM"
+# the preamble and a file meta header that parses (its transfer syntax): what the page checks
+# as a DICOM file streams in
+DICOM_HEAD = DICOM_PREAMBLE + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -294,8 +297,9 @@ def test_a_full_queue_answers_busy(tmp_path):
 
 def test_bad_uploads_are_refused_clearly_and_leave_nothing(fake_app, tmp_path):
     app, tmp_root = fake_app
-    dcm = DICOM_PREAMBLE + b"\0" * 64
+    dcm = DICOM_HEAD + b"\0" * 64
     cases = [
+        ("bad_dicom", [("junk.dcm", DICOM_PREAMBLE + b"\0" * 64)]),
         ("zip_unsafe", [("s.zip", zip_bytes([("../../escaped.dcm", dcm)]))]),
         ("zip_unsafe", [("s.zip", zip_bytes([("ok/../../../escaped2.dcm", dcm)]))]),
         ("zip_unsafe", [("s.zip", zip_bytes([("/abs.dcm", dcm)]))]),

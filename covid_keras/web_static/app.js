@@ -66,6 +66,9 @@
     downloadUrl = URL.createObjectURL(new Blob([body.prediction_json], { type: "application/json" }));
     $("download").href = downloadUrl;
     show($("result"), true);
+    // the model server moved to another version: the card names the one that answered
+    // (server-rendered HTML, every value escaped there)
+    if (body.card_html) $("card").innerHTML = body.card_html;
   }
 
   form.addEventListener("submit", (e) => {

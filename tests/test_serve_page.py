@@ -1,0 +1,269 @@
+"""covid_keras.web under attack (issue 29): what a killed page left is removed at start,
+junk that starts as DICOM is refused as it streams in, zip expansion is reserved against a
+global disk budget before a byte is written, a client that has gone is not predicted for,
+the page's prediction.json and card name the version that answered, and the page's access
+checks (Host, Origin, token)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the [web] extra is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed")
+pytest.importorskip("python_multipart", reason="the [web] extra is not installed")
+
+from covid_keras import serve, web  # noqa: E402
+from data_prep import phantom  # noqa: E402
+from tests.export_helpers import ServeProcess, make_run  # noqa: E402
+from tests.test_web import (  # noqa: E402
+    DICOM_PREAMBLE,
+    SALT,
+    FakeModel,
+    multipart,
+    post,
+    study_files,
+    zip_bytes,
+)
+
+TOKEN = "page-token-0123456789abcdef"
+
+
+def post_get(app, path) -> str:
+    from tests.test_web import get
+
+    return get(app, path).text
+
+
+def _card():
+    return web.model_card(FakeModel.info, FakeModel.source, None, None)
+
+
+def test_leftovers_of_a_killed_page_are_removed_at_start(tmp_path):
+    """Reproduction 6: kill -9 during an upload left the DICOM files (tags, identifying
+    folder names) in the request's folder, and a restart kept them."""
+    root = tmp_path / "pageroot"
+    dead = root / "covid_keras_web_999999999_abc" / "study" / "Doe_John"
+    dead.mkdir(parents=True)
+    (dead / "1.dcm").write_bytes(DICOM_PREAMBLE)
+    old_style = root / "covid_keras_web_k3j2h1"  # the folders of the page before
+    old_style.mkdir()
+    live = root / f"covid_keras_web_{os.getppid()}_xyz"  # another page still running
+    live.mkdir()
+    other = root / "not_ours.txt"
+    other.write_text("kept")
+    web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(root))
+    assert sorted(p.name for p in root.iterdir()) == sorted([live.name, other.name])
+    # the default root is private to the user
+    default = web.work_root(None)
+    assert Path(default).name == f"covid_keras_web-{os.getuid()}"
+    assert os.stat(default).st_mode & 0o077 == 0
+
+
+def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
+    """Reproduction 4: 200 MB of 'DICM' then zeros held the model slot for 152 s. The meta
+    header is parsed within the first KB, before the rest arrives."""
+    limits = web.Limits(max_upload_bytes=64 << 20)
+    app = web.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
+    seen = {"max": 0}
+
+    async def stream():  # the body as a client sends it: the refusal comes early
+        head = DICOM_PREAMBLE + b"\0" * 1000
+        for i in range(32):
+            seen["max"] = i
+            yield head if i == 0 else b"\0" * (1 << 20)
+
+    async def go():
+        boundary = "b0undary"
+        async def body():
+            yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+                   "filename=\"junk.dcm\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                   ).encode()
+            async for chunk in stream():
+                yield chunk
+            yield f"\r\n--{boundary}--\r\n".encode()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
+            return await client.post("/api/predict", content=body(), headers={
+                "content-type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+
+    r = asyncio.run(go())
+    assert r.status_code == 400 and r.json()["reason"] == "bad_dicom", r.text
+    assert seen["max"] <= 2  # refused on the first chunk, not after the 32 MB
+    assert list(tmp_path.iterdir()) == []
+    for head, ok in ((DICOM_PREAMBLE, False), (DICOM_PREAMBLE + b"\0" * 64, False),
+                     (DICOM_PREAMBLE + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0",
+                      True)):
+        assert web.dicom_meta_ok(head, True) is ok
+    real = phantom.write_study(tmp_path / "s", kind="normal", num_slices=2, matrix=32, seed=0,
+                               patient_id="PHANTOM-X")
+    first = sorted(Path(real).iterdir())[0].read_bytes()
+    assert web.dicom_meta_ok(first[:1024], False) is True
+
+
+def test_zip_expansion_is_reserved_against_a_global_budget(tmp_path, monkeypatch):
+    """Reproduction 7: a 3.2 MB zip of 19 x 100 MiB low-entropy entries wrote 1.87 GB before
+    it was refused, and concurrent bombs were unbounded."""
+    rng = np.random.default_rng(0)
+    entries = [(f"{i}.dcm", rng.integers(0, 256, 400_000, dtype=np.uint8).tobytes())
+               for i in range(4)]  # 1.6 MB that does not compress
+    limits = web.Limits(max_upload_bytes=8 << 20, max_zip_bytes=4 << 20,
+                        disk_budget_bytes=3 << 20)
+    app = web.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
+    writes = []
+    from covid_keras import predict
+
+    original = predict.unpack_zip
+
+    def spy(*args, **kw):
+        writes.append(args)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(predict, "unpack_zip", spy)
+    r = post(app, [("s.zip", zip_bytes(entries))])
+    assert r.status_code == 503 and r.json()["reason"] == "busy", r.text
+    assert writes == []  # refused before anything was unpacked
+    bomb = zip_bytes([(f"{i}.dcm", b"\0" * (2 << 20)) for i in range(19)])
+    r = post(app, [("s.zip", bomb)])
+    assert r.status_code == 413 and r.json()["reason"] == "zip_bomb", r.text
+    assert writes == []
+    ok = web.create_app(FakeModel(), _card(), SALT, web.Limits(
+        max_upload_bytes=8 << 20, max_zip_bytes=4 << 20, disk_budget_bytes=16 << 20),
+        tmp_dir=str(tmp_path))
+    r = post(ok, [("s.zip", zip_bytes(entries))])  # within the budget: unpacked and checked
+    assert r.status_code == 400 and r.json()["reason"] == "not_an_image" and len(writes) == 1
+    assert list(tmp_path.iterdir()) == []
+    budget = web.DiskBudget(10)
+    budget.reserve(6)
+    with pytest.raises(web.UploadRejected):
+        budget.reserve(5)
+    budget.release(6)
+    budget.reserve(10)
+
+
+class CountingModel(FakeModel):
+    calls = 0
+
+    def predict_study(self, images):
+        CountingModel.calls += 1
+        raise ValueError("counted")
+
+
+def test_a_client_that_has_gone_is_not_predicted_for(tmp_path):
+    """Reproduction 4's other half: requests whose clients had gone still ran."""
+    study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12, matrix=96,
+                                seed=1, patient_id="PHANTOM-G")
+    app = web.create_app(CountingModel(), _card(), SALT, tmp_dir=str(tmp_path / "root"))
+    CountingModel.calls = 0
+    r = post(app, study_files(Path(study)))
+    assert r.status_code == 422 and CountingModel.calls == 1, r.text  # it reaches the model
+
+    req = httpx.Request("POST", "http://web/api/predict", **multipart(study_files(
+        Path(study))))
+    body = req.read()
+    sent = {"body": False, "status": None}
+
+    async def receive():
+        if not sent["body"]:
+            sent["body"] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}  # the client has gone at once
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+
+    scope = {"type": "http", "method": "POST", "path": "/api/predict", "raw_path":
+             b"/api/predict", "query_string": b"", "root_path": "", "scheme": "http",
+             "server": ("web", 80), "client": ("127.0.0.1", 1), "http_version": "1.1",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in req.headers.items()],
+             "asgi": {"version": "3.0"}}
+    asyncio.run(app(scope, receive, send))
+    assert CountingModel.calls == 1  # not computed
+    assert sent["status"] == 499
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_page_access_control(tmp_path):
+    """Reproduction 8 on the page: Host (DNS rebinding), a cross-site POST, the token (a
+    bearer header, or the cookie /?token= sets once)."""
+    access = serve.Access(["127.0.0.1"], TOKEN)
+    app = web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path), access=access)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport,
+                                     base_url="http://127.0.0.1") as client:
+            out = {"no_token": (await client.get("/")).status_code,
+                   "card_no_token": (await client.get("/api/card")).status_code,
+                   "bearer": (await client.get("/", headers={
+                       "Authorization": f"Bearer {TOKEN}"})).status_code,
+                   "bad_host": (await client.get("/", headers={
+                       "Authorization": f"Bearer {TOKEN}", "Host": "evil.example"})
+                   ).status_code}
+            login = await client.get(f"/?token={TOKEN}")
+            out["login"] = login.status_code
+            out["cookie"] = "httponly" in login.headers["set-cookie"].lower()
+            out["with_cookie"] = (await client.get("/")).status_code
+            cross = await client.post("/api/predict", content=b"x", headers={
+                "Origin": "http://evil.example", "content-type": "text/plain"})
+            out["cross_site"] = cross.status_code
+            same = await client.post("/api/predict", content=b"x", headers={
+                "Origin": "http://127.0.0.1", "content-type": "text/plain"})
+            out["same_site"] = same.status_code
+            return out
+
+    got = asyncio.run(go())
+    assert got == {"no_token": 401, "card_no_token": 401, "bearer": 200, "bad_host": 403,
+                   "login": 303, "cookie": True, "with_cookie": 200, "cross_site": 403,
+                   "same_site": 415}, got
+
+
+@pytest.mark.slow
+def test_the_page_names_the_version_that_answered(tmp_path):
+    """Reproduction 9: after the server moved to a new version, the page's prediction.json
+    and model card still named the version it saw at start."""
+    from covid_keras import export
+
+    run = make_run(tmp_path / "run", "drenet", {"rule": "mean", "threshold": 0.3,
+                                                 "positive_class": "covid"})
+    model, info, decision = export.load_run(str(run))
+    base = tmp_path / "exports" / "drenet"
+    export.export_model(model, info, decision, str(tmp_path / "exports"), "drenet")
+    study = phantom.write_study(tmp_path / "study", kind="normal", num_slices=12, matrix=96,
+                                seed=0, patient_id="PHANTOM-V")
+    with ServeProcess(base, tmp_path) as server:
+        served = web.load(str(base), server.url, "drenet", 60)
+        card = web.build_card(served, str(base), None, None)
+        app = web.create_app(served, card, SALT, tmp_dir=str(tmp_path / "root"))
+        r = post(app, study_files(Path(study)))
+        assert r.status_code == 200, r.text
+        assert r.json()["prediction"]["model"]["version"] == "1"
+        assert "card_html" not in r.json()
+        shutil.copytree(base / "1", base / ".partial-2")
+        os.rename(base / ".partial-2", base / "2")
+        import requests
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            st = requests.get(server.url + "/v1/models/drenet", timeout=10).json()
+            if st["model_version_status"][0] == {"version": "2", "state": "AVAILABLE",
+                                                 "status": {"error_code": "OK",
+                                                            "error_message": ""}}:
+                break
+            time.sleep(0.3)
+        r = post(app, study_files(Path(study)))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["prediction"]["model"]["version"] == "2"
+        assert json.loads(body["prediction_json"])["model"]["version"] == "2"
+        assert "version 2" in body["card_html"]
+        assert "drenet, version 2" in body["card_html"]
+        assert "drenet, version 2" in post_get(app, "/")
