@@ -287,14 +287,20 @@ def export_model(model, info: dict, decision: dict | None, export_base: str,
     return final
 
 
-def load_run(run_dir: str, checkpoint: str | None = None):
-    """(model, export info, decision) of a run folder."""
+def check_run(run_dir: str, checkpoint: str | None = None) -> str:
+    """The run folder's checkpoint file, or a one-line error (no TensorFlow import)."""
     from covid_keras.evaluation import resolve_checkpoint
-    from covid_keras.saving import load_model
 
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--run_dir {run_dir} is not a folder")
-    path = resolve_checkpoint(run_dir, checkpoint)
+    return resolve_checkpoint(run_dir, checkpoint)
+
+
+def load_run(run_dir: str, checkpoint: str | None = None):
+    """(model, export info, decision) of a run folder."""
+    from covid_keras.saving import load_model
+
+    path = check_run(run_dir, checkpoint)
     model = load_model(path, compile=False)
     minfo = model.covid_keras_info
     if minfo is None:
@@ -309,6 +315,7 @@ def load_run(run_dir: str, checkpoint: str | None = None):
 
 
 def main(argv: list[str]) -> int:
+    check_run(FLAGS.run_dir, FLAGS.checkpoint)  # before TensorFlow loads: a typo is instant
     cli.setup_logging(FLAGS.verbosity)
     model, info, decision = load_run(FLAGS.run_dir, FLAGS.checkpoint)
     for w in info["warnings"]:

@@ -102,7 +102,7 @@ class StudyFailure(ValueError):
 
     def __init__(self, study: str, reason: str, detail: str = ""):
         super().__init__(f"study {study}: {reason}" + (f" ({detail})" if detail else ""))
-        self.reason = reason
+        self.study, self.reason, self.detail = study, reason, detail
 
 
 # ------------------------------------------------------------------ salt, zip
@@ -559,10 +559,24 @@ def _swap_in(stage: str, output_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str]) -> int:
-    cli.setup_logging(FLAGS.verbosity)
+def check_paths() -> None:
+    """The study, the model and the output folder, checked before TensorFlow loads (a
+    mistyped path is an error in well under a second, not after the imports). The user's
+    own terminal: the paths are named as typed."""
     if not FLAGS.model and not FLAGS.server:
         raise ValueError("--model or --server is required")
+    if not os.path.exists(FLAGS.study):
+        raise FileNotFoundError(f"--study {FLAGS.study}: no such file or folder")
+    if FLAGS.model and not os.path.exists(FLAGS.model):
+        raise FileNotFoundError(f"--model {FLAGS.model}: no such file or folder")
+    out = FLAGS.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not FLAGS.overwrite:
+        raise ValueError(f"--output_dir {out} is not empty (--overwrite replaces it)")
+
+
+def main(argv: list[str]) -> int:
+    check_paths()
+    cli.setup_logging(FLAGS.verbosity)
     salt = read_salt(FLAGS.salt_file)
     if FLAGS.server:
         info = None
@@ -573,9 +587,14 @@ def main(argv: list[str]) -> int:
         model = ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s)
     else:
         model = LocalModel(FLAGS.model)
-    answer = predict_study(FLAGS.study, model, FLAGS.output_dir, salt, FLAGS.top_slices,
-                           FLAGS.overwrite, int(FLAGS.max_zip_mb * 1024 * 1024),
-                           FLAGS.max_zip_files)
+    try:
+        answer = predict_study(FLAGS.study, model, FLAGS.output_dir, salt, FLAGS.top_slices,
+                               FLAGS.overwrite, int(FLAGS.max_zip_mb * 1024 * 1024),
+                               FLAGS.max_zip_files)
+    except StudyFailure as exc:
+        # the user's own terminal: the study as typed, beside the pseudonym that files and
+        # logs use (prediction.json, the web page and the log lines never name the path)
+        raise StudyFailure(f"{FLAGS.study} ({exc.study})", exc.reason, exc.detail) from None
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
     from covid_keras.evaluation import rule_text

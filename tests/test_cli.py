@@ -174,3 +174,40 @@ def test_remote_paths_go_through_tf_gfile():
     files.write_json(path, {"auc": float("nan")})
     assert files.exists(path)
     assert json.loads(files.read_text(path)) == {"auc": None}
+
+
+LOADED = ("import runpy, sys, time\n"
+          "t0 = time.perf_counter()\n"
+          "sys.argv = sys.argv[1:]\n"
+          "try:\n"
+          "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+          "finally:\n"
+          "    print('tensorflow' in sys.modules, 'keras' in sys.modules,\n"
+          "          round(time.perf_counter() - t0, 3))\n")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["covid_keras.evaluate", "--run_dir=runs/nope"], "runs/nope is not a run folder"),
+    (["covid_keras.evaluate", "--compare", "runs/a", "runs/b", "--output_dir=o"],
+     "--compare runs/a: no such folder"),
+    (["covid_keras.export", "--run_dir=runs/nope", "--export_base=exports"],
+     "--run_dir runs/nope is not a folder"),
+    (["covid_keras.predict", "--study=studies/nope", "--model=exports/m", "--output_dir=o"],
+     "--study studies/nope: no such file or folder"),
+    (["covid_keras.predict", "--study=.", "--model=exports/m", "--output_dir=o"],
+     "--model exports/m: no such file or folder"),
+])
+def test_a_missing_path_is_reported_before_tensorflow_loads(tmp_path, argv, message):
+    """A mistyped path: one line, and neither TensorFlow nor Keras imported (it took 5-14 s
+    to say so; evaluate --run_dir=runs/nope 12.9 s)."""
+    t0 = __import__("time").perf_counter()
+    proc = subprocess.run([sys.executable, "-c", LOADED, *argv], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    elapsed = __import__("time").perf_counter() - t0
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: "), proc.stderr
+    assert message in lines[0], lines[0]
+    assert proc.stdout.split()[:2] == ["False", "False"], proc.stdout  # no TF, no Keras
+    assert elapsed < 2.0, elapsed  # the issue's target (the imports alone take seconds)
