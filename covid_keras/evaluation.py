@@ -223,10 +223,13 @@ class SplitPredictor:
     def predictions(self, model, classes, outputs: dict | None = None) -> Predictions:
         out = outputs if outputs is not None else self.predict(model)
         probs = softmax(np.asarray(out["logits"], np.float64))
+        other = {k: v for k, v in out.items() if k != "logits"}
+        if "boxes" in other:  # clipped to the image: an anchor may extend past it
+            other["boxes"] = np.clip(np.asarray(other["boxes"]), 0.0,
+                                     float(self.cfg.input_size))
         return Predictions(list(classes), self.labels.copy(), probs, list(self.patient_keys),
                            list(self.study_keys), self.slice_index.copy(), list(self.sites),
-                           {k: v for k, v in out.items() if k != "logits"}, self.split,
-                           self.data_dir)
+                           other, self.split, self.data_dir)
 
     def images_u8(self, indices) -> dict:
         """index -> uint8 (S, S, 3) image at the model's input size (no normalisation),

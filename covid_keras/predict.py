@@ -244,6 +244,22 @@ def slices_u8(records: list[dict], input_size: int) -> np.ndarray:
                      for r in records])
 
 
+def masks_u8(records: list[dict], input_size: int) -> np.ndarray:
+    """The records' lung masks (``mask/encoded``, 255 = lung) at the model's input size,
+    aligned with :func:`slices_u8`'s images: (N, S, S) uint8."""
+    import cv2
+
+    from covid_keras import schema
+
+    out = []
+    for r in records:
+        m = cv2.imdecode(np.frombuffer(bytes(r[schema.MASK]), np.uint8), cv2.IMREAD_GRAYSCALE)
+        if m.shape != (input_size, input_size):
+            m = cv2.resize(m, (input_size, input_size), interpolation=cv2.INTER_NEAREST)
+        out.append(m)
+    return np.stack(out) if out else np.zeros((0, input_size, input_size), np.uint8)
+
+
 # ------------------------------------------------------------------ models
 class LocalModel:
     """A SavedModel, run folder or .keras file, called in this process."""
@@ -299,7 +315,8 @@ def _load(path: str):
         loaded = tf.saved_model.load(export_dir)
         return (info, loaded.signatures["predict_study"], loaded.signatures["gradcam"],
                 {"kind": "savedmodel", "model_name": info.get("model_name"),
-                 "version": info.get("version")})
+                 # a string, as TF Serving's model_spec.version (--server) says it
+                 "version": None if info.get("version") is None else str(info["version"])})
     from covid_keras import export
     from covid_keras.serving_signatures import Signatures
 
@@ -388,9 +405,23 @@ class ServerModel:
 
 
 # ------------------------------------------------------------------ evidence
+LUNG_OUTLINE_RGB = (64, 224, 255)
+
+
+def lung_outline(mask_u8: np.ndarray, side: int) -> list:
+    """The lung mask's outer contours (OpenCV point arrays) scaled to ``side`` pixels."""
+    import cv2
+
+    big = cv2.resize((mask_u8 > 127).astype(np.uint8), (side, side),
+                     interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours)
+
+
 def evidence_png(image_u8: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-                 heat: np.ndarray | None) -> bytes:
-    """The slice with its boxes (left) and the Grad-CAM overlay (right), at least 256 px."""
+                 heat: np.ndarray | None, mask_u8: np.ndarray | None = None) -> bytes:
+    """The slice with the lung outline (``mask_u8``, cyan) and its boxes, clipped to the
+    image (left), and the Grad-CAM overlay (right), at least 256 px."""
     import cv2
 
     from data_prep.study import encode_png
@@ -400,7 +431,9 @@ def evidence_png(image_u8: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     scale = max(1, int(np.ceil(256 / size)))
     big = cv2.resize(grey, (size * scale, size * scale), interpolation=cv2.INTER_NEAREST)
     left = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
-    for (y0, x0, y1, x1), s in zip(boxes, scores):
+    if mask_u8 is not None:
+        cv2.drawContours(left, lung_outline(mask_u8, size * scale), -1, LUNG_OUTLINE_RGB, 1)
+    for (y0, x0, y1, x1), s in zip(np.clip(boxes, 0.0, float(size)), scores):
         p0 = (int(round(x0 * scale)), int(round(y0 * scale)))
         p1 = (int(round(x1 * scale)) - 1, int(round(y1 * scale)) - 1)
         cv2.rectangle(left, p0, p1, (255, 64, 64), 2)
@@ -435,6 +468,24 @@ def _warnings(scan, result, kept: int, num_slices: int, info: dict) -> list[dict
     for w in info.get("warnings") or []:
         out.append({"reason": "model", "file": "", "detail": w})
     return out
+
+
+def _no_lung_warnings(no_lung: list[bool], threshold: float) -> list[dict]:
+    """``no_lung``: slices (or the whole study) whose lung fraction (lung mask / body area,
+    data_prep's) is below data_prep's ``min_lung_fraction``: not chest CT of the lungs, so
+    their probabilities mean nothing. Such slices reach the model only when the records
+    were built with ``--nolung_filter``; with the filter a study without lung is refused
+    (``no_lung_slices``)."""
+    count = sum(no_lung)
+    if not count:
+        return []
+    which = ("no slice shows lung: this may not be a chest CT, and the answer is not "
+             "meaningful" if count == len(no_lung) else
+             f"{count} of {len(no_lung)} slices show no lung (slices "
+             f"{', '.join(str(i) for i, n in enumerate(no_lung) if n)})")
+    return [{"reason": "no_lung", "file": "",
+             "detail": f"{which}; lung fraction below data_prep's min_lung_fraction "
+                       f"{threshold:g}"}]
 
 
 def _series(scan, result, scan_cfg) -> dict:
@@ -484,7 +535,13 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
     threshold = float(out["threshold"])
     argmax = threshold < 0  # the signature's answer without a decision
     slice_probs = np.asarray(out["slice_probabilities"], np.float64)
-    boxes = np.asarray(out["boxes"], np.float64).reshape(len(images), -1, 4)
+    # clipped to the image (an export made before its signature clipped them answers
+    # boxes that start past the edge, e.g. y0 = -2.3)
+    boxes = np.clip(np.asarray(out["boxes"], np.float64).reshape(len(images), -1, 4), 0.0,
+                    float(size))
+    masks = masks_u8(result.records, size)
+    no_lung = [float(r[schema.LUNG_FRACTION]) < prep.min_lung_fraction
+               for r in result.records]
     box_scores = np.asarray(out["box_scores"], np.float64).reshape(len(images), -1)
     order = np.argsort(-slice_probs[:, decision], kind="stable")[:max(0, top)]
     heat = model.gradcam(images[order].astype(np.float32), decision) if len(order) else []
@@ -500,6 +557,7 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
             "sop_key": rec[schema.SOP_KEY], "index": int(rec[schema.SLICE_INDEX]),
             "position_mm": float(rec[schema.POSITION_MM]),
             "lung_fraction": float(rec[schema.LUNG_FRACTION]),
+            "no_lung": bool(no_lung[i]),
             "probabilities": dict(zip(classes, slice_probs[i].tolist())),
             "boxes": [{"box_yxyx": b.tolist(), "score": float(s)}
                       for b, s in zip(boxes[i], box_scores[i])],
@@ -529,14 +587,16 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                                                                      prep.windows],
                           "fill_blank": prep.fill_blank,
                           "min_lung_fraction": prep.min_lung_fraction},
-        "warnings": _warnings(scan, result, len(result.records), scan_cfg.num_slices, info),
+        "warnings": _warnings(scan, result, len(result.records), scan_cfg.num_slices, info)
+        + _no_lung_warnings(no_lung, prep.min_lung_fraction),
     }
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
     try:
         for k, i in enumerate(order.tolist()):
             files.atomic_write_bytes(os.path.join(stage, evidence[i]), evidence_png(
-                images[i], boxes[i], box_scores[i], heat[k] if len(heat) else None))
+                images[i], boxes[i], box_scores[i], heat[k] if len(heat) else None,
+                masks[i]))
         files.write_json(os.path.join(stage, JSON_FILE), answer)
         _swap_in(stage, output_dir)
     finally:

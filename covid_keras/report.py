@@ -6,8 +6,9 @@
 
 Plots: ROC curves (slices and patients) with the chosen operating point and a close-up
 around it, precision-recall curves, the reliability diagram, confusion matrices.
-Explanations: per patient, its top slices by score with the model's top-K boxes and their
-normalised scores drawn, and a Grad-CAM heat map (:mod:`covid_keras.gradcam`) over each.
+Explanations: per patient, its top slices by score with the lung outline (the records'
+``mask/encoded``) and the model's top-K boxes (clipped to the image) and their normalised
+scores drawn, and a Grad-CAM heat map (:mod:`covid_keras.gradcam`) over each.
 The report names patients only by the records' pseudonymous keys.
 """
 
@@ -145,6 +146,37 @@ def top_slices(preds, pats, patient: int, count: int = 3) -> list:
     return [int(idx[i]) for i in order[:count]]
 
 
+LUNG_OUTLINE = "#40e0ff"
+
+
+def lung_masks(predictor, indices) -> dict:
+    """index -> the record's lung mask (``mask/encoded``) as a bool (S, S) array at the
+    model's input size, aligned with ``predictor.images_u8``; {} when the predictor has no
+    records to read (one pass over the shards)."""
+    import cv2
+
+    shards = getattr(predictor, "files", None)
+    wanted = {int(i) for i in indices}
+    if not shards or not wanted:
+        return {}
+    import tensorflow as tf
+
+    from covid_keras import schema
+
+    size = int(predictor.cfg.input_size)
+    spec = {schema.MASK: schema.parse_spec()[schema.MASK]}
+    out = {}
+    for i, rec in enumerate(tf.data.TFRecordDataset(shards, "GZIP")):
+        if i in wanted:
+            raw = tf.io.parse_single_example(rec, spec)[schema.MASK].numpy()
+            m = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+            if m is not None:
+                out[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+            if len(out) == len(wanted):
+                break
+    return out
+
+
 def write_explanations(output_dir: str, model, predictor, preds, result: dict,
                        backbone: str, top: int = 3, max_patients: int = -1,
                        class_index: int | None = None) -> list:
@@ -168,6 +200,7 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
     if not all_idx:
         return []
     images = predictor.images_u8(all_idx)
+    masks = lung_masks(predictor, all_idx)
     stack = np.stack([images[i] for i in all_idx])
     normalised = np.asarray(data.normalize(stack, backbone), np.float32)
     cams = dict(zip(all_idx, GradCAM(model)(normalised, target)))
@@ -190,9 +223,11 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
             img = images[i]
             a_img.imshow(img)
             size = img.shape[0]
+            if i in masks and masks[i].any():  # the lung outline, under the boxes
+                a_img.contour(masks[i], levels=[0.5], colors=[LUNG_OUTLINE], linewidths=0.8)
             if boxes is not None:
                 for k, b in enumerate(np.asarray(boxes[i])):
-                    y0, x0, y1, x1 = np.clip(b, 0, size - 1)
+                    y0, x0, y1, x1 = np.clip(b, 0, size)  # inside the image
                     colour = BOX_COLOURS[k % len(BOX_COLOURS)]
                     a_img.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
                                                   edgecolor=colour, linewidth=1.5))
@@ -327,8 +362,9 @@ def write_html(output_dir: str, result: dict, plots: dict, explanations: list,
     parts.append("</table>")
     if explanations:
         parts.append("<h2>Explanations</h2><p>Per patient (pseudonymous key): the top slices"
-                     " by score with the model's top-K boxes and their normalised scores "
-                     "(top row), and Grad-CAM over the backbone's last conv features for "
+                     " by score with the lung outline (cyan, data_prep's lung mask) and "
+                     "the model's top-K boxes and their normalised scores (top row), and "
+                     "Grad-CAM over the backbone's last conv features for "
                      "the positive class (bottom row).</p>")
         for x in explanations:
             parts.append(f"<div class=\"patient\"><p><b>{e(x['key'])}</b>: label "

@@ -27,10 +27,22 @@ predict_study      ``images`` float32 (N, S, S, 3): all the     ``probabilities`
                                                                 ``class_names`` (C,);
                                                                 ``slice_probabilities``
                                                                 (N, C); ``boxes`` (N, K, 4);
-                                                                ``box_scores`` (N, K)
+                                                                ``box_scores`` (N, K);
+                                                                ``lung_fraction`` (N,);
+                                                                ``warning`` () (``no_lung``,
+                                                                ``no_lung_slices`` or "")
 gradcam            ``images`` float32 (B, S, S, 3) and          ``heatmaps`` (B, S, S) in
                    ``class_index`` int32 (B,)                   [0, 1]
 =================  ===========================================  ===========================
+
+Boxes are clipped to the image (0..S): the navigator's anchors may extend past it.
+
+``serving_default`` and ``predict_images`` do not check that a slice shows lung: an
+all-black or non-CT image gets an answer like any other. ``predict_study`` does:
+``lung_fraction`` is each slice's share of non-black pixels (data_prep blackens everything
+outside the lung mask, so a prepared slice without lung is black), and ``warning`` is
+``no_lung`` when no slice reaches data_prep's ``min_lung_fraction`` (the records'
+preprocessing, default 0.05), ``no_lung_slices`` when some do not, else empty.
 
 ``predict_images`` decodes inside the graph exactly as data_prep reads a slice image
 (:func:`data_prep.slice_images.read_grey`: 16-bit rescaled by 1/257, alpha composited over
@@ -256,6 +268,11 @@ class Signatures:
                                      f"{self.class_names}")
                 self.normal = self.class_names.index(normal)
         self.cam_model = None
+        from data_prep.preprocess import PrepConfig
+
+        prep = (info.get("data_prep") or {}).get("preprocessing") or {}
+        self.min_lung_fraction = float(prep.get("min_lung_fraction",
+                                                PrepConfig.min_lung_fraction))
 
     # specs
     def image_spec(self, name: str = IMAGES):
@@ -281,8 +298,8 @@ class Signatures:
             out = {"logits": out}
         probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
         batch = tf.shape(probs)[0]
-        if "boxes" in out:
-            boxes = tf.cast(out["boxes"], tf.float32)
+        if "boxes" in out:  # clipped: an anchor may extend past the image
+            boxes = tf.clip_by_value(tf.cast(out["boxes"], tf.float32), 0.0, float(self.size))
             scores = tf.cast(out["box_scores"], tf.float32)
         else:
             boxes = tf.zeros([batch, 0, 4], tf.float32)
@@ -327,10 +344,16 @@ class Signatures:
                 other = self._any_other(probs, pos, t)
             decision = tf.where(score >= t, tf.constant(pos, tf.int32), other)
             threshold, rule = tf.constant(t, tf.float32), tf.constant(self.decision["rule"])
+        lung = tf.reduce_mean(tf.cast(tf.reduce_any(images > 0.0, axis=-1), tf.float32),
+                              axis=[1, 2])
+        no_lung = lung < self.min_lung_fraction
+        warning = tf.where(tf.reduce_all(no_lung), "no_lung",
+                           tf.where(tf.reduce_any(no_lung), "no_lung_slices", ""))
         return {"probabilities": patient, "score": score, "decision": decision,
                 "decision_name": tf.gather(names, decision), "threshold": threshold,
                 "rule": rule, "class_names": names, "slice_probabilities": probs,
-                "boxes": out["boxes"], "box_scores": out["box_scores"]}
+                "boxes": out["boxes"], "box_scores": out["box_scores"],
+                "lung_fraction": lung, "warning": warning}
 
     def _any_other(self, probs, pos: int, t: float):
         """Seed 004's ``any`` decision when no slice reaches the threshold

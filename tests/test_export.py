@@ -334,8 +334,9 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
         if boxes is None:
             assert got[f"{kind}/serving_default/boxes"].shape == (4, 0, 4)
         else:
-            np.testing.assert_allclose(got[f"{kind}/serving_default/boxes"], boxes,
-                                       atol=1e-4)
+            # clipped to the image: the navigator's anchors may extend past it
+            np.testing.assert_allclose(got[f"{kind}/serving_default/boxes"],
+                                       np.clip(boxes, 0, SIZE), atol=1e-4)
             np.testing.assert_allclose(got[f"{kind}/serving_default/box_scores"], scores,
                                        atol=1e-4)
         p_png, _, _ = _keras_outputs(model, backbone, png_images)

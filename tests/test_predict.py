@@ -259,6 +259,8 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         for line in predict.warning_lines(served["warnings"]):
             assert line in proc.stderr.splitlines(), (line, proc.stderr)
         assert served["patient"]["decision"] == local["patient"]["decision"]
+        # one type for the version: TF Serving's string, locally too
+        assert served["model"]["version"] == local["model"]["version"] == "1"
         np.testing.assert_allclose(list(served["patient"]["probabilities"].values()),
                                    list(local["patient"]["probabilities"].values()),
                                    atol=1e-5)
@@ -275,6 +277,39 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
         assert "empty_study" in lines[-1] and "Doe" not in "\n".join(lines[:-1])
         assert not (tmp_path / "e").exists()
         assert server.running()
+
+
+def test_no_lung_slices_are_flagged_boxes_clipped_and_the_lung_outlined(setup, tmp_path):
+    """Records built with --nolung_filter keep the neck and abdomen slices: predict flags
+    them (no_lung), keeps every box inside the image and outlines the lung in the
+    evidence."""
+    import types
+
+    from covid_keras import predict
+
+    model = setup["model"]
+    info = json.loads(json.dumps(model.info))
+    assert info["data_prep"]["preprocessing"], info["data_prep"]
+    info["data_prep"]["preprocessing"]["lung_filter"] = False
+    unfiltered = types.SimpleNamespace(info=info, predict_study=model.predict_study,
+                                       gradcam=model.gradcam, source=model.source)
+    out_dir = tmp_path / "out"
+    answer = predict.predict_study(str(setup["study"]), unfiltered, str(out_dir),
+                                   setup["salt"])
+    slices = answer["slices"]
+    flagged = [i for i, s in enumerate(slices) if s["no_lung"]]
+    assert 0 < len(flagged) < len(slices), [s["lung_fraction"] for s in slices]
+    threshold = answer["preprocessing"]["min_lung_fraction"]
+    assert all((slices[i]["lung_fraction"] < threshold) == (i in flagged)
+               for i in range(len(slices)))
+    warnings = [w for w in answer["warnings"] if w["reason"] == "no_lung"]
+    assert len(warnings) == 1 and f"{len(flagged)} of {len(slices)}" in warnings[0]["detail"]
+    boxes = np.array([b["box_yxyx"] for s in slices for b in s["boxes"]])
+    assert boxes.min() >= 0.0 and boxes.max() <= SIZE
+    rgb = cv2.imread(str(out_dir / "evidence_1.png"))[..., ::-1]
+    left = rgb[:, : rgb.shape[1] // 2].astype(int)
+    outline = (np.abs(left - np.array(predict.LUNG_OUTLINE_RGB)).max(-1) < 8).sum()
+    assert outline > 50, outline
 
 
 def test_server_address_is_named_without_credentials():
