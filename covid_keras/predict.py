@@ -18,12 +18,13 @@ the same signature on a running TF Serving / ``covid_keras.serve`` over REST.
   decision, its rule and threshold (made by the signature as evaluation makes it:
   :func:`covid_keras.evaluation.decide_patient`; with the ``any`` rule a patient is normal
   only if every slice is); the series used and why; every slice used (salted hash
-  of its SOPInstanceUID, index and position in the series, lung fraction, probabilities,
-  boxes (y0, x0, y1, x1 in the model's input pixels of the prepared slice) and scores);
-  the top slices; warnings (``few_slices``, ``not_ct_verified``, dropped slices, rejected
-  series, ...);
-* ``evidence_<n>.png`` for the top slices: the prepared slice with its boxes, and its
-  Grad-CAM overlay for the decided class.
+  of its SOPInstanceUID, index and position in the series, lung fraction, ``no_lung``,
+  probabilities, boxes (y0, x0, y1, x1 in the model's input pixels of the prepared slice,
+  clipped to it) and scores); the top slices; warnings (``few_slices``,
+  ``not_ct_verified``, ``no_lung``, dropped slices, rejected series, ...);
+* ``evidence_<n>.png`` for the top slices: the prepared slice with the lung outline
+  (data_prep's lung mask, cyan) and its boxes, and its Grad-CAM overlay for the decided
+  class.
 
 Nothing in them (or in the log) names the patient: the study is named by a salted hash of
 its path, slices by salted hashes of their UIDs (the salt: ``--salt_file``, created once
