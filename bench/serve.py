@@ -36,6 +36,19 @@ synthetic slices. What runs, in order:
    requests; (DRENet - probe) / (ResNet-50 - probe) at 1 client estimates the model-only
    ratio, in wall time and in server CPU.
 
+6. **Under attack** (DRENet's server, after the timing): predict_study latency at 1 client,
+   ``--attack_requests`` requests without and then with ``--slow_loris`` connections open
+   (each sends a predict header announcing 1000 bytes and one byte; one the server closes
+   is opened again, as an attacker would). Target: p95 with them within 1.5x of p95
+   without. Then the server's RSS (``/proc/<pid>/status`` VmRSS) after ``--rss_requests``
+   normal requests, and after as many oversized or bomb requests (in turn: a 20000 x 20000
+   PNG of a few hundred KB to predict_images, a body over ``--max_request_mb``, a study of
+   more than ``--max_instances`` slices, JSON nested 100000 deep, NaN). Target: within 10 %.
+7. **JSON decoding** (this process, no server): the study body through ``json.loads`` and
+   through ``orjson.loads`` (when installed), and the conversion to arrays
+   (:func:`covid_keras.serve.parse_predict_body`), best of 3 each: the serving cost that is
+   not the model.
+
 Target: DRENet / ResNet-50 latency <= 3.0 (ideal 2 + K / 4 = 2.75: two full backbone
 passes + K = 3 half-size crops), checked on the p50 at 1 client. Prints a table and one
 ``RESULT {json}`` line; ``--output_json`` also writes the JSON.
@@ -71,8 +84,12 @@ if str(REPO) not in sys.path:  # `python bench/serve.py` puts bench/, not the re
 
 from common import emit_result  # noqa: E402 (bench/common.py)
 
-DEFAULTS = dict(input_size=224, backbone="resnet50", requests=10, warmup=1, probe=3)
-QUICK = dict(input_size=64, backbone="tiny", requests=4, warmup=1, probe=2)
+DEFAULTS = dict(input_size=224, backbone="resnet50", requests=10, warmup=1, probe=3,
+                slow_loris=50, attack_requests=20, rss_requests=100)
+QUICK = dict(input_size=64, backbone="tiny", requests=4, warmup=1, probe=2, slow_loris=10,
+             attack_requests=4, rss_requests=5)
+SLOW_TARGET = 1.5  # p95 with the slow clients / without
+RSS_TARGET = 0.10  # RSS after the bombs within 10 % of RSS after the normal requests
 TARGET_RATIO = 3.0
 IDEAL_RATIO = 2.75  # 2 + K / 4 for K = 3 (paper)
 CLASSES = {2: ["normal", "covid"], 3: ["normal", "covid", "bacterial"]}
@@ -112,6 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "untimed round at the highest concurrency unless 0 (default 1)")
     p.add_argument("--probe", type=int, default=None,
                    help="REST overhead probe requests per model (0: none; default 3)")
+    p.add_argument("--slow_loris", type=int, default=None,
+                   help="slow-loris connections held open in the attack phase (0: no "
+                        "attack phase; default 50)")
+    p.add_argument("--attack_requests", type=int, default=None,
+                   help="timed requests without and with the slow clients (default 20)")
+    p.add_argument("--rss_requests", type=int, default=None,
+                   help="normal, then bomb / oversized requests before each RSS reading "
+                        "(default 100)")
     p.add_argument("--server_threads", type=int, default=8,
                    help="the servers' --rest_api_num_threads")
     p.add_argument("--ready_timeout", type=float, default=600.0,
@@ -367,6 +392,204 @@ def time_level(servers: list[Server], body: bytes, clients: int, args, log,
     return {s.name: summarise(lat[s.name], wall[s.name], cpu[s.name]) for s in servers}
 
 
+# ------------------------------------------------------------------ under attack
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class SlowLoris:
+    """``n`` connections that each send a predict header announcing 1000 bytes and one
+    byte, kept open (reopened when the server closes one) until stop()."""
+
+    HEAD = (b"POST /v1/models/%s:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+
+    def __init__(self, port: int, name: str, n: int):
+        self.port, self.head, self.n = port, self.HEAD % name.encode(), n
+        self.socks: list[socket.socket] = []
+        self.reopened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+
+    def _open(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        s.sendall(self.head)
+        s.setblocking(False)
+        return s
+
+    def start(self) -> "SlowLoris":
+        self.socks = [self._open() for _ in range(self.n)]
+        self._thread.start()
+        return self
+
+    def _keep(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, s in enumerate(self.socks):
+                try:
+                    s.recv(4096)  # an answer (408) or the close: this one is over
+                except BlockingIOError:
+                    continue  # still held open by the server
+                except OSError:
+                    pass
+                s.close()
+                try:
+                    self.socks[i] = self._open()
+                    self.reopened += 1
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for s in self.socks:
+            s.close()
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A valid grey PNG of side x side zero pixels (a few hundred KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    comp = zlib.compressobj(9)
+    row = b"\0" * (side + 1)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def bomb_bodies(args: argparse.Namespace) -> list[tuple[str, bytes, int]]:
+    """(what, body, expected HTTP status): requests the server must refuse cheaply."""
+    import base64
+
+    png = base64.b64encode(bomb_png()).decode("ascii")
+    many = np.zeros((1100, 4, 4, 3), np.uint8).tolist()  # over --max_instances (1024)
+    return [
+        ("png_bomb_20000px", json.dumps({"signature_name": "predict_images",
+                                         "instances": [{"b64": png}]}).encode(), 400),
+        ("over_max_request_mb", b"[" + b"0," * (33 << 20) + b"0]", 413),
+        ("over_max_instances", json.dumps({"signature_name": "predict_study",
+                                           "inputs": {"images": many}}).encode(), 400),
+        ("nested_100000", b"[" * 100000 + b"]" * 100000, 400),
+        ("nan", b'{"inputs": {"images": [[[[NaN, 0, 0]]]]}, "signature_name": '
+                b'"predict_study"}', 400),
+    ]
+
+
+def post_raw(server: Server, body: bytes, timeout: float) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request("POST", f"/v1/models/{server.name}:predict", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (ConnectionError, OSError):
+        return -1  # the server may close before reading an oversized body
+    finally:
+        conn.close()
+
+
+def under_attack(server: Server, body: bytes, args, log) -> dict:
+    """Section 6 of the module docstring."""
+    def timed(n: int) -> list[float]:
+        return [post(server, body, args.request_timeout) for _ in range(n)]
+
+    log(f"under attack ({server.name}): {args.attack_requests} requests without, then with "
+        f"{args.slow_loris} slow-loris connections")
+    calm = timed(args.attack_requests)
+    loris = SlowLoris(server.port, server.name, args.slow_loris).start()
+    try:
+        time.sleep(0.5)
+        attacked = timed(args.attack_requests)
+        threads = len(os.listdir(f"/proc/{server.proc.pid}/task")) if os.path.isdir(
+            f"/proc/{server.proc.pid}/task") else None
+    finally:
+        loris.stop()
+    p95 = {"without": float(np.percentile(calm, 95)), "with": float(np.percentile(attacked,
+                                                                              95))}
+    slow = {"connections": args.slow_loris, "requests": args.attack_requests,
+            "p50_without_s": round(float(np.median(calm)), 4),
+            "p95_without_s": round(p95["without"], 4),
+            "p50_with_s": round(float(np.median(attacked)), 4),
+            "p95_with_s": round(p95["with"], 4),
+            "p95_ratio": _ratio(p95["with"], p95["without"]),
+            "server_threads_during": threads, "target": SLOW_TARGET}
+    slow["pass"] = bool(slow["p95_ratio"] is not None and slow["p95_ratio"] <= SLOW_TARGET)
+    log(f"  p95 {slow['p95_without_s']:.3f} s without, {slow['p95_with_s']:.3f} s with: "
+        f"{slow['p95_ratio']}x ({'PASS' if slow['pass'] else 'FAIL'} <= {SLOW_TARGET})")
+
+    log(f"  RSS: {args.rss_requests} normal requests, then {args.rss_requests} bomb / "
+        "oversized ones")
+    rss0 = rss_bytes(server.proc.pid)
+    for _ in range(args.rss_requests):
+        post(server, body, args.request_timeout)
+    rss_normal = rss_bytes(server.proc.pid)
+    bombs = bomb_bodies(args)
+    statuses: dict = {}
+    for i in range(args.rss_requests):
+        what, b, want = bombs[i % len(bombs)]
+        got = post_raw(server, b, args.request_timeout)
+        statuses.setdefault(what, {"expected": want, "got": []})["got"].append(got)
+    time.sleep(1.0)
+    rss_bombs = rss_bytes(server.proc.pid)
+    rss = {"requests": args.rss_requests, "start_mb": _mb(rss0),
+           "after_normal_mb": _mb(rss_normal), "after_bombs_mb": _mb(rss_bombs),
+           "statuses": {k: {"expected": v["expected"], "got": sorted(set(v["got"]))}
+                        for k, v in statuses.items()}, "target": RSS_TARGET}
+    rss["change"] = (None if not rss_normal or not rss_bombs
+                     else round(rss_bombs / rss_normal - 1.0, 4))
+    rss["pass"] = bool(rss["change"] is not None and abs(rss["change"]) <= RSS_TARGET)
+    log(f"  RSS {rss['after_normal_mb']} MB after normal, {rss['after_bombs_mb']} MB after "
+        f"bombs: {rss['change']:+.1%} ({'PASS' if rss['pass'] else 'FAIL'} within "
+        f"{RSS_TARGET:.0%})")
+    return {"slow_clients": slow, "rss": rss}
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def json_cost(body: bytes) -> dict:
+    """Section 7 of the module docstring (best of 3, seconds)."""
+    from covid_keras import serve
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(min(times), 4)
+
+    out = {"body_mb": round(len(body) / 2**20, 2), "json_loads_s": best(lambda: json.loads(
+        body))}
+    try:
+        import orjson
+    except ImportError:
+        orjson = None
+    if orjson is not None:
+        out["orjson_loads_s"] = best(lambda: orjson.loads(body))
+    parsed = serve.loads(body)
+    out["parser"] = "orjson" if serve._orjson is not None else "json"
+    out["to_arrays_s"] = best(lambda: serve.parse_predict_body(parsed, ["images"], 1024))
+    parse = out["orjson_loads_s"] if out["parser"] == "orjson" else out["json_loads_s"]
+    out["server_path_s"] = round(parse + out["to_arrays_s"], 4)
+    out["target_s"] = 0.3
+    out["pass"] = out["server_path_s"] <= 0.3
+    return out
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 else None
 
@@ -432,6 +655,11 @@ def bench(args: argparse.Namespace) -> dict:
                    "parsed, refused before the model)" if with_probe else ""))
             levels[c] = time_level(servers, body, c, args, log,
                                    probe_body if with_probe else None, probe)
+        attack = under_attack(servers[0], body, args, log) if args.slow_loris else None
+        decode = json_cost(body)
+        log(f"JSON decoding of the {decode['body_mb']} MiB study: json {decode['json_loads_s']}"
+            f" s, orjson {decode.get('orjson_loads_s')} s; to arrays {decode['to_arrays_s']} s;"
+            f" the server's path ({decode['parser']}) {decode['server_path_s']} s")
     finally:
         for s in servers:
             s.stop()
@@ -501,6 +729,7 @@ def bench(args: argparse.Namespace) -> dict:
         "loadavg_after": ([round(x, 2) for x in os.getloadavg()]
                           if hasattr(os, "getloadavg") else None),
         "total_s": round(time.perf_counter() - t_all, 1),
+        "attack": attack, "json_decode": decode,
     }
     return res
 
@@ -547,6 +776,22 @@ def print_table(res: dict) -> None:
           f"{'PASS' if res['pass'] else 'FAIL'}")
     if res["mode"].endswith("quick"):
         print("  (--quick: tiny backbone and size, the ratio is not meaningful)")
+    a = res.get("attack")
+    if a:
+        sl, r = a["slow_clients"], a["rss"]
+        print(f"under attack: predict_study p95 {sl['p95_without_s']:.3f} s without, "
+              f"{sl['p95_with_s']:.3f} s with {sl['connections']} slow-loris connections: "
+              f"{sl['p95_ratio']}x ({'PASS' if sl['pass'] else 'FAIL'} <= {sl['target']}); "
+              f"RSS {r['after_normal_mb']} MB after {r['requests']} normal, "
+              f"{r['after_bombs_mb']} MB after {r['requests']} bomb / oversized: "
+              f"{r['change']:+.1%} ({'PASS' if r['pass'] else 'FAIL'} within "
+              f"{r['target']:.0%})")
+    d = res.get("json_decode")
+    if d:
+        print(f"JSON decoding of the {d['body_mb']} MiB study: json.loads {d['json_loads_s']} s"
+              f", orjson {d.get('orjson_loads_s')} s, to arrays {d['to_arrays_s']} s; the "
+              f"server's path ({d['parser']}) {d['server_path_s']} s "
+              f"({'PASS' if d['pass'] else 'FAIL'} <= {d['target_s']} s)")
     print(f"load average before {res['loadavg_before']}, after {res['loadavg_after']}; "
           f"total {res['total_s']:.0f} s")
 

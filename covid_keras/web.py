@@ -918,7 +918,8 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         """The card names the version that answered (the page's card HTML is rebuilt when
         the model server moved to another version); returns the card HTML when it changed."""
         answered = None if answered is None else str(answered)
-        if answered is None or answered == state["version"]:
+        if model.source.get("kind") != "server" or answered is None or (
+                answered == state["version"]):
             return None
         first = card["model"].get("exported_version", card["model"].get("version"))
         card["model"]["exported_version"] = first

@@ -47,6 +47,16 @@ def test_bench_serve_quick_result_line(tmp_path):
     assert set(s["drenet_p50_s"]) == set(s["resnet_p95_s"]) == {"1", "4"}
     assert s["req_per_s_clients"] == 4 and s["drenet_req_per_s"] > 0
     assert s["ratio_p50"] == res["ratio"]["1"]["p50"]
+    # under attack: slow clients, RSS after bombs, JSON decoding (figures, not targets)
+    slow, rss = res["attack"]["slow_clients"], res["attack"]["rss"]
+    assert slow["connections"] == 10 and slow["p95_without_s"] > 0 and slow["p95_with_s"] > 0
+    assert slow["target"] == 1.5 and isinstance(slow["pass"], bool)
+    assert rss["after_normal_mb"] > 0 and rss["after_bombs_mb"] > 0 and rss["target"] == 0.1
+    for what, st in rss["statuses"].items():  # every bomb refused (or the socket closed)
+        assert set(st["got"]) <= {st["expected"], -1}, (what, st)
+    assert res["attack"]["rss"]["statuses"]["png_bomb_20000px"]["got"] == [400]
+    d = res["json_decode"]
+    assert d["json_loads_s"] > 0 and d["to_arrays_s"] > 0 and d["parser"] in ("json", "orjson")
     # the servers were stopped and nothing but the kept work folder remains
     assert (work / "exports" / "drenet" / "1" / "saved_model.pb").is_file()
     assert "Traceback" not in (work / "serve_drenet.log").read_text()
