@@ -16,7 +16,6 @@ the image's own backbone are taken (for DRENet, not its branch batch norms).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -29,33 +28,16 @@ from common import parser  # noqa: E402
 
 
 def write_backbone_weights(model, output: str) -> str:
-    """Copies ``model``'s backbone into a fresh model of its architecture and saves it
-    atomically to ``output``; returns the architecture's name."""
-    from covid_keras.backbones import _application, build_backbone
+    """Saves ``model``'s image backbone to ``output`` (``covid_keras.backbones.
+    save_backbone_weights``); returns the architecture's name."""
+    from covid_keras.backbones import save_backbone_weights
     from covid_keras.evaluation import model_spec
     from covid_keras.gradcam import image_backbone
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end in .weights.h5. Received: {output}")
-    source, arch = image_backbone(model), model_spec(model)["backbone"]
-    if arch == "tiny":
-        target = build_backbone("tiny")
-    else:
-        target = _application(arch)(include_top=False, weights=None,
-                                    input_shape=(None, None, 3))
-    by_name = {lay.name: lay for lay in source.layers}
-    for lay in (lay for lay in target.layers if lay.weights):
-        if lay.name not in by_name:
-            raise ValueError(f"the model's {arch} backbone has no layer {lay.name!r}")
-        lay.set_weights(by_name[lay.name].get_weights())
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    partial = output[: -len(".weights.h5")] + f".partial-{os.getpid()}.weights.h5"
-    try:
-        target.save_weights(partial)
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    arch = model_spec(model)["backbone"]
+    save_backbone_weights(image_backbone(model), arch, output)
     return arch
 
 

@@ -146,3 +146,35 @@ def branch_view(backbone: keras.Model, branch: str) -> keras.Model:
         if isinstance(lay, layers.BatchNormalization):
             lay.set_weights(originals[lay.name[len(branch) + 1:]].get_weights())
     return view
+
+
+def save_backbone_weights(source: keras.Model, arch: str, path: str) -> None:
+    """Writes the weights of ``source`` (a backbone of architecture ``arch``: this module's
+    backbone model, or DRENet's image backbone) as the file that ``build_backbone(arch,
+    weights=path)`` and the trainer's ``--backbone_weights`` read: the keras.applications
+    model of the architecture (``include_top=False``, so that ``keras.applications.ResNet50(
+    include_top=False, weights=path)`` loads it as it loads ImageNet's), or for ``tiny`` this
+    module's backbone model. Layers are matched by name; written to a temporary file, then
+    moved into place (no file is left when saving fails)."""
+    if not path.endswith(".weights.h5"):
+        raise ValueError(f"A backbone weights file must end in .weights.h5. Received: {path}")
+    if arch not in BACKBONES:
+        raise ValueError(f"Unknown backbone. Expected one of {BACKBONES}. Received: {arch!r}")
+    if arch == "tiny":
+        target = build_backbone("tiny")
+    else:
+        target = _application(arch)(include_top=False, weights=None,
+                                    input_shape=(None, None, 3))
+    by_name = {lay.name: lay for lay in source.layers}
+    for lay in (lay for lay in target.layers if lay.weights):
+        if lay.name not in by_name:
+            raise ValueError(f"the model's {arch} backbone has no layer {lay.name!r}")
+        lay.set_weights(by_name[lay.name].get_weights())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path[: -len(".weights.h5")] + f".partial-{os.getpid()}.weights.h5"
+    try:
+        target.save_weights(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

@@ -281,3 +281,60 @@ def count_records(files: list[str]) -> int:
     """Records in the given shards (reads them once)."""
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The augmentations that make the two views of a slice for self-supervised
+    pretraining (:func:`make_pretrain_dataset`): :func:`augment`'s, stronger than the
+    trainer's. CT suits geometry (crop / zoom, flip, rotation) and a gamma and brightness
+    change that keeps black black; no colour jitter on the HU window."""
+    zoom: float = 0.5
+    rotation_degrees: float = 10.0
+    gamma: float = 0.4
+
+
+def pretrain_record_count(sources: list[tuple[str, str]]) -> int:
+    """Records in the given (data_dir, split) sources."""
+    return count_records([f for d, s in sources for f in shard_files(d, s)])
+
+
+def make_pretrain_dataset(sources: list[tuple[str, str]], batch_size: int, epoch: int,
+                          cfg: PipelineConfig = PipelineConfig(),
+                          views: ViewConfig = ViewConfig()) -> tf.data.Dataset:
+    """Unlabelled slices for self-supervised pretraining: every record of the (data_dir,
+    split) ``sources``, repeated, in an order and with augmentations that depend only on
+    ``cfg.seed`` and ``epoch`` (a resumed run sees what the killed one would have seen).
+    Each element: (images (2N, S, S, 3), zeros (2N,)), the first N rows one view of N
+    slices and the next N the other view of the same slices, normalised as the backbone
+    expects. Only the image is parsed: the labels are never read."""
+    files = [f for d, s in sources for f in shard_files(d, s)]
+    image_only = {schema.IMAGE: schema.parse_spec()[schema.IMAGE]}
+    order_seed = cfg.seed * 1_000_003 + int(epoch)
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    ds = ds.shuffle(max(cfg.shuffle_buffer, 1), seed=order_seed,
+                    reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda s: tf.io.parse_single_example(s, image_only)[schema.IMAGE],
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=0)))
+    base = tf.constant([cfg.seed, int(epoch) + 1], tf.int64)
+
+    def two_views(encoded, i):
+        img = decode_image(encoded, cfg.input_size, rgb=False)
+        out = []
+        for v in range(2):
+            aug = augment(img, tf.stack([base[0], base[1] * (1 << 40) + 2 * i + v]),
+                          views.rotation_degrees, cfg.brightness, views.zoom, views.gamma)
+            out.append(normalize(tf.ensure_shape(to_rgb(aug), [cfg.input_size,
+                                                              cfg.input_size, 3]),
+                                 cfg.backbone))
+        return out[0], out[1]
+
+    ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda a, b: (tf.concat([a, b], axis=0), tf.zeros([2 * batch_size])))
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = \
+        tf.data.experimental.AutoShardPolicy.DATA
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

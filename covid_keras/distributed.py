@@ -92,3 +92,19 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
     with strategy.scope():  # as Keras's fit: the weights' moving average, if kept, stays
         optimizer.finalize_variable_values(model.trainable_variables)
     cb.on_train_end()
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy named by ``--strategy`` (train and pretrain):
+    ``multi_worker`` (TF_CONFIG), ``one_device`` (the first GPU, else the CPU), or
+    ``mirrored``: every visible GPU, several logical CPUs (tests), else one device."""
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(cpus) if len(cpus) > 1 else \
+        tf.distribute.OneDeviceStrategy(cpus[0])

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = sorted((REPO / "configs").glob("*.cfg"))
+PRETRAIN = sorted((REPO / "configs").glob("pretrain_*.cfg"))
+TRAIN = sorted(set((REPO / "configs").glob("*.cfg")) - set(PRETRAIN))
 DATA = sorted((REPO / "configs" / "data").glob("*.cfg"))
 
 
-@pytest.mark.parametrize("path", TRAIN + DATA, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TRAIN + PRETRAIN + DATA, ids=lambda p: p.name)
 def test_flagfile_header_and_no_commented_out_flags(path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# python -m ") or lines[0].startswith("# make demo:") or \
@@ -29,6 +30,7 @@ PARSE = """
 import sys
 from absl import flags
 import {module} as m
+getattr(m, "define_flags", lambda: None)()
 from covid_keras import cli, recipes
 bad = []
 for path in sys.argv[1:]:
@@ -46,6 +48,7 @@ sys.exit(1 if bad else 0)
 
 @pytest.mark.parametrize("module,paths,extra", [
     ("covid_keras.train", TRAIN, ["--data_dir=d", "--run_dir=r"]),
+    ("covid_keras.pretrain", PRETRAIN, ["--data_dir=d", "--run_dir=r"]),
     ("data_prep.build_tfrecords", DATA, ["--input=i"]),
 ])
 def test_flagfiles_parse(module, paths, extra):

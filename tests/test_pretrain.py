@@ -1,0 +1,343 @@
+"""Self-supervised pretraining (covid_keras.pretrain, covid_keras.ssl) on generated studies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import phantom
+from tests.export_helpers import user_env
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = user_env()
+ENV["KERAS_BACKEND"] = "tensorflow"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_data")
+    phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
+                          patients_per_kind=4, num_slices=20, matrix=64, seed=1)
+    out = root / "tfrecords"
+    salt = root / "salt.key"
+    salt.write_text("0123456789abcdef" * 4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
+         f"--output_dir={out}", "--image_size=64", "--min_slices=5", "--workers=1",
+         f"--salt_file={salt}", "--classes=normal,covid,bacterial",
+         "--split_fractions=0.5,0.25,0.25"], cwd=REPO, env=ENV, capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(out)
+
+
+def config(data_dir, run_dir, **kw):
+    from covid_keras.pretrain import PretrainConfig
+
+    base = dict(data_dir=data_dir, run_dir=str(run_dir), backbone="tiny", input_size=64,
+                batch_size=16, epochs=2, warmup_epochs=0, learning_rate=3e-3, verbose=0,
+                knn_k=5)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+# ------------------------------------------------------------------ the loss
+def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
+    from covid_keras.ssl import NTXentLoss
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(8, 16)).astype("float32")
+    loss = NTXentLoss(temperature=0.1)
+    matched = float(np.mean(loss.call(None, np.concatenate([z, z + 0.01]))))
+    shuffled = float(np.mean(loss.call(None, np.concatenate([z, z[::-1] + 0.01]))))
+    assert matched < 0.1 < np.log(15) * 0.5 < shuffled
+    # by hand for one row: -log softmax over the 2N - 1 other rows, at the partner
+    both = np.concatenate([z, z[::-1]])
+    u = both / np.linalg.norm(both, axis=1, keepdims=True)
+    sim = u @ u.T / 0.1
+    row = np.delete(sim[0], 0)
+    expected = np.log(np.exp(row).sum()) - sim[0, 8]
+    got = np.asarray(loss.call(None, both))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        NTXentLoss(temperature=0)
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("arch", ["tiny", "resnet50", "vgg16", "densenet121", "densenet169"])
+def test_backbone_weights_round_trip_exactly(arch, tmp_path):
+    import keras
+
+    from covid_keras.backbones import build_backbone, save_backbone_weights
+    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+
+    keras.utils.set_random_seed(1)
+    model = build_pretrain_model(arch, input_size=64, projection_dim=8, hidden_units=8)
+    source = pretrained_backbone(model)
+    for w in source.weights:  # every value moved off its initialiser (BN statistics too)
+        w.assign(np.random.default_rng(len(w.path)).normal(size=w.shape).astype("float32"))
+    path = str(tmp_path / "b.weights.h5")
+    save_backbone_weights(source, arch, path)
+    loaded = build_backbone(arch, weights=path)
+    got = {w.path.split("/", 1)[-1]: w.numpy() for w in loaded.weights}
+    want = {w.path.split("/", 1)[-1]: w.numpy() for w in source.weights}
+    assert got.keys() == want.keys() and got
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    x = np.random.default_rng(2).normal(size=(1, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(loaded(x)["pool"], source(x)["pool"])
+
+
+def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
+    import keras
+
+    from covid_keras.backbones import save_backbone_weights
+    from covid_keras.drenet import build_drenet
+    from covid_keras.gradcam import image_backbone
+    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+
+    keras.utils.set_random_seed(3)
+    source = pretrained_backbone(build_pretrain_model("tiny", 64, 8, 8))
+    for w in source.weights:
+        w.assign(np.random.default_rng(len(w.path)).normal(size=w.shape).astype("float32"))
+    path = str(tmp_path / "b.weights.h5")
+    save_backbone_weights(source, "tiny", path)
+    drenet = build_drenet(2, input_size=64, backbone="tiny", weights=path)
+    inner = image_backbone(drenet)
+    x = np.random.default_rng(4).normal(size=(2, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(inner(x)["pool"], source(x)["pool"])
+    back = str(tmp_path / "back.weights.h5")
+    save_backbone_weights(inner, "tiny", back)
+    with open(path, "rb") as a, open(back, "rb") as b:
+        assert len(a.read()) > 0 and len(b.read()) > 0
+    from covid_keras.backbones import build_backbone
+
+    np.testing.assert_array_equal(build_backbone("tiny", weights=back)(x)["pool"],
+                                  source(x)["pool"])
+
+
+# ------------------------------------------------------------------ the run
+def test_held_out_split_is_refused_without_allow_test(data_dir, tmp_path):
+    from covid_keras.pretrain import check_config
+
+    with pytest.raises(ValueError, match="held-out split 'test'.*--allow_test"):
+        check_config(config(data_dir, tmp_path / "r", splits=("train", "test")))
+    check_config(config(data_dir, tmp_path / "r", splits=("train", "test"), allow_test=True))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """One pretraining of the tiny backbone (8 epochs, the k-NN probe on val), watched:
+    which splits it opened and which record fields it parsed."""
+    import tensorflow as tf
+
+    from covid_keras import data, pretrain
+
+    run = tmp_path_factory.mktemp("pretrain") / "run"
+    read, parsed = [], []
+    real_files, real_parse = data.shard_files, tf.io.parse_single_example
+    data.shard_files = lambda d, s: read.append(s) or real_files(d, s)
+    tf.io.parse_single_example = lambda s, spec: parsed.append(tuple(spec)) or real_parse(
+        s, spec)
+    try:
+        out = pretrain.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+    finally:
+        data.shard_files, tf.io.parse_single_example = real_files, real_parse
+    return run, out, read, parsed
+
+
+def test_pretraining_reads_no_held_out_split_and_no_label(finished_run):
+    from covid_keras import schema
+
+    _, _, read, parsed = finished_run
+    # the views: train alone; the probe (a diagnostic): train and val; never test
+    assert read and set(read) == {"train", "val"}
+    # the views parse the image alone (the probe's own reader parses the labels it scores)
+    assert (schema.IMAGE,) in parsed
+    flagfile = (finished_run[0] / "flags.cfg").read_text()
+    assert "--splits=train\n" in flagfile and "--overwrite" not in flagfile
+
+
+def test_the_views_parse_the_image_alone_and_depend_on_seed_and_epoch(data_dir,
+                                                                      monkeypatch):
+    import tensorflow as tf
+
+    from covid_keras import data, schema
+
+    parsed = []
+    real_parse = tf.io.parse_single_example
+    monkeypatch.setattr(tf.io, "parse_single_example",
+                        lambda s, spec: parsed.append(tuple(spec)) or real_parse(s, spec))
+
+    def first(epoch, seed=0):
+        cfg = data.PipelineConfig(input_size=64, backbone="tiny", seed=seed)
+        return next(iter(data.make_pretrain_dataset([(data_dir, "train")], 4, epoch, cfg)))
+
+    x, y = first(0)
+    assert parsed and set(parsed) == {(schema.IMAGE,)}  # no label, no patient key
+    assert x.shape == (8, 64, 64, 3) and y.shape == (8,) and not np.any(y.numpy())
+    np.testing.assert_array_equal(x.numpy(), first(0)[0].numpy())  # resumable
+    assert not np.array_equal(x.numpy(), first(1)[0].numpy())
+    assert not np.array_equal(x.numpy(), first(0, seed=1)[0].numpy())
+    assert not np.array_equal(x.numpy()[:4], x.numpy()[4:])  # two views, augmented apart
+
+
+def test_loss_falls_and_the_run_folder_is_complete(finished_run, data_dir):
+    import tensorflow as tf
+
+    from covid_keras import pretrain
+
+    run, out, _, _ = finished_run
+    losses = [r["loss"] for r in out["history"]]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    for name in ("backbone.weights.h5", "metrics.json", "run_info.json", "log.csv",
+                 "flags.cfg"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoint").exists()
+    assert "knn_patient_auc" in out["history"][-1]
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["sources"] == [[data_dir, "train"]] and info["method"] == "simclr"
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
+            for v in e.summary.value}
+    assert {"pretrain/loss", "pretrain/learning_rate", "probe/knn_slice_auc"} <= tags
+    assert pretrain.weights_file(str(run)) == str(run / "backbone.weights.h5")
+    with pytest.raises(ValueError, match="finished pretraining run.*--overwrite"):
+        pretrain.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+
+
+def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monkeypatch):
+
+    from covid_keras import pretrain
+
+    cfg = dict(epochs=3, steps_per_epoch=2, probe_split="")
+    saved = {}
+    real_save = pretrain.Checkpoint.save
+
+    def save_then_die(self, model, epoch, history, previous):
+        state = real_save(self, model, epoch, history, previous)
+        if epoch == 2:
+            saved["weights"] = [w.numpy().copy() for w in model.weights]
+            saved["optimizer"] = [v.numpy().copy() for v in model.optimizer.variables]
+            saved["history"] = list(history)
+            raise KeyboardInterrupt  # killed right after epoch 2 was committed
+        return state
+
+    monkeypatch.setattr(pretrain.Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(config(data_dir, tmp_path / "killed", **cfg))
+    monkeypatch.setattr(pretrain.Checkpoint, "save", real_save)
+    assert (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
+    assert not (tmp_path / "killed" / "backbone.weights.h5").exists()
+
+    restored, epochs_built = {}, []
+    real_load = pretrain.Checkpoint.load
+
+    def load_and_look(self, model):
+        state = real_load(self, model)
+        restored["weights"] = [w.numpy().copy() for w in model.weights]
+        restored["optimizer"] = [v.numpy().copy() for v in model.optimizer.variables]
+        restored["epoch"] = state["epoch"]
+        return state
+
+    real_dataset = pretrain_data().make_pretrain_dataset
+
+    def dataset(sources, batch_size, epoch, *args):
+        epochs_built.append(epoch)
+        return real_dataset(sources, batch_size, epoch, *args)
+
+    monkeypatch.setattr(pretrain.Checkpoint, "load", load_and_look)
+    monkeypatch.setattr(pretrain_data(), "make_pretrain_dataset", dataset)
+    resumed = pretrain.pretrain(config(data_dir, tmp_path / "killed", **cfg))
+    # the weights, batch-norm statistics and optimizer state (step count, moments) of the
+    # last committed epoch, exactly; then only the epoch that was left, with its own data
+    assert restored["epoch"] == 2 and epochs_built == [2]
+    assert int(restored["optimizer"][0]) == 4  # iterations: 2 epochs x 2 steps
+    for key in ("weights", "optimizer"):
+        assert len(restored[key]) == len(saved[key])
+        for a, b in zip(restored[key], saved[key]):
+            np.testing.assert_array_equal(a, b)
+    assert resumed["history"][:2] == saved["history"]
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    assert not (tmp_path / "killed" / "checkpoint").exists()
+
+
+def pretrain_data():
+    from covid_keras import data
+
+    return data
+
+
+def test_an_interrupted_run_with_other_flags_is_refused(data_dir, tmp_path):
+    from covid_keras import pretrain
+
+    run = tmp_path / "r"
+    (run / "checkpoint").mkdir(parents=True)
+    cfg = config(data_dir, run)
+    (run / "run_info.json").write_text(json.dumps({"config": {**cfg.defining(),
+                                                              "temperature": 0.5}}))
+    with pytest.raises(ValueError, match="other flags.*--temperature: 0.5 -> 0.2"):
+        pretrain.prepare_run_dir(cfg)
+    with pytest.raises(ValueError, match="unfinished pretraining run"):
+        pretrain.weights_file(str(run))
+
+
+def test_pretrained_features_beat_random_ones_on_a_linear_probe(finished_run, data_dir):
+    """Covid vs other generated studies, a logistic regression on the pooled features of
+    the train split, scored on val + test slices: the pretrained backbone's features carry
+    more of the task than the same architecture's random ones."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from covid_keras import data
+    from covid_keras.backbones import build_backbone
+
+    run = finished_run[0]
+
+    def slices(split):
+        cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+        xs, ys = [], []
+        for x, meta in data.make_dataset(data_dir, split, 32, training=False, cfg=cfg,
+                                         with_meta=True):
+            xs.append(x.numpy())
+            ys.append(meta["label"].numpy())
+        return np.concatenate(xs), (np.concatenate(ys) == 1).astype(int)  # covid
+
+    (xt, yt), (xv, yv) = slices("train"), [np.concatenate(a) for a in zip(
+        slices("val"), slices("test"))]
+
+    def probe_auc(backbone):
+        ft, fv = (np.asarray(backbone.predict(x, verbose=0)["pool"]) for x in (xt, xv))
+        mu, sd = ft.mean(0), ft.std(0) + 1e-6
+        clf = LogisticRegression(C=0.1, max_iter=2000).fit((ft - mu) / sd, yt)
+        return roc_auc_score(yv, clf.decision_function((fv - mu) / sd))
+
+    keras.utils.set_random_seed(0)
+    random = [probe_auc(build_backbone("tiny")) for _ in range(3)]
+    trained = probe_auc(build_backbone("tiny", weights=str(run / "backbone.weights.h5")))
+    assert trained > max(random), (trained, random)
+
+
+def test_command_line_help_and_one_line_errors(data_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "covid_keras.pretrain", *args], cwd=REPO,
+                              env=ENV, capture_output=True, text=True, timeout=120)
+
+    ok = run("--help")
+    assert ok.returncode == 0 and "--allow_test" in ok.stdout + ok.stderr
+    bad = run(f"--data_dir={data_dir}", f"--run_dir={tmp_path / 'r'}", "--splits=train,test")
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert lines[-1].startswith("covid_keras.pretrain: error: --splits=train,test includes "
+                                "the held-out split 'test'"), bad.stderr
+    assert len([ln for ln in lines if "error" in ln]) == 1
+    assert not (tmp_path / "r").exists()
