@@ -138,9 +138,16 @@ def _read_flagfile(path: str, included_from: str | None, stack: tuple[str, ...]
         if line.startswith("--flagfile="):
             out += _read_flagfile(_resolve(line.split("=", 1)[1], path), path,
                                   stack + (real,))
+        elif line.split("=", 1)[0] in FLAGFILE_FLAGS and "=" in line:
+            name, value = line.split("=", 1)
+            out.append(f"{name}={_resolve(value, path)}" if value else line)
         else:
             out.append(line)
     return out
+
+
+#: Flags that name another flagfile: a relative path in a flagfile is read beside it too.
+FLAGFILE_FLAGS = ("--pretrain_flagfile",)
 
 
 def _resolve(name: str, including: str) -> str:

@@ -40,7 +40,7 @@ RUN_FILES = ("run_info.json", "flags.cfg", BACKBONE_FILE, "metrics.json", "log.c
 HELD_OUT_SPLITS = ("test",)
 PATH_FLAGS = ("data_dir", "run_dir", "extra_data_dir", "backbone_weights")
 # Flags that do not change what a run computes (a resumed run may change them).
-RESUMABLE_CHANGES = ("overwrite", "verbose", "data_dir", "run_dir", "extra_data_dir",
+RESUMABLE_CHANGES = ("overwrite", "reuse", "verbose", "data_dir", "run_dir", "extra_data_dir",
                      "probe_split", "probe_every", "knn_k")
 
 
@@ -74,6 +74,7 @@ class PretrainConfig:
     probe_every: int = 1
     knn_k: int = 20
     overwrite: bool = False
+    reuse: bool = False
     verbose: int = 2
 
     def sources(self) -> list[tuple[str, str]]:
@@ -94,7 +95,7 @@ class PretrainConfig:
         one-shot ``--overwrite``)."""
         lines = []
         for name, v in asdict(self).items():
-            if name == "overwrite" or v is None:
+            if name in ("overwrite", "reuse") or v is None:
                 continue
             if name in PATH_FLAGS and v and v != "imagenet":
                 v = os.path.abspath(os.path.expanduser(v))
@@ -172,10 +173,11 @@ def prepare_run_dir(cfg: PretrainConfig) -> str:
             files.rmtree(os.path.join(run_dir, name))
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
-    if is_finished(run_dir):
+    finished = is_finished(run_dir)
+    if finished and not cfg.reuse:
         raise ValueError(f"{run_dir} holds a finished pretraining run: use it (covid_keras."
                          f"train --init_from={run_dir}), or pass --overwrite to replace it")
-    if started:
+    if started or finished:
         info = os.path.join(run_dir, "run_info.json")
         if files.exists(info):
             stored = json.loads(files.read_text(info)).get("config", {})
@@ -183,11 +185,12 @@ def prepare_run_dir(cfg: PretrainConfig) -> str:
             diff = [f"--{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
                     if stored.get(k) != now.get(k)]
             if diff:
-                raise ValueError(f"{run_dir} holds an interrupted pretraining run with "
-                                 f"other flags ({'; '.join(diff)}): rerun it with its "
-                                 f"--flagfile={os.path.join(run_dir, 'flags.cfg')}, or pass "
-                                 "--overwrite")
-        return "resume"
+                state = "a finished" if finished else "an interrupted"
+                raise ValueError(f"{run_dir} holds {state} pretraining run with other flags ("
+                                 f"{'; '.join(diff)}): rerun it with its --flagfile="
+                                 f"{os.path.join(run_dir, 'flags.cfg')}, choose another "
+                                 "folder, or pass --overwrite")
+        return "finished" if finished else "resume"
     files.makedirs(run_dir)
     return "new"
 
@@ -301,6 +304,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from covid_keras.backbones import save_backbone_weights
 
     mode = prepare_run_dir(cfg)
+    if mode == "finished":  # --reuse, same flags
+        log.info("%s holds a finished pretraining run with the same flags: reused",
+                 cfg.run_dir)
+        return json.loads(files.read_text(os.path.join(cfg.run_dir, "metrics.json")))
     if mode == "resume":
         log.info("%s holds an interrupted pretraining run with the same flags: resuming it",
                  cfg.run_dir)
@@ -497,6 +504,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("probe_every", d.probe_every, "Probe every N epochs.")
     flags.DEFINE_integer("knn_k", d.knn_k, "Neighbours of the k-NN probe.")
     flags.DEFINE_bool("overwrite", False, "Start --run_dir again from scratch.")
+    flags.DEFINE_bool("reuse", False, "A finished run in --run_dir with the same flags is "
+                      "kept (nothing runs) instead of being an error; other flags are still "
+                      "an error (covid_keras.train's pretraining stage).")
     flags.DEFINE_integer("verbose", d.verbose, "0 silent, 1 a step bar and a line per epoch, "
                          "2 a line per epoch.")
     _DEFINED = True
@@ -520,6 +530,7 @@ def main(argv):
     cfg = config_from_flags()
     check_config(cfg)
     cli.setup_logging(0)
+    log.setLevel(logging.INFO)  # setup_logging leaves absl (and so the root) at WARNING
     pretrain(cfg)
     return 0
 

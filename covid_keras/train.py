@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -53,7 +54,16 @@ flags.DEFINE_enum("trainable", "all", ["all", "last3", "head"], "What trains: ev
                   "the backbone's last 3 conv layers + classifier (seed 004), or the head only "
                   "(fine-tuning with --init_from).")
 flags.DEFINE_string("init_from", None, "Start from this .keras model (fine-tuning on a new "
-                    "hospital's data).")
+                    "hospital's data), or from a pretraining run's image backbone: a "
+                    "finished covid_keras.pretrain run folder or its backbone.weights.h5 "
+                    "(as --backbone_weights).")
+flags.DEFINE_string("pretrain_flagfile", None, "A first stage: self-supervised pretraining "
+                    "of the backbone (python -m covid_keras.pretrain with this flagfile, "
+                    "on --data_dir, into --pretrain_dir), then training from its weights. "
+                    "A relative path in a flagfile is read beside that flagfile. A finished "
+                    "pretraining with the same flags is reused; an interrupted one resumes.")
+flags.DEFINE_string("pretrain_dir", None, "The pretraining stage's run folder (default "
+                    "<run_dir>/pretrain; several runs, e.g. seeds, may share one).")
 flags.DEFINE_integer("input_size", 448, "Model input side in pixels.")
 flags.DEFINE_integer("epochs", 120, "Epochs (ignored with --stages).")
 flags.DEFINE_integer("batch_size", 4, "Per-replica batch size.")
@@ -150,7 +160,8 @@ log = logging.getLogger("covid_keras.train")
 # ------------------------------------------------------------------ run folder
 #: Path flags: recorded absolute (run_info.json, flags.cfg), so a run's flags.cfg repeats it
 #: from any working directory.
-PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights")
+PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights", "pretrain_flagfile",
+              "pretrain_dir")
 #: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
 #: must not replace the finished run it came from).
 NOT_RECORDED = ("overwrite",)
@@ -244,10 +255,39 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     return "new"
 
 
+def init_from_backbone() -> bool:
+    """--init_from names a pretraining run folder or a backbone weights file (not a
+    .keras model)."""
+    return bool(FLAGS.init_from) and not FLAGS.init_from.endswith(".keras")
+
+
+def backbone_weights(run_dir: str) -> str | None:
+    """The backbone's starting weights: the pretraining stage's (--pretrain_flagfile, run
+    or reused here), --init_from's pretraining run or file, else --backbone_weights."""
+    from covid_keras import pretrain
+
+    if FLAGS.pretrain_flagfile:
+        folder = FLAGS.pretrain_dir or os.path.join(run_dir, "pretrain")
+        cmd = [sys.executable, "-m", "covid_keras.pretrain",
+               f"--flagfile={FLAGS.pretrain_flagfile}", f"--data_dir={FLAGS.data_dir}",
+               f"--run_dir={folder}", "--reuse"]
+        log.info("stage 0, pretraining: %s", " ".join(cmd[1:]))
+        code = subprocess.run(cmd).returncode
+        if code:
+            raise RuntimeError(f"the pretraining stage failed (exit {code}): rerun to resume "
+                               f"it, or run python -m covid_keras.pretrain "
+                               f"--flagfile={FLAGS.pretrain_flagfile} --run_dir={folder} "
+                               "alone to see why")
+        return pretrain.weights_file(folder)
+    if init_from_backbone():
+        return pretrain.weights_file(FLAGS.init_from)
+    return FLAGS.backbone_weights or None
+
+
 def apply_init_from_spec(classes: list[str]) -> None:
     """--init_from: the loaded model's backbone, input size and input normalisation replace
     the flags' (and are what run_info.json records), with a log line when they differ."""
-    if not FLAGS.init_from:
+    if not FLAGS.init_from or init_from_backbone():
         return
     from covid_keras.saving import saved_model_spec
 
@@ -318,24 +358,26 @@ def is_chief(strategy) -> bool:
 
 
 # ------------------------------------------------------------------ model
-def build_model(num_classes: int):
+def build_model(num_classes: int, weights: str | None = None):
+    """The model the flags describe; ``weights``: the backbone's starting weights
+    (:func:`backbone_weights`)."""
     import keras
 
     from covid_keras.backbones import set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
-    if FLAGS.init_from:  # its backbone, size and classes were checked at start-up
+    if FLAGS.init_from and not init_from_backbone():  # checked at start-up
         model = keras.saving.load_model(FLAGS.init_from)
     elif FLAGS.model == "drenet":
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
-                             backbone=FLAGS.backbone, weights=FLAGS.backbone_weights,
+                             backbone=FLAGS.backbone, weights=weights,
                              variant=FLAGS.variant, trainable=FLAGS.trainable,
                              head_hidden_units=FLAGS.head_hidden_units,
                              bn_momentum=FLAGS.bn_momentum, input_norm=FLAGS.input_norm)
     else:
         model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
-                                 FLAGS.backbone_weights, trainable=FLAGS.trainable,
+                                 weights, trainable=FLAGS.trainable,
                                  input_norm=FLAGS.input_norm)
     apply_trainable(model, FLAGS.trainable)
     set_bn_momentum(model, FLAGS.bn_momentum)  # the classifier's, a loaded model's
@@ -413,8 +455,14 @@ def main(argv):
                          f"batch ({global_batch}).")
     evaluator = cbs.Evaluator(FLAGS.data_dir, FLAGS.val_split, global_batch, cfg,
                               FLAGS.num_display_images)
+    weights = backbone_weights(run_dir) if chief else FLAGS.backbone_weights
+    if weights and weights != FLAGS.backbone_weights and chief:
+        info = json.loads(files.read_text(os.path.join(run_dir, "run_info.json")))
+        info["backbone_weights"] = {"path": os.path.abspath(weights),
+                                    "sha256": files.sha256(weights)}
+        files.write_json(os.path.join(run_dir, "run_info.json"), info)
     with strategy.scope():
-        model = build_model(len(classes))
+        model = build_model(len(classes), weights)
     hparams = {k: v for k, v in resolved_flags().items() if k not in ("data_dir", "run_dir")}
     hparams["dataset"] = manifest.get("dataset", os.path.basename(
         os.path.normpath(FLAGS.data_dir)))
@@ -625,6 +673,19 @@ def check_recipe():
     except ValueError:
         raise ValueError("--lr_decay_epochs must be whole epochs, comma-separated. "
                          f"Received: {','.join(FLAGS.lr_decay_epochs)}") from None
+    if FLAGS.pretrain_flagfile and (FLAGS.init_from or FLAGS.backbone_weights):
+        raise ValueError("--pretrain_flagfile makes the backbone's starting weights: it "
+                         "takes neither --init_from nor --backbone_weights")
+    if FLAGS.pretrain_flagfile and FLAGS.strategy == "multi_worker":
+        raise ValueError("--pretrain_flagfile is not supported with --strategy=multi_worker: "
+                         "pretrain first (python -m covid_keras.pretrain), then pass "
+                         "--init_from=<its run folder>")
+    if FLAGS.pretrain_flagfile and not os.path.isfile(FLAGS.pretrain_flagfile):
+        raise FileNotFoundError(f"--pretrain_flagfile={FLAGS.pretrain_flagfile}: no such file")
+    if init_from_backbone():
+        from covid_keras import pretrain
+
+        pretrain.weights_file(FLAGS.init_from)  # a one-line error before anything runs
     weights = FLAGS.backbone_weights
     if weights not in (None, "", "imagenet") and not files.exists(weights):
         raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "

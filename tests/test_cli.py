@@ -61,7 +61,21 @@ def test_every_config_resolves_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for path in sorted((REPO / "configs").glob("*.cfg")):
         argv = cli.expand_flagfiles(["p", f"--flagfile={path}"])
-        assert any(a.startswith("--model=") for a in argv), path  # base.cfg was included
+        # base.cfg was included (a pretraining flagfile stands alone: its own --backbone)
+        key = "--backbone=" if path.name.startswith("pretrain_") else "--model="
+        assert any(a.startswith(key) for a in argv), path
+        for arg in argv:  # a flagfile named inside a flagfile is found from anywhere
+            if arg.startswith("--pretrain_flagfile="):
+                assert os.path.isfile(arg.split("=", 1)[1]), (path, arg)
+
+
+def test_a_pretrain_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.cfg").write_text("--pretrain_flagfile=pre.cfg\n--x=pre.cfg\n")
+    argv = cli.expand_flagfiles(["p", f"--flagfile={tmp_path / 'sub' / 'a.cfg'}",
+                                 "--pretrain_flagfile=own.cfg"])
+    assert argv == ["p", f"--pretrain_flagfile={tmp_path / 'sub' / 'pre.cfg'}",
+                    "--x=pre.cfg", "--pretrain_flagfile=own.cfg"]
 
 
 def test_error_line_is_one_line():

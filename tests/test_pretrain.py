@@ -341,3 +341,37 @@ def test_command_line_help_and_one_line_errors(data_dir, tmp_path):
                                 "the held-out split 'test'"), bad.stderr
     assert len([ln for ln in lines if "error" in ln]) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_train_runs_the_pretraining_stage_from_its_flagfile_and_reuses_it(data_dir,
+                                                                          tmp_path):
+    """``--pretrain_flagfile`` (read beside the flagfile that names it): the trainer runs
+    the pretraining into <run_dir>/pretrain, starts the backbone from its weights (recorded
+    in run_info.json), and a second run with the same flags reuses the finished stage."""
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "pre.cfg").write_text("--backbone=tiny\n--input_size=64\n--batch_size=8\n"
+                                     "--epochs=1\n--steps_per_epoch=1\n--probe_split=\n")
+    (cfg_dir / "train.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
+                                       "--pretrain_flagfile=pre.cfg\n--epochs=1\n"
+                                       "--steps_per_epoch=1\n")
+    run = tmp_path / "run"
+
+    def train(*extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "covid_keras.train", f"--flagfile={cfg_dir / 'train.cfg'}",
+             f"--data_dir={data_dir}", f"--run_dir={run}", *extra], cwd=tmp_path, env=ENV,
+            capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    train()
+    weights = run / "pretrain" / "backbone.weights.h5"
+    assert weights.is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["backbone_weights"]["path"] == str(weights)
+    assert f"--pretrain_flagfile={cfg_dir / 'pre.cfg'}\n" in (run / "flags.cfg").read_text()
+    mtime = weights.stat().st_mtime_ns
+    again = train("--overwrite")
+    assert "finished pretraining run with the same flags: reused" in again.stderr
+    assert weights.stat().st_mtime_ns == mtime
