@@ -47,6 +47,7 @@ def config(data_dir, run_dir, **kw):
 
 
 # ------------------------------------------------------------------ the loss
+@pytest.mark.model
 def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
     from covid_keras.ssl import NTXentLoss
 
@@ -69,7 +70,8 @@ def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
 
 
 # ------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("arch", ["tiny", "resnet50", "vgg16", "densenet121", "densenet169"])
+@pytest.mark.parametrize("arch", [pytest.param("tiny", marks=pytest.mark.model), "resnet50",
+                                  "vgg16", "densenet121", "densenet169"])
 def test_backbone_weights_round_trip_exactly(arch, tmp_path):
     import keras
 
@@ -93,6 +95,7 @@ def test_backbone_weights_round_trip_exactly(arch, tmp_path):
     np.testing.assert_array_equal(loaded(x)["pool"], source(x)["pool"])
 
 
+@pytest.mark.model
 def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     import keras
 
@@ -274,6 +277,23 @@ def pretrain_data():
     from covid_keras import data
 
     return data
+
+
+@pytest.mark.model
+def test_pretraining_steps_on_this_backend(data_dir, tmp_path):
+    """The same pretraining runs under the TensorFlow and the JAX backend (tf.data feeds
+    both; the model and the loss are keras.ops)."""
+    import keras
+
+    from covid_keras import pretrain
+
+    out = pretrain.pretrain(config(data_dir, tmp_path / "r", epochs=2, steps_per_epoch=2,
+                                   probe_split="val"))
+    assert len(out["history"]) == 2 and all(np.isfinite(r["loss"]) for r in out["history"])
+    assert "knn_slice_auc" in out["history"][-1]
+    info = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    assert info["backend"] == keras.backend.backend()
+    assert (tmp_path / "r" / "backbone.weights.h5").is_file()
 
 
 def test_an_interrupted_run_with_other_flags_is_refused(data_dir, tmp_path):
