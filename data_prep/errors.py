@@ -34,7 +34,8 @@ REASONS: dict[str, str] = {
     "non_ct_modality": "series modality is not CT",
     "single_slice": "series has a single slice",
     "non_axial": "series is not axial (coronal, sagittal or oblique reformat)",
-    "multiframe_unsupported": "multi-frame (enhanced) DICOM is not supported",
+    "multiframe_unsupported": "multi-frame (enhanced) DICOM is not supported (warning for a "
+                              "multi-frame file in a series of single frames: dropped)",
     "too_few_slices": "series has fewer slices than --min_slices",
     "compressed_no_decoder": "compressed transfer syntax and no installed decoder supports it",
     "no_lung_slices": "no sampled slice kept enough lung (see the dropped-slice reasons)",
@@ -48,12 +49,13 @@ REASONS: dict[str, str] = {
     "worker_crashed": "the worker process died while handling the study (a decoder crash, "
                       "or the OS killed it, e.g. for memory); a fresh worker goes on",
     "bad_pixel_spacing": "PixelSpacing absent-but-required, NaN, <= 0 or outside the "
-                         "plausible range (e.g. in metres); rejected before any pixel is read",
-    "mixed_matrix": "slices of the series differ in Rows x Columns (warning when the most "
-                    "common size still has enough slices, the others dropped; else error)",
-    "mixed_pixel_spacing": "slices of the series differ in PixelSpacing (warning when the most "
-                           "common spacing still has enough slices, the others dropped; else "
-                           "error)",
+                         "plausible range (e.g. in metres); rejected before any pixel is read "
+                         "(warning for a minority of files of a series: they are dropped)",
+    "mixed_matrix": "slices of the series differ in Rows x Columns (warning naming each file "
+                    "dropped when the most common size still has enough slices; else error)",
+    "mixed_pixel_spacing": "slices of the series differ in PixelSpacing, or lack it (warning "
+                           "naming each file dropped when the most common spacing still has "
+                           "enough slices; else error)",
     # manifest rows (level "error": the row's study is not processed; other rows go on)
     "missing_study_path": "the manifest row has no study_path",
     "missing_label": "the manifest row (or folder) has no label",
@@ -71,7 +73,13 @@ REASONS: dict[str, str] = {
     "file_too_large": "file larger than --max_file_mb; never read",
     "bad_rescale": "RescaleSlope / RescaleIntercept not a number, infinite, zero slope or "
                    "implausibly large: the slice is not read",
-    "unreadable_file": "the file cannot be opened (permission denied)",
+    "unreadable_file": "the file cannot be opened or read (permission denied, I/O error)",
+    "bad_vr": "an element of the file's header has a Value Representation pydicom does not "
+              "know (a damaged or non-conformant file); the file is not used",
+    "bad_tag_value": "a value the file must have is empty or malformed (Rows, Columns, "
+                     "NumberOfFrames, BitsAllocated: empty, the wrong number of values, not a "
+                     "whole number; a binary element whose length is not a whole number of "
+                     "values); the file is not used",
     "image_too_large": "image dimensions (from its header, before decoding) over "
                        "--max_image_pixels",
     "dicomdir": "DICOMDIR index file; ignored",
@@ -80,15 +88,28 @@ REASONS: dict[str, str] = {
     "pixel_decode_error": "pixel data could not be decoded",
     "image_decode_error": "the slice image could not be decoded",
     # warnings on studies that are still written
-    "series_rejected": "another series of the study was rejected (detail says why)",
-    "missing_rescale": "RescaleSlope/RescaleIntercept absent; assumed slope 1, intercept 0",
-    "missing_position": "ImagePositionPatient absent on some slices; ordered by InstanceNumber, "
-                        "else SliceLocation, else file name (the detail says which)",
+    "series_rejected": "another series of the study was rejected or passed over (detail says "
+                       "why: its reason, or what made the chosen series the more usable chest "
+                       "series - matrix, field of view, slice gap, lung on a probe slice - or "
+                       "its slice count); a series of one file names it",
+    "missing_rescale": "RescaleSlope/RescaleIntercept absent or empty: assumed slope 1, "
+                       "intercept 0 when most of the series lacks them; a file lacking them "
+                       "in a series that has them is dropped (its HU cannot be trusted)",
+    "missing_position": "ImagePositionPatient absent, empty, malformed or not finite: a file "
+                        "lacking it in a series that has it is dropped (named); when most of "
+                        "the series lacks it, the series is ordered by InstanceNumber, else "
+                        "SliceLocation, else file name (the detail says which)",
     "library_warning": "a library (pydicom) warned while reading; counted by kind, values "
                        "withheld",
-    "missing_orientation": "ImageOrientationPatient absent; assumed axial",
+    "missing_orientation": "ImageOrientationPatient absent, empty or malformed: the series' "
+                           "orientation is used for such a file (named); assumed axial when "
+                           "no file of the series has one",
     "missing_transfer_syntax": "no Transfer Syntax UID; read with the encoding pydicom detected",
     "duplicate_position": "two slices share a position; the duplicate was dropped",
+    "missing_sop_uid": "SOPInstanceUID absent, empty or holding more than one value: the "
+                       "slice is kept, keyed by its file",
+    "duplicate_sop_uid": "slices of the series share one SOPInstanceUID (each is named): they "
+                         "are kept, each keyed by its file so slice keys stay unique",
     "slice_substituted": "a sampled file could not be read; a neighbouring slice (between the "
                          "same sampled neighbours) was used instead",
     "rgba_image": "RGBA slice image flattened to grey over black",

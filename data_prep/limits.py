@@ -87,9 +87,13 @@ def open_regular(path: str, limits: Limits) -> Iterator[BinaryIO]:
 
 
 def read_bytes(path: str, limits: Limits, n: int = -1) -> bytes:
-    """The first ``n`` bytes (all: -1) of a regular file within the limits."""
+    """The first ``n`` bytes (all: -1) of a regular file within the limits. An I/O error is
+    StudyError(unreadable_file)."""
     with open_regular(path, limits) as f:
-        return f.read(limits.max_file_bytes if n < 0 else n)
+        try:
+            return f.read(limits.max_file_bytes if n < 0 else n)
+        except OSError as exc:
+            raise StudyError("unreadable_file", f"cannot read ({type(exc).__name__})", path)
 
 
 def _kind(mode: int) -> str:

@@ -74,8 +74,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _spacing(shape: tuple[int, ...], pixel_spacing_mm: float | None) -> float:
-    """The pixel size, or 0.7 mm at 512 pixels scaled to the image when unknown. An
-    implausible size (NaN, <= 0, metres) would size the kernels absurdly: refused."""
+    """The pixel size, or 0.7 mm at 512 pixels scaled to the image when unknown (that
+    assumption is ours: any image size is accepted, a 2 x 2 one included). A given size that
+    is implausible (NaN, <= 0, metres) would size the kernels absurdly: refused."""
     if pixel_spacing_mm is None:
         return 0.7 * 512.0 / max(shape)
     lo, hi = PIXEL_SPACING_RANGE_MM
@@ -88,9 +89,13 @@ def _spacing(shape: tuple[int, ...], pixel_spacing_mm: float | None) -> float:
 def body_mask(hu: np.ndarray, threshold_hu: float = -500.0,
               pixel_spacing_mm: float | None = None) -> np.ndarray:
     """The patient's body: largest region above ``threshold_hu``, holes filled."""
+    return _body(hu, threshold_hu, _spacing(hu.shape, pixel_spacing_mm))
+
+
+def _body(hu: np.ndarray, threshold_hu: float, spacing_mm: float) -> np.ndarray:
     body = largest_component(hu > threshold_hu)
     # Open by ~1.5 mm so the table (a thin bright line joined to the back) is cut off.
-    radius = round(1.5 / _spacing(hu.shape, pixel_spacing_mm))
+    radius = round(1.5 / spacing_mm)
     if radius >= 1:
         body = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, _disc(radius))
         body = largest_component(body.astype(bool))
@@ -122,9 +127,22 @@ def lung_and_body_masks(hu: np.ndarray, pixel_spacing_mm: float | None = None,
                  for m in (lung, body))  # type: ignore[return-value]
 
 
+def lung_fraction(hu: np.ndarray, pixel_spacing_mm: float | None = None,
+                  params: LungMaskParams = LungMaskParams()) -> float:
+    """Lung area / body area of an axial HU slice (0 when the body covers under 1 % of it),
+    as :func:`data_prep.preprocess.prepare_slice` measures it."""
+    lung, body = lung_and_body_masks(hu, pixel_spacing_mm, params)
+    body_area = int(body.sum())
+    if body_area < 0.01 * hu.size:
+        return 0.0
+    return float(lung.sum()) / body_area
+
+
 def _masks(hu: np.ndarray, pixel_spacing_mm: float, params: LungMaskParams
            ) -> tuple[np.ndarray, np.ndarray]:
-    body = body_mask(hu, params.body_threshold_hu, pixel_spacing_mm)
+    # pixel_spacing_mm here is derived (checked, or assumed, then scaled by the shrinking):
+    # it may leave the plausible range of a given spacing, and is used as it is.
+    body = _body(hu, params.body_threshold_hu, pixel_spacing_mm)
     body_area = int(body.sum())
     if body_area == 0:
         return np.zeros(hu.shape, bool), body

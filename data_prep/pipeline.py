@@ -70,7 +70,7 @@ SPOOL = ".partial"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
 MANIFEST_VERSION = 1
 # Bump when a code change alters records: the spool of an older version is then not reused.
-SPOOL_VERSION = 2
+SPOOL_VERSION = 3
 TMP_RE = re.compile(r"\.tmp-\d+$")
 OURS_RE = re.compile(r"^((train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz|manifest\.json|"
                      r"failures\.csv|\.partial)$|\.tmp-\d+$")

@@ -2,7 +2,8 @@
 
 :func:`scan_study` (headers only): find the study's files, recognise DICOM / PNG / JPEG by
 content, choose and order the series, sample the slice indices, derive the pseudonymous
-keys. Cheap; it is all the split needs.
+keys. Cheap (pixels are decoded only to probe a few slices for lung when several series of
+one study compete); it is all the split needs.
 
 :func:`process_study` (pixels): decode only the sampled slices, preprocess them
 (:func:`data_prep.preprocess.prepare_slice`) and return the records, with the split known
@@ -342,7 +343,7 @@ def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
         raise StudyError(reasons[0] if len(reasons) == 1 else "no_readable_slices",
                          f"none of {len(files)} files is usable DICOM or a PNG/JPEG slice",
                          task.path)
-    series = dicom_io.choose_series(headers, task.study_id, cfg.min_slices)
+    series = dicom_io.choose_series(headers, task.study_id, cfg.min_slices, cfg.limits)
     scan.issues.extend(series.warnings)
     scan.kind = "dicom"
     scan.slice_count = len(series)
@@ -352,9 +353,21 @@ def _scan_dicom(scan: StudyScan, files: list[str], cfg: ScanConfig) -> None:
     scan.study_key = salted_key(cfg.salt, "study", series.study_uid or _study_name(task))
     scan.series_key = salted_key(cfg.salt, "series", series.series_uid)
     _sample(scan, [SampledSlice(h.path, i, series.positions_mm[i],
-                                salted_key(cfg.salt, "sop", h.sop_uid or h.path),
+                                salted_key(cfg.salt, "sop", _sop_identity(h, series, task)),
                                 h.pixel_spacing_mm[0] if h.pixel_spacing_mm else None, h)
                    for i, h in enumerate(series.slices)], cfg)
+
+
+def _sop_identity(h: dicom_io.SliceHeader, series: dicom_io.Series, task: StudyTask) -> str:
+    """What a slice's sop_key hashes: its SOPInstanceUID; its path when it has none; the UID
+    and its path inside the study when other slices of the series carry the same UID (the
+    keys stay unique)."""
+    if not h.sop_uid:
+        return h.path
+    if h.sop_uid in series.shared_sop_uids:
+        rel = os.path.relpath(h.path, task.path) if os.path.isdir(task.path) else h.path
+        return h.sop_uid + "\x00" + rel
+    return h.sop_uid
 
 
 def _load_hu(scan: StudyScan, s: SampledSlice, cfg: ScanConfig) -> tuple[np.ndarray, list]:
@@ -400,10 +413,11 @@ def process_study(scan: StudyScan, split: str, label_index: int, scan_cfg: ScanC
     return result
 
 
-# A sampled file failing for one of these is replaced by a neighbouring slice.
+# A sampled file failing for one of these is replaced by a neighbouring slice (a StudyError
+# naming a file is always that file's: it is replaced whatever its reason).
 FILE_REASONS = frozenset({"truncated_file", "pixel_decode_error", "image_decode_error",
                           "not_regular_file", "unreadable_file", "file_too_large",
-                          "image_too_large", "bad_rescale"})
+                          "image_too_large", "bad_rescale", "bad_vr", "bad_tag_value"})
 MAX_SUBSTITUTES = 2
 
 
@@ -441,7 +455,7 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
                 result.issues.append(Issue(task.study_id, err.file, err.reason, err.detail,
                                            "warning"))
                 result.dropped[err.reason] = result.dropped.get(err.reason, 0) + 1
-                if err.reason not in FILE_REASONS:
+                if err.reason not in FILE_REASONS and not err.file:
                     break
         if loaded is None:
             continue
