@@ -31,8 +31,8 @@ def write_backbone_weights(model, output: str) -> str:
     """Saves ``model``'s image backbone to ``output`` (``covid_keras.backbones.
     save_backbone_weights``); returns the architecture's name."""
     from covid_keras.backbones import save_backbone_weights
-    from covid_keras.evaluation import model_spec
     from covid_keras.gradcam import image_backbone
+    from covid_keras.saving import model_spec
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end in .weights.h5. Received: {output}")
@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     from covid_keras import cli
 
     cli.import_keras_quietly()
-    from covid_keras.evaluation import load_model
+    from covid_keras.saving import load_model
 
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, compile=False)
         arch = write_backbone_weights(model, args.output)
     except (OSError, ValueError) as exc:
         print(f"backbone_weights: error: {exc}", file=sys.stderr)

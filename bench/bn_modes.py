@@ -22,8 +22,6 @@ Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes it too)
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,12 +35,13 @@ def accuracies(run_dir: str, data_dir: str, split: str, batch_size: int,
     import keras
     import numpy as np
 
-    import covid_keras.drenet  # noqa: F401 - registers the model classes
     from covid_keras import data
+    from covid_keras.run_dir import RunDir
 
-    info = json.loads((Path(run_dir) / "run_info.json").read_text())["flags"]
+    run = RunDir(run_dir)
+    info = run.flags()
     cfg = data.PipelineConfig(input_size=info["input_size"], backbone=info["backbone"])
-    model = keras.saving.load_model(os.path.join(run_dir, model_file))
+    model = run.load_model(model_file, compile=True)
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0

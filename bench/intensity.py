@@ -21,7 +21,6 @@ table and a ``RESULT {json}`` line. The split's images are held in memory.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -67,15 +66,15 @@ def sensitivity(predict, images_u8, labels, patient_keys, positive: int, factors
 
 def model_predictor(run_dir: str, batch_size: int):
     """(predict function, run's flags, its classes) for ``run_dir/best.keras``."""
-    import keras
     import numpy as np
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet and its layers
     from covid_keras import data, evaluation
+    from covid_keras.run_dir import BEST, RunDir
 
-    info = json.loads((Path(run_dir) / "run_info.json").read_text())
+    run = RunDir(run_dir)
+    info = run.run_info()
     flags = info["flags"]
-    model = keras.saving.load_model(str(Path(run_dir) / "best.keras"))
+    model = run.load_model(BEST, compile=True)
 
     def predict(images_u8):
         x = np.asarray(data.normalize(images_u8, flags["backbone"]))

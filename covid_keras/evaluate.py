@@ -34,6 +34,7 @@ import sys
 from absl import flags
 
 from covid_keras import cli
+from covid_keras.run_dir import CHECKPOINTS, METRICS, RunDir
 
 FLAGS = flags.FLAGS
 
@@ -90,7 +91,7 @@ def expand_compare(argv: list[str]) -> list[str]:
 
 
 def is_evaluation(path: str) -> bool:
-    m = os.path.join(path, "metrics.json")
+    m = os.path.join(path, METRICS)
     if not os.path.isfile(m):
         return False
     with open(m) as f:
@@ -126,10 +127,9 @@ def compare(paths: list[str], output_dir: str) -> dict:
         name = run_name(path, taken)
         taken.add(name)
         if is_evaluation(path):
-            with open(os.path.join(path, "metrics.json")) as f:
+            with open(os.path.join(path, METRICS)) as f:
                 m = json.load(f)
-        elif not any(os.path.isfile(os.path.join(path, f)) for f in ("best.keras",
-                                                                       "final.keras")):
+        elif not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINTS):
             raise ValueError(f"--compare: {path} is neither an evaluation folder (metrics.json"
                              " written by covid_keras.evaluate) nor a training run (best.keras"
                              " or final.keras)")
@@ -148,7 +148,7 @@ def compare(paths: list[str], output_dir: str) -> dict:
 def check_paths() -> None:
     """The folders the command reads exist: checked before TensorFlow loads, so a mistyped
     path is an error in well under a second, not after the imports (5-14 s)."""
-    from covid_keras import evaluation, files
+    from covid_keras import files
 
     def folder(path, what: str) -> None:
         if path and not files.is_remote(path) and not os.path.isdir(path):
@@ -160,8 +160,9 @@ def check_paths() -> None:
         return
     if not FLAGS.run_dir:
         return
-    evaluation.resolve_checkpoint(FLAGS.run_dir, FLAGS.checkpoint)  # a run folder at all?
-    folder(FLAGS.data_dir or evaluation.read_run(FLAGS.run_dir).get("data_dir"),
+    run = RunDir(FLAGS.run_dir)
+    run.checkpoint(FLAGS.checkpoint)  # a run folder at all?
+    folder(FLAGS.data_dir or run.flags().get("data_dir"),
            "--data_dir" if FLAGS.data_dir else "the run's --data_dir")
     folder(FLAGS.val_data_dir, "--val_data_dir")
 

@@ -59,10 +59,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from covid_keras.run_dir import DECISION, RunDir
+
 RULES = ("mean", "any")
 CRITERIA = ("youden", "sensitivity")
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
-DECISION_FILE = "decision.json"
+DECISION_FILE = DECISION
 DEFAULT_BOOTSTRAP = 1000
 ECE_BINS = 10
 
@@ -941,74 +943,31 @@ def write_comparison(output_dir: str, results: dict) -> dict:
 
 # ------------------------------------------------------------------ run folders
 def load_model(path: str):
-    """A covid_keras ``.keras`` model for inference (not compiled)."""
-    import keras
+    """A covid_keras ``.keras`` model for inference (not compiled):
+    :func:`covid_keras.saving.load_model`."""
+    from covid_keras import saving
 
-    from covid_keras import baselines, drenet, recipes  # noqa: F401 - registered classes
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No model file {path}")
-    return keras.saving.load_model(path, compile=False)
+    return saving.load_model(path, compile=False)
 
 
 def model_spec(model) -> dict:
-    """backbone, input_size, num_classes and kind ("drenet" / "classifier") of a model."""
-    from covid_keras.gradcam import image_backbone
+    """backbone, input_size, num_classes and kind ("drenet" / "classifier") of a model
+    (metrics.json's ``model``): :func:`covid_keras.saving.model_spec`."""
+    from covid_keras import saving
 
-    size = int(model.inputs[0].shape[1])
-    out = model.output
-    logits = out["logits"] if isinstance(out, dict) else out
-    config = getattr(model, "build_config", None)
-    if config is not None:
-        return {"backbone": config["backbone"], "input_size": size,
-                "num_classes": int(logits.shape[-1]), "kind": "drenet"}
-    name = image_backbone(model).name
-    return {"backbone": name[: -len("_backbone")], "input_size": size,
-            "num_classes": int(logits.shape[-1]), "kind": "classifier"}
+    spec = saving.model_spec(model)
+    return {"backbone": spec["backbone"], "input_size": spec["input_size"],
+            "num_classes": spec["num_classes"], "kind": spec["model"]}
 
 
 def read_run(run_dir: str) -> dict:
-    """The trainer's flags of a run (run_info.json, else flags.cfg): name -> value."""
-    info = os.path.join(run_dir, "run_info.json")
-    if os.path.isfile(info):
-        with open(info) as f:
-            return dict(json.load(f).get("flags", {}))
-    out: dict = {}
-    path = os.path.join(run_dir, "flags.cfg")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line.startswith("--") and "=" in line:
-                    k, v = line[2:].split("=", 1)
-                    out[k] = v
-                elif line.startswith("--no"):
-                    out[line[4:]] = False
-                elif line.startswith("--"):
-                    out[line[2:]] = True
-    return out
+    """The trainer's flags of a run: :meth:`covid_keras.run_dir.RunDir.flags`."""
+    return RunDir(run_dir).flags()
 
 
 def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
-    """``checkpoint`` (a path, or a file name in the run), else the run's best.keras, else
-    final.keras."""
-    if checkpoint:
-        if os.path.isfile(checkpoint):
-            return checkpoint
-        inside = os.path.join(run_dir, checkpoint)
-        if os.path.isfile(inside):
-            return inside
-        raise FileNotFoundError(f"--checkpoint {checkpoint} is neither a file nor a file of "
-                                f"{run_dir}")
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a run folder: no such folder")
-    for name in ("best.keras", "final.keras"):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{run_dir} is not a training run: it has no best.keras or "
-                            "final.keras (pass the folder given to covid_keras.train as "
-                            "--run_dir)")
+    """:meth:`covid_keras.run_dir.RunDir.checkpoint`."""
+    return RunDir(run_dir).checkpoint(checkpoint)
 
 
 def same_split(data_dir_a: str | None, split_a: str | None, data_dir_b: str | None,
@@ -1039,8 +998,9 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     ``save_decision``. Returns metrics.json's content."""
     from covid_keras import data
 
-    ckpt = resolve_checkpoint(run_dir, checkpoint)  # first: is this a run at all?
-    flags = read_run(run_dir)
+    run = RunDir(run_dir)
+    ckpt = run.checkpoint(checkpoint)  # first: is this a run at all?
+    flags = run.flags()
     data_dir = data_dir or flags.get("data_dir")
     if not data_dir:
         raise ValueError(f"No --data_dir given and none in {run_dir}'s run_info.json")
@@ -1057,10 +1017,10 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     data.shard_files(data_dir, split)  # a mistyped split fails before the model loads
     if decision is None:
         data.shard_files(v_dir, v_split)  # and so does the split the decision comes from
-    output_dir = output_dir or os.path.join(run_dir, f"eval_{split}")
+    output_dir = output_dir or run.eval_dir(split)
     os.makedirs(output_dir, exist_ok=True)  # only once the inputs are known to be there
     model = load_model(ckpt)
-    spec = model_spec(model)
+    spec = model_spec(ckpt)
     classes = list(data.read_manifest(data_dir)["classes"])
     if len(classes) != spec["num_classes"]:
         raise ValueError(f"{ckpt} predicts {spec['num_classes']} classes, {data_dir} has "

@@ -40,6 +40,7 @@ import time
 from absl import flags
 
 from covid_keras import cli, files, provenance
+from covid_keras.run_dir import RunDir
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.export")
@@ -125,9 +126,7 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
 
 
 def decision_of(run_dir: str, class_names: list[str]) -> tuple[dict | None, list[str]]:
-    from covid_keras.evaluation import read_decision
-
-    d = read_decision(run_dir)
+    d = RunDir(run_dir).read_decision()
     if d is None:
         return None, ["no decision.json in the run: predict_study decides by argmax (the "
                       "most probable class), without a threshold"]
@@ -289,24 +288,21 @@ def export_model(model, info: dict, decision: dict | None, export_base: str,
 
 def check_run(run_dir: str, checkpoint: str | None = None) -> str:
     """The run folder's checkpoint file, or a one-line error (no TensorFlow import)."""
-    from covid_keras.evaluation import resolve_checkpoint
-
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--run_dir {run_dir} is not a folder")
-    return resolve_checkpoint(run_dir, checkpoint)
+    return RunDir(run_dir).checkpoint(checkpoint)
 
 
 def load_run(run_dir: str, checkpoint: str | None = None):
     """(model, export info, decision) of a run folder."""
-    from covid_keras.saving import load_model
-
     path = check_run(run_dir, checkpoint)
-    model = load_model(path, compile=False)
+    run = RunDir(run_dir)
+    model = run.load_model(path)
     minfo = model.covid_keras_info
     if minfo is None:
         raise ValueError(f"{os.path.basename(path)} carries no class names (saved before "
                          "covid_keras.saving.save_model): re-save it with save_model")
-    run_info = _read_json(os.path.join(run_dir, "run_info.json"))
+    run_info = run.run_info()
     prep, warnings = data_prep_settings(run_info, int(minfo["input_size"]))
     decision, more = decision_of(run_dir, minfo["class_names"])
     warnings += more

@@ -35,26 +35,17 @@ def model_info(model, class_names: list[str]) -> dict:
     from covid_keras import __version__
     from covid_keras.backbones import PREPROCESSING
 
+    spec = model_spec(model)
     build = getattr(model, "build_config", None)
-    if isinstance(build, dict) and "backbone" in build:
-        backbone, size, kind = build["backbone"], int(build["input_size"]), "drenet"
-        variant = build.get("variant")
-    else:
-        backbone = next((lay.name[: -len("_backbone")] for lay in model.layers
-                         if lay.name.endswith("_backbone")), None)
-        size, kind, variant = int(model.input_shape[1]), "classifier", None
-    if len(class_names) != _num_outputs(model):
+    variant = build.get("variant") if isinstance(build, dict) else None
+    if len(class_names) != spec["num_classes"]:
         raise ValueError(f"{len(class_names)} class names for a model with "
-                         f"{_num_outputs(model)} outputs: {class_names}")
-    return {"class_names": list(class_names), "backbone": backbone, "input_size": size,
-            "preprocessing": PREPROCESSING.get(backbone), "model": kind,
-            "variant": variant, "covid_keras_version": __version__}
-
-
-def _num_outputs(model) -> int:
-    out = model.output
-    logits = out["logits"] if isinstance(out, dict) else out
-    return int(logits.shape[-1])
+                         f"{spec['num_classes']} outputs: {class_names}")
+    return {"class_names": list(class_names), "backbone": spec["backbone"],
+            "input_size": spec["input_size"],
+            "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
+            "variant": variant, "input_norm": spec["input_norm"],
+            "covid_keras_version": __version__}
 
 
 def save_model(model, path: str, class_names: list[str] | None) -> None:
@@ -111,9 +102,15 @@ def read_info(path: str) -> dict | None:
 
 def load_model(path: str, compile: bool = True):
     """``keras.saving.load_model`` with the project's classes registered, and the stored
-    info as ``model.covid_keras_info`` (``None`` when the file has none)."""
+    info as ``model.covid_keras_info`` (``None`` when the file has none). The one loader:
+    ``covid_keras.load_model``, ``evaluation.load_model`` and :class:`~covid_keras.run_dir.
+    RunDir` come here."""
     import keras
 
+    from covid_keras import files
+
+    if not files.exists(path):
+        raise FileNotFoundError(f"No model file {path}")
     register()
     info = read_info(path)
     model = keras.saving.load_model(path, compile=compile)
@@ -121,25 +118,56 @@ def load_model(path: str, compile: bool = True):
     return model
 
 
+#: The keys of :func:`model_spec`.
+SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm")
+
+
 def saved_model_spec(path: str) -> dict:
-    """Backbone, input size, classes and input normalisation of a ``.keras`` file, read from
-    its config (no weights loaded): what ``train --init_from`` needs to feed the model it
-    loads the way it was trained."""
-    config = _read_json_entry(path, "config.json")
-    if config is None:
-        raise ValueError(f"{path} is not a readable .keras model (no config.json)")
-    return model_spec(config, path)
+    """:func:`model_spec` of a ``.keras`` file (no weights loaded)."""
+    return model_spec(path)
 
 
-def model_spec(config: dict, where: str = "model") -> dict:
-    """:func:`saved_model_spec` of a serialised model (``keras.saving.serialize_keras_object``
-    of a built model, or a ``.keras`` file's config.json); ``where`` names it in errors."""
+def model_spec(source, where: str | None = None) -> dict:
+    """Backbone, input size, number of classes, model kind (``drenet`` / ``classifier``) and
+    input normalisation (``input_norm``) of a model: what ``train --init_from``, evaluation
+    and the benchmarks need to feed it the way it was trained. The one implementation.
+
+    ``source``: a ``.keras`` path (its config and covid_keras.json are read, no weights), a
+    built model, or a serialised model (``keras.saving.serialize_keras_object`` of a built
+    model, or a ``.keras`` file's config.json). What :func:`save_model` stored
+    (covid_keras.json: backbone, input size, input_norm) wins; a DRENet's ``build_config``
+    holds all of it; a classifier saved without the entry (plain ``model.save``) is read
+    from its config. ``where`` names the model in errors."""
+    info = None
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        config = _read_json_entry(path, "config.json")
+        if config is None:
+            raise ValueError(f"{path} is not a readable .keras model (no config.json)")
+        info, where = read_info(path), where or path
+    elif isinstance(source, dict):
+        config = source
+    else:
+        import keras
+
+        info = getattr(source, "covid_keras_info", None)
+        config = keras.saving.serialize_keras_object(source)
+    spec = _config_spec(config, where or "model")
+    for key in ("backbone", "input_size", "input_norm"):
+        if info and info.get(key) is not None:
+            spec[key] = int(info[key]) if key == "input_size" else info[key]
+    return spec
+
+
+def _config_spec(config: dict, where: str) -> dict:
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
                 "num_classes": int(b["num_classes"]), "model": "drenet",
                 "input_norm": b.get("input_norm", "none")}
     layers_ = config.get("config", {}).get("layers", [])
+    # build_backbone names the backbone model <arch>_backbone: the only record of the
+    # architecture in a classifier saved without covid_keras.json.
     backbone = next((lay["config"]["name"][: -len("_backbone")] for lay in layers_
                      if lay["config"].get("name", "").endswith("_backbone")), None)
     size = next((lay["config"]["batch_shape"][1] for lay in layers_

@@ -33,6 +33,7 @@ from absl import flags
 
 from covid_keras import cli, files, provenance
 from covid_keras.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
+from covid_keras.run_dir import BEST, RunDir
 
 FLAGS = flags.FLAGS
 
@@ -187,8 +188,9 @@ def write_run_info(run_dir: str, extra: dict) -> None:
             "git_sha": provenance.git_sha(),
             "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
             "command": " ".join(sys.argv), **extra}
-    files.write_json(os.path.join(run_dir, "run_info.json"), info)
-    files.atomic_write_text(os.path.join(run_dir, "flags.cfg"), program_flagfile())
+    run = RunDir(run_dir)
+    files.write_json(run.run_info_path, info)
+    files.atomic_write_text(run.flags_path, program_flagfile())
 
 
 def program_flagfile() -> str:
@@ -200,8 +202,7 @@ def program_flagfile() -> str:
     return "".join(line + "\n" for line in lines if line)
 
 
-RUN_FILES = ("run_info.json", "flags.cfg", "best.keras", "best.keras.json", "final.keras",
-             "log.csv", "metrics.json", "decision.json")
+RUN_FILES = RunDir.RUN_FILES
 # Flags that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("overwrite", "verbose", "report_splits", "num_display_images",
                      "cpu_devices", "backup_every_steps", "data_dir", "run_dir")
@@ -224,31 +225,26 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
     files are removed first, for a finished and for an interrupted run alike). A finished
     run without ``overwrite``, or an interrupted one whose flags changed, is an error."""
-    finished = files.exists(os.path.join(run_dir, "final.keras")) and not files.isdir(
-        os.path.join(run_dir, "backup"))
-    started = any(files.exists(os.path.join(run_dir, n))
-                  for n in ("run_info.json", "backup", "best.keras"))
+    run = RunDir(run_dir)
+    finished, started = run.is_finished(), run.is_started()
     if overwrite and (finished or started):
-        for name in RUN_FILES:
-            files.remove(os.path.join(run_dir, name))
-        for name in ("tensorboard", "backup"):
-            files.rmtree(os.path.join(run_dir, name))
+        run.clear()
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
     if finished:
         raise ValueError(f"{run_dir} holds a finished run: evaluate it with python -m "
                          f"covid_keras.evaluate --run_dir={run_dir}, repeat it into another "
-                         f"folder with --flagfile={os.path.join(run_dir, 'flags.cfg')} "
+                         f"folder with --flagfile={run.flags_path} "
                          "--run_dir=<new folder>, or pass --overwrite to replace it")
     if started:
-        info_path = os.path.join(run_dir, "run_info.json")
-        if files.exists(info_path):
-            stored = json.loads(files.read_text(info_path)).get("flags", {})
+        info = run.run_info()
+        if info is not None:
+            stored = info.get("flags", {})
             diff = changed_flags(stored, resolved_flags())
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
                                  f"{'; '.join(diff)}): rerun with its flags "
-                                 f"(--flagfile={os.path.join(run_dir, 'flags.cfg')}) to "
+                                 f"(--flagfile={run.flags_path}) to "
                                  "resume, or pass --overwrite to start again")
         return "resume"
     files.makedirs(run_dir)
@@ -267,7 +263,7 @@ def backbone_weights(run_dir: str) -> str | None:
     from covid_keras import pretrain
 
     if FLAGS.pretrain_flagfile:
-        folder = FLAGS.pretrain_dir or os.path.join(run_dir, "pretrain")
+        folder = FLAGS.pretrain_dir or RunDir(run_dir).pretrain_dir
         cmd = [sys.executable, "-m", "covid_keras.pretrain",
                f"--flagfile={FLAGS.pretrain_flagfile}", f"--data_dir={FLAGS.data_dir}",
                f"--run_dir={folder}", "--reuse"]
@@ -361,14 +357,15 @@ def is_chief(strategy) -> bool:
 def build_model(num_classes: int, weights: str | None = None):
     """The model the flags describe; ``weights``: the backbone's starting weights
     (:func:`backbone_weights`)."""
-    import keras
 
     from covid_keras.backbones import set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
     if FLAGS.init_from and not init_from_backbone():  # checked at start-up
-        model = keras.saving.load_model(FLAGS.init_from)
+        from covid_keras import saving
+
+        model = saving.load_model(FLAGS.init_from)
     elif FLAGS.model == "drenet":
         model = build_drenet(num_classes, input_size=FLAGS.input_size,
                              backbone=FLAGS.backbone, weights=weights,
@@ -431,6 +428,7 @@ def main(argv):
         FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
     cbs.close_writers()
     mode = prepare_run_dir(run_dir, FLAGS.overwrite)
+    run = RunDir(run_dir)
     if mode == "resume":
         log.info("%s holds an interrupted run with the same flags: resuming it", run_dir)
     if chief:
@@ -457,19 +455,19 @@ def main(argv):
                               FLAGS.num_display_images)
     weights = backbone_weights(run_dir) if chief else FLAGS.backbone_weights
     if weights and weights != FLAGS.backbone_weights and chief:
-        info = json.loads(files.read_text(os.path.join(run_dir, "run_info.json")))
+        info = run.run_info()
         info["backbone_weights"] = {"path": os.path.abspath(weights),
                                     "sha256": files.sha256(weights)}
-        files.write_json(os.path.join(run_dir, "run_info.json"), info)
+        files.write_json(run.run_info_path, info)
     with strategy.scope():
         model = build_model(len(classes), weights)
     hparams = {k: v for k, v in resolved_flags().items() if k not in ("data_dir", "run_dir")}
     hparams["dataset"] = manifest.get("dataset", os.path.basename(
         os.path.normpath(FLAGS.data_dir)))
-    tb_dir = os.path.join(run_dir, "tensorboard")
+    tb_dir = run.tensorboard_dir
     validation = cbs.PatientValidation(evaluator, classes, tb_dir, hparams=hparams,
                                        write=chief)
-    best_cb = cbs.BestCheckpoint(os.path.join(run_dir, "best.keras"),
+    best_cb = cbs.BestCheckpoint(run.best_path,
                                  monitor=FLAGS.checkpoint_monitor, write=chief,
                                  class_names=classes)
     total_epochs = sum(st.epochs for st in stages)
@@ -484,7 +482,7 @@ def main(argv):
     first_epoch = 0
     for i, stage in enumerate(stages):
         last_epoch = first_epoch + stage.epochs
-        done_path = os.path.join(run_dir, "backup", f"stage{i}.done.weights.h5")
+        done_path = os.path.join(run.backup_dir, f"stage{i}.done.weights.h5")
         if files.exists(done_path):  # a resumed run: this stage finished before the kill
             model.load_weights(done_path)
             log.info("stage %d finished in an earlier run: its weights are restored", i)
@@ -504,9 +502,9 @@ def main(argv):
             best_cb,
         ] + ema + [
             cbs.AtomicBackupAndRestore(
-                os.path.join(run_dir, "backup", f"stage{i}"),
+                os.path.join(run.backup_dir, f"stage{i}"),
                 save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
-            cbs.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+            cbs.CSVLogger(run.log_path, append=True),
         ]
         if FLAGS.early_stopping_patience:
             key, mode, _, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
@@ -550,17 +548,16 @@ def main(argv):
     results = {"val_split": FLAGS.val_split, "deterministic": bool(FLAGS.deterministic),
                "final": final}
     if chief:
-        files.rmtree(os.path.join(run_dir, "backup"))  # the run finished
-        saving.save_model(model, os.path.join(run_dir, "final.keras"), classes)
-        best_path = os.path.join(run_dir, "best.keras")
-        if files.exists(best_path):
-            best = saving.load_model(best_path)
+        files.rmtree(run.backup_dir)  # the run finished
+        saving.save_model(model, run.final_path, classes)
+        if run.has(BEST):
+            best = saving.load_model(run.best_path)
             results["best"], best_out = validation.evaluate(best)
             decision = choose_decision(run_dir, validation.evaluator, best, best_out, classes)
             if decision is not None:
                 results["decision"] = {k: decision[k] for k in (
                     "rule", "threshold", "criterion", "positive_class", "split")}
-            chosen = json.loads(files.read_text(best_path + ".json"))
+            chosen = json.loads(files.read_text(run.best_info_path))
             results["best_epoch"] = chosen["epoch"]
             results["checkpoint_monitor"] = chosen["monitor"]
             for split in FLAGS.report_splits:
@@ -574,7 +571,7 @@ def main(argv):
                     m = evaluation.evaluate_predictions(preds, decision, n_bootstrap=0)
                     results[f"decision_on_{split}"] = evaluation.public_result(m)
                     print("  at the decision: " + decision_line(m))
-        files.write_json(os.path.join(run_dir, "metrics.json"), results)
+        files.write_json(run.metrics_path, results)
         validation.write_best(results.get("best"), results.get("best_epoch"))
     print(summary_line(final, FLAGS.val_split))
     if chief:
@@ -613,7 +610,7 @@ def choose_decision(run_dir: str, evaluator, best, best_out: dict, classes: list
     preds = evaluator.predictions(best, classes, outputs=_plain(best_out))
     try:
         return evaluation.write_decision(run_dir, preds, split=FLAGS.val_split,
-                                         checkpoint="best.keras",
+                                         checkpoint=BEST,
                                          criterion=FLAGS.decision_criterion,
                                          target_sensitivity=FLAGS.target_sensitivity)
     except ValueError as exc:
@@ -640,24 +637,24 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
     from covid_keras import evaluation, metrics
 
+    run = RunDir(run_dir)
     lines = []
     if "best_epoch" in results:
         lines.append(f"best checkpoint: epoch {results['best_epoch']} (chosen by "
                      f"{FLAGS.checkpoint_monitor} on {FLAGS.val_split!r}): "
-                     f"{os.path.join(run_dir, 'best.keras')}")
-    lines.append(f"last epoch: {os.path.join(run_dir, 'final.keras')}")
+                     f"{run.best_path}")
+    lines.append(f"last epoch: {run.final_path}")
     lines.append(f"positive class: {classes[metrics.positive_index(classes)]!r} of {classes}")
-    decision = os.path.join(run_dir, "decision.json")
-    if files.exists(decision):
-        d = json.loads(files.read_text(decision))
+    if files.exists(run.decision_path):
+        d = json.loads(files.read_text(run.decision_path))
         rule = evaluation.rule_text(d.get("rule"), d.get("positive_class"),
                                     d.get("threshold"), d.get("normal_class"))
         lines.append(f"decision: {rule} ({d.get('criterion')}, chosen on "
                      f"{d.get('split', FLAGS.val_split)!r})")
     else:
         lines.append("decision: argmax of the class probabilities (no decision.json)")
-    lines.append(f"metrics: {os.path.join(run_dir, 'metrics.json')}, TensorBoard: "
-                 f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    lines.append(f"metrics: {run.metrics_path}, TensorBoard: "
+                 f"tensorboard --logdir {run.tensorboard_dir}")
     return "\n".join(lines)
 
 

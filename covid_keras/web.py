@@ -444,18 +444,15 @@ def read_manifest(path: str) -> tuple[dict, str]:
 def find_run_files(model_path: str | None) -> tuple[str | None, str | None]:
     """(metrics.json, manifest.json) a training run folder leads to: its evaluate output
     (``eval_val/`` first, else the first ``eval_*/``) and its run_info's data_dir."""
-    if not model_path or not os.path.isfile(os.path.join(model_path, "run_info.json")):
+    from covid_keras.run_dir import RunDir
+
+    run = RunDir(model_path) if model_path else None
+    if run is None or not os.path.isfile(run.run_info_path):
         return None, None
-    metrics = None
-    names = sorted(n for n in os.listdir(model_path) if n.startswith("eval_"))
-    for n in (["eval_val"] if "eval_val" in names else []) + names:
-        if os.path.isfile(os.path.join(model_path, n, "metrics.json")):
-            metrics = os.path.join(model_path, n, "metrics.json")
-            break
+    metrics = run.evaluation_metrics()
     manifest = None
     try:
-        with open(os.path.join(model_path, "run_info.json"), encoding="utf-8") as f:
-            data_dir = (json.load(f).get("flags") or {}).get("data_dir")
+        data_dir = run.flags().get("data_dir")
         if data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json")):
             manifest = os.path.join(data_dir, "manifest.json")
     except (OSError, ValueError):
