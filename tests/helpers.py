@@ -1,11 +1,18 @@
-"""Tiny run folders and exports shared by test_export, test_serve and test_predict; a
-user's environment for command tests, and the check that a command kept TensorFlow quiet."""
+"""What the test modules share: tiny run folders and exports (test_export, test_serve,
+test_predict, ...); a user's environment for command tests, and the check that a command
+kept TensorFlow quiet; tiny TFRecord datasets built once per session (``tiny_dataset``);
+commands run without an interpreter start each (``commands``). conftest.py makes the
+fixtures visible to every module."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 CLASSES3 = ["normal", "covid", "bacterial"]
 CLASSES2 = ["normal", "covid"]
@@ -124,3 +131,174 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------ tiny datasets
+SALT = "0123456789abcdef" * 4  # fixed: the same split (and shards) every run
+
+
+def build_dataset(root: Path, *, kinds=tuple(CLASSES3), patients_per_kind: int = 3,
+                  num_slices: int = 20, matrix: int = 64, seed: int = 0,
+                  flags: tuple[str, ...] = ()) -> Path:
+    """Phantom studies under ``root/studies`` turned into TFRecords in ``root/tfrecords``
+    by data_prep.build_tfrecords, called in-process (``main`` after absl's parse, the flags
+    unparsed again), with a fixed salt in ``root/salt.key``. ``flags``: more
+    build_tfrecords flags (the defaults here: 64 px, --min_slices=5, one worker)."""
+    import absl.logging  # noqa: F401 - defines --verbosity (app.run would import it)
+
+    from data_prep import build_tfrecords, phantom
+
+    root.mkdir(parents=True, exist_ok=True)
+    phantom.write_dataset(root / "studies", kinds=tuple(kinds),
+                          patients_per_kind=patients_per_kind, num_slices=num_slices,
+                          matrix=matrix, seed=seed)
+    (root / "salt.key").write_text(SALT)
+    out = root / "tfrecords"
+    argv = ["data_prep.build_tfrecords", f"--input={root / 'studies'}", f"--output_dir={out}",
+            "--image_size=64", "--min_slices=5", "--workers=1",
+            f"--salt_file={root / 'salt.key'}", *flags]
+    FLAGS = build_tfrecords.FLAGS
+    FLAGS.unparse_flags()
+    try:
+        assert build_tfrecords._parse_flags(argv) == argv[:1]
+        assert build_tfrecords.main(argv[:1]) == 0
+    finally:
+        FLAGS.unparse_flags()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """``tiny_dataset(**build_dataset_kwargs)``: the TFRecords folder of
+    :func:`build_dataset`, built once per session for each set of arguments (read it, do not
+    write into it; copy it to change it)."""
+    built: dict = {}
+
+    def get(**kw) -> Path:
+        key = json.dumps(kw, sort_keys=True, default=list)
+        if key not in built:
+            built[key] = build_dataset(tmp_path_factory.mktemp("tiny_dataset"), **kw)
+        return built[key]
+
+    return get
+
+
+# ------------------------------------------------------------------ commands
+class Commands:
+    """Runs ``python -m MODULE ARGS`` as a user would, minus the interpreter start and the
+    TensorFlow / Keras import (~15 s a command on these 2 cores): a helper process imports
+    them once, and each command is a fork of it that runs the module as ``__main__``
+    (runpy: the command's absl flags are defined and parsed in the fork alone, so commands
+    whose flags share names, and process-wide TensorFlow settings such as --cpu_devices or
+    op determinism, never meet). A command is still a process of its own with its exit
+    status, stdout and stderr. What needs a real interpreter start (TensorFlow's start-up
+    notices, kill / resume, servers) is started with subprocess instead."""
+
+    def __init__(self, tmp_dir: Path, env: dict | None = None):
+        import subprocess
+        import sys
+
+        self.tmp_dir, self.count = tmp_dir, 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.helpers import _command_server; "
+                                   "_command_server()"],
+            cwd=REPO, env=env or user_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", line
+
+    def run(self, module: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 900):
+        """A ``subprocess.CompletedProcess`` (text stdout and stderr) of the command."""
+        import subprocess
+
+        self.count += 1
+        out = self.tmp_dir / f"command{self.count}"
+        request = {"module": module, "argv": [module, *map(str, args)],
+                   "cwd": str(cwd or REPO), "env": env or {}, "out": str(out),
+                   "timeout": timeout}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, "the command server ended"
+        code = json.loads(reply)["returncode"]
+        return subprocess.CompletedProcess(
+            [module, *args], code, Path(f"{out}.out").read_text(),
+            Path(f"{out}.err").read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the server's loop ends
+        self.proc.wait(timeout=60)
+        self.proc.stdout.close()
+
+
+#: Imported once by the command server: the libraries behind the commands (none of them
+#: defines absl flags; the command modules do, and are imported in each fork).
+PRELOAD = ("tensorflow", "keras", "covid_keras.drenet", "covid_keras.baselines",
+           "covid_keras.data", "covid_keras.callbacks", "covid_keras.evaluation",
+           "covid_keras.saving", "covid_keras.recipes")
+COMMAND_MODULES = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.export",
+                   "covid_keras.predict", "covid_keras.pretrain", "covid_keras.serve",
+                   "covid_keras.web", "data_prep.build_tfrecords", "data_prep.phantom")
+
+
+def _command_server() -> None:
+    """The loop of :class:`Commands`' helper process: one JSON request a line on stdin,
+    one ``{"returncode": N}`` a line on stdout."""
+    import importlib
+    import runpy
+    import signal
+    import sys
+
+    from covid_keras import cli
+
+    cli.quiet_tensorflow()  # as the commands do before their own import
+    for name in PRELOAD:
+        importlib.import_module(name)
+    loaded = [m for m in COMMAND_MODULES if m in sys.modules]
+    assert not loaded, f"a preloaded library imported a command module: {loaded}"
+    reply = sys.stdout
+    print("ready", file=reply, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the command
+            code = 1
+            try:
+                signal.alarm(request["timeout"])
+                os.chdir(request["cwd"])
+                os.environ.update(request["env"])
+                for fd, suffix in ((1, ".out"), (2, ".err")):
+                    f = os.open(request["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.dup2(f, fd)
+                    os.close(f)
+                sys.argv = list(request["argv"])
+                try:
+                    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (
+                        0 if exc.code is None else 1)
+                    if exc.code not in (None, 0) and not isinstance(exc.code, int):
+                        print(exc.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - printed as python -m would
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=reply,
+              flush=True)
+
+
+@pytest.fixture(scope="session")
+def commands(tmp_path_factory):
+    """:class:`Commands` for the session (as a user runs them: :func:`user_env`)."""
+    runner = Commands(tmp_path_factory.mktemp("commands"))
+    yield runner
+    runner.close()

@@ -13,7 +13,7 @@ def test_every_split_exported_with_patient_numbers_and_no_keys(tmp_path):
     import tensorflow as tf
 
     from covid_keras import data, schema
-    from tests.export_helpers import assert_no_tf_notices, user_env
+    from tests.helpers import assert_no_tf_notices, user_env
     from tests.test_evaluate import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 3, "val": 2, "test": 2})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.export_helpers import quiet_env
+from tests.helpers import quiet_env
 
 pytestmark = pytest.mark.slow  # two exports and two server processes: ~40 s
 REPO = Path(__file__).resolve().parents[1]

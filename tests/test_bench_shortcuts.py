@@ -77,7 +77,7 @@ def test_the_command_prints_a_result_and_no_tensorflow_notices(tmp_path):
     import sys
     from pathlib import Path
 
-    from tests.export_helpers import assert_no_tf_notices, user_env
+    from tests.helpers import assert_no_tf_notices, user_env
     from tests.test_evaluate import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 6, "val": 4, "test": 4})

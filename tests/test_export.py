@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.export_helpers import CLASSES3, fake_manifest, make_run, quiet_env
+from tests.helpers import CLASSES3, fake_manifest, make_run, quiet_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.export_helpers import ServeProcess, make_run, quiet_env
+from tests.helpers import ServeProcess, make_run, quiet_env
 
 pytestmark = pytest.mark.slow  # TFRecords, an export and predict runs: ~1 min
 REPO = Path(__file__).resolve().parents[1]

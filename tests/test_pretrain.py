@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.export_helpers import user_env
+from tests.helpers import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = user_env()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.export_helpers import make_run, quiet_env
+from tests.helpers import make_run, quiet_env
 
 pytestmark = pytest.mark.slow  # an export and a server process: ~30 s
 REPO = Path(__file__).resolve().parents[1]

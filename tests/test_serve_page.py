@@ -22,7 +22,7 @@ pytest.importorskip("python_multipart", reason="the [web] extra is not installed
 
 from covid_keras import serve, web  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.export_helpers import ServeProcess, make_run  # noqa: E402
+from tests.helpers import ServeProcess, make_run  # noqa: E402
 from tests.test_web import (  # noqa: E402
     DICOM_PREAMBLE,
     SALT,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.export_helpers import assert_no_tf_notices, user_env
+from tests.helpers import assert_no_tf_notices, user_env
 
 pytestmark = pytest.mark.slow  # real training runs in subprocesses: minutes, not seconds
 REPO = Path(__file__).resolve().parents[1]

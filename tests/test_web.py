@@ -30,7 +30,7 @@ import httpx  # noqa: E402
 
 from covid_keras import web  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.export_helpers import (  # noqa: E402
+from tests.helpers import (  # noqa: E402
     CLASSES3,
     ServeProcess,
     fake_manifest,
