@@ -46,12 +46,13 @@ def aucs(probs, labels, patient_keys, positive: int) -> dict:
     """Slice and patient (mean rule) AUC of the positive class."""
     import numpy as np
 
-    from covid_keras import evaluation
+    from covid_keras.decision import aggregate
+    from covid_keras.metrics import auc_score
 
     probs = np.asarray(probs, np.float64)
-    patients = evaluation.aggregate(probs, labels, patient_keys, "mean", positive)
-    return {"slice_auc": evaluation.auc_score(labels == positive, probs[:, positive]),
-            "patient_auc": evaluation.auc_score(patients.labels == positive, patients.score)}
+    patients = aggregate(probs, labels, patient_keys, "mean", positive)
+    return {"slice_auc": auc_score(labels == positive, probs[:, positive]),
+            "patient_auc": auc_score(patients.labels == positive, patients.score)}
 
 
 def sensitivity(predict, images_u8, labels, patient_keys, positive: int, factors) -> dict:

@@ -658,7 +658,7 @@ def main(argv: list[str]) -> int:
         raise StudyFailure(f"{FLAGS.study} ({exc.study})", exc.reason, exc.detail) from None
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-    from covid_keras.evaluation import rule_text
+    from covid_keras.decision import rule_text
 
     rule = (rule_text(p["rule"], p["positive_class"], p["threshold"], p.get("normal_class"))
             if p["method"] == "threshold" else "argmax")

@@ -1,8 +1,11 @@
-"""The evaluation report: plots (PNG, matplotlib) and one ``report.html``.
+"""The evaluation report: plots (PNG, matplotlib), one ``report.html``, the CSVs and the
+comparison tables.
 
     paths = write_plots(output_dir, result, preds)
     explanations = write_explanations(output_dir, model, predictor, preds, result)
     write_html(output_dir, result, paths, explanations)
+    write_slices_csv(path, preds); write_patients_csv(path, pats, patient_pred, classes)
+    write_comparison(output_dir, {name: metrics.json's content})   # the paper's tables
 
 Plots: ROC curves (slices and patients) with the chosen operating point and a close-up
 around it, precision-recall curves, the reliability diagram, confusion matrices.
@@ -15,12 +18,15 @@ The report names patients only by the records' pseudonymous keys.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 
 import numpy as np
 
-from covid_keras import evaluation
+from covid_keras import files
+from covid_keras.decision import positive_index
+from covid_keras.metrics import DEFINITIONS, METRICS
 
 PLOTS = ("roc", "pr", "reliability", "confusion")
 BOX_COLOURS = ("#ff3030", "#30ff30", "#3080ff", "#ffff30", "#ff30ff", "#30ffff")
@@ -140,7 +146,7 @@ def safe_name(key: str) -> str:
 
 
 def top_slices(preds, pats, patient: int, count: int = 3) -> list:
-    pos = evaluation.positive_index(preds.classes)
+    pos = positive_index(preds.classes)
     idx = pats.slices[patient]
     order = np.argsort(-preds.probs[idx, pos], kind="stable")
     return [int(idx[i]) for i in order[:count]]
@@ -267,7 +273,7 @@ def _fmt(entry) -> str:
 
 def _metrics_table(result: dict, path: tuple = ()) -> str:
     rows = []
-    for m in evaluation.METRICS:
+    for m in METRICS:
         cells = []
         for level in ("slice", "patient"):
             sec = result[level]
@@ -315,14 +321,14 @@ def write_html(output_dir: str, result: dict, plots: dict, explanations: list,
              f"slices, {result['patient']['count']} patients; classes "
              f"{e(', '.join(classes))}; positive class <b>{e(result['positive_class'])}</b>."
              "</p>"]
-    rule_text = evaluation.DEFINITIONS["rules"][d["rule"]]
+    rule_text = DEFINITIONS["rules"][d["rule"]]
     parts.append("<h2>Decision</h2>"
                  f"<p>Patient rule <b>{e(d['rule'])}</b> ({e(rule_text)}), "
                  f"threshold <b>{d['threshold']:.4f}</b>, chosen on split "
                  f"<b>{e(str(d.get('chosen_on_split')))}</b> by {e(str(d.get('criterion')))}."
                  + (f" Normal class <b>{e(str(d['normal_class']))}</b>."
                     if d.get("normal_class") else "")
-                 + f" {e(evaluation.DEFINITIONS['decision'])}.</p>")
+                 + f" {e(DEFINITIONS['decision'])}.</p>")
     for w in result.get("warnings", []):
         parts.append(f'<div class="warn">Warning: {e(w)}</div>')
     for n in result.get("notes", []):
@@ -352,12 +358,12 @@ def write_html(output_dir: str, result: dict, plots: dict, explanations: list,
         result["confusion"]["patient"], classes) + "<h3>Slices</h3>" +
         _confusion_table(result["confusion"]["slice"], classes))
     parts.append("<h2>Per site (patients)</h2><table><tr><th>site</th><th>patients</th>"
-                 "<th>by class</th>" + "".join(f"<th>{m}</th>" for m in evaluation.METRICS)
+                 "<th>by class</th>" + "".join(f"<th>{m}</th>" for m in METRICS)
                  + "</tr>")
     for site, s in result["sites"].items():
         by = ", ".join(f"{e(k)} {v}" for k, v in s["patients_by_class"].items())
         parts.append(f"<tr><td>{e(site)}</td><td>{s['patients']}</td><td>{by}</td>" +
-                     "".join(f"<td>{_fmt(s['patient'][m])}</td>" for m in evaluation.METRICS)
+                     "".join(f"<td>{_fmt(s['patient'][m])}</td>" for m in METRICS)
                      + "</tr>")
     parts.append("</table>")
     if explanations:
@@ -374,5 +380,153 @@ def write_html(output_dir: str, result: dict, plots: dict, explanations: list,
                          "</div>")
     parts.append("</body></html>\n")
     path = os.path.join(output_dir, "report.html")
-    evaluation.atomic_write(path, "\n".join(parts))
+    files.atomic_write_text(path, "\n".join(parts))
     return path
+
+
+# ------------------------------------------------------------------ CSVs
+def _fmt_boxes(boxes, scores) -> str:
+    if boxes is None:
+        return ""
+    items = []
+    for j, b in enumerate(np.asarray(boxes)):
+        s = None if scores is None else float(np.asarray(scores)[j])
+        items.append([round(float(v), 1) for v in b] + ([round(s, 4)] if s is not None else []))
+    return json.dumps(items)
+
+
+def _prob(p) -> str:
+    """A probability as its shortest exact text (``repr``): read back, it is the same
+    number, so saturated probabilities do not tie and an AUC recomputed from the CSV equals
+    metrics.json's (6 decimals made 0.99999991 and 0.99999997 both 1.000000)."""
+    return repr(float(p))
+
+
+def write_slices_csv(path: str, preds) -> None:
+    """patient_key, study_key, slice_index, label, prob_<class>..., boxes (JSON list of
+    [y0, x0, y1, x1, score] in input pixels; empty for models without boxes)."""
+    import csv
+
+    boxes = preds.outputs.get("boxes")
+    scores = preds.outputs.get("box_scores")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_key", "study_key", "slice_index", "label"] +
+                   [f"prob_{c}" for c in preds.classes] + ["boxes"])
+        for i in range(len(preds)):
+            w.writerow([preds.patient_keys[i], preds.study_keys[i], int(preds.slice_index[i]),
+                        preds.classes[int(preds.labels[i])]] +
+                       [_prob(p) for p in preds.probs[i]] +
+                       [_fmt_boxes(None if boxes is None else boxes[i],
+                                   None if scores is None else scores[i])])
+
+
+def write_patients_csv(path: str, pats, patient_pred, classes) -> None:
+    """patient_key, label, prob_<class>... (the rule's), decision."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_key", "label"] + [f"prob_{c}" for c in classes] + ["decision"])
+        for i, key in enumerate(pats.keys):
+            w.writerow([key, classes[int(pats.labels[i])]] +
+                       [_prob(p) for p in pats.probs[i]] + [classes[int(patient_pred[i])]])
+
+
+PAPER_TABLE1 = ("auc", "sensitivity", "ppv", "specificity", "f1", "accuracy")
+PAPER_TABLE2 = ("sensitivity", "ppv", "specificity", "f1", "accuracy")
+HEADERS = {"auc": "AUC", "sensitivity": "Recall", "ppv": "Precision",
+           "specificity": "Specificity", "f1": "F1 (2PR/(P+R))", "accuracy": "Accuracy",
+           "f1_paper": "F1 as printed by the paper ((P+R)/2)"}
+
+
+def comparison_rows(results: dict) -> tuple[list, list]:
+    """name -> metrics.json; the paper's layout: Table 1 (binary, patient level: AUC,
+    recall, precision, specificity, F1, accuracy) or Table 2 (more classes: the macro
+    averages of recall, precision, specificity, F1, accuracy). Returns (header, rows)."""
+    multi = any("macro" in r["patient"] for r in results.values())
+    cols = PAPER_TABLE2 if multi else PAPER_TABLE1
+    header = ["model"] + [HEADERS[c] for c in cols] + [HEADERS["f1_paper"], "patients",
+                                                       "rule", "threshold", "split"]
+    rows = []
+    for name, r in results.items():
+        sec = r["patient"]["macro"] if multi else r["patient"]
+        row = [name]
+        for c in cols:
+            row.append(sec.get(c, {"value": None}))
+        p, rr = sec["ppv"]["value"], sec["sensitivity"]["value"]
+        row.append({"value": None if p is None or rr is None else (p + rr) / 2.0,
+                    "ci95": None})
+        row += [r["patient"]["count"], r["decision"]["rule"],
+                round(float(r["decision"]["threshold"]), 4), r.get("split")]
+        rows.append(row)
+    return header, rows
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        if v.get("value") is None:
+            return "n/a"
+        s = f"{v['value']:.3f}"
+        if v.get("ci95"):
+            s += f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+        return s
+    return str(v)
+
+
+def comparison_markdown(results: dict) -> str:
+    header, rows = comparison_rows(results)
+    multi = any("macro" in r["patient"] for r in results.values())
+    title = ("Patient-level comparison, laid out like the DRENet paper's Table 2 (macro "
+             "averages over classes)" if multi else
+             "Patient-level comparison, laid out like the DRENet paper's Table 1")
+    lines = [f"**{title}**. Values with 95 % bootstrap CIs over patients. F1 is 2PR/(P+R); "
+             "the paper prints (P+R)/2 as F1, given in its own column for comparison.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(output_dir: str, results: dict) -> dict:
+    """comparison.md and comparison.csv (value, ci_lo, ci_hi columns per metric)."""
+    import csv
+
+    os.makedirs(output_dir, exist_ok=True)
+    md = comparison_markdown(results)
+    files.atomic_write_text(os.path.join(output_dir, "comparison.md"), md)
+    header, rows = comparison_rows(results)
+    with open(os.path.join(output_dir, "comparison.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        flat = []
+        for h, v in zip(header, rows[0] if rows else header):
+            flat += [h, f"{h} ci95 lo", f"{h} ci95 hi"] if isinstance(v, dict) else [h]
+        w.writerow(flat)
+        for row in rows:
+            out = []
+            for v in row:
+                if isinstance(v, dict):
+                    ci = v.get("ci95") or [None, None]
+                    out += ["" if x is None else f"{x:.4f}" for x in (v.get("value"), *ci)]
+                else:
+                    out.append(v)
+            w.writerow(out)
+    return {"markdown": md}
+
+
+def summary_line(m: dict) -> str:
+    def f(entry):
+        if entry.get("value") is None:
+            return "n/a"
+        ci = entry.get("ci95")
+        return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+    d = m["decision"]
+    pos = m.get("positive_class", "positive")
+    parts = [f"{m['split']}, {pos} vs rest ({d['rule']} rule, {pos} >= {d['threshold']:.4g} "
+             f"chosen on {d.get('chosen_on_split')})"]
+    for level in ("patient", "slice"):
+        s = m[level]
+        parts.append(f"{level}s {s['count']}: " + ", ".join(
+            f"{k} {f(s[k])}" for k in METRICS))
+    return " | ".join(parts)

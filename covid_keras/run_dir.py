@@ -202,6 +202,6 @@ class RunDir:
 
     def read_decision(self) -> dict | None:
         """decision.json (checked, ``normal_class`` filled), or None when the run has none."""
-        from covid_keras import evaluation
+        from covid_keras import decision
 
-        return evaluation.read_decision(self.path)
+        return decision.read_decision(self.path)

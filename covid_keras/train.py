@@ -404,7 +404,7 @@ def main(argv):
     import tensorflow as tf
 
     from covid_keras import callbacks as cbs
-    from covid_keras import data, evaluation, recipes, saving
+    from covid_keras import data, metrics, recipes, saving
 
     if FLAGS.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -568,8 +568,8 @@ def main(argv):
                       summary_line(results[f"best_on_{split}"], split))
                 if decision is not None:
                     preds = held_out.evaluator.predictions(best, classes, outputs=_plain(out))
-                    m = evaluation.evaluate_predictions(preds, decision, n_bootstrap=0)
-                    results[f"decision_on_{split}"] = evaluation.public_result(m)
+                    m = metrics.evaluate_predictions(preds, decision, n_bootstrap=0)
+                    results[f"decision_on_{split}"] = metrics.public_result(m)
                     print("  at the decision: " + decision_line(m))
         files.write_json(run.metrics_path, results)
         validation.write_best(results.get("best"), results.get("best_epoch"))
@@ -605,14 +605,13 @@ def choose_decision(run_dir: str, evaluator, best, best_out: dict, classes: list
     """decision.json: the patient rule and threshold chosen on the val split's predictions
     of best.keras (--decision_criterion). None, with a warning, when val cannot choose one
     (e.g. a class missing from it)."""
-    from covid_keras import evaluation
+    from covid_keras import decision
 
     preds = evaluator.predictions(best, classes, outputs=_plain(best_out))
     try:
-        return evaluation.write_decision(run_dir, preds, split=FLAGS.val_split,
-                                         checkpoint=BEST,
-                                         criterion=FLAGS.decision_criterion,
-                                         target_sensitivity=FLAGS.target_sensitivity)
+        return decision.write_decision(run_dir, preds, split=FLAGS.val_split,
+                                       checkpoint=BEST, criterion=FLAGS.decision_criterion,
+                                       target_sensitivity=FLAGS.target_sensitivity)
     except ValueError as exc:
         log.warning("no decision.json (predictions use the argmax): %s", exc)
         return None
@@ -635,7 +634,7 @@ def decision_line(m: dict) -> str:
 def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     """Where the models are, which epoch was chosen and how, the positive class and the
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
-    from covid_keras import evaluation, metrics
+    from covid_keras import decision, metrics
 
     run = RunDir(run_dir)
     lines = []
@@ -647,7 +646,7 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     lines.append(f"positive class: {classes[metrics.positive_index(classes)]!r} of {classes}")
     if files.exists(run.decision_path):
         d = json.loads(files.read_text(run.decision_path))
-        rule = evaluation.rule_text(d.get("rule"), d.get("positive_class"),
+        rule = decision.rule_text(d.get("rule"), d.get("positive_class"),
                                     d.get("threshold"), d.get("normal_class"))
         lines.append(f"decision: {rule} ({d.get('criterion')}, chosen on "
                      f"{d.get('split', FLAGS.val_split)!r})")

@@ -465,7 +465,7 @@ def model_card(info: dict, source: dict, metrics: dict | None = None,
                ) -> dict:
     """The model card's content, every figure read from the export info (``assets.extra/
     covid_keras.json``), the evaluation's metrics.json and the dataset manifest."""
-    from covid_keras.evaluation import METRICS
+    from covid_keras.metrics import METRICS
 
     classes = list(info.get("class_names") or [])
     limits: list[str] = []
@@ -643,7 +643,7 @@ def card_html(card: dict) -> str:
             f"{e(str(vd['chosen_on_split']))}). 95 % CIs: bootstrap over "
             f"{e(str(bs.get('unit', 'patient')))}s, {e(str(bs.get('resamples')))} resamples."
             "</p>")
-        from covid_keras.evaluation import METRICS
+        from covid_keras.metrics import METRICS
 
         out.append('<table class="metrics" id="card-metrics"><tr><th>level</th>' + "".join(
             f"<th>{e(k)}</th>" for k in METRICS) + "</tr>")

@@ -40,7 +40,7 @@ def test_patient_with_two_labels_is_an_error():
 def test_training_metrics_share_evaluations_definitions():
     from sklearn.metrics import roc_auc_score
 
-    from covid_keras import evaluation
+    from covid_keras import decision
 
     rng = np.random.default_rng(0)
     p = np.round(rng.uniform(size=40), 1)
@@ -50,7 +50,7 @@ def test_training_metrics_share_evaluations_definitions():
     labels = np.repeat(labels[::2], 2)  # one label per patient
     m = classification_metrics(probs, labels, keys, ["non_covid", "covid"])
     assert m["slice_auc"] == pytest.approx(roc_auc_score(labels, p))
-    pats = evaluation.aggregate(probs, labels, keys, "mean", 1)
+    pats = decision.aggregate(probs, labels, keys, "mean", 1)
     assert m["patient_auc"] == pytest.approx(roc_auc_score(pats.labels, pats.score))
     p_probs, p_labels, p_keys = aggregate_by_patient(probs, labels, keys)
     np.testing.assert_allclose(p_probs, pats.probs)
