@@ -28,7 +28,8 @@ predict_study      ``images`` float32 (N, S, S, 3): all the     ``probabilities`
                                                                 ``slice_probabilities``
                                                                 (N, C); ``boxes`` (N, K, 4);
                                                                 ``box_scores`` (N, K);
-                                                                ``lung_fraction`` (N,);
+                                                                ``lung_fraction`` (N,)
+                                                                (non-black share);
                                                                 ``warning`` () (``no_lung``,
                                                                 ``no_lung_slices`` or "")
 gradcam            ``images`` float32 (B, S, S, 3) and          ``heatmaps`` (B, S, S) in
@@ -39,10 +40,15 @@ Boxes are clipped to the image (0..S): the navigator's anchors may extend past i
 
 ``serving_default`` and ``predict_images`` do not check that a slice shows lung: an
 all-black or non-CT image gets an answer like any other. ``predict_study`` does:
-``lung_fraction`` is each slice's share of non-black pixels (data_prep blackens everything
-outside the lung mask, so a prepared slice without lung is black), and ``warning`` is
-``no_lung`` when no slice reaches data_prep's ``min_lung_fraction`` (the records'
-preprocessing, default 0.05), ``no_lung_slices`` when some do not, else empty.
+``lung_fraction`` is each slice's share of non-black pixels: the fraction of the S x S
+input's pixels with any channel above 0, as sent (data_prep blackens everything outside
+the lung mask, so a prepared slice without lung is black). It is not data_prep's lung
+fraction (``slice/lung_fraction`` in the records, the ``lung_fraction`` of
+``prediction.json``: the lung mask's area over the original slice's area): it is measured
+on the cropped, resized input (after ``crop_to_lung`` usually larger), and any non-black
+pixel counts, lung or not. ``warning`` is ``no_lung`` when no slice's share reaches
+data_prep's ``min_lung_fraction`` (the records' preprocessing, default 0.05),
+``no_lung_slices`` when some do not, else empty.
 
 ``predict_images`` decodes inside the graph exactly as data_prep reads a slice image
 (:func:`data_prep.slice_images.read_grey`: 16-bit rescaled by 1/257, alpha composited over
