@@ -79,6 +79,29 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_zip_files", 20000, "A zipped study may hold at most this many "
                          "entries.")
     flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
+    define_server_token_flag()
+
+
+def define_server_token_flag() -> None:
+    """``--server_token_file`` (predict and the page): the bearer token of a server started
+    with ``--auth_token_file``."""
+    if "server_token_file" in flags.FLAGS:  # the page and predict in one process
+        return
+    flags.DEFINE_string("server_token_file", None, "A file holding the token of a model "
+                        "server started with --auth_token_file (with --server): sent as "
+                        "'Authorization: Bearer <token>'.")
+
+
+def server_token(path: str | None) -> str | None:
+    """The token in ``path`` (covid_keras.serve's rules), or None without a path."""
+    if not path:
+        return None
+    from covid_keras.serve import read_token
+
+    try:
+        return read_token(path)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--auth_token_file", "--server_token_file")) from None
 
 
 class ServerUnreachable(OSError):
@@ -345,12 +368,15 @@ def _load(path: str):
 class ServerModel:
     """The model on a TF Serving REST endpoint (``predict_study`` and ``gradcam``)."""
 
-    def __init__(self, url: str, model_name: str, info: dict | None, timeout_s: float):
+    def __init__(self, url: str, model_name: str, info: dict | None, timeout_s: float,
+                 token: str | None = None):
         import requests
 
         self.url = url.rstrip("/") + f"/v1/models/{model_name}"
         self.timeout = timeout_s
         self.session = requests.Session()
+        if token:  # a server started with --auth_token_file
+            self.session.headers["Authorization"] = f"Bearer {token}"
         meta = self._call("GET", "/metadata")
         sig = meta["metadata"]["signature_def"]["signature_def"].get("predict_study")
         if sig is None:
@@ -645,7 +671,8 @@ def main(argv: list[str]) -> int:
             export_dir = find_export(FLAGS.model)
             info = read_export_info(export_dir) if export_dir else LocalModel(
                 FLAGS.model).info
-        model = ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s)
+        model = ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s,
+                            server_token(FLAGS.server_token_file))
     else:
         model = LocalModel(FLAGS.model)
     try:

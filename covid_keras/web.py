@@ -120,6 +120,9 @@ def define_flags() -> None:
                         "the per-request folders go (default: the "
                         "system's temporary folder).")
     flags.DEFINE_float("timeout_s", 60.0, "REST request timeout (with --server).")
+    from covid_keras import predict
+
+    predict.define_server_token_flag()
 
 
 # ------------------------------------------------------------------ limits, errors
@@ -1043,7 +1046,8 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
 
 
 # ------------------------------------------------------------------ the command
-def load(model_path: str | None, server: str | None, model_name: str, timeout_s: float):
+def load(model_path: str | None, server: str | None, model_name: str, timeout_s: float,
+         token: str | None = None):
     """The model predict will call: a LocalModel, or a ServerModel (its preprocessing and
     card from ``model_path`` when given)."""
     from covid_keras import predict
@@ -1061,7 +1065,7 @@ def load(model_path: str | None, server: str | None, model_name: str, timeout_s:
             export_dir = predict.find_export(model_path)
             info = (predict.read_export_info(export_dir) if export_dir else
                     predict.LocalModel(model_path).info)
-        return predict.ServerModel(server, model_name, info, timeout_s)
+        return predict.ServerModel(server, model_name, info, timeout_s, token)
     return predict.LocalModel(model_path)
 
 
@@ -1096,7 +1100,8 @@ def main(argv: list[str]) -> int:
     limits = Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
                     int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue,
                     int(FLAGS.disk_budget_mb * (1 << 20)))
-    model = load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s)
+    model = load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s,
+                 predict.server_token(FLAGS.server_token_file))
     card = build_card(model, FLAGS.model, FLAGS.metrics, FLAGS.data_manifest)
     salt = (predict.read_salt(FLAGS.salt_file) if FLAGS.salt_file else
             secrets.token_hex(32).encode())
