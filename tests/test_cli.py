@@ -147,7 +147,7 @@ def test_help_exits_0_and_flag_errors_are_one_line(tmp_path):
 
 
 CLIS = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.export",
-        "covid_keras.predict", "covid_keras.serve", "covid_keras.web",
+        "covid_keras.predict", "covid_keras.serve", "covid_keras.web", "covid_keras.pretrain",
         "data_prep.build_tfrecords", "data_prep.phantom", "data_prep.study_names")
 
 
