@@ -27,15 +27,17 @@ cannot be installed (this project's CI) this one serves the same SavedModel thro
 * Errors as TF Serving: ``{"error": "..."}`` with 400 (malformed or wrongly shaped request,
   NaN / Infinity, JSON nested too deeply, more than ``--max_instances`` instances, an image
   over ``--max_image_pixels`` by its header), 404 (unknown model or version), 408 (request
-  not received within ``--rest_api_timeout_in_ms``), 413 (body over ``--max_request_mb``),
-  503 (the inference queue is full); gRPC status codes INVALID_ARGUMENT / NOT_FOUND /
+  header not received, or the body paused, longer than ``--rest_api_timeout_in_ms``), 413
+  (body over ``--max_request_mb``), 503 (the inference queue is full, or the bodies in
+  flight would pass ``--max_inflight_mb``); gRPC status codes INVALID_ARGUMENT / NOT_FOUND /
   RESOURCE_EXHAUSTED / UNAVAILABLE. A bad request never stops the server.
 * REST on Starlette + uvicorn (asyncio, the stack of :mod:`covid_keras.web`): a connection
-  costs a socket, not a thread, so slow or idle clients cannot hold the server; request
-  headers and bodies must arrive within ``--rest_api_timeout_in_ms``. Inference (JSON
-  decoding included) runs in one pool of ``--rest_api_num_threads`` workers shared with
-  gRPC, at most ``--max_queue`` requests waiting (then 503 / UNAVAILABLE); a request whose
-  client has gone before its turn is not computed.
+  costs a socket, not a thread, so slow or idle clients cannot hold the server; a request
+  header must arrive within ``--rest_api_timeout_in_ms`` and its body may not pause longer
+  than that; a body's Content-Length is reserved against ``--max_inflight_mb`` before it is
+  read. Inference (JSON decoding included) runs in one pool of ``--rest_api_num_threads``
+  workers shared with gRPC, at most ``--max_queue`` requests waiting (then 503 /
+  UNAVAILABLE); a request whose client has gone before its turn is not computed.
 * Binds ``--host`` (127.0.0.1 by default; TF Serving binds every interface) and logs no
   request content. Access control: ``--allowed_hosts`` (the Host header; on a loopback
   address, the loopback names by default, against DNS rebinding), a browser's cross-site
@@ -72,6 +74,7 @@ DEFAULT_SIGNATURE = "serving_default"
 MAX_INSTANCES = 1024
 MAX_IMAGE_PIXELS = 4096 * 4096  # serving_signatures.MAX_IMAGE_PIXELS (no TF import here)
 VERSION_HEADER = "X-Model-Version"
+MAX_INFLIGHT_BYTES = 256 << 20  # --max_inflight_mb's default
 
 
 def define_flags() -> None:
@@ -85,11 +88,15 @@ def define_flags() -> None:
                          "--model_base_path for new versions (0: once at start).")
     flags.DEFINE_integer("rest_api_num_threads", 8, "Requests computed at once (the "
                          "inference workers, shared by REST and gRPC).")
-    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "A REST request's header and its "
-                         "body must each arrive within this time (then 408 and the "
-                         "connection closes).")
+    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "A REST request's header must "
+                         "arrive within this time, and its body may pause no longer than "
+                         "this between two pieces (then 408 and the connection closes).")
     flags.DEFINE_float("max_request_mb", 64.0, "Largest request body (REST) or message "
                        "(gRPC) accepted, MiB.")
+    flags.DEFINE_float("max_inflight_mb", 256.0, "REST request bodies being received or "
+                       "waiting to be computed hold at most this many MiB together, reserved "
+                       "from their Content-Length before they are read (then HTTP 503); at "
+                       "least --max_request_mb.")
     flags.DEFINE_integer("max_queue", 32, "Requests waiting for an inference worker at most "
                          "(then HTTP 503 / gRPC UNAVAILABLE).")
     flags.DEFINE_integer("max_instances", MAX_INSTANCES, "Instances (the batch) per request "
@@ -271,6 +278,29 @@ class InferencePool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ByteBudget:
+    """The bytes of REST request bodies in flight (being read, waiting or computed), at most
+    ``limit`` together: a body's Content-Length is reserved before it is read, so many
+    clients sending large bodies at once are refused (503) instead of buffering them all."""
+
+    def __init__(self, limit: int):
+        self.limit = max(0, int(limit))
+        self._lock = threading.Lock()
+        self.used = 0
+
+    def reserve(self, n: int) -> None:
+        """Takes ``n`` bytes, or raises ServingError 503 when they do not fit."""
+        with self._lock:
+            if self.used + n > self.limit:
+                raise busy(f"{self.used} bytes of request bodies are in flight (at most "
+                           f"{self.limit}, --max_inflight_mb): try again later")
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
 
 
 # ------------------------------------------------------------------ models
@@ -728,10 +758,12 @@ class RestApp:
     """TF Serving's REST API as an ASGI app (Starlette requests and responses)."""
 
     def __init__(self, manager: ModelManager, pool: InferencePool, max_bytes: int,
-                 timeout_s: float, access: Access | None = None):
+                 timeout_s: float, access: Access | None = None,
+                 budget: ByteBudget | None = None):
         self.manager, self.pool, self.max_bytes = manager, pool, max_bytes
         self.timeout_s = timeout_s
         self.access = access or Access()
+        self.budget = budget or ByteBudget(max(max_bytes, MAX_INFLIGHT_BYTES))
 
     async def __call__(self, scope, receive, send) -> None:
         from starlette.requests import Request
@@ -783,26 +815,44 @@ class RestApp:
                 return self.json(413, {"error": f"request body of {int(length)} bytes exceeds "
                                                 f"--max_request_mb ({self.max_bytes} bytes)"},
                                  close)
-            raw = bytearray()
+            size = int(length)
+            try:  # reserved before a byte of the body is read; released on every way out
+                self.budget.reserve(size)
+            except ServingError as err:
+                return self.json(err.http, {"error": str(err)}, close)
+            held = size
             try:
-                with _deadline(self.timeout_s):
-                    async for chunk in request.stream():
+                raw = bytearray()
+                stream = request.stream()
+                try:
+                    while True:  # an idle timeout: each piece within timeout_s of the last
+                        with _deadline(self.timeout_s):
+                            try:
+                                chunk = await stream.__anext__()
+                            except StopAsyncIteration:
+                                break
                         raw += chunk
-            except TimeoutError:
-                return self.json(408, {"error": f"the request body did not arrive within "
-                                                f"{self.timeout_s:g} s"}, close)
-            except ClientDisconnect:
-                raise ClientGone() from None
-            if verb != "predict" or meta:
-                raise not_found(f"Malformed request: POST {path[:200]} (only :predict is "
-                                "served)")
-            servable = self.manager.get(name, version)
-            gone = threading.Event()
-            fut = self.pool.submit(predict_job, servable, bytes(raw),
-                                   self.manager.max_instances, alive=lambda: not gone.is_set())
-            del raw
-            body = await answer_unless_gone(fut, receive, gone)
-            return self.json(200, body, {VERSION_HEADER: str(servable.version)})
+                except TimeoutError:
+                    return self.json(408, {"error": f"the request body paused for more than "
+                                                    f"{self.timeout_s:g} s"}, close)
+                except ClientDisconnect:
+                    raise ClientGone() from None
+                if verb != "predict" or meta:
+                    raise not_found(f"Malformed request: POST {path[:200]} (only :predict is "
+                                    "served)")
+                servable = self.manager.get(name, version)
+                gone = threading.Event()
+                fut = self.pool.submit(predict_job, servable, bytes(raw),
+                                       self.manager.max_instances,
+                                       alive=lambda: not gone.is_set())
+                del raw
+                held = 0  # the job holds the bytes now: released when it ends
+                fut.add_done_callback(lambda _f: self.budget.release(size))
+                body = await answer_unless_gone(fut, receive, gone)
+                return self.json(200, body, {VERSION_HEADER: str(servable.version)})
+            finally:
+                if held:
+                    self.budget.release(held)
         except ServingError as err:
             headers = {"WWW-Authenticate": "Bearer"} if err.http == 401 else None
             return self.json(err.http, {"error": str(err)}, headers)
@@ -906,11 +956,11 @@ class RestServer:
 
 def make_rest_server(manager: ModelManager, host: str, port: int, max_bytes: int,
                      threads: int, timeout_s: float = 30.0, queue: int = 32,
-                     access: Access | None = None, pool: InferencePool | None = None
-                     ) -> RestServer:
+                     access: Access | None = None, pool: InferencePool | None = None,
+                     budget: ByteBudget | None = None) -> RestServer:
     pool = pool or InferencePool(threads, queue)
-    return RestServer(RestApp(manager, pool, max_bytes, timeout_s, access), host, port,
-                      timeout_s)
+    return RestServer(RestApp(manager, pool, max_bytes, timeout_s, access, budget), host,
+                      port, timeout_s)
 
 
 # ------------------------------------------------------------------ gRPC
@@ -1044,9 +1094,10 @@ def main(argv: list[str]) -> int:
     where = []
     try:
         if FLAGS.rest_api_port:
+            budget = ByteBudget(max(max_bytes, int(FLAGS.max_inflight_mb * 1024 * 1024)))
             rest = make_rest_server(manager, FLAGS.host, FLAGS.rest_api_port, max_bytes,
                                     FLAGS.rest_api_num_threads, timeout_s, FLAGS.max_queue,
-                                    access, pool)
+                                    access, pool, budget)
             rest.start()
             where.append(f"REST http://{FLAGS.host}:{rest.port}")
         if FLAGS.port:

@@ -376,3 +376,144 @@ def test_access_rules_unit():
         serve.Access.for_binding("0.0.0.0", None, None)
     anyhost = serve.Access(["*"])
     assert anyhost.host_ok("anything")
+
+
+# ------------------------------------------------------------------ review of issue 29
+class _FakeServable:
+    """A servable without TensorFlow: one input ``x``, ``y = 2 x``."""
+
+    name, version = "drenet", 7
+
+    def input_specs(self, _sig):
+        return {"x": None}
+
+    def run(self, _sig, inputs, _output_filter=()):
+        return {"y": np.asarray(inputs["x"], np.float32) * 2}
+
+
+class _FakeManager:
+    max_instances = 8
+
+    def get(self, name, version=None):
+        from covid_keras import serve
+
+        if name != "drenet":
+            raise serve.not_found(f"Servable not found for request: Latest({name})")
+        return _FakeServable()
+
+    def status(self, name, version=None):
+        return []
+
+
+@pytest.fixture
+def fake_rest():
+    """The REST app in this process over _FakeManager, on a free port: (port, app) and a
+    function to start it with a byte budget and a timeout."""
+    from covid_keras import serve
+
+    started = []
+
+    def start(budget_bytes: int, timeout_s: float = 3.0):
+        pool = serve.InferencePool(1, 4)
+        budget = serve.ByteBudget(budget_bytes)
+        rest = serve.make_rest_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, timeout_s,
+                                      4, serve.Access(), pool, budget)
+        rest.start()
+        started.append((rest, pool))
+        for _ in range(400):
+            if rest.server.started:
+                break
+            time.sleep(0.05)
+        assert rest.server.started
+        return rest.port, budget
+
+    yield start
+    for rest, pool in started:
+        rest.stop()
+        pool.shutdown()
+
+
+def _post_head(port: int, length: int, model: str = "drenet") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(b"POST /v1/models/%s:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+              % (model.encode(), length))
+    return s
+
+
+def _answer(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return out
+        out += data
+
+
+def _until(check, what: str) -> None:
+    for _ in range(400):
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(what)
+
+
+def _padded(obj, size: int) -> bytes:
+    body = json.dumps(obj).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def test_request_bodies_reserve_a_byte_budget_before_they_are_read(fake_rest):
+    """Review of issue 29, 1: bodies were read with no limit on how many arrive at once
+    (100 clients x --max_request_mb). A body's Content-Length is reserved before it is read:
+    a second body that does not fit is 503 at once while the first is in flight, and the
+    budget is given back on every way out (answered, client gone, unknown model)."""
+    port, budget = fake_rest(1500)
+    body = _padded({"instances": [1.0, 2.0]}, 1000)
+    first = _post_head(port, len(body))
+    try:
+        first.sendall(body[:10])
+        _until(lambda: budget.used == 1000, "the first body is not reserved")
+        second = _post_head(port, len(body))
+        try:
+            answer = _answer(second)
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+            assert b"max_inflight_mb" in answer
+        finally:
+            second.close()
+        assert budget.used == 1000
+        first.sendall(body[10:])
+        answer = _answer(first)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"predictions": [2.0, 4.0]}
+    finally:
+        first.close()
+    assert budget.used == 0
+    gone = _post_head(port, len(body))  # the client goes in the middle of its body
+    gone.sendall(body[:10])
+    _until(lambda: budget.used == 1000, "the body is not reserved")
+    gone.close()
+    _until(lambda: budget.used == 0, "a gone client's bytes are not given back")
+    unknown = _post_head(port, len(body), "other")
+    unknown.sendall(body)
+    assert _answer(unknown).startswith(b"HTTP/1.1 404")
+    unknown.close()
+    assert budget.used == 0
+
+
+def test_a_slow_body_that_keeps_coming_is_not_timed_out(fake_rest):
+    """Review of issue 29, 5: the body's deadline was total, so a legitimate large body
+    slower than max_request_mb / timeout got 408. It is an idle timeout now: each piece
+    within the timeout of the last (the slow-loris test still gets its 408)."""
+    port, _ = fake_rest(1 << 20, timeout_s=1.5)
+    body = _padded({"instances": [1.0, 2.0]}, 800)
+    s = _post_head(port, len(body))
+    try:
+        for i in range(0, len(body), 100):  # 8 pieces, 0.3 s apart: 2.4 s in all
+            s.sendall(body[i:i + 100])
+            time.sleep(0.3)
+        answer = _answer(s)
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
