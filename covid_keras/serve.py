@@ -75,6 +75,7 @@ MAX_INSTANCES = 1024
 MAX_IMAGE_PIXELS = 4096 * 4096  # serving_signatures.MAX_IMAGE_PIXELS (no TF import here)
 VERSION_HEADER = "X-Model-Version"
 MAX_INFLIGHT_BYTES = 256 << 20  # --max_inflight_mb's default
+MAX_DEPTH = 32  # a tensor value nested deeper in JSON is refused (400), not recursed into
 
 
 def define_flags() -> None:
@@ -542,8 +543,17 @@ def signature_def_map(servable: Servable):
 
 
 # ------------------------------------------------------------------ REST JSON <-> arrays
-def _decode_value(v):
-    """JSON value -> nested lists with bytes for {"b64": ...} and for text."""
+def _too_deep() -> ServingError:
+    return bad_request(f"JSON Parse error: a tensor value nested more than {MAX_DEPTH} levels "
+                       "deep")
+
+
+def _decode_value(v, depth: int = 1):
+    """JSON value -> nested lists with bytes for {"b64": ...} and for text; a value nested
+    more than MAX_DEPTH levels is refused before it is walked further (orjson accepts 1024
+    levels, more than this recursion could take)."""
+    if depth > MAX_DEPTH and isinstance(v, (list, dict)):
+        raise _too_deep()
     if isinstance(v, dict):
         if set(v) == {"b64"} and isinstance(v["b64"], str):
             try:
@@ -552,7 +562,7 @@ def _decode_value(v):
                 raise bad_request("invalid base64 in a {\"b64\": ...} value") from None
         raise bad_request("a tensor value is an object that is not {\"b64\": ...}")
     if isinstance(v, list):
-        return [_decode_value(x) for x in v]
+        return [_decode_value(x, depth + 1) for x in v]
     if isinstance(v, str):
         return v.encode("utf-8")
     if v is None:
@@ -567,6 +577,8 @@ def _array(value, key: str) -> np.ndarray:
         except ValueError:
             fast = None
         if fast is not None and fast.dtype.kind in "iuf":
+            if fast.ndim > MAX_DEPTH:
+                raise _too_deep()
             return fast
     value = _decode_value(value)
     try:

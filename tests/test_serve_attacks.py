@@ -517,3 +517,26 @@ def test_a_slow_body_that_keeps_coming_is_not_timed_out(fake_rest):
     finally:
         s.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_deep_nesting_under_orjsons_limit_is_400(fake_rest):
+    """Review of issue 29, 2: JSON nested 900 deep (orjson accepts 1024 levels) recursed
+    in the conversion into RecursionError, a 500. Nesting deeper than MAX_DEPTH is 400."""
+    from covid_keras import serve
+
+    port, budget = fake_rest(1 << 20)
+    for leaf in (b"0", b'"text"', b'{"b64": "AA=="}'):
+        body = b'{"instances": ' + b"[" * 900 + leaf + b"]" * 900 + b"}"
+        s = _post_head(port, len(body))
+        s.sendall(body)
+        answer = _answer(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 400"), (leaf, answer[:300])
+        assert b"nested" in answer
+    with pytest.raises(serve.ServingError) as err:
+        serve.parse_predict_body({"inputs": {"x": json.loads("[" * 33 + "1" + "]" * 33)}},
+                                 ["x"])
+    assert err.value.http == 400
+    ok = serve.parse_predict_body({"inputs": json.loads("[" * 32 + "1" + "]" * 32)}, ["x"])
+    assert ok[0]["x"].ndim == 32
+    assert budget.used == 0
