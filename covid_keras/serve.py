@@ -433,23 +433,30 @@ class ModelManager:
         self.current: Servable | None = None
         self.states: dict[int, str] = {}
         self.errors: dict[int, str] = {}
+        self.failed: dict[int, tuple] = {}  # version -> its folder's fingerprint at failure
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll(self) -> None:
         """TF Serving's "latest" policy: serve the highest version that loads. A version
-        that fails to load is tried again at the next poll (it may still be being copied);
+        that fails to load is tried again at a later poll once its folder has changed (its
+        files' names, sizes or times: it may still be being copied), not at every poll;
         when the served version's folder is gone, the highest remaining one is served
         (none left: nothing is served, 404)."""
         from covid_keras.export import versions
 
         found = versions(self.base_path)
+        for v in list(self.failed):
+            if v not in found:
+                del self.failed[v]
         with self._lock:
             current = self.current
         for v in sorted(found, reverse=True):
             if current is not None and v == current.version:
                 return
+            if v in self.failed and self.failed[v] == self.fingerprint(v):
+                continue  # failed, and nothing has changed since: not loaded again
             if self._load(v):
                 return
         if current is not None and current.version not in found:
@@ -460,19 +467,37 @@ class ModelManager:
             log.warning("%s version %d was removed: no version left to serve", self.name,
                         current.version)
 
+    def fingerprint(self, version: int) -> tuple:
+        """The version folder's files: (relative path, size, mtime in ns), sorted."""
+        root = os.path.join(self.base_path, str(version))
+        out = []
+        for folder, dirs, names in os.walk(root):
+            for name in names + dirs:
+                path = os.path.join(folder, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                out.append((os.path.relpath(path, root), st.st_size if name in names else -1,
+                            st.st_mtime_ns))
+        return tuple(sorted(out))
+
     def _load(self, version: int) -> bool:
         self.states[version] = "LOADING"
+        before = self.fingerprint(version)
         try:
             servable = Servable(self.name, version,
                                 os.path.join(self.base_path, str(version)))
         except Exception as exc:  # noqa: BLE001 - a broken version must not stop serving
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-            if self.errors.get(version) != error:  # logged once, retried at every poll
-                log.error("%s version %d failed to load (retried at the next poll): %s",
+            if self.errors.get(version) != error:  # logged once, retried when it changes
+                log.error("%s version %d failed to load (retried when its files change): %s",
                           self.name, version, error)
             self.errors[version] = error
+            self.failed[version] = before
             self.states[version] = "END"
             return False
+        self.failed.pop(version, None)
         servable.max_instances = self.max_instances
         servable.max_image_pixels = self.max_image_pixels
         with self._lock:

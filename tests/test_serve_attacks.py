@@ -540,3 +540,35 @@ def test_deep_nesting_under_orjsons_limit_is_400(fake_rest):
     ok = serve.parse_predict_body({"inputs": json.loads("[" * 32 + "1" + "]" * 32)}, ["x"])
     assert ok[0]["x"].ndim == 32
     assert budget.used == 0
+
+
+def test_a_failed_version_is_loaded_again_only_when_its_files_change(tmp_path, monkeypatch):
+    """Review of issue 29, 3: a version that failed to load was loaded again (a whole
+    tf.saved_model.load) at every poll. It is retried once its folder has changed."""
+    from covid_keras import serve
+
+    loads = []
+
+    class Broken:
+        def __init__(self, name, version, path):
+            loads.append(version)
+            if not os.path.exists(os.path.join(path, "variables")):
+                raise FileNotFoundError("variables/ is missing")
+            self.name, self.version, self.path = name, version, path
+
+    monkeypatch.setattr(serve, "Servable", Broken)
+    for v in ("1", "2"):
+        (tmp_path / v).mkdir()
+        (tmp_path / v / "saved_model.pb").write_bytes(b"pb")
+    (tmp_path / "1" / "variables").mkdir()
+    manager = serve.ModelManager("drenet", str(tmp_path), 0)
+    manager.poll()
+    assert loads == [2, 1] and manager.current.version == 1
+    assert manager.status("drenet", 2)[0]["state"] == "END"
+    for _ in range(5):
+        manager.poll()
+    assert loads == [2, 1]  # not loaded again while nothing changed
+    (tmp_path / "2" / "variables").mkdir()  # the copy completes
+    manager.poll()
+    assert loads == [2, 1, 2] and manager.current.version == 2
+    assert manager.status("drenet", 2)[0]["state"] == "AVAILABLE"
