@@ -1025,6 +1025,10 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
     access = access or Access()
 
     def guarded(fn):
+        """The handler's answer, or one abort with the status its error names. Handlers
+        raise (ServingError, ClientGone) and never call ``context.abort`` themselves: grpc's
+        abort raises a plain Exception, which would otherwise be taken for an internal
+        error here and aborted again as INTERNAL."""
         def call(self, request, context):
             try:
                 if not access.token_ok(dict(context.invocation_metadata()).get(
@@ -1033,13 +1037,15 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
                                        "required in the 'authorization' metadata")
                 return fn(self, request, context)
             except ServingError as err:
-                context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+                code, message = getattr(grpc.StatusCode, err.grpc_code), str(err)
+            except (ClientGone, futures.CancelledError):
+                code, message = grpc.StatusCode.CANCELLED, "the client has gone"
             except Exception as exc:  # noqa: BLE001 - one bad request never stops serving
                 if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
                     raise
                 log.error("internal error: %s", type(exc).__name__)
-                context.abort(grpc.StatusCode.INTERNAL,
-                              f"internal error ({type(exc).__name__})")
+                code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+            context.abort(code, message)
         return call
 
     class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -1054,10 +1060,7 @@ def make_grpc_server(manager: ModelManager, host: str, port: int, max_bytes: int
             fut = pool.submit(servable.run, sig, inputs, list(request.output_filter),
                               alive=context.is_active)
             del inputs
-            try:
-                out = fut.result()
-            except ClientGone:
-                context.abort(grpc.StatusCode.CANCELLED, "the client has gone")
+            out = fut.result()  # ClientGone: guarded ends the call as CANCELLED
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = servable.name
             resp.model_spec.version.value = servable.version

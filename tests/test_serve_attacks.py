@@ -572,3 +572,53 @@ def test_a_failed_version_is_loaded_again_only_when_its_files_change(tmp_path, m
     manager.poll()
     assert loads == [2, 1, 2] and manager.current.version == 2
     assert manager.status("drenet", 2)[0]["state"] == "AVAILABLE"
+
+
+def test_grpc_client_gone_ends_cancelled_not_internal(monkeypatch, caplog):
+    """Review of issue 29, 4: grpc's context.abort raises a plain Exception; raised for a
+    client that had gone, the handler's guard logged it as an internal error and aborted
+    again with INTERNAL. It ends CANCELLED, with no internal-error line."""
+    import logging
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from covid_keras import serve
+
+    captured = {}
+    monkeypatch.setattr(prediction_service_pb2_grpc, "add_PredictionServiceServicer_to_server",
+                        lambda servicer, _server: captured.setdefault("servicer", servicer))
+
+    class Context:
+        """grpc's ServicerContext as far as the handlers use it; abort as grpc's: the
+        status is set and a plain Exception raised."""
+
+        code = None
+
+        def invocation_metadata(self):
+            return ()
+
+        def is_active(self):
+            return False  # the client has gone before its turn
+
+        def abort(self, code, details):
+            self.code, self.details = code, details
+            raise Exception()
+
+    pool = serve.InferencePool(1, 1)
+    server, _ = serve.make_grpc_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, 1,
+                                       serve.Access(), pool)
+    try:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "drenet"
+        req.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((1, 2), np.float32)))
+        context = Context()
+        with caplog.at_level(logging.ERROR, logger="covid_keras.serve"):
+            with pytest.raises(Exception):  # noqa: B017 - grpc's abort raises a plain one
+                captured["servicer"].Predict(req, context)
+        assert context.code == grpc.StatusCode.CANCELLED, (context.code, context.details)
+        assert "internal error" not in caplog.text
+    finally:
+        server.stop(None)
+        pool.shutdown()
