@@ -202,7 +202,8 @@ class Commands:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from tests.helpers import _command_server; "
                                    "_command_server()"],
-            cwd=REPO, env=env or user_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=REPO, env=env or dict(user_env(), KERAS_BACKEND="tensorflow"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", line
@@ -210,12 +211,20 @@ class Commands:
     def run(self, module: str, *args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 900):
         """A ``subprocess.CompletedProcess`` (text stdout and stderr) of the command."""
+        return self._run({"module": module, "argv": [module, *map(str, args)]}, cwd, env,
+                         timeout)
+
+    def run_code(self, code: str, *args: str, cwd: Path | None = None,
+                 env: dict | None = None, timeout: int = 900):
+        """``python -c CODE ARGS`` the same way."""
+        return self._run({"code": code, "argv": ["-c", *map(str, args)]}, cwd, env, timeout)
+
+    def _run(self, request: dict, cwd, env, timeout):
         import subprocess
 
         self.count += 1
         out = self.tmp_dir / f"command{self.count}"
-        request = {"module": module, "argv": [module, *map(str, args)],
-                   "cwd": str(cwd or REPO), "env": env or {}, "out": str(out),
+        request = {**request, "cwd": str(cwd or REPO), "env": env or {}, "out": str(out),
                    "timeout": timeout}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -223,7 +232,7 @@ class Commands:
         assert reply, "the command server ended"
         code = json.loads(reply)["returncode"]
         return subprocess.CompletedProcess(
-            [module, *args], code, Path(f"{out}.out").read_text(),
+            request["argv"], code, Path(f"{out}.out").read_text(),
             Path(f"{out}.err").read_text())
 
     def close(self) -> None:
@@ -243,8 +252,9 @@ COMMAND_MODULES = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.exp
 
 
 def _command_server() -> None:
-    """The loop of :class:`Commands`' helper process: one JSON request a line on stdin,
-    one ``{"returncode": N}`` a line on stdout."""
+    """The loop of :class:`Commands`' helper process: one JSON request a line on stdin
+    (a module to run as ``__main__``, or code as ``python -c`` runs it), one
+    ``{"returncode": N}`` a line on stdout."""
     import importlib
     import runpy
     import signal
@@ -276,7 +286,12 @@ def _command_server() -> None:
                     os.close(f)
                 sys.argv = list(request["argv"])
                 try:
-                    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+                    if "code" in request:
+                        exec(compile(request["code"], "<string>", "exec"),  # noqa: S102
+                             {"__name__": "__main__"})
+                    else:
+                        runpy.run_module(request["module"], run_name="__main__",
+                                         alter_sys=True)
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else (
@@ -296,9 +311,26 @@ def _command_server() -> None:
               flush=True)
 
 
+_SHARED: list[Commands] = []
+
+
+def shared_commands() -> Commands:
+    """The :class:`Commands` of this test process (as a user runs them: :func:`user_env`,
+    under TensorFlow), started on first use and closed at exit: for module-level helpers
+    that have no fixture at hand; tests take the ``commands`` fixture."""
+    if not _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="covid_keras_commands_"))
+        _SHARED.append(Commands(tmp))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]
+
+
 @pytest.fixture(scope="session")
-def commands(tmp_path_factory):
-    """:class:`Commands` for the session (as a user runs them: :func:`user_env`)."""
-    runner = Commands(tmp_path_factory.mktemp("commands"))
-    yield runner
-    runner.close()
+def commands():
+    """:func:`shared_commands`."""
+    return shared_commands()

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import phantom
 from tests.helpers import assert_no_tf_notices, user_env
 
-pytestmark = pytest.mark.slow  # real training runs in subprocesses: minutes, not seconds
+pytestmark = pytest.mark.slow  # real training runs: minutes, not seconds
 REPO = Path(__file__).resolve().parents[1]
 # TF_CPP_MIN_LOG_LEVEL unset: the entry points quieten TensorFlow themselves (tested)
 ENV = user_env()
@@ -27,32 +26,43 @@ ENV["KERAS_BACKEND"] = "tensorflow"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
-                          patients_per_kind=3, num_slices=20, matrix=64, seed=0)
-    out = root / "tfrecords"
-    salt = root / "salt.key"
-    salt.write_text("0123456789abcdef" * 4)  # fixed: the same split (and shards) every run
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
-         f"--output_dir={out}", "--image_size=64", "--min_slices=5", "--workers=1",
-         f"--salt_file={salt}",
-         "--classes=normal,covid,bacterial", "--split_fractions=0.6,0.2,0.2",
-         "--shard_size_mb=0.05"], cwd=REPO, env=ENV, capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def data_dir(tiny_dataset):
+    return tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=3,
+                        num_slices=20, matrix=64, seed=0,
+                        flags=("--classes=normal,covid,bacterial",
+                               "--split_fractions=0.6,0.2,0.2", "--shard_size_mb=0.05"))
+
+
+#: helpers.Commands of the session: ``python -m covid_keras.train`` without an interpreter
+#: start each (set by the autouse fixture below)
+COMMANDS = None
+
+
+@pytest.fixture(autouse=True)
+def _commands(commands):
+    global COMMANDS
+    COMMANDS = commands
 
 
 def train_cmd(data_dir, run_dir, *extra):
-    return [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
-            f"--data_dir={data_dir}", f"--run_dir={run_dir}", *extra]
+    """The command line, for the runs that need a process of their own (kill, TF_CONFIG
+    workers, the console check of a real interpreter start)."""
+    return [sys.executable, "-m", "covid_keras.train", *train_args(data_dir, run_dir, *extra)]
+
+
+def train_args(data_dir, run_dir, *extra):
+    return ["--flagfile=configs/smoke.cfg", f"--data_dir={data_dir}", f"--run_dir={run_dir}",
+            *extra]
+
+
+def train(data_dir, run_dir, *extra, timeout=300):
+    """``python -m covid_keras.train`` (helpers.Commands): its CompletedProcess."""
+    return COMMANDS.run("covid_keras.train", *train_args(data_dir, run_dir, *extra),
+                        timeout=timeout)
 
 
 def run_train(data_dir, run_dir, *extra, timeout=900):
-    proc = subprocess.run(train_cmd(data_dir, run_dir, *extra), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = train(data_dir, run_dir, *extra, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -65,7 +75,10 @@ def read_log(run_dir):
 @pytest.fixture(scope="module")
 def mirrored_run(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("mirrored")
-    proc = run_train(data_dir, run_dir, "--cpu_devices=2")
+    # a process of its own: test_console_is_quiet checks a real start's console
+    proc = subprocess.run(train_cmd(data_dir, run_dir, "--cpu_devices=2"), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return run_dir, proc
 
 
@@ -124,8 +137,7 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
     assert model.get_layer("input_norm").scale > 0  # saved with the model
     flags_cfg = (tmp_path / "run" / "flags.cfg").read_text()
     assert "--input_norm=per_image" in flags_cfg and "--zoom_jitter=0.2" in flags_cfg
-    proc = subprocess.run(train_cmd(data_dir, tmp_path / "bad", "--zoom_jitter=1.5"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, tmp_path / "bad", "--zoom_jitter=1.5")
     assert proc.returncode != 0 and "zoom_jitter" in proc.stderr
 
 
@@ -163,9 +175,8 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
             for la, _, var in pooled:
                 np.testing.assert_allclose(np.asarray(la.moving_variance), var, rtol=1e-3,
                                            atol=1e-4)
-    proc = subprocess.run(train_cmd(data_dir, tmp_path / "bad", "--bn_stats=population",
-                                    "--strategy=multi_worker"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, tmp_path / "bad", "--bn_stats=population",
+                 "--strategy=multi_worker")
     assert proc.returncode != 0 and "--bn_stats=population" in proc.stderr
 
 
@@ -347,8 +358,7 @@ def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(data_dir,
     kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
     assert not (run_dir / "final.keras").exists()
     # other run-defining flags: refused, nothing changed
-    proc = subprocess.run(train_cmd(data_dir, run_dir, *extra, "--learning_rate=0.5"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, run_dir, *extra, "--learning_rate=0.5")
     assert proc.returncode != 0 and "--learning_rate: 0.01 -> 0.5" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and meta.exists()
@@ -387,9 +397,7 @@ def test_user_errors_are_one_line_and_verbosity_shows_the_traceback(data_dir, tm
     (tmp_path / "notes.keras").write_text("not a zip")
     for extra, message in cases:
         run_dir = tmp_path / "run"
-        cmd = train_cmd(data_dir, run_dir) + extra
-        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
-                              timeout=300)
+        proc = train(data_dir, run_dir, *extra)
         assert proc.returncode != 0, extra
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
@@ -398,9 +406,7 @@ def test_user_errors_are_one_line_and_verbosity_shows_the_traceback(data_dir, tm
                   if ln.strip() and ln not in errors and "Warning" not in ln]
         assert not others, proc.stderr[-2000:]  # no log line after it ("took N s")
         assert not run_dir.exists(), extra  # nothing written before the arguments are valid
-    proc = subprocess.run(train_cmd(data_dir, tmp_path / "run", "--stages=adam@x",
-                                    "--verbosity=1"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, tmp_path / "run", "--stages=adam@x", "--verbosity=1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
@@ -503,8 +509,7 @@ print("RESULT " + json.dumps({
 
 def test_data_and_run_folders_on_another_file_system(data_dir):
     # TensorFlow's in-memory ram:// file system, in one process: what gs:// users get
-    proc = subprocess.run([sys.executable, "-c", RAM_RUN, str(data_dir)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = COMMANDS.run_code(RAM_RUN, str(data_dir), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     got = json.loads(line[len("RESULT "):])
@@ -559,8 +564,7 @@ def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_pat
 
 def test_finished_run_dir_needs_overwrite(mirrored_run, data_dir):
     run_dir, _ = mirrored_run
-    proc = subprocess.run(train_cmd(data_dir, run_dir, "--epochs=1"), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, run_dir, "--epochs=1")
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
 
 
@@ -569,11 +573,10 @@ def test_flags_cfg_records_the_run_and_is_reused_from_another_folder(data_dir, t
     first, other = tmp_path / "first", tmp_path / "other"
     first.mkdir()
     other.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "covid_keras.train", f"--flagfile={REPO / 'configs/smoke.cfg'}",
-         f"--data_dir={os.path.relpath(data_dir, first)}",
-         "--run_dir=runs/r", "--overwrite", "--epochs=1", "--steps_per_epoch=3"],
-        cwd=first, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = COMMANDS.run(
+        "covid_keras.train", f"--flagfile={REPO / 'configs/smoke.cfg'}",
+        f"--data_dir={os.path.relpath(data_dir, first)}",
+        "--run_dir=runs/r", "--overwrite", "--epochs=1", "--steps_per_epoch=3", cwd=first)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run_dir = first / "runs" / "r"
     flags_cfg = (run_dir / "flags.cfg").read_text()
@@ -583,18 +586,16 @@ def test_flags_cfg_records_the_run_and_is_reused_from_another_folder(data_dir, t
     assert json.loads((run_dir / "metrics.json").read_text())["deterministic"] is True
     # the same flags into the same folder: one line, the run untouched
     stamp = (run_dir / "best.keras").stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, "-m", "covid_keras.train",
-                           f"--flagfile={run_dir / 'flags.cfg'}"], cwd=other, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = COMMANDS.run("covid_keras.train", f"--flagfile={run_dir / 'flags.cfg'}", cwd=other,
+                        timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln]
     assert len(lines) == 1 and "holds a finished run" in lines[0], proc.stderr[-2000:]
     assert "covid_keras.evaluate" in lines[0] and "--overwrite" in lines[0]
     assert (run_dir / "best.keras").stat().st_mtime_ns == stamp
     # from another working directory into a new folder: the recorded paths still resolve
-    proc = subprocess.run(
-        [sys.executable, "-m", "covid_keras.train", f"--flagfile={run_dir / 'flags.cfg'}",
-         "--run_dir=again"], cwd=other, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = COMMANDS.run("covid_keras.train", f"--flagfile={run_dir / 'flags.cfg'}",
+                        "--run_dir=again", cwd=other)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (other / "again" / "final.keras").exists()
     # deterministic by default: the same flags and seed repeat the run's losses and metrics
@@ -608,8 +609,7 @@ def test_flags_cfg_records_the_run_and_is_reused_from_another_folder(data_dir, t
 ])
 def test_bad_splits_fail_before_anything_is_written(data_dir, tmp_path, flag, message):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(train_cmd(data_dir, run_dir, flag), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = train(data_dir, run_dir, flag)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
@@ -627,8 +627,7 @@ def test_an_empty_split_error_gives_data_preps_reason(data_dir, tmp_path):
     manifest["empty_splits"] = {"val": reason}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     run_dir = tmp_path / "run"
-    proc = subprocess.run(train_cmd(copy, run_dir), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = train(copy, run_dir)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert "the split 'val' has no slices" in proc.stderr and reason in proc.stderr
     assert not run_dir.exists() or not any(run_dir.iterdir())
