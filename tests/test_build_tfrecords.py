@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,7 @@ from pydicom.fileset import FileSet
 from covid_keras import schema
 from data_prep import phantom
 from data_prep.study import salted_key
+from tests.helpers import shared_commands
 
 REPO = Path(__file__).resolve().parents[1]
 MATRIX = 64
@@ -30,9 +30,10 @@ SLICES = 20
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "data_prep.build_tfrecords", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    """``python -m data_prep.build_tfrecords ARGS`` (helpers.shared_commands: a process of
+    its own without the interpreter start)."""
+    proc = shared_commands().run("data_prep.build_tfrecords", *args,
+                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
     return proc
