@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from sklearn import metrics as skm
 from covid_keras import evaluation as ev
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
 CLASSES = ["non_covid", "covid"]
 
 
@@ -682,12 +680,11 @@ def test_split_predictor_keeps_the_pipelines_record_order(dataset):
 
 
 @pytest.mark.slow
-def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path):
+def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path, commands):
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={run_dir}",
-         f"--data_dir={dataset}", "--split=test", f"--output_dir={out}", "--bootstrap=100"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = commands.run("covid_keras.evaluate", f"--run_dir={run_dir}",
+                        f"--data_dir={dataset}", "--split=test", f"--output_dir={out}",
+                        "--bootstrap=100", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "no decision.json: choosing the rule and threshold on val" in proc.stdout
     assert f"written to {out}: report.html, metrics.json" in proc.stdout, proc.stdout
@@ -899,14 +896,12 @@ def test_comparison_of_three_class_runs_is_laid_out_like_table_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_reads_a_run_folder_written_by_train(dataset, tmp_path):
+def test_evaluate_reads_a_run_folder_written_by_train(dataset, tmp_path, commands):
     """The trainer's own run folder (configs/smoke.cfg, a few steps) evaluates."""
     run = tmp_path / "smoke"
-    proc = subprocess.run(
-        [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
-         f"--data_dir={dataset}", f"--run_dir={run}", "--epochs=1", "--steps_per_epoch=2",
-         "--num_display_images=0", "--verbose=0"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = commands.run("covid_keras.train", "--flagfile=configs/smoke.cfg",
+                        f"--data_dir={dataset}", f"--run_dir={run}", "--epochs=1",
+                        "--steps_per_epoch=2", "--num_display_images=0", "--verbose=0")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = tmp_path / "eval"
     m = ev.evaluate_run(str(run), split="test", output_dir=str(out), n_bootstrap=20,
@@ -949,7 +944,7 @@ def test_split_predictor_predicts_every_record_once_with_a_partial_batch(dataset
     assert preds.split == "test" and len(preds) == 24
 
 
-def test_compare_command_tabulates_evaluation_folders(tmp_path):
+def test_compare_command_tabulates_evaluation_folders(tmp_path, commands):
     rng = np.random.default_rng(14)
     d = {"rule": "mean", "threshold": 0.5, "positive_class": "covid", "split": "val"}
     for name, signal in (("drenet", 2.0), ("vgg16", 0.3)):
@@ -961,13 +956,12 @@ def test_compare_command_tabulates_evaluation_folders(tmp_path):
         (tmp_path / "evals" / name).mkdir(parents=True)
         (tmp_path / "evals" / name / "metrics.json").write_text(ev.dumps(m))
     (tmp_path / "not_a_run").mkdir()
-    cmd = [sys.executable, "-m", "covid_keras.evaluate", "--compare",
+    cmd = ["covid_keras.evaluate", "--compare",
            str(tmp_path / "evals" / "drenet"), str(tmp_path / "evals" / "vgg16"),
            f"--output_dir={tmp_path / 'table'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = commands.run(*cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "table" / "comparison.md").read_text()
     assert "| evals/drenet (drenet, resnet50) |" in md and "evals/vgg16 (classifier, vgg16)" in md
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / "not_a_run"), cmd[-1]], cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    bad = commands.run(*cmd[:2], str(tmp_path / "not_a_run"), cmd[-1], timeout=300)
     assert bad.returncode != 0 and "neither an evaluation folder" in bad.stderr
