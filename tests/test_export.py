@@ -220,7 +220,7 @@ def test_predict_study_decides_as_evaluation_and_decide_patient():
 
 # ------------------------------------------------------------------ exports
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, commands):
     """{kind: (run_dir, version_dir)}: DRENet paper (decision 'any'), DRENet code (no
     decision.json; with the per-image input normalisation layer), classifier (decision
     'mean'), exported through the CLI for the first."""
@@ -239,10 +239,8 @@ def exported(tmp_path_factory):
                                data_dir, seed=2),
     }
     base = root / "exports"
-    proc = subprocess.run([sys.executable, "-m", "covid_keras.export",
-                           f"--run_dir={runs['drenet']}", f"--export_base={base}",
-                           "--model_name=drenet"], cwd=REPO, env=quiet_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = commands.run("covid_keras.export", f"--run_dir={runs['drenet']}",
+                        f"--export_base={base}", "--model_name=drenet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported drenet version 1" in proc.stdout
     out = {"drenet": (runs["drenet"], base / "drenet" / "1")}
@@ -431,11 +429,9 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     assert (Path(path) / "variables").is_dir()
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "covid_keras.export",
-                           f"--run_dir={tmp_path / 'nope'}", f"--export_base={tmp_path}"],
-                          cwd=REPO, env=quiet_env(), capture_output=True, text=True,
-                          timeout=300)
+def test_cli_errors_are_one_line(tmp_path, commands):
+    proc = commands.run("covid_keras.export", f"--run_dir={tmp_path / 'nope'}",
+                        f"--export_base={tmp_path}", timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("covid_keras.export: error: ")
     assert "is not a folder" in proc.stderr
