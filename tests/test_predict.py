@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.helpers import ServeProcess, make_run, quiet_env
+from tests.helpers import ServeProcess, make_run
 
 pytestmark = pytest.mark.slow  # TFRecords, an export and predict runs: ~1 min
 REPO = Path(__file__).resolve().parents[1]
@@ -24,27 +22,20 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_dataset):
     from covid_keras import export, predict
 
     root = tmp_path_factory.mktemp("predict")
-    phantom.write_dataset(root / "studies", kinds=("normal", "covid"), patients_per_kind=1,
-                          num_slices=20, matrix=128, seed=0)
-    salt = root / "salt.key"
-    salt.write_text("0123456789abcdef" * 4)
-    data_dir = root / "tfrecords"
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
-         f"--output_dir={data_dir}", "--image_size=64", "--min_slices=5", "--workers=1",
-         f"--salt_file={salt}", "--classes=normal,covid,bacterial",
-         "--split_fractions=1,0,0"], cwd=REPO, env=quiet_env(), capture_output=True,
-        text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    data_dir = tiny_dataset(kinds=("normal", "covid"), patients_per_kind=1, num_slices=20,
+                            matrix=128, seed=0,
+                            flags=("--classes=normal,covid,bacterial",
+                                   "--split_fractions=1,0,0"))
+    salt = data_dir.parent / "salt.key"
     run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
                                              "positive_class": "covid"}, data_dir)
     model, info, decision = export.load_run(str(run))
     version_dir = export.export_model(model, info, decision, str(root / "exports"), "drenet")
-    study = next((root / "studies" / "covid").iterdir())
+    study = next((data_dir.parent / "studies" / "covid").iterdir())
     return {"root": root, "run": run, "export": root / "exports" / "drenet",
             "version_dir": Path(version_dir), "study": study, "data_dir": data_dir,
             "salt": predict.read_salt(str(salt)), "salt_file": salt,
@@ -233,7 +224,7 @@ def test_bad_studies_fail_cleanly(setup, tmp_path):
     _fails(setup, tmp_path, notzip, "corrupt_zip")
 
 
-def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
+def test_cli_through_the_server_and_one_line_errors(setup, tmp_path, commands):
     """predict --server against covid_keras.serve gives the local answer; a bad study is a
     one-line error naming its pseudonym, nothing written, and the server keeps serving."""
 
@@ -242,12 +233,10 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
     local = predict.predict_study(str(setup["study"]), setup["model"], str(tmp_path / "l"),
                                   setup["salt"])
     with ServeProcess(setup["export"], tmp_path) as server:
-        base = [sys.executable, "-m", "covid_keras.predict", f"--model={setup['export']}",
+        base = ["covid_keras.predict", f"--model={setup['export']}",
                 f"--server={server.url}", f"--salt_file={setup['salt_file']}"]
-        env = {k: v for k, v in quiet_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-        proc = subprocess.run(base + [f"--study={setup['study']}",
-                                      f"--output_dir={tmp_path / 's'}"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = commands.run(*base, f"--study={setup['study']}", f"--output_dir={tmp_path / 's'}",
+                            timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         _no_phi(proc.stdout + proc.stderr, setup["study"])
         served = json.loads((tmp_path / "s" / "prediction.json").read_text())
@@ -268,8 +257,8 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path):
             s["sop_key"] for s in local["slices"]]
         bad = tmp_path / "Doe_John_20200101"  # folder names can name the patient
         bad.mkdir()
-        proc = subprocess.run(base + [f"--study={bad}", f"--output_dir={tmp_path / 'e'}"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = commands.run(*base, f"--study={bad}", f"--output_dir={tmp_path / 'e'}",
+                            timeout=600)
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         # the user's terminal names the study as typed, and its pseudonym; logs do not
