@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_prep import phantom
-from tests.helpers import user_env
-
 REPO = Path(__file__).resolve().parents[1]
-ENV = user_env()
-ENV["KERAS_BACKEND"] = "tensorflow"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain_data")
-    phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
-                          patients_per_kind=4, num_slices=20, matrix=64, seed=1)
-    out = root / "tfrecords"
-    salt = root / "salt.key"
-    salt.write_text("0123456789abcdef" * 4)
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.build_tfrecords", f"--input={root / 'studies'}",
-         f"--output_dir={out}", "--image_size=64", "--min_slices=5", "--workers=1",
-         f"--salt_file={salt}", "--classes=normal,covid,bacterial",
-         "--split_fractions=0.5,0.25,0.25"], cwd=REPO, env=ENV, capture_output=True,
-        text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(out)
+def data_dir(tiny_dataset):
+    return str(tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=4,
+                            num_slices=20, matrix=64, seed=1,
+                            flags=("--classes=normal,covid,bacterial",
+                                   "--split_fractions=0.5,0.25,0.25")))
 
 
 def config(data_dir, run_dir, **kw):
@@ -347,10 +330,9 @@ def test_pretrained_features_beat_random_ones_on_a_linear_probe(finished_run, da
     assert trained > max(random), (trained, random)
 
 
-def test_command_line_help_and_one_line_errors(data_dir, tmp_path):
+def test_command_line_help_and_one_line_errors(data_dir, tmp_path, commands):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "covid_keras.pretrain", *args], cwd=REPO,
-                              env=ENV, capture_output=True, text=True, timeout=120)
+        return commands.run("covid_keras.pretrain", *args, timeout=120)
 
     ok = run("--help")
     assert ok.returncode == 0 and "--allow_test" in ok.stdout + ok.stderr
@@ -364,7 +346,8 @@ def test_command_line_help_and_one_line_errors(data_dir, tmp_path):
 
 
 def test_train_runs_the_pretraining_stage_from_its_flagfile_and_reuses_it(data_dir,
-                                                                          tmp_path):
+                                                                          tmp_path,
+                                                                          commands):
     """``--pretrain_flagfile`` (read beside the flagfile that names it): the trainer runs
     the pretraining into <run_dir>/pretrain, starts the backbone from its weights (recorded
     in run_info.json), and a second run with the same flags reuses the finished stage."""
@@ -378,10 +361,8 @@ def test_train_runs_the_pretraining_stage_from_its_flagfile_and_reuses_it(data_d
     run = tmp_path / "run"
 
     def train(*extra):
-        proc = subprocess.run(
-            [sys.executable, "-m", "covid_keras.train", f"--flagfile={cfg_dir / 'train.cfg'}",
-             f"--data_dir={data_dir}", f"--run_dir={run}", *extra], cwd=tmp_path, env=ENV,
-            capture_output=True, text=True, timeout=900)
+        proc = commands.run("covid_keras.train", f"--flagfile={cfg_dir / 'train.cfg'}",
+                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 
