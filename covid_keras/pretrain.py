@@ -129,7 +129,8 @@ def check_config(cfg: PretrainConfig) -> None:
         raise FileNotFoundError(f"--backbone_weights={cfg.backbone_weights}: no such file")
     if not 0.0 <= cfg.bn_momentum < 1.0:
         raise ValueError(f"--bn_momentum must be in [0, 1). Received: {cfg.bn_momentum}")
-    from covid_keras.backbones import BACKBONES  # imports Keras: the cheap checks first
+    cli.import_keras_quietly()  # the cheap checks first; then Keras without its notices
+    from covid_keras.backbones import BACKBONES
 
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}. Received: "
