@@ -126,7 +126,9 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
 
 
 def decision_of(run_dir: str, class_names: list[str]) -> tuple[dict | None, list[str]]:
-    d = RunDir(run_dir).read_decision()
+    from covid_keras.decision import read_decision
+
+    d = read_decision(run_dir)
     if d is None:
         return None, ["no decision.json in the run: predict_study decides by argmax (the "
                       "most probable class), without a threshold"]

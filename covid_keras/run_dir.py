@@ -199,9 +199,3 @@ class RunDir:
         from covid_keras import saving
 
         return saving.load_model(self.checkpoint(checkpoint), compile=compile)
-
-    def read_decision(self) -> dict | None:
-        """decision.json (checked, ``normal_class`` filled), or None when the run has none."""
-        from covid_keras import decision
-
-        return decision.read_decision(self.path)
