@@ -251,10 +251,13 @@ class Probe:
 
     def __init__(self, data_dir: str, split: str, input_size: int, backbone: str,
                  batch_size: int, k: int):
-        from covid_keras import data, evaluation
+        import numpy as np
+
+        from covid_keras import data
+        from covid_keras.decision import positive_index
 
         manifest = data.read_manifest(data_dir)
-        self.positive = evaluation.positive_index(manifest["classes"])
+        self.positive = positive_index(manifest["classes"])
         self.k = k
         cfg = data.PipelineConfig(input_size=input_size, backbone=backbone)
         self.sets = {}
@@ -266,34 +269,25 @@ class Probe:
                 images.append(x.numpy())
                 labels.append(meta["label"].numpy())
                 patients += [p.decode() for p in meta["patient_key"].numpy()]
-            import numpy as np
-
             self.sets[name] = (np.concatenate(images), np.concatenate(labels), patients)
         self.split = split
 
     def __call__(self, backbone_model) -> dict:
         import numpy as np
-        from sklearn.metrics import roc_auc_score
 
-        feats = {}
-        for name, (x, _, _) in self.sets.items():
-            feats[name] = np.asarray(backbone_model.predict(x, batch_size=32, verbose=0)[
-                "pool"])
+        from covid_keras.decision import aggregate
+        from covid_keras.metrics import auc_score
+
+        feats = {name: np.asarray(backbone_model.predict(x, batch_size=32, verbose=0)["pool"])
+                 for name, (x, _, _) in self.sets.items()}
         train_y = (self.sets["train"][1] == self.positive).astype(int)
         _, labels, patients = self.sets[self.split]
         y = (labels == self.positive).astype(int)
         score = knn_probe(feats["train"], train_y, feats[self.split], self.k)
-        out = {}
-        if len(set(y)) == 2:
-            out["knn_slice_auc"] = float(roc_auc_score(y, score))
-            by: dict[str, list] = {}
-            for p, s, t in zip(patients, score, y):
-                by.setdefault(p, [[], t])[0].append(s)
-            py = [t for _, t in by.values()]
-            if len(set(py)) == 2:
-                out["knn_patient_auc"] = float(roc_auc_score(
-                    py, [float(np.mean(s)) for s, _ in by.values()]))
-        return out
+        pats = aggregate(np.stack([1 - score, score], axis=1), y, patients, "mean", positive=1)
+        out = {"knn_slice_auc": auc_score(y, score),
+               "knn_patient_auc": auc_score(pats.labels, pats.score)}
+        return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
 # ------------------------------------------------------------------ the run
@@ -351,11 +345,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         log.info("resuming at epoch %d of %d (epochs 1-%d restored from %s)", start + 1,
                  cfg.epochs, start, ckpt.dir)
     probe = None
-    from covid_keras import data as _data
-
-    if cfg.probe_split and cfg.probe_split in _data.read_manifest(cfg.data_dir).get(
-            "counts", {}) and sum(_data.split_counts(_data.read_manifest(cfg.data_dir),
-                                                     cfg.probe_split).values()):
+    if cfg.probe_split and sum(data.split_counts(data.read_manifest(cfg.data_dir),
+                                                 cfg.probe_split).values()):
         probe = Probe(cfg.data_dir, cfg.probe_split, cfg.input_size, cfg.backbone,
                       cfg.batch_size, cfg.knn_k)
     writer = _summary_writer(os.path.join(cfg.run_dir, "tensorboard"))
