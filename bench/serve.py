@@ -79,8 +79,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python bench/serve.py` puts bench/, not the repo, on the path
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):  # run as a file (bench/ on the path) or imported
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from common import emit_result  # noqa: E402 (bench/common.py)
 

@@ -18,6 +18,27 @@ CLASSES3 = ["normal", "covid", "bacterial"]
 CLASSES2 = ["normal", "covid"]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the servers under test bind there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
+    """A SavedModel export (``root/exports/drenet``, version 1) of :func:`make_run`'s tiny
+    DRENet with a mean-rule decision (covid >= 0.3), as the servers' tests serve it."""
+    from covid_keras import export
+
+    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
+                                             "positive_class": "covid"}, data_dir)
+    model, info, decision = export.load_run(str(run))
+    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    return root / "exports" / "drenet"
+
+
 def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
              data_dir: Path | None = None, seed: int = 0, input_norm: str = "none") -> Path:
     """A run folder as the trainer leaves it (best.keras with class names, run_info.json,

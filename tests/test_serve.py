@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,28 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import make_run, quiet_env
+from tests.helpers import export_drenet, free_port, quiet_env
 
 pytestmark = pytest.mark.slow  # an export and a server process: ~30 s
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from covid_keras import export
-
     root = tmp_path_factory.mktemp("serve")
-    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
-                                             "positive_class": "covid"})
-    model, info, decision = export.load_run(str(run))
-    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    export_drenet(root)
     rest, grpc_port = free_port(), free_port()
     err = open(root / "serve.err", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(

@@ -11,18 +11,16 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import make_run, quiet_env
+from tests.helpers import export_drenet, free_port, quiet_env
 
 pytestmark = pytest.mark.slow  # an export and a server process
 REPO = Path(__file__).resolve().parents[1]
@@ -30,35 +28,10 @@ SIZE = 64
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid grey PNG of width x height zero pixels, a few hundred KB at most."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    comp = zlib.compressobj(9)
-    row = b"\0" * (width + 1)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
-                                                              0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
 
 @pytest.fixture(scope="module")
 def export_base(tmp_path_factory):
-    from covid_keras import export
-
-    root = tmp_path_factory.mktemp("attack")
-    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
-                                             "positive_class": "covid"})
-    model, info, decision = export.load_run(str(run))
-    export.export_model(model, info, decision, str(root / "exports"), "drenet")
-    return root / "exports" / "drenet"
+    return export_drenet(tmp_path_factory.mktemp("attack"))
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +136,11 @@ def test_slow_bodies_and_headers_time_out(server):
         header.close()
 
 
-def test_image_bombs_are_refused_from_the_header(server):
+def test_image_bombs_are_refused_from_the_header(server, bench_script):
     """Reproduction 2: a small PNG of 20000 x 20000 pixels cost +2.8 GB per request."""
     import requests
 
-    png = bomb_png(20000, 20000)
+    png = bench_script("serve").bomb_png(20000)
     assert len(png) < 1 << 20
     rss = _rss(server["proc"].pid)
     resp = requests.post(server["url"] + ":predict", headers=AUTH, timeout=30, json={

@@ -22,7 +22,7 @@ pytest.importorskip("python_multipart", reason="the [web] extra is not installed
 
 from covid_keras import serve, web  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.helpers import ServeProcess, make_run  # noqa: E402
+from tests.helpers import ServeProcess, export_drenet  # noqa: E402
 from tests.test_web import (  # noqa: E402
     DICOM_PREAMBLE,
     SALT,
@@ -230,13 +230,7 @@ def test_page_access_control(tmp_path):
 def test_the_page_names_the_version_that_answered(tmp_path):
     """Reproduction 9: after the server moved to a new version, the page's prediction.json
     and model card still named the version it saw at start."""
-    from covid_keras import export
-
-    run = make_run(tmp_path / "run", "drenet", {"rule": "mean", "threshold": 0.3,
-                                                 "positive_class": "covid"})
-    model, info, decision = export.load_run(str(run))
-    base = tmp_path / "exports" / "drenet"
-    export.export_model(model, info, decision, str(tmp_path / "exports"), "drenet")
+    base = export_drenet(tmp_path)
     study = phantom.write_study(tmp_path / "study", kind="normal", num_slices=12, matrix=96,
                                 seed=0, patient_id="PHANTOM-V")
     with ServeProcess(base, tmp_path) as server:

@@ -33,8 +33,8 @@ from data_prep import phantom  # noqa: E402
 from tests.helpers import (  # noqa: E402
     CLASSES3,
     ServeProcess,
+    export_drenet,
     fake_manifest,
-    make_run,
     quiet_env,
 )
 
@@ -338,7 +338,7 @@ def test_bad_uploads_are_refused_clearly_and_leave_nothing(fake_app, tmp_path):
 # ------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from covid_keras import export, predict
+    from covid_keras import predict
 
     root = tmp_path_factory.mktemp("web")
     studies = {}
@@ -347,10 +347,7 @@ def setup(tmp_path_factory):
                                             num_slices=12 + i, matrix=96, seed=i,
                                             patient_id=f"PHANTOM-{i}")
     data_dir = fake_manifest(root / "tfrecords")
-    run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
-                                             "positive_class": "covid"}, data_dir)
-    model, info, decision = export.load_run(str(run))
-    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    export_drenet(root, data_dir)
     metrics_dir = root / "eval"
     metrics_dir.mkdir()
     (metrics_dir / "metrics.json").write_text(json.dumps(synthetic_metrics()))
