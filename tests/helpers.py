@@ -27,6 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc) -> None:
+    """Ends a server started with subprocess.Popen: terminate, then kill after 30 s; its
+    stdout pipe closed."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None and not proc.stdout.closed:
+        proc.stdout.close()
+
+
 def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
     """A SavedModel export (``root/exports/drenet``, version 1) of :func:`make_run`'s tiny
     DRENet with a mean-rule decision (covid >= 0.3), as the servers' tests serve it."""
@@ -142,11 +158,7 @@ class ServeProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        if not self.proc.stdout.closed:
-            self.proc.stdout.close()
+        stop_process(self.proc)
         if not self.err.closed:
             self.err.close()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import export_drenet, free_port, quiet_env
+from tests.helpers import export_drenet, free_port, quiet_env, stop_process
 
 pytestmark = pytest.mark.slow  # an export and a server process: ~30 s
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +42,7 @@ def server(tmp_path_factory):
     assert "127.0.0.1" in line
     yield {"url": f"http://127.0.0.1:{rest}/v1/models/drenet", "grpc": f"127.0.0.1:{grpc_port}",
            "base": root / "exports" / "drenet", "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+    stop_process(proc)
     err.close()
     log = (root / "serve.err").read_text()
     assert "PHANTOM" not in log and "Traceback" not in log, log[-2000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import export_drenet, free_port, quiet_env
+from tests.helpers import export_drenet, free_port, quiet_env, stop_process
 
 pytestmark = pytest.mark.slow  # an export and a server process
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +51,7 @@ def server(export_base, tmp_path_factory):
     assert "serving drenet (version 1)" in line, (line, (root / "serve.err").read_text())
     yield {"url": f"http://127.0.0.1:{rest}/v1/models/drenet", "port": rest,
            "grpc": f"127.0.0.1:{grpc_port}", "proc": proc, "base": export_base}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+    stop_process(proc)
     err.close()
     assert "Traceback" not in (root / "serve.err").read_text()
 
