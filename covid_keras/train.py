@@ -327,23 +327,6 @@ def check_splits(manifest: dict) -> None:
 
 
 # ------------------------------------------------------------------ strategy
-def make_strategy(name: str):
-    import tensorflow as tf
-
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "one_device":
-        gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    gpus = tf.config.list_logical_devices("GPU")
-    if gpus:
-        return tf.distribute.MirroredStrategy()
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    # Several logical CPUs (tests configure two) mirror over them; one CPU: one device.
-    return tf.distribute.MirroredStrategy(cpus) if len(cpus) > 1 else \
-        tf.distribute.OneDeviceStrategy(cpus[0])
-
-
 def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
@@ -420,6 +403,8 @@ def main(argv):
     apply_init_from_spec(manifest["classes"])
     stages, decay_epochs = check_recipe()
     classes = manifest["classes"]
+    from covid_keras.distributed import make_strategy
+
     strategy = make_strategy(FLAGS.strategy)
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
