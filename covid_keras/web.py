@@ -41,10 +41,12 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   streams in (the rest is never received).
 * **Versions:** with ``--server``, ``prediction.json`` names the version that answered
   (covid_keras.serve's ``X-Model-Version``), and the card follows it.
-* **Access:** ``--allowed_hosts`` (Host header; on a loopback ``--host`` the loopback names
-  by default), POSTs whose ``Origin`` is another site refused, ``--auth_token_file`` (a
-  bearer header, or ``/?token=<token>`` once: a same-site HttpOnly cookie); both flags are
-  required when binding any other address.
+* **Access:** ``--allowed_hosts`` (the Host header of every request, unknown paths and the
+  login included; on a loopback ``--host`` the loopback names by default), POSTs whose
+  ``Origin`` is another site refused, ``--auth_token_file`` (a bearer header, or the login
+  form at ``/login``: the token is POSTed, never put in a URL, and answered with an
+  HttpOnly, SameSite=Strict cookie that holds a key derived from the token, not the token);
+  both flags are required when binding any other address.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import html
 import json
 import logging
@@ -112,8 +116,9 @@ def define_flags() -> None:
     flags.DEFINE_list("allowed_hosts", None, "Host header values accepted ('*': any). Default "
                       "on a loopback --host: localhost, 127.0.0.1, ::1; required on any other.")
     flags.DEFINE_string("auth_token_file", None, "A file holding a secret token the page "
-                        "needs: 'Authorization: Bearer <token>', or open /?token=<token> once "
-                        "(a same-site cookie). Required when --host is not loopback.")
+                        "needs: 'Authorization: Bearer <token>', or typed once into the login "
+                        "form at /login (then an HttpOnly same-site cookie). Required when "
+                        "--host is not loopback.")
     flags.DEFINE_string("tmp_dir", None, "The folder the page owns for its per-request "
                         "folders; leftovers (a killed page's) are removed at start (default: "
                         "covid_keras_web-<uid> in the system's temporary folder). Was: where "
@@ -843,19 +848,68 @@ def index_html(card: dict, limits: Limits) -> str:
             .replace("<!--CARD-->", card_html(card)))
 
 
-TOKEN_COOKIE = "covid_keras_token"
+TOKEN_COOKIE = "covid_keras_session"
+LOGIN_PATH = "/login"
+LOGIN_MAX_BYTES = 4096
+LOGIN_CSP = ("default-src 'none'; form-action 'self'; frame-ancestors 'none'; "
+             "base-uri 'none'")
+
+
+def session_key(token: str) -> str:
+    """The login cookie's value: a key derived from the token (HMAC-SHA256), so the cookie
+    never holds the token itself (the same token may open the REST API)."""
+    return hmac.new(token.encode(), b"covid_keras.web session", hashlib.sha256).hexdigest()
+
+
+def login_html(message: str = "") -> str:
+    """The login form: the token is POSTed to ``login`` (relative, so a reverse proxy may
+    serve the page under a prefix), never sent in a URL."""
+    alert = f'<p role="alert"><strong>{html.escape(message)}</strong></p>' if message else ""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<meta name="referrer" content="no-referrer"><link rel="icon" href="data:,">'
+            "<title>covid_keras: sign in</title></head><body>"
+            "<h1>Chest CT: COVID-19 diagnosis with evidence</h1>"
+            f"<p>{html.escape(NOTICE)}</p>{alert}"
+            '<form method="post" action="login"><p><label>Access token (the server\'s '
+            '--auth_token_file): <input type="password" name="token" '
+            'autocomplete="current-password" required autofocus></label></p>'
+            '<p><button type="submit">Sign in</button></p></form></body></html>\n')
+
+
+class _HostCheck:
+    """ASGI middleware: every HTTP request, whatever its path (the login and unknown paths
+    included), is refused (403) unless its Host header is allowed (DNS rebinding)."""
+
+    def __init__(self, app, access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+
+            if not self.access.host_ok(Headers(scope=scope).get("host")):
+                response = JSONResponse({"error": "Host not allowed (--allowed_hosts)",
+                                         "reason": "forbidden"}, 403,
+                                        headers=SECURITY_HEADERS)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
                top_slices: int = 3, tmp_dir: str | None = None, debug: bool = False,
                access=None):
     """The Starlette app: ``GET /`` (the page), ``GET /static/{app.js,style.css}``,
-    ``GET /api/card``, ``POST /api/predict`` (multipart ``files``). ``access``: a
-    :class:`covid_keras.serve.Access` (Host, Origin and token checks; None: none)."""
+    ``GET /api/card``, ``POST /api/predict`` (multipart ``files``), ``GET|POST /login``
+    (the token form). ``access``: a :class:`covid_keras.serve.Access` (Host on every
+    request, Origin on POSTs, the token on all but the login; None: none)."""
     import threading
 
     import anyio
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from starlette.routing import Route
 
@@ -881,31 +935,71 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         return JSONResponse({"error": message, "reason": reason}, status,
                             headers={**SECURITY_HEADERS, **(headers or {})})
 
-    def refused(request, post: bool = False):
-        """The access checks: a Response when refused, else None. The token may come as
-        a bearer header or as the cookie that /?token= sets."""
+    session = None if access.token is None else session_key(access.token)
+    login_headers = {**SECURITY_HEADERS, "Content-Security-Policy": LOGIN_CSP}
+
+    def refused(request, post: bool = False, page: bool = False):
+        """The access checks (the Host is checked before routing, by _HostCheck): a
+        Response when refused, else None. The token may come as a bearer header or as the
+        login's cookie. ``page``: a browser's page, answered with the login form."""
         headers = dict(request.headers)
         cookie = request.cookies.get(TOKEN_COOKIE)
-        if cookie and "authorization" not in headers:
-            headers["authorization"] = f"Bearer {cookie}"
+        if (session is not None and cookie and "authorization" not in headers
+                and hmac.compare_digest(cookie.encode(), session.encode())):
+            headers["authorization"] = f"Bearer {access.token}"
         try:
             access.check(headers, post)
         except ServingError as err:
+            if page and err.http == 401:
+                return HTMLResponse(login_html(), 401, headers=login_headers)
             return error(err.http, "forbidden" if err.http == 403 else "unauthorized",
                          str(err))
         return None
 
     async def index(request):
-        token = request.query_params.get("token")
-        if token is not None and access.token is not None and access.token_ok(
-                f"Bearer {token}"):  # once: the token moves from the URL to a cookie
-            r = RedirectResponse("/", 303, headers=SECURITY_HEADERS)
-            r.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
-                         secure=request.url.scheme == "https")
-            return r
-        return refused(request) or HTMLResponse(state["page"], headers=SECURITY_HEADERS)
+        return refused(request, page=True) or HTMLResponse(state["page"],
+                                                           headers=SECURITY_HEADERS)
+
+    async def login(request):
+        """GET: the form. POST (application/x-www-form-urlencoded ``token``, at most
+        LOGIN_MAX_BYTES, same-origin): the cookie and a redirect to the page."""
+        if access.token is None:
+            return RedirectResponse("./", 303, headers=SECURITY_HEADERS)
+        if request.method == "GET":
+            return HTMLResponse(login_html(), headers=login_headers)
+        if not access.same_origin(request.headers.get("origin"), request.headers.get(
+                "host"), request.headers.get("sec-fetch-site")):
+            return error(403, "forbidden", "cross-site request refused")
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != (
+                "application/x-www-form-urlencoded"):
+            return error(415, "not_a_form", "send the token from the login form")
+        body = b""
+        try:
+            with anyio.fail_after(limits.idle_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > LOGIN_MAX_BYTES:
+                        return error(413, "too_large", "the login form is over "
+                                                       f"{LOGIN_MAX_BYTES} bytes",
+                                     {"Connection": "close"})
+        except TimeoutError:
+            return error(408, "timeout", "the login form stalled", {"Connection": "close"})
+        from urllib.parse import parse_qs
+
+        token = (parse_qs(body.decode("latin-1"), max_num_fields=4).get("token") or [""])[0]
+        if not access.token_ok(f"Bearer {token}"):
+            await anyio.sleep(0.5)  # slows guessing; costs no thread
+            return HTMLResponse(login_html("That is not the token."), 401,
+                                headers=login_headers)
+        r = RedirectResponse("./", 303, headers=SECURITY_HEADERS)
+        r.set_cookie(TOKEN_COOKIE, session, httponly=True, samesite="strict",
+                     secure=request.url.scheme == "https", path="/")
+        return r
 
     async def static(request):
+        no = refused(request)
+        if no is not None:
+            return no
         item = assets.get(request.path_params["name"])
         if item is None:
             return Response(b"not found", 404, media_type="text/plain")
@@ -1041,8 +1135,10 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
 
     return Starlette(routes=[
         Route("/", index), Route("/static/{name}", static),
+        Route(LOGIN_PATH, login, methods=["GET", "POST"]),
         Route("/api/card", card_json), Route("/api/predict", predict_endpoint,
-                                              methods=["POST"])])
+                                              methods=["POST"])],
+        middleware=[Middleware(_HostCheck, access=access)])
 
 
 # ------------------------------------------------------------------ the command

@@ -192,38 +192,89 @@ def test_a_client_that_has_gone_is_not_predicted_for(tmp_path):
 
 
 def test_page_access_control(tmp_path):
-    """Reproduction 8 on the page: Host (DNS rebinding), a cross-site POST, the token (a
-    bearer header, or the cookie /?token= sets once)."""
+    """Reproduction 8 on the page: Host (DNS rebinding) on every route, a cross-site POST,
+    the token (a bearer header, or the cookie the login form sets; never a URL)."""
     access = serve.Access(["127.0.0.1"], TOKEN)
     app = web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path), access=access)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    evil = {"Host": "evil.example"}
 
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport,
                                      base_url="http://127.0.0.1") as client:
-            out = {"no_token": (await client.get("/")).status_code,
+            first = await client.get("/")
+            out = {"no_token": first.status_code,
+                   "no_token_form": 'action="login"' in first.text
+                   and 'type="password"' in first.text,
                    "card_no_token": (await client.get("/api/card")).status_code,
+                   "static_no_token": (await client.get("/static/app.js")).status_code,
                    "bearer": (await client.get("/", headers={
-                       "Authorization": f"Bearer {TOKEN}"})).status_code,
-                   "bad_host": (await client.get("/", headers={
-                       "Authorization": f"Bearer {TOKEN}", "Host": "evil.example"})
-                   ).status_code}
-            login = await client.get(f"/?token={TOKEN}")
-            out["login"] = login.status_code
-            out["cookie"] = "httponly" in login.headers["set-cookie"].lower()
+                       "Authorization": f"Bearer {TOKEN}"})).status_code}
+            # the Host check comes first, on every path: the login, unknown paths, statics
+            out["bad_host"] = sorted({(await client.request(m, path, headers={
+                "Authorization": f"Bearer {TOKEN}", **evil, **form},
+                content=f"token={TOKEN}")).status_code for m, path in (
+                    ("GET", "/"), ("GET", "/login"), ("POST", "/login"),
+                    ("GET", "/static/app.js"), ("GET", "/api/card"),
+                    ("POST", "/api/predict"), ("GET", "/nowhere"), ("GET", f"/?token={TOKEN}"))})
+            out["cookies_for_bad_host"] = dict(client.cookies)
+            # the old URL login grants nothing and sets no cookie
+            by_url = await client.get(f"/?token={TOKEN}")
+            out["url_token"] = (by_url.status_code, "set-cookie" in by_url.headers)
+            out["login_form"] = (await client.get("/login")).status_code
+            wrong = await client.post("/login", content="token=not-the-token", headers=form)
+            out["wrong"] = (wrong.status_code, "set-cookie" in wrong.headers)
+            out["cross_site_login"] = (await client.post("/login", content=f"token={TOKEN}",
+                                                         headers={**form, "Origin":
+                                                                  "http://evil.example"})
+                                       ).status_code
+            out["json_login"] = (await client.post("/login", json={"token": TOKEN})
+                                 ).status_code
+            out["huge_login"] = (await client.post("/login", content="token=" + "x" * 8000,
+                                                   headers=form)).status_code
+            out["cookies_before"] = dict(client.cookies)
+            login = await client.post("/login", content=f"token={TOKEN}", headers={
+                **form, "Origin": "http://127.0.0.1"})
+            out["login"] = (login.status_code, login.headers["location"])
+            cookie = login.headers["set-cookie"].lower()
+            out["cookie"] = all(x in cookie for x in ("httponly", "samesite=strict",
+                                                       "path=/"))
+            out["token_in_cookie"] = TOKEN.lower() in cookie
             out["with_cookie"] = (await client.get("/")).status_code
+            out["static_with_cookie"] = (await client.get("/static/app.js")).status_code
             cross = await client.post("/api/predict", content=b"x", headers={
                 "Origin": "http://evil.example", "content-type": "text/plain"})
             out["cross_site"] = cross.status_code
             same = await client.post("/api/predict", content=b"x", headers={
                 "Origin": "http://127.0.0.1", "content-type": "text/plain"})
             out["same_site"] = same.status_code
+            client.cookies.set(web.TOKEN_COOKIE, TOKEN)  # the raw token is not the key
+            out["raw_token_cookie"] = (await client.get("/api/card")).status_code
             return out
 
     got = asyncio.run(go())
-    assert got == {"no_token": 401, "card_no_token": 401, "bearer": 200, "bad_host": 403,
-                   "login": 303, "cookie": True, "with_cookie": 200, "cross_site": 403,
-                   "same_site": 415}, got
+    assert got == {"no_token": 401, "no_token_form": True, "card_no_token": 401,
+                   "static_no_token": 401, "bearer": 200, "bad_host": [403],
+                   "cookies_for_bad_host": {}, "url_token": (401, False), "login_form": 200,
+                   "wrong": (401, False), "cross_site_login": 403, "json_login": 415,
+                   "huge_login": 413, "cookies_before": {}, "login": (303, "./"),
+                   "cookie": True, "token_in_cookie": False, "with_cookie": 200,
+                   "static_with_cookie": 200, "cross_site": 403, "same_site": 415,
+                   "raw_token_cookie": 401}, got
+    # no token configured: the login is a redirect to the page, and the Host check stays
+    open_app = web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path),
+                              access=serve.Access(["127.0.0.1"], None))
+
+    async def go_open():
+        transport = httpx.ASGITransport(app=open_app)
+        async with httpx.AsyncClient(transport=transport,
+                                     base_url="http://127.0.0.1") as client:
+            return ((await client.get("/login")).status_code,
+                    (await client.get("/")).status_code,
+                    (await client.get("/login", headers=evil)).status_code)
+
+    assert asyncio.run(go_open()) == (303, 200, 403)
 
 
 @pytest.mark.slow
