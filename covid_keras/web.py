@@ -38,7 +38,9 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   declared expansion are reserved against ``--disk_budget_mb`` before a byte is written
   (over it: 503); an entry that expands more than 200x is a bomb. A file that starts as
   DICOM must have a file meta header that parses within its first 4 KB, checked as it
-  streams in (the rest is never received).
+  streams in: one that does not is skipped (the rest of it is not written) and named in
+  the answer's warnings by its position in the upload, never by its name; the study is
+  diagnosed from the other files, and the upload refused only when none is usable.
 * **Versions:** with ``--server``, ``prediction.json`` names the version that answered
   (covid_keras.serve's ``X-Model-Version``), and the card follows it.
 * **Access:** ``--allowed_hosts`` (the Host header of every request, unknown paths and the
@@ -228,18 +230,13 @@ def upload_parts(name: str, index: int) -> list[str] | None:
     files and folders, ``__MACOSX``)."""
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UploadRejected("unsafe_name", f"file {index} ({_shown(name)}) has a '..' part in "
+        raise UploadRejected("unsafe_name", f"file {index} of the upload has a '..' part in "
                                             "its name: refused")
     if not parts:
         parts = [f"file{index:05d}"]
     if any(p.startswith(".") for p in parts) or parts[0] in IGNORED_PARTS:
         return None
     return [re.sub(r"[^\w.\- ]", "_", p)[:120] for p in parts]
-
-
-def _shown(name: str) -> str:
-    """A user's file name as it may appear in a message (its last part, at most 80 chars)."""
-    return name.replace("\\", "/").rsplit("/", 1)[-1][:80]
 
 
 def _unique(path: str) -> str:
@@ -277,8 +274,8 @@ def check_study_folder(folder: str, limits: Limits) -> dict:
             raise UploadRejected("not_an_image", f"zip entry {i} is not a regular file")
         kind = sniff(_head(path))
         if kind in (None, "zip"):
-            raise UploadRejected("not_an_image", f"zip entry {i} ({_shown(path)}) is not a "
-                                                 "DICOM, PNG or JPEG file")
+            raise UploadRejected("not_an_image", f"zip entry {i} is not a DICOM, PNG or "
+                                                 "JPEG file")
         counts[kind] = counts.get(kind, 0) + 1
     if not counts:
         raise UploadRejected("empty_upload", "the zip holds no DICOM, PNG or JPEG file")
@@ -286,10 +283,16 @@ def check_study_folder(folder: str, limits: Limits) -> dict:
 
 
 # ------------------------------------------------------------------ receiving an upload
-async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, str]]:
+async def receive_upload(request, dest: str, limits: Limits,
+                         skipped: list | None = None) -> list[tuple[str, str]]:
     """Streams a multipart/form-data request's ``files`` parts straight into ``dest`` (no
     copy elsewhere, nothing held in memory beyond one chunk), enforcing the limits while it
-    reads. Returns [(path, kind)] in upload order."""
+    reads. Returns [(path, kind)] in upload order.
+
+    A file that starts as DICOM but whose file meta header does not parse is skipped (its
+    bytes are removed and the rest of it is not written) and named in ``skipped`` by its
+    position in the upload, never by its name; the upload is refused (``bad_dicom``) only
+    when no usable file remains."""
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -302,31 +305,44 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
         raise UploadRejected("too_large", f"the upload is {_mb(int(declared))}; at most "
                                           f"{_mb(limits.max_upload_bytes)} is accepted", 413)
     state = {"headers": {}, "field": b"", "value": b"", "file": None, "head": b"",
-             "path": None, "skip": False, "kind": None, "name": ""}
-    out: list[tuple[str, str]] = []
+             "path": None, "skip": False, "kind": None, "position": 0}
+    out: list[str] = []
     kinds: list[str] = []
+    skipped = [] if skipped is None else skipped
     keep = max(132, limits.dicom_head_bytes)
+
+    def skip_part(why: str) -> None:
+        """This part's file is dropped: what was written is removed, the rest is not
+        written, and the upload goes on with the next file."""
+        if state["file"] is not None:
+            state["file"].close()
+            state["file"] = None
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(state["path"])
+        out.pop()
+        state["skip"] = True
+        skipped.append(f"file {state['position']} of the upload was skipped: {why}")
 
     def check_head(complete: bool) -> None:
         """What the file is, decided from its first bytes while it streams in: a file
         that is not DICOM, PNG, JPEG or zip, or a DICOM file whose meta header does not
         parse within its first ``dicom_head_bytes``, is refused before the rest arrives."""
         head = state["head"]
-        if state["kind"] is not None or (len(head) < 132 and not complete):
+        if state["skip"] or state["kind"] is not None or (len(head) < 132 and not complete):
             return
         kind = sniff(head)
-        index, name = len(out), state["name"]
+        index = state["position"]
         if kind is None:
-            raise UploadRejected("not_an_image", f"file {index} ({_shown(name)}) is not a "
+            raise UploadRejected("not_an_image", f"file {index} of the upload is not a "
                                                  "DICOM, PNG or JPEG file, nor a zip of them")
         if kind == "dicom":
             ok = dicom_meta_ok(head, complete or len(head) >= keep)
             if ok is None:
                 return
             if not ok:
-                raise UploadRejected("bad_dicom", f"file {index} ({_shown(name)}) starts "
-                                                  "as DICOM but its file meta header does not "
-                                                  f"parse within its first {keep} bytes")
+                skip_part("it starts as DICOM but its file meta header does not parse "
+                          f"within its first {keep} bytes")
+                return
         state["kind"] = kind
 
     def on_part_begin():
@@ -347,21 +363,21 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
         if opts.get(b"name", b"") != UPLOAD_FIELD.encode() or b"filename" not in opts:
             raise UploadRejected("bad_form", f"only file fields named {UPLOAD_FIELD!r} are "
                                              "accepted")
+        state["position"] += 1
         index = len(out) + 1
         if index > limits.max_files:
             raise UploadRejected("too_many_files", f"more than {limits.max_files} files in "
                                                    "one upload", 413)
         name = opts[b"filename"].decode("utf-8", "replace")
-        parts = upload_parts(name, index)
+        parts = upload_parts(name, state["position"])
         if parts is None:
             state["skip"] = True
             return
         path = _unique(os.path.join(dest, *parts))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state["path"] = path
-        state["name"] = name
         state["file"] = open(path, "xb")  # noqa: SIM115 - closed at the part's end
-        out.append((path, name))
+        out.append(path)
 
     def on_part_data(data, start, end):
         if state["file"] is not None:
@@ -369,14 +385,16 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
             if len(state["head"]) < keep:
                 state["head"] += chunk[:keep - len(state["head"])]
                 check_head(False)
-            state["file"].write(chunk)
+            if state["file"] is not None:  # not skipped by check_head
+                state["file"].write(chunk)
 
     def on_part_end():
         if state["file"] is not None:
             state["file"].close()
             state["file"] = None
             check_head(True)
-            kinds.append(state["kind"])
+            if not state["skip"]:
+                kinds.append(state["kind"])
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_part_data": on_part_data,
@@ -408,9 +426,12 @@ async def receive_upload(request, dest: str, limits: Limits) -> list[tuple[str, 
     finally:
         if state["file"] is not None:
             state["file"].close()
+    if not out and skipped:
+        more = f" (and {len(skipped) - 1} more file(s) like it)" if len(skipped) > 1 else ""
+        raise UploadRejected("bad_dicom", f"no usable file: {skipped[0]}{more}")
     if not out:
         raise UploadRejected("empty_upload", "no file was uploaded")
-    files = [(path, kind) for (path, _), kind in zip(out, kinds)]
+    files = list(zip(out, kinds))
     if any(k == "zip" for _, k in files) and len(files) > 1:
         raise UploadRejected("zip_not_alone", "upload one zip alone, or the study's files "
                                               "without a zip")
@@ -913,7 +934,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
     from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from starlette.routing import Route
 
-    from covid_keras import predict
+    from covid_keras import files, predict
     from covid_keras.serve import Access, ServingError
     from data_prep import redact
 
@@ -1041,13 +1062,20 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
             raise
         return reserved
 
-    def run_predict(study: str, out: str, cancelled) -> dict:
+    def run_predict(study: str, out: str, cancelled, skipped: list[str]) -> dict:
         model.start_request(cancelled)
         answer = predict.predict_study(study, model, out, salt, top=top_slices,
                                        max_zip_bytes=limits.max_zip_bytes,
                                        max_zip_files=limits.max_zip_files)
         with open(os.path.join(out, predict.JSON_FILE), encoding="utf-8") as f:
             text = f.read()
+        if skipped:  # the upload's skipped files join predict's warnings (and its JSON)
+            extra = [{"reason": "file_skipped", "file": why.split(" was skipped")[0],
+                      "detail": why} for why in skipped]
+            answer["warnings"] = list(answer["warnings"]) + extra
+            saved = json.loads(text)
+            saved["warnings"] = list(saved.get("warnings") or []) + extra
+            text = files.dumps(saved)
         evidence = {}
         for s in answer["slices"]:
             if s.get("evidence"):
@@ -1073,6 +1101,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         waiting["n"] += 1
         reserved = 0
         tmp = None
+        skipped: list[str] = []
         gone = threading.Event()
         try:
             declared = request.headers.get("content-length")
@@ -1086,10 +1115,10 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
             tmp = tempfile.mkdtemp(prefix=f"{REQUEST_PREFIX}{os.getpid()}_", dir=root)
             study = os.path.join(tmp, "study")
             os.makedirs(study)
-            files = await receive_upload(request, study, limits)
-            if files[0][1] == "zip":
+            received = await receive_upload(request, study, limits, skipped)
+            if received[0][1] == "zip":
                 zip_path = os.path.join(tmp, "upload.zip")
-                os.rename(files[0][0], zip_path)
+                os.rename(received[0][0], zip_path)
                 shutil.rmtree(study)
                 reserved += await anyio.to_thread.run_sync(unpack, zip_path, study)
             outcome: dict = {}
@@ -1097,7 +1126,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
                 tg.start_soon(watch_disconnect, request, gone, tg.cancel_scope)
                 try:
                     outcome["body"] = await anyio.to_thread.run_sync(
-                        run_predict, study, os.path.join(tmp, "out"), gone,
+                        run_predict, study, os.path.join(tmp, "out"), gone, skipped,
                         limiter=one_model)
                 except Exception as exc:  # noqa: BLE001 - raised below, not as a group
                     outcome["error"] = exc

@@ -69,15 +69,21 @@ def test_leftovers_of_a_killed_page_are_removed_at_start(tmp_path):
 
 def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
     """Reproduction 4: 200 MB of 'DICM' then zeros held the model slot for 152 s. The meta
-    header is parsed within the first KB, before the rest arrives."""
+    header is parsed within the first KB, before the rest arrives: the rest is never
+    written, and with no other file the upload is refused without reaching the model."""
     limits = web.Limits(max_upload_bytes=64 << 20)
     app = web.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
-    seen = {"max": 0}
+    seen = {"max": 0, "on_disk": []}
 
-    async def stream():  # the body as a client sends it: the refusal comes early
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+
+    async def stream():  # the body as a client sends it
         head = DICOM_PREAMBLE + b"\0" * 1000
         for i in range(32):
             seen["max"] = i
+            if i:
+                seen["on_disk"].append(on_disk())
             yield head if i == 0 else b"\0" * (1 << 20)
 
     async def go():
@@ -96,7 +102,10 @@ def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
 
     r = asyncio.run(go())
     assert r.status_code == 400 and r.json()["reason"] == "bad_dicom", r.text
-    assert seen["max"] <= 2  # refused on the first chunk, not after the 32 MB
+    assert "no usable file: file 1 of the upload was skipped" in r.json()["error"]
+    assert "junk" not in r.text
+    # decided on the first chunk: none of the 31 MB after it was written
+    assert seen["max"] == 31 and max(seen["on_disk"]) <= limits.dicom_head_bytes, seen
     assert list(tmp_path.iterdir()) == []
     for head, ok in ((DICOM_PREAMBLE, False), (DICOM_PREAMBLE + b"\0" * 64, False),
                      (DICOM_PREAMBLE + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0",
@@ -106,6 +115,72 @@ def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
                                patient_id="PHANTOM-X")
     first = sorted(Path(real).iterdir())[0].read_bytes()
     assert web.dicom_meta_ok(first[:1024], False) is True
+
+
+class AnsweringModel(FakeModel):
+    """Answers like an export's predict_study / gradcam (fixed numbers) and keeps how many
+    slices each call got."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_study(self, images):
+        n = len(images)
+        self.calls.append(n)
+        probs = np.tile(np.array([[0.2, 0.7, 0.1]], np.float32), (n, 1))
+        return {"class_names": np.array([c.encode() for c in FakeModel.info["class_names"]]),
+                "decision": np.int32(1), "threshold": np.float32(-1.0),
+                "slice_probabilities": probs, "probabilities": probs.mean(0),
+                "score": np.float32(0.7), "rule": np.array(b"mean"),
+                "boxes": np.tile(np.array([[[4.0, 4.0, 20.0, 20.0]]], np.float32), (n, 1, 1)),
+                "box_scores": np.full((n, 1), 0.5, np.float32)}
+
+    def gradcam(self, images, class_index):
+        return np.zeros((len(images), 64, 64), np.float32)
+
+
+def test_one_bad_dicom_file_is_skipped_not_the_whole_upload(tmp_path):
+    """A batch never loses its good files for one bad file: a file whose DICOM meta header
+    does not parse is skipped and named by its position (never its name) in the answer's
+    warnings and its prediction.json; the study is diagnosed from the rest."""
+    study = Path(phantom.write_study(tmp_path / "Doe_Jane", kind="covid", num_slices=10,
+                                     matrix=64, seed=2, patient_id="PHANTOM-S"))
+    good = study_files(study)
+    bad_meta = DICOM_PREAMBLE + b"\x02\x00\x10\x00ZZ\xff\xff" + b"\0" * 5000
+    bad_name = "Doe_Jane/Doe_Jane_1970-01-01.dcm"
+    uploads = good[:3] + [(bad_name, bad_meta)] + good[3:]
+    model = AnsweringModel()
+    app = web.create_app(model, _card(), SALT, tmp_dir=str(tmp_path / "root"))
+    r = post(app, uploads)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert model.calls and model.calls[0] > 0  # diagnosed from the other files
+    assert body["prediction"]["series"]["slices_in_series"] == len(good)
+    skipped = [w for w in body["prediction"]["warnings"] if w["reason"] == "file_skipped"]
+    assert skipped == [{"reason": "file_skipped", "file": "file 4 of the upload",
+                        "detail": "file 4 of the upload was skipped: it starts as DICOM but "
+                                  "its file meta header does not parse within its first "
+                                  "4096 bytes"}], skipped
+    assert skipped[0] in json.loads(body["prediction_json"])["warnings"]
+    for leak in ("Doe", "Jane", "1970", "PHANTOM"):
+        assert leak not in r.text, leak
+    assert list((tmp_path / "root").iterdir()) == []
+    # the same study without the bad file: the same slices
+    clean = post(app, good).json()
+    assert [s["sop_key"] for s in clean["prediction"]["slices"]] == [
+        s["sop_key"] for s in body["prediction"]["slices"]]
+    # only bad files: refused in one line, nothing reaches the model
+    model.calls.clear()
+    r = post(app, [(bad_name, bad_meta), ("b.dcm", DICOM_PREAMBLE + b"\0" * 64)])
+    assert r.status_code == 400 and r.json()["reason"] == "bad_dicom", r.text
+    assert r.json()["error"].startswith("no usable file: file 1 of the upload was skipped")
+    assert "and 1 more" in r.json()["error"] and "\n" not in r.json()["error"]
+    assert "Doe" not in r.text and model.calls == []
+    # in a zip the same file is skipped by data_prep's reading (a pseudonym, not its name)
+    r = post(app, [("s.zip", zip_bytes(uploads))])
+    assert r.status_code == 200, r.text
+    assert r.json()["prediction"]["series"]["slices_in_series"] == len(good)
+    assert "Doe" not in r.text and "1970" not in r.text
 
 
 def test_zip_expansion_is_reserved_against_a_global_budget(tmp_path, monkeypatch):
