@@ -35,9 +35,13 @@ cannot be installed (this project's CI) this one serves the same SavedModel thro
   costs a socket, not a thread, so slow or idle clients cannot hold the server; a request
   header must arrive within ``--rest_api_timeout_in_ms`` and its body may not pause longer
   than that; a body's Content-Length is reserved against ``--max_inflight_mb`` before it is
-  read. Inference (JSON decoding included) runs in one pool of ``--rest_api_num_threads``
-  workers shared with gRPC, at most ``--max_queue`` requests waiting (then 503 /
-  UNAVAILABLE); a request whose client has gone before its turn is not computed.
+  read. JSON: a long plain numeric array (a study's slices) is converted to a NumPy array
+  straight from the body's bytes (:func:`loads_predict`), not into a Python object per
+  value; anything else, and any body that path does not take, is parsed by orjson as
+  before, with the same answers and errors. Inference (JSON decoding included) runs in one
+  pool of ``--rest_api_num_threads`` workers shared with gRPC, at most ``--max_queue``
+  requests waiting (then 503 / UNAVAILABLE); a request whose client has gone before its
+  turn is not computed.
 * Binds ``--host`` (127.0.0.1 by default; TF Serving binds every interface) and logs no
   request content. Access control: ``--allowed_hosts`` (the Host header; on a loopback
   address, the loopback names by default, against DNS rebinding), a browser's cross-site
@@ -596,6 +600,8 @@ def _decode_value(v, depth: int = 1):
 
 
 def _array(value, key: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):  # converted from the bytes by loads_predict
+        return value
     if isinstance(value, list):  # fast path: a plain numeric tensor (no walk over values)
         try:
             fast = np.asarray(value)
@@ -654,6 +660,213 @@ except ImportError:  # the [serving] extra installs it; json is the fallback
     _orjson = None
 
 
+# ------------------------------------------------------------------ numeric tensors from bytes
+FAST_MIN_BYTES = 1 << 16  # a numeric JSON array at least this long is converted from its bytes
+_FAST_MAX_DIGITS = 15  # every such integer (and digits / 10**k) is exact in float64
+_FAST_CHUNK = 1 << 20  # tokens converted at once (bounds the temporary arrays)
+
+
+def _byte_table(chars: bytes) -> np.ndarray:
+    table = np.zeros(256, bool)
+    table[np.frombuffer(chars, np.uint8)] = True
+    return table
+
+
+_ARRAY_TEXT = _byte_table(b"0123456789-.[], \t\n\r")  # what a plain numeric array is made of
+_P10_INT = 10 ** np.arange(_FAST_MAX_DIGITS + 1, dtype=np.int64)
+_P10_FLOAT = 10.0 ** np.arange(_FAST_MAX_DIGITS + 2)
+
+
+def _skeleton_shape(skel: bytes) -> tuple[int, ...] | None:
+    """The shape of a regular nested array from its skeleton (each number written ``n``):
+    its depth from the leading brackets, each level's length from where its first element
+    closes. None when it is not one (the caller compares with :func:`_skeleton` anyway)."""
+    k = len(skel) - len(skel.lstrip(b"["))
+    if not 0 < k <= MAX_DEPTH or skel[k:k + 1] != b"n":
+        return None
+    close = skel.find(b"]")
+    length = close - (k - 1) + 1  # [n,n,...,n]
+    if length < 3 or length % 2 == 0:
+        return None
+    dims = [(length - 1) // 2]
+    for level in range(k - 1, 0, -1):  # outwards
+        run = skel.find(b"]" * (k - level + 1))
+        if run < 0:
+            return None
+        group = run + (k - level) - (level - 1) + 1  # this level's first group, brackets in
+        if (group - 1) % (length + 1):
+            return None
+        dims.append((group - 1) // (length + 1))
+        length = group
+    return tuple(reversed(dims))
+
+
+def _skeleton(shape: tuple[int, ...]) -> bytes:
+    group = b"[" + (b"n," * shape[-1])[:-1] + b"]"
+    for d in reversed(shape[:-1]):
+        group = b"[" + ((group + b",") * d)[:-1] + b"]"
+    return group
+
+
+def _numbers(c: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """:func:`_chunk_numbers` over _FAST_CHUNK tokens at a time (bounds the temporary
+    arrays), as one array (float64 when any chunk is)."""
+    parts = []
+    for i in range(0, len(starts), _FAST_CHUNK):
+        s, e = starts[i:i + _FAST_CHUNK], ends[i:i + _FAST_CHUNK]
+        lo, hi = int(s[0]) - 1, int(e[-1]) + 1  # a bracket or comma on either side
+        part = _chunk_numbers(c[lo:hi], s - lo, e - lo)
+        if part is None:
+            return None
+        parts.append(part)
+    if any(p.dtype.kind == "f" for p in parts):
+        parts = [p.astype(np.float64, copy=False) for p in parts]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _chunk_numbers(c: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """The values of the number tokens ``c[starts[i]:ends[i]]`` (JSON's ``-?(0|[1-9]
+    [0-9]*)(.[0-9]+)?``, at most 15 digits; every other byte of a token is a digit, a
+    minus or a dot): int64 when none has a fraction, else float64, each exactly what a JSON
+    parser and NumPy make of it (digits / 10**k is correctly rounded: both are exact in
+    float64). The dots are taken out first (each token's fraction length kept), then the
+    digits are summed column by column from the right, over all tokens at once. None when
+    a token is not such a number."""
+    neg = c[starts] == 45
+    if np.count_nonzero(c == 45) != np.count_nonzero(neg):
+        return None  # a minus that does not lead its number
+    first = starts + neg  # the first digit
+    frac = None
+    dots = np.flatnonzero(c == 46)
+    if len(dots):
+        before = np.cumsum(c == 46, dtype=np.int64)  # dots up to and including each byte
+        inside = before[ends - 1] - before[starts - 1]
+        if (inside > 1).any():
+            return None
+        dotted = inside == 1
+        where = dots[before[ends - 1][dotted] - 1]  # the token's dot
+        if (where <= first[dotted]).any() or (where >= ends[dotted] - 1).any():
+            return None  # no digit before or after it
+        frac = np.zeros(len(starts), np.int64)
+        frac[dotted] = ends[dotted] - 1 - where
+        c = c[c != 46]  # the positions move left by the dots before them
+        shift = before[starts - 1]
+        starts, ends, first = starts - shift, ends - shift - inside, first - shift
+        del before, inside, where, shift
+    ndigits = ends - first
+    int_len = ndigits if frac is None else ndigits - frac
+    if (ndigits < 1).any() or (ndigits > _FAST_MAX_DIGITS).any() or (
+            (c[np.minimum(first, len(c) - 1)] == 48) & (int_len > 1)).any():
+        return None  # no digit, too many, or a leading zero
+    fewest, most = int(ndigits.min()), int(ndigits.max())
+    mant = np.zeros(len(starts), np.int64)
+    for j in range(most):
+        digit = c[ends - 1 - j].astype(np.int64) - 48
+        if j >= fewest:
+            digit[ndigits <= j] = 0
+        mant += digit * int(_P10_INT[j])
+    whole = np.where(neg, -mant, mant)
+    if frac is None:
+        return whole
+    value = mant / _P10_FLOAT[frac]
+    return np.where(frac > 0, np.where(neg, -value, value), whole.astype(np.float64))
+
+
+def numeric_array(text: bytes) -> np.ndarray | None:
+    """A JSON array of numbers, regular (every row the same length), non-empty and at most
+    MAX_DEPTH deep -> the NumPy array ``np.asarray(json.loads(text))`` is, without a Python
+    object per value. None when ``text`` is anything else (the caller parses it as JSON).
+    ``text`` holds only the bytes of _ARRAY_TEXT (digits, ``-.,[]`` and JSON's spaces), as
+    :func:`loads_predict` finds it."""
+    c = np.frombuffer(text, np.uint8)
+    runs = None
+    if any(w in text for w in (b" ", b"\t", b"\n", b"\r")):
+        num = (c - np.uint8(45)) <= 12
+        runs = int(np.count_nonzero(num[1:] & ~num[:-1]))  # numbers, before the spaces go
+        c = c[c > 32]  # JSON's spaces are the only bytes <= 32 here
+    num = (c - np.uint8(45)) <= 12  # - . 0-9 (and /, which the caller's bytes never hold)
+    if num[0] or num[-1]:
+        return None
+    edge = np.flatnonzero(num[1:] != num[:-1]) + 1
+    starts, ends = edge[0::2], edge[1::2]  # the text starts and ends outside a number
+    if not len(starts) or (runs is not None and runs != len(starts)):
+        return None  # no number, or a space inside one (two numbers became one)
+    mark = c.copy()
+    mark[starts] = ord("n")
+    kept = ~num
+    kept[starts] = True
+    skel = mark[kept].tobytes()
+    del mark, kept, num
+    shape = _skeleton_shape(skel)
+    if shape is None or int(np.prod(shape)) != len(starts) or skel != _skeleton(shape):
+        return None
+    del skel
+    values = _numbers(c, starts, ends)
+    return None if values is None else values.reshape(shape)
+
+
+def loads_predict(raw: bytes):
+    """:func:`loads` for a predict body, with each long plain numeric array (a study's
+    slices: millions of numbers) converted straight from the bytes by :func:`numeric_array`
+    instead of becoming a Python object per value. The rest of the body (with a marker
+    where each array was) is parsed by :func:`loads`; an array is kept only where a tensor
+    may stand (``inputs``, ``inputs.<name>``, ``instances``). Anything else (a marker
+    elsewhere, a number this path does not take, a parse error) is parsed by :func:`loads`
+    from the original bytes, so answers and errors are the same as without this path."""
+    if len(raw) < FAST_MIN_BYTES:
+        return loads(raw)
+    b = np.frombuffer(raw, np.uint8)
+    text = _ARRAY_TEXT[b]
+    edge = np.flatnonzero(text[1:] != text[:-1]) + 1
+    run_starts = edge[text[edge]]
+    run_ends = edge[~text[edge]]
+    if text[0]:
+        run_starts = np.concatenate([[0], run_starts])
+    if text[-1]:
+        run_ends = np.concatenate([run_ends, [len(raw)]])
+    del b, text, edge
+    spans = []
+    for s, e in zip(run_starts.tolist(), run_ends.tolist()):
+        if e - s < FAST_MIN_BYTES:
+            continue
+        first, last = raw.find(b"[", s, e), raw.rfind(b"]", s, e)
+        if first < 0 or last < first or raw[s:first].strip(b" \t\n\r"):
+            continue
+        spans.append((first, last + 1))
+    if not spans:
+        return loads(raw)
+    tag = os.urandom(8).hex()
+    arrays, pieces, prev = {}, [], 0
+    for i, (s, e) in enumerate(spans):
+        arr = numeric_array(raw[s:e])
+        if arr is None:
+            return loads(raw)
+        name = f"covid_keras.tensor.{i}.{tag}"
+        arrays[name] = arr
+        pieces += [raw[prev:s], b'"' + name.encode() + b'"']
+        prev = e
+    pieces.append(raw[prev:])
+    try:
+        body = loads(b"".join(pieces))
+    except ServingError:
+        return loads(raw)
+    def take(value):
+        return arrays.pop(value) if isinstance(value, str) and value in arrays else value
+
+    if isinstance(body, dict):
+        if "instances" in body:
+            body["instances"] = take(body["instances"])
+        cols = body.get("inputs")
+        if isinstance(cols, dict):
+            for k in list(cols):
+                cols[k] = take(cols[k])
+        elif "inputs" in body:
+            body["inputs"] = take(cols)
+    if arrays:  # a marker where no tensor stands: parsed the ordinary way
+        return loads(raw)
+    return body
+
+
 def parse_predict_body(body: dict, input_names: list[str],
                        max_instances: int | None = None) -> tuple[dict, bool]:
     """A TF Serving REST predict body -> (inputs, row_format). Row: ``{"instances": [...]}``
@@ -664,7 +877,7 @@ def parse_predict_body(body: dict, input_names: list[str],
         cols = body.get("inputs")
         named = list(cols.items()) if isinstance(cols, dict) else [("inputs", cols)]
         for key, value in [("instances", body.get("instances"))] + named:
-            if isinstance(value, list):
+            if isinstance(value, (list, np.ndarray)):
                 check_instances(key, value, max_instances)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -678,6 +891,11 @@ def parse_predict_body(body: dict, input_names: list[str],
     single = len(input_names) == 1
     if has_rows:
         rows = body["instances"]
+        if isinstance(rows, np.ndarray):  # one numeric tensor, from loads_predict
+            if not single:
+                raise bad_request(f"the signature takes several inputs {input_names}: each "
+                                  "instance must be an object naming them")
+            return {input_names[0]: rows}, True
         if not isinstance(rows, list) or not rows:
             raise bad_request("\"instances\" must be a non-empty list")
         named = all(isinstance(r, dict) and not (set(r) == {"b64"}) for r in rows)
@@ -760,7 +978,7 @@ def predict_job(servable: Servable, raw: bytes, max_instances: int | None) -> by
 
 
 def _predict(servable: Servable, raw: bytes, max_instances: int | None) -> bytes:
-    body = loads(raw)
+    body = loads_predict(raw)
     sig = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(sig, str):
         raise bad_request("signature_name must be a string")
