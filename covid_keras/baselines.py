@@ -12,7 +12,6 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from covid_keras import recipes  # noqa: F401 - registers the optimisers saved with models
 from covid_keras.backbones import build_backbone
 from covid_keras.layers.intensity import input_normalization
 

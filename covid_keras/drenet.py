@@ -29,10 +29,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from covid_keras import (
-    losses,
-    recipes,  # noqa: F401 - registers the optimisers saved with models
-)
+from covid_keras import losses
 from covid_keras.backbones import BN_MOMENTUM, branch_view, build_backbone, set_bn_momentum
 from covid_keras.baselines import apply_trainable
 

@@ -21,6 +21,7 @@ replicas; only the chief writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,125 +38,249 @@ from covid_keras.run_dir import BEST, RunDir
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("data_dir", None, "Folder of TFRecords written by data_prep "
-                    "(shards + manifest.json).")
-flags.DEFINE_string("run_dir", None, "Output folder of the run (created).")
-flags.DEFINE_enum("model", "drenet", ["drenet", "classifier"], "DRENet or a plain "
-                  "backbone classifier (the baselines).")
-flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "vgg16", "densenet121", "densenet169",
-                                           "tiny"], "Backbone (tiny: CPU tests and demo).")
-flags.DEFINE_string("backbone_weights", None, "None, 'imagenet' (downloads) or a local "
-                    "weights file.")
-flags.DEFINE_enum("variant", "paper", ["paper", "code"], "DRENet as in the paper or as in "
-                  "the authors' code.")
-flags.DEFINE_integer("head_hidden_units", None, "DRENet head: hidden width of the MLP over "
-                     "the concatenated features (default: the variant's, paper 512, code 0 = "
-                     "one Dense).")
-flags.DEFINE_enum("trainable", "all", ["all", "last3", "head"], "What trains: everything, "
-                  "the backbone's last 3 conv layers + classifier (seed 004), or the head only "
-                  "(fine-tuning with --init_from).")
-flags.DEFINE_string("init_from", None, "Start from this .keras model (fine-tuning on a new "
-                    "hospital's data), or from a pretraining run's image backbone: a "
-                    "finished covid_keras.pretrain run folder or its backbone.weights.h5 "
-                    "(as --backbone_weights).")
-flags.DEFINE_string("pretrain_flagfile", None, "A first stage: self-supervised pretraining "
-                    "of the backbone (python -m covid_keras.pretrain with this flagfile, "
-                    "on --data_dir, into --pretrain_dir), then training from its weights. "
-                    "A relative path in a flagfile is read beside that flagfile. A finished "
-                    "pretraining with the same flags is reused; an interrupted one resumes.")
-flags.DEFINE_string("pretrain_dir", None, "The pretraining stage's run folder (default "
-                    "<run_dir>/pretrain; several runs, e.g. seeds, may share one).")
-flags.DEFINE_integer("input_size", 448, "Model input side in pixels.")
-flags.DEFINE_integer("epochs", 120, "Epochs (ignored with --stages).")
-flags.DEFINE_integer("batch_size", 4, "Per-replica batch size.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimiser (ignored with --stages).")
-flags.DEFINE_float("learning_rate", 8e-4, "Initial learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (see --weight_decay_type).")
-flags.DEFINE_enum("weight_decay_type", "coupled", ["coupled", "decoupled"], "coupled: "
-                  "PyTorch's (the authors'): wd x w added to the gradient, ~10x Keras's "
-                  "decoupled form under momentum 0.9; decoupled: Keras's weight_decay.")
-flags.DEFINE_float("ema_momentum", 0.0, "Validate, checkpoint and export an exponential "
-                   "moving average of the weights (Polyak averaging), updated every step "
-                   "with this momentum (0.99: about the last 100 steps); 0: the weights as "
-                   "trained. Training itself follows the raw weights.")
-flags.DEFINE_list("lr_decay_epochs", ["60", "100"], "Epochs at which lr x --lr_decay_factor.")
-flags.DEFINE_float("lr_decay_factor", 0.1, "Learning-rate decay factor.")
-flags.DEFINE_list("stages", [], "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... (seed 004: "
-                  "adam@1e-4:25,sgd@1e-3:25).")
-flags.DEFINE_integer("early_stopping_patience", 0, "Epochs without improvement of "
-                     "--checkpoint_monitor before stopping (0: off).")
-flags.DEFINE_enum("checkpoint_monitor", "smoothed_patient_auc",
-                  ["smoothed_patient_auc", "prediction_loss", "patient_auc"],
-                  "What chooses best.keras on --val_split: smoothed_patient_auc (the mean val "
-                  "patient AUC of the epoch and the two before; ties: lower prediction loss), "
-                  "prediction_loss (the prediction's cross-entropy over every val slice; "
-                  "ties: higher patient AUC) or patient_auc (ties: lower prediction loss). "
-                  "The chosen epoch is in best.keras.json and metrics.json.")
-flags.DEFINE_enum("decision_criterion", "youden", ["youden", "sensitivity"],
-                  "How the patient decision (aggregation rule + threshold, decision.json) is "
-                  "chosen on --val_split at the end of training: youden (max sensitivity + "
-                  "specificity - 1) or sensitivity (the best specificity with sensitivity >= "
-                  "--target_sensitivity).")
-flags.DEFINE_float("target_sensitivity", 0.9, "With --decision_criterion=sensitivity.")
-flags.DEFINE_bool("class_balanced", False, "Sample classes equally in training.")
-flags.DEFINE_bool("class_weights", False, "Weight the loss by inverse class frequency.")
-flags.DEFINE_float("rotation_degrees", 0.0, "Random rotation augmentation, +- degrees.")
-flags.DEFINE_float("zoom_jitter", 0.0, "Random zoom augmentation: a square of side x "
-                   "U(1 - z, 1) of the image's, at a random place, resized back (0: off).",
-                   lower_bound=0.0, upper_bound=0.9)
-flags.DEFINE_float("gamma_jitter", 0.0, "Random gamma augmentation: pixel ** exp(U(-ln(1 + g), "
-                   "ln(1 + g))), brightness and contrast together, black stays black (0: off).",
-                   lower_bound=0.0)
-flags.DEFINE_enum("brightness_jitter", "multiplicative", list(BRIGHTNESS_JITTERS),
-                  "Training brightness jitter. multiplicative: x U(0.874, 1.126) as the "
-                  "authors (black stays black). additive: +- 0.1 and contrast x U(0.8, 1.2), "
-                  "the earlier recipe: it greys the masked background, so train images differ "
-                  "from val/test ones; kept to measure the change (bench/README.md).")
-flags.DEFINE_enum("input_norm", "none", list(INPUT_NORMS),
-                  "per_image: the model's first layer shifts and scales every image to zero "
-                  "mean and a fixed spread, so its prediction does not depend on the image's "
-                  "overall brightness or contrast (saved with the model: evaluation, export, "
-                  "serving and prediction do the same). none: raw intensities.")
-flags.DEFINE_float("bn_momentum", 0.9, "Momentum of every batch-norm layer's moving "
-                   "statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 leaves them "
-                   "stale on short runs (inference-mode accuracy below training mode's).")
-flags.DEFINE_enum("bn_stats", "moving", ["moving", "population"], "Batch-norm statistics "
-                  "that validation, the checkpoints and the export use: moving (each batch "
-                  "norm's moving average of recent training batches) or population "
-                  "(recomputed at each epoch's end for that epoch's weights, the averaged "
-                  "ones with --ema_momentum, over the whole training split: unaugmented, "
-                  "--batch_size batches in a fixed shuffled order; covid_keras.bn_stats; "
-                  "one extra forward pass over the training split per epoch).")
-flags.DEFINE_bool("deterministic", True, "Deterministic input order and TF ops: a rerun "
-                  "with the same flags and --seed repeats the run (on the demo, CPU: no "
-                  "measurable cost). --nodeterministic: faster where an op's deterministic "
-                  "kernel is slow; a GPU op without one is an error under it.")
-flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
-flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch (0: one pass).")
-flags.DEFINE_string("val_split", "val", "Split that chooses the checkpoint.")
-flags.DEFINE_list("report_splits", [], "Held-out splits (e.g. test) on which the best "
-                  "checkpoint is evaluated once at the end (metrics.json); never used to "
-                  "choose anything.")
-flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker", "one_device"],
-                  "tf.distribute strategy.")
-flags.DEFINE_integer("backup_every_steps", 0, "Back up the training state every N steps "
-                     "too (0: at epoch ends only).")
-flags.DEFINE_bool("mixed_precision", False, "mixed_bfloat16 compute (GPUs).")
-flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
-flags.DEFINE_integer("num_display_images", 4, "Validation slices shown with their boxes.")
-flags.DEFINE_integer("shuffle_buffer", 512, "Record shuffle buffer.")
-flags.DEFINE_integer("verbose", 1, "Console progress: 0 silent, 1 a step bar and one line "
-                     "per epoch, 2 one line per epoch (loss, val loss, val patient AUC, time; "
-                     "the full metrics go to TensorBoard and log.csv).")
-flags.DEFINE_bool("overwrite", False, "Start --run_dir again from scratch, whether it holds "
-                  "a finished or an interrupted run. Without it a finished run is an error "
-                  "and an interrupted one resumes, if its flags are the same. A one-shot "
-                  "action: flags.cfg does not record it.")
-flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (tests "
-                     "of MirroredStrategy without GPUs; 0: leave it).")
-
 log = logging.getLogger("covid_keras.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: every flag of ``covid_keras.train`` under the same name, with the
+    flags' defaults. Built from the flags once (:meth:`from_flags`); everything below takes
+    it as an argument. Lists are tuples (a frozen config)."""
+    data_dir: str | None = None
+    run_dir: str | None = None
+    model: str = "drenet"
+    backbone: str = "resnet50"
+    backbone_weights: str | None = None
+    variant: str = "paper"
+    head_hidden_units: int | None = None
+    trainable: str = "all"
+    init_from: str | None = None
+    pretrain_flagfile: str | None = None
+    pretrain_dir: str | None = None
+    input_size: int = 448
+    epochs: int = 120
+    batch_size: int = 4
+    optimizer: str = "sgd"
+    learning_rate: float = 8e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_type: str = "coupled"
+    ema_momentum: float = 0.0
+    lr_decay_epochs: tuple = ("60", "100")
+    lr_decay_factor: float = 0.1
+    stages: tuple = ()
+    early_stopping_patience: int = 0
+    checkpoint_monitor: str = "smoothed_patient_auc"
+    decision_criterion: str = "youden"
+    target_sensitivity: float = 0.9
+    class_balanced: bool = False
+    class_weights: bool = False
+    rotation_degrees: float = 0.0
+    zoom_jitter: float = 0.0
+    gamma_jitter: float = 0.0
+    brightness_jitter: str = "multiplicative"
+    input_norm: str = "none"
+    bn_momentum: float = 0.9
+    bn_stats: str = "moving"
+    deterministic: bool = True
+    seed: int = 0
+    steps_per_epoch: int = 0
+    val_split: str = "val"
+    report_splits: tuple = ()
+    strategy: str = "mirrored"
+    backup_every_steps: int = 0
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    num_display_images: int = 4
+    shuffle_buffer: int = 512
+    verbose: int = 1
+    overwrite: bool = False
+    cpu_devices: int = 0
+    folds: int = 0
+    fold: int = -1
+    ensemble_only: bool = False
+
+    @classmethod
+    def from_flags(cls, values=None) -> "TrainConfig":
+        """The config of the parsed flags (``values``: a FlagValues, default absl's)."""
+        values = values or FLAGS
+        out = {}
+        for field in dataclasses.fields(cls):
+            v = values[field.name].value
+            out[field.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**out)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def items(self):
+        """(name, value) of every setting, lists as lists (as absl gives them)."""
+        for field in dataclasses.fields(self):
+            v = getattr(self, field.name)
+            yield field.name, list(v) if isinstance(v, tuple) else v
+
+
+_DEFINED = False
+
+
+def define_flags() -> None:
+    """Defines the trainer's flags (once; importing this module defines none, so other
+    commands' flags of the same names never clash with them in one process)."""
+    global _DEFINED
+    if _DEFINED:
+        return
+    d = TrainConfig()
+    flags.DEFINE_string("data_dir", d.data_dir, "Folder of TFRecords written by data_prep "
+                        "(shards + manifest.json).")
+    flags.DEFINE_string("run_dir", d.run_dir, "Output folder of the run (created).")
+    flags.DEFINE_enum("model", d.model, ["drenet", "classifier"], "DRENet or a plain "
+                      "backbone classifier (the baselines).")
+    flags.DEFINE_enum("backbone", d.backbone, ["resnet50", "vgg16", "densenet121",
+                                               "densenet169", "tiny"],
+                      "Backbone (tiny: CPU tests and demo).")
+    flags.DEFINE_string("backbone_weights", d.backbone_weights, "None, 'imagenet' "
+                        "(downloads) or a local weights file.")
+    flags.DEFINE_enum("variant", d.variant, ["paper", "code"], "DRENet as in the paper or as "
+                      "in the authors' code.")
+    flags.DEFINE_integer("head_hidden_units", d.head_hidden_units, "DRENet head: hidden "
+                         "width of the MLP over the concatenated features (default: the "
+                         "variant's, paper 512, code 0 = one Dense).")
+    flags.DEFINE_enum("trainable", d.trainable, ["all", "last3", "head"], "What trains: "
+                      "everything, the backbone's last 3 conv layers + classifier (seed "
+                      "004), or the head only (fine-tuning with --init_from).")
+    flags.DEFINE_string("init_from", d.init_from, "Start from this .keras model (fine-tuning "
+                        "on a new hospital's data), or from a pretraining run's image "
+                        "backbone: a finished covid_keras.pretrain run folder or its "
+                        "backbone.weights.h5 (as --backbone_weights).")
+    flags.DEFINE_string("pretrain_flagfile", d.pretrain_flagfile, "A first stage: "
+                        "self-supervised pretraining of the backbone (python -m "
+                        "covid_keras.pretrain with this flagfile, on --data_dir, into "
+                        "--pretrain_dir), then training from its weights. A relative path "
+                        "in a flagfile is read beside that flagfile. A finished pretraining "
+                        "with the same flags is reused; an interrupted one resumes.")
+    flags.DEFINE_string("pretrain_dir", d.pretrain_dir, "The pretraining stage's run folder "
+                        "(default <run_dir>/pretrain; several runs, e.g. seeds, may share "
+                        "one).")
+    flags.DEFINE_integer("input_size", d.input_size, "Model input side in pixels.")
+    flags.DEFINE_integer("epochs", d.epochs, "Epochs (ignored with --stages).")
+    flags.DEFINE_integer("batch_size", d.batch_size, "Per-replica batch size.")
+    flags.DEFINE_enum("optimizer", d.optimizer, ["sgd", "adam"], "Optimiser (ignored with "
+                      "--stages).")
+    flags.DEFINE_float("learning_rate", d.learning_rate, "Initial learning rate.")
+    flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", d.weight_decay, "Weight decay (see "
+                       "--weight_decay_type).")
+    flags.DEFINE_enum("weight_decay_type", d.weight_decay_type, ["coupled", "decoupled"],
+                      "coupled: PyTorch's (the authors'): wd x w added to the gradient, ~10x "
+                      "Keras's decoupled form under momentum 0.9; decoupled: Keras's "
+                      "weight_decay.")
+    flags.DEFINE_float("ema_momentum", d.ema_momentum, "Validate, checkpoint and export an "
+                       "exponential moving average of the weights (Polyak averaging), "
+                       "updated every step with this momentum (0.99: about the last 100 "
+                       "steps); 0: the weights as trained. Training itself follows the raw "
+                       "weights.")
+    flags.DEFINE_list("lr_decay_epochs", list(d.lr_decay_epochs), "Epochs at which lr x "
+                      "--lr_decay_factor.")
+    flags.DEFINE_float("lr_decay_factor", d.lr_decay_factor, "Learning-rate decay factor.")
+    flags.DEFINE_list("stages", list(d.stages), "Two-stage recipes: OPTIMIZER@LR:EPOCHS,... "
+                      "(seed 004: adam@1e-4:25,sgd@1e-3:25).")
+    flags.DEFINE_integer("early_stopping_patience", d.early_stopping_patience, "Epochs "
+                         "without improvement of --checkpoint_monitor before stopping (0: "
+                         "off).")
+    flags.DEFINE_enum("checkpoint_monitor", d.checkpoint_monitor,
+                      ["smoothed_patient_auc", "prediction_loss", "patient_auc"],
+                      "What chooses best.keras on --val_split: smoothed_patient_auc (the "
+                      "mean val patient AUC of the epoch and the two before; ties: lower "
+                      "prediction loss), prediction_loss (the prediction's cross-entropy "
+                      "over every val slice; ties: higher patient AUC) or patient_auc (ties: "
+                      "lower prediction loss). The chosen epoch is in best.keras.json and "
+                      "metrics.json.")
+    flags.DEFINE_enum("decision_criterion", d.decision_criterion, ["youden", "sensitivity"],
+                      "How the patient decision (aggregation rule + threshold, "
+                      "decision.json) is chosen on --val_split at the end of training: "
+                      "youden (max sensitivity + specificity - 1) or sensitivity (the best "
+                      "specificity with sensitivity >= --target_sensitivity).")
+    flags.DEFINE_float("target_sensitivity", d.target_sensitivity, "With "
+                       "--decision_criterion=sensitivity.")
+    flags.DEFINE_bool("class_balanced", d.class_balanced, "Sample classes equally in "
+                      "training.")
+    flags.DEFINE_bool("class_weights", d.class_weights, "Weight the loss by inverse class "
+                      "frequency.")
+    flags.DEFINE_float("rotation_degrees", d.rotation_degrees, "Random rotation "
+                       "augmentation, +- degrees.")
+    flags.DEFINE_float("zoom_jitter", d.zoom_jitter, "Random zoom augmentation: a square of "
+                       "side x U(1 - z, 1) of the image's, at a random place, resized back "
+                       "(0: off).", lower_bound=0.0, upper_bound=0.9)
+    flags.DEFINE_float("gamma_jitter", d.gamma_jitter, "Random gamma augmentation: pixel ** "
+                       "exp(U(-ln(1 + g), ln(1 + g))), brightness and contrast together, "
+                       "black stays black (0: off).", lower_bound=0.0)
+    flags.DEFINE_enum("brightness_jitter", d.brightness_jitter, list(BRIGHTNESS_JITTERS),
+                      "Training brightness jitter. multiplicative: x U(0.874, 1.126) as the "
+                      "authors (black stays black). additive: +- 0.1 and contrast x U(0.8, "
+                      "1.2), the earlier recipe: it greys the masked background, so train "
+                      "images differ from val/test ones; kept to measure the change "
+                      "(bench/README.md).")
+    flags.DEFINE_enum("input_norm", d.input_norm, list(INPUT_NORMS),
+                      "per_image: the model's first layer shifts and scales every image to "
+                      "zero mean and a fixed spread, so its prediction does not depend on "
+                      "the image's overall brightness or contrast (saved with the model: "
+                      "evaluation, export, serving and prediction do the same). none: raw "
+                      "intensities.")
+    flags.DEFINE_float("bn_momentum", d.bn_momentum, "Momentum of every batch-norm layer's "
+                       "moving statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 "
+                       "leaves them stale on short runs (inference-mode accuracy below "
+                       "training mode's).")
+    flags.DEFINE_enum("bn_stats", d.bn_stats, ["moving", "population"], "Batch-norm "
+                      "statistics that validation, the checkpoints and the export use: "
+                      "moving (each batch norm's moving average of recent training batches) "
+                      "or population (recomputed at each epoch's end for that epoch's "
+                      "weights, the averaged ones with --ema_momentum, over the whole "
+                      "training split: unaugmented, --batch_size batches in a fixed shuffled "
+                      "order; covid_keras.bn_stats; one extra forward pass over the "
+                      "training split per epoch).")
+    flags.DEFINE_bool("deterministic", d.deterministic, "Deterministic input order and TF "
+                      "ops: a rerun with the same flags and --seed repeats the run (on the "
+                      "demo, CPU: no measurable cost). --nodeterministic: faster where an "
+                      "op's deterministic kernel is slow; a GPU op without one is an error "
+                      "under it.")
+    flags.DEFINE_integer("seed", d.seed, "Random seed (weights, shuffling, augmentation).")
+    flags.DEFINE_integer("steps_per_epoch", d.steps_per_epoch, "Training steps per epoch "
+                         "(0: one pass).")
+    flags.DEFINE_string("val_split", d.val_split, "Split that chooses the checkpoint.")
+    flags.DEFINE_list("report_splits", list(d.report_splits), "Held-out splits (e.g. test) "
+                      "on which the best checkpoint is evaluated once at the end "
+                      "(metrics.json); never used to choose anything.")
+    flags.DEFINE_enum("strategy", d.strategy, ["mirrored", "multi_worker", "one_device"],
+                      "tf.distribute strategy.")
+    flags.DEFINE_integer("backup_every_steps", d.backup_every_steps, "Back up the training "
+                         "state every N steps too (0: at epoch ends only).")
+    flags.DEFINE_bool("mixed_precision", d.mixed_precision, "mixed_bfloat16 compute (GPUs).")
+    flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the train step with XLA.")
+    flags.DEFINE_integer("num_display_images", d.num_display_images, "Validation slices "
+                         "shown with their boxes.")
+    flags.DEFINE_integer("shuffle_buffer", d.shuffle_buffer, "Record shuffle buffer.")
+    flags.DEFINE_integer("verbose", d.verbose, "Console progress: 0 silent, 1 a step bar and "
+                         "one line per epoch, 2 one line per epoch (loss, val loss, val "
+                         "patient AUC, time; the full metrics go to TensorBoard and "
+                         "log.csv).")
+    flags.DEFINE_bool("overwrite", d.overwrite, "Start --run_dir again from scratch, whether "
+                      "it holds a finished or an interrupted run. Without it a finished run "
+                      "is an error and an interrupted one resumes, if its flags are the "
+                      "same. A one-shot action: flags.cfg does not record it.")
+    flags.DEFINE_integer("cpu_devices", d.cpu_devices, "Split the CPU into this many logical "
+                         "devices (tests of MirroredStrategy without GPUs; 0: leave it).")
+    flags.DEFINE_integer("folds", d.folds, "K-fold cross-validation by patient (0: off): "
+                         "the training patients (train + --val_split; never a held-out "
+                         "split) in K folds stratified by label and site (folds.json); fold "
+                         "k trains on the others and chooses its checkpoint on fold k "
+                         "(<run_dir>/fold_<k>/); best.keras is then the ensemble (the mean "
+                         "of the folds' class probabilities) and decision.json is chosen on "
+                         "the out-of-fold predictions of every training patient.")
+    flags.DEFINE_integer("fold", d.fold, "With --folds: train fold k alone (one job per "
+                         "machine), then --ensemble_only; -1: every fold, then the ensemble.")
+    flags.DEFINE_bool("ensemble_only", d.ensemble_only, "With --folds: assemble the "
+                      "ensemble of the finished folds, training none.")
+    _DEFINED = True
 
 
 # ------------------------------------------------------------------ run folder
@@ -165,7 +290,7 @@ PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights", "pretrain_
               "pretrain_dir")
 #: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
 #: must not replace the finished run it came from).
-NOT_RECORDED = ("overwrite",)
+NOT_RECORDED = ("overwrite", "fold", "ensemble_only")
 
 
 def recorded_value(name: str, value):
@@ -176,58 +301,71 @@ def recorded_value(name: str, value):
     return value
 
 
-def resolved_flags() -> dict:
-    """This program's flags and their values (run_info.json, the resume check, hparams)."""
-    return {k: recorded_value(k, v) for k, v in provenance.module_flags(__name__).items()}
+def resolved_flags(cfg: TrainConfig) -> dict:
+    """The run's settings by flag name (run_info.json, the resume check, hparams)."""
+    return {k: recorded_value(k, v) for k, v in cfg.items()}
 
 
-def write_run_info(run_dir: str, extra: dict) -> None:
-    manifest = os.path.join(FLAGS.data_dir, "manifest.json")
-    manifest_sha = files.sha256(manifest)
-    info = {"flags": resolved_flags(), "versions": provenance.package_versions(),
+def write_run_info(cfg: TrainConfig, run_dir: str, extra: dict,
+                   command: list[str] | None = None) -> None:
+    manifest_sha = files.sha256(os.path.join(cfg.data_dir, "manifest.json"))
+    info = {"flags": resolved_flags(cfg), "versions": provenance.package_versions(),
             "git_sha": provenance.git_sha(),
-            "dataset_manifest_sha256": manifest_sha, "seed": FLAGS.seed,
-            "command": " ".join(sys.argv), **extra}
+            "dataset_manifest_sha256": manifest_sha, "seed": cfg.seed,
+            "command": " ".join(sys.argv if command is None else command), **extra}
     run = RunDir(run_dir)
     files.write_json(run.run_info_path, info)
-    files.atomic_write_text(run.flags_path, program_flagfile())
+    files.atomic_write_text(run.flags_path, program_flagfile(cfg))
 
 
-def program_flagfile() -> str:
-    """This program's own flags (not absl's, TensorFlow's or a test runner's), one per line:
-    ``--flagfile=<run>/flags.cfg`` repeats the run."""
-    lines = [f"--{f.name}={recorded_value(f.name, f.value)}" if f.name in PATH_FLAGS
-             else f.serialize() for f in FLAGS.get_flags_for_module(sys.modules[__name__])
-             if f.value is not None and f.name not in NOT_RECORDED]
+def flag_line(name: str, value) -> str:
+    """``--name=value`` as absl writes it (``--name`` / ``--noname`` for a bool, a list
+    comma-separated); '' for None."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, (list, tuple)):
+        return f"--{name}={','.join(str(v) for v in value)}"
+    return f"--{name}={value}"
+
+
+def program_flagfile(cfg: TrainConfig) -> str:
+    """The run's flags (the trainer's own, not absl's, TensorFlow's or a test runner's),
+    one per line: ``--flagfile=<run>/flags.cfg`` repeats the run."""
+    lines = [flag_line(k, v) for k, v in resolved_flags(cfg).items() if k not in NOT_RECORDED]
     return "".join(line + "\n" for line in lines if line)
 
 
 RUN_FILES = RunDir.RUN_FILES
 # Flags that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("overwrite", "verbose", "report_splits", "num_display_images",
-                     "cpu_devices", "backup_every_steps", "data_dir", "run_dir")
+                     "cpu_devices", "backup_every_steps", "data_dir", "run_dir", "fold",
+                     "ensemble_only")
 
 
 def changed_flags(stored: dict, current: dict) -> list[str]:
-    """``--name: old -> new`` for every run-defining flag that differs."""
+    """``--name: old -> new`` for every run-defining flag that differs (a flag the stored
+    run did not know yet counts as its default)."""
+    defaults = dict(TrainConfig().items())
     out = []
     for name in sorted(set(stored) | set(current)):
         if name in RESUMABLE_CHANGES:
             continue
-        old, new = stored.get(name), current.get(name)
+        old, new = stored.get(name, defaults.get(name)), current.get(name)
         if old != new and not (isinstance(old, list) and list(old) == list(new or [])):
             out.append(f"--{name}: {old!r} -> {new!r}")
     return out
 
 
-def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
+def prepare_run_dir(cfg: TrainConfig, run_dir: str) -> str:
     """Creates the run folder and says what the run will do: ``"new"``, ``"resume"`` (an
     interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
     files are removed first, for a finished and for an interrupted run alike). A finished
-    run without ``overwrite``, or an interrupted one whose flags changed, is an error."""
+    run without ``cfg.overwrite``, or an interrupted one whose flags changed, is an error."""
     run = RunDir(run_dir)
     finished, started = run.is_finished(), run.is_started()
-    if overwrite and (finished or started):
+    if cfg.overwrite and (finished or started):
         run.clear()
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
@@ -239,8 +377,7 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     if started:
         info = run.run_info()
         if info is not None:
-            stored = info.get("flags", {})
-            diff = changed_flags(stored, resolved_flags())
+            diff = changed_flags(info.get("flags", {}), resolved_flags(cfg))
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
                                  f"{'; '.join(diff)}): rerun with its flags "
@@ -251,67 +388,69 @@ def prepare_run_dir(run_dir: str, overwrite: bool) -> str:
     return "new"
 
 
-def init_from_backbone() -> bool:
+def init_from_backbone(cfg: TrainConfig) -> bool:
     """--init_from names a pretraining run folder or a backbone weights file (not a
     .keras model)."""
-    return bool(FLAGS.init_from) and not FLAGS.init_from.endswith(".keras")
+    return bool(cfg.init_from) and not cfg.init_from.endswith(".keras")
 
 
-def backbone_weights(run_dir: str) -> str | None:
+def backbone_weights(cfg: TrainConfig, run_dir: str) -> str | None:
     """The backbone's starting weights: the pretraining stage's (--pretrain_flagfile, run
     or reused here), --init_from's pretraining run or file, else --backbone_weights."""
     from covid_keras import pretrain
 
-    if FLAGS.pretrain_flagfile:
-        folder = FLAGS.pretrain_dir or RunDir(run_dir).pretrain_dir
+    if cfg.pretrain_flagfile:
+        folder = cfg.pretrain_dir or RunDir(run_dir).pretrain_dir
         cmd = [sys.executable, "-m", "covid_keras.pretrain",
-               f"--flagfile={FLAGS.pretrain_flagfile}", f"--data_dir={FLAGS.data_dir}",
+               f"--flagfile={cfg.pretrain_flagfile}", f"--data_dir={cfg.data_dir}",
                f"--run_dir={folder}", "--reuse"]
         log.info("stage 0, pretraining: %s", " ".join(cmd[1:]))
         code = subprocess.run(cmd).returncode
         if code:
             raise RuntimeError(f"the pretraining stage failed (exit {code}): rerun to resume "
                                f"it, or run python -m covid_keras.pretrain "
-                               f"--flagfile={FLAGS.pretrain_flagfile} --run_dir={folder} "
+                               f"--flagfile={cfg.pretrain_flagfile} --run_dir={folder} "
                                "alone to see why")
         return pretrain.weights_file(folder)
-    if init_from_backbone():
-        return pretrain.weights_file(FLAGS.init_from)
-    return FLAGS.backbone_weights or None
+    if init_from_backbone(cfg):
+        return pretrain.weights_file(cfg.init_from)
+    return cfg.backbone_weights or None
 
 
-def apply_init_from_spec(classes: list[str]) -> None:
+def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
     """--init_from: the loaded model's backbone, input size and input normalisation replace
     the flags' (and are what run_info.json records), with a log line when they differ."""
-    if not FLAGS.init_from or init_from_backbone():
-        return
+    if not cfg.init_from or init_from_backbone(cfg):
+        return cfg
     from covid_keras.saving import saved_model_spec
 
     try:
-        spec = saved_model_spec(FLAGS.init_from)
+        spec = saved_model_spec(cfg.init_from)
     except ValueError as exc:
         raise ValueError(f"--init_from: {exc}") from None
     if spec["num_classes"] != len(classes):
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
-                         f"{len(classes)} ({classes}). Received: {FLAGS.init_from}")
+                         f"{len(classes)} ({classes}). Received: {cfg.init_from}")
+    changes = {}
     for name in ("backbone", "input_size", "model", "input_norm"):
-        if getattr(FLAGS, name) != spec[name]:
+        if getattr(cfg, name) != spec[name]:
             log.info("--init_from: %s %s (from the model; the flag said %s)", name,
-                     spec[name], getattr(FLAGS, name))
-            setattr(FLAGS, name, spec[name])
+                     spec[name], getattr(cfg, name))
+            changes[name] = spec[name]
+    return cfg.replace(**changes)
 
 
-def check_splits(manifest: dict) -> None:
+def check_splits(cfg: TrainConfig, manifest: dict) -> None:
     """Every split the run will read exists and is not empty, and no held-out split is the
     one that chooses the checkpoint: checked before anything is written or trained."""
     from covid_keras import data
 
-    report = [s for s in FLAGS.report_splits if s]
-    if FLAGS.val_split in report:
+    report = [s for s in cfg.report_splits if s]
+    if cfg.val_split in report:
         raise ValueError(f"--report_splits must not include the val split "
-                         f"{FLAGS.val_split!r}: it chooses the checkpoint. Received: "
+                         f"{cfg.val_split!r}: it chooses the checkpoint. Received: "
                          f"--report_splits={','.join(report)}")
-    for flag, split in [("train", "train"), ("--val_split", FLAGS.val_split)] + [
+    for flag, split in [("train", "train"), ("--val_split", cfg.val_split)] + [
             ("--report_splits", s) for s in report]:
         slices = sum(data.split_counts(manifest, split).values())
         if slices == 0:
@@ -322,8 +461,8 @@ def check_splits(manifest: dict) -> None:
                 "--split_fractions, or a manifest without that split"
                 if split in ("train", "val", "test") else "no such split")
             raise ValueError(f"{flag}: the split {split!r} has no slices in "
-                             f"{FLAGS.data_dir} ({why}; its splits with slices: {known}).")
-        data.shard_files(FLAGS.data_dir, split)
+                             f"{cfg.data_dir} ({why}; its splits with slices: {known}).")
+        data.shard_files(cfg.data_dir, split)
 
 
 # ------------------------------------------------------------------ strategy
@@ -337,33 +476,33 @@ def is_chief(strategy) -> bool:
 
 
 # ------------------------------------------------------------------ model
-def build_model(num_classes: int, weights: str | None = None):
-    """The model the flags describe; ``weights``: the backbone's starting weights
+def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None):
+    """The model the config describes; ``weights``: the backbone's starting weights
     (:func:`backbone_weights`)."""
 
     from covid_keras.backbones import set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
     from covid_keras.drenet import build_drenet
 
-    if FLAGS.init_from and not init_from_backbone():  # checked at start-up
+    if cfg.init_from and not init_from_backbone(cfg):  # checked at start-up
         from covid_keras import saving
 
-        model = saving.load_model(FLAGS.init_from)
-    elif FLAGS.model == "drenet":
-        model = build_drenet(num_classes, input_size=FLAGS.input_size,
-                             backbone=FLAGS.backbone, weights=weights,
-                             variant=FLAGS.variant, trainable=FLAGS.trainable,
-                             head_hidden_units=FLAGS.head_hidden_units,
-                             bn_momentum=FLAGS.bn_momentum, input_norm=FLAGS.input_norm)
+        model = saving.load_model(cfg.init_from)
+    elif cfg.model == "drenet":
+        model = build_drenet(num_classes, input_size=cfg.input_size,
+                             backbone=cfg.backbone, weights=weights,
+                             variant=cfg.variant, trainable=cfg.trainable,
+                             head_hidden_units=cfg.head_hidden_units,
+                             bn_momentum=cfg.bn_momentum, input_norm=cfg.input_norm)
     else:
-        model = build_classifier(FLAGS.backbone, num_classes, FLAGS.input_size,
-                                 weights, trainable=FLAGS.trainable,
-                                 input_norm=FLAGS.input_norm)
-    apply_trainable(model, FLAGS.trainable)
-    set_bn_momentum(model, FLAGS.bn_momentum)  # the classifier's, a loaded model's
+        model = build_classifier(cfg.backbone, num_classes, cfg.input_size,
+                                 weights, trainable=cfg.trainable,
+                                 input_norm=cfg.input_norm)
+    apply_trainable(model, cfg.trainable)
+    set_bn_momentum(model, cfg.bn_momentum)  # the classifier's, a loaded model's
     if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing
-        model.build_config.update({"trainable": FLAGS.trainable,  # and momentum
-                                   "bn_momentum": float(FLAGS.bn_momentum)})
+        model.build_config.update({"trainable": cfg.trainable,  # and momentum
+                                   "bn_momentum": float(cfg.bn_momentum)})
     return model
 
 
@@ -378,149 +517,185 @@ def compile_model(model, optimizer, jit_compile: bool):
                           from_logits=True)})
 
 
-# ------------------------------------------------------------------ main
-def main(argv):
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    keras = cli.import_keras_quietly(FLAGS.verbosity >= 1)
+# ------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Run:
+    """What one training run works with once it has started (:func:`start_run`)."""
+    cfg: TrainConfig
+    run: RunDir
+    manifest: dict
+    classes: list
+    strategy: object
+    chief: bool
+    global_batch: int
+    steps: int
+    pipeline: object            # data.PipelineConfig
+    stages: list
+    decay_epochs: list
+
+
+def setup_runtime(cfg: TrainConfig, debug: bool = False):
+    """Process-wide settings of a run (seed, op determinism, precision, logical CPUs);
+    returns keras."""
+    keras = cli.import_keras_quietly(debug)
     import tensorflow as tf
 
-    from covid_keras import callbacks as cbs
-    from covid_keras import data, metrics, recipes, saving
-
-    if FLAGS.cpu_devices:
+    if cfg.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_devices)
-    keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.deterministic:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_devices)
+        except RuntimeError:  # the runtime is up already (a second run in this process)
+            log.info("--cpu_devices: the devices of this process are set already")
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if FLAGS.mixed_precision:
+    if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    manifest = data.read_manifest(FLAGS.data_dir)
-    check_splits(manifest)
-    apply_init_from_spec(manifest["classes"])
-    stages, decay_epochs = check_recipe()
-    classes = manifest["classes"]
+    return keras
+
+
+def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
+    """Checks the data and the recipe, prepares the run folder (new, resumed or
+    overwritten) and writes run_info.json and flags.cfg: everything before the model."""
+    from covid_keras import callbacks as cbs
+    from covid_keras import data
     from covid_keras.distributed import make_strategy
 
-    strategy = make_strategy(FLAGS.strategy)
+    manifest = data.read_manifest(cfg.data_dir)
+    check_splits(cfg, manifest)
+    cfg = apply_init_from_spec(cfg, manifest["classes"])
+    stages, decay_epochs = check_recipe(cfg)
+    classes = manifest["classes"]
+    strategy = make_strategy(cfg.strategy)
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    global_batch = FLAGS.batch_size * replicas
-    run_dir = FLAGS.run_dir if chief else os.path.join(
-        FLAGS.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
+    global_batch = cfg.batch_size * replicas
+    run_dir = cfg.run_dir if chief else os.path.join(
+        cfg.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
     cbs.close_writers()
-    mode = prepare_run_dir(run_dir, FLAGS.overwrite)
-    run = RunDir(run_dir)
+    mode = prepare_run_dir(cfg, run_dir)
     if mode == "resume":
         log.info("%s holds an interrupted run with the same flags: resuming it", run_dir)
     if chief:
-        write_run_info(run_dir, {"strategy": FLAGS.strategy,
-                                 "strategy_class": type(strategy).__name__, "replicas": replicas,
-                                 "global_batch": global_batch, "classes": classes})
+        write_run_info(cfg, run_dir, {"strategy": cfg.strategy,
+                                      "strategy_class": type(strategy).__name__,
+                                      "replicas": replicas, "global_batch": global_batch,
+                                      "classes": classes}, command)
     log.info("%s, %d replica(s), global batch %d, classes %s", type(strategy).__name__,
              replicas, global_batch, classes)
-
-    cfg = data.PipelineConfig(input_size=FLAGS.input_size, backbone=FLAGS.backbone,
-                              rotation_degrees=FLAGS.rotation_degrees,
-                              brightness=FLAGS.brightness_jitter,
-                              zoom=FLAGS.zoom_jitter, gamma=FLAGS.gamma_jitter,
-                              shuffle_buffer=FLAGS.shuffle_buffer,
-                              deterministic=FLAGS.deterministic,
-                              class_balanced=FLAGS.class_balanced, num_classes=len(classes),
-                              seed=FLAGS.seed)
+    pipeline = data.PipelineConfig(input_size=cfg.input_size, backbone=cfg.backbone,
+                                   rotation_degrees=cfg.rotation_degrees,
+                                   brightness=cfg.brightness_jitter,
+                                   zoom=cfg.zoom_jitter, gamma=cfg.gamma_jitter,
+                                   shuffle_buffer=cfg.shuffle_buffer,
+                                   deterministic=cfg.deterministic,
+                                   class_balanced=cfg.class_balanced,
+                                   num_classes=len(classes), seed=cfg.seed)
     train_slices = sum(data.split_counts(manifest, "train").values())
-    steps = FLAGS.steps_per_epoch or max(1, train_slices // global_batch)
     if train_slices < global_batch:
         raise ValueError(f"The train split has {train_slices} slices, fewer than one global "
                          f"batch ({global_batch}).")
-    evaluator = cbs.Evaluator(FLAGS.data_dir, FLAGS.val_split, global_batch, cfg,
-                              FLAGS.num_display_images)
-    weights = backbone_weights(run_dir) if chief else FLAGS.backbone_weights
-    if weights and weights != FLAGS.backbone_weights and chief:
-        info = run.run_info()
+    steps = cfg.steps_per_epoch or max(1, train_slices // global_batch)
+    return Run(cfg, RunDir(run_dir), manifest, classes, strategy, chief, global_batch, steps,
+               pipeline, stages, decay_epochs)
+
+
+def make_model(r: Run):
+    """The run's model, from its starting weights (recorded in run_info.json when they came
+    from a pretraining stage or run)."""
+    cfg = r.cfg
+    weights = backbone_weights(cfg, r.run.path) if r.chief else cfg.backbone_weights
+    if weights and weights != cfg.backbone_weights and r.chief:
+        info = r.run.run_info()
         info["backbone_weights"] = {"path": os.path.abspath(weights),
                                     "sha256": files.sha256(weights)}
-        files.write_json(run.run_info_path, info)
-    with strategy.scope():
-        model = build_model(len(classes), weights)
-    hparams = {k: v for k, v in resolved_flags().items() if k not in ("data_dir", "run_dir")}
-    hparams["dataset"] = manifest.get("dataset", os.path.basename(
-        os.path.normpath(FLAGS.data_dir)))
-    tb_dir = run.tensorboard_dir
-    validation = cbs.PatientValidation(evaluator, classes, tb_dir, hparams=hparams,
-                                       write=chief)
-    best_cb = cbs.BestCheckpoint(run.best_path,
-                                 monitor=FLAGS.checkpoint_monitor, write=chief,
-                                 class_names=classes)
-    total_epochs = sum(st.epochs for st in stages)
+        files.write_json(r.run.run_info_path, info)
+    with r.strategy.scope():
+        return build_model(cfg, len(r.classes), weights)
 
+
+def stage_callbacks(r: Run, i: int, validation, best_cb, population: list) -> list:
+    """The callbacks of stage ``i``: validation and the best checkpoint (on the moving
+    average with --ema_momentum), the atomic backup, log.csv, early stopping, TensorBoard
+    and the console line."""
+    import keras
+
+    from covid_keras import callbacks as cbs
+
+    cfg = r.cfg
+    # With --ema_momentum, validation and the best checkpoint see the weights' moving
+    # average; the backup (and training) the raw weights.
+    ema = [cbs.SwapEMA()] if cfg.ema_momentum else []
+    callbacks = ema + population + [validation, best_cb] + ema + [
+        cbs.AtomicBackupAndRestore(
+            os.path.join(r.run.backup_dir, f"stage{i}"),
+            save_freq=cfg.backup_every_steps or "epoch", delete_checkpoint=True),
+        cbs.CSVLogger(r.run.log_path, append=True),
+    ]
+    if cfg.early_stopping_patience:
+        key, mode, _, _ = cbs.CHECKPOINT_MONITORS[cfg.checkpoint_monitor]
+        callbacks.append(keras.callbacks.EarlyStopping(
+            key, mode=mode, patience=cfg.early_stopping_patience))
+    if r.chief:
+        callbacks.append(cbs.GroupedTensorBoard(r.run.tensorboard_dir))
+    callbacks.append(cbs.EpochLine(sum(st.epochs for st in r.stages), r.steps, cfg.verbose,
+                                   best_cb))
+    return callbacks
+
+
+def run_stages(r: Run, model, validation, best_cb) -> None:
+    """Trains every stage of the recipe (resuming a killed run where its backup stopped;
+    a finished stage of a multi-stage recipe is restored, not repeated)."""
+    from covid_keras import callbacks as cbs
+    from covid_keras import data, recipes
+
+    cfg = r.cfg
     # per-replica batches (the batch norms are not synchronised: each replica
     # normalises its own --batch_size), in a fixed shuffled order (batches that mix
     # studies and classes, as in training)
     population = [cbs.PopulationBatchNorm(data.make_dataset(
-        FLAGS.data_dir, "train", FLAGS.batch_size, training=False, cfg=cfg,
-        order_seed=FLAGS.seed))] if FLAGS.bn_stats == "population" else []
-
+        cfg.data_dir, "train", cfg.batch_size, training=False, cfg=r.pipeline,
+        order_seed=cfg.seed))] if cfg.bn_stats == "population" else []
+    class_weight = data.class_weights(r.manifest) if cfg.class_weights else None
     first_epoch = 0
-    for i, stage in enumerate(stages):
+    for i, stage in enumerate(r.stages):
         last_epoch = first_epoch + stage.epochs
-        done_path = os.path.join(run.backup_dir, f"stage{i}.done.weights.h5")
+        done_path = os.path.join(r.run.backup_dir, f"stage{i}.done.weights.h5")
         if files.exists(done_path):  # a resumed run: this stage finished before the kill
             model.load_weights(done_path)
             log.info("stage %d finished in an earlier run: its weights are restored", i)
             first_epoch = last_epoch
             continue
-        with strategy.scope():
-            lr = recipes.schedule(stage.learning_rate, steps, decay_epochs,
-                                  FLAGS.lr_decay_factor, first_epoch)
-            optimizer = recipes.make_optimizer(stage.optimizer, lr, FLAGS.momentum,
-                                               FLAGS.weight_decay, FLAGS.weight_decay_type,
-                                               FLAGS.ema_momentum)
-        # With --ema_momentum, validation and the best checkpoint see the weights' moving
-        # average; the backup (and training) the raw weights.
-        ema = [cbs.SwapEMA()] if FLAGS.ema_momentum else []
-        callbacks = ema + population + [
-            validation,
-            best_cb,
-        ] + ema + [
-            cbs.AtomicBackupAndRestore(
-                os.path.join(run.backup_dir, f"stage{i}"),
-                save_freq=FLAGS.backup_every_steps or "epoch", delete_checkpoint=True),
-            cbs.CSVLogger(run.log_path, append=True),
-        ]
-        if FLAGS.early_stopping_patience:
-            key, mode, _, _ = cbs.CHECKPOINT_MONITORS[FLAGS.checkpoint_monitor]
-            callbacks.append(keras.callbacks.EarlyStopping(
-                key, mode=mode, patience=FLAGS.early_stopping_patience))
-        if chief:
-            callbacks.append(cbs.GroupedTensorBoard(tb_dir))
-        callbacks.append(cbs.EpochLine(total_epochs, steps, FLAGS.verbose, best_cb))
-        class_weight = data.class_weights(manifest) if FLAGS.class_weights else None
+        with r.strategy.scope():
+            lr = recipes.schedule(stage.learning_rate, r.steps, r.decay_epochs,
+                                  cfg.lr_decay_factor, first_epoch)
+            optimizer = recipes.make_optimizer(stage.optimizer, lr, cfg.momentum,
+                                               cfg.weight_decay, cfg.weight_decay_type,
+                                               cfg.ema_momentum)
+        callbacks = stage_callbacks(r, i, validation, best_cb, population)
         log.info("stage %d: %s lr %g, epochs %d-%d, %d steps/epoch", i, stage.optimizer,
-                 stage.learning_rate, first_epoch, last_epoch, steps)
-        if FLAGS.strategy == "multi_worker":
+                 stage.learning_rate, first_epoch, last_epoch, r.steps)
+        if cfg.strategy == "multi_worker":
             from covid_keras.distributed import fit_custom_loop
 
             def dataset_fn(ctx):
                 return data.make_dataset(
-                    FLAGS.data_dir, "train", ctx.get_per_replica_batch_size(global_batch),
-                    training=True, cfg=cfg, repeat=True,
+                    cfg.data_dir, "train", ctx.get_per_replica_batch_size(r.global_batch),
+                    training=True, cfg=r.pipeline, repeat=True,
                     shard=(ctx.input_pipeline_id, ctx.num_input_pipelines))
 
-            fit_custom_loop(model, optimizer, strategy, dataset_fn, steps, first_epoch,
+            fit_custom_loop(model, optimizer, r.strategy, dataset_fn, r.steps, first_epoch,
                             last_epoch, callbacks, class_weight)
         else:
-            train_ds = data.make_dataset(FLAGS.data_dir, "train", global_batch,
-                                         training=True, cfg=cfg, repeat=True)
-            compile_model(model, optimizer, FLAGS.jit_compile)
+            train_ds = data.make_dataset(cfg.data_dir, "train", r.global_batch,
+                                         training=True, cfg=r.pipeline, repeat=True)
+            compile_model(model, optimizer, cfg.jit_compile)
             model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch,
-                      steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight,
-                      verbose=0, shuffle=False)
+                      steps_per_epoch=r.steps, callbacks=callbacks,
+                      class_weight=class_weight, verbose=0, shuffle=False)
         first_epoch = last_epoch
-        if len(stages) > 1:  # remembered, so a run killed in a later stage does not redo it
+        if len(r.stages) > 1:  # remembered, so a run killed in a later stage does not redo it
             files.makedirs(os.path.dirname(done_path))
             tmp = done_path.replace(".done.", ".tmp.")
             model.save_weights(tmp)
@@ -529,25 +704,36 @@ def main(argv):
         # Adam stage whatever happened in it.
         model.stop_training = False
 
+
+def finish_run(r: Run, model, validation) -> dict:
+    """The end of a run: final.keras, the best checkpoint's validation metrics, the
+    decision chosen on val, the held-out report splits, metrics.json. Returns the
+    results (metrics.json's content)."""
+    from covid_keras import callbacks as cbs
+    from covid_keras import metrics, saving
+
+    cfg, run, classes = r.cfg, r.run, r.classes
     final = validation.evaluate(model)[0]
-    results = {"val_split": FLAGS.val_split, "deterministic": bool(FLAGS.deterministic),
+    results = {"val_split": cfg.val_split, "deterministic": bool(cfg.deterministic),
                "final": final}
-    if chief:
+    if r.chief:
         files.rmtree(run.backup_dir)  # the run finished
         saving.save_model(model, run.final_path, classes)
         if run.has(BEST):
             best = saving.load_model(run.best_path)
             results["best"], best_out = validation.evaluate(best)
-            decision = choose_decision(run_dir, validation.evaluator, best, best_out, classes)
+            decision = choose_decision(cfg, run.path, validation.evaluator, best, best_out,
+                                       classes)
             if decision is not None:
                 results["decision"] = {k: decision[k] for k in (
                     "rule", "threshold", "criterion", "positive_class", "split")}
             chosen = json.loads(files.read_text(run.best_info_path))
             results["best_epoch"] = chosen["epoch"]
             results["checkpoint_monitor"] = chosen["monitor"]
-            for split in FLAGS.report_splits:
+            for split in cfg.report_splits:
                 held_out = cbs.PatientValidation(
-                    cbs.Evaluator(FLAGS.data_dir, split, global_batch, cfg, 0), classes, None)
+                    cbs.Evaluator(cfg.data_dir, split, r.global_batch, r.pipeline, 0),
+                    classes, None)
                 results[f"best_on_{split}"], out = held_out.evaluate(best)
                 print("best checkpoint on held-out " +
                       summary_line(results[f"best_on_{split}"], split))
@@ -558,9 +744,47 @@ def main(argv):
                     print("  at the decision: " + decision_line(m))
         files.write_json(run.metrics_path, results)
         validation.write_best(results.get("best"), results.get("best_epoch"))
-    print(summary_line(final, FLAGS.val_split))
-    if chief:
-        print(final_summary(run_dir, results, classes))
+    print(summary_line(final, cfg.val_split))
+    if r.chief:
+        print(final_summary(cfg, run.path, results, classes))
+    return results
+
+
+def train(cfg: TrainConfig, command: list[str] | None = None) -> dict:
+    """One training run, start to end (or resumed to its end): what ``python -m
+    covid_keras.train`` does with these flags. Returns metrics.json's content."""
+    from covid_keras import callbacks as cbs
+
+    r = start_run(cfg, command)
+    cfg = r.cfg
+    evaluator = cbs.Evaluator(cfg.data_dir, cfg.val_split, r.global_batch, r.pipeline,
+                              cfg.num_display_images)
+    model = make_model(r)
+    hparams = {k: v for k, v in resolved_flags(cfg).items()
+               if k not in ("data_dir", "run_dir")}
+    hparams["dataset"] = r.manifest.get("dataset", os.path.basename(
+        os.path.normpath(cfg.data_dir)))
+    validation = cbs.PatientValidation(evaluator, r.classes, r.run.tensorboard_dir,
+                                       hparams=hparams, write=r.chief)
+    best_cb = cbs.BestCheckpoint(r.run.best_path, monitor=cfg.checkpoint_monitor,
+                                 write=r.chief, class_names=r.classes)
+    run_stages(r, model, validation, best_cb)
+    return finish_run(r, model, validation)
+
+
+# ------------------------------------------------------------------ main
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    cfg = TrainConfig.from_flags()
+    setup_runtime(cfg, FLAGS.verbosity >= 1)
+    if cfg.folds or cfg.fold >= 0 or cfg.ensemble_only:
+        from covid_keras import cross_validation
+
+        cross_validation.cross_validate(cfg, sys.modules[__name__])
+    else:
+        train(cfg)
     return 0
 
 
@@ -586,7 +810,8 @@ def _plain(out: dict) -> dict:
     return {k: v for k, v in out.items() if k not in ("probs", "head_input")}
 
 
-def choose_decision(run_dir: str, evaluator, best, best_out: dict, classes: list[str]):
+def choose_decision(cfg: TrainConfig, run_dir: str, evaluator, best, best_out: dict,
+                    classes: list[str]):
     """decision.json: the patient rule and threshold chosen on the val split's predictions
     of best.keras (--decision_criterion). None, with a warning, when val cannot choose one
     (e.g. a class missing from it)."""
@@ -594,9 +819,9 @@ def choose_decision(run_dir: str, evaluator, best, best_out: dict, classes: list
 
     preds = evaluator.predictions(best, classes, outputs=_plain(best_out))
     try:
-        return decision.write_decision(run_dir, preds, split=FLAGS.val_split,
-                                       checkpoint=BEST, criterion=FLAGS.decision_criterion,
-                                       target_sensitivity=FLAGS.target_sensitivity)
+        return decision.write_decision(run_dir, preds, split=cfg.val_split,
+                                       checkpoint=BEST, criterion=cfg.decision_criterion,
+                                       target_sensitivity=cfg.target_sensitivity)
     except ValueError as exc:
         log.warning("no decision.json (predictions use the argmax): %s", exc)
         return None
@@ -616,7 +841,7 @@ def decision_line(m: dict) -> str:
             f"{m['decision']['threshold']:.4g})")
 
 
-def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
+def final_summary(cfg: TrainConfig, run_dir: str, results: dict, classes: list[str]) -> str:
     """Where the models are, which epoch was chosen and how, the positive class and the
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
     from covid_keras import decision, metrics
@@ -625,16 +850,16 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     lines = []
     if "best_epoch" in results:
         lines.append(f"best checkpoint: epoch {results['best_epoch']} (chosen by "
-                     f"{FLAGS.checkpoint_monitor} on {FLAGS.val_split!r}): "
+                     f"{cfg.checkpoint_monitor} on {cfg.val_split!r}): "
                      f"{run.best_path}")
     lines.append(f"last epoch: {run.final_path}")
     lines.append(f"positive class: {classes[metrics.positive_index(classes)]!r} of {classes}")
     if files.exists(run.decision_path):
         d = json.loads(files.read_text(run.decision_path))
         rule = decision.rule_text(d.get("rule"), d.get("positive_class"),
-                                    d.get("threshold"), d.get("normal_class"))
+                                  d.get("threshold"), d.get("normal_class"))
         lines.append(f"decision: {rule} ({d.get('criterion')}, chosen on "
-                     f"{d.get('split', FLAGS.val_split)!r})")
+                     f"{d.get('split', cfg.val_split)!r})")
     else:
         lines.append("decision: argmax of the class probabilities (no decision.json)")
     lines.append(f"metrics: {run.metrics_path}, TensorBoard: "
@@ -642,52 +867,54 @@ def final_summary(run_dir: str, results: dict, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def check_recipe():
+def check_recipe(cfg: TrainConfig):
     """--stages, --lr_decay_epochs and --backbone_weights, checked before anything is
     written. Returns (stages, decay epochs)."""
     from covid_keras import recipes
 
-    stages = [recipes.Stage.parse(s) for s in FLAGS.stages if s] or [
-        recipes.Stage(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.epochs)]
+    stages = [recipes.Stage.parse(s) for s in cfg.stages if s] or [
+        recipes.Stage(cfg.optimizer, cfg.learning_rate, cfg.epochs)]
     try:
-        decay_epochs = [int(e) for e in FLAGS.lr_decay_epochs if str(e).strip()]
+        decay_epochs = [int(e) for e in cfg.lr_decay_epochs if str(e).strip()]
     except ValueError:
         raise ValueError("--lr_decay_epochs must be whole epochs, comma-separated. "
-                         f"Received: {','.join(FLAGS.lr_decay_epochs)}") from None
-    if FLAGS.pretrain_flagfile and (FLAGS.init_from or FLAGS.backbone_weights):
+                         f"Received: {','.join(cfg.lr_decay_epochs)}") from None
+    if cfg.pretrain_flagfile and (cfg.init_from or cfg.backbone_weights):
         raise ValueError("--pretrain_flagfile makes the backbone's starting weights: it "
                          "takes neither --init_from nor --backbone_weights")
-    if FLAGS.pretrain_flagfile and FLAGS.strategy == "multi_worker":
+    if cfg.pretrain_flagfile and cfg.strategy == "multi_worker":
         raise ValueError("--pretrain_flagfile is not supported with --strategy=multi_worker: "
                          "pretrain first (python -m covid_keras.pretrain), then pass "
                          "--init_from=<its run folder>")
-    if FLAGS.pretrain_flagfile and not os.path.isfile(FLAGS.pretrain_flagfile):
-        raise FileNotFoundError(f"--pretrain_flagfile={FLAGS.pretrain_flagfile}: no such file")
-    if init_from_backbone():
+    if cfg.pretrain_flagfile and not os.path.isfile(cfg.pretrain_flagfile):
+        raise FileNotFoundError(f"--pretrain_flagfile={cfg.pretrain_flagfile}: no such file")
+    if init_from_backbone(cfg):
         from covid_keras import pretrain
 
-        pretrain.weights_file(FLAGS.init_from)  # a one-line error before anything runs
-    weights = FLAGS.backbone_weights
+        pretrain.weights_file(cfg.init_from)  # a one-line error before anything runs
+    weights = cfg.backbone_weights
     if weights not in (None, "", "imagenet") and not files.exists(weights):
         raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "
                                 "'imagenet' or a local weights file)")
     for name in ("bn_momentum", "ema_momentum"):
-        value = getattr(FLAGS, name)
+        value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"--{name} must be in [0, 1). Received: {value}")
-    if FLAGS.epochs < 1 and not FLAGS.stages:
-        raise ValueError(f"--epochs must be >= 1. Received: {FLAGS.epochs}")
-    if FLAGS.bn_stats == "population" and FLAGS.strategy == "multi_worker":
+    if cfg.epochs < 1 and not cfg.stages:
+        raise ValueError(f"--epochs must be >= 1. Received: {cfg.epochs}")
+    if cfg.bn_stats == "population" and cfg.strategy == "multi_worker":
         raise ValueError("--bn_stats=population runs the model outside the replicas "
                          "(one device, or --strategy=mirrored); it is not supported with "
                          "--strategy=multi_worker")
     return stages, decay_epochs
 
 
-def run_main():
+def run_main(argv: list[str] | None = None):
+    define_flags()
     t0 = time.time()
     try:
-        cli.run(main, required=["data_dir", "run_dir"], program="covid_keras.train")
+        cli.run(main, required=["data_dir", "run_dir"], program="covid_keras.train",
+                argv=argv)
     except SystemExit as exc:
         if exc.code in (0, None):  # an error stays its one line
             log.info("took %.0f s", time.time() - t0)

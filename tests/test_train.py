@@ -127,13 +127,12 @@ def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
 
 
 def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, tmp_path):
-    import keras
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+    from covid_keras import saving
 
     run_train(data_dir, tmp_path / "run", "--input_norm=per_image", "--zoom_jitter=0.2",
               "--gamma_jitter=0.3", "--epochs=1", "--steps_per_epoch=2")
-    model = keras.saving.load_model(tmp_path / "run" / "final.keras")
+    model = saving.load_model(str(tmp_path / "run" / "final.keras"))
     assert model.get_layer("input_norm").scale > 0  # saved with the model
     flags_cfg = (tmp_path / "run" / "flags.cfg").read_text()
     assert "--input_norm=per_image" in flags_cfg and "--zoom_jitter=0.2" in flags_cfg
@@ -149,8 +148,7 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
     import keras
     import numpy as np
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
-    from covid_keras import data
+    from covid_keras import data, saving
     from covid_keras.bn_stats import population_statistics
 
     cfg = data.PipelineConfig(input_size=64, backbone="tiny", shuffle_buffer=64)  # smoke.cfg
@@ -160,7 +158,7 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
         # two epochs: the second reuses the compiled pass that the first traced
         run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2", "--epochs=2",
                   "--ema_momentum=0.5")
-        model = keras.saving.load_model(run_dir / "final.keras")
+        model = saving.load_model(str(run_dir / "final.keras"))
         # the trainer's global seed (--seed=0): tf.data's seeded shuffle combines it with
         # the op's seed, so the same order needs the same global seed
         keras.utils.set_random_seed(0)
@@ -315,11 +313,10 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
     assert "resuming from epoch 2" in proc.stderr, proc.stderr[-2000:]
     log = read_log(run_dir)
     assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # resumed at epoch 1, not 0
-    import keras
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+    from covid_keras import saving
 
-    model = keras.saving.load_model(run_dir / "final.keras")
+    model = saving.load_model(str(run_dir / "final.keras"))
     # The resumed run restarts epoch 1 from the mid-epoch backup's weights and optimizer
     # state: more steps than an uninterrupted run, i.e. the killed run's steps were kept.
     assert int(model.optimizer.iterations.numpy()) > 3 * 6
@@ -342,12 +339,11 @@ def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
     for key in ("prediction_loss", "concat_loss", "raw_loss"):
         assert final[key] == pytest.approx(float(log[-1]["val_" + key]), rel=1e-4), key
-    import keras
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+    from covid_keras import saving
 
     for name in ("best.keras", "final.keras"):
-        optimizer = keras.saving.load_model(run_dir / name).optimizer
+        optimizer = saving.load_model(str(run_dir / name)).optimizer
         assert optimizer.use_ema and optimizer.ema_momentum == 0.5, name
 
 
@@ -493,6 +489,7 @@ tf.io.gfile.makedirs("ram://data")
 for name in tf.io.gfile.listdir(src):
     if name.endswith(".tfrecord.gz") or name == "manifest.json":
         tf.io.gfile.copy(os.path.join(src, name), "ram://data/" + name)
+train.define_flags()
 flags.FLAGS(cli.expand_flagfiles(["prog", "--flagfile=configs/smoke.cfg",
                                   "--data_dir=ram://data", "--run_dir=ram://runs/smoke",
                                   "--report_splits=test"]))
@@ -540,9 +537,8 @@ def test_train_pipeline_batches_and_augments(data_dir):
 
 
 def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_path):
-    import keras
 
-    import covid_keras.drenet  # noqa: F401 - registers DRENet for loading
+    from covid_keras import saving
 
     src = mirrored_run[0] / "final.keras"
     # --backbone=resnet50 (configs/finetune_new_hospital.cfg's) must not normalise the
@@ -552,8 +548,8 @@ def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_pat
               "--backbone=resnet50", "--input_size=448")
     recorded = json.loads((tmp_path / "ft" / "run_info.json").read_text())["flags"]
     assert recorded["backbone"] == "tiny" and recorded["input_size"] == 64
-    before = keras.saving.load_model(src)
-    after = keras.saving.load_model(tmp_path / "ft" / "final.keras")
+    before = saving.load_model(str(src))
+    after = saving.load_model(str(tmp_path / "ft" / "final.keras"))
     changed = {}
     for a, b in zip(before.weights, after.weights):
         assert a.path == b.path
