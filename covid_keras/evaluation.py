@@ -358,6 +358,12 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     if same_split(run_data_dir, run_val, data_dir, split):
         warnings.append(f"This split ({split}) chose the checkpoint during training: its "
                         "metrics are optimistic.")
+    folds = RunDir(run_dir).folds()
+    if folds and any(same_split(folds["data_dir"], s, data_dir, split,
+                                folds["dataset_manifest_sha256"]) for s in folds["splits"]):
+        warnings.append(f"This split ({split}) trained the ensemble's folds and chose their "
+                        "checkpoints and its decision: its metrics are optimistic; report a "
+                        "held-out split.")
 
     result = evaluate_predictions(preds, decision, n_bootstrap, seed)
     result["warnings"] = warnings + result["warnings"]

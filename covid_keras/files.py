@@ -41,6 +41,13 @@ def isdir(path: str) -> bool:
     return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
+def listdir(path: str) -> list[str]:
+    """The names in a folder (any file system), without trailing slashes."""
+    if is_remote(path):
+        return [n.rstrip("/") for n in _gfile().listdir(path)]
+    return os.listdir(path)
+
+
 def remove(path: str) -> None:
     """Removes a file if it exists."""
     if is_remote(path):

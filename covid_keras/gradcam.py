@@ -1,6 +1,6 @@
 """Grad-CAM (Selvaraju et al.) over the backbone's last conv features, in float32.
 
-    cam = GradCAM(model)                      # DRENet or a baseline classifier
+    cam = GradCAM(model)                      # DRENet, a baseline classifier, an ensemble
     heat = cam(images, class_index=1)         # (B, S, S) float32 in [0, 1]
 
 The features are the image branch's ``conv5`` (the backbone's stride-32 map,
@@ -50,16 +50,25 @@ class GradCAM:
     """Grad-CAM maps of a model's ``logits`` over its image backbone's conv5."""
 
     def __init__(self, model: keras.Model):
+        from covid_keras.ensemble import members
+
+        # an ensemble (covid_keras.ensemble): the mean of its members' maps, each of the
+        # member's own logit of the class
+        self.members = [GradCAM(m) for m in members(model)]
+        self.input_size = int(model.inputs[0].shape[1])
+        if self.members:
+            return
         out = model.output
         logits = out["logits"] if isinstance(out, dict) else out
         self.model = keras.Model(model.inputs, [conv_features(model), logits],
                                  name=f"{model.name}_gradcam")
-        self.input_size = int(model.inputs[0].shape[1])
 
     def __call__(self, images, class_index: int, batch_size: int = 8) -> np.ndarray:
         """images: (B, S, S, 3) normalised as the model expects -> (B, S, S) float32 maps
         in [0, 1] (each scaled by its own maximum; all zero when nothing is positive)."""
         images = np.asarray(images, np.float32)
+        if self.members:
+            return np.mean([m(images, class_index, batch_size) for m in self.members], axis=0)
         maps = [self._batch(images[i:i + batch_size], int(class_index))
                 for i in range(0, len(images), batch_size)]
         return np.concatenate(maps) if maps else np.zeros((0, self.input_size,

@@ -22,6 +22,9 @@ names from here):
 ``backup/``         the training state while running (gone once finished)
 ``pretrain/``       ``--pretrain_flagfile``'s pretraining stage (its own folder)
 ``eval_<split>/``   ``python -m covid_keras.evaluate``'s output (its metrics.json)
+``folds.json``      ``--folds``: the folds by patient (then best.keras is their ensemble)
+``fold_<k>/``       ``--folds``: fold k's run folder (an ordinary run)
+``folds_data/``     ``--folds``: each fold's data folder (``fold_<k>/``)
 ==================  ===========================================================
 
 ``covid_keras.pretrain`` keeps its own, smaller folder (``backbone.weights.h5``...).
@@ -46,10 +49,13 @@ TENSORBOARD = "tensorboard"
 BACKUP = "backup"
 PRETRAIN = "pretrain"
 EVAL_PREFIX = "eval_"
+FOLDS = "folds.json"
+FOLD_PREFIX = "fold_"
+FOLDS_DATA = "folds_data"
 
 #: The files a run writes (removed by --overwrite, with :data:`RUN_FOLDERS`).
-RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION)
-RUN_FOLDERS = (TENSORBOARD, BACKUP)
+RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION, FOLDS)
+RUN_FOLDERS = (TENSORBOARD, BACKUP, FOLDS_DATA)
 #: The checkpoints a tool takes when none is named, in order.
 CHECKPOINTS = (BEST, FINAL)
 
@@ -105,6 +111,27 @@ class RunDir:
     #: ``--pretrain_flagfile``'s stage (a covid_keras.pretrain folder) unless --pretrain_dir
     pretrain_dir = property(lambda self: self.file(PRETRAIN))
 
+    folds_path = property(lambda self: self.file(FOLDS))
+
+    def fold_dir(self, k: int) -> str:
+        """``--folds``: fold ``k``'s run folder."""
+        return self.file(f"{FOLD_PREFIX}{int(k)}")
+
+    def fold_data_dir(self, k: int) -> str:
+        """``--folds``: fold ``k``'s data folder."""
+        return os.path.join(self.file(FOLDS_DATA), f"{FOLD_PREFIX}{int(k)}")
+
+    def folds(self) -> dict | None:
+        """``--folds``: folds.json (the folds by patient key, the source data folder and
+        the splits they were drawn from); None for any other run."""
+        if not self.has(FOLDS):
+            return None
+        return json.loads(files.read_text(self.folds_path))
+
+    def is_cross_validation(self) -> bool:
+        """Whether the folder holds a ``--folds`` run (its folds.json)."""
+        return self.has(FOLDS)
+
     def eval_dir(self, split: str) -> str:
         """``python -m covid_keras.evaluate``'s default output folder for ``split``."""
         return self.file(f"{EVAL_PREFIX}{split}")
@@ -130,10 +157,13 @@ class RunDir:
         return self.has(RUN_INFO)
 
     def is_finished(self) -> bool:
+        """final.keras and no backup; a ``--folds`` run: its ensemble's metrics.json."""
+        if self.has(FOLDS):
+            return self.has(BEST) and self.has(METRICS)
         return self.has(FINAL) and not files.isdir(self.backup_dir)
 
     def is_started(self) -> bool:
-        return any(self.has(n) for n in (RUN_INFO, BACKUP, BEST))
+        return any(self.has(n) for n in (RUN_INFO, BACKUP, BEST, FOLDS))
 
     def state(self) -> str:
         """``"finished"`` (final.keras and no backup), ``"resumed"`` (an interrupted run:
@@ -148,6 +178,10 @@ class RunDir:
             files.remove(self.file(name))
         for name in RUN_FOLDERS:
             files.rmtree(self.file(name))
+        if files.isdir(self.path):  # --folds: the fold runs
+            for name in files.listdir(self.path):
+                if name.startswith(FOLD_PREFIX) and name[len(FOLD_PREFIX):].isdigit():
+                    files.rmtree(self.file(name))
 
     # ------------------------------------------------------------ what was run
     def run_info(self) -> dict | None:

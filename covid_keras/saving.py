@@ -26,6 +26,7 @@ def register() -> None:
     """Registers every serialisable class of the project with Keras."""
     import covid_keras.baselines  # noqa: F401
     import covid_keras.drenet  # noqa: F401
+    import covid_keras.ensemble  # noqa: F401
     import covid_keras.layers  # noqa: F401
     import covid_keras.recipes  # noqa: F401
 
@@ -45,6 +46,7 @@ def model_info(model, class_names: list[str]) -> dict:
             "input_size": spec["input_size"],
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
+            "members": spec.get("members", 1),
             "covid_keras_version": __version__}
 
 
@@ -160,6 +162,12 @@ def model_spec(source, where: str | None = None) -> dict:
 
 
 def _config_spec(config: dict, where: str) -> dict:
+    members = [lay for lay in config.get("config", {}).get("layers", [])
+               if lay.get("config", {}).get("name", "").startswith("member_")]
+    if members:  # an ensemble (covid_keras.ensemble): its members' spec, and how many
+        spec = _config_spec(members[0], where)
+        spec["members"] = len(members)
+        return spec
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),

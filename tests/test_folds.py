@@ -1,0 +1,236 @@
+"""``covid_keras.train --folds``: folds by patient, each fold's data folder, the ensemble
+run folder, the out-of-fold decision, and resuming a killed run (issue 31)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ("--flagfile=configs/smoke.cfg", "--epochs=1", "--steps_per_epoch=2")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_dataset):
+    return tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=4,
+                        num_slices=20, matrix=64, seed=0,
+                        flags=("--classes=normal,covid,bacterial",
+                               "--split_fractions=0.6,0.2,0.2"))
+
+
+def _patients(data_dir, split) -> dict:
+    from covid_keras import folds
+
+    return folds.patient_table(str(data_dir), [split])
+
+
+def test_folds_cover_every_training_patient_once_and_no_held_out_one(data_dir):
+    from covid_keras import folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    held_out = _patients(data_dir, "test")
+    assert held_out and not set(held_out) & set(table)
+    assignment = folds.assign_folds(table, 3, seed=0)
+    assert set(assignment) == set(table)                      # everyone, once
+    assert set(assignment.values()) == {0, 1, 2}
+    sizes = np.bincount(list(assignment.values()))
+    assert sizes.max() - sizes.min() <= 1
+    for stratum in set(table.values()):                        # stratified by label, site
+        per = np.bincount([assignment[k] for k, v in table.items() if v == stratum],
+                          minlength=3)
+        assert per.max() - per.min() <= 1, (stratum, per)
+    assert folds.assign_folds(table, 3, seed=0) == assignment  # deterministic
+    others = [folds.assign_folds(table, 3, seed=s) for s in (1, 2, 3)]
+    assert any(o != assignment for o in others)                # and seeded
+    with pytest.raises(ValueError, match="at least 2"):
+        folds.assign_folds(table, 1, seed=0)
+
+
+def test_a_fold_data_folder_splits_by_patient_and_keeps_the_held_out_split(data_dir,
+                                                                          tmp_path):
+    from covid_keras import data, files, folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    doc = folds.folds_document(folds.assign_folds(table, 3, seed=0), 3, 0, str(data_dir),
+                               ["train", "val"])
+    out = folds.write_fold_data(str(data_dir), doc, 1, str(tmp_path / "fold_1"))
+    fold_1 = set(doc["patients"]["1"])
+    assert set(_patients(out, "val")) == fold_1
+    assert set(_patients(out, "train")) == set(table) - fold_1
+    src = data.shard_files(str(data_dir), "test")
+    dst = data.shard_files(out, "test")
+    assert [files.sha256(f) for f in src] == [files.sha256(f) for f in dst]
+    manifest = data.read_manifest(out)
+    for split in ("train", "val"):  # the manifest counts what the records hold
+        assert sum(data.split_counts(manifest, split).values()) == data.count_records(
+            data.shard_files(out, split))
+    assert manifest["folds"]["fold"] == 1 and manifest["classes"] == data.read_manifest(
+        str(data_dir))["classes"]
+    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+    assert folds.write_fold_data(str(data_dir), doc, 1, out) == out  # reused as it is
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+
+
+def _train(commands, *args):
+    proc = commands.run("covid_keras.train", *QUICK, *args, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cv_run(data_dir, tmp_path_factory, commands):
+    run = tmp_path_factory.mktemp("cv") / "run"
+    proc = _train(commands, f"--data_dir={data_dir}", f"--run_dir={run}", "--folds=3",
+                  "--report_splits=test")
+    return run, proc
+
+
+def test_folds_train_each_fold_and_the_ensemble_is_their_mean(cv_run, data_dir):
+    from covid_keras import data, saving
+    from covid_keras.ensemble import members
+    from covid_keras.evaluation import SplitPredictor
+
+    run, proc = cv_run
+    assert "fold 3/3" in proc.stdout and "ensemble of 3 folds" in proc.stdout
+    doc = json.loads((run / "folds.json").read_text())
+    for k in range(3):  # each fold an ordinary finished run, choosing on its own fold
+        fold = run / f"fold_{k}"
+        assert (fold / "final.keras").exists() and (fold / "metrics.json").exists()
+        fold_data = json.loads((fold / "run_info.json").read_text())["flags"]["data_dir"]
+        assert set(_patients(fold_data, "val")) == set(doc["patients"][str(k)])
+        assert not set(_patients(fold_data, "train")) & set(doc["patients"][str(k)])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["folds"] == 3 and len(metrics["fold_runs"]) == 3
+    assert metrics["best"]["patients"] == sum(len(v) for v in doc["patients"].values())
+    assert "best_on_test" in metrics
+    assert (run / "flags.cfg").read_text().count("--folds=3") == 1
+    # the ensemble, reloaded here (another process made it): the members' mean
+    model = saving.load_model(str(run / "best.keras"), compile=False)
+    assert len(members(model)) == 3
+    spec = saving.model_spec(model)
+    pipeline = data.PipelineConfig(input_size=spec["input_size"], backbone=spec["backbone"])
+    test = SplitPredictor(str(data_dir), "test", 4, pipeline)
+    probs = test.predictions(model, ["normal", "covid", "bacterial"]).probs
+    mean = np.mean([test.predictions(saving.load_model(str(run / f"fold_{k}" / name),
+                                                       compile=False),
+                                     ["normal", "covid", "bacterial"]).probs
+                    for k, name in ((k, _checkpoint(run / f"fold_{k}")) for k in range(3))],
+                   axis=0)
+    np.testing.assert_allclose(probs, mean, atol=1e-5)
+
+
+def _checkpoint(fold: Path) -> str:
+    return "best.keras" if (fold / "best.keras").exists() else "final.keras"
+
+
+def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
+    """Each training slice's probability in the out-of-fold table is the one of the fold
+    model that did not train on it. A planted check: for every patient, the members that
+    trained on it give other probabilities, so a decision made from them would differ."""
+    from covid_keras import data, saving
+    from covid_keras.evaluation import SplitPredictor
+
+    run, _ = cv_run
+    doc = json.loads((run / "folds.json").read_text())
+    fold_of = {p: int(k) for k, keys in doc["patients"].items() for p in keys}
+    classes = ["normal", "covid", "bacterial"]
+    with open(run / "out_of_fold_slices.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["patient_key"] for r in rows} == set(fold_of)
+    table = {(r["patient_key"], r["study_key"], int(r["slice_index"])):
+             np.array([float(r[f"prob_{c}"]) for c in classes]) for r in rows}
+    planted = 0
+    for k in range(3):
+        fold = run / f"fold_{k}"
+        info = json.loads((fold / "run_info.json").read_text())["flags"]
+        model = saving.load_model(str(fold / _checkpoint(fold)), compile=False)
+        pipeline = data.PipelineConfig(input_size=info["input_size"],
+                                       backbone=info["backbone"])
+        for split in ("val", "train"):
+            preds = SplitPredictor(info["data_dir"], split, 4, pipeline).predictions(
+                model, classes)
+            for i, key in enumerate(zip(preds.patient_keys, preds.study_keys,
+                                        preds.slice_index.tolist())):
+                if split == "val":  # this member never trained on it: its probability
+                    assert fold_of[key[0]] == k
+                    np.testing.assert_allclose(table[key], preds.probs[i], atol=1e-6)
+                else:  # a member that trained on it: not the out-of-fold probability
+                    assert fold_of[key[0]] != k
+                    planted += not np.allclose(table[key], preds.probs[i], atol=1e-6)
+    assert planted > 0
+    decision = json.loads((run / "decision.json").read_text())
+    assert decision["split"] == "out_of_fold"
+    assert decision["val_patients"] == len(fold_of)
+
+
+def test_evaluate_warns_on_a_split_that_trained_the_folds(cv_run, commands, tmp_path):
+    run, _ = cv_run
+    proc = commands.run("covid_keras.evaluate", f"--run_dir={run}", "--split=val",
+                        f"--output_dir={tmp_path / 'ev'}", "--max_explained_patients=0",
+                        cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = json.loads((tmp_path / "ev" / "metrics.json").read_text())["warnings"]
+    assert any("trained the ensemble's folds" in w for w in warnings), warnings
+
+
+def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, commands):
+    for args, message in ((["--folds=1"], "--folds must be 0"),
+                          (["--fold=1"], "--fold and --ensemble_only need --folds"),
+                          (["--folds=3", "--fold=3"], "--fold must be in"),
+                          (["--folds=3", "--ensemble_only"], "are not finished")):
+        proc = commands.run("covid_keras.train", *QUICK, f"--data_dir={data_dir}",
+                            f"--run_dir={tmp_path / 'r'}", *args, cwd=REPO, timeout=600)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr[-2000:])
+
+
+def test_one_fold_alone_then_the_ensemble(data_dir, tmp_path, commands):
+    run = tmp_path / "run"
+    common = (f"--data_dir={data_dir}", f"--run_dir={run}", "--folds=2")
+    _train(commands, *common, "--fold=1")
+    assert (run / "fold_1" / "final.keras").exists() and not (run / "fold_0").exists()
+    assert not (run / "best.keras").exists()
+    _train(commands, *common, "--fold=0")
+    proc = _train(commands, *common, "--ensemble_only")
+    assert "ensemble of 2 folds" in proc.stdout and (run / "decision.json").exists()
+
+
+@pytest.mark.slow
+def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
+            "--epochs=3", f"--data_dir={data_dir}", f"--run_dir={run}", "--folds=3"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while not (run / "fold_1" / "backup").exists():  # inside fold 2 (of 1, 2, 3)
+            assert proc.poll() is None and time.time() < deadline, "fold 2 never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    folds = (run / "folds.json").read_text()
+    fold_0 = os.path.getmtime(run / "fold_0" / "final.keras")
+    assert not (run / "fold_1" / "final.keras").exists()
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fold 1/3 finished in an earlier run" in done.stderr
+    assert "resuming it" in done.stderr  # fold 2 resumed from its backup
+    assert (run / "folds.json").read_text() == folds
+    assert os.path.getmtime(run / "fold_0" / "final.keras") == fold_0
+
+    from covid_keras import saving
+    from covid_keras.ensemble import members
+
+    model = saving.load_model(str(run / "best.keras"), compile=False)
+    assert [m.name for m in members(model)] == ["member_0", "member_1", "member_2"]
