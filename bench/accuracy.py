@@ -12,6 +12,12 @@ seeds of the val and held-out patient and slice AUC, the chosen epoch, and the s
 of training: the largest distance of the last 5 epochs' val patient AUC from their mean.
 The val figures chose the checkpoint: only the held-out ones are an accuracy claim.
 
+``--folds=K``: each run is ``train --folds=K`` (K fold models and their ensemble, issue 31):
+val is then the out-of-fold prediction of every training patient (it chose the folds'
+checkpoints and the decision), the held-out splits are the ensemble's, the chosen epoch
+and the last-5 stability are the folds' means, and ``fold_val_patient_auc_sd`` is the
+spread across folds.
+
 A run whose ``metrics.json`` exists is reused (the protocol is resumable); ``--rerun``
 trains it again. Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes
 it too).
@@ -74,12 +80,14 @@ def stability_of(aucs: list[float]) -> dict:
 
 
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
-            extra: list[str], rerun: bool) -> dict:
+            extra: list[str], rerun: bool, folds: int = 0) -> dict:
     metrics_path = run_dir / "metrics.json"
     if rerun or not metrics_path.exists():
         cmd = [sys.executable, "-m", "covid_keras.train", f"--flagfile={flagfile}",
                f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
-               f"--report_splits={','.join(splits)}", "--overwrite", "--verbose=0", *extra]
+               f"--report_splits={','.join(splits)}", "--verbose=0", *extra]
+        # a folds run resumes at its fold (a finished one is reused above)
+        cmd += [f"--folds={folds}"] if folds else ["--overwrite"]
         t0 = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +99,18 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
-           "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]},
-           "stability": stability(run_dir / "log.csv")}
+           "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]}}
+    if folds:
+        per_fold = [stability(run_dir / f"fold_{k}" / "log.csv") for k in range(folds)]
+        devs = [s["max_dev"] for s in per_fold if s["max_dev"] is not None]
+        out["stability"] = {"max_dev": sum(devs) / len(devs) if devs else None,
+                            "folds": per_fold}
+        epochs = [f["best_epoch"] for f in metrics["fold_runs"]
+                  if f.get("best_epoch") is not None]
+        out["best_epoch"] = sum(epochs) / len(epochs) if epochs else None
+        out["fold_val_patient_auc"] = metrics["fold_val_patient_auc"]
+    else:
+        out["stability"] = stability(run_dir / "log.csv")
     for split in splits:
         m = metrics[f"best_on_{split}"]
         out[split] = {k: m[k] for k in KEYS if k in m}
@@ -113,6 +131,9 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
     summary["last5_val_patient_auc_max_dev"] = mean_sd(
         [r["stability"]["max_dev"] for r in runs])
     summary["best_epoch"] = mean_sd([r["best_epoch"] for r in runs])
+    if all("fold_val_patient_auc" in r for r in runs):
+        summary["fold_val_patient_auc_sd"] = mean_sd(
+            [r["fold_val_patient_auc"]["sd"] for r in runs])
     return summary
 
 
@@ -120,7 +141,9 @@ def print_table(res: dict) -> None:
     def f(ms):
         return "-" if ms["mean"] is None else f"{ms['mean']:.3f} +- {ms['sd']:.3f}"
 
-    print(f"\nData {res['data_dir']}, seeds {res['seeds']}; val chose the checkpoint, "
+    chose = ("val = out of fold (chose the folds' checkpoints and the decision); "
+             f"{res['folds']}-fold ensembles" if res.get("folds") else "val chose the checkpoint")
+    print(f"\nData {res['data_dir']}, seeds {res['seeds']}; {chose}, "
           f"held out: {res['held_out'] or 'none'}")
     keys = [k for k in next(iter(res["models"].values()))["summary"]]
     width = max(len(k) for k in keys)
@@ -140,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--work_dir", default="runs/accuracy", help="Run folders go here.")
     p.add_argument("--val_split", default="val")
     p.add_argument("--rerun", action="store_true", help="Train again even if finished.")
+    p.add_argument("--folds", type=int, default=0, help="Each run a K-fold ensemble (train "
+                   "--folds=K); 0: single runs.")
     p.add_argument("--output_json", default=None)
     p.add_argument("extra", nargs="*", help="More train flags after --, for every run "
                    "(e.g. -- --epochs=3).")
@@ -148,14 +173,16 @@ def main(argv=None) -> int:
         p.error(f"--data_dir={args.data_dir} is not a data_prep output (no manifest.json)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     splits = held_out_splits(args.data_dir, args.val_split)
+    if args.folds == 1 or args.folds < 0:
+        p.error(f"--folds must be 0 or at least 2. Received: {args.folds}")
     res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
-           "extra_flags": args.extra}
+           "extra_flags": args.extra, "folds": args.folds}
     for flagfile in [f for f in args.flagfiles.split(",") if f]:
         if not os.path.isfile(flagfile):
             p.error(f"no such flagfile: {flagfile}")
         name = Path(flagfile).stem
         runs = [run_one(flagfile, args.data_dir, Path(args.work_dir) / name / f"seed{s}", s,
-                        splits, args.extra, args.rerun) for s in seeds]
+                        splits, args.extra, args.rerun, args.folds) for s in seeds]
         res["models"][name] = {"flagfile": flagfile, "runs": runs,
                                "summary": summarise(runs, splits)}
     emit_result(res, print_table, args.output_json)
