@@ -13,10 +13,11 @@ The run folder receives ``backbone.weights.h5`` (what ``covid_keras.train
 --backbone_weights=FILE`` and ``--init_from=<this run folder>`` read), ``metrics.json``
 (the per-epoch history), ``log.csv``, ``run_info.json``, ``flags.cfg`` (repeats the run)
 and ``tensorboard/`` (the loss, the learning rate and, where the data folder has a
-labelled ``--probe_split``, a k-nearest-neighbour probe's slice and patient AUC on it from
-the backbone's features and the train split's labels: a diagnostic that chooses nothing,
-the last epoch's weights are the output). ``checkpoint/`` holds the state while it runs:
-a killed run resumes at its last finished epoch when the same command is run again.
+labelled ``--probe_split``, a k-nearest-neighbour probe's and a linear probe's slice and
+patient AUC on it from the backbone's features and the train split's labels: diagnostics
+that choose nothing, the last epoch's weights are the output). ``checkpoint/`` holds the
+state while it runs: a killed run resumes at its last finished epoch when the same command
+is run again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from covid_keras import cli, files, provenance
 log = logging.getLogger("covid_keras.pretrain")
 
 BACKBONE_FILE = "backbone.weights.h5"
+PROBE_KEYS = ("knn_slice_auc", "knn_patient_auc", "linear_slice_auc", "linear_patient_auc")
 RUN_FILES = ("run_info.json", "flags.cfg", BACKBONE_FILE, "metrics.json", "log.csv")
 HELD_OUT_SPLITS = ("test",)
 PATH_FLAGS = ("data_dir", "run_dir", "extra_data_dir", "backbone_weights")
@@ -244,10 +246,31 @@ def knn_probe(train_x, train_y, query_x, k: int = 20, tau: float = 0.1):
     return (w * votes).sum(axis=1) / w.sum(axis=1)
 
 
+#: The linear probe's inverse L2 penalty (on standardised features), fixed: the probe
+#: chooses nothing, so nothing is tuned on the split it scores.
+LINEAR_C = 1.0
+
+
+def linear_probe(train_x, train_y, query_x, c: float = LINEAR_C):
+    """A logistic regression on the features standardised with the train rows' mean and
+    standard deviation (L2 penalty ``1 / c``, scikit-learn's lbfgs): the probability of the
+    positive class for each query row. ``train_y``: 0/1, both present."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    train_x = np.asarray(train_x, np.float64)
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)
+    clf = LogisticRegression(C=c, max_iter=10_000)
+    clf.fit((train_x - mean) / std, np.asarray(train_y))
+    return clf.predict_proba((np.asarray(query_x, np.float64) - mean) / std)[:, 1]
+
+
 class Probe:
-    """The k-NN probe of the backbone's pooled features: the train split's slices (labels
-    read here only) are the neighbours, the ``split``'s slices are scored; slice AUC and
-    patient AUC (the mean of each patient's slice scores). Chooses nothing."""
+    """Probes of the backbone's pooled features, fitted on the train split's slices (labels
+    read here only) and scored on the ``split``'s: the k-NN probe (the train slices are the
+    neighbours) and the linear probe (:func:`linear_probe`); slice AUC and patient AUC (the
+    mean of each patient's slice scores) of each. Chooses nothing."""
 
     def __init__(self, data_dir: str, split: str, input_size: int, backbone: str,
                  batch_size: int, k: int):
@@ -283,10 +306,15 @@ class Probe:
         train_y = (self.sets["train"][1] == self.positive).astype(int)
         _, labels, patients = self.sets[self.split]
         y = (labels == self.positive).astype(int)
-        score = knn_probe(feats["train"], train_y, feats[self.split], self.k)
-        pats = aggregate(np.stack([1 - score, score], axis=1), y, patients, "mean", positive=1)
-        out = {"knn_slice_auc": auc_score(y, score),
-               "knn_patient_auc": auc_score(pats.labels, pats.score)}
+        scores = {"knn": knn_probe(feats["train"], train_y, feats[self.split], self.k)}
+        if len(set(train_y.tolist())) == 2:  # a logistic regression needs both classes
+            scores["linear"] = linear_probe(feats["train"], train_y, feats[self.split])
+        out = {}
+        for name, score in scores.items():
+            pats = aggregate(np.stack([1 - score, score], axis=1), y, patients, "mean",
+                             positive=1)
+            out[f"{name}_slice_auc"] = auc_score(y, score)
+            out[f"{name}_patient_auc"] = auc_score(pats.labels, pats.score)
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
@@ -378,8 +406,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         state = ckpt.save(model, epoch + 1, history, state)
         _write_log(cfg.run_dir, history)
         if cfg.verbose >= 1:
-            extra = "".join(f", {k} {row[k]:.3f}" for k in ("knn_slice_auc", "knn_patient_auc")
-                            if k in row)
+            extra = "".join(f", {k} {row[k]:.3f}" for k in PROBE_KEYS if k in row)
             print(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}{extra} "
                   f"({row['seconds']:.0f} s)", flush=True)
     out = os.path.join(cfg.run_dir, BACKBONE_FILE)
@@ -428,7 +455,7 @@ def _write_scalars(writer, row: dict) -> None:
     with writer.as_default():
         for key, value in row.items():
             if key not in ("epoch", "seconds"):
-                group = "probe" if key.startswith("knn") else "pretrain"
+                group = "probe" if key in PROBE_KEYS else "pretrain"
                 tf.summary.scalar(f"{group}/{key}", value, step=row["epoch"])
     writer.flush()
 
@@ -492,7 +519,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("strategy", d.strategy, ["mirrored", "one_device"],
                       "tf.distribute strategy (TensorFlow backend).")
     flags.DEFINE_string("probe_split", d.probe_split, "Labelled split scored by the k-NN "
-                        "probe each --probe_every epochs ('' : none). Chooses nothing.")
+                        "and the linear probe each --probe_every epochs ('' : none). Chooses "
+                        "nothing.")
     flags.DEFINE_integer("probe_every", d.probe_every, "Probe every N epochs.")
     flags.DEFINE_integer("knn_k", d.knn_k, "Neighbours of the k-NN probe.")
     flags.DEFINE_bool("overwrite", False, "Start --run_dir again from scratch.")

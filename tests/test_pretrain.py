@@ -194,7 +194,8 @@ def test_loss_falls_and_the_run_folder_is_complete(finished_run, data_dir):
     assert events
     tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
             for v in e.summary.value}
-    assert {"pretrain/loss", "pretrain/learning_rate", "probe/knn_slice_auc"} <= tags
+    assert {"pretrain/loss", "pretrain/learning_rate", "probe/knn_slice_auc",
+            "probe/linear_slice_auc"} <= tags
     assert pretrain.weights_file(str(run)) == str(run / "backbone.weights.h5")
     with pytest.raises(ValueError, match="finished pretraining run.*--overwrite"):
         pretrain.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
@@ -339,3 +340,57 @@ def test_train_runs_the_pretraining_stage_from_its_flagfile_and_reuses_it(data_d
     again = train("--overwrite")
     assert "finished pretraining run with the same flags: reused" in again.stderr
     assert weights.stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------ linear probe
+@pytest.fixture(scope="module")
+def probe_data_dir(tiny_dataset):
+    """Generated studies whose kind is the probe's task: normal against bacterial pneumonia
+    (lobar consolidation), 20 patients of each; half the patients in train (the pretraining's
+    views, unlabelled, and the probe's fit), half in val (the probe's score); 64 px slices
+    without the blank-fill, so that the lungs are what the slices show (~270 + ~230)."""
+    return str(tiny_dataset(kinds=("normal", "bacterial"), patients_per_kind=20,
+                            num_slices=40, matrix=64, seed=0,
+                            flags=("--classes=normal,bacterial", "--split_fractions=0.5,0.5,0",
+                                   "--num_slices=30", "--fill_blank=none")))
+
+
+def linear_probe_arms(data_dir, work_dir, seed: int = 0, epochs: int = 10,
+                      random_inits: int = 3, learning_rate: float = 3e-3) -> dict:
+    """The val split's slice AUC of pretrain's linear probe (fitted on the train split's
+    labels) on the tiny backbone's pooled features: ``pretrained`` (covid_keras.pretrain's
+    own run through the views pipeline, its probe at the last epoch) and ``random`` (the
+    same network untrained, from seeds seed, seed + 1, ...: the first is the pretraining's
+    own starting point)."""
+    import keras
+
+    from covid_keras import pretrain, ssl
+
+    cfg = pretrain.PretrainConfig(
+        data_dir=data_dir, run_dir=str(Path(work_dir) / "pretrained"), backbone="tiny",
+        input_size=64, batch_size=32, epochs=epochs, warmup_epochs=0,
+        learning_rate=learning_rate, seed=seed, probe_split="val", probe_every=epochs,
+        verbose=0)
+    pretrained = pretrain.pretrain(cfg)["final"]["linear_slice_auc"]
+    probe = pretrain.Probe(data_dir, "val", cfg.input_size, "tiny", 64, k=cfg.knn_k)
+    random = []
+    for r in range(random_inits):
+        keras.utils.set_random_seed(seed + r)
+        net = ssl.build_pretrain_model("tiny", cfg.input_size, cfg.projection_dim,
+                                       cfg.projection_hidden_units)
+        random.append(probe(ssl.pretrained_backbone(net))["linear_slice_auc"])
+    return {"pretrained": pretrained, "random": random}
+
+
+def test_a_linear_probe_on_pretrained_features_beats_one_on_random_features(probe_data_dir,
+                                                                            tmp_path):
+    """Normal against bacterial pneumonia on generated studies: 10 epochs of pretraining
+    (which never reads a label) must give the linear probe better features than any of 3
+    random inits of the same network, by 0.02 slice AUC. Measured on seeds 0-4: pretrained
+    0.947-0.965, best random init 0.893-0.910, margin 0.038-0.073; with the learning rate at
+    ~0 (pretraining disabled, batch-norm statistics alone updated) 0.7x, and it fails.
+    What it does not show: that the two views' pairing is what helps. The same training
+    with NT-Xent's pairs shuffled also beats random init here (0.896-0.941 on seeds 0-4;
+    at this seed 0.920, +0.027: it would pass), so shuffled pairs are not caught."""
+    arms = linear_probe_arms(probe_data_dir, tmp_path, seed=0)
+    assert arms["pretrained"] > max(arms["random"]) + 0.02, arms
