@@ -57,6 +57,10 @@ def check_fold_flags(cfg) -> None:
     if cfg.folds and not -1 <= cfg.fold < cfg.folds:
         raise ValueError(f"--fold must be in [0, {cfg.folds}) (or -1: every fold). "
                          f"Received: {cfg.fold}")
+    if cfg.folds and cfg.strategy == "multi_worker":
+        raise ValueError("--folds does not run under --strategy=multi_worker yet (every "
+                         "worker would write the folds): run the folds with --strategy="
+                         "mirrored (every GPU of a machine), one --fold=k job per machine")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
     if cfg.folds and cfg.init_from and cfg.init_from.endswith(".keras"):

@@ -309,7 +309,26 @@ def load_run(run_dir: str, checkpoint: str | None = None):
     decision, more = decision_of(run_dir, minfo["class_names"])
     warnings += more
     info = export_info(minfo, prep, decision, run_info, path, warnings)
+    if run.is_cross_validation():
+        info["ensemble"] = ensemble_card(run)
     return model, info, decision
+
+
+def ensemble_card(run: RunDir) -> dict:
+    """An ensemble's entry of the export info and the model card (``train --folds``): how
+    many members, their spread, and where its evidence comes from."""
+    import json
+
+    from covid_keras import files
+
+    m = json.loads(files.read_text(run.metrics_path)) if run.has("metrics.json") else {}
+    spread = m.get("fold_val_patient_auc") or {}
+    return {"members": int(m.get("folds") or len(run.folds()["patients"])),
+            "fold_val_patient_auc": {k: spread.get(k) for k in ("mean", "sd", "values")},
+            "probabilities": "the mean of the members' class probabilities",
+            "decision": "chosen on the out-of-fold predictions of every training patient",
+            "boxes": "from the member most sure of the answered class",
+            "heat_maps": "the mean of the members' Grad-CAM maps"}
 
 
 def main(argv: list[str]) -> int:

@@ -46,6 +46,20 @@ def conv_features(model: keras.Model):
     return maps[0]
 
 
+def cam_models(model: keras.Model) -> list:
+    """Models from the input image to [conv5, logits]: one for a model, one per member for
+    an ensemble (whose map is the mean of the members' maps, each on its own logits)."""
+    from covid_keras.ensemble import members
+
+    parts = members(model) or [model]
+    out = []
+    for m in parts:
+        o = m.output
+        out.append(keras.Model(m.inputs, [conv_features(m), o["logits"] if isinstance(
+            o, dict) else o], name=f"{m.name}_gradcam"))
+    return out
+
+
 class GradCAM:
     """Grad-CAM maps of a model's ``logits`` over its image backbone's conv5."""
 

@@ -379,18 +379,17 @@ class Signatures:
         return tf.where(tf.reduce_any(abnormal), strongest, normal)
 
     def gradcam(self, images, class_index):
-        import keras
 
-        if self.cam_model is None:
-            out = self.model.output
-            logits = out["logits"] if isinstance(out, dict) else out
-            self.cam_model = keras.Model(self.model.inputs,
-                                         [gradcam.conv_features(self.model), logits])
+        if self.cam_model is None:  # one per member of an ensemble: their maps' mean
+            self.cam_model = gradcam.cam_models(self.model)
         x = data.normalize(tf.cast(images, tf.float32), self.backbone)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            conv, logits = self.cam_model(x, training=False)
-            target = tf.gather(tf.cast(logits, tf.float32), class_index, axis=1,
-                               batch_dims=1)
-        grads = tape.gradient(target, conv)
-        return {"heatmaps": gradcam.combine(conv, grads, (self.size, self.size))}
+        maps = []
+        for cam in self.cam_model:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                conv, logits = cam(x, training=False)
+                target = tf.gather(tf.cast(logits, tf.float32), class_index, axis=1,
+                                   batch_dims=1)
+            grads = tape.gradient(target, conv)
+            maps.append(gradcam.combine(conv, grads, (self.size, self.size)))
+        return {"heatmaps": maps[0] if len(maps) == 1 else tf.reduce_mean(tf.stack(maps), 0)}

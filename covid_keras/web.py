@@ -509,7 +509,8 @@ def model_card(info: dict, source: dict, metrics: dict | None = None,
                   "checkpoint": info.get("checkpoint"),
                   "exported_at": info.get("exported_at"),
                   "covid_keras_version": info.get("covid_keras_version"),
-                  "trained_git_sha": info.get("trained_git_sha")},
+                  "trained_git_sha": info.get("trained_git_sha"),
+                  "ensemble": info.get("ensemble")},
         "decision": {k: d.get(k) for k in ("method", "rule", "threshold", "positive_class",
                                            "normal_class", "criterion", "split", "val_sensitivity",
                                            "val_specificity")},
@@ -626,6 +627,13 @@ def card_html(card: dict) -> str:
     row("exported", m["exported_at"])
     row("covid_keras", m["covid_keras_version"])
     row("trained at git", m["trained_git_sha"])
+    ens = m.get("ensemble")
+    if ens:
+        auc = ens.get("fold_val_patient_auc") or {}
+        row("ensemble", f"{ens['members']} fold models ({ens['probabilities']}); the folds' "
+                        f"val patient AUC {_num(auc.get('mean'), 3)} +- "
+                        f"{_num(auc.get('sd'), 3)}; boxes {ens['boxes']}; heat maps "
+                        f"{ens['heat_maps']}")
     if d.get("method") == "threshold":
         row("decision", f"{d['rule']} of the slice probabilities; {d['positive_class']} when "
                         f"its score >= {_num(d['threshold'], 4)} (chosen on {d['split']} by "

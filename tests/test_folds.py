@@ -186,6 +186,7 @@ def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, command
     for args, message in ((["--folds=1"], "--folds must be 0"),
                           (["--fold=1"], "--fold and --ensemble_only need --folds"),
                           (["--folds=3", "--fold=3"], "--fold must be in"),
+                          (["--folds=3", "--strategy=multi_worker"], "multi_worker yet"),
                           (["--folds=3", "--ensemble_only"], "are not finished")):
         proc = commands.run("covid_keras.train", *QUICK, f"--data_dir={data_dir}",
                             f"--run_dir={tmp_path / 'r'}", *args, cwd=REPO, timeout=600)
@@ -234,3 +235,48 @@ def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tm
 
     model = saving.load_model(str(run / "best.keras"), compile=False)
     assert [m.name for m in members(model)] == ["member_0", "member_1", "member_2"]
+
+
+EXPORT_CALL = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+images = np.load(sys.argv[2])
+sig = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+out = sig(images=tf.constant(images, tf.float32))
+np.save(sys.argv[3], out["probabilities"].numpy())
+"""
+
+
+def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, data_dir,
+                                                                       commands, tmp_path):
+    from covid_keras import data, saving
+    from covid_keras.evaluation import SplitPredictor
+
+    run, _ = cv_run
+    proc = commands.run("covid_keras.export", f"--run_dir={run}",
+                        f"--export_base={tmp_path / 'export'}", cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = tmp_path / "export" / "drenet" / "1"
+    info = json.loads((version / "assets.extra" / "covid_keras.json").read_text())
+    assert info["ensemble"]["members"] == 3  # the model card's entry
+    assert len(info["ensemble"]["fold_val_patient_auc"]["values"]) <= 3
+    pipeline = data.PipelineConfig(input_size=info["input_size"], backbone=info["backbone"])
+    shown = SplitPredictor(str(data_dir), "test", 4, pipeline).images_u8(range(4))
+    u8 = np.stack([shown[i] for i in sorted(shown)]).astype(np.float32)
+    np.save(tmp_path / "images.npy", u8)
+    called = commands.run_code(EXPORT_CALL, str(version), str(tmp_path / "images.npy"),
+                               str(tmp_path / "probs.npy"), timeout=600)
+    assert called.returncode == 0, called.stderr[-3000:]
+    x = np.asarray(data.normalize(u8, info["backbone"]))
+    mean = np.mean([
+        _softmax(saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
+                                   compile=False).predict(x, verbose=0)["logits"])
+        for k in range(3)], axis=0)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), mean, atol=1e-5)
+
+
+def _softmax(logits):
+    from covid_keras.metrics import softmax
+
+    return softmax(np.asarray(logits, np.float64))
