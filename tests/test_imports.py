@@ -1,0 +1,335 @@
+"""The import graph of covid_keras and data_prep, read statically (``ast``, nothing is
+imported): no cycle, model code imports nothing above it and no TensorFlow, and data_prep
+uses only a fixed list of covid_keras's core modules (issue 28 item 7)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("covid_keras", "data_prep")
+
+#: The model code: pure Keras 3, loadable without the trainer, evaluation or serving.
+MODEL_CODE = ("covid_keras.drenet", "covid_keras.baselines", "covid_keras.backbones",
+              "covid_keras.losses", "covid_keras.ensemble", "covid_keras.layers")
+#: What model code never imports: training, evaluation, serving and the commands.
+ABOVE_MODEL = tuple(f"covid_keras.{name}" for name in (
+    "train", "recipes", "callbacks", "distributed", "evaluation", "evaluate", "export",
+    "serve", "web", "predict", "pretrain", "cross_validation", "metrics", "report",
+    "decision"))
+#: The commands (``python -m covid_keras.X``): the top; they may import one another.
+COMMANDS = tuple(f"covid_keras.{name}" for name in (
+    "train", "evaluate", "export", "serve", "predict", "web", "pretrain"))
+#: The covid_keras modules data_prep imports (module or function level), exactly those of
+#: today. This list may only shrink: never add to it; a module data_prep needs belongs
+#: in this core (issue 28 item 7: ``core/``, the only part of covid_keras data_prep uses).
+DATA_PREP_MAY_IMPORT = frozenset({
+    "covid_keras.cli",
+    "covid_keras.files",
+    "covid_keras.imaging",
+    "covid_keras.provenance",
+    "covid_keras.schema",
+})
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported name: ``target`` is a dotted name, resolved to a module of the packages
+    where it names one; ``module_level``: it runs when ``source`` is imported."""
+
+    source: str
+    target: str
+    line: int
+    module_level: bool
+
+    def __str__(self) -> str:
+        where = "module level" if self.module_level else "in a function"
+        return f"{self.source} -> {self.target} (line {self.line}, {where})"
+
+
+def module_files(root: Path = REPO, packages=PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py of ``packages``."""
+    out = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    if level > 1:
+        base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def module_imports(module: str, source: str, is_package: bool,
+                   modules: set[str]) -> list[Import]:
+    """Every import of ``source`` (the module ``module``), at module level (class bodies,
+    ``if``/``try`` blocks included) and inside functions. ``from pkg import x`` is the module
+    ``pkg.x`` when that is a module of ``modules``, else ``pkg``."""
+    out: list[Import] = []
+
+    def visit(node: ast.AST, module_level: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    out.append(Import(module, alias.name, child.lineno, module_level))
+            elif isinstance(child, ast.ImportFrom):
+                base = (child.module or "" if child.level == 0 else
+                        _resolve_relative(module, is_package, child.level, child.module))
+                for alias in child.names:
+                    sub = f"{base}.{alias.name}"
+                    target = sub if sub in modules else base
+                    out.append(Import(module, target, child.lineno, module_level))
+            inner = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            visit(child, module_level and not inner)
+
+    visit(ast.parse(source), True)
+    return out
+
+
+def import_graph(files: dict[str, Path]) -> list[Import]:
+    """The imports of every module in ``files`` (name -> path)."""
+    modules = set(files)
+    out = []
+    for name, path in files.items():
+        out += module_imports(name, path.read_text(encoding="utf-8"),
+                              path.name == "__init__.py", modules)
+    return out
+
+
+def is_within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+# ------------------------------------------------------------------------- the checks
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the directed graph ``edges`` as its path ``[a, b, ..., a]``, else None."""
+    white, grey, black = 0, 1, 2
+    colour = {node: white for node in edges}
+    for targets in edges.values():
+        for node in targets:
+            colour.setdefault(node, white)
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        colour[node] = grey
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if colour[nxt] == grey:
+                return stack[stack.index(nxt):] + [nxt]
+            if colour[nxt] == white:
+                found = dfs(nxt)
+                if found:
+                    return found
+        stack.pop()
+        colour[node] = black
+        return None
+
+    for node in sorted(colour):
+        if colour[node] == white:
+            found = dfs(node)
+            if found:
+                return found
+    return None
+
+
+def module_level_edges(imports: list[Import], modules: set[str]) -> dict[str, set[str]]:
+    """source -> the modules of ``modules`` it imports at module level."""
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for imp in imports:
+        if imp.module_level and imp.target in modules and imp.target != imp.source:
+            edges[imp.source].add(imp.target)
+    return edges
+
+
+def loads_above(imports: list[Import], modules: set[str], sources, forbidden) -> dict:
+    """Each module within ``sources`` whose import loads, through module-level imports
+    only (transitively), something within ``forbidden`` -> the chain that loads it."""
+    edges: dict[str, set[str]] = {}
+    for imp in imports:
+        if imp.module_level and imp.target != imp.source:
+            edges.setdefault(imp.source, set()).add(imp.target)
+    out = {}
+    for module in sorted(m for m in modules if any(is_within(m, s) for s in sources)):
+        parent = {module: None}
+        todo = [module]
+        while todo and module not in out:
+            node = todo.pop(0)
+            for nxt in sorted(edges.get(node, ())):
+                if nxt in parent:
+                    continue
+                parent[nxt] = node
+                if any(is_within(nxt, f) for f in forbidden):
+                    chain = [nxt]
+                    while parent[chain[0]] is not None:
+                        chain.insert(0, parent[chain[0]])
+                    out[module] = " -> ".join(chain)
+                    break
+                if nxt in modules:
+                    todo.append(nxt)
+    return out
+
+
+def upward_imports(imports: list[Import], sources, forbidden) -> list[Import]:
+    """The imports (module or function level) from a module within ``sources`` to one
+    within ``forbidden`` (dotted names; a package stands for all its modules)."""
+    return [imp for imp in imports
+            if any(is_within(imp.source, s) for s in sources)
+            and any(is_within(imp.target, f) for f in forbidden)]
+
+
+def imports_outside(imports: list[Import], sources, package: str, allowed) -> list[Import]:
+    """The imports from ``sources`` into ``package`` that are not in ``allowed``."""
+    return [imp for imp in imports
+            if any(is_within(imp.source, s) for s in sources)
+            and is_within(imp.target, package) and imp.target not in allowed]
+
+
+def library_imports_of_commands(imports: list[Import], modules: set[str]) -> list[Import]:
+    """The imports of a command by a covid_keras module that is not one."""
+    library = {m for m in modules if is_within(m, "covid_keras") and m not in COMMANDS}
+    return [imp for imp in imports
+            if imp.source in library and any(is_within(imp.target, c) for c in COMMANDS)]
+
+
+# ------------------------------------------------------------------------- the rules
+@pytest.fixture(scope="module")
+def graph():
+    files = module_files()
+    return set(files), import_graph(files)
+
+
+def test_the_graph_is_read(graph):
+    """The walk sees the packages and their imports (a walk that reads nothing passes
+    every rule)."""
+    modules, imports = graph
+    assert {"covid_keras.drenet", "covid_keras.layers.topk", "data_prep.phantom.cli",
+            "data_prep.build_tfrecords", "covid_keras.layers", "data_prep"} <= modules
+    targets = {(imp.source, imp.target) for imp in imports}
+    # the package re-exports its layers; run_dir imports `files` (from covid_keras import x)
+    assert ("covid_keras.layers", "covid_keras.layers.topk") in targets
+    assert ("covid_keras.run_dir", "covid_keras.files") in targets
+    assert any(not imp.module_level for imp in imports)  # function-level imports are read
+
+
+def test_no_import_cycle(graph):
+    modules, imports = graph
+    cycle = find_cycle(module_level_edges(imports, modules))
+    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def test_model_code_imports_nothing_above_it(graph):
+    _, imports = graph
+    bad = upward_imports(imports, MODEL_CODE, ABOVE_MODEL)
+    assert not bad, ("model code imports training, evaluation, serving or a command:\n"
+                     + "\n".join(map(str, bad)))
+
+
+def test_model_code_is_pure_keras(graph):
+    _, imports = graph
+    bad = upward_imports(imports, MODEL_CODE, ("tensorflow",))
+    assert not bad, "model code imports TensorFlow:\n" + "\n".join(map(str, bad))
+
+
+def test_importing_model_code_loads_nothing_above_it(graph):
+    """What ``import covid_keras.drenet`` (or any model module) loads through the
+    module-level imports of the modules it imports: no trainer, no TensorFlow."""
+    modules, imports = graph
+    bad = loads_above(imports, modules, MODEL_CODE, ABOVE_MODEL + ("tensorflow",))
+    assert not bad, ("importing model code loads training, evaluation, serving, a command "
+                     "or TensorFlow:\n" + "\n".join(f"{m}: {chain}" for m, chain in bad.items()))
+
+
+def test_no_library_module_imports_a_command(graph):
+    """The commands are the top: a library module never imports one (cross_validation
+    gets the trainer as an argument)."""
+    modules, imports = graph
+    bad = library_imports_of_commands(imports, modules)
+    assert not bad, "a library module imports a command:\n" + "\n".join(map(str, bad))
+
+
+def test_data_prep_imports_only_core(graph):
+    _, imports = graph
+    bad = imports_outside(imports, ("data_prep",), "covid_keras", DATA_PREP_MAY_IMPORT)
+    assert not bad, ("data_prep imports covid_keras modules outside DATA_PREP_MAY_IMPORT:\n"
+                     + "\n".join(map(str, bad)))
+    used = {imp.target for imp in imports
+            if is_within(imp.source, "data_prep") and is_within(imp.target, "covid_keras")}
+    assert used == DATA_PREP_MAY_IMPORT, (
+        f"DATA_PREP_MAY_IMPORT lists modules data_prep no longer imports: "
+        f"{sorted(DATA_PREP_MAY_IMPORT - used)}; take them off the list")
+
+
+# ------------------------------------------------------------------------- self-test
+def _synthetic(tmp_path: Path, sources: dict[str, str]) -> tuple[set[str], list[Import]]:
+    for name, text in sources.items():
+        parts = name.split(".")
+        path = tmp_path.joinpath(*parts[:-1], parts[-1] + ".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for pkg in {name.split(".")[0] for name in sources}:
+        for folder in [tmp_path / pkg, *(tmp_path / pkg).rglob("*")]:
+            if folder.is_dir() and not (folder / "__init__.py").exists():
+                (folder / "__init__.py").write_text("")
+    files = module_files(tmp_path, sorted({name.split(".")[0] for name in sources}))
+    return set(files), import_graph(files)
+
+
+def test_the_checks_catch_a_broken_rule(tmp_path):
+    modules, imports = _synthetic(tmp_path, {
+        # a cycle through `from pkg import module`, a relative import and `import a.b as c`
+        "covid_keras.alpha": "from covid_keras import beta\n",
+        "covid_keras.beta": "from . import gamma\n",
+        "covid_keras.gamma": "import covid_keras.alpha as a\n",
+        # a function-level import closes no cycle and loads nothing at import, but is an
+        # upward import
+        "covid_keras.drenet": ("import keras\n\ndef f():\n"
+                               "    from covid_keras.recipes import x\n    return x\n"),
+        "covid_keras.recipes": "import covid_keras.drenet\n",
+        # model code loading the trainer through a module that is not model code
+        "covid_keras.losses": "from covid_keras import saving\n",
+        "covid_keras.saving": "if True:\n    import covid_keras.recipes\n",
+        "covid_keras.layers.head": "class A:\n    import tensorflow as tf\n",
+        "covid_keras.schema": "",
+        "covid_keras.train": "from covid_keras import schema\n",
+        "covid_keras.export": "from covid_keras import train\n",  # a command: allowed
+        "covid_keras.folds": "def f():\n    import covid_keras.train\n",
+        "data_prep.writer": "from covid_keras import schema, drenet\n",
+    })
+    cycle = find_cycle(module_level_edges(imports, modules))
+    assert cycle is not None and cycle[0] == cycle[-1]
+    assert set(cycle) == {"covid_keras.alpha", "covid_keras.beta", "covid_keras.gamma"}
+    without = {m for m in modules if m.split(".")[-1] not in ("alpha", "beta", "gamma")}
+    assert find_cycle(module_level_edges(
+        [i for i in imports if i.source in without], without)) is None
+
+    up = upward_imports(imports, MODEL_CODE, ABOVE_MODEL)
+    assert [(i.source, i.target, i.line, i.module_level) for i in up] == [
+        ("covid_keras.drenet", "covid_keras.recipes", 4, False)]
+    tf = upward_imports(imports, MODEL_CODE, ("tensorflow",))
+    assert [(i.source, i.target, i.module_level) for i in tf] == [
+        ("covid_keras.layers.head", "tensorflow", True)]
+    assert loads_above(imports, modules, MODEL_CODE, ABOVE_MODEL + ("tensorflow",)) == {
+        "covid_keras.layers.head": "covid_keras.layers.head -> tensorflow",
+        "covid_keras.losses": "covid_keras.losses -> covid_keras.saving -> covid_keras.recipes",
+    }
+    assert [(i.source, i.target) for i in library_imports_of_commands(imports, modules)] == [
+        ("covid_keras.folds", "covid_keras.train")]
+    outside = imports_outside(imports, ("data_prep",), "covid_keras", {"covid_keras.schema"})
+    assert [(i.source, i.target) for i in outside] == [("data_prep.writer",
+                                                        "covid_keras.drenet")]
+
+    # and graphs that keep the rules pass them
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert imports_outside(imports, ("data_prep",), "covid_keras",
+                           {"covid_keras.schema", "covid_keras.drenet"}) == []
