@@ -45,8 +45,6 @@ log = logging.getLogger("covid_keras.train")
 
 #: decision.json's ``split`` for the out-of-fold predictions.
 OOF_SPLIT = "out_of_fold"
-#: Every training slice's out-of-fold prediction (report.write_slices_csv's columns).
-OOF_CSV = "out_of_fold_slices.csv"
 
 
 def check_fold_flags(cfg) -> None:
@@ -94,7 +92,7 @@ def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
                              f"{run.flags_path}) to resume, or pass --overwrite")
     files.makedirs(run.path)
     splits = ["train", cfg.val_split]
-    sha = files.sha256(os.path.join(cfg.data_dir, "manifest.json"))
+    sha = files.sha256(data.manifest_path(cfg.data_dir))
     doc = run.folds()
     if doc is not None and (doc["folds"] != cfg.folds or doc["seed"] != cfg.seed
                             or doc["dataset_manifest_sha256"] != sha):
@@ -195,7 +193,7 @@ def assemble(cfg, train_mod, run: RunDir, doc: dict) -> dict:
     seen = [k for p in parts for k in set(p.patient_keys)]
     if len(seen) != len(set(seen)):
         raise RuntimeError("a patient is in two folds' validation splits")
-    _write_slices(run.file(OOF_CSV), oof)
+    _write_slices(run.out_of_fold_path, oof)
     ensemble = build_ensemble(members)
     saving.save_model(ensemble, run.best_path, classes)
     results = {"folds": cfg.folds, "val_split": OOF_SPLIT,

@@ -46,8 +46,13 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     return files
 
 
+def manifest_path(data_dir: str) -> str:
+    """The data folder's manifest (:data:`covid_keras.schema.MANIFEST`)."""
+    return os.path.join(data_dir, schema.MANIFEST)
+
+
 def read_manifest(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "manifest.json")
+    path = manifest_path(data_dir)
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} is missing: --data_dir must be a data_prep output")
     with tf.io.gfile.GFile(path, "r") as f:

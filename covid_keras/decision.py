@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covid_keras import files
+from covid_keras import files, schema
 from covid_keras.run_dir import DECISION as DECISION_FILE
 
 RULES = ("mean", "any")
@@ -304,7 +304,7 @@ def manifest_sha(data_dir: str | None) -> str | None:
     """SHA-256 of a dataset's manifest.json (None without one)."""
     if not data_dir:
         return None
-    path = os.path.join(data_dir, "manifest.json")
+    path = os.path.join(data_dir, schema.MANIFEST)
     if not files.exists(path):
         return None
     return files.sha256(path)

@@ -39,7 +39,8 @@ import time
 
 from absl import flags
 
-from covid_keras import cli, files, provenance
+from covid_keras import cli, files, provenance, schema
+from covid_keras.imaging import WINDOWS_HU
 from covid_keras.run_dir import RunDir
 
 FLAGS = flags.FLAGS
@@ -54,7 +55,8 @@ FORMAT_VERSION = 1
 PREP_FLAGS = ("image_size", "windows", "num_slices", "sampling", "min_slices",
               "min_lung_fraction", "lung_filter", "crop_to_lung", "fill_blank",
               "image_window", "gas_median_hu", "max_file_mb", "max_image_pixels")
-DEFAULT_WINDOWS = [{"name": "lung", "level_hu": -700.0, "width_hu": 1500.0}]
+DEFAULT_WINDOWS = [{"name": "lung", "level_hu": WINDOWS_HU["lung"][0],
+                    "width_hu": WINDOWS_HU["lung"][1]}]
 
 
 def define_flags() -> None:
@@ -107,7 +109,7 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
     data_dir = ((run_info or {}).get("flags") or {}).get("data_dir")
     if data_dir:
         try:
-            manifest = _read_json(os.path.join(data_dir, "manifest.json"))
+            manifest = _read_json(os.path.join(data_dir, schema.MANIFEST))
         except (OSError, ValueError):
             manifest = None
     if manifest is None:
@@ -116,7 +118,7 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
         return {"windows": DEFAULT_WINDOWS, "records_image_size": input_size,
                 "flags": {"image_size": input_size}, "preprocessing": None,
                 "dataset_manifest_sha256": None}, warnings
-    sha = files.sha256(os.path.join(data_dir, "manifest.json"))
+    sha = files.sha256(os.path.join(data_dir, schema.MANIFEST))
     return {"windows": manifest.get("windows") or DEFAULT_WINDOWS,
             "records_image_size": int(manifest.get("image", {}).get("size", input_size)),
             "flags": {k: v for k, v in (manifest.get("flags") or {}).items()

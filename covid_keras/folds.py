@@ -30,7 +30,7 @@ import numpy as np
 
 from covid_keras import files, schema
 
-MANIFEST = "manifest.json"
+MANIFEST = schema.MANIFEST
 
 
 def _records(data_dir: str, split: str):

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from covid_keras import cli, files, provenance
+from covid_keras import cli, files, provenance, schema
 
 log = logging.getLogger("covid_keras.pretrain")
 
@@ -117,7 +117,7 @@ def check_config(cfg: PretrainConfig) -> None:
                          f"{held[0]!r}: pretraining on it is transductive use of a split "
                          "kept for the final report (pass --allow_test to do it anyway)")
     for d in [cfg.data_dir] + ([cfg.extra_data_dir] if cfg.extra_data_dir else []):
-        if not files.exists(os.path.join(d, "manifest.json")):
+        if not files.exists(os.path.join(d, schema.MANIFEST)):
             raise FileNotFoundError(f"{d} is not a data_prep output (no manifest.json): "
                                     "build it with python -m data_prep.build_tfrecords")
     for name in ("input_size", "batch_size", "epochs", "knn_k", "probe_every"):
@@ -340,7 +340,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise ValueError(f"--splits {','.join(cfg.splits)} hold {records} slices, fewer "
                          f"than one batch ({cfg.batch_size})")
     steps = cfg.steps_per_epoch or max(1, records // cfg.batch_size)
-    manifest_sha = files.sha256(os.path.join(cfg.data_dir, "manifest.json"))
+    manifest_sha = files.sha256(os.path.join(cfg.data_dir, schema.MANIFEST))
     if mode != "resume" or not files.exists(os.path.join(cfg.run_dir, "run_info.json")):
         files.write_json(os.path.join(cfg.run_dir, "run_info.json"), {
             "config": cfg.defining(), "sources": [list(s) for s in sources],

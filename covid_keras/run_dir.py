@@ -25,6 +25,7 @@ names from here):
 ``folds.json``      ``--folds``: the folds by patient (then best.keras is their ensemble)
 ``fold_<k>/``       ``--folds``: fold k's run folder (an ordinary run)
 ``folds_data/``     ``--folds``: each fold's data folder (``fold_<k>/``)
+``out_of_fold_slices.csv``  ``--folds``: each training slice's out-of-fold prediction
 ==================  ===========================================================
 
 ``covid_keras.pretrain`` keeps its own, smaller folder (``backbone.weights.h5``...).
@@ -52,9 +53,11 @@ EVAL_PREFIX = "eval_"
 FOLDS = "folds.json"
 FOLD_PREFIX = "fold_"
 FOLDS_DATA = "folds_data"
+OUT_OF_FOLD = "out_of_fold_slices.csv"
 
 #: The files a run writes (removed by --overwrite, with :data:`RUN_FOLDERS`).
-RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION, FOLDS)
+RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION, FOLDS,
+             OUT_OF_FOLD)
 RUN_FOLDERS = (TENSORBOARD, BACKUP, FOLDS_DATA)
 #: The checkpoints a tool takes when none is named, in order.
 CHECKPOINTS = (BEST, FINAL)
@@ -112,6 +115,7 @@ class RunDir:
     pretrain_dir = property(lambda self: self.file(PRETRAIN))
 
     folds_path = property(lambda self: self.file(FOLDS))
+    out_of_fold_path = property(lambda self: self.file(OUT_OF_FOLD))
 
     def fold_dir(self, k: int) -> str:
         """``--folds``: fold ``k``'s run folder."""

@@ -61,6 +61,8 @@ SITE = "site"
 SPLIT = "split"
 
 SPLITS = ("train", "val", "test")
+#: The dataset manifest of a data_prep output folder (counts, files, settings).
+MANIFEST = "manifest.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

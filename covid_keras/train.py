@@ -308,7 +308,9 @@ def resolved_flags(cfg: TrainConfig) -> dict:
 
 def write_run_info(cfg: TrainConfig, run_dir: str, extra: dict,
                    command: list[str] | None = None) -> None:
-    manifest_sha = files.sha256(os.path.join(cfg.data_dir, "manifest.json"))
+    from covid_keras import data
+
+    manifest_sha = files.sha256(data.manifest_path(cfg.data_dir))
     info = {"flags": resolved_flags(cfg), "versions": provenance.package_versions(),
             "git_sha": provenance.git_sha(),
             "dataset_manifest_sha256": manifest_sha, "seed": cfg.seed,

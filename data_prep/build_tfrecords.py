@@ -28,7 +28,7 @@ import secrets
 from absl import flags
 
 from covid_keras import cli, files, provenance
-from covid_keras.imaging import parse_windows
+from covid_keras.imaging import WINDOWS_HU, parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams
@@ -85,8 +85,9 @@ flags.DEFINE_enum("fill_blank", "rotate", list(FILL_MODES), "Fill the "
                   "fill; train and val/test become different image distributions (on the demo "
                   "5 % vs 77 % zero pixels, lesions 4x denser in train), which costs "
                   "accuracy.")
-flags.DEFINE_list("image_window", ["-700", "1500"], "LEVEL,WIDTH in HU that 8-bit slice images "
-                  "are assumed to be windowed with (maps grey back to pseudo-HU).")
+flags.DEFINE_list("image_window", [f"{v:g}" for v in WINDOWS_HU["lung"]], "LEVEL,WIDTH in "
+                  "HU that 8-bit slice images are assumed to be windowed with (maps grey back "
+                  "to pseudo-HU).")
 flags.DEFINE_float("gas_median_hu", -900.0, "Lung-mask air regions whose median HU is below this "
                    "are gas (bowel, stomach), not lung. Slice images ignore it (no real HU).")
 flags.DEFINE_enum("split_scheme", "paper", list(SCHEMES), "paper: 60/10/30 by patient; "

@@ -64,7 +64,7 @@ from data_prep.study import (
 
 log = logging.getLogger("data_prep")
 
-MANIFEST = "manifest.json"
+MANIFEST = schema.MANIFEST
 FAILURES = "failures.csv"
 SPOOL = ".partial"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from covid_keras.imaging import unit_to_u8, window_hu
+from covid_keras.imaging import WINDOWS_HU, unit_to_u8, window_hu
 from data_prep.lung import LungMaskParams, lung_and_body_masks
 
 # none: zeros outside the lung; rotate: rotated-lung fill in every split (deterministic per
@@ -59,7 +59,7 @@ def sample_indices(n: int, num: int = 15, mode: str = "paper") -> list[int]:
 @dataclass(frozen=True)
 class PrepConfig:
     image_size: int = 448
-    windows: tuple[tuple[str, float, float], ...] = (("lung", -700.0, 1500.0),)
+    windows: tuple[tuple[str, float, float], ...] = (("lung", *WINDOWS_HU["lung"]),)
     lung_filter: bool = True
     # Lung area / body area below which a slice is dropped. Real data (../shared/data): the
     # ten axial lung slices of COVID-19-NY-SBU and the three dcmqi lower-thorax slices have

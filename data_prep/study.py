@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from covid_keras import schema
-from covid_keras.imaging import grey_to_hu
+from covid_keras.imaging import WINDOWS_HU, grey_to_hu
 from data_prep import dicom_io, limits, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits, StudyTimeout
@@ -68,7 +68,7 @@ class ScanConfig:
     min_slices: int = 8
     # The window 8-bit slice images are assumed to have been exported with: their grey
     # levels are mapped back to pseudo-HU through it.
-    image_window_hu: tuple[float, float] = (-700.0, 1500.0)
+    image_window_hu: tuple[float, float] = WINDOWS_HU["lung"]
     limits: Limits = field(default_factory=Limits)
 
 
