@@ -40,7 +40,7 @@ for p in (str(HERE), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from accuracy import print_table, stability_of, summarise  # noqa: E402
+from accuracy import mean_sd, print_table, stability_of, summarise  # noqa: E402
 from common import emit_result, parser  # noqa: E402
 
 CAFFE_MEAN_BGR = np.array((103.939, 116.779, 123.68), np.float32)
@@ -192,9 +192,25 @@ def compiled_forward(model):
     return forward
 
 
+def fold_pool(d, folds: int, seed: int, fold: int) -> dict:
+    """``--folds``: train = the training patients (train + val) outside fold ``fold``, val =
+    fold ``fold``'s (covid_keras.folds: by patient, stratified by label, seeded as ``train
+    --folds`` with this seed). Returns {split: (images, labels, patient keys)}."""
+    from covid_keras import folds as folds_mod
+
+    imgs = np.concatenate([d["train_images"], d["val_images"]])
+    labels = np.concatenate([d["train_labels"], d["val_labels"]])
+    keys = np.asarray([f"{s}:{k}" for s in ("train", "val") for k in d[f"{s}_patients"]])
+    table = {str(k): (str(int(lab)), "default") for k, lab in zip(keys, labels)}
+    assignment = folds_mod.assign_folds(table, folds, seed)
+    inside = np.asarray([assignment[str(k)] == fold for k in keys])
+    return {"train": (imgs[~inside], labels[~inside], keys[~inside]),
+            "val": (imgs[inside], labels[inside], keys[inside])}
+
+
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             overrides: dict[str, str], out_path: Path, track_held_out: bool = False,
-            bn_stats: str = "moving") -> dict:
+            bn_stats: str = "moving", fold: tuple[int, int] | None = None) -> dict:
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
@@ -222,6 +238,9 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     x = {s: resize(d[f"{s}_images"], size) for s in splits}
     y = {s: d[f"{s}_labels"] for s in splits}
     pat = {s: d[f"{s}_patients"] for s in splits}
+    if fold is not None:  # --folds: fold k's train / val from the training patients
+        for s, (imgs, labels, keys) in fold_pool(d, fold[1], seed, fold[0]).items():
+            x[s], y[s], pat[s] = resize(imgs, size), labels, keys
     n = len(classes)
     hidden = f.get("head_hidden_units")
     input_norm = f.get("input_norm", "none")
@@ -364,10 +383,51 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     for split in held_out:
         m, _ = evaluate(split)
         res[split] = {k: m[k] for k in ("patient_auc", "slice_auc")}
+    if fold is not None:  # the ensemble is assembled from every fold's probabilities
+        res["fold"], res["classes"] = list(fold), classes
+        res["train_patients"] = sorted({str(k) for k in pat["train"]})
+        for split in ["val", *held_out]:
+            out = model.predict(x_eval[split], batch_size=32, verbose=0)
+            res[f"{split}_probs"] = softmax(np.asarray(
+                out["logits"] if isinstance(out, dict) else out, np.float64)).tolist()
+            res[f"{split}_labels"] = np.asarray(y[split]).tolist()
+            res[f"{split}_patients"] = [str(k) for k in pat[split]]
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1, default=float))
     os.replace(tmp, out_path)
     return res
+
+
+def run_name(flagfile: str, seed: int, fold: int | None) -> str:
+    return f"{Path(flagfile).stem}-seed{seed}" + ("" if fold is None else f"-fold{fold}") \
+        + ".json"
+
+
+def ensemble_run(parts: list[dict]) -> dict:
+    """One seed's K fold runs as one run of the table: val = the out-of-fold predictions of
+    every training patient, each held-out split = the mean of the folds' probabilities;
+    the chosen epoch and the last-5 stability are the folds' means."""
+    from covid_keras import metrics
+
+    def scored(probs, labels, patients):
+        m = metrics.classification_metrics(np.asarray(probs), np.asarray(labels), patients,
+                                           parts[0]["classes"])
+        return {k: m[k] for k in ("patient_auc", "slice_auc")}
+
+    out = {"seed": parts[0]["seed"], "folds": len(parts),
+           "best_epoch": float(np.mean([p["best_epoch"] for p in parts])),
+           "val": scored([r for p in parts for r in p["val_probs"]],
+                         [r for p in parts for r in p["val_labels"]],
+                         [r for p in parts for r in p["val_patients"]]),
+           "stability": {"max_dev": float(np.mean([p["stability"]["max_dev"]
+                                                   for p in parts]))},
+           "fold_val_patient_auc": mean_sd([p["val"]["patient_auc"] for p in parts])}
+    for split in [k[:-len("_probs")] for k in parts[0] if k.endswith("_probs")]:
+        if split == "val":
+            continue
+        mean = np.mean([np.asarray(p[f"{split}_probs"]) for p in parts], axis=0)
+        out[split] = scored(mean, parts[0][f"{split}_labels"], parts[0][f"{split}_patients"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -392,8 +452,11 @@ def main(argv=None) -> int:
                         "trainer's --bn_stats=population: covid_keras.bn_stats), or both "
                         "(choose on moving; also record each epoch's figures with "
                         "population statistics, *_pop in the history: a paired diagnostic)")
+    p.add_argument("--folds", type=int, default=0, help="Each run a K-fold ensemble, as "
+                   "train --folds=K: K fold runs (jobs of their own), val = out of fold, the "
+                   "held-out split scored by the mean of the folds' probabilities.")
     p.add_argument("--output_json", default=None)
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed[:k]
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
     args = p.parse_args(argv)
     from covid_keras.cli import expand_flagfiles
@@ -403,11 +466,14 @@ def main(argv=None) -> int:
         name, _, value = e.lstrip("-").partition("=")
         overrides[name] = value
     work = Path(args.work_dir)
+    if args.folds == 1 or args.folds < 0:
+        p.error(f"--folds must be 0 or at least 2. Received: {args.folds}")
     if args.one:
-        flagfile, seed = args.one.rsplit(":", 1)
+        flagfile, seed, *k = args.one.split(":")
+        fold = (int(k[0]), args.folds) if k else None
         run_one(args.data, flagfile, int(seed), args.input_size, overrides,
-                work / f"{Path(flagfile).stem}-seed{seed}.json", args.track_held_out,
-                args.bn_stats)
+                work / run_name(flagfile, int(seed), fold and fold[0]),
+                args.track_held_out, args.bn_stats, fold)
         return 0
     if not os.path.isfile(args.data):
         p.error(f"--data={args.data}: no such file")
@@ -417,26 +483,29 @@ def main(argv=None) -> int:
             p.error(f"no such flagfile: {f}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     work.mkdir(parents=True, exist_ok=True)
-    todo = [(f, s) for f in flagfiles for s in seeds
-            if args.rerun or not (work / f"{Path(f).stem}-seed{s}.json").exists()]
+    parts = range(args.folds) if args.folds else [None]
+    todo = [(f, s, k) for f in flagfiles for s in seeds for k in parts
+            if args.rerun or not (work / run_name(f, s, k)).exists()]
     env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
-            f, s = todo.pop(0)
+            f, s, k = todo.pop(0)
+            one = f"{f}:{s}" if k is None else f"{f}:{s}:{k}"
             cmd = [sys.executable, __file__, f"--data={args.data}", f"--flagfiles={f}",
-                   f"--work_dir={work}", f"--one={f}:{s}"]
+                   f"--work_dir={work}", f"--one={one}", f"--folds={args.folds}"]
             if args.input_size:
                 cmd.append(f"--input_size={args.input_size}")
             if args.track_held_out:
                 cmd.append("--track_held_out")
             cmd.append(f"--bn_stats={args.bn_stats}")
             cmd += ["--", *args.extra] if args.extra else []
-            log = open(work / f"{Path(f).stem}-seed{s}.log", "w")
+            log = open(work / run_name(f, s, k).replace(".json", ".log"), "w")
             running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), f"{f}:{s}"))
-            print(f"[{time.strftime('%H:%M:%S')}] started {f} seed {s}", flush=True)
+                                             stderr=subprocess.STDOUT), one))
+            print(f"[{time.strftime('%H:%M:%S')}] started {f} seed {s}"
+                  + ("" if k is None else f" fold {k}"), flush=True)
         time.sleep(2)
         for proc, name in list(running):
             if proc.poll() is not None:
@@ -446,12 +515,17 @@ def main(argv=None) -> int:
                 if proc.returncode:
                     failed.append(name)
     res = {"data_dir": args.data, "seeds": seeds, "models": {}, "extra_flags": args.extra,
-           "input_size": args.input_size, "failed": failed}
+           "input_size": args.input_size, "failed": failed, "folds": args.folds}
     held = set()
     for f in flagfiles:
         runs = []
         for s in seeds:
-            path = work / f"{Path(f).stem}-seed{s}.json"
+            if args.folds:
+                paths = [work / run_name(f, s, k) for k in range(args.folds)]
+                if all(p.exists() for p in paths):
+                    runs.append(ensemble_run([json.loads(p.read_text()) for p in paths]))
+                continue
+            path = work / run_name(f, s, None)
             if path.exists():
                 runs.append(json.loads(path.read_text()))
         if not runs:

@@ -163,3 +163,39 @@ def test_compiled_population_pass_gives_the_eager_statistics(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["n"] == 4 and out["norms"] > 10 and out["spread"] > 1e-3
     assert max(out["gaps"]) < 1e-4 * max(1.0, out["spread"]), out
+
+
+def test_folds_make_one_ensemble_run_per_seed(tmp_path):
+    """--folds=K: K fold runs per seed (the training patients re-dealt by patient), then
+    one row of the table: val = out of fold (every training patient once), test = the
+    mean of the folds' probabilities."""
+    _npz(tmp_path / "d.npz")
+    (tmp_path / "c.cfg").write_text("\n".join([
+        "--model=classifier", "--backbone=tiny", "--input_size=64", "--batch_size=4",
+        "--epochs=1", "--optimizer=adam", "--learning_rate=1e-3", "--lr_decay_epochs="]))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
+         f"--flagfiles={tmp_path / 'c.cfg'}", "--seeds=0", "--folds=3", "--jobs=2",
+         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
+    parts = [json.loads((tmp_path / "w" / f"c-seed0-fold{k}.json").read_text())
+             for k in range(3)]
+    val = [set(p["val_patients"]) for p in parts]
+    every = set().union(*val)
+    assert sum(len(v) for v in val) == len(every) == 18  # 12 + 6 training patients, once
+    for p, v in zip(parts, val):  # a fold never trains on the patients it predicts
+        assert p["fold"][1] == 3 and len(p["val_probs"]) == 2 * len(v)
+        assert not v & set(p["train_patients"]) and v | set(p["train_patients"]) == every
+    run = json.loads((tmp_path / "r.json").read_text())["models"]["c"]["runs"][0]
+    finite = [p["val"]["patient_auc"] for p in parts if p["val"]["patient_auc"] is not None
+              and p["val"]["patient_auc"] == p["val"]["patient_auc"]]
+    assert run["folds"] == 3 and run["fold_val_patient_auc"]["n"] == len(finite) >= 1
+    from covid_keras import metrics
+
+    mean = np.mean([np.asarray(p["test_probs"]) for p in parts], axis=0)
+    expected = metrics.classification_metrics(mean, np.asarray(parts[0]["test_labels"]),
+                                              parts[0]["test_patients"], parts[0]["classes"])
+    assert run["test"]["patient_auc"] == pytest.approx(expected["patient_auc"])
