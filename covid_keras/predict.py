@@ -236,11 +236,12 @@ def prep_configs(info: dict, salt: bytes):
                                                                 * 1024 * 1024))
     if "max_image_pixels" in fl:
         limits = dataclasses.replace(limits, max_image_pixels=int(fl["max_image_pixels"]))
-    window = fl.get("image_window") or [-700.0, 1500.0]
-    scan = ScanConfig(salt=salt, num_slices=int(fl.get("num_slices", 15)),
-                      sampling=str(fl.get("sampling", "paper")),
-                      min_slices=int(fl.get("min_slices", 8)),
-                      image_window_hu=(float(window[0]), float(window[1])), limits=limits)
+    base = ScanConfig(salt=salt, limits=limits)  # data_prep's defaults, where unrecorded
+    window = fl.get("image_window") or base.image_window_hu
+    scan = dataclasses.replace(base, num_slices=int(fl.get("num_slices", base.num_slices)),
+                               sampling=str(fl.get("sampling", base.sampling)),
+                               min_slices=int(fl.get("min_slices", base.min_slices)),
+                               image_window_hu=(float(window[0]), float(window[1])))
     return scan, prep
 
 

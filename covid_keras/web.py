@@ -466,8 +466,10 @@ def read_metrics(path: str) -> dict:
 def read_manifest(path: str) -> tuple[dict, str]:
     import hashlib
 
+    from covid_keras import schema
+
     if os.path.isdir(path):
-        path = os.path.join(path, "manifest.json")
+        path = os.path.join(path, schema.MANIFEST)
     with open(path, "rb") as f:
         raw = f.read()
     return json.loads(raw), hashlib.sha256(raw).hexdigest()
@@ -476,6 +478,7 @@ def read_manifest(path: str) -> tuple[dict, str]:
 def find_run_files(model_path: str | None) -> tuple[str | None, str | None]:
     """(metrics.json, manifest.json) a training run folder leads to: its evaluate output
     (``eval_val/`` first, else the first ``eval_*/``) and its run_info's data_dir."""
+    from covid_keras import schema
     from covid_keras.run_dir import RunDir
 
     run = RunDir(model_path) if model_path else None
@@ -485,8 +488,8 @@ def find_run_files(model_path: str | None) -> tuple[str | None, str | None]:
     manifest = None
     try:
         data_dir = run.flags().get("data_dir")
-        if data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json")):
-            manifest = os.path.join(data_dir, "manifest.json")
+        if data_dir and os.path.isfile(os.path.join(data_dir, schema.MANIFEST)):
+            manifest = os.path.join(data_dir, schema.MANIFEST)
     except (OSError, ValueError):
         pass
     return metrics, manifest
