@@ -109,6 +109,13 @@ def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
     return run, doc
 
 
+def drop_ensemble(run: RunDir) -> None:
+    """Removes the ensemble's files (best.keras, decision.json, metrics.json, the
+    out-of-fold table): --ensemble_only, or the end of a --folds run, makes them again."""
+    for path in (run.best_path, run.decision_path, run.metrics_path, run.out_of_fold_path):
+        files.remove(path)
+
+
 def fold_config(cfg, train_mod, run: RunDir):
     """The settings every fold run shares: the ensemble's, less the cross-validation
     flags, with the pretraining stage's weights (run once, here) as the start."""
@@ -131,11 +138,15 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
     todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
+    redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
     for k in todo:
         fold_run = RunDir(run.fold_dir(k))
-        if fold_run.is_finished():
+        if fold_run.is_finished() and not redo:
             log.info("fold %d/%d finished in an earlier run: reused", k + 1, cfg.folds)
             continue
+        if redo:
+            fold_run.clear()
+        drop_ensemble(run)  # a fold that changes makes the ensemble stale
         data_k = folds_mod.write_fold_data(cfg.data_dir, doc, k, run.fold_data_dir(k),
                                            cfg.val_split)
         print(f"fold {k + 1}/{cfg.folds}: training on the other folds, choosing on fold "

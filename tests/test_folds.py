@@ -282,3 +282,45 @@ def _softmax(logits):
     from covid_keras.metrics import softmax
 
     return softmax(np.asarray(logits, np.float64))
+
+
+def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_dir, tmp_path):
+    """The orchestration alone (the training replaced by a stand-in that writes a finished
+    run folder): --fold=k trains fold k once and reuses it after; a finished ensemble
+    refuses more fold jobs without --overwrite; --fold=k --overwrite trains fold k again
+    and removes the ensemble it made stale."""
+    import types
+
+    from covid_keras import cross_validation, train
+    from covid_keras.run_dir import RunDir
+
+    trained = []
+
+    def fake_train(cfg, command=None):
+        trained.append(int(cfg.run_dir.rsplit("_", 1)[1]))
+        assert cfg.folds == 0 and cfg.val_split == "val" and not cfg.overwrite
+        assert cfg.data_dir.endswith(f"fold_{trained[-1]}")
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        Path(cfg.run_dir, "final.keras").write_text("stand-in")
+        return {}
+
+    mod = types.SimpleNamespace(**{n: getattr(train, n) for n in dir(train)
+                                   if not n.startswith("__")})
+    mod.train = fake_train
+    cfg = train.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
+                            backbone="tiny", input_size=64, batch_size=2)
+    cross_validation.cross_validate(cfg.replace(fold=1), mod)
+    cross_validation.cross_validate(cfg.replace(fold=1), mod)  # finished: reused
+    assert trained == [1]
+    run = RunDir(cfg.run_dir)
+    for path in (run.best_path, run.metrics_path, run.decision_path):  # an ensemble
+        Path(path).write_text("{}")
+    with pytest.raises(ValueError, match="finished cross-validation run"):
+        cross_validation.cross_validate(cfg.replace(fold=0), mod)
+    Path(cfg.run_dir, "fold_1", "final.keras").write_text("trained before")
+    cross_validation.cross_validate(cfg.replace(fold=1, overwrite=True), mod)
+    assert trained == [1, 1]
+    assert Path(cfg.run_dir, "fold_1", "final.keras").read_text() == "stand-in"
+    assert not any(os.path.exists(p) for p in (run.best_path, run.metrics_path,
+                                               run.decision_path))
+    assert json.loads(Path(run.folds_path).read_text())["folds"] == 3  # the folds stay
