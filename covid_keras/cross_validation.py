@@ -176,7 +176,6 @@ def assemble(cfg, train_mod, run: RunDir, doc: dict) -> dict:
                          f"(--fold=k), then run --ensemble_only again")
     manifest = data.read_manifest(cfg.data_dir)
     classes = manifest["classes"]
-    pipeline = data.PipelineConfig(input_size=cfg.input_size, backbone=cfg.backbone)
     members, parts, fold_metrics = [], [], []
     for k in range(cfg.folds):
         fold_run = RunDir(run.fold_dir(k))

@@ -64,36 +64,29 @@ class GradCAM:
     """Grad-CAM maps of a model's ``logits`` over its image backbone's conv5."""
 
     def __init__(self, model: keras.Model):
-        from covid_keras.ensemble import members
-
-        # an ensemble (covid_keras.ensemble): the mean of its members' maps, each of the
-        # member's own logit of the class
-        self.members = [GradCAM(m) for m in members(model)]
+        # one [conv5, logits] model, or one per member of an ensemble (whose map is the
+        # mean of the members' maps, each on the member's own logit of the class)
+        self.models = cam_models(model)
         self.input_size = int(model.inputs[0].shape[1])
-        if self.members:
-            return
-        out = model.output
-        logits = out["logits"] if isinstance(out, dict) else out
-        self.model = keras.Model(model.inputs, [conv_features(model), logits],
-                                 name=f"{model.name}_gradcam")
 
     def __call__(self, images, class_index: int, batch_size: int = 8) -> np.ndarray:
         """images: (B, S, S, 3) normalised as the model expects -> (B, S, S) float32 maps
         in [0, 1] (each scaled by its own maximum; all zero when nothing is positive)."""
         images = np.asarray(images, np.float32)
-        if self.members:
-            return np.mean([m(images, class_index, batch_size) for m in self.members], axis=0)
-        maps = [self._batch(images[i:i + batch_size], int(class_index))
-                for i in range(0, len(images), batch_size)]
-        return np.concatenate(maps) if maps else np.zeros((0, self.input_size,
-                                                            self.input_size), np.float32)
+        if not len(images):
+            return np.zeros((0, self.input_size, self.input_size), np.float32)
+        return np.mean([np.concatenate([self._batch(cam, images[i:i + batch_size],
+                                                    int(class_index))
+                                        for i in range(0, len(images), batch_size)])
+                        for cam in self.models], axis=0)
 
-    def _batch(self, x: np.ndarray, class_index: int) -> np.ndarray:
+    @staticmethod
+    def _batch(cam, x: np.ndarray, class_index: int) -> np.ndarray:
         import tensorflow as tf
 
         x = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
-            conv, logits = self.model(x, training=False)
+            conv, logits = cam(x, training=False)
             target = tf.cast(logits[:, class_index], tf.float32)
         grads = tape.gradient(target, conv)
         if grads is None:
