@@ -28,17 +28,14 @@ from common import parser  # noqa: E402
 
 
 def write_backbone_weights(model, output: str) -> str:
-    """Saves ``model``'s image backbone to ``output`` (``covid_keras.backbones.
-    save_backbone_weights``); returns the architecture's name."""
-    from covid_keras.backbones import save_backbone_weights
-    from covid_keras.gradcam import image_backbone
-    from covid_keras.saving import model_spec
+    """Saves ``model``'s image backbone to ``output`` (``covid_keras.train.
+    write_image_backbone``, as ``--classifier_flagfile``'s stage does); returns the
+    architecture's name."""
+    from covid_keras.train import write_image_backbone
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end in .weights.h5. Received: {output}")
-    arch = model_spec(model)["backbone"]
-    save_backbone_weights(image_backbone(model), arch, output)
-    return arch
+    return write_image_backbone(model, output)
 
 
 def main(argv=None) -> int:

@@ -147,7 +147,7 @@ def _read_flagfile(path: str, included_from: str | None, stack: tuple[str, ...]
 
 
 #: Flags that name another flagfile: a relative path in a flagfile is read beside it too.
-FLAGFILE_FLAGS = ("--pretrain_flagfile",)
+FLAGFILE_FLAGS = ("--pretrain_flagfile", "--classifier_flagfile")
 
 
 def _resolve(name: str, including: str) -> str:

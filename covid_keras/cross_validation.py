@@ -61,6 +61,10 @@ def check_fold_flags(cfg) -> None:
                          "mirrored (every GPU of a machine), one --fold=k job per machine")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
+    if cfg.folds and cfg.classifier_dir:
+        raise ValueError("--folds trains the classifier stage of each fold in its own fold "
+                         "folder (fold_<k>/classifier, on that fold's training patients "
+                         "only): it takes no --classifier_dir")
     if cfg.folds and cfg.init_from and cfg.init_from.endswith(".keras"):
         raise ValueError("--folds does not take --init_from=<.keras model>: every fold would "
                          "start from the same trained model (a pretraining run or weights "

@@ -21,6 +21,7 @@ names from here):
 ``tensorboard/``    TensorBoard events
 ``backup/``         the training state while running (gone once finished)
 ``pretrain/``       ``--pretrain_flagfile``'s pretraining stage (its own folder)
+``classifier/``     ``--classifier_flagfile``'s classifier stage (an ordinary run)
 ``eval_<split>/``   ``python -m covid_keras.evaluate``'s output (its metrics.json)
 ``folds.json``      ``--folds``: the folds by patient (then best.keras is their ensemble)
 ``fold_<k>/``       ``--folds``: fold k's run folder (an ordinary run)
@@ -49,6 +50,7 @@ DECISION = "decision.json"
 TENSORBOARD = "tensorboard"
 BACKUP = "backup"
 PRETRAIN = "pretrain"
+CLASSIFIER = "classifier"
 EVAL_PREFIX = "eval_"
 FOLDS = "folds.json"
 FOLD_PREFIX = "fold_"
@@ -113,6 +115,8 @@ class RunDir:
     backup_dir = property(lambda self: self.file(BACKUP))
     #: ``--pretrain_flagfile``'s stage (a covid_keras.pretrain folder) unless --pretrain_dir
     pretrain_dir = property(lambda self: self.file(PRETRAIN))
+    #: ``--classifier_flagfile``'s stage (a covid_keras.train run) unless --classifier_dir
+    classifier_dir = property(lambda self: self.file(CLASSIFIER))
 
     folds_path = property(lambda self: self.file(FOLDS))
     out_of_fold_path = property(lambda self: self.file(OUT_OF_FOLD))

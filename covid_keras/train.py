@@ -57,6 +57,8 @@ class TrainConfig:
     init_from: str | None = None
     pretrain_flagfile: str | None = None
     pretrain_dir: str | None = None
+    classifier_flagfile: str | None = None
+    classifier_dir: str | None = None
     input_size: int = 448
     epochs: int = 120
     batch_size: int = 4
@@ -99,6 +101,7 @@ class TrainConfig:
     folds: int = 0
     fold: int = -1
     ensemble_only: bool = False
+    reuse: bool = False
 
     @classmethod
     def from_flags(cls, values=None) -> "TrainConfig":
@@ -161,6 +164,17 @@ def define_flags() -> None:
     flags.DEFINE_string("pretrain_dir", d.pretrain_dir, "The pretraining stage's run folder "
                         "(default <run_dir>/pretrain; several runs, e.g. seeds, may share "
                         "one).")
+    flags.DEFINE_string("classifier_flagfile", d.classifier_flagfile, "A first stage: a "
+                        "plain backbone classifier trained with this flagfile (python -m "
+                        "covid_keras.train on --data_dir with the same --seed, --val_split "
+                        "and --report_splits, into --classifier_dir); this run then starts "
+                        "from its image backbone (the checkpoint its --val_split chose). "
+                        "Labels of held-out splits are never used. A relative path in a "
+                        "flagfile is read beside that flagfile. A finished stage with the "
+                        "same flags is reused; an interrupted one resumes.")
+    flags.DEFINE_string("classifier_dir", d.classifier_dir, "The classifier stage's run "
+                        "folder (default <run_dir>/classifier; e.g. the ResNet-50 run of "
+                        "the same seed, which is then reused).")
     flags.DEFINE_integer("input_size", d.input_size, "Model input side in pixels.")
     flags.DEFINE_integer("epochs", d.epochs, "Epochs (ignored with --stages).")
     flags.DEFINE_integer("batch_size", d.batch_size, "Per-replica batch size.")
@@ -280,6 +294,10 @@ def define_flags() -> None:
                          "machine), then --ensemble_only; -1: every fold, then the ensemble.")
     flags.DEFINE_bool("ensemble_only", d.ensemble_only, "With --folds: assemble the "
                       "ensemble of the finished folds, training none.")
+    flags.DEFINE_bool("reuse", d.reuse, "A finished run in --run_dir with the same "
+                      "run-defining flags and data is kept and nothing trains (exit 0; how "
+                      "a stage of another run is reused); with other flags or data it is an "
+                      "error. A one-shot action: flags.cfg does not record it.")
     _DEFINED = True
 
 
@@ -287,10 +305,10 @@ def define_flags() -> None:
 #: Path flags: recorded absolute (run_info.json, flags.cfg), so a run's flags.cfg repeats it
 #: from any working directory.
 PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights", "pretrain_flagfile",
-              "pretrain_dir")
+              "pretrain_dir", "classifier_flagfile", "classifier_dir")
 #: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
 #: must not replace the finished run it came from).
-NOT_RECORDED = ("overwrite", "fold", "ensemble_only")
+NOT_RECORDED = ("overwrite", "fold", "ensemble_only", "reuse")
 
 
 def recorded_value(name: str, value):
@@ -343,7 +361,7 @@ RUN_FILES = RunDir.RUN_FILES
 # Flags that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("overwrite", "verbose", "report_splits", "num_display_images",
                      "cpu_devices", "backup_every_steps", "data_dir", "run_dir", "fold",
-                     "ensemble_only")
+                     "ensemble_only", "reuse")
 
 
 def changed_flags(stored: dict, current: dict) -> list[str]:
@@ -390,6 +408,81 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str) -> str:
     return "new"
 
 
+def reused_run(cfg: TrainConfig) -> dict | None:
+    """--reuse: the metrics of the finished run in --run_dir when it was run with the same
+    run-defining flags on the same data; None when there is no finished run; an error
+    naming what differs otherwise."""
+    from covid_keras import data
+
+    run = RunDir(cfg.run_dir)
+    if not (cfg.reuse and run.is_finished()):
+        return None
+    manifest = data.read_manifest(cfg.data_dir)
+    current = resolved_flags(apply_init_from_spec(cfg, manifest["classes"]))
+    info = run.run_info() or {}
+    diff = changed_flags(info.get("flags", run.flags()), current)
+    if info.get("dataset_manifest_sha256", files.sha256(data.manifest_path(cfg.data_dir))) \
+            != files.sha256(data.manifest_path(cfg.data_dir)):
+        diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
+    if diff:
+        raise ValueError(f"--reuse: {cfg.run_dir} holds a finished run with other flags "
+                         f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
+                         "replace it")
+    log.info("--reuse: %s holds a finished run with these flags: reused", cfg.run_dir)
+    return json.loads(files.read_text(run.metrics_path)) if files.exists(run.metrics_path) \
+        else {}
+
+
+def write_image_backbone(model, path: str) -> str:
+    """Writes ``model``'s image backbone (not DRENet's branch batch norms) as the file that
+    ``--backbone_weights`` reads (:func:`covid_keras.backbones.save_backbone_weights`);
+    returns the architecture's name."""
+    from covid_keras.backbones import save_backbone_weights
+    from covid_keras.gradcam import image_backbone
+    from covid_keras.saving import model_spec
+
+    arch = model_spec(model)["backbone"]
+    save_backbone_weights(image_backbone(model), arch, path)
+    return arch
+
+
+#: The classifier stage's backbone file, beside its best.keras.
+CLASSIFIER_BACKBONE = "classifier_backbone.weights.h5"
+
+
+def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
+    """--classifier_flagfile: trains (or resumes, or reuses) the classifier stage in its
+    own run folder, a subprocess of this command with the same data, seed, validation and
+    held-out splits, and returns its image backbone as a weights file (written from its
+    best.keras, again whenever best.keras is newer)."""
+    from covid_keras import saving
+
+    folder = cfg.classifier_dir or RunDir(run_dir).classifier_dir
+    cmd = [sys.executable, "-m", "covid_keras.train",
+           f"--flagfile={cfg.classifier_flagfile}", f"--data_dir={cfg.data_dir}",
+           f"--run_dir={folder}", f"--seed={cfg.seed}", f"--val_split={cfg.val_split}",
+           f"--report_splits={','.join(cfg.report_splits)}", f"--verbose={cfg.verbose}",
+           "--reuse"]
+    log.info("stage 0, the classifier: %s", " ".join(cmd[1:]))
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise RuntimeError(f"the classifier stage failed (exit {code}): rerun to resume it, "
+                           f"or run python -m covid_keras.train --flagfile="
+                           f"{cfg.classifier_flagfile} --run_dir={folder} alone to see why")
+    stage = RunDir(folder)
+    out = stage.file(CLASSIFIER_BACKBONE)
+    chosen = stage.checkpoint()
+    if not files.exists(out) or os.path.getmtime(out) < os.path.getmtime(chosen):
+        model = saving.load_model(chosen, compile=False)
+        arch = saving.model_spec(model)["backbone"]
+        if arch != cfg.backbone:
+            raise ValueError(f"--classifier_flagfile trains a {arch} backbone, this run a "
+                             f"{cfg.backbone} one: give both the same --backbone")
+        write_image_backbone(model, out)
+    log.info("stage 0 done: starting from the classifier's backbone (%s)", out)
+    return out
+
+
 def init_from_backbone(cfg: TrainConfig) -> bool:
     """--init_from names a pretraining run folder or a backbone weights file (not a
     .keras model)."""
@@ -398,7 +491,8 @@ def init_from_backbone(cfg: TrainConfig) -> bool:
 
 def backbone_weights(cfg: TrainConfig, run_dir: str) -> str | None:
     """The backbone's starting weights: the pretraining stage's (--pretrain_flagfile, run
-    or reused here), --init_from's pretraining run or file, else --backbone_weights."""
+    or reused here), the classifier stage's (--classifier_flagfile, likewise), --init_from's
+    pretraining run or file, else --backbone_weights."""
     from covid_keras import pretrain
 
     if cfg.pretrain_flagfile:
@@ -414,6 +508,8 @@ def backbone_weights(cfg: TrainConfig, run_dir: str) -> str | None:
                                f"--flagfile={cfg.pretrain_flagfile} --run_dir={folder} "
                                "alone to see why")
         return pretrain.weights_file(folder)
+    if cfg.classifier_flagfile:
+        return classifier_stage(cfg, run_dir)
     if init_from_backbone(cfg):
         return pretrain.weights_file(cfg.init_from)
     return cfg.backbone_weights or None
@@ -757,6 +853,9 @@ def train(cfg: TrainConfig, command: list[str] | None = None) -> dict:
     covid_keras.train`` does with these flags. Returns metrics.json's content."""
     from covid_keras import callbacks as cbs
 
+    reused = reused_run(cfg)
+    if reused is not None:
+        return reused
     r = start_run(cfg, command)
     cfg = r.cfg
     evaluator = cbs.Evaluator(cfg.data_dir, cfg.val_split, r.global_batch, r.pipeline,
@@ -881,6 +980,18 @@ def check_recipe(cfg: TrainConfig):
     except ValueError:
         raise ValueError("--lr_decay_epochs must be whole epochs, comma-separated. "
                          f"Received: {','.join(cfg.lr_decay_epochs)}") from None
+    if cfg.classifier_flagfile:
+        if cfg.pretrain_flagfile or cfg.init_from or cfg.backbone_weights:
+            raise ValueError("--classifier_flagfile makes the backbone's starting weights: it "
+                             "takes no --pretrain_flagfile (put that in the classifier's "
+                             "flagfile), --init_from or --backbone_weights")
+        if cfg.strategy == "multi_worker":
+            raise ValueError("--classifier_flagfile is not supported with --strategy="
+                             "multi_worker: train the classifier first, then pass "
+                             "--backbone_weights=<its backbone>")
+        if not os.path.isfile(cfg.classifier_flagfile):
+            raise FileNotFoundError(f"--classifier_flagfile={cfg.classifier_flagfile}: no "
+                                    "such file")
     if cfg.pretrain_flagfile and (cfg.init_from or cfg.backbone_weights):
         raise ValueError("--pretrain_flagfile makes the backbone's starting weights: it "
                          "takes neither --init_from nor --backbone_weights")

@@ -1,0 +1,127 @@
+"""``covid_keras.train --classifier_flagfile``: a classifier trained first (its own run
+folder), then this run from its image backbone; ``--reuse``; the flag checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_dataset):
+    return str(tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=4,
+                            num_slices=20, matrix=64, seed=1,
+                            flags=("--classes=normal,covid,bacterial",
+                                   "--split_fractions=0.5,0.25,0.25")))
+
+
+def image_kernels(path: Path) -> dict:
+    """The conv kernels of a saved model's image backbone, by layer name."""
+    from covid_keras import saving
+    from covid_keras.gradcam import image_backbone
+
+    backbone = image_backbone(saving.load_model(str(path), compile=False))
+    return {lay.name: np.asarray(lay.get_weights()[0]) for lay in backbone.layers
+            if type(lay).__name__ == "Conv2D"}
+
+
+@pytest.mark.slow
+def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(data_dir,
+                                                                            tmp_path,
+                                                                            commands):
+    """The stage trains a classifier into <run_dir>/classifier (the flagfile read beside the
+    flagfile that names it, with this run's seed and splits); DRENet starts from its chosen
+    checkpoint's backbone (with a zero learning rate, DRENet's final conv kernels are the
+    classifier's); a second run reuses the finished stage; a stage folder with other flags
+    is a one-line error, not silently reused."""
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "cls.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
+                                     "--model=classifier\n--epochs=1\n--steps_per_epoch=2\n")
+    (cfg_dir / "dre.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
+                                     "--classifier_flagfile=cls.cfg\n--epochs=1\n"
+                                     "--steps_per_epoch=1\n--optimizer=adam\n"
+                                     "--learning_rate=0\n--report_splits=test\n")
+    run = tmp_path / "run"
+
+    def train(*extra, ok=True):
+        proc = commands.run("covid_keras.train", f"--flagfile={cfg_dir / 'dre.cfg'}",
+                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path)
+        assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    train()
+    stage = run / "classifier"
+    weights = stage / "classifier_backbone.weights.h5"
+    assert (stage / "final.keras").is_file() and weights.is_file()
+    stage_info = json.loads((stage / "run_info.json").read_text())
+    assert stage_info["flags"]["model"] == "classifier"
+    assert stage_info["flags"]["report_splits"] == ["test"]
+    assert "best_on_test" in json.loads((stage / "metrics.json").read_text())
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["backbone_weights"]["path"] == str(weights)
+    assert f"--classifier_flagfile={cfg_dir / 'cls.cfg'}\n" in (run / "flags.cfg").read_text()
+    chosen = stage / ("best.keras" if (stage / "best.keras").exists() else "final.keras")
+    start, end = image_kernels(chosen), image_kernels(run / "final.keras")
+    assert start and start.keys() == end.keys()
+    for name in start:
+        np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+
+    mtime = chosen.stat().st_mtime_ns
+    again = train("--overwrite")
+    assert "holds a finished run with these flags: reused" in again.stderr
+    assert chosen.stat().st_mtime_ns == mtime
+
+    other = train("--overwrite", "--seed=1", ok=False)
+    errors = [ln for ln in other.stderr.splitlines() if "error" in ln.lower()]
+    assert any("--reuse" in ln and "--seed: 0 -> 1" in ln for ln in errors), other.stderr
+    assert chosen.stat().st_mtime_ns == mtime
+
+
+def config(**kw):
+    from covid_keras.train import TrainConfig
+
+    return TrainConfig(data_dir="d", run_dir="r", **kw)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"backbone_weights": "w.weights.h5"}, "takes no --pretrain_flagfile"),
+    ({"pretrain_flagfile": "p.cfg"}, "takes no --pretrain_flagfile"),
+    ({"strategy": "multi_worker"}, "not supported with --strategy=multi_worker"),
+])
+def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, message):
+    from covid_keras.train import check_recipe
+
+    flagfile = tmp_path / "cls.cfg"
+    flagfile.write_text("--model=classifier\n")
+    with pytest.raises(ValueError, match=message):
+        check_recipe(config(classifier_flagfile=str(flagfile), **extra))
+
+
+def test_a_missing_classifier_flagfile_is_named(tmp_path):
+    from covid_keras.train import check_recipe
+
+    with pytest.raises(FileNotFoundError, match="--classifier_flagfile=.*nope.cfg: no such"):
+        check_recipe(config(classifier_flagfile=str(tmp_path / "nope.cfg")))
+
+
+def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
+    from covid_keras.cross_validation import check_fold_flags
+
+    with pytest.raises(ValueError, match="takes no --classifier_dir"):
+        check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
+    check_fold_flags(config(folds=3, classifier_flagfile="c.cfg"))  # per fold: fine
+
+
+def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
+    from covid_keras import cli
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.cfg").write_text("--classifier_flagfile=cls.cfg\n")
+    argv = cli.expand_flagfiles(["p", f"--flagfile={tmp_path / 'sub' / 'a.cfg'}"])
+    assert argv == ["p", f"--classifier_flagfile={tmp_path / 'sub' / 'cls.cfg'}"]
