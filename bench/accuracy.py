@@ -19,8 +19,10 @@ and the last-5 stability are the folds' means, and ``fold_val_patient_auc_sd`` i
 spread across folds.
 
 A run whose ``metrics.json`` exists is reused (the protocol is resumable); ``--rerun``
-trains it again. Ends with a table and a ``RESULT {json}`` line (``--output_json`` writes
-it too).
+trains it again. With two flagfiles or more, every one is also compared with the first,
+paired by seed (the patient AUC differences of each split, their mean +- sd, and at how many
+seeds it was higher). Ends with a table and a ``RESULT {json}`` line (``--output_json``
+writes it too).
 
     .venv/bin/python bench/accuracy.py --data_dir=tfrecords/covid_ct_holdout \\
         --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg --seeds=0,1,2
@@ -85,7 +87,8 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
     if rerun or not metrics_path.exists():
         cmd = [sys.executable, "-m", "covid_keras.train", f"--flagfile={flagfile}",
                f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
-               f"--report_splits={','.join(splits)}", "--verbose=0", *extra]
+               f"--report_splits={','.join(splits)}", "--verbose=0",
+               *(e.replace("{seed}", str(seed)) for e in extra)]
         # a folds run resumes at its fold (a finished one is reused above)
         cmd += [f"--folds={folds}"] if folds else ["--overwrite"]
         t0 = time.time()
@@ -137,6 +140,33 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
     return summary
 
 
+def paired(models: dict, splits: list[str]) -> dict:
+    """Each model against the first, paired by seed: per split (val and the held-out ones),
+    the patient AUC differences of the seeds both ran, their mean +- sd and the wins."""
+    names = list(models)
+    out = {}
+    if len(names) < 2:
+        return out
+    ref = {r["seed"]: r for r in models[names[0]]["runs"]}
+    for name in names[1:]:
+        pair = {}
+        for split in ["val", *splits]:
+            seeds, diffs = [], []
+            for r in models[name]["runs"]:
+                base = ref.get(r["seed"])
+                a = r.get(split, {}).get("patient_auc")
+                b = (base or {}).get(split, {}).get("patient_auc")
+                if a is None or b is None or math.isnan(a) or math.isnan(b):
+                    continue
+                seeds.append(r["seed"])
+                diffs.append(a - b)
+            if diffs:
+                pair[split] = {"seeds": seeds, "diffs": diffs, **mean_sd(diffs),
+                               "wins": sum(d > 0 for d in diffs)}
+        out[f"{name} - {names[0]}"] = pair
+    return out
+
+
 def print_table(res: dict) -> None:
     def f(ms):
         return "-" if ms["mean"] is None else f"{ms['mean']:.3f} +- {ms['sd']:.3f}"
@@ -152,6 +182,12 @@ def print_table(res: dict) -> None:
     for k in keys:
         print(f"{k:<{width}}  " + "  ".join(f"{f(res['models'][n]['summary'][k]):>24}"
                                             for n in names))
+    for label, pair in res.get("paired", {}).items():
+        print(f"\npaired by seed, patient AUC of {label}:")
+        for split, d in pair.items():
+            seeds = ", ".join(f"s{s} {x:+.3f}" for s, x in zip(d["seeds"], d["diffs"]))
+            print(f"  {split}: {d['mean']:+.3f} +- {d['sd']:.3f}, higher at {d['wins']} of "
+                  f"{d['n']} ({seeds})")
 
 
 def main(argv=None) -> int:
@@ -167,7 +203,9 @@ def main(argv=None) -> int:
                    "--folds=K); 0: single runs.")
     p.add_argument("--output_json", default=None)
     p.add_argument("extra", nargs="*", help="More train flags after --, for every run "
-                   "(e.g. -- --epochs=3).")
+                   "(e.g. -- --epochs=3); {seed} in them is the run's seed (e.g. -- "
+                   "--classifier_dir=runs/acc/covid_ct_resnet50/seed{seed}: a stage shared "
+                   "with another flagfile's run of the same seed).")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
         p.error(f"--data_dir={args.data_dir} is not a data_prep output (no manifest.json)")
@@ -185,6 +223,7 @@ def main(argv=None) -> int:
                         splits, args.extra, args.rerun, args.folds) for s in seeds]
         res["models"][name] = {"flagfile": flagfile, "runs": runs,
                                "summary": summarise(runs, splits)}
+    res["paired"] = paired(res["models"], splits)
     emit_result(res, print_table, args.output_json)
     return 0
 
