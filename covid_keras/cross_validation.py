@@ -61,7 +61,7 @@ def check_fold_flags(cfg) -> None:
                          "mirrored (every GPU of a machine), one --fold=k job per machine")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
-    if cfg.folds and cfg.classifier_dir:
+    if cfg.folds and cfg.classifier_dir and not cfg.classifier_data_dir:
         raise ValueError("--folds trains the classifier stage of each fold in its own fold "
                          "folder (fold_<k>/classifier, on that fold's training patients "
                          "only): it takes no --classifier_dir")
@@ -122,12 +122,18 @@ def drop_ensemble(run: RunDir) -> None:
 
 def fold_config(cfg, train_mod, run: RunDir):
     """The settings every fold run shares: the ensemble's, less the cross-validation
-    flags, with the pretraining stage's weights (run once, here) as the start."""
+    flags, with the pretraining stage's weights (run once, here) as the start, or the
+    classifier stage's when it trains on other data (--classifier_data_dir; on the same
+    data every fold trains its own, on its own training patients)."""
     base = cfg.replace(folds=0, fold=-1, ensemble_only=False, overwrite=False,
                        val_split="val", report_splits=())
     if cfg.pretrain_flagfile:
         weights = train_mod.backbone_weights(cfg, run.path)
         base = base.replace(pretrain_flagfile=None, pretrain_dir=None, init_from=weights)
+    if cfg.classifier_flagfile and cfg.classifier_data_dir:  # other data: once for all folds
+        weights = train_mod.classifier_stage(cfg, run.path)
+        base = base.replace(classifier_flagfile=None, classifier_dir=None,
+                            classifier_data_dir=None, init_from=weights)
     return base
 
 

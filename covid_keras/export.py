@@ -40,7 +40,6 @@ import time
 from absl import flags
 
 from covid_keras import cli, files, provenance, schema
-from covid_keras.imaging import WINDOWS_HU
 from covid_keras.run_dir import RunDir
 
 FLAGS = flags.FLAGS
@@ -51,12 +50,6 @@ CLASS_NAMES_FILE = "class_names.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
 ASSETS_EXTRA = "assets.extra"
 FORMAT_VERSION = 1
-# data_prep flags that decide how a study becomes records (what predict must repeat).
-PREP_FLAGS = ("image_size", "windows", "num_slices", "sampling", "min_slices",
-              "min_lung_fraction", "lung_filter", "crop_to_lung", "fill_blank",
-              "image_window", "gas_median_hu", "max_file_mb", "max_image_pixels")
-DEFAULT_WINDOWS = [{"name": "lung", "level_hu": WINDOWS_HU["lung"][0],
-                    "width_hu": WINDOWS_HU["lung"][1]}]
 
 
 def define_flags() -> None:
@@ -102,8 +95,11 @@ def _read_json(path: str) -> dict | None:
 
 def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, list[str]]:
     """The dataset's windows and data_prep preprocessing (from the training data's
-    manifest.json, through run_info.json's data_dir), with warnings when they are unknown
-    (data_prep's defaults at the model's size are then assumed)."""
+    manifest.json, through run_info.json's data_dir; :class:`data_prep.settings.
+    PrepSettings`), with warnings when they are unknown (data_prep's defaults at the
+    model's size are then assumed, and ``settings`` is None)."""
+    from data_prep.settings import RECORDED_FLAGS, PrepSettings
+
     warnings = []
     manifest = None
     data_dir = ((run_info or {}).get("flags") or {}).get("data_dir")
@@ -115,15 +111,18 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
     if manifest is None:
         warnings.append("the training data's manifest.json is not readable: data_prep's "
                         f"default preprocessing at {input_size} px (lung window) is assumed")
-        return {"windows": DEFAULT_WINDOWS, "records_image_size": input_size,
+        assumed = PrepSettings(image_size=int(input_size))
+        return {"windows": assumed.windows_json(), "records_image_size": input_size,
                 "flags": {"image_size": input_size}, "preprocessing": None,
-                "dataset_manifest_sha256": None}, warnings
+                "settings": None, "dataset_manifest_sha256": None}, warnings
+    settings = PrepSettings.from_manifest(manifest, input_size)
     sha = files.sha256(os.path.join(data_dir, schema.MANIFEST))
-    return {"windows": manifest.get("windows") or DEFAULT_WINDOWS,
+    return {"windows": settings.windows_json(),
             "records_image_size": int(manifest.get("image", {}).get("size", input_size)),
             "flags": {k: v for k, v in (manifest.get("flags") or {}).items()
-                      if k in PREP_FLAGS},
+                      if k in RECORDED_FLAGS},
             "preprocessing": manifest.get("preprocessing"),
+            "settings": settings.to_dict(),
             "dataset_manifest_sha256": sha}, warnings
 
 
@@ -163,7 +162,10 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "variant": model_info.get("variant"),
         "windows": prep["windows"],
         "data_prep": {"records_image_size": prep["records_image_size"],
-                      "flags": prep["flags"], "preprocessing": prep["preprocessing"]},
+                      "flags": prep["flags"], "preprocessing": prep["preprocessing"],
+                      # data_prep.settings.PrepSettings: what predict prepares a study
+                      # with (None: unknown, data_prep's defaults at the input size)
+                      "settings": prep.get("settings")},
         "decision": d,
         "inputs": "windowed slices as in the records: uint8 pixel values (0..255, float32 "
                   "for serving_default / predict_study / gradcam), grey repeated on 3 "

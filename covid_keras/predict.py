@@ -37,7 +37,6 @@ pseudonym and the reason; nothing is written then.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -207,42 +206,13 @@ def zlib_error():
 
 # ------------------------------------------------------------------ preprocessing
 def prep_configs(info: dict, salt: bytes):
-    """data_prep's ScanConfig and PrepConfig as the training records were built (from the
-    export info's ``data_prep`` entry; data_prep's defaults for what it does not say)."""
-    from data_prep.limits import Limits
-    from data_prep.lung import LungMaskParams
-    from data_prep.preprocess import PrepConfig
-    from data_prep.study import ScanConfig
+    """data_prep's ScanConfig and PrepConfig as the training records were built: the export
+    info's :class:`data_prep.settings.PrepSettings` (an older export's recorded flags and
+    preprocessing; data_prep's defaults for what it does not say)."""
+    from data_prep.settings import PrepSettings
 
-    dp = info.get("data_prep") or {}
-    fl = dp.get("flags") or {}
-    pp = dp.get("preprocessing")
-    size = int(dp.get("records_image_size") or info["input_size"])
-    windows = tuple((w["name"], float(w["level_hu"]), float(w["width_hu"]))
-                    for w in info.get("windows") or [])
-    if pp:
-        known = {f.name for f in dataclasses.fields(PrepConfig)}
-        kw = {k: v for k, v in pp.items() if k in known}
-        kw["windows"] = tuple(tuple(w) for w in kw.get("windows", windows))
-        lung_known = {f.name for f in dataclasses.fields(LungMaskParams)}
-        kw["lung"] = LungMaskParams(**{k: v for k, v in (kw.get("lung") or {}).items()
-                                       if k in lung_known})
-        prep = PrepConfig(**kw)
-    else:
-        prep = PrepConfig(image_size=size, **({"windows": windows} if windows else {}))
-    limits = Limits()
-    if "max_file_mb" in fl:
-        limits = dataclasses.replace(limits, max_file_bytes=int(float(fl["max_file_mb"])
-                                                                * 1024 * 1024))
-    if "max_image_pixels" in fl:
-        limits = dataclasses.replace(limits, max_image_pixels=int(fl["max_image_pixels"]))
-    base = ScanConfig(salt=salt, limits=limits)  # data_prep's defaults, where unrecorded
-    window = fl.get("image_window") or base.image_window_hu
-    scan = dataclasses.replace(base, num_slices=int(fl.get("num_slices", base.num_slices)),
-                               sampling=str(fl.get("sampling", base.sampling)),
-                               min_slices=int(fl.get("min_slices", base.min_slices)),
-                               image_window_hu=(float(window[0]), float(window[1])))
-    return scan, prep
+    settings = PrepSettings.from_export_info(info)
+    return settings.scan_config(salt), settings.prep_config()
 
 
 def prepare_study(path: str, name: str, info: dict, salt: bytes):

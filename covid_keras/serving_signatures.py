@@ -274,11 +274,9 @@ class Signatures:
                                      f"{self.class_names}")
                 self.normal = self.class_names.index(normal)
         self.cam_model = None
-        from data_prep.preprocess import PrepConfig
+        from data_prep.settings import PrepSettings
 
-        prep = (info.get("data_prep") or {}).get("preprocessing") or {}
-        self.min_lung_fraction = float(prep.get("min_lung_fraction",
-                                                PrepConfig.min_lung_fraction))
+        self.min_lung_fraction = float(PrepSettings.from_export_info(info).min_lung_fraction)
 
     # specs
     def image_spec(self, name: str = IMAGES):

@@ -32,7 +32,7 @@ import time
 
 from absl import flags
 
-from covid_keras import cli, files, provenance
+from covid_keras import cli, files, provenance, schema
 from covid_keras.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
 from covid_keras.run_dir import BEST, RunDir
 
@@ -59,6 +59,7 @@ class TrainConfig:
     pretrain_dir: str | None = None
     classifier_flagfile: str | None = None
     classifier_dir: str | None = None
+    classifier_data_dir: str | None = None
     input_size: int = 448
     epochs: int = 120
     batch_size: int = 4
@@ -175,6 +176,11 @@ def define_flags() -> None:
     flags.DEFINE_string("classifier_dir", d.classifier_dir, "The classifier stage's run "
                         "folder (default <run_dir>/classifier; e.g. the ResNet-50 run of "
                         "the same seed, which is then reused).")
+    flags.DEFINE_string("classifier_data_dir", d.classifier_data_dir, "The classifier "
+                        "stage's data (default --data_dir), e.g. generated studies "
+                        "(python -m data_prep.phantom, any number of patients: supervised "
+                        "pretraining on phantoms); its own val split chooses its checkpoint "
+                        "and it reports no held-out split.")
     flags.DEFINE_integer("input_size", d.input_size, "Model input side in pixels.")
     flags.DEFINE_integer("epochs", d.epochs, "Epochs (ignored with --stages).")
     flags.DEFINE_integer("batch_size", d.batch_size, "Per-replica batch size.")
@@ -305,7 +311,7 @@ def define_flags() -> None:
 #: Path flags: recorded absolute (run_info.json, flags.cfg), so a run's flags.cfg repeats it
 #: from any working directory.
 PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights", "pretrain_flagfile",
-              "pretrain_dir", "classifier_flagfile", "classifier_dir")
+              "pretrain_dir", "classifier_flagfile", "classifier_dir", "classifier_data_dir")
 #: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
 #: must not replace the finished run it came from).
 NOT_RECORDED = ("overwrite", "fold", "ensemble_only", "reuse")
@@ -452,17 +458,21 @@ CLASSIFIER_BACKBONE = "classifier_backbone.weights.h5"
 
 def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     """--classifier_flagfile: trains (or resumes, or reuses) the classifier stage in its
-    own run folder, a subprocess of this command with the same data, seed, validation and
-    held-out splits, and returns its image backbone as a weights file (written from its
+    own run folder, a subprocess of this command with the same seed and the same data,
+    validation and held-out splits (or --classifier_data_dir's, with its own val split and
+    nothing held out), and returns its image backbone as a weights file (written from its
     best.keras, again whenever best.keras is newer)."""
     from covid_keras import saving
 
     folder = cfg.classifier_dir or RunDir(run_dir).classifier_dir
     cmd = [sys.executable, "-m", "covid_keras.train",
-           f"--flagfile={cfg.classifier_flagfile}", f"--data_dir={cfg.data_dir}",
-           f"--run_dir={folder}", f"--seed={cfg.seed}", f"--val_split={cfg.val_split}",
-           f"--report_splits={','.join(cfg.report_splits)}", f"--verbose={cfg.verbose}",
-           "--reuse"]
+           f"--flagfile={cfg.classifier_flagfile}", f"--run_dir={folder}",
+           f"--seed={cfg.seed}", f"--verbose={cfg.verbose}", "--reuse"]
+    if cfg.classifier_data_dir:  # other data: its own val split, nothing held out reported
+        cmd += [f"--data_dir={cfg.classifier_data_dir}", "--report_splits="]
+    else:
+        cmd += [f"--data_dir={cfg.data_dir}", f"--val_split={cfg.val_split}",
+                f"--report_splits={','.join(cfg.report_splits)}"]
     log.info("stage 0, the classifier: %s", " ".join(cmd[1:]))
     code = subprocess.run(cmd).returncode
     if code:
@@ -992,6 +1002,13 @@ def check_recipe(cfg: TrainConfig):
         if not os.path.isfile(cfg.classifier_flagfile):
             raise FileNotFoundError(f"--classifier_flagfile={cfg.classifier_flagfile}: no "
                                     "such file")
+    elif cfg.classifier_data_dir or cfg.classifier_dir:
+        raise ValueError("--classifier_data_dir and --classifier_dir need "
+                         "--classifier_flagfile")
+    if cfg.classifier_data_dir and not files.exists(
+            os.path.join(cfg.classifier_data_dir, schema.MANIFEST)):
+        raise FileNotFoundError(f"--classifier_data_dir={cfg.classifier_data_dir} is not a "
+                                f"data_prep output (no {schema.MANIFEST})")
     if cfg.pretrain_flagfile and (cfg.init_from or cfg.backbone_weights):
         raise ValueError("--pretrain_flagfile makes the backbone's starting weights: it "
                          "takes neither --init_from nor --backbone_weights")

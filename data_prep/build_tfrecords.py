@@ -28,13 +28,13 @@ import secrets
 from absl import flags
 
 from covid_keras import cli, files, provenance
-from covid_keras.imaging import WINDOWS_HU, parse_windows
+from covid_keras.imaging import parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams
-from data_prep.preprocess import FILL_MODES, SAMPLING_MODES, PrepConfig
+from data_prep.preprocess import FILL_MODES, SAMPLING_MODES
+from data_prep.settings import DEFAULTS, PrepSettings
 from data_prep.split import SCHEMES
-from data_prep.study import ScanConfig
 
 FLAGS = flags.FLAGS
 
@@ -66,30 +66,39 @@ flags.DEFINE_list("label_map", [], "FROM:TO label renames, e.g. COVID:covid,NonC
 flags.DEFINE_list("manifest_columns", [], "OURS:THEIRS column names for a manifest with other "
                   "headers, e.g. study_path:file.")
 flags.DEFINE_list("split_map", [], "FROM:TO renames of the manifest's split values.")
-flags.DEFINE_integer("image_size", 448, "Output slice size in pixels (square).")
-flags.DEFINE_list("windows", ["lung"], "1 or 3 windows, each a name (lung, mediastinal, bone) "
-                  "or LEVEL:WIDTH in HU; one image channel each.")
-flags.DEFINE_integer("num_slices", 15, "Slices sampled per series (paper: 15).")
-flags.DEFINE_enum("sampling", "paper", list(SAMPLING_MODES), "paper: indices i*n/15; middle50: "
-                  "the authors' code, ~15 from the middle 50% of the stack.")
-flags.DEFINE_integer("min_slices", 8, "Series with fewer slices are rejected (too_few_slices).")
-flags.DEFINE_float("min_lung_fraction", 0.05, "Drop slices whose lung mask is below this "
-                   "fraction of the body cross-section.")
-flags.DEFINE_bool("lung_filter", True, "Drop slices with too little lung. Off: keep every slice "
-                  "(those without a found lung are kept whole).")
-flags.DEFINE_bool("crop_to_lung", True, "Crop to the lung box and zero outside the lung. Off: "
-                  "the whole slice, padded square.")
-flags.DEFINE_enum("fill_blank", "rotate", list(FILL_MODES), "Fill the "
+# The preparation flags; their defaults are data_prep.settings.PrepSettings's.
+flags.DEFINE_integer("image_size", DEFAULTS.image_size,
+                     "Output slice size in pixels (square).")
+flags.DEFINE_list("windows", [n for n, _, _ in DEFAULTS.windows],
+                  "1 or 3 windows, each a name (lung, mediastinal, bone) or LEVEL:WIDTH in HU; "
+                  "one image channel each.")
+flags.DEFINE_integer("num_slices", DEFAULTS.num_slices, "Slices sampled per series (paper: 15).")
+flags.DEFINE_enum("sampling", DEFAULTS.sampling, list(SAMPLING_MODES),
+                  "paper: indices i*n/15; middle50: the authors' code, ~15 from the middle 50% "
+                  "of the stack.")
+flags.DEFINE_integer("min_slices", DEFAULTS.min_slices,
+                     "Series with fewer slices are rejected (too_few_slices).")
+flags.DEFINE_float("min_lung_fraction", DEFAULTS.min_lung_fraction,
+                   "Drop slices whose lung mask is below this fraction of the body "
+                   "cross-section.")
+flags.DEFINE_bool("lung_filter", DEFAULTS.lung_filter,
+                  "Drop slices with too little lung. Off: keep every slice (those without a "
+                  "found lung are kept whole).")
+flags.DEFINE_bool("crop_to_lung", DEFAULTS.crop_to_lung,
+                  "Crop to the lung box and zero outside the lung. Off: the whole slice, "
+                  "padded square.")
+flags.DEFINE_enum("fill_blank", DEFAULTS.fill_blank, list(FILL_MODES), "Fill the "
                   "blank around the lungs with rotated lung (paper), in every split, the same "
                   "for a slice on every run. none: zeros. rotate_train: the paper's train-only "
                   "fill; train and val/test become different image distributions (on the demo "
                   "5 % vs 77 % zero pixels, lesions 4x denser in train), which costs "
                   "accuracy.")
-flags.DEFINE_list("image_window", [f"{v:g}" for v in WINDOWS_HU["lung"]], "LEVEL,WIDTH in "
-                  "HU that 8-bit slice images are assumed to be windowed with (maps grey back "
-                  "to pseudo-HU).")
-flags.DEFINE_float("gas_median_hu", -900.0, "Lung-mask air regions whose median HU is below this "
-                   "are gas (bowel, stomach), not lung. Slice images ignore it (no real HU).")
+flags.DEFINE_list("image_window", [f"{v:g}" for v in DEFAULTS.image_window_hu],
+                  "LEVEL,WIDTH in HU that 8-bit slice images are assumed to be windowed with "
+                  "(maps grey back to pseudo-HU).")
+flags.DEFINE_float("gas_median_hu", DEFAULTS.lung.gas_median_hu,
+                   "Lung-mask air regions whose median HU is below this are gas (bowel, "
+                   "stomach), not lung. Slice images ignore it (no real HU).")
 flags.DEFINE_enum("split_scheme", "paper", list(SCHEMES), "paper: 60/10/30 by patient; "
                   "repeated_3to1: seed 004's five 3:1 train/val splits (see --repeat).")
 flags.DEFINE_list("split_fractions", ["0.6", "0.1", "0.3"], "train,val,test patient fractions.")
@@ -232,17 +241,16 @@ def build_config(salt: bytes | None = None) -> pipeline.RunConfig:
     _check_values()
     dataset, output_dir = _dataset_and_output()
     level, width = (float(v) for v in FLAGS.image_window)
-    scan = ScanConfig(salt=salt or b"", num_slices=FLAGS.num_slices, sampling=FLAGS.sampling,
-                      min_slices=FLAGS.min_slices, image_window_hu=(level, width),
-                      limits=limits.Limits(
-                          max_file_bytes=int(FLAGS.max_file_mb * 1024 * 1024),
-                          max_image_pixels=FLAGS.max_image_pixels,
-                          study_timeout_s=FLAGS.study_timeout_s,
-                          worker_memory_mb=FLAGS.worker_memory_mb))
-    prep = PrepConfig(image_size=FLAGS.image_size, windows=tuple(parse_windows(FLAGS.windows)),
-                      lung_filter=FLAGS.lung_filter, min_lung_fraction=FLAGS.min_lung_fraction,
-                      crop_to_lung=FLAGS.crop_to_lung, fill_blank=FLAGS.fill_blank,
-                      lung=LungMaskParams(gas_median_hu=FLAGS.gas_median_hu))
+    settings = PrepSettings(
+        num_slices=FLAGS.num_slices, sampling=FLAGS.sampling, min_slices=FLAGS.min_slices,
+        image_window_hu=(level, width), max_file_bytes=int(FLAGS.max_file_mb * 1024 * 1024),
+        max_image_pixels=FLAGS.max_image_pixels, image_size=FLAGS.image_size,
+        windows=tuple(parse_windows(FLAGS.windows)), lung_filter=FLAGS.lung_filter,
+        min_lung_fraction=FLAGS.min_lung_fraction, crop_to_lung=FLAGS.crop_to_lung,
+        fill_blank=FLAGS.fill_blank, lung=LungMaskParams(gas_median_hu=FLAGS.gas_median_hu))
+    scan = settings.scan_config(salt or b"", limits.Limits(
+        study_timeout_s=FLAGS.study_timeout_s, worker_memory_mb=FLAGS.worker_memory_mb))
+    prep = settings.prep_config()
     fractions = tuple(float(v) for v in FLAGS.split_fractions)
     cfg = pipeline.RunConfig(
         output_dir=output_dir, scan=scan, prep=prep, classes=tuple(FLAGS.classes),

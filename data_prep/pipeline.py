@@ -51,6 +51,8 @@ from data_prep import redact, storage, workers
 from data_prep.errors import Issue, StudyError
 from data_prep.preprocess import PrepConfig
 from data_prep.progress import Progress
+from data_prep.settings import MANIFEST_KEY as SETTINGS_KEY
+from data_prep.settings import PrepSettings
 from data_prep.split import PatientInfo, assign_splits, check_disjoint, merge_patient
 from data_prep.split import repeated_splits as all_repeats
 from data_prep.study import (
@@ -747,6 +749,9 @@ def build_manifest(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         "files": files,
         "flags": resolved_flags,
         "preprocessing": _jsonable(dataclasses.asdict(cfg.prep)),
+        # every setting the records were built with (data_prep.settings), read back by
+        # export and predict
+        SETTINGS_KEY: PrepSettings.from_configs(cfg.scan, cfg.prep).to_dict(),
         "versions": provenance.package_versions(),
     }
     if cfg.split_scheme == "repeated_3to1":

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from covid_keras.imaging import WINDOWS_HU, unit_to_u8, window_hu
+from covid_keras.imaging import unit_to_u8, window_hu
 from data_prep.lung import LungMaskParams, lung_and_body_masks
+from data_prep.settings import DEFAULTS
 
 # none: zeros outside the lung; rotate: rotated-lung fill in every split (deterministic per
 # slice); rotate_train: the paper's train-only fill (train and val/test then differ).
@@ -34,7 +35,8 @@ FILL_MODES = ("rotate", "none", "rotate_train")
 SAMPLING_MODES = ("paper", "middle50")
 
 
-def sample_indices(n: int, num: int = 15, mode: str = "paper") -> list[int]:
+def sample_indices(n: int, num: int = DEFAULTS.num_slices, mode: str = DEFAULTS.sampling
+                   ) -> list[int]:
     """Which of ``n`` ordered slices to use.
 
     ``paper``: indices ``i * n // num`` for i = 0..num-1 (all slices when n <= num).
@@ -58,9 +60,12 @@ def sample_indices(n: int, num: int = 15, mode: str = "paper") -> list[int]:
 
 @dataclass(frozen=True)
 class PrepConfig:
-    image_size: int = 448
-    windows: tuple[tuple[str, float, float], ...] = (("lung", *WINDOWS_HU["lung"]),)
-    lung_filter: bool = True
+    """How one slice is prepared; the defaults (and what each means) are
+    :class:`data_prep.settings.PrepSettings`'s, the one home of data_prep's settings."""
+
+    image_size: int = DEFAULTS.image_size
+    windows: tuple[tuple[str, float, float], ...] = DEFAULTS.windows
+    lung_filter: bool = DEFAULTS.lung_filter
     # Lung area / body area below which a slice is dropped. Real data (../shared/data): the
     # ten axial lung slices of COVID-19-NY-SBU and the three dcmqi lower-thorax slices have
     # 0.157-0.269 (severe ground glass included); the abdomen-only slices of A027284 and
@@ -68,10 +73,10 @@ class PrepConfig:
     # authors' trainer used 4.1 % of the image, about 7 % of a typical body) and drops
     # slices with only a sliver of lung. (The paper's "50 % of the image" cannot be a
     # fraction of the whole image: no real slice has that much lung.)
-    min_lung_fraction: float = 0.05
-    crop_to_lung: bool = True
-    crop_margin: float = 0.05
-    fill_blank: str = "rotate"  # one of FILL_MODES
+    min_lung_fraction: float = DEFAULTS.min_lung_fraction
+    crop_to_lung: bool = DEFAULTS.crop_to_lung
+    crop_margin: float = DEFAULTS.crop_margin
+    fill_blank: str = DEFAULTS.fill_blank  # one of FILL_MODES
     lung: LungMaskParams = field(default_factory=LungMaskParams)
 
     def __post_init__(self) -> None:

@@ -32,11 +32,12 @@ import cv2
 import numpy as np
 
 from covid_keras import schema
-from covid_keras.imaging import WINDOWS_HU, grey_to_hu
+from covid_keras.imaging import grey_to_hu
 from data_prep import dicom_io, limits, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits, StudyTimeout
 from data_prep.preprocess import PreparedSlice, PrepConfig, prepare_slice, sample_indices
+from data_prep.settings import DEFAULTS
 
 # Bytes read to find a PNG / JPEG's dimensions (a JPEG's frame header can follow EXIF and
 # ICC segments of up to 64 KiB each).
@@ -62,13 +63,16 @@ class StudyTask:
 
 @dataclass(frozen=True)
 class ScanConfig:
+    """Which slices of a study, and the study's limits; the defaults are
+    :class:`data_prep.settings.PrepSettings`'s (the one home of data_prep's settings)."""
+
     salt: bytes
-    num_slices: int = 15
-    sampling: str = "paper"
-    min_slices: int = 8
+    num_slices: int = DEFAULTS.num_slices
+    sampling: str = DEFAULTS.sampling
+    min_slices: int = DEFAULTS.min_slices
     # The window 8-bit slice images are assumed to have been exported with: their grey
     # levels are mapped back to pseudo-HU through it.
-    image_window_hu: tuple[float, float] = WINDOWS_HU["lung"]
+    image_window_hu: tuple[float, float] = DEFAULTS.image_window_hu
     limits: Limits = field(default_factory=Limits)
 
 

@@ -103,6 +103,18 @@ def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, me
         check_recipe(config(classifier_flagfile=str(flagfile), **extra))
 
 
+def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp_path):
+    from covid_keras.train import check_recipe
+
+    with pytest.raises(ValueError, match="need --classifier_flagfile"):
+        check_recipe(config(classifier_data_dir=str(tmp_path)))
+    flagfile = tmp_path / "cls.cfg"
+    flagfile.write_text("--model=classifier\n")
+    with pytest.raises(FileNotFoundError, match="is not a data_prep output"):
+        check_recipe(config(classifier_flagfile=str(flagfile),
+                            classifier_data_dir=str(tmp_path)))
+
+
 def test_a_missing_classifier_flagfile_is_named(tmp_path):
     from covid_keras.train import check_recipe
 
@@ -116,6 +128,8 @@ def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
     with pytest.raises(ValueError, match="takes no --classifier_dir"):
         check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg"))  # per fold: fine
+    check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",
+                            classifier_data_dir="phantoms"))  # other data: one shared stage
 
 
 def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
@@ -125,3 +139,32 @@ def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_p
     (tmp_path / "sub" / "a.cfg").write_text("--classifier_flagfile=cls.cfg\n")
     argv = cli.expand_flagfiles(["p", f"--flagfile={tmp_path / 'sub' / 'a.cfg'}"])
     assert argv == ["p", f"--classifier_flagfile={tmp_path / 'sub' / 'cls.cfg'}"]
+
+
+@pytest.mark.parametrize("other_data", [False, True])
+def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
+        tmp_path, monkeypatch, other_data):
+    """On the same data the stage gets this run's seed, val split and held-out splits; on
+    --classifier_data_dir that folder, its own val split and no held-out split. A failed
+    stage is an error that says how to resume it."""
+    import subprocess
+
+    from covid_keras import train
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 3))
+    extra = {"classifier_data_dir": str(tmp_path / "phantoms")} if other_data else {}
+    cfg = config(classifier_flagfile="cls.cfg", seed=7, val_split="tune",
+                 report_splits=("test",), **extra)
+    with pytest.raises(RuntimeError, match="classifier stage failed .exit 3.: rerun"):
+        train.classifier_stage(cfg, str(tmp_path / "run"))
+    (cmd,) = calls
+    assert cmd[1:4] == ["-m", "covid_keras.train", "--flagfile=cls.cfg"]
+    assert f"--run_dir={tmp_path / 'run' / 'classifier'}" in cmd
+    assert "--seed=7" in cmd and "--reuse" in cmd
+    if other_data:
+        assert f"--data_dir={tmp_path / 'phantoms'}" in cmd and "--report_splits=" in cmd
+        assert not any(c.startswith("--val_split") for c in cmd)
+    else:
+        assert {"--data_dir=d", "--val_split=tune", "--report_splits=test"} <= set(cmd)

@@ -278,8 +278,8 @@ def test_no_lung_slices_are_flagged_boxes_clipped_and_the_lung_outlined(setup, t
 
     model = setup["model"]
     info = json.loads(json.dumps(model.info))
-    assert info["data_prep"]["preprocessing"], info["data_prep"]
-    info["data_prep"]["preprocessing"]["lung_filter"] = False
+    assert info["data_prep"]["settings"], info["data_prep"]  # data_prep.settings
+    info["data_prep"]["settings"]["lung_filter"] = False
     unfiltered = types.SimpleNamespace(info=info, predict_study=model.predict_study,
                                        gradcam=model.gradcam, source=model.source)
     out_dir = tmp_path / "out"
