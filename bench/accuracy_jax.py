@@ -6,9 +6,11 @@ reported once), but over a ``.npz`` written by ``bench/export_npz.py`` instead o
 TFRecords, with the input pipeline done in NumPy: per epoch a seeded shuffle, the last
 partial batch dropped, the trainer's augmentation (flip, brightness jitter and, where the
 flagfile asks, zoom, gamma and rotation: the same distributions as the tf.data pipeline),
-grey to RGB, the backbone's normalisation. The model (``--input_norm`` included: a layer of
-it), optimiser, schedule and loss are the project's own (:mod:`covid_keras.drenet`,
-:mod:`covid_keras.baselines`, :mod:`covid_keras.recipes`), built from the flagfile's flags;
+grey to RGB. The model takes the pixel values: the backbone's normalisation is its first
+layer (``include_preprocessing``: :class:`covid_keras.layers.BackboneNormalization`; no
+copy of it here), ``--input_norm`` another layer of it. The optimiser, schedule and loss
+are the project's own (:mod:`covid_keras.drenet`, :mod:`covid_keras.baselines`,
+:mod:`covid_keras.recipes`), built from the flagfile's flags;
 ``--input_size`` overrides the flagfile's (448 on the GPU).
 Differences from ``covid_keras.train``: no tf.data shuffle buffer (a full shuffle instead),
 no TensorBoard, the best weights are kept in memory.
@@ -43,9 +45,6 @@ for p in (str(HERE), str(REPO)):
 from accuracy import mean_sd, print_table, stability_of, summarise  # noqa: E402
 from common import emit_result, parser  # noqa: E402
 
-CAFFE_MEAN_BGR = np.array((103.939, 116.779, 123.68), np.float32)
-TORCH_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-TORCH_STD = np.array((0.229, 0.224, 0.225), np.float32)
 SMOOTHING_EPOCHS = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS (that module imports TF)
 
 
@@ -73,16 +72,11 @@ def read_flagfile(path: str) -> dict[str, str]:
     return out
 
 
-def normalize(x_u8: np.ndarray, backbone: str) -> np.ndarray:
-    from covid_keras.backbones import PREPROCESSING
-
-    x = x_u8.astype(np.float32)
-    mode = PREPROCESSING[backbone]
-    if mode == "caffe":
-        return x[..., ::-1] - CAFFE_MEAN_BGR
-    if mode == "torch":
-        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
-    return x / 127.5 - 1.0
+def pixels(x_u8: np.ndarray) -> np.ndarray:
+    """The models' input: the pixel values as float32 (0..255). The models are built with
+    ``include_preprocessing``: the backbone's normalisation is their first layer
+    (covid_keras.layers.BackboneNormalization), as in the trainer's models."""
+    return x_u8.astype(np.float32)
 
 
 def to_rgb(x: np.ndarray) -> np.ndarray:
@@ -254,11 +248,11 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                              trainable=f.get("trainable", "all"),
                              head_hidden_units=int(hidden) if hidden not in (None, "") else None,
                              bn_momentum=float(f.get("bn_momentum", BN_MOMENTUM)),
-                             input_norm=input_norm)
+                             input_norm=input_norm, include_preprocessing=True)
         compile_kw = {}
     else:
         model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"),
-                                 input_norm=input_norm)
+                                 input_norm=input_norm, include_preprocessing=True)
         compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)}}
     apply_trainable(model, f.get("trainable", "all"))
@@ -274,13 +268,13 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     model.compile(optimizer=opt, jit_compile=True, **compile_kw)
     ema = opt.use_ema  # --ema_momentum: validate and keep the weights' moving average
     rng = np.random.default_rng([seed, 12345])
-    x_eval = {s: normalize(to_rgb(x[s]), backbone) for s in splits if s != "train"}
+    x_eval = {s: pixels(to_rgb(x[s])) for s in splits if s != "train"}
     # --bn_stats: the population statistics come from the training images as evaluated
     # (no augmentation), in training-size batches in a fixed shuffled order (batches that
     # mix patients and classes, as in training; the records come patient by patient)
     if bn_stats != "moving":
         pop_order = np.random.default_rng([seed, 777]).permutation(len(y["train"]))
-        x_pop = normalize(to_rgb(x["train"][pop_order]), backbone)
+        x_pop = pixels(to_rgb(x["train"][pop_order]))
         pop_batches = [x_pop[i:i + batch] for i in range(0, len(x_pop), batch)]
         pop_forward = compiled_forward(model)
 
@@ -328,7 +322,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
         order = rng.permutation(len(y["train"]))
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
-            xb = normalize(to_rgb(augment(x["train"][idx], rng, **aug)), backbone)
+            xb = pixels(to_rgb(augment(x["train"][idx], rng, **aug)))
             logs = model.train_on_batch(xb, y["train"][idx], return_dict=True)
         extra = {}
         if ema:  # diagnostics: the weights being trained, before the average goes in

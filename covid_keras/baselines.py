@@ -13,7 +13,7 @@ import keras
 from keras import layers
 
 from covid_keras.backbones import build_backbone
-from covid_keras.layers.intensity import input_normalization
+from covid_keras.layers.intensity import backbone_normalization, input_normalization
 
 TRAINABLE = ("all", "last3", "head")
 
@@ -54,18 +54,23 @@ def apply_trainable(model: keras.Model, mode: str) -> None:
 def build_classifier(backbone: str = "resnet50", num_classes: int = 5,
                      input_size: int = 224, weights: str | None = None,
                      trainable: str = "all", dropout: float = 0.0,
-                     input_norm: str = "none", name: str | None = None) -> keras.Model:
+                     input_norm: str = "none", name: str | None = None,
+                     include_preprocessing: bool = False) -> keras.Model:
     """A plain image classifier with ``{"logits": (B, num_classes)}`` output.
 
     ``input_norm="per_image"``: each image to zero mean and a fixed spread first
-    (:mod:`covid_keras.layers.intensity`)."""
+    (:mod:`covid_keras.layers.intensity`). ``include_preprocessing``: the backbone's
+    normalisation is the model's first layer (``BackboneNormalization``): it takes RGB
+    pixel values 0..255; False (every model saved before the layer): normalised ones."""
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2. Received: num_classes={num_classes}")
+    pixels = backbone_normalization(backbone, include_preprocessing)
     norm = input_normalization(input_norm, backbone)
     net = build_backbone(backbone, weights)
     set_trainable(net, trainable)
     image = keras.Input((input_size, input_size, 3), name="image")
-    x = net(norm(image) if norm else image)["pool"]
+    x = pixels(image) if pixels else image
+    x = net(norm(x) if norm else x)["pool"]
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)

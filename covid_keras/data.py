@@ -6,8 +6,9 @@
 Training: the shard list is shuffled every epoch, shards are read with a parallel
 interleave, records shuffled, parsed, decoded, augmented (horizontal flip and a
 multiplicative brightness jitter, as the authors; small rotations optional), normalised as
-the backbone expects, batched (the last partial batch dropped), prefetched; optionally
-class-balanced.
+the backbone expects for a model without its own normalisation layer (``cfg.normalize``;
+a model built with ``include_preprocessing`` gets the raw pixel values), batched
+(the last partial batch dropped), prefetched; optionally class-balanced.
 Evaluation: the shards in order, no shuffle, no augmentation, every record exactly once
 (the last batch kept), with the record keys alongside for patient-level aggregation.
 """
@@ -24,10 +25,7 @@ import tensorflow as tf
 from covid_keras import schema
 from covid_keras.backbones import PREPROCESSING
 from covid_keras.imaging import BRIGHTNESS_RANGE, check_augmentation
-
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
+from covid_keras.layers.intensity import normalize_pixels
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
@@ -78,17 +76,27 @@ def class_weights(manifest: dict, split: str = "train") -> dict[int, float]:
 
 
 def normalize(image_u8, backbone: str):
-    """uint8 RGB-ordered (B, H, W, 3) or (H, W, 3) -> float32 as the backbone was trained."""
+    """uint8 RGB-ordered (B, H, W, 3) or (H, W, 3) -> float32 as the backbone was trained:
+    the input of a model without its own normalisation layer (every model saved before
+    ``include_preprocessing``). The formula is the layer's
+    (:func:`covid_keras.layers.intensity.normalize_pixels`), computed with TensorFlow's
+    NumPy API so that it runs in a tf.data graph under any Keras backend."""
+    import tensorflow.experimental.numpy as tnp
+
     mode = PREPROCESSING.get(backbone)
     if mode is None:
         raise ValueError(f"No preprocessing for backbone {backbone!r}. Known: "
                          f"{sorted(PREPROCESSING)}")
-    x = tf.cast(image_u8, tf.float32)
-    if mode == "caffe":
-        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR)
-    if mode == "torch":
-        return (x / 255.0 - tf.constant(TORCH_MEAN)) / tf.constant(TORCH_STD)
-    return x / 127.5 - 1.0
+    return normalize_pixels(tf.cast(image_u8, tf.float32), mode, xp=tnp)
+
+
+def model_input(image_u8, cfg: PipelineConfig):
+    """The model's input from uint8 RGB images: normalised as the backbone expects
+    (``cfg.normalize``: a model without its own normalisation layer), else the pixel values
+    as float32 (0..255: the model normalises them itself)."""
+    if cfg.normalize:
+        return normalize(image_u8, cfg.backbone)
+    return tf.cast(image_u8, tf.float32)
 
 
 def decode_image(encoded, input_size: int, rgb: bool = True):
@@ -178,6 +186,11 @@ def _rotate(image, angle):
 class PipelineConfig:
     input_size: int = 448
     backbone: str = "resnet50"
+    # True: the images normalised as the backbone expects (a model without its own
+    # normalisation layer, e.g. every model saved before it existed); False: the pixel
+    # values 0..255 as float32, for a model built with include_preprocessing
+    # (:meth:`for_model` sets it from the model's spec).
+    normalize: bool = True
     rotation_degrees: float = 0.0
     brightness: str = "multiplicative"
     zoom: float = 0.0
@@ -187,6 +200,15 @@ class PipelineConfig:
     class_balanced: bool = False
     num_classes: int = 0  # for class balancing
     seed: int = 0
+
+    @classmethod
+    def for_model(cls, spec: dict, **kwargs) -> PipelineConfig:
+        """The pipeline that feeds a model as it was trained: its input size, its backbone
+        and whether it normalises its own input, from its spec
+        (:func:`covid_keras.saving.model_spec`, or the ``covid_keras.json`` info; a spec
+        without ``include_preprocessing`` is a model that expects normalised input)."""
+        return cls(input_size=int(spec["input_size"]), backbone=spec["backbone"],
+                   normalize=not spec.get("include_preprocessing", False), **kwargs)
 
 
 def _parse(serialized):
@@ -271,8 +293,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
 
 
 def _output(r, img_u8, cfg: PipelineConfig, with_meta: bool):
-    image = normalize(tf.ensure_shape(img_u8, [cfg.input_size, cfg.input_size, 3]),
-                      cfg.backbone)
+    image = model_input(tf.ensure_shape(img_u8, [cfg.input_size, cfg.input_size, 3]), cfg)
     label = tf.cast(r[schema.LABEL_INDEX], tf.int32)
     if not with_meta:
         return image, label
@@ -312,7 +333,8 @@ def make_pretrain_dataset(sources: list[tuple[str, str]], batch_size: int, epoch
     ``cfg.seed`` and ``epoch`` (a resumed run sees what the killed one would have seen).
     Each element: (images (2N, S, S, 3), zeros (2N,)), the first N rows one view of N
     slices and the next N the other view of the same slices, normalised as the backbone
-    expects. Only the image is parsed: the labels are never read."""
+    expects (the raw pixel values with ``cfg.normalize`` False). Only the image is
+    parsed: the labels are never read."""
     files = [f for d, s in sources for f in shard_files(d, s)]
     image_only = {schema.IMAGE: schema.parse_spec()[schema.IMAGE]}
     order_seed = cfg.seed * 1_000_003 + int(epoch)
@@ -330,9 +352,8 @@ def make_pretrain_dataset(sources: list[tuple[str, str]], batch_size: int, epoch
         for v in range(2):
             aug = augment(img, tf.stack([base[0], base[1] * (1 << 40) + 2 * i + v]),
                           views.rotation_degrees, cfg.brightness, views.zoom, views.gamma)
-            out.append(normalize(tf.ensure_shape(to_rgb(aug), [cfg.input_size,
-                                                              cfg.input_size, 3]),
-                                 cfg.backbone))
+            out.append(model_input(tf.ensure_shape(to_rgb(aug), [cfg.input_size,
+                                                                 cfg.input_size, 3]), cfg))
         return out[0], out[1]
 
     ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)

@@ -44,6 +44,7 @@ from covid_keras.layers import (
     RegionCrop,
     TopKNMS,
     ZoomImage,
+    backbone_normalization,
     input_normalization,
 )
 from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS, level_grid
@@ -101,7 +102,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
                  head_norm: bool = True, head_hidden_units: int | None = None,
                  bn_momentum: float = BN_MOMENTUM, input_norm: str = "none",
-                 name: str = "drenet") -> DRENet:
+                 include_preprocessing: bool = False, name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -132,6 +133,10 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         first (:mod:`covid_keras.layers.intensity`), so the outputs do not depend on its
         overall brightness or contrast. The crops and the generated image are cut from the
         standardised image.
+      include_preprocessing: the backbone's normalisation (caffe, torch or tf) is the
+        model's first layer (:class:`~covid_keras.layers.BackboneNormalization`): the model
+        takes RGB pixel values 0..255. False (every model saved before the layer): the
+        model takes them normalised (:func:`covid_keras.data.normalize`).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -155,14 +160,17 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "dropout": float(dropout), "trainable": trainable,
                     "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
                     "head_hidden_units": head_hidden_units,
-                    "bn_momentum": float(bn_momentum), "input_norm": input_norm}
+                    "bn_momentum": float(bn_momentum), "input_norm": input_norm,
+                    "include_preprocessing": bool(include_preprocessing)}
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net
     generated_net = branch_view(net, "generated") if branch_bn else net
+    pixels = backbone_normalization(backbone, include_preprocessing)
     norm = input_normalization(input_norm, backbone)
     raw_image = keras.Input((input_size, input_size, 3), name="image")
-    image = norm(raw_image) if norm else raw_image
+    image = pixels(raw_image) if pixels else raw_image
+    image = norm(image) if norm else image
     feats = net(image)
     raw_logits = layers.Dense(num_classes, dtype="float32", name="raw_logits")(feats["pool"])
 

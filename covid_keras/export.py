@@ -158,6 +158,9 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "input_size": int(model_info["input_size"]),
         "backbone": model_info["backbone"],
         "normalisation": model_info["preprocessing"],
+        # the model applies it itself (its first layer); absent / false: a model saved
+        # before that layer, which the serving graph normalises for
+        "include_preprocessing": bool(model_info.get("include_preprocessing", False)),
         "model": model_info.get("model"),
         "variant": model_info.get("variant"),
         "windows": prep["windows"],

@@ -3,7 +3,10 @@
 A ``.keras`` file written by :func:`save_model` carries, beside Keras's own entries, a
 ``covid_keras.json`` entry: the class names (in output order), the backbone, the input
 size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
-``keras.applications``), the model kind, and the package version. :func:`load_model`
+``keras.applications``) and whether the model applies it itself
+(``include_preprocessing``: its first layer is ``BackboneNormalization`` and it takes RGB
+pixel values 0..255; absent or false: it takes them normalised, as every model saved before
+the layer), the model kind, and the package version. :func:`load_model`
 returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
 be used without reading the run folder. Keras ignores the extra entry.
 
@@ -46,6 +49,7 @@ def model_info(model, class_names: list[str]) -> dict:
             "input_size": spec["input_size"],
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
+            "include_preprocessing": spec["include_preprocessing"],
             "members": spec.get("members", 1),
             "covid_keras_version": __version__}
 
@@ -121,7 +125,8 @@ def load_model(path: str, compile: bool = True):
 
 
 #: The keys of :func:`model_spec`.
-SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm")
+SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm",
+             "include_preprocessing")
 
 
 def saved_model_spec(path: str) -> dict:
@@ -131,8 +136,11 @@ def saved_model_spec(path: str) -> dict:
 
 def model_spec(source, where: str | None = None) -> dict:
     """Backbone, input size, number of classes, model kind (``drenet`` / ``classifier``) and
-    input normalisation (``input_norm``) of a model: what ``train --init_from``, evaluation
-    and the benchmarks need to feed it the way it was trained. The one implementation.
+    input normalisation (``input_norm``) of a model, and whether it normalises its own input
+    (``include_preprocessing``: it takes RGB pixel values 0..255; false for every model
+    saved before the layer, which takes them normalised as the backbone expects): what
+    ``train --init_from``, evaluation and the benchmarks need to feed it the way it was
+    trained. The one implementation.
 
     ``source``: a ``.keras`` path (its config and covid_keras.json are read, no weights), a
     built model, or a serialised model (``keras.saving.serialize_keras_object`` of a built
@@ -172,7 +180,8 @@ def _config_spec(config: dict, where: str) -> dict:
         b = config["config"]["build_config"]
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
                 "num_classes": int(b["num_classes"]), "model": "drenet",
-                "input_norm": b.get("input_norm", "none")}
+                "input_norm": b.get("input_norm", "none"),
+                "include_preprocessing": bool(b.get("include_preprocessing", False))}
     layers_ = config.get("config", {}).get("layers", [])
     # build_backbone names the backbone model <arch>_backbone: the only record of the
     # architecture in a classifier saved without covid_keras.json.
@@ -187,5 +196,6 @@ def _config_spec(config: dict, where: str) -> dict:
                          "size or logits layer in its config)")
     norm = "per_image" if any(lay.get("class_name") == "PerImageStandardization"
                               for lay in layers_) else "none"
+    own = any(lay.get("class_name") == "BackboneNormalization" for lay in layers_)
     return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
-            "model": "classifier", "input_norm": norm}
+            "model": "classifier", "input_norm": norm, "include_preprocessing": own}

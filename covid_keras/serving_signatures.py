@@ -2,9 +2,12 @@
 
 Every signature takes *windowed slices as in the records*: the uint8 pixel values of the
 slice data_prep prepared (lung crop, window, fill; ``image/encoded`` of a record), before
-the backbone's normalisation, which happens inside the graph (:func:`covid_keras.data.
-normalize`, the input pipeline's own function). A client therefore never needs to know
-whether the backbone wants ``caffe``, ``torch`` or ``tf`` normalisation.
+the backbone's normalisation, which happens inside the graph: in the model itself when it
+was built with ``include_preprocessing`` (its ``BackboneNormalization`` layer; the export
+info's ``include_preprocessing``), else, for a model saved before that layer, in front of
+it (:func:`covid_keras.data.normalize`, the input pipeline's function, the same formula). A
+client therefore never needs to know whether the backbone wants ``caffe``, ``torch`` or
+``tf`` normalisation.
 
 =================  ===========================================  ===========================
 signature          inputs                                       outputs
@@ -258,6 +261,8 @@ class Signatures:
         self.model = model
         self.size = int(info["input_size"])
         self.backbone = info["backbone"]
+        # a model saved before BackboneNormalization expects normalised input
+        self.normalize = not info.get("include_preprocessing", False)
         self.class_names = list(info["class_names"])
         self.channels = len(info.get("windows") or [None])
         if self.channels not in (1, 3):
@@ -295,9 +300,14 @@ class Signatures:
                 PREDICT_STUDY: self.predict_study, GRADCAM: self.gradcam}
 
     # the model
+    def _model_input(self, images):
+        """Pixel values 0..255 -> the model's input (normalised for a model without its own
+        normalisation layer)."""
+        x = tf.cast(images, tf.float32)
+        return data.normalize(x, self.backbone) if self.normalize else x
+
     def _outputs(self, images):
-        x = data.normalize(tf.cast(images, tf.float32), self.backbone)
-        out = self.model(x, training=False)
+        out = self.model(self._model_input(images), training=False)
         if not isinstance(out, dict):
             out = {"logits": out}
         probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
@@ -380,7 +390,7 @@ class Signatures:
 
         if self.cam_model is None:  # one per member of an ensemble: their maps' mean
             self.cam_model = gradcam.cam_models(self.model)
-        x = data.normalize(tf.cast(images, tf.float32), self.backbone)
+        x = self._model_input(images)
         maps = []
         for cam in self.cam_model:
             with tf.GradientTape() as tape:

@@ -99,8 +99,10 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     for name, kind in (("d", "drenet"), ("c", "classifier")):
         run = res["models"][name]["runs"][0]
         assert run["backend"] == "jax"
+        # read off the model: the backbone's normalisation is its first layer
         assert run["model"] == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
-                                "model": kind, "input_norm": "per_image"}  # read off the model
+                                "model": kind, "input_norm": "per_image",
+                                "include_preprocessing": True}
         assert run["augment"] == {"brightness": "multiplicative", "zoom": 0.2,
                                   "gamma": 0.3, "rotation_degrees": 10.0}
         assert len(run["history"]) == 2 and 0.0 <= run["test"]["patient_auc"] <= 1.0

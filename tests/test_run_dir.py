@@ -70,7 +70,8 @@ def test_model_spec_reads_what_saving_stored(tmp_path):
     assert info["backbone"] == "tiny" and info["input_norm"] == "per_image"
     run = RunDir(tmp_path / "run")
     expected = {"backbone": "tiny", "input_size": 32, "num_classes": 3,
-                "model": "classifier", "input_norm": "per_image"}
+                "model": "classifier", "input_norm": "per_image",
+                "include_preprocessing": False}  # built without BackboneNormalization
     assert run.model_spec() == expected
     assert saving.model_spec(model) == expected
     loaded = run.load_model()

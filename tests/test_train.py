@@ -212,7 +212,8 @@ def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
     for name, model in (("d", "drenet"), ("c", "classifier")):
         spec = saved_model_spec(str(tmp_path / f"{name}.keras"))
         assert spec == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
-                        "model": model, "input_norm": input_norm}
+                        "model": model, "input_norm": input_norm,
+                        "include_preprocessing": False}
     (tmp_path / "bad.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="bad.keras is not a readable .keras model"):
         saved_model_spec(str(tmp_path / "bad.keras"))

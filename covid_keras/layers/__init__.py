@@ -7,11 +7,18 @@ from covid_keras.layers.crop import RegionCrop, crop_and_resize
 from covid_keras.layers.ensemble import FromAnsweringMember, MeanProbabilities
 from covid_keras.layers.generated import ConfidenceMapImage, ZoomImage
 from covid_keras.layers.head import MLPHead
-from covid_keras.layers.intensity import PerImageStandardization, input_normalization
+from covid_keras.layers.intensity import (
+    BackboneNormalization,
+    PerImageStandardization,
+    backbone_normalization,
+    input_normalization,
+)
 from covid_keras.layers.navigator import ProposalHead
 from covid_keras.layers.topk import TopKNMS, greedy_nms_topk
 
-__all__ = ["AnchorGrid", "ConfidenceMapImage", "FromAnsweringMember", "MeanProbabilities",
+__all__ = ["AnchorGrid", "BackboneNormalization", "ConfidenceMapImage", "FromAnsweringMember",
+           "MeanProbabilities",
            "MLPHead", "ProposalHead", "RegionAttention", "PerImageStandardization",
-           "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes", "crop_and_resize",
+           "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes", "backbone_normalization",
+           "crop_and_resize",
            "greedy_nms_topk", "input_normalization", "iou_matrix"]

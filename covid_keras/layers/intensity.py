@@ -1,4 +1,14 @@
-"""Per-image intensity standardisation (pure Keras 3): the model's first layer with
+"""The model's input normalisation (pure Keras 3): the backbone's own preprocessing
+(:class:`BackboneNormalization`, in a model built with ``include_preprocessing=True``, as
+keras-hub's preprocessors and ``keras.applications``' ``include_preprocessing``) and the
+optional per-image standardisation (``input_norm="per_image"``).
+
+:func:`normalize_pixels` is the one formula of the backbone's normalisation: the layer
+applies it with ``keras.ops``; the input pipeline (:func:`covid_keras.data.normalize`)
+applies it with TensorFlow's NumPy API only for a model saved before the layer existed,
+which expects normalised input.
+
+Per-image intensity standardisation: the model's first layer with
 ``input_norm="per_image"``.
 
 Each image is shifted and scaled to zero mean and a fixed spread over all its pixels and
@@ -16,9 +26,69 @@ still see inputs of the range they were trained on.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from covid_keras.imaging import INPUT_NORMS
+
+# The backbones' preprocessing (keras.applications'): caffe = RGB -> BGR minus the ImageNet
+# mean (0-255 units); torch = (pixels / 255 - mean) / std; tf = pixels / 127.5 - 1.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+PREPROCESSING_MODES = ("caffe", "torch", "tf")
+
+
+def normalize_pixels(x, mode: str, xp=ops):
+    """RGB pixel values 0..255 (float32, channels last) -> the backbone's input for
+    ``mode`` (:data:`PREPROCESSING_MODES`). ``xp``: the array API that computes it
+    (``keras.ops``; ``tf.experimental.numpy`` in a tf.data graph under any backend)."""
+    if mode == "caffe":
+        return xp.flip(x, axis=-1) - np.asarray(CAFFE_MEAN_BGR, np.float32)
+    if mode == "torch":
+        return (x / 255.0 - np.asarray(TORCH_MEAN, np.float32)) / np.asarray(TORCH_STD,
+                                                                              np.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    raise ValueError(f"mode must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}")
+
+
+@keras.saving.register_keras_serializable(package="covid_keras")
+class BackboneNormalization(keras.layers.Layer):
+    """(B, H, W, 3) RGB pixel values 0..255 -> the backbone's input (:func:`normalize_pixels`
+    for ``mode``): the first layer of a model built with ``include_preprocessing=True``,
+    saved with it, so every caller (the input pipeline, the export graph, the JAX
+    benchmark) feeds the raw pixel values."""
+
+    def __init__(self, mode: str, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(f"mode must be one of {PREPROCESSING_MODES}. Received: "
+                             f"mode={mode!r}")
+        self.mode = mode
+
+    def call(self, images):
+        return normalize_pixels(ops.cast(images, "float32"), self.mode)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def backbone_normalization(backbone: str, include_preprocessing: bool):
+    """The :class:`BackboneNormalization` of ``backbone`` (``include_preprocessing``), else
+    None (the model expects normalised input, as every model saved before the layer)."""
+    from covid_keras.backbones import PREPROCESSING
+
+    if not include_preprocessing:
+        return None
+    if backbone not in PREPROCESSING:
+        raise ValueError(f"No preprocessing for backbone {backbone!r}. Known: "
+                         f"{sorted(PREPROCESSING)}")
+    return BackboneNormalization(PREPROCESSING[backbone], name="backbone_normalization")
 
 # Spread of a preprocessed image: caffe = pixels - mean (0-255 units; ImageNet's pixel sd is
 # about 58-64), torch = (pixels / 255 - mean) / std (sd about 1), tf = pixels / 127.5 - 1.
