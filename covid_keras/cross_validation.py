@@ -55,10 +55,10 @@ def check_fold_flags(cfg) -> None:
     if cfg.folds and not -1 <= cfg.fold < cfg.folds:
         raise ValueError(f"--fold must be in [0, {cfg.folds}) (or -1: every fold). "
                          f"Received: {cfg.fold}")
-    if cfg.folds and cfg.strategy == "multi_worker":
-        raise ValueError("--folds does not run under --strategy=multi_worker yet (every "
-                         "worker would write the folds): run the folds with --strategy="
-                         "mirrored (every GPU of a machine), one --fold=k job per machine")
+    if cfg.folds and cfg.strategy == "multi_worker" and cfg.fold < 0:
+        raise ValueError("--folds under --strategy=multi_worker trains one fold at a time: "
+                         "pass --fold=k (the cluster's workers train fold k together), then "
+                         "--ensemble_only on one machine")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
     if cfg.folds and cfg.classifier_dir and not cfg.classifier_data_dir:
@@ -143,6 +143,10 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     from covid_keras import folds as folds_mod
 
     check_fold_flags(cfg)
+    if cfg.strategy == "multi_worker":  # before any TensorFlow op (collectives)
+        from covid_keras.distributed import make_strategy
+
+        make_strategy(cfg.strategy)
     run, doc = prepare(cfg, train_mod)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)

@@ -94,12 +94,20 @@ def fit_custom_loop(model, optimizer, strategy, dataset_fn, steps_per_epoch: int
     cb.on_train_end()
 
 
+_MULTI_WORKER = None
+
+
 def make_strategy(name: str):
     """The tf.distribute strategy named by ``--strategy`` (train and pretrain):
     ``multi_worker`` (TF_CONFIG), ``one_device`` (the first GPU, else the CPU), or
     ``mirrored``: every visible GPU, several logical CPUs (tests), else one device."""
+    global _MULTI_WORKER
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # One per process, made before any other TensorFlow op (collective ops are set up
+        # at start-up): --folds makes it first, then the fold's training takes the same.
+        if _MULTI_WORKER is None:
+            _MULTI_WORKER = tf.distribute.MultiWorkerMirroredStrategy()
+        return _MULTI_WORKER
     gpus = tf.config.list_logical_devices("GPU")
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")

@@ -207,7 +207,17 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
                     "source_manifest_sha256": document["dataset_manifest_sha256"],
                     "folds_sha256": document_sha(document)}
     files.write_json(os.path.join(tmp, MANIFEST), out)
-    files.rmtree(out_dir)
+    # Several workers of one fold (--strategy=multi_worker) write the same folder at once:
+    # the first rename wins, and a ready folder another worker made is never replaced.
+    if fold_data_ready(out_dir, document, fold):
+        files.rmtree(tmp)
+        return out_dir
+    files.rmtree(out_dir)  # stale: made from other folds
     files.makedirs(os.path.dirname(out_dir.rstrip("/")) or ".")
-    files.rename(tmp, out_dir)
+    try:
+        files.rename(tmp, out_dir)
+    except OSError:
+        if not fold_data_ready(out_dir, document, fold):
+            raise
+        files.rmtree(tmp)
     return out_dir

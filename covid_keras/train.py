@@ -297,7 +297,8 @@ def define_flags() -> None:
                          "of the folds' class probabilities) and decision.json is chosen on "
                          "the out-of-fold predictions of every training patient.")
     flags.DEFINE_integer("fold", d.fold, "With --folds: train fold k alone (one job per "
-                         "machine), then --ensemble_only; -1: every fold, then the ensemble.")
+                         "machine, or every worker of a --strategy=multi_worker cluster), "
+                         "then --ensemble_only; -1: every fold, then the ensemble.")
     flags.DEFINE_bool("ensemble_only", d.ensemble_only, "With --folds: assemble the "
                       "ensemble of the finished folds, training none.")
     flags.DEFINE_bool("reuse", d.reuse, "A finished run in --run_dir with the same "

@@ -80,6 +80,69 @@ def test_a_fold_data_folder_splits_by_patient_and_keeps_the_held_out_split(data_
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
 
 
+def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_path,
+                                                                 monkeypatch):
+    """Two workers of one fold (--strategy=multi_worker) write its data folder at once: the
+    one that finds the folder made while it wrote keeps it (the other worker may be reading
+    it) and drops its own copy; a folder made from other folds is replaced."""
+    from covid_keras import folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    doc = folds.folds_document(folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir),
+                               ["train", "val"])
+    out = folds.write_fold_data(str(data_dir), doc, 0, str(tmp_path / "fold_0"))
+    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+    real, calls = folds.fold_data_ready, []
+
+    def not_yet_at_first(*args):  # as if the other worker finished while this one wrote
+        calls.append(args)
+        return len(calls) > 1 and real(*args)
+
+    monkeypatch.setattr(folds, "fold_data_ready", not_yet_at_first)
+    assert folds.write_fold_data(str(data_dir), doc, 0, out) == out
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+    assert sorted(os.listdir(tmp_path)) == ["fold_0"]  # no temporary folder left
+    monkeypatch.setattr(folds, "fold_data_ready", real)
+    other = folds.folds_document(folds.assign_folds(table, 2, seed=1), 2, 1, str(data_dir),
+                                 ["train", "val"])
+    folds.write_fold_data(str(data_dir), other, 0, out)
+    assert folds.fold_data_ready(out, other, 0) and not folds.fold_data_ready(out, doc, 0)
+
+
+@pytest.mark.slow
+def test_two_workers_train_one_fold_together(data_dir, tmp_path):
+    """--fold=k under --strategy=multi_worker: both workers make the same folds and fold
+    data, train fold k as one run of 2 replicas, and only the chief writes its model."""
+    import socket
+
+    from tests.helpers import user_env
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    run = tmp_path / "run"
+    procs = []
+    for i in range(2):
+        env = dict(user_env(), KERAS_BACKEND="tensorflow", TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "covid_keras.train", *QUICK, f"--data_dir={data_dir}",
+             f"--run_dir={run}", "--folds=2", "--fold=0", "--strategy=multi_worker"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    info = json.loads((run / "fold_0" / "run_info.json").read_text())
+    assert info["strategy"] == "multi_worker" and info["replicas"] == 2
+    assert (run / "fold_0" / "final.keras").exists()
+    assert not (run / "fold_0" / ".worker-1" / "final.keras").exists()
+    assert not (run / "fold_1").exists() and not (run / "best.keras").exists()
+    assert [p.name for p in (run / "folds_data").iterdir()] == ["fold_0"]  # no tmp left
+
+
 def _train(commands, *args):
     proc = commands.run("covid_keras.train", *QUICK, *args, cwd=REPO, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -195,7 +258,7 @@ def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, command
     for args, message in ((["--folds=1"], "--folds must be 0"),
                           (["--fold=1"], "--fold and --ensemble_only need --folds"),
                           (["--folds=3", "--fold=3"], "--fold must be in"),
-                          (["--folds=3", "--strategy=multi_worker"], "multi_worker yet"),
+                          (["--folds=3", "--strategy=multi_worker"], "pass --fold=k"),
                           (["--folds=3", "--ensemble_only"], "are not finished")):
         proc = commands.run("covid_keras.train", *QUICK, f"--data_dir={data_dir}",
                             f"--run_dir={tmp_path / 'r'}", *args, cwd=REPO, timeout=600)
