@@ -12,6 +12,11 @@ copy of it here), ``--input_norm`` another layer of it. The optimiser, schedule 
 are the project's own (:mod:`covid_keras.drenet`, :mod:`covid_keras.baselines`,
 :mod:`covid_keras.recipes`), built from the flagfile's flags;
 ``--input_size`` overrides the flagfile's (448 on the GPU).
+A flagfile with ``--classifier_flagfile`` (e.g. DRENet from a ResNet-50 classifier) runs
+that stage first in the same job, as the trainer does: the classifier flagfile with the same
+seed, fold and input size (``<run>.stage.json``), then the run from its chosen weights' image
+backbone (``<run>.stage.weights.h5``); the run's JSON repeats the stage's figures
+(``classifier_stage``: the pair of the same seed), and a finished stage is reused.
 Differences from ``covid_keras.train``: no tf.data shuffle buffer (a full shuffle instead),
 no TensorBoard, the best weights are kept in memory.
 
@@ -202,9 +207,30 @@ def fold_pool(d, folds: int, seed: int, fold: int) -> dict:
             "val": (imgs[inside], labels[inside], keys[inside])}
 
 
+def classifier_stage(data_path: str, flagfile: str, seed: int, input_size: int | None,
+                     overrides: dict[str, str], out_path: Path, track_held_out: bool,
+                     bn_stats: str, fold: tuple[int, int] | None) -> tuple[dict, Path]:
+    """``--classifier_flagfile``'s stage, as ``train`` runs it: the classifier flagfile
+    with the same seed, fold, input size and overrides (less the stage flags), its result
+    beside the run's (``<run>.stage.json``) and its chosen weights' image backbone as a
+    ``.weights.h5`` that the run's backbone starts from; a finished stage is reused."""
+    stage_json = out_path.with_suffix(".stage.json")
+    weights = out_path.with_suffix(".stage.weights.h5")
+    if stage_json.exists() and weights.exists():
+        return json.loads(stage_json.read_text()), weights
+    own = {k: v for k, v in overrides.items()
+           if k not in ("classifier_flagfile", "classifier_dir", "classifier_data_dir")}
+    res = run_one(data_path, flagfile, seed, input_size, own, stage_json, track_held_out,
+                  bn_stats, fold, save_backbone=weights)
+    return res, weights
+
+
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             overrides: dict[str, str], out_path: Path, track_held_out: bool = False,
-            bn_stats: str = "moving", fold: tuple[int, int] | None = None) -> dict:
+            bn_stats: str = "moving", fold: tuple[int, int] | None = None,
+            save_backbone: Path | None = None) -> dict:
+    """One run of ``flagfile`` (its JSON written to ``out_path``); ``save_backbone``: also
+    write the chosen weights' image backbone there (a classifier stage's output)."""
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
@@ -218,6 +244,14 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
 
     f = read_flagfile(flagfile)
     f.update(overrides)
+    if f.get("classifier_data_dir"):
+        raise ValueError("--classifier_data_dir is not supported here: one .npz holds one "
+                         "data set")
+    stage, start = None, None
+    if f.get("classifier_flagfile"):  # the stage first (it seeds and runs its own model)
+        stage, start = classifier_stage(data_path, f["classifier_flagfile"], seed,
+                                        input_size, overrides, out_path, track_held_out,
+                                        bn_stats, fold)
     size = input_size or int(f.get("input_size", 448))
     backbone = f.get("backbone", "resnet50")
     epochs, batch = int(f.get("epochs", 120)), int(f.get("batch_size", 4))
@@ -243,7 +277,8 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
            "gamma": float(f.get("gamma_jitter", 0.0)),
            "rotation_degrees": float(f.get("rotation_degrees", 0.0))}
     if f.get("model", "drenet") == "drenet":
-        model = build_drenet(n, input_size=size, backbone=backbone, weights=None,
+        model = build_drenet(n, input_size=size, backbone=backbone,
+                             weights=str(start) if start else None,
                              variant=f.get("variant", "paper"),
                              trainable=f.get("trainable", "all"),
                              head_hidden_units=int(hidden) if hidden not in (None, "") else None,
@@ -251,7 +286,8 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                              input_norm=input_norm, include_preprocessing=True)
         compile_kw = {}
     else:
-        model = build_classifier(backbone, n, size, None, trainable=f.get("trainable", "all"),
+        model = build_classifier(backbone, n, size, str(start) if start else None,
+                                 trainable=f.get("trainable", "all"),
                                  input_norm=input_norm, include_preprocessing=True)
         compile_kw = {"loss": {"logits": keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)}}
@@ -367,6 +403,11 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
               f"{m['patient_auc']:.3f} (smoothed {smoothed:.3f}), loss {loss:.3f}, "
               f"{time.time() - t0:.0f} s", flush=True)
     model.set_weights(best_weights)
+    if save_backbone is not None:
+        from covid_keras.backbones import save_backbone_weights
+        from covid_keras.gradcam import image_backbone
+
+        save_backbone_weights(image_backbone(model), backbone, str(save_backbone))
     val_m, _ = evaluate("val")
     res = {"seed": seed, "best_epoch": best_epoch, "input_size": size, "bn_stats": bn_stats,
            "model": model_spec(keras.saving.serialize_keras_object(model)), "augment": aug,
@@ -377,6 +418,9 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     for split in held_out:
         m, _ = evaluate(split)
         res[split] = {k: m[k] for k in ("patient_auc", "slice_auc")}
+    if stage is not None:  # the classifier it started from (same seed): a paired figure
+        res["classifier_stage"] = {k: stage[k] for k in ["seed", "best_epoch", "val",
+                                                         *held_out] if k in stage}
     if fold is not None:  # the ensemble is assembled from every fold's probabilities
         res["fold"], res["classes"] = list(fold), classes
         res["train_patients"] = sorted({str(k) for k in pat["train"]})

@@ -201,3 +201,42 @@ def test_folds_make_one_ensemble_run_per_seed(tmp_path):
     expected = metrics.classification_metrics(mean, np.asarray(parts[0]["test_labels"]),
                                               parts[0]["test_patients"], parts[0]["classes"])
     assert run["test"]["patient_auc"] == pytest.approx(expected["patient_auc"])
+
+
+def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, tmp_path,
+                                                                           monkeypatch):
+    """A flagfile with --classifier_flagfile (read beside it): the classifier trains first
+    with the same seed (<run>.stage.json), its chosen weights' image backbone is written
+    (<run>.stage.weights.h5) and DRENet is built from that file; the run's JSON carries the
+    stage's figures (paired by seed); a second run reuses the finished stage. In-process,
+    on whatever backend the suite runs: the code is backend-neutral Keras."""
+    import covid_keras.drenet as drenet_mod
+
+    _npz(tmp_path / "d.npz")
+    common = ["--backbone=tiny", "--input_size=64", "--batch_size=4", "--epochs=1",
+              "--optimizer=adam", "--learning_rate=1e-3", "--lr_decay_epochs="]
+    (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", *common]) + "\n")
+    (tmp_path / "d.cfg").write_text("\n".join(["--model=drenet", *common,
+                                               "--classifier_flagfile=c.cfg"]) + "\n")
+    built, real = [], drenet_mod.build_drenet
+    monkeypatch.setattr(drenet_mod, "build_drenet",
+                        lambda *a, **kw: built.append(kw["weights"]) or real(*a, **kw))
+    out = tmp_path / "w" / "d-seed0.json"
+    out.parent.mkdir()
+    res = jx.run_one(str(tmp_path / "d.npz"), str(tmp_path / "d.cfg"), 0, None, {}, out)
+    stage_json, weights = out.with_suffix(".stage.json"), out.with_suffix(".stage.weights.h5")
+    stage = json.loads(stage_json.read_text())
+    assert stage["model"]["model"] == "classifier" and stage["seed"] == 0
+    assert built == [str(weights)]
+    assert res["classifier_stage"]["test"] == stage["test"]
+    assert res["classifier_stage"]["val"] == stage["val"]
+
+    from covid_keras.backbones import build_backbone
+
+    fresh = build_backbone("tiny")  # the file holds trained weights, not a fresh init
+    loaded = build_backbone("tiny", weights=str(weights))
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh.get_weights(),
+                                                        loaded.get_weights()))
+    stamp = weights.stat().st_mtime_ns
+    jx.run_one(str(tmp_path / "d.npz"), str(tmp_path / "d.cfg"), 0, None, {}, out)
+    assert weights.stat().st_mtime_ns == stamp and built[-1] == str(weights)
