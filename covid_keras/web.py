@@ -47,8 +47,12 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   login included; on a loopback ``--host`` the loopback names by default), POSTs whose
   ``Origin`` is another site refused, ``--auth_token_file`` (a bearer header, or the login
   form at ``/login``: the token is POSTed, never put in a URL, and answered with an
-  HttpOnly, SameSite=Strict cookie that holds a key derived from the token, not the token);
-  both flags are required when binding any other address.
+  HttpOnly, SameSite=Strict, Path=/ cookie, Secure with ``--secure_cookies``); both flags
+  are required when binding any other address. The cookie (:mod:`covid_keras.web_auth`) is
+  signed with a key derived from the token, not the token: it survives a restart, a new
+  token ends it, and it ends ``--session_hours`` (12) after the login. ``POST /logout``
+  (the page's Sign out button) clears and revokes it. Five bad tokens in a minute from one
+  address (an IPv6 /64) are answered 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -56,8 +60,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import html
 import json
 import logging
@@ -124,6 +126,13 @@ def define_flags() -> None:
                         "needs: 'Authorization: Bearer <token>', or typed once into the login "
                         "form at /login (then an HttpOnly same-site cookie). Required when "
                         "--host is not loopback.")
+    flags.DEFINE_float("session_hours", 12.0, "A login (its cookie) lasts this long; then the "
+                       "token is asked again. The cookie is signed with a key derived from the "
+                       "token: a restart keeps users signed in, a new token signs them out.")
+    flags.DEFINE_bool("secure_cookies", False, "Mark the login cookie Secure (sent over HTTPS "
+                      "only): give it when a TLS proxy is in front (README). Without it the "
+                      "cookie is Secure only for a request the proxy on 127.0.0.1 marks as "
+                      "HTTPS (X-Forwarded-Proto).")
     flags.DEFINE_string("tmp_dir", None, "The folder the page owns for its per-request "
                         "folders; leftovers (a killed page's) are removed at start (default: "
                         "covid_keras_web-<uid> in the system's temporary folder). Was: where "
@@ -876,24 +885,27 @@ def _static(name: str) -> bytes:
     return resources.files("covid_keras").joinpath(STATIC, name).read_bytes()
 
 
-def index_html(card: dict, limits: Limits) -> str:
+def index_html(card: dict, limits: Limits, logout: bool = False) -> str:
+    """The page; ``logout``: with the sign-out button (when a token is needed)."""
     page = _static("index.html").decode("utf-8")
+    button = ('<button type="button" id="logout" class="logout">Sign out</button>'
+              if logout else "")
     return (page.replace("<!--NOTICE-->", html.escape(NOTICE))
             .replace("<!--LIMITS-->", html.escape(limits.describe()))
+            .replace("<!--LOGOUT-->", button)
             .replace("<!--CARD-->", card_html(card)))
 
 
 TOKEN_COOKIE = "covid_keras_session"
 LOGIN_PATH = "/login"
+LOGOUT_PATH = "/logout"
 LOGIN_MAX_BYTES = 4096
-LOGIN_CSP = ("default-src 'none'; form-action 'self'; frame-ancestors 'none'; "
+LOGIN_CSP = ("default-src 'none'; img-src data:; form-action 'self'; frame-ancestors 'none'; "
              "base-uri 'none'")
-
-
-def session_key(token: str) -> str:
-    """The login cookie's value: a key derived from the token (HMAC-SHA256), so the cookie
-    never holds the token itself (the same token may open the REST API)."""
-    return hmac.new(token.encode(), b"covid_keras.web session", hashlib.sha256).hexdigest()
+#: The login form's referrer policy: a browser sends ``Origin: null`` with a form POST from
+#: a page whose policy is no-referrer, which the Origin check refuses; same-origin sends the
+#: page's own origin to the page and no referrer anywhere else (it links nowhere).
+LOGIN_REFERRER_POLICY = "same-origin"
 
 
 def login_html(message: str = "") -> str:
@@ -902,7 +914,8 @@ def login_html(message: str = "") -> str:
     alert = f'<p role="alert"><strong>{html.escape(message)}</strong></p>' if message else ""
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<meta name="referrer" content="no-referrer"><link rel="icon" href="data:,">'
+            f'<meta name="referrer" content="{LOGIN_REFERRER_POLICY}">'
+            '<link rel="icon" href="data:,">'
             "<title>covid_keras: sign in</title></head><body>"
             "<h1>Chest CT: COVID-19 diagnosis with evidence</h1>"
             f"<p>{html.escape(NOTICE)}</p>{alert}"
@@ -935,11 +948,15 @@ class _HostCheck:
 
 def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
                top_slices: int = 3, tmp_dir: str | None = None, debug: bool = False,
-               access=None):
+               access=None, sessions=None, login_limiter=None, secure_cookies: bool = False):
     """The Starlette app: ``GET /`` (the page), ``GET /static/{app.js,style.css}``,
     ``GET /api/card``, ``POST /api/predict`` (multipart ``files``), ``GET|POST /login``
-    (the token form). ``access``: a :class:`covid_keras.serve.Access` (Host on every
-    request, Origin on POSTs, the token on all but the login; None: none)."""
+    (the token form), ``POST /logout``. ``access``: a :class:`covid_keras.serve.Access`
+    (Host on every request, Origin on POSTs, the token on all but the login and logout;
+    None: none). With a token: ``sessions`` (a :class:`covid_keras.web_auth.Sessions`;
+    default: from the token, 12 h) signs and checks the login cookie, ``login_limiter`` (a
+    :class:`covid_keras.web_auth.LoginLimiter`; default 5 bad tokens a minute per address)
+    counts failed logins; ``secure_cookies``: the cookie is Secure (a TLS proxy in front)."""
     import threading
 
     import anyio
@@ -948,7 +965,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
     from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from starlette.routing import Route
 
-    from covid_keras import files, predict
+    from covid_keras import files, predict, web_auth
     from covid_keras.serve import Access, ServingError
     from data_prep import redact
 
@@ -960,7 +977,8 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         log.warning("removed %d request folder(s) a previous run of the page left", removed)
     budget = DiskBudget(limits.disk_budget_bytes)
     card = json.loads(json.dumps(card))  # the page's own copy: it follows the answers
-    state = {"page": index_html(card, limits), "version": str(card["model"].get("version"))}
+    state = {"page": index_html(card, limits, logout=access.token is not None),
+             "version": str(card["model"].get("version"))}
     assets = {"app.js": ("text/javascript", _static("app.js")),
               "style.css": ("text/css", _static("style.css"))}
     one_model = anyio.CapacityLimiter(1)
@@ -970,17 +988,27 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         return JSONResponse({"error": message, "reason": reason}, status,
                             headers={**SECURITY_HEADERS, **(headers or {})})
 
-    session = None if access.token is None else session_key(access.token)
-    login_headers = {**SECURITY_HEADERS, "Content-Security-Policy": LOGIN_CSP}
+    if access.token is not None:
+        if sessions is None:
+            sessions = web_auth.Sessions(access.token)
+        if login_limiter is None:  # (an empty limiter is falsy: it has a length)
+            login_limiter = web_auth.LoginLimiter()
+    login_headers = {**SECURITY_HEADERS, "Content-Security-Policy": LOGIN_CSP,
+                     "Referrer-Policy": LOGIN_REFERRER_POLICY}
+
+    def cookie_flags(request) -> dict:
+        """HttpOnly, SameSite=Strict, Path=/, and Secure behind TLS (``secure_cookies``, or
+        a request uvicorn saw as https: X-Forwarded-Proto from a trusted proxy)."""
+        return {"httponly": True, "samesite": "strict", "path": "/",
+                "secure": secure_cookies or request.url.scheme == "https"}
 
     def refused(request, post: bool = False, page: bool = False):
         """The access checks (the Host is checked before routing, by _HostCheck): a
         Response when refused, else None. The token may come as a bearer header or as the
         login's cookie. ``page``: a browser's page, answered with the login form."""
         headers = dict(request.headers)
-        cookie = request.cookies.get(TOKEN_COOKIE)
-        if (session is not None and cookie and "authorization" not in headers
-                and hmac.compare_digest(cookie.encode(), session.encode())):
+        if (access.token is not None and "authorization" not in headers
+                and sessions.valid(request.cookies.get(TOKEN_COOKIE))):
             headers["authorization"] = f"Bearer {access.token}"
         try:
             access.check(headers, post)
@@ -997,7 +1025,8 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
 
     async def login(request):
         """GET: the form. POST (application/x-www-form-urlencoded ``token``, at most
-        LOGIN_MAX_BYTES, same-origin): the cookie and a redirect to the page."""
+        LOGIN_MAX_BYTES, same-origin): the cookie and a redirect to the page. An address
+        with too many bad tokens lately is answered 429 (Retry-After) whatever it sends."""
         if access.token is None:
             return RedirectResponse("./", 303, headers=SECURITY_HEADERS)
         if request.method == "GET":
@@ -1022,13 +1051,36 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         from urllib.parse import parse_qs
 
         token = (parse_qs(body.decode("latin-1"), max_num_fields=4).get("token") or [""])[0]
-        if not access.token_ok(f"Bearer {token}"):
-            await anyio.sleep(0.5)  # slows guessing; costs no thread
+        # the limit, the comparison and the count with no await between them: concurrent
+        # guesses from one address cannot all pass the limit before the first is counted
+        address = request.client.host if request.client else None
+        wait = login_limiter.retry_after(address)
+        if wait:
+            return HTMLResponse(login_html(f"Too many wrong tokens from this address: try "
+                                           f"again in {wait} s."), 429,
+                                headers={**login_headers, "Retry-After": str(wait)})
+        if not access.token_ok(f"Bearer {token}"):  # hmac.compare_digest
+            login_limiter.failed(address)
+            await anyio.sleep(login_limiter.fail_delay_s)  # slows guessing; costs no thread
             return HTMLResponse(login_html("That is not the token."), 401,
                                 headers=login_headers)
+        login_limiter.succeeded(address)
         r = RedirectResponse("./", 303, headers=SECURITY_HEADERS)
-        r.set_cookie(TOKEN_COOKIE, session, httponly=True, samesite="strict",
-                     secure=request.url.scheme == "https", path="/")
+        r.set_cookie(TOKEN_COOKIE, sessions.issue(), max_age=int(sessions.max_age_s),
+                     **cookie_flags(request))
+        return r
+
+    async def logout(request):
+        """POST, same-origin: the cookie is revoked (in this process, until it would have
+        expired) and cleared; a redirect to the login form."""
+        if not access.same_origin(request.headers.get("origin"), request.headers.get(
+                "host"), request.headers.get("sec-fetch-site")):
+            return error(403, "forbidden", "cross-site request refused")
+        if access.token is None:
+            return RedirectResponse("./", 303, headers=SECURITY_HEADERS)
+        sessions.revoke(request.cookies.get(TOKEN_COOKIE))
+        r = RedirectResponse(LOGIN_PATH.lstrip("/"), 303, headers=SECURITY_HEADERS)
+        r.delete_cookie(TOKEN_COOKIE, **cookie_flags(request))
         return r
 
     async def static(request):
@@ -1058,7 +1110,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         card["limits"] = [x for x in card["limits"] if not x.startswith(
             "The model server answered with version")] + [note]
         state["version"] = answered
-        state["page"] = index_html(card, limits)
+        state["page"] = index_html(card, limits, logout=access.token is not None)
         return card_html(card)
 
     def unpack(zip_path: str, study: str) -> int:
@@ -1179,6 +1231,7 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
     return Starlette(routes=[
         Route("/", index), Route("/static/{name}", static),
         Route(LOGIN_PATH, login, methods=["GET", "POST"]),
+        Route(LOGOUT_PATH, logout, methods=["POST"]),
         Route("/api/card", card_json), Route("/api/predict", predict_endpoint,
                                               methods=["POST"])],
         middleware=[Middleware(_HostCheck, access=access)])
@@ -1238,6 +1291,12 @@ def main(argv: list[str]) -> int:
     from covid_keras.serve import Access, header_timeout_protocol, listen
 
     access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
+    if FLAGS.session_hours <= 0:
+        raise ValueError("--session_hours must be positive")
+    from covid_keras import web_auth
+
+    sessions = (web_auth.Sessions(access.token, FLAGS.session_hours * 3600.0)
+                if access.token is not None else None)
     limits = Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
                     int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue,
                     int(FLAGS.disk_budget_mb * (1 << 20)))
@@ -1247,7 +1306,7 @@ def main(argv: list[str]) -> int:
     salt = (predict.read_salt(FLAGS.salt_file) if FLAGS.salt_file else
             secrets.token_hex(32).encode())
     app = create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir, debug,
-                     access)
+                     access, sessions, secure_cookies=FLAGS.secure_cookies)
     config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, access_log=False,
                             log_level="info" if debug else "warning", server_header=False,
                             lifespan="off", ws="none", http=header_timeout_protocol(30.0))

@@ -1,6 +1,7 @@
 "use strict";
 // The page's only script: sends the chosen files to api/predict (XMLHttpRequest, for the
-// upload's progress) and shows the answer. Every value is put in with textContent.
+// upload's progress) and shows the answer; signs out (POST logout). Every value is put in
+// with textContent.
 (function () {
   const $ = (id) => document.getElementById(id);
   const form = $("upload"), box = $("progress-box"), bar = $("progress"), status = $("status");
@@ -69,6 +70,17 @@
     // the model server moved to another version: the card names the one that answered
     // (server-rendered HTML, every value escaped there)
     if (body.card_html) $("card").innerHTML = body.card_html;
+  }
+
+  // with --auth_token_file: sign out (POST logout clears the cookie), then the login form
+  const logout = $("logout");
+  if (logout) {
+    logout.addEventListener("click", () => {
+      logout.disabled = true;
+      fetch("logout", { method: "POST", credentials: "same-origin" })
+        .then(() => { window.location.assign("login"); })
+        .catch(() => { logout.disabled = false; fail("The server could not be reached."); });
+    });
   }
 
   form.addEventListener("submit", (e) => {
