@@ -55,13 +55,14 @@ def build_classifier(backbone: str = "resnet50", num_classes: int = 5,
                      input_size: int = 224, weights: str | None = None,
                      trainable: str = "all", dropout: float = 0.0,
                      input_norm: str = "none", name: str | None = None,
-                     include_preprocessing: bool = False) -> keras.Model:
+                     include_preprocessing: bool = True) -> keras.Model:
     """A plain image classifier with ``{"logits": (B, num_classes)}`` output.
 
     ``input_norm="per_image"``: each image to zero mean and a fixed spread first
     (:mod:`covid_keras.layers.intensity`). ``include_preprocessing``: the backbone's
     normalisation is the model's first layer (``BackboneNormalization``): it takes RGB
-    pixel values 0..255; False (every model saved before the layer): normalised ones."""
+    pixel values 0..255 (the default: every model the trainer builds); False (every model
+    saved before the layer): normalised ones."""
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2. Received: num_classes={num_classes}")
     pixels = backbone_normalization(backbone, include_preprocessing)

@@ -196,8 +196,7 @@ def assemble(cfg, train_mod, run: RunDir, doc: dict) -> dict:
         path = fold_run.best_path if fold_run.has(BEST) else fold_run.final_path
         member = saving.load_model(path, compile=False)
         spec = saving.model_spec(member)
-        pipeline = data.PipelineConfig(input_size=spec["input_size"],
-                                       backbone=spec["backbone"])
+        pipeline = data.PipelineConfig.for_model(spec)
         members.append(member)
         # fold k's own patients, predicted by the one member that did not train on them
         parts.append(SplitPredictor(run.fold_data_dir(k), "val", cfg.batch_size,

@@ -85,7 +85,10 @@ class DRENet(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return build_drenet(**config["build_config"], name=config.get("name", "drenet"))
+        # a file saved before BackboneNormalization has no include_preprocessing: its model
+        # takes normalised input and rebuilds without the layer
+        build = {"include_preprocessing": False, **config["build_config"]}
+        return build_drenet(**build, name=config.get("name", "drenet"))
 
 
 def _levels_and_groups(variant: str, top_k: int | None):
@@ -102,7 +105,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
                  head_norm: bool = True, head_hidden_units: int | None = None,
                  bn_momentum: float = BN_MOMENTUM, input_norm: str = "none",
-                 include_preprocessing: bool = False, name: str = "drenet") -> DRENet:
+                 include_preprocessing: bool = True, name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -135,8 +138,9 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         standardised image.
       include_preprocessing: the backbone's normalisation (caffe, torch or tf) is the
         model's first layer (:class:`~covid_keras.layers.BackboneNormalization`): the model
-        takes RGB pixel values 0..255. False (every model saved before the layer): the
-        model takes them normalised (:func:`covid_keras.data.normalize`).
+        takes RGB pixel values 0..255 (the default: every model the trainer builds). False
+        (every model saved before the layer; a saved config without the key rebuilds so):
+        the model takes them normalised (:func:`covid_keras.data.normalize`).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")

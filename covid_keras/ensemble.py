@@ -3,12 +3,14 @@
     model = build_ensemble([member_0, member_1, ...])   # loaded fold models (best.keras)
     out = model(images)        # {"logits": log of the mean class probability, ...}
 
-Every member sees the same input image; ``logits`` is :class:`~covid_keras.layers.ensemble.
-MeanProbabilities` (its softmax is the members' mean probability, so every tool that reads
-logits reads the ensemble's probability), and DRENet's other outputs (boxes, box scores,
-navigator scores, branch logits) come from the member that is most sure of the answered
-class (:class:`~covid_keras.layers.ensemble.FromAnsweringMember`): a box is one model's
-box, never an average of boxes. Grad-CAM of an ensemble averages the members' maps
+Every member sees the same input image (the members all normalise their own input, or
+all expect it normalised: models saved before ``BackboneNormalization``); ``logits`` is
+:class:`~covid_keras.layers.ensemble.MeanProbabilities` (its softmax is the members' mean
+probability, so every tool that reads logits reads the ensemble's probability), and
+DRENet's other outputs (boxes, box scores, navigator scores, branch logits) come from the
+member that is most sure of the answered class
+(:class:`~covid_keras.layers.ensemble.FromAnsweringMember`): a box is one model's box,
+never an average of boxes. Grad-CAM of an ensemble averages the members' maps
 (:mod:`covid_keras.gradcam`).
 
 The members are nested models named ``member_<k>``; the file reloads with
@@ -21,6 +23,7 @@ from __future__ import annotations
 import keras
 
 from covid_keras.layers.ensemble import FromAnsweringMember, MeanProbabilities
+from covid_keras.layers.intensity import BackboneNormalization
 
 NAME = "ensemble"
 MEMBER_PREFIX = "member_"
@@ -44,6 +47,15 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
     shapes = {tuple(m.inputs[0].shape[1:]) for m in members}
     if len(shapes) != 1:
         raise ValueError(f"The members' inputs differ: {sorted(shapes)}")
+    # one input for all: every member normalises its own (BackboneNormalization, raw
+    # pixel values in), or none does (members saved before the layer: normalised input)
+    own = [normalises_its_input(m) for m in members]
+    if len(set(own)) != 1:
+        raise ValueError("The members' inputs differ: members "
+                         f"{[k for k, o in enumerate(own) if o]} normalise their own input "
+                         "(BackboneNormalization), members "
+                         f"{[k for k, o in enumerate(own) if not o]} expect it normalised "
+                         "(saved before that layer)")
     image = keras.Input(shapes.pop(), name="image")
     outs = []
     for k, m in enumerate(members):
@@ -58,6 +70,13 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
     for key in shared:
         outputs[key] = FromAnsweringMember(name=key)([member_logits, [o[key] for o in outs]])
     return keras.Model(image, outputs, name=name)
+
+
+def normalises_its_input(model: keras.Model) -> bool:
+    """Whether ``model`` (a member, or an ensemble: its members agree) has the backbone's
+    normalisation as its own layer (``include_preprocessing``)."""
+    parts = members(model) or [model]
+    return any(isinstance(lay, BackboneNormalization) for lay in parts[0].layers)
 
 
 def members(model: keras.Model) -> list:

@@ -254,14 +254,13 @@ def load_model(path: str):
     return saving.load_model(path, compile=False)
 
 
-def model_spec(model) -> dict:
-    """backbone, input_size, num_classes and kind ("drenet" / "classifier") of a model
-    (metrics.json's ``model``): :func:`covid_keras.saving.model_spec`."""
-    from covid_keras import saving
-
-    spec = saving.model_spec(model)
+def model_summary(spec: dict) -> dict:
+    """metrics.json's ``model``: backbone, input_size, num_classes, kind ("drenet" /
+    "classifier") and include_preprocessing (the model normalises its own input) of a
+    :func:`covid_keras.saving.model_spec` (the one spec)."""
     return {"backbone": spec["backbone"], "input_size": spec["input_size"],
-            "num_classes": spec["num_classes"], "kind": spec["model"]}
+            "num_classes": spec["num_classes"], "kind": spec["model"],
+            "include_preprocessing": bool(spec.get("include_preprocessing", False))}
 
 
 def read_run(run_dir: str) -> dict:
@@ -323,13 +322,15 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         data.shard_files(v_dir, v_split)  # and so does the split the decision comes from
     output_dir = output_dir or run.eval_dir(split)
     os.makedirs(output_dir, exist_ok=True)  # only once the inputs are known to be there
+    from covid_keras import saving
+
     model = load_model(ckpt)
-    spec = model_spec(ckpt)
+    spec = model_summary(saving.model_spec(ckpt))
     classes = list(data.read_manifest(data_dir)["classes"])
     if len(classes) != spec["num_classes"]:
         raise ValueError(f"{ckpt} predicts {spec['num_classes']} classes, {data_dir} has "
                          f"{len(classes)} ({classes})")
-    cfg = data.PipelineConfig(input_size=spec["input_size"], backbone=spec["backbone"])
+    cfg = data.PipelineConfig.for_model(spec)  # normalised input only for an old model
     log(f"evaluate: {ckpt} ({spec['kind']}, {spec['backbone']}, {spec['input_size']} px) "
         f"on {split} of {data_dir}")
     predictor = SplitPredictor(data_dir, split, batch_size, cfg)
@@ -381,7 +382,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
 
         plots = rep.write_plots(output_dir, result, preds)
         expl = rep.write_explanations(output_dir, model, predictor, preds, result,
-                                      spec["backbone"], top_slices, max_explained)
+                                      top=top_slices, max_patients=max_explained)
         result["explanations"] = len(expl)
         rep.write_html(output_dir, result, plots, expl,
                        title=f"Evaluation of {os.path.basename(os.path.normpath(run_dir))} "

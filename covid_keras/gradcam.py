@@ -70,7 +70,8 @@ class GradCAM:
         self.input_size = int(model.inputs[0].shape[1])
 
     def __call__(self, images, class_index: int, batch_size: int = 8) -> np.ndarray:
-        """images: (B, S, S, 3) normalised as the model expects -> (B, S, S) float32 maps
+        """images: (B, S, S, 3), the model's input (raw pixel values for a model with its own
+        normalisation layer, else normalised: ``data.model_input``) -> (B, S, S) float32 maps
         in [0, 1] (each scaled by its own maximum; all zero when nothing is positive)."""
         images = np.asarray(images, np.float32)
         if not len(images):

@@ -184,10 +184,12 @@ def lung_masks(predictor, indices) -> dict:
 
 
 def write_explanations(output_dir: str, model, predictor, preds, result: dict,
-                       backbone: str, top: int = 3, max_patients: int = -1,
+                       top: int = 3, max_patients: int = -1,
                        class_index: int | None = None) -> list:
     """One PNG per patient (``explanations/<key>.png``): its ``top`` slices by score with
-    the top-K boxes and scores drawn (DRENet), and a Grad-CAM map over each. Returns a list
+    the top-K boxes and scores drawn (DRENet), and a Grad-CAM map over each. The Grad-CAM
+    input is the model's as ``predictor.cfg`` (the pipeline that predicted ``preds``) feeds
+    it: normalised only for a model without its own normalisation layer. Returns a list
     of {"key", "label", "decision", "score", "file", "slices"}."""
     plt = _pyplot()
     from covid_keras import data
@@ -208,8 +210,8 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
     images = predictor.images_u8(all_idx)
     masks = lung_masks(predictor, all_idx)
     stack = np.stack([images[i] for i in all_idx])
-    normalised = np.asarray(data.normalize(stack, backbone), np.float32)
-    cams = dict(zip(all_idx, GradCAM(model)(normalised, target)))
+    x = np.asarray(data.model_input(stack, predictor.cfg), np.float32)
+    cams = dict(zip(all_idx, GradCAM(model)(x, target)))
     boxes = preds.outputs.get("boxes")
     box_scores = preds.outputs.get("box_scores")
     folder = os.path.join(output_dir, "explanations")

@@ -585,9 +585,29 @@ def is_chief(strategy) -> bool:
 
 
 # ------------------------------------------------------------------ model
-def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None):
+def run_preprocessing(cfg: TrainConfig, run: RunDir) -> bool:
+    """Whether the run's model normalises its own input (``include_preprocessing``: its
+    first layer is the backbone's ``BackboneNormalization`` and the input pipeline feeds it
+    the raw pixel values). A model loaded with --init_from keeps its own; a resumed run
+    whose best checkpoint was saved without the layer (by a trainer before it: every run
+    folder made then) goes on without it, so that the checkpoint, the model it continues
+    and the one input pipeline that validates both agree (the backup's weights load either
+    way: the layer has none); every new model has it."""
+    from covid_keras.saving import saved_model_spec
+
+    if cfg.init_from and not init_from_backbone(cfg):
+        return saved_model_spec(cfg.init_from)["include_preprocessing"]
+    if run.has(BEST):
+        return saved_model_spec(run.best_path)["include_preprocessing"]
+    return True
+
+
+def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None,
+                include_preprocessing: bool = True):
     """The model the config describes; ``weights``: the backbone's starting weights
-    (:func:`backbone_weights`)."""
+    (:func:`backbone_weights`); ``include_preprocessing``: the backbone's normalisation is
+    its first layer (:func:`run_preprocessing`; a model loaded with --init_from is as it
+    was saved)."""
 
     from covid_keras.backbones import set_bn_momentum
     from covid_keras.baselines import apply_trainable, build_classifier
@@ -602,11 +622,13 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None):
                              backbone=cfg.backbone, weights=weights,
                              variant=cfg.variant, trainable=cfg.trainable,
                              head_hidden_units=cfg.head_hidden_units,
-                             bn_momentum=cfg.bn_momentum, input_norm=cfg.input_norm)
+                             bn_momentum=cfg.bn_momentum, input_norm=cfg.input_norm,
+                             include_preprocessing=include_preprocessing)
     else:
         model = build_classifier(cfg.backbone, num_classes, cfg.input_size,
                                  weights, trainable=cfg.trainable,
-                                 input_norm=cfg.input_norm)
+                                 input_norm=cfg.input_norm,
+                                 include_preprocessing=include_preprocessing)
     apply_trainable(model, cfg.trainable)
     set_bn_momentum(model, cfg.bn_momentum)  # the classifier's, a loaded model's
     if hasattr(model, "build_config"):  # DRENet: saved files rebuild with the same freezing
@@ -693,8 +715,10 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
                                       "classes": classes}, command)
     log.info("%s, %d replica(s), global batch %d, classes %s", type(strategy).__name__,
              replicas, global_batch, classes)
+    # the model's input: raw pixel values for a model that normalises them itself
+    normalize = not run_preprocessing(cfg, RunDir(cfg.run_dir))
     pipeline = data.PipelineConfig(input_size=cfg.input_size, backbone=cfg.backbone,
-                                   rotation_degrees=cfg.rotation_degrees,
+                                   normalize=normalize, rotation_degrees=cfg.rotation_degrees,
                                    brightness=cfg.brightness_jitter,
                                    zoom=cfg.zoom_jitter, gamma=cfg.gamma_jitter,
                                    shuffle_buffer=cfg.shuffle_buffer,
@@ -721,7 +745,14 @@ def make_model(r: Run):
                                     "sha256": files.sha256(weights)}
         files.write_json(r.run.run_info_path, info)
     with r.strategy.scope():
-        return build_model(cfg, len(r.classes), weights)
+        model = build_model(cfg, len(r.classes), weights,
+                            include_preprocessing=not r.pipeline.normalize)
+    from covid_keras.saving import model_spec
+
+    if model_spec(model)["include_preprocessing"] == r.pipeline.normalize:  # never expected
+        raise RuntimeError("the input pipeline does not feed the model what it expects "
+                           f"(normalised input: {r.pipeline.normalize})")
+    return model
 
 
 def stage_callbacks(r: Run, i: int, validation, best_cb, population: list) -> list:

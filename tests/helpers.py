@@ -56,10 +56,12 @@ def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
 
 
 def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
-             data_dir: Path | None = None, seed: int = 0, input_norm: str = "none") -> Path:
+             data_dir: Path | None = None, seed: int = 0, input_norm: str = "none",
+             include_preprocessing: bool = True) -> Path:
     """A run folder as the trainer leaves it (best.keras with class names, run_info.json,
     optionally decision.json) around an untrained tiny 64 px model (``input_norm``: the
-    models' first layer, see covid_keras.layers.intensity)."""
+    models' first layer, see covid_keras.layers.intensity; ``include_preprocessing``
+    False: a model without BackboneNormalization, as every run made before it)."""
     import keras
 
     from covid_keras import build_classifier, build_drenet, files
@@ -68,12 +70,14 @@ def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
     keras.utils.set_random_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if kind == "classifier":
-        model = build_classifier("tiny", 2, input_size=64, input_norm=input_norm)
+        model = build_classifier("tiny", 2, input_size=64, input_norm=input_norm,
+                                 include_preprocessing=include_preprocessing)
         classes = CLASSES2
     else:
         model = build_drenet(3, input_size=64, backbone="tiny",
                              variant="code" if kind == "drenet_code" else "paper",
-                             input_norm=input_norm)
+                             input_norm=input_norm,
+                             include_preprocessing=include_preprocessing)
         classes = CLASSES3
     save_model(model, str(run_dir / "best.keras"), classes)
     files.write_json(str(run_dir / "run_info.json"), {

@@ -141,7 +141,9 @@ jx = importlib.util.module_from_spec(spec); spec.loader.exec_module(jx)
 keras.utils.set_random_seed(0)
 model = build_drenet(2, input_size=64, backbone="tiny", weights=None)
 rng = np.random.default_rng(0)
-batches = [rng.uniform(0, 1, (n, 64, 64, 3)).astype("float32") for n in (4, 4, 4, 2)]
+# pixel values: the model's first layer (tiny's normalisation) maps them to [0, 1]
+batches = [((rng.uniform(0, 1, (n, 64, 64, 3)) + 1.0) * 127.5).astype("float32")
+           for n in (4, 4, 4, 2)]
 model(batches[0], training=False)
 eager, _ = population_statistics(model, batches)
 forward = jx.compiled_forward(model)

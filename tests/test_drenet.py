@@ -138,6 +138,7 @@ def test_a_few_train_steps_lower_the_loss():
     # not depend on which tests ran before (the module's RNG would).
     model.compile(optimizer=keras.optimizers.SGD(0.003, momentum=0.9))
     x = np.random.default_rng(3).uniform(-1, 1, size=(4, SIZE, SIZE, 3)).astype(np.float32)
+    x = (x + 1.0) * 127.5  # the pixel values whose tiny normalisation (the first layer) is x
     y = np.array([0, 1, 0, 1])
     history = model.fit(x, y, batch_size=4, epochs=8, verbose=0).history
     # the last 3 epochs' mean: one step that changes the boxes does not decide the test

@@ -22,12 +22,14 @@ def _images(n=3):
     return np.random.default_rng(0).uniform(-1, 1, (n, SIZE, SIZE, 3)).astype(np.float32)
 
 
-def _members(kind: str, count: int = 3):
+def _members(kind: str, count: int = 3, own: bool = True):
+    """``own``: the members normalise their own input (False: as saved before the layer)."""
     out = []
     for seed in range(count):
         keras.utils.set_random_seed(seed)
-        out.append(build_classifier("tiny", 3, SIZE) if kind == "classifier"
-                   else build_drenet(3, input_size=SIZE, backbone="tiny"))
+        out.append(build_classifier("tiny", 3, SIZE, include_preprocessing=own)
+                   if kind == "classifier" else
+                   build_drenet(3, input_size=SIZE, backbone="tiny", include_preprocessing=own))
     return out
 
 
@@ -53,9 +55,12 @@ def test_other_outputs_come_from_the_member_surest_of_the_answered_class():
     np.testing.assert_array_equal(got[1], boxes[0][1])
 
 
-@pytest.mark.parametrize("kind", ["classifier", "drenet"])
-def test_ensemble_outputs_the_mean_probability_and_reloads(kind, tmp_path):
-    ms = _members(kind)
+@pytest.mark.parametrize("kind,own", [("classifier", True), ("drenet", True),
+                                      ("drenet", False)])
+def test_ensemble_outputs_the_mean_probability_and_reloads(kind, own, tmp_path):
+    """own=False: members saved before BackboneNormalization (normalised input), as the
+    folds of every ensemble made before it."""
+    ms = _members(kind, own=own)
     model = build_ensemble(ms)
     x = _images()
     out = model.predict(x, verbose=0)
@@ -74,6 +79,7 @@ def test_ensemble_outputs_the_mean_probability_and_reloads(kind, tmp_path):
     again = saving.load_model(path, compile=False)
     assert len(members(again)) == 3
     assert saving.model_spec(again)["model"] == kind
+    assert saving.model_spec(again)["include_preprocessing"] is own
     assert again.covid_keras_info["members"] == 3
     np.testing.assert_allclose(again.predict(x, verbose=0)["logits"], out["logits"],
                                atol=1e-5)
@@ -85,3 +91,7 @@ def test_an_ensemble_needs_members_of_one_shape():
         build_ensemble(_members("classifier", 1))
     with pytest.raises(ValueError, match="inputs differ"):
         build_ensemble([build_classifier("tiny", 3, SIZE), build_classifier("tiny", 3, 32)])
+    # one input for all: members with and without their own normalisation do not mix
+    with pytest.raises(ValueError, match=r"members \[0\] normalise their own input"):
+        build_ensemble([_members("classifier", 1)[0],
+                        _members("classifier", 1, own=False)[0]])

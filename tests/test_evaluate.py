@@ -17,6 +17,7 @@ import pytest
 from sklearn import metrics as skm
 
 from covid_keras import evaluation as ev
+from covid_keras import saving
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["non_covid", "covid"]
@@ -537,6 +538,8 @@ def test_compare_accepts_space_separated_runs():
 
 # ------------------------------------------------------------------ Grad-CAM
 def lesion_images(rng, n, size=96):
+    """Pixel values 0..255 (the model's first layer maps them to [-1, 1]: tiny's
+    normalisation), a bright disc in the positives; their masks."""
     x = rng.uniform(0.0, 0.4, (n, size, size, 1)).astype(np.float32)
     y = rng.integers(0, 2, n)
     masks = np.zeros((n, size, size), bool)
@@ -545,7 +548,7 @@ def lesion_images(rng, n, size=96):
         cy, cx = rng.integers(16, size - 16, 2)
         masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < 10 ** 2
         x[i, masks[i], 0] = 0.95
-    return np.repeat(x, 3, -1) * 2.0 - 1.0, y, masks
+    return np.repeat(x, 3, -1) * 255.0, y, masks
 
 
 def test_gradcam_weighs_the_planted_lesion_over_the_background():
@@ -654,7 +657,7 @@ def run_dir(dataset, tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = build_drenet(2, input_size=64, backbone="tiny")
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    cfg = data.PipelineConfig.for_model(saving.model_spec(model))  # as the trainer feeds it
     ds = data.make_dataset(str(dataset), "train", 4, training=True, cfg=cfg, repeat=True)
     model.fit(ds, epochs=2, steps_per_epoch=6, verbose=0, shuffle=False)
     model.save(run / "best.keras")
@@ -704,7 +707,7 @@ def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path, commands):
     from covid_keras import data
 
     model = ev.load_model(str(run_dir / "best.keras"))
-    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    cfg = data.PipelineConfig.for_model(saving.model_spec(model))
     val = ev.SplitPredictor(str(dataset), "val", 4, cfg).predictions(model, CLASSES)
     d = ev.choose_decision(val.probs, val.labels, val.patient_keys, CLASSES)
     assert m["decision"]["threshold"] == pytest.approx(d["threshold"])
@@ -727,7 +730,7 @@ def test_evaluating_the_threshold_split_warns_in_the_report(run_dir, dataset, tm
     model = ev.load_model(str(run / "best.keras"))
     from covid_keras import data
 
-    cfg = data.PipelineConfig(input_size=64, backbone="tiny")
+    cfg = data.PipelineConfig.for_model(saving.model_spec(model))
     ev.write_decision(str(run), ev.SplitPredictor(str(dataset), "val", 4, cfg).predictions(
         model, CLASSES), split="val")
     m = ev.evaluate_run(str(run), split="val", output_dir=str(tmp_path / "out"),

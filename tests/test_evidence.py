@@ -155,16 +155,16 @@ def test_report_draws_the_lung_outline_with_the_boxes(records, tmp_path):
     import keras
     from PIL import Image
 
-    from covid_keras import data, report
+    from covid_keras import data, report, saving
     from covid_keras import evaluation as ev
     from covid_keras.drenet import build_drenet
 
-    predictor = ev.SplitPredictor(str(records), "test", 2, data.PipelineConfig(
-        input_size=64, backbone="tiny"))
-    masks = report.lung_masks(predictor, [0, 1])
-    np.testing.assert_array_equal(masks[1], disk() > 0)
     keras.utils.set_random_seed(0)
     model = build_drenet(2, input_size=64, backbone="tiny")
+    predictor = ev.SplitPredictor(str(records), "test", 2, data.PipelineConfig.for_model(
+        saving.model_spec(model)))
+    masks = report.lung_masks(predictor, [0, 1])
+    np.testing.assert_array_equal(masks[1], disk() > 0)
     preds = predictor.predictions(model, CLASSES)
     assert preds.outputs["boxes"].min() >= 0 and preds.outputs["boxes"].max() <= 64
     result = ev.evaluate_predictions(preds, {"rule": "mean", "threshold": 0.5,
@@ -177,7 +177,7 @@ def test_report_draws_the_lung_outline_with_the_boxes(records, tmp_path):
     counts = {}
     for name, source in (("with", predictor), ("without", NoRecords())):
         out = report.write_explanations(str(tmp_path / name), model, source, preds, result,
-                                        "tiny", top=1)
+                                        top=1)
         png = np.asarray(Image.open(tmp_path / name / out[0]["file"]).convert("RGB"))
         counts[name] = _cyan_pixels(png[: png.shape[0] // 2])  # the top row: slices
     assert counts["without"] == 0 and counts["with"] > 50, counts

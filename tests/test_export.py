@@ -32,12 +32,21 @@ def _images(n=4, seed=0):
     return np.repeat(grey, 3, axis=-1).astype(np.float32)
 
 
-def _keras_outputs(model, backbone, images):
+def _model_input(model, images):
+    """The pixel values as the model takes them (its spec: normalised only for a model
+    without its own normalisation layer, as every model saved before it)."""
     import tensorflow as tf
 
-    from covid_keras import data
+    from covid_keras import data, saving
 
-    out = model(data.normalize(tf.constant(images), backbone), training=False)
+    cfg = data.PipelineConfig.for_model(saving.model_spec(model))
+    return data.model_input(tf.constant(images), cfg)
+
+
+def _keras_outputs(model, images):
+    import tensorflow as tf
+
+    out = model(_model_input(model, images), training=False)
     probs = tf.nn.softmax(out["logits"]).numpy()
     return probs, (out["boxes"].numpy() if "boxes" in out else None), (
         out["box_scores"].numpy() if "box_scores" in out else None)
@@ -232,7 +241,7 @@ def exported(tmp_path_factory, commands):
         "drenet": make_run(root / "drenet", "drenet", {"rule": "any", "threshold": 0.335,
                                                        "positive_class": "covid"}, data_dir),
         "drenet_code": make_run(root / "code", "drenet_code", None, None, seed=1,
-                                input_norm="per_image"),
+                                input_norm="per_image", include_preprocessing=False),
         "classifier": make_run(root / "clf", "classifier", {"rule": "mean",
                                                             "threshold": 0.5,
                                                             "positive_class": "covid"},
@@ -290,10 +299,7 @@ np.savez(args["out"], **result)
 def test_round_trip_in_a_fresh_process(exported, tmp_path):
     """Every signature of every export, loaded in a fresh process, equals the in-memory
     Keras model (<= 1e-4); predict_study equals evaluation.aggregate + decide."""
-    import tensorflow as tf
-
     from covid_keras import evaluation, gradcam
-    from covid_keras.data import normalize
     from covid_keras.saving import load_model
 
     images = _images()
@@ -322,11 +328,13 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
         if kind == "drenet_code":  # the export computes the per-image normalisation too
             assert model.get_layer("input_norm").scale == 0.5
         info = model.covid_keras_info
-        classes, backbone = info["class_names"], info["backbone"]
+        classes = info["class_names"]
         assert sorted(got[f"{kind}/signatures"]) == sorted(
             ["serving_default", "predict_images", "predict_study", "gradcam"])
         assert int(got[f"{kind}/warmup"]) == 4
-        probs, boxes, scores = _keras_outputs(model, backbone, images)
+        # drenet_code: a model saved before BackboneNormalization (normalised input)
+        assert model.covid_keras_info["include_preprocessing"] == (kind != "drenet_code")
+        probs, boxes, scores = _keras_outputs(model, images)
         np.testing.assert_allclose(got[f"{kind}/serving_default/probabilities"], probs,
                                    atol=1e-4)
         if boxes is None:
@@ -337,7 +345,7 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
                                        np.clip(boxes, 0, SIZE), atol=1e-4)
             np.testing.assert_allclose(got[f"{kind}/serving_default/box_scores"], scores,
                                        atol=1e-4)
-        p_png, _, _ = _keras_outputs(model, backbone, png_images)
+        p_png, _, _ = _keras_outputs(model, png_images)
         np.testing.assert_allclose(got[f"{kind}/predict_images/probabilities"], p_png,
                                    atol=1e-4)
         # predict_study: the stored rule and threshold, as evaluation applies them
@@ -368,7 +376,7 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
         assert study["decision_name"].item().decode() == classes[int(study["decision"])]
         # gradcam: the project's Grad-CAM on the Keras model
         cam = gradcam.GradCAM(model)
-        x = normalize(tf.constant(images), backbone).numpy()
+        x = np.asarray(_model_input(model, images))
         want_cam = np.stack([cam(x[i:i + 1], int(c))[0] for i, c in enumerate(class_index)])
         np.testing.assert_allclose(got[f"{kind}/gradcam/heatmaps"], want_cam, atol=1e-4)
 

@@ -188,8 +188,7 @@ def test_folds_train_each_fold_and_the_ensemble_is_their_mean(cv_run, data_dir):
     # the ensemble, reloaded here (another process made it): the members' mean
     model = saving.load_model(str(run / "best.keras"), compile=False)
     assert len(members(model)) == 3
-    spec = saving.model_spec(model)
-    pipeline = data.PipelineConfig(input_size=spec["input_size"], backbone=spec["backbone"])
+    pipeline = data.PipelineConfig.for_model(saving.model_spec(model))
     test = SplitPredictor(str(data_dir), "test", 4, pipeline)
     probs = test.predictions(model, ["normal", "covid", "bacterial"]).probs
     mean = np.mean([test.predictions(saving.load_model(str(run / f"fold_{k}" / name),
@@ -225,8 +224,7 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
         fold = run / f"fold_{k}"
         info = json.loads((fold / "run_info.json").read_text())["flags"]
         model = saving.load_model(str(fold / _checkpoint(fold)), compile=False)
-        pipeline = data.PipelineConfig(input_size=info["input_size"],
-                                       backbone=info["backbone"])
+        pipeline = data.PipelineConfig.for_model(saving.model_spec(model))
         for split in ("val", "train"):
             preds = SplitPredictor(info["data_dir"], split, 4, pipeline).predictions(
                 model, classes)
@@ -322,14 +320,14 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
     info = json.loads((version / "assets.extra" / "covid_keras.json").read_text())
     assert info["ensemble"]["members"] == 3  # the model card's entry
     assert len(info["ensemble"]["fold_val_patient_auc"]["values"]) <= 3
-    pipeline = data.PipelineConfig(input_size=info["input_size"], backbone=info["backbone"])
+    pipeline = data.PipelineConfig.for_model(info)  # the export's info: the model's spec
     shown = SplitPredictor(str(data_dir), "test", 4, pipeline).images_u8(range(4))
     u8 = np.stack([shown[i] for i in sorted(shown)]).astype(np.float32)
     np.save(tmp_path / "images.npy", u8)
     called = commands.run_code(EXPORT_CALL, str(version), str(tmp_path / "images.npy"),
                                str(tmp_path / "probs.npy"), timeout=600)
     assert called.returncode == 0, called.stderr[-3000:]
-    x = np.asarray(data.normalize(u8, info["backbone"]))
+    x = np.asarray(data.model_input(u8, pipeline))  # what the members take
     mean = np.mean([
         _softmax(saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
                                    compile=False).predict(x, verbose=0)["logits"])

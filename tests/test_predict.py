@@ -65,7 +65,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     import tensorflow as tf
 
     from covid_keras import data, predict, schema
-    from covid_keras.saving import load_model
+    from covid_keras.saving import load_model, model_spec
 
     out_dir = tmp_path / "out"
     answer = predict.predict_study(str(setup["study"]), setup["model"], str(out_dir),
@@ -91,7 +91,8 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     model = load_model(str(setup["run"] / "best.keras"), compile=False)
     imgs = np.stack([data.decode_image(by_sop[s["sop_key"]][schema.IMAGE], SIZE).numpy()
                      for s in slices]).astype(np.float32)
-    logits = model(data.normalize(tf.constant(imgs), "tiny"), training=False)["logits"]
+    x = data.model_input(tf.constant(imgs), data.PipelineConfig.for_model(model_spec(model)))
+    logits = model(x, training=False)["logits"]
     want = tf.nn.softmax(logits).numpy()
     got = np.array([[s["probabilities"][c] for c in classes] for s in slices])
     np.testing.assert_allclose(got, want, atol=1e-4)

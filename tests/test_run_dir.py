@@ -71,13 +71,15 @@ def test_model_spec_reads_what_saving_stored(tmp_path):
     run = RunDir(tmp_path / "run")
     expected = {"backbone": "tiny", "input_size": 32, "num_classes": 3,
                 "model": "classifier", "input_norm": "per_image",
-                "include_preprocessing": False}  # built without BackboneNormalization
+                "include_preprocessing": True}  # built with BackboneNormalization
     assert run.model_spec() == expected
     assert saving.model_spec(model) == expected
     loaded = run.load_model()
     assert loaded.covid_keras_info["class_names"] == ["a", "b", "covid"]
-    assert evaluation.model_spec(loaded) == {"backbone": "tiny", "input_size": 32,
-                                             "num_classes": 3, "kind": "classifier"}
+    # metrics.json's model: the one spec's, as evaluate writes it
+    assert evaluation.model_summary(saving.model_spec(loaded)) == {
+        "backbone": "tiny", "input_size": 32, "num_classes": 3, "kind": "classifier",
+        "include_preprocessing": True}
     with pytest.raises(FileNotFoundError, match="No model file"):
         saving.load_model(str(tmp_path / "run" / "missing.keras"))
 

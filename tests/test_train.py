@@ -151,7 +151,6 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
     from covid_keras import data, saving
     from covid_keras.bn_stats import population_statistics
 
-    cfg = data.PipelineConfig(input_size=64, backbone="tiny", shuffle_buffer=64)  # smoke.cfg
     for stats, want_equal in (("population", True), ("moving", False)):
         run_dir = tmp_path / stats
         # with the average, statistics of the raw weights would not match the saved ones
@@ -159,6 +158,9 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
         run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2", "--epochs=2",
                   "--ema_momentum=0.5")
         model = saving.load_model(str(run_dir / "final.keras"))
+        # the trainer's pipeline (smoke.cfg): the input the model takes, by its spec
+        cfg = data.PipelineConfig.for_model(saving.model_spec(model), shuffle_buffer=64)
+        assert not cfg.normalize  # a new model normalises its own input
         # the trainer's global seed (--seed=0): tf.data's seeded shuffle combines it with
         # the op's seed, so the same order needs the same global seed
         keras.utils.set_random_seed(0)
@@ -213,7 +215,7 @@ def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
         spec = saved_model_spec(str(tmp_path / f"{name}.keras"))
         assert spec == {"backbone": "tiny", "input_size": 64, "num_classes": 2,
                         "model": model, "input_norm": input_norm,
-                        "include_preprocessing": False}
+                        "include_preprocessing": True}
     (tmp_path / "bad.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="bad.keras is not a readable .keras model"):
         saved_model_spec(str(tmp_path / "bad.keras"))
