@@ -39,9 +39,9 @@ def accuracies(run_dir: str, data_dir: str, split: str, batch_size: int,
     from covid_keras.run_dir import RunDir
 
     run = RunDir(run_dir)
-    info = run.flags()
-    cfg = data.PipelineConfig(input_size=info["input_size"], backbone=info["backbone"])
     model = run.load_model(model_file, compile=True)
+    # the model's input size and backbone, normalised input only for an old model
+    cfg = data.PipelineConfig.for_model(run.model_spec(model_file))
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0

@@ -95,8 +95,10 @@ def child_pipeline(args: argparse.Namespace) -> dict:
 
     from covid_keras.data import PipelineConfig, make_dataset, shard_files
 
-    cfg = PipelineConfig(input_size=args.input_size, backbone=args.backbone,
-                         rotation_degrees=args.rotation, seed=0)
+    # as the trainer feeds a new model (the spec of child_train's: it normalises its input)
+    spec = {"input_size": args.input_size, "backbone": args.backbone,
+            "include_preprocessing": True}
+    cfg = PipelineConfig.for_model(spec, rotation_degrees=args.rotation, seed=0)
     files = shard_files(args.data_dir, "train")
     t0 = time.perf_counter()
     ds = make_dataset(args.data_dir, "train", args.batch_size, training=True, cfg=cfg,
@@ -142,13 +144,13 @@ def child_train(args: argparse.Namespace) -> dict:
     size, batch = args.input_size, args.batch_size
     t0 = time.perf_counter()
     model = build_drenet(args.num_classes, input_size=size, backbone=args.backbone,
-                         weights=None, variant=args.variant)
+                         weights=None, variant=args.variant, include_preprocessing=True)
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
                   jit_compile=args.jit == "on")
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    # About the range of caffe-normalised uint8 images (what the pipeline yields).
-    x = rng.uniform(-124.0, 152.0, size=(batch, size, size, 3)).astype(np.float32)
+    # Pixel values 0..255 (what the pipeline yields: the model normalises them itself).
+    x = rng.uniform(0.0, 255.0, size=(batch, size, size, 3)).astype(np.float32)
     y = rng.integers(0, args.num_classes, size=(batch,)).astype(np.int32)
     x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 

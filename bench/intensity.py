@@ -76,9 +76,11 @@ def model_predictor(run_dir: str, batch_size: int):
     info = run.run_info()
     flags = info["flags"]
     model = run.load_model(BEST, compile=True)
+    # normalised input only for a model without its own normalisation layer (old runs)
+    cfg = data.PipelineConfig.for_model(run.model_spec(BEST))
 
     def predict(images_u8):
-        x = np.asarray(data.normalize(images_u8, flags["backbone"]))
+        x = np.asarray(data.model_input(images_u8, cfg))
         out = model.predict(x, batch_size=batch_size, verbose=0)
         logits = out["logits"] if isinstance(out, dict) else out
         return evaluation.softmax(np.asarray(logits, np.float64))
