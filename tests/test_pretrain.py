@@ -105,6 +105,20 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
 
     np.testing.assert_array_equal(build_backbone("tiny", weights=back)(x)["pool"],
                                   source(x)["pool"])
+    # DRENet's own normalisation (its first layer) sits before the backbone: fed pixel
+    # values, its backbone sees what pretraining's pipeline fed the pretrained one (the
+    # values normalised: keras.applications' preprocessing as the reference)
+    from keras.applications import imagenet_utils
+
+    from covid_keras.backbones import PREPROCESSING
+    from covid_keras.gradcam import conv_features
+
+    assert drenet.build_config["include_preprocessing"]
+    pixels = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3)).astype("float32")
+    normalised = imagenet_utils.preprocess_input(pixels.copy(), data_format="channels_last",
+                                                 mode=PREPROCESSING["tiny"])
+    features = keras.Model(drenet.inputs[0], conv_features(drenet))(pixels)
+    np.testing.assert_allclose(features, source(normalised)["conv5"], rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ the run
