@@ -175,7 +175,9 @@ def define_flags() -> None:
                         "same flags is reused; an interrupted one resumes.")
     flags.DEFINE_string("classifier_dir", d.classifier_dir, "The classifier stage's run "
                         "folder (default <run_dir>/classifier; e.g. the ResNet-50 run of "
-                        "the same seed, which is then reused).")
+                        "the same seed, which is then reused; without a stage it is "
+                        "ignored, and it is where the stage lives, not what the run is: a "
+                        "resume or --reuse may change it).")
     flags.DEFINE_string("classifier_data_dir", d.classifier_data_dir, "The classifier "
                         "stage's data (default --data_dir), e.g. generated studies "
                         "(python -m data_prep.phantom, any number of patients: supervised "
@@ -368,7 +370,7 @@ RUN_FILES = RunDir.RUN_FILES
 # Flags that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("overwrite", "verbose", "report_splits", "num_display_images",
                      "cpu_devices", "backup_every_steps", "data_dir", "run_dir", "fold",
-                     "ensemble_only", "reuse")
+                     "ensemble_only", "reuse", "classifier_dir")
 
 
 def changed_flags(stored: dict, current: dict) -> list[str]:
@@ -1034,9 +1036,8 @@ def check_recipe(cfg: TrainConfig):
         if not os.path.isfile(cfg.classifier_flagfile):
             raise FileNotFoundError(f"--classifier_flagfile={cfg.classifier_flagfile}: no "
                                     "such file")
-    elif cfg.classifier_data_dir or cfg.classifier_dir:
-        raise ValueError("--classifier_data_dir and --classifier_dir need "
-                         "--classifier_flagfile")
+    elif cfg.classifier_data_dir:
+        raise ValueError("--classifier_data_dir needs --classifier_flagfile")
     if cfg.classifier_data_dir and not files.exists(
             os.path.join(cfg.classifier_data_dir, schema.MANIFEST)):
         raise FileNotFoundError(f"--classifier_data_dir={cfg.classifier_data_dir} is not a "

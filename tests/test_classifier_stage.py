@@ -106,13 +106,24 @@ def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, me
 def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp_path):
     from covid_keras.train import check_recipe
 
-    with pytest.raises(ValueError, match="need --classifier_flagfile"):
+    with pytest.raises(ValueError, match="needs --classifier_flagfile"):
         check_recipe(config(classifier_data_dir=str(tmp_path)))
+    check_recipe(config(classifier_dir=str(tmp_path)))  # where a stage would go: ignored
     flagfile = tmp_path / "cls.cfg"
     flagfile.write_text("--model=classifier\n")
     with pytest.raises(FileNotFoundError, match="is not a data_prep output"):
         check_recipe(config(classifier_flagfile=str(flagfile),
                             classifier_data_dir=str(tmp_path)))
+
+
+def test_where_the_stage_lives_is_not_what_a_run_is():
+    """--classifier_dir may differ between a finished stage run and the command that reuses
+    it (bench/accuracy.py passes it to every flagfile of a protocol): not run-defining."""
+    from covid_keras.train import changed_flags
+
+    assert changed_flags({"classifier_dir": "/a", "seed": 0},
+                         {"classifier_dir": None, "seed": 0}) == []
+    assert changed_flags({"classifier_flagfile": "/a.cfg"}, {"classifier_flagfile": None})
 
 
 def test_a_missing_classifier_flagfile_is_named(tmp_path):
