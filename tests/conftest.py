@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import commands, tiny_dataset  # noqa: F401 - session fixtures for all
+from tests.helpers import commands, split_dataset, tiny_dataset  # noqa: F401 - session fixtures for all
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

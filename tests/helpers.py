@@ -220,6 +220,16 @@ def tiny_dataset(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def split_dataset(tiny_dataset) -> str:
+    """Three classes, 4 patients each, train / val / test 0.5 / 0.25 / 0.25 (the
+    pretraining and stage tests' data)."""
+    return str(tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=4,
+                            num_slices=20, matrix=64, seed=1,
+                            flags=("--classes=normal,covid,bacterial",
+                                   "--split_fractions=0.5,0.25,0.25")))
+
+
 # ------------------------------------------------------------------ commands
 class Commands:
     """Runs ``python -m MODULE ARGS`` as a user would, minus the interpreter start and the

@@ -13,11 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tiny_dataset):
-    return str(tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=4,
-                            num_slices=20, matrix=64, seed=1,
-                            flags=("--classes=normal,covid,bacterial",
-                                   "--split_fractions=0.5,0.25,0.25")))
+def data_dir(split_dataset):
+    return split_dataset
 
 
 def image_kernels(path: Path) -> dict:
