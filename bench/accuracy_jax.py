@@ -16,7 +16,9 @@ A flagfile with ``--classifier_flagfile`` (e.g. DRENet from a ResNet-50 classifi
 that stage first in the same job, as the trainer does: the classifier flagfile with the same
 seed, fold and input size (``<run>.stage.json``), then the run from its chosen weights' image
 backbone (``<run>.stage.weights.h5``); the run's JSON repeats the stage's figures
-(``classifier_stage``: the pair of the same seed), and a finished stage is reused.
+(``classifier_stage``: the pair of the same seed). A finished stage is reused when it was
+made from the same inputs (its flags, overrides, seed, fold, size and data file, recorded in
+its JSON), trained again otherwise; ``--rerun`` trains it again too.
 Differences from ``covid_keras.train``: no tf.data shuffle buffer (a full shuffle instead),
 no TensorBoard, the best weights are kept in memory.
 
@@ -214,15 +216,33 @@ def classifier_stage(data_path: str, flagfile: str, seed: int, input_size: int |
     with the same seed, fold, input size and overrides (less the stage flags), its result
     beside the run's (``<run>.stage.json``) and its chosen weights' image backbone as a
     ``.weights.h5`` that the run's backbone starts from; a finished stage is reused."""
-    stage_json = out_path.with_suffix(".stage.json")
-    weights = out_path.with_suffix(".stage.weights.h5")
-    if stage_json.exists() and weights.exists():
-        return json.loads(stage_json.read_text()), weights
+    stage_json, weights = stage_paths(out_path)
     own = {k: v for k, v in overrides.items()
            if k not in ("classifier_flagfile", "classifier_dir", "classifier_data_dir")}
+    data = os.stat(data_path)
+    inputs = {"flags": read_flagfile(flagfile), "overrides": own, "seed": seed,
+              "input_size": input_size, "bn_stats": bn_stats,
+              "fold": list(fold) if fold else None,
+              "data": {"path": os.path.abspath(data_path), "bytes": data.st_size,
+                       "mtime_ns": data.st_mtime_ns}}
+    if stage_json.exists() and weights.exists():
+        done = json.loads(stage_json.read_text())
+        if done.get("stage_inputs") == json.loads(json.dumps(inputs)):
+            return done, weights
+        print(f"[{Path(flagfile).stem} seed {seed}] the stage in {stage_json} was made from "
+              "other inputs: trained again", flush=True)
     res = run_one(data_path, flagfile, seed, input_size, own, stage_json, track_held_out,
                   bn_stats, fold, save_backbone=weights)
+    res["stage_inputs"] = inputs
+    tmp = stage_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=float))
+    os.replace(tmp, stage_json)
     return res, weights
+
+
+def stage_paths(out_path: Path) -> tuple[Path, Path]:
+    """A run's classifier stage: its JSON and its backbone weights file."""
+    return out_path.with_suffix(".stage.json"), out_path.with_suffix(".stage.weights.h5")
 
 
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
@@ -524,6 +544,10 @@ def main(argv=None) -> int:
     parts = range(args.folds) if args.folds else [None]
     todo = [(f, s, k) for f in flagfiles for s in seeds for k in parts
             if args.rerun or not (work / run_name(f, s, k)).exists()]
+    if args.rerun:  # their classifier stages too
+        for f, s, k in todo:
+            for path in stage_paths(work / run_name(f, s, k)):
+                path.unlink(missing_ok=True)
     env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []

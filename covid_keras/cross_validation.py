@@ -59,9 +59,15 @@ def check_fold_flags(cfg) -> None:
         raise ValueError("--folds under --strategy=multi_worker trains one fold at a time: "
                          "pass --fold=k (the cluster's workers train fold k together), then "
                          "--ensemble_only on one machine")
+    if cfg.folds and cfg.strategy == "multi_worker" and (cfg.pretrain_flagfile or
+                                                         cfg.classifier_flagfile):
+        raise ValueError("--folds under --strategy=multi_worker takes no stage "
+                         "(--pretrain_flagfile, --classifier_flagfile): every worker would run "
+                         "it; run the stage first and pass --init_from=<its weights>")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
-    if cfg.folds and cfg.classifier_dir and not cfg.classifier_data_dir:
+    if cfg.folds and cfg.classifier_flagfile and cfg.classifier_dir and \
+            not cfg.classifier_data_dir:
         raise ValueError("--folds trains the classifier stage of each fold in its own fold "
                          "folder (fold_<k>/classifier, on that fold's training patients "
                          "only): it takes no --classifier_dir")
@@ -143,6 +149,7 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     from covid_keras import folds as folds_mod
 
     check_fold_flags(cfg)
+    train_mod.check_recipe(cfg)  # before a stage runs for every fold
     if cfg.strategy == "multi_worker":  # before any TensorFlow op (collectives)
         from covid_keras.distributed import make_strategy
 
@@ -153,12 +160,17 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
     todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
     redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
+    chief = True
+    if cfg.strategy == "multi_worker":
+        from covid_keras.distributed import make_strategy
+
+        chief = train_mod.is_chief(make_strategy(cfg.strategy))
     for k in todo:
         fold_run = RunDir(run.fold_dir(k))
         if fold_run.is_finished() and not redo:
             log.info("fold %d/%d finished in an earlier run: reused", k + 1, cfg.folds)
             continue
-        if redo:
+        if redo and chief:  # the other workers would clear what the chief wrote
             fold_run.clear()
         drop_ensemble(run)  # a fold that changes makes the ensemble stale
         data_k = folds_mod.write_fold_data(cfg.data_dir, doc, k, run.fold_data_dir(k),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,7 @@ def copy_file(local: str, path: str) -> None:
     """Copies the local file ``local`` to ``path`` (any file system), replacing it whole:
     a reader sees the old file or the new one."""
     gfile = _gfile()
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.{unique_suffix()}"
     gfile.copy(local, tmp, overwrite=True)
     gfile.rename(tmp, path, overwrite=True)
 
@@ -117,9 +118,15 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def unique_suffix() -> str:
+    """``tmp-<pid>-<random>``: a temporary name no other process writes, on any machine
+    (workers of a cluster may share a PID, e.g. 1 in containers, and a file system)."""
+    return f"tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """``path`` appears whole or not at all (a reader never sees a partial file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.{unique_suffix()}"
     if is_remote(path):
         gfile = _gfile()
         with gfile.GFile(tmp, "wb") as f:

@@ -164,7 +164,7 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
         return out_dir
     assignment = assignment_of(document)
     manifest = data.read_manifest(data_dir)
-    tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
+    tmp = out_dir.rstrip("/") + f".{files.unique_suffix()}"
     files.rmtree(tmp)
     files.makedirs(tmp)
     counts: dict = {"train": {}, "val": {}}

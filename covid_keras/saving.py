@@ -66,7 +66,7 @@ def save_model(model, path: str, class_names: list[str] | None) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".keras")
         os.close(fd)
     else:
-        tmp = f"{path}.tmp-{os.getpid()}.keras"
+        tmp = f"{path}.{files.unique_suffix()}.keras"
     try:
         model.save(tmp)
         if info is not None:

@@ -306,7 +306,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("reuse", d.reuse, "A finished run in --run_dir with the same "
                       "run-defining flags and data is kept and nothing trains (exit 0; how "
                       "a stage of another run is reused); with other flags or data it is an "
-                      "error. A one-shot action: flags.cfg does not record it.")
+                      "error, or with --overwrite replaced. A one-shot action: flags.cfg "
+                      "does not record it.")
     _DEFINED = True
 
 
@@ -419,8 +420,9 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str) -> str:
 
 def reused_run(cfg: TrainConfig) -> dict | None:
     """--reuse: the metrics of the finished run in --run_dir when it was run with the same
-    run-defining flags on the same data; None when there is no finished run; an error
-    naming what differs otherwise."""
+    run-defining flags on the same data; None when there is no finished run, or (with
+    --overwrite) when it differs, so that it is replaced; an error naming what differs
+    otherwise."""
     from covid_keras import data
 
     run = RunDir(cfg.run_dir)
@@ -433,6 +435,10 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     if info.get("dataset_manifest_sha256", files.sha256(data.manifest_path(cfg.data_dir))) \
             != files.sha256(data.manifest_path(cfg.data_dir)):
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
+    if diff and cfg.overwrite:
+        log.info("--reuse --overwrite: %s holds a finished run with other flags (%s): "
+                 "replaced", cfg.run_dir, "; ".join(diff))
+        return None
     if diff:
         raise ValueError(f"--reuse: {cfg.run_dir} holds a finished run with other flags "
                          f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
@@ -471,6 +477,8 @@ def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     cmd = [sys.executable, "-m", "covid_keras.train",
            f"--flagfile={cfg.classifier_flagfile}", f"--run_dir={folder}",
            f"--seed={cfg.seed}", f"--verbose={cfg.verbose}", "--reuse"]
+    if cfg.overwrite and not cfg.classifier_dir:  # the run's own stage starts again too,
+        cmd.append("--overwrite")                 # unless it is the same (then reused)
     if cfg.classifier_data_dir:  # other data: its own val split, nothing held out reported
         cmd += [f"--data_dir={cfg.classifier_data_dir}", "--report_splits="]
     else:
@@ -740,7 +748,10 @@ def make_model(r: Run):
     """The run's model, from its starting weights (recorded in run_info.json when they came
     from a pretraining stage or run)."""
     cfg = r.cfg
-    weights = backbone_weights(cfg, r.run.path) if r.chief else cfg.backbone_weights
+    # every worker resolves the same file (MultiWorkerMirroredStrategy copies only the
+    # initial values; the file loads after them); a stage, which only the chief could run,
+    # is refused under multi_worker (check_recipe, check_fold_flags)
+    weights = backbone_weights(cfg, r.run.path)
     if weights and weights != cfg.backbone_weights and r.chief:
         info = r.run.run_info()
         info["backbone_weights"] = {"path": os.path.abspath(weights),

@@ -1291,8 +1291,9 @@ def main(argv: list[str]) -> int:
     from covid_keras.serve import Access, header_timeout_protocol, listen
 
     access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
-    if FLAGS.session_hours <= 0:
-        raise ValueError("--session_hours must be positive")
+    if not 0 < FLAGS.session_hours < float("inf"):  # inf and nan too: int() of them fails
+        raise ValueError(f"--session_hours must be a positive number of hours. Received: "
+                         f"{FLAGS.session_hours}")
     from covid_keras import web_auth
 
     sessions = (web_auth.Sessions(access.token, FLAGS.session_hours * 3600.0)

@@ -73,9 +73,11 @@ SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
 MANIFEST_VERSION = 1
 # Bump when a code change alters records: the spool of an older version is then not reused.
 SPOOL_VERSION = 3
-TMP_RE = re.compile(r"\.tmp-\d+$")
+# a killed writer's temporary file: <name>.tmp-<pid> (here) or <name>.tmp-<pid>-<hex>
+# (covid_keras.files.unique_suffix: manifest.json and the other JSON files)
+TMP_RE = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")
 OURS_RE = re.compile(r"^((train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz|manifest\.json|"
-                     r"failures\.csv|\.partial)$|\.tmp-\d+$")
+                     r"failures\.csv|\.partial)$|\.tmp-\d+(-[0-9a-f]+)?$")
 
 
 @dataclass(frozen=True)

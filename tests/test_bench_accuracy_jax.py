@@ -242,3 +242,9 @@ def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, 
     stamp = weights.stat().st_mtime_ns
     jx.run_one(str(tmp_path / "d.npz"), str(tmp_path / "d.cfg"), 0, None, {}, out)
     assert weights.stat().st_mtime_ns == stamp and built[-1] == str(weights)
+    # a stage made from other inputs (here another learning rate) is trained again
+    again, path = jx.classifier_stage(str(tmp_path / "d.npz"), str(tmp_path / "c.cfg"), 0,
+                                      None, {"learning_rate": "2e-3"}, out, False, "moving",
+                                      None)
+    assert path == weights and weights.stat().st_mtime_ns != stamp
+    assert again["stage_inputs"]["overrides"] == {"learning_rate": "2e-3"}

@@ -34,8 +34,8 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
     """The stage trains a classifier into <run_dir>/classifier (the flagfile read beside the
     flagfile that names it, with this run's seed and splits); DRENet starts from its chosen
     checkpoint's backbone (with a zero learning rate, DRENet's final conv kernels are the
-    classifier's); a second run reuses the finished stage; a stage folder with other flags
-    is a one-line error, not silently reused."""
+    classifier's); a second run reuses the finished stage; a shared stage folder
+    (--classifier_dir) with other flags is a one-line error, not silently reused."""
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
     (cfg_dir / "cls.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
@@ -74,7 +74,8 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
     assert "holds a finished run with these flags: reused" in again.stderr
     assert chosen.stat().st_mtime_ns == mtime
 
-    other = train("--overwrite", "--seed=1", ok=False)
+    # a stage folder named with --classifier_dir may be shared: never replaced silently
+    other = train("--overwrite", "--seed=1", f"--classifier_dir={stage}", ok=False)
     errors = [ln for ln in other.stderr.splitlines() if "error" in ln.lower()]
     assert any("--reuse" in ln and "--seed: 0 -> 1" in ln for ln in errors), other.stderr
     assert chosen.stat().st_mtime_ns == mtime
@@ -138,6 +139,10 @@ def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg"))  # per fold: fine
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",
                             classifier_data_dir="phantoms"))  # other data: one shared stage
+    check_fold_flags(config(folds=3, classifier_dir="x"))  # no stage: where it would go
+    for stage in ({"classifier_flagfile": "c.cfg"}, {"pretrain_flagfile": "p.cfg"}):
+        with pytest.raises(ValueError, match="takes no stage"):  # every worker would run it
+            check_fold_flags(config(folds=3, fold=0, strategy="multi_worker", **stage))
 
 
 def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
@@ -176,3 +181,49 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
         assert not any(c.startswith("--val_split") for c in cmd)
     else:
         assert {"--data_dir=d", "--val_split=tune", "--report_splits=test"} <= set(cmd)
+
+
+@pytest.mark.parametrize("overwrite, shared", [(True, False), (True, True), (False, False)])
+def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
+        tmp_path, monkeypatch, overwrite, shared):
+    """--overwrite starts the run again from scratch, its own stage (<run_dir>/classifier)
+    included unless it is the same (--reuse --overwrite); a --classifier_dir stage is shared
+    (e.g. the ResNet-50 run of the seed) and never replaced from here."""
+    import subprocess
+
+    from covid_keras import train
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    extra = {"classifier_dir": str(tmp_path / "shared")} if shared else {}
+    cfg = config(classifier_flagfile="cls.cfg", overwrite=overwrite, **extra)
+    with pytest.raises(RuntimeError):
+        train.classifier_stage(cfg, str(tmp_path / "run"))
+    assert ("--overwrite" in calls[0]) == (overwrite and not shared)
+    assert "--reuse" in calls[0]
+
+
+def test_reuse_with_overwrite_replaces_a_finished_run_with_other_flags(tmp_path):
+    """--reuse alone: a finished run with other flags is an error naming them; with
+    --overwrite it is replaced (None: train as a new run); the same run is reused."""
+    from covid_keras import files
+    from covid_keras.train import TrainConfig, resolved_flags, reused_run
+    from tests.helpers import fake_manifest
+
+    data = fake_manifest(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final.keras").write_bytes(b"a finished run's file")
+    (run / "metrics.json").write_text('{"best_epoch": 3}')
+    done = TrainConfig(data_dir=str(data), run_dir=str(run), seed=0)
+    files.write_json(str(run / "run_info.json"), {
+        "flags": resolved_flags(done),
+        "dataset_manifest_sha256": files.sha256(str(data / "manifest.json"))})
+    assert reused_run(done.replace(reuse=True)) == {"best_epoch": 3}
+    assert reused_run(done.replace(reuse=True, overwrite=True)) == {"best_epoch": 3}
+    other = done.replace(reuse=True, seed=1)
+    with pytest.raises(ValueError, match="--seed: 0 -> 1"):
+        reused_run(other)
+    assert reused_run(other.replace(overwrite=True)) is None
+    assert reused_run(done) is None  # no --reuse: the trainer's own checks decide
