@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from covid_keras import files
+from covid_keras import files, schema
 from covid_keras.run_dir import BEST, RunDir
 
 log = logging.getLogger("covid_keras.train")
@@ -75,6 +75,21 @@ def check_fold_flags(cfg) -> None:
         raise ValueError("--folds does not take --init_from=<.keras model>: every fold would "
                          "start from the same trained model (a pretraining run or weights "
                          "file is fine)")
+
+
+def check_shared_stage_data(cfg) -> None:
+    """--folds with --classifier_data_dir: one classifier stage serves every fold, so it must
+    not train on the folds' own patients (the same data folder: each fold's validation
+    patients would have trained its starting weights)."""
+    if not (cfg.folds and cfg.classifier_flagfile and cfg.classifier_data_dir):
+        return
+    same = os.path.realpath(cfg.classifier_data_dir) == os.path.realpath(cfg.data_dir) or \
+        files.sha256(os.path.join(cfg.classifier_data_dir, schema.MANIFEST)) == \
+        files.sha256(os.path.join(cfg.data_dir, schema.MANIFEST))
+    if same:
+        raise ValueError("--folds with --classifier_data_dir=--data_dir: the one shared "
+                         "classifier stage would train on every fold's validation patients; "
+                         "leave --classifier_data_dir out (each fold then trains its own)")
 
 
 def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
@@ -150,6 +165,7 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
 
     check_fold_flags(cfg)
     train_mod.check_recipe(cfg)  # before a stage runs for every fold
+    check_shared_stage_data(cfg)
     if cfg.strategy == "multi_worker":  # before any TensorFlow op (collectives)
         from covid_keras.distributed import make_strategy
 

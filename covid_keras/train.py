@@ -493,13 +493,12 @@ def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     stage = RunDir(folder)
     out = stage.file(CLASSIFIER_BACKBONE)
     chosen = stage.checkpoint()
+    arch = saving.saved_model_spec(chosen)["backbone"]  # a reused stage too
+    if arch != cfg.backbone:
+        raise ValueError(f"--classifier_flagfile trains a {arch} backbone, this run a "
+                         f"{cfg.backbone} one: give both the same --backbone")
     if not files.exists(out) or os.path.getmtime(out) < os.path.getmtime(chosen):
-        model = saving.load_model(chosen, compile=False)
-        arch = saving.model_spec(model)["backbone"]
-        if arch != cfg.backbone:
-            raise ValueError(f"--classifier_flagfile trains a {arch} backbone, this run a "
-                             f"{cfg.backbone} one: give both the same --backbone")
-        write_image_backbone(model, out)
+        write_image_backbone(saving.load_model(chosen, compile=False), out)
     log.info("stage 0 done: starting from the classifier's backbone (%s)", out)
     return out
 

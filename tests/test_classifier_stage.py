@@ -84,7 +84,7 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
 def config(**kw):
     from covid_keras.train import TrainConfig
 
-    return TrainConfig(data_dir="d", run_dir="r", **kw)
+    return TrainConfig(**{"data_dir": "d", "run_dir": "r", **kw})
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -227,3 +227,25 @@ def test_reuse_with_overwrite_replaces_a_finished_run_with_other_flags(tmp_path)
         reused_run(other)
     assert reused_run(other.replace(overwrite=True)) is None
     assert reused_run(done) is None  # no --reuse: the trainer's own checks decide
+
+
+def test_folds_refuse_a_shared_stage_on_their_own_data(tmp_path):
+    """--folds with --classifier_data_dir naming the folds' own data (the same folder, or a
+    copy of its manifest): the one shared stage would train on every fold's validation
+    patients. Other data is fine."""
+    import shutil
+
+    from covid_keras.cross_validation import check_shared_stage_data
+    from tests.helpers import fake_manifest
+
+    data = fake_manifest(tmp_path / "data")
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    other = fake_manifest(tmp_path / "other", image_size=128)
+    for stage_data in (data, copy):
+        with pytest.raises(ValueError, match="every fold's validation patients"):
+            check_shared_stage_data(config(folds=3, classifier_flagfile="c.cfg",
+                                           data_dir=str(data),
+                                           classifier_data_dir=str(stage_data)))
+    check_shared_stage_data(config(folds=3, classifier_flagfile="c.cfg", data_dir=str(data),
+                                   classifier_data_dir=str(other)))
