@@ -1007,12 +1007,23 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
         Response when refused, else None. The token may come as a bearer header or as the
         login's cookie. ``page``: a browser's page, answered with the login form."""
         headers = dict(request.headers)
+        # a bearer header the client sent is a guess like a login's: the same limit per
+        # address, checked and counted with no await between them
+        guess = access.token is not None and "authorization" in headers
+        address = request.client.host if request.client else None
+        if guess:
+            wait = login_limiter.retry_after(address)
+            if wait:
+                return error(429, "too_many_attempts", "too many wrong tokens from this "
+                             f"address: try again in {wait} s", {"Retry-After": str(wait)})
         if (access.token is not None and "authorization" not in headers
                 and sessions.valid(request.cookies.get(TOKEN_COOKIE))):
             headers["authorization"] = f"Bearer {access.token}"
         try:
             access.check(headers, post)
         except ServingError as err:
+            if guess and err.http == 401:
+                login_limiter.failed(address)
             if page and err.http == 401:
                 return HTMLResponse(login_html(), 401, headers=login_headers)
             return error(err.http, "forbidden" if err.http == 403 else "unauthorized",

@@ -306,3 +306,29 @@ def test_sign_in_and_out_in_headless_chromium(tmp_path):
             browser.close()
     # the 401s of the login form (before signing in and after signing out) are expected
     assert [m for m in console if "status of 401" not in m] == [], console
+
+
+def test_bearer_guesses_on_any_route_count_against_the_same_limit(tmp_path):
+    """A wrong ``Authorization: Bearer`` on the page's API is a guess like a login's: the
+    sixth in a minute from one address is refused 429 (even the right token), another
+    address is not; a request with no header at all (a browser before its login) does not
+    count."""
+    clock = Clock(100.0)
+    limiter = web_auth.LoginLimiter(5, 60.0, fail_delay_s=0.0, clock=clock)
+    app = make_app(tmp_path, login_limiter=limiter)
+
+    def card(token, address="10.0.0.1"):
+        return call(app, "GET", "/api/card", address,
+                    headers={"Authorization": f"Bearer {token}"})
+
+    for _ in range(8):  # no header: 401, not counted
+        assert call(app, "GET", "/api/card", "10.0.0.1").status_code == 401
+    assert card(TOKEN).status_code == 200
+    for i in range(5):
+        assert card("x" * len(TOKEN)).status_code == 401, i
+    limited = card(TOKEN)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+    assert login(app, TOKEN, "10.0.0.1").status_code == 429  # one limit for both ways in
+    assert card(TOKEN, "10.0.0.2").status_code == 200
+    clock.now += 61
+    assert card(TOKEN).status_code == 200
