@@ -209,10 +209,12 @@ def prep_configs(info: dict, salt: bytes):
     """data_prep's ScanConfig and PrepConfig as the training records were built: the export
     info's :class:`data_prep.settings.PrepSettings` (an older export's recorded flags and
     preprocessing; data_prep's defaults for what it does not say)."""
+    from data_prep.preprocess import PrepConfig
     from data_prep.settings import PrepSettings
+    from data_prep.study import ScanConfig
 
     settings = PrepSettings.from_export_info(info)
-    return settings.scan_config(salt), settings.prep_config()
+    return ScanConfig.from_settings(settings, salt), PrepConfig.from_settings(settings)
 
 
 def prepare_study(path: str, name: str, info: dict, salt: bytes):

@@ -32,9 +32,10 @@ from covid_keras.imaging import parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams
-from data_prep.preprocess import FILL_MODES, SAMPLING_MODES
+from data_prep.preprocess import FILL_MODES, SAMPLING_MODES, PrepConfig
 from data_prep.settings import DEFAULTS, PrepSettings
 from data_prep.split import SCHEMES
+from data_prep.study import ScanConfig
 
 FLAGS = flags.FLAGS
 
@@ -248,9 +249,9 @@ def build_config(salt: bytes | None = None) -> pipeline.RunConfig:
         windows=tuple(parse_windows(FLAGS.windows)), lung_filter=FLAGS.lung_filter,
         min_lung_fraction=FLAGS.min_lung_fraction, crop_to_lung=FLAGS.crop_to_lung,
         fill_blank=FLAGS.fill_blank, lung=LungMaskParams(gas_median_hu=FLAGS.gas_median_hu))
-    scan = settings.scan_config(salt or b"", limits.Limits(
+    scan = ScanConfig.from_settings(settings, salt or b"", limits.Limits(
         study_timeout_s=FLAGS.study_timeout_s, worker_memory_mb=FLAGS.worker_memory_mb))
-    prep = settings.prep_config()
+    prep = PrepConfig.from_settings(settings)
     fractions = tuple(float(v) for v in FLAGS.split_fractions)
     cfg = pipeline.RunConfig(
         output_dir=output_dir, scan=scan, prep=prep, classes=tuple(FLAGS.classes),

@@ -26,7 +26,7 @@ import numpy as np
 
 from covid_keras.imaging import unit_to_u8, window_hu
 from data_prep.lung import LungMaskParams, lung_and_body_masks
-from data_prep.settings import DEFAULTS
+from data_prep.settings import DEFAULTS, PrepSettings
 
 # none: zeros outside the lung; rotate: rotated-lung fill in every split (deterministic per
 # slice); rotate_train: the paper's train-only fill (train and val/test then differ).
@@ -78,6 +78,13 @@ class PrepConfig:
     crop_margin: float = DEFAULTS.crop_margin
     fill_blank: str = DEFAULTS.fill_blank  # one of FILL_MODES
     lung: LungMaskParams = field(default_factory=LungMaskParams)
+
+    @classmethod
+    def from_settings(cls, s: PrepSettings) -> PrepConfig:
+        """The slice preparation of :class:`~data_prep.settings.PrepSettings` ``s``."""
+        return cls(image_size=s.image_size, windows=s.windows, lung_filter=s.lung_filter,
+                   min_lung_fraction=s.min_lung_fraction, crop_to_lung=s.crop_to_lung,
+                   crop_margin=s.crop_margin, fill_blank=s.fill_blank, lung=s.lung)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:

@@ -13,7 +13,11 @@ record (:meth:`PrepSettings.from_recorded`): the manifest's ``preprocessing`` en
 ``image.size``, with these defaults for the rest.
 
     settings = PrepSettings.from_manifest(manifest)
-    scan_cfg, prep = settings.scan_config(salt), settings.prep_config()
+    scan_cfg = ScanConfig.from_settings(settings, salt)   # data_prep.study
+    prep = PrepConfig.from_settings(settings)            # data_prep.preprocess
+
+(The configs convert from the settings, not the other way: ``study`` and ``preprocess``
+import this module for their defaults, and this one imports neither.)
 """
 
 from __future__ import annotations
@@ -60,29 +64,6 @@ class PrepSettings:
     lung: LungMaskParams = field(default_factory=LungMaskParams)
 
     # ------------------------------------------------------------ the configs
-    def prep_config(self):
-        """The :class:`~data_prep.preprocess.PrepConfig` of these settings."""
-        from data_prep.preprocess import PrepConfig
-
-        return PrepConfig(image_size=self.image_size, windows=self.windows,
-                          lung_filter=self.lung_filter,
-                          min_lung_fraction=self.min_lung_fraction,
-                          crop_to_lung=self.crop_to_lung, crop_margin=self.crop_margin,
-                          fill_blank=self.fill_blank, lung=self.lung)
-
-    def scan_config(self, salt: bytes, limits=None):
-        """The :class:`~data_prep.study.ScanConfig` of these settings with ``salt``;
-        ``limits``: the run's :class:`~data_prep.limits.Limits` (its time and memory caps;
-        the file and pixel limits are these settings'), default data_prep's."""
-        from data_prep.limits import Limits
-        from data_prep.study import ScanConfig
-
-        limits = dataclasses.replace(limits or Limits(), max_file_bytes=self.max_file_bytes,
-                                     max_image_pixels=self.max_image_pixels)
-        return ScanConfig(salt=salt, num_slices=self.num_slices, sampling=self.sampling,
-                          min_slices=self.min_slices, image_window_hu=self.image_window_hu,
-                          limits=limits)
-
     @classmethod
     def from_configs(cls, scan, prep) -> PrepSettings:
         """The settings of a ``ScanConfig`` and a ``PrepConfig`` (what a run used)."""

@@ -37,7 +37,7 @@ from data_prep import dicom_io, limits, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits, StudyTimeout
 from data_prep.preprocess import PreparedSlice, PrepConfig, prepare_slice, sample_indices
-from data_prep.settings import DEFAULTS
+from data_prep.settings import DEFAULTS, PrepSettings
 
 # Bytes read to find a PNG / JPEG's dimensions (a JPEG's frame header can follow EXIF and
 # ICC segments of up to 64 KiB each).
@@ -74,6 +74,18 @@ class ScanConfig:
     # levels are mapped back to pseudo-HU through it.
     image_window_hu: tuple[float, float] = DEFAULTS.image_window_hu
     limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_settings(cls, s: PrepSettings, salt: bytes,
+                      limits: Limits | None = None) -> ScanConfig:
+        """The scan of :class:`~data_prep.settings.PrepSettings` ``s`` with ``salt``;
+        ``limits``: the run's (its time and memory caps; the file and pixel limits are the
+        settings'), default data_prep's."""
+        limits = dataclasses.replace(limits or Limits(), max_file_bytes=s.max_file_bytes,
+                                     max_image_pixels=s.max_image_pixels)
+        return cls(salt=salt, num_slices=s.num_slices, sampling=s.sampling,
+                   min_slices=s.min_slices, image_window_hu=s.image_window_hu,
+                   limits=limits)
 
 
 @dataclass

@@ -20,8 +20,8 @@ FLAGS = ("--num_slices=12", "--sampling=middle50", "--fill_blank=none",
 
 
 def test_the_configs_defaults_are_the_settings_defaults():
-    assert PrepConfig() == DEFAULTS.prep_config()
-    assert ScanConfig(salt=b"s") == DEFAULTS.scan_config(b"s")
+    assert PrepConfig() == PrepConfig.from_settings(DEFAULTS)
+    assert ScanConfig(salt=b"s") == ScanConfig.from_settings(DEFAULTS, b"s")
     assert PrepSettings.from_configs(ScanConfig(salt=b""), PrepConfig()) == DEFAULTS
     assert (DEFAULTS.num_slices, DEFAULTS.min_slices, DEFAULTS.sampling) == (15, 8, "paper")
 
@@ -37,7 +37,7 @@ def test_to_dict_round_trips_through_json():
     assert PrepSettings.from_dict({**block, "a_newer_setting": 1}) == s
     assert PrepSettings.from_dict({}) == DEFAULTS
     # the run's time and memory caps are the caller's; the file and pixel limits the settings'
-    scan = s.scan_config(b"k", Limits(study_timeout_s=5.0))
+    scan = ScanConfig.from_settings(s, b"k", Limits(study_timeout_s=5.0))
     assert scan.limits == Limits(max_file_bytes=12345, study_timeout_s=5.0)
     assert (scan.salt, scan.num_slices, scan.sampling) == (b"k", 9, "middle50")
 
@@ -86,7 +86,8 @@ def test_export_carries_the_settings_and_predict_reads_them(tiny_dataset):
             "data_prep": {k: prep[k] for k in ("records_image_size", "flags", "preprocessing",
                                                EXPORT_KEY)}}
     scan, prep_cfg = predict.prep_configs(info, b"salt")
-    assert (scan, prep_cfg) == (settings.scan_config(b"salt"), settings.prep_config())
+    assert (scan, prep_cfg) == (ScanConfig.from_settings(settings, b"salt"),
+                              PrepConfig.from_settings(settings))
     # an export made before the block: the same from its flags and preprocessing
     older = copy.deepcopy(info)
     del older["data_prep"][EXPORT_KEY]
@@ -97,5 +98,5 @@ def test_export_carries_the_settings_and_predict_reads_them(tiny_dataset):
     bare = {"input_size": 48, "windows": unknown["windows"],
             "data_prep": {k: unknown[k] for k in ("records_image_size", "flags",
                                                   "preprocessing", EXPORT_KEY)}}
-    assert predict.prep_configs(bare, b"s") == (DEFAULTS.scan_config(b"s"),
+    assert predict.prep_configs(bare, b"s") == (ScanConfig.from_settings(DEFAULTS, b"s"),
                                                 PrepConfig(image_size=48))
