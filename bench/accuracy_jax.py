@@ -232,11 +232,7 @@ def classifier_stage(data_path: str, flagfile: str, seed: int, input_size: int |
         print(f"[{Path(flagfile).stem} seed {seed}] the stage in {stage_json} was made from "
               "other inputs: trained again", flush=True)
     res = run_one(data_path, flagfile, seed, input_size, own, stage_json, track_held_out,
-                  bn_stats, fold, save_backbone=weights)
-    res["stage_inputs"] = inputs
-    tmp = stage_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    os.replace(tmp, stage_json)
+                  bn_stats, fold, save_backbone=weights, record={"stage_inputs": inputs})
     return res, weights
 
 
@@ -248,9 +244,10 @@ def stage_paths(out_path: Path) -> tuple[Path, Path]:
 def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
             overrides: dict[str, str], out_path: Path, track_held_out: bool = False,
             bn_stats: str = "moving", fold: tuple[int, int] | None = None,
-            save_backbone: Path | None = None) -> dict:
-    """One run of ``flagfile`` (its JSON written to ``out_path``); ``save_backbone``: also
-    write the chosen weights' image backbone there (a classifier stage's output)."""
+            save_backbone: Path | None = None, record: dict | None = None) -> dict:
+    """One run of ``flagfile`` (its JSON written to ``out_path``, with ``record``'s entries);
+    ``save_backbone``: also write the chosen weights' image backbone there (a classifier
+    stage's output)."""
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
@@ -423,11 +420,10 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
               f"{m['patient_auc']:.3f} (smoothed {smoothed:.3f}), loss {loss:.3f}, "
               f"{time.time() - t0:.0f} s", flush=True)
     model.set_weights(best_weights)
-    if save_backbone is not None:
-        from covid_keras.backbones import save_backbone_weights
-        from covid_keras.gradcam import image_backbone
+    if save_backbone is not None:  # a classifier stage's output, as the trainer's stage
+        from covid_keras.train import write_image_backbone
 
-        save_backbone_weights(image_backbone(model), backbone, str(save_backbone))
+        write_image_backbone(model, str(save_backbone))
     val_m, _ = evaluate("val")
     res = {"seed": seed, "best_epoch": best_epoch, "input_size": size, "bn_stats": bn_stats,
            "model": model_spec(keras.saving.serialize_keras_object(model)), "augment": aug,
@@ -450,6 +446,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                 out["logits"] if isinstance(out, dict) else out, np.float64)).tolist()
             res[f"{split}_labels"] = np.asarray(y[split]).tolist()
             res[f"{split}_patients"] = [str(k) for k in pat[split]]
+    res.update(record or {})
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1, default=float))
     os.replace(tmp, out_path)

@@ -166,21 +166,17 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     check_fold_flags(cfg)
     train_mod.check_recipe(cfg)  # before a stage runs for every fold
     check_shared_stage_data(cfg)
+    chief = True
     if cfg.strategy == "multi_worker":  # before any TensorFlow op (collectives)
         from covid_keras.distributed import make_strategy
 
-        make_strategy(cfg.strategy)
+        chief = train_mod.is_chief(make_strategy(cfg.strategy))
     run, doc = prepare(cfg, train_mod)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
     todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
     redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
-    chief = True
-    if cfg.strategy == "multi_worker":
-        from covid_keras.distributed import make_strategy
-
-        chief = train_mod.is_chief(make_strategy(cfg.strategy))
     for k in todo:
         fold_run = RunDir(run.fold_dir(k))
         if fold_run.is_finished() and not redo:

@@ -73,10 +73,9 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
 
 
 def normalises_its_input(model: keras.Model) -> bool:
-    """Whether ``model`` (a member, or an ensemble: its members agree) has the backbone's
-    normalisation as its own layer (``include_preprocessing``)."""
-    parts = members(model) or [model]
-    return any(isinstance(lay, BackboneNormalization) for lay in parts[0].layers)
+    """Whether ``model`` (a member) has the backbone's normalisation as its own layer
+    (``include_preprocessing``)."""
+    return any(isinstance(lay, BackboneNormalization) for lay in model.layers)
 
 
 def members(model: keras.Model) -> list:

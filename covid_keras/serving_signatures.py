@@ -260,9 +260,9 @@ class Signatures:
     def __init__(self, model, info: dict, decision: dict | None):
         self.model = model
         self.size = int(info["input_size"])
-        self.backbone = info["backbone"]
-        # a model saved before BackboneNormalization expects normalised input
-        self.normalize = not info.get("include_preprocessing", False)
+        # the model's input as the trainer fed it (a model saved before
+        # BackboneNormalization expects normalised input): data.model_input
+        self.pipeline = data.PipelineConfig.for_model(info)
         self.class_names = list(info["class_names"])
         self.channels = len(info.get("windows") or [None])
         if self.channels not in (1, 3):
@@ -300,14 +300,8 @@ class Signatures:
                 PREDICT_STUDY: self.predict_study, GRADCAM: self.gradcam}
 
     # the model
-    def _model_input(self, images):
-        """Pixel values 0..255 -> the model's input (normalised for a model without its own
-        normalisation layer)."""
-        x = tf.cast(images, tf.float32)
-        return data.normalize(x, self.backbone) if self.normalize else x
-
     def _outputs(self, images):
-        out = self.model(self._model_input(images), training=False)
+        out = self.model(data.model_input(images, self.pipeline), training=False)
         if not isinstance(out, dict):
             out = {"logits": out}
         probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
@@ -390,7 +384,7 @@ class Signatures:
 
         if self.cam_model is None:  # one per member of an ensemble: their maps' mean
             self.cam_model = gradcam.cam_models(self.model)
-        x = self._model_input(images)
+        x = data.model_input(images, self.pipeline)
         maps = []
         for cam in self.cam_model:
             with tf.GradientTape() as tape:

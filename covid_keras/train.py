@@ -431,9 +431,9 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     manifest = data.read_manifest(cfg.data_dir)
     current = resolved_flags(apply_init_from_spec(cfg, manifest["classes"]))
     info = run.run_info() or {}
-    diff = changed_flags(info.get("flags", run.flags()), current)
-    if info.get("dataset_manifest_sha256", files.sha256(data.manifest_path(cfg.data_dir))) \
-            != files.sha256(data.manifest_path(cfg.data_dir)):
+    diff = changed_flags(info["flags"] if "flags" in info else run.flags(), current)
+    sha = files.sha256(data.manifest_path(cfg.data_dir))
+    if info.get("dataset_manifest_sha256", sha) != sha:
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
     if diff and cfg.overwrite:
         log.info("--reuse --overwrite: %s holds a finished run with other flags (%s): "

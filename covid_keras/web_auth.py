@@ -42,8 +42,9 @@ class Sessions:
 
     def __init__(self, token: str, max_age_s: float = SESSION_HOURS * 3600.0,
                  clock=time.time, max_revoked: int = 10000):
-        if max_age_s <= 0:
-            raise ValueError("the session lifetime must be positive")
+        if not 0 < max_age_s < float("inf"):  # nan and inf too: the cookie's Max-Age is int
+            raise ValueError(f"the session lifetime must be a positive number of seconds. "
+                             f"Received: {max_age_s}")
         self._key = hmac.new(token.encode("utf-8"), _KEY_LABEL, hashlib.sha256).digest()
         self.max_age_s = float(max_age_s)
         self.clock = clock

@@ -113,14 +113,7 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
 def test_two_workers_train_one_fold_together(data_dir, tmp_path):
     """--fold=k under --strategy=multi_worker: both workers make the same folds and fold
     data, train fold k as one run of 2 replicas, and only the chief writes its model."""
-    import socket
-
-    from tests.helpers import user_env
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from tests.helpers import free_port, user_env
 
     cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
     run = tmp_path / "run"
