@@ -318,7 +318,10 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
                                  float(f.get("weight_decay", 1e-4)),
                                  f.get("weight_decay_type", "coupled"),
                                  float(f.get("ema_momentum", 0.0)))
-    model.compile(optimizer=opt, jit_compile=True, **compile_kw)
+    # "auto": XLA under JAX (this script's backend) and on a TensorFlow GPU; not under
+    # TensorFlow on a CPU (the test suite's in-process run), where compiling costs more
+    # than it saves
+    model.compile(optimizer=opt, jit_compile="auto", **compile_kw)
     ema = opt.use_ema  # --ema_momentum: validate and keep the weights' moving average
     rng = np.random.default_rng([seed, 12345])
     x_eval = {s: pixels(to_rgb(x[s])) for s in splits if s != "train"}
@@ -560,9 +563,10 @@ def main(argv=None) -> int:
                 cmd.append("--track_held_out")
             cmd.append(f"--bn_stats={args.bn_stats}")
             cmd += ["--", *args.extra] if args.extra else []
-            log = open(work / run_name(f, s, k).replace(".json", ".log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), one))
+            with open(work / run_name(f, s, k).replace(".json", ".log"), "w") as log:
+                # the child writes to its own copy of the file descriptor
+                running.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT), one))
             print(f"[{time.strftime('%H:%M:%S')}] started {f} seed {s}"
                   + ("" if k is None else f" fold {k}"), flush=True)
         time.sleep(2)

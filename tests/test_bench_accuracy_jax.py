@@ -74,7 +74,8 @@ def _npz(path: Path) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def test_flagfile_flags_reach_the_jax_runs(tmp_path):
+def test_flagfile_flags_reach_the_jax_runs(jx, tmp_path, monkeypatch, capsys):
+    """The command in-process (its runs are processes of their own, under JAX, as always)."""
     _npz(tmp_path / "d.npz")
     common = ["--backbone=tiny", "--input_size=64", "--batch_size=4", "--epochs=2",
               "--optimizer=adam", "--learning_rate=1e-3", "--lr_decay_epochs=",
@@ -83,17 +84,16 @@ def test_flagfile_flags_reach_the_jax_runs(tmp_path):
     (tmp_path / "d.cfg").write_text("\n".join(["--model=drenet", *common]) + "\n")
     (tmp_path / "c.cfg").write_text("\n".join(["--model=classifier", "--ema_momentum=0.9",
                                                *common]) + "\n")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it (conftest sets it)
-    proc = subprocess.run(
-        [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
-         f"--flagfiles={tmp_path / 'd.cfg'},{tmp_path / 'c.cfg'}", "--seeds=0",
-         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}",
-         "--bn_stats=both", "--track_held_out"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the runs' environment is this one's
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # as a user runs it
+    code = jx.main([f"--data={tmp_path / 'd.npz'}",
+                    f"--flagfiles={tmp_path / 'd.cfg'},{tmp_path / 'c.cfg'}", "--seeds=0",
+                    f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}",
+                    "--bn_stats=both", "--track_held_out"])
+    out = capsys.readouterr()
     logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
-    assert "RESULT {" in proc.stdout
+    assert code == 0, out.out[-2000:] + out.err[-2000:] + logs[-3000:]
+    assert "RESULT {" in out.out
     assert "oneDNN" not in logs, logs[:2000]  # TF's start-up notices stay out of the logs
     res = json.loads((tmp_path / "r.json").read_text())
     for name, kind in (("d", "drenet"), ("c", "classifier")):
@@ -169,22 +169,21 @@ def test_compiled_population_pass_gives_the_eager_statistics(tmp_path):
     assert max(out["gaps"]) < 1e-4 * max(1.0, out["spread"]), out
 
 
-def test_folds_make_one_ensemble_run_per_seed(tmp_path):
+def test_folds_make_one_ensemble_run_per_seed(jx, tmp_path, monkeypatch, capsys):
     """--folds=K: K fold runs per seed (the training patients re-dealt by patient), then
     one row of the table: val = out of fold (every training patient once), test = the
-    mean of the folds' probabilities."""
+    mean of the folds' probabilities. The command in-process, its runs processes."""
     _npz(tmp_path / "d.npz")
     (tmp_path / "c.cfg").write_text("\n".join([
         "--model=classifier", "--backbone=tiny", "--input_size=64", "--batch_size=4",
         "--epochs=1", "--optimizer=adam", "--learning_rate=1e-3", "--lr_decay_epochs="]))
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "bench/accuracy_jax.py", f"--data={tmp_path / 'd.npz'}",
-         f"--flagfiles={tmp_path / 'c.cfg'}", "--seeds=0", "--folds=3", "--jobs=2",
-         f"--work_dir={tmp_path / 'w'}", f"--output_json={tmp_path / 'r.json'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    code = jx.main([f"--data={tmp_path / 'd.npz'}", f"--flagfiles={tmp_path / 'c.cfg'}",
+                    "--seeds=0", "--folds=3", "--jobs=2", f"--work_dir={tmp_path / 'w'}",
+                    f"--output_json={tmp_path / 'r.json'}"])
+    out = capsys.readouterr()
     logs = "".join(p.read_text() for p in (tmp_path / "w").glob("*.log"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
+    assert code == 0, out.out[-2000:] + out.err[-2000:] + logs[-3000:]
     parts = [json.loads((tmp_path / "w" / f"c-seed0-fold{k}.json").read_text())
              for k in range(3)]
     val = [set(p["val_patients"]) for p in parts]
