@@ -3,8 +3,6 @@ the program it is for (unknown flags or bad values fail)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +49,9 @@ sys.exit(1 if bad else 0)
     ("covid_keras.pretrain", PRETRAIN, ["--data_dir=d", "--run_dir=r"]),
     ("data_prep.build_tfrecords", DATA, ["--input=i"]),
 ])
-def test_flagfiles_parse(module, paths, extra):
+def test_flagfiles_parse(module, paths, extra, commands):
+    """In a process of its own (the command's absl flags, defined at its import), forked
+    from helpers.Commands' (no interpreter start)."""
     code = PARSE.format(module=module, extra=repr(extra))
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, paths)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = commands.run_code(code, *map(str, paths), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
