@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import commands, split_dataset, tiny_dataset  # noqa: F401 - session fixtures for all
+from tests.helpers import (  # noqa: F401 - session fixtures for all
+    commands,
+    drenet_export,
+    split_dataset,
+    tiny_dataset,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

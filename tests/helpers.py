@@ -1,6 +1,7 @@
 """What the test modules share: tiny run folders and exports (test_export, test_serve,
 test_predict, ...); a user's environment for command tests, and the check that a command
-kept TensorFlow quiet; tiny TFRecord datasets built once per session (``tiny_dataset``);
+kept TensorFlow quiet; tiny TFRecord datasets built once per session (``tiny_dataset``),
+the servers' tiny DRENet export too (``drenet_export``, :func:`copy_export`);
 commands run without an interpreter start each (``commands``). conftest.py makes the
 fixtures visible to every module."""
 
@@ -53,6 +54,23 @@ def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
     model, info, decision = export.load_run(str(run))
     export.export_model(model, info, decision, str(root / "exports"), "drenet")
     return root / "exports" / "drenet"
+
+
+@pytest.fixture(scope="session")
+def drenet_export(tmp_path_factory) -> Path:
+    """:func:`export_drenet`'s export (``.../exports/drenet``), built once per session (an
+    export costs ~16 s on these 2 cores): read it, or serve a :func:`copy_export` of it."""
+    return export_drenet(tmp_path_factory.mktemp("drenet_export"))
+
+
+def copy_export(export: Path, root: Path) -> Path:
+    """A copy of the model folder ``export`` at ``root/exports/<its name>`` (returned): a
+    test's own, to add versions to or change."""
+    import shutil
+
+    dst = root / "exports" / export.name
+    shutil.copytree(export, dst)
+    return dst
 
 
 def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import export_drenet, free_port, quiet_env, stop_process
+from tests.helpers import copy_export, free_port, quiet_env, stop_process
 
 pytestmark = pytest.mark.slow  # an export and a server process: ~30 s
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +26,9 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, drenet_export):
     root = tmp_path_factory.mktemp("serve")
-    export_drenet(root)
+    copy_export(drenet_export, root)  # its own: a test adds a version
     rest, grpc_port = free_port(), free_port()
     err = open(root / "serve.err", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(

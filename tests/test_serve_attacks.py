@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import export_drenet, free_port, quiet_env, stop_process
+from tests.helpers import copy_export, free_port, quiet_env, stop_process
 
 pytestmark = pytest.mark.slow  # an export and a server process
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
-def export_base(tmp_path_factory):
-    return export_drenet(tmp_path_factory.mktemp("attack"))
+def export_base(tmp_path_factory, drenet_export):
+    return copy_export(drenet_export, tmp_path_factory.mktemp("attack"))  # versions added
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ pytest.importorskip("python_multipart", reason="the [web] extra is not installed
 
 from covid_keras import serve, web  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.helpers import ServeProcess, export_drenet  # noqa: E402
+from tests.helpers import ServeProcess, copy_export  # noqa: E402
 from tests.test_web import (  # noqa: E402
     DICOM_PREAMBLE,
     SALT,
@@ -353,10 +353,10 @@ def test_page_access_control(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_page_names_the_version_that_answered(tmp_path):
+def test_the_page_names_the_version_that_answered(tmp_path, drenet_export):
     """Reproduction 9: after the server moved to a new version, the page's prediction.json
     and model card still named the version it saw at start."""
-    base = export_drenet(tmp_path)
+    base = copy_export(drenet_export, tmp_path)
     study = phantom.write_study(tmp_path / "study", kind="normal", num_slices=12, matrix=96,
                                 seed=0, patient_id="PHANTOM-V")
     with ServeProcess(base, tmp_path) as server:
