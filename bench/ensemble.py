@@ -4,7 +4,7 @@ member, for the Keras model and for its SavedModel's ``predict_study`` signature
 Not a test: it prints figures. Random weights (``weights=None``), random windowed slices
 (0..255): one study of ``--slices`` slices per call, as ``predict_study`` and
 ``covid_keras.predict`` send it. For each of the single model and the K-member ensemble
-(:func:`covid_keras.ensemble.build_ensemble` of K independently initialised models) it
+(:func:`covid_keras.model.ensemble.build_ensemble` of K independently initialised models) it
 times ``--steps`` calls after ``--warmup`` untimed ones, the two interleaved (the order
 alternating per round), and reports the median seconds per study and the ratio ensemble /
 single in the same run (the ideal is K: every member reads every slice). With ``--export``
@@ -39,7 +39,7 @@ def build(kind: str, backbone: str, size: int, members: int, classes: int = 2):
     import keras
 
     from covid_keras import build_classifier, build_drenet
-    from covid_keras.ensemble import build_ensemble
+    from covid_keras.model.ensemble import build_ensemble
 
     def one(seed):
         keras.utils.set_random_seed(seed)
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from covid_keras import data, saving
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     single, ensemble = build(args.model, args.backbone, args.input_size, args.members)
     rng = np.random.default_rng(0)
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     if args.export:  # as covid_keras.export writes them (no run folder: no decision)
         import tensorflow as tf
 
-        from covid_keras import export, saving
+        from covid_keras import export
+        from covid_keras.model import saving
 
         calls = {}
         with tempfile.TemporaryDirectory() as tmp:

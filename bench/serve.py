@@ -188,7 +188,9 @@ def child_env() -> dict:
 def export_both(args: argparse.Namespace) -> None:
     """Builds both models with random weights and exports them under ``--export_only``;
     writes ``export_report.json`` there."""
-    from covid_keras import build_classifier, build_drenet, cli, export, saving
+    from covid_keras import build_classifier, build_drenet, export
+    from covid_keras.core import cli
+    from covid_keras.model import saving
 
     keras = cli.setup_logging(0)  # TensorFlow's start-up notices and saver INFO lines off
 

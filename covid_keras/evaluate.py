@@ -33,8 +33,8 @@ import sys
 
 from absl import flags
 
-from covid_keras import cli
-from covid_keras.run_dir import CHECKPOINTS, METRICS, RunDir
+from covid_keras.core import cli
+from covid_keras.io.run_dir import CHECKPOINTS, METRICS, RunDir
 
 FLAGS = flags.FLAGS
 
@@ -120,7 +120,7 @@ def evaluate_args(run_dir: str, output_dir: str | None) -> dict:
 
 
 def compare(paths: list[str], output_dir: str) -> dict:
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     results, taken = {}, set()
     for path in paths:
@@ -148,7 +148,7 @@ def compare(paths: list[str], output_dir: str) -> dict:
 def check_paths() -> None:
     """The folders the command reads exist: checked before TensorFlow loads, so a mistyped
     path is an error in well under a second, not after the imports (5-14 s)."""
-    from covid_keras import files
+    from covid_keras.core import files
 
     def folder(path, what: str) -> None:
         if path and not files.is_remote(path) and not os.path.isdir(path):
@@ -173,7 +173,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     cli.import_keras_quietly(FLAGS.verbosity >= 1)
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     if FLAGS.compare:
         if not FLAGS.output_dir:

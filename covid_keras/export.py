@@ -11,7 +11,7 @@ never sees half a version. Without ``--version`` the version is the highest exis
 plus 1 (1 for the first).
 
 Signatures (``serving_default``, ``predict_images``, ``predict_study``, ``gradcam``): see
-:mod:`covid_keras.serving_signatures`. ``assets.extra/`` (TF Serving's folder for files
+:mod:`covid_keras.serving.serving_signatures`. ``assets.extra/`` (TF Serving's folder for files
 that are not the graph) holds:
 
 * ``covid_keras.json`` (:data:`INFO_FILE`): class names, input size, backbone and its
@@ -39,8 +39,8 @@ import time
 
 from absl import flags
 
-from covid_keras import cli, files, provenance, schema
-from covid_keras.run_dir import RunDir
+from covid_keras.core import cli, files, provenance, schema
+from covid_keras.io.run_dir import RunDir
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.export")
@@ -127,7 +127,7 @@ def data_prep_settings(run_info: dict | None, input_size: int) -> tuple[dict, li
 
 
 def decision_of(run_dir: str, class_names: list[str]) -> tuple[dict | None, list[str]]:
-    from covid_keras.decision import read_decision
+    from covid_keras.evaluation.decision import read_decision
 
     d = read_decision(run_dir)
     if d is None:
@@ -213,7 +213,7 @@ def warmup_records(model_name: str, size: int, channels: int) -> list[bytes]:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-    from covid_keras import serving_signatures as sig
+    from covid_keras.serving import serving_signatures as sig
     from data_prep.study import encode_png
 
     images = np.zeros((2, size, size, 3), np.float32)
@@ -242,7 +242,7 @@ def write_saved_model(model, info: dict, decision: dict | None, path: str) -> No
     """The SavedModel of ``model`` with the signatures of :mod:`serving_signatures`."""
     import keras
 
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.serving.serving_signatures import Signatures
 
     sigs = Signatures(model, info, decision)
     archive = keras.export.ExportArchive()
@@ -310,7 +310,7 @@ def load_run(run_dir: str, checkpoint: str | None = None):
     minfo = model.covid_keras_info
     if minfo is None:
         raise ValueError(f"{os.path.basename(path)} carries no class names (saved before "
-                         "covid_keras.saving.save_model): re-save it with save_model")
+                         "covid_keras.model.saving.save_model): re-save it with save_model")
     run_info = run.run_info()
     prep, warnings = data_prep_settings(run_info, int(minfo["input_size"]))
     decision, more = decision_of(run_dir, minfo["class_names"])
@@ -326,7 +326,7 @@ def ensemble_card(run: RunDir) -> dict:
     many members, their spread, and where its evidence comes from."""
     import json
 
-    from covid_keras import files
+    from covid_keras.core import files
 
     m = json.loads(files.read_text(run.metrics_path)) if run.has("metrics.json") else {}
     spread = m.get("fold_val_patient_auc") or {}

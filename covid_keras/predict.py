@@ -8,7 +8,7 @@ scan_study` and :func:`data_prep.study.process_study`: series choice, sampling, 
 crop, window, fill), with the settings the training records were built with (stored in the
 export's ``assets.extra/covid_keras.json``, or read from the run's dataset manifest); the
 prepared slices reach the model through the input pipeline's decoding
-(:func:`covid_keras.data.decode_image`). The model is the export's ``predict_study``
+(:func:`covid_keras.io.data.decode_image`). The model is the export's ``predict_study``
 signature (a SavedModel, a run folder or a .keras file loaded here), or, with ``--server``,
 the same signature on a running TF Serving / ``covid_keras.serve`` over REST.
 
@@ -16,8 +16,8 @@ the same signature on a running TF Serving / ``covid_keras.serve`` over REST.
 
 * ``prediction.json`` (:data:`FORMAT_VERSION`): the patient's probabilities per class, the
   decision, its rule and threshold (made by the signature as evaluation makes it:
-  :func:`covid_keras.evaluation.decide_patient`; with the ``any`` rule a patient is normal
-  only if every slice is); the series used and why; every slice used (salted hash
+  :func:`covid_keras.evaluation.evaluation.decide_patient`; with the ``any`` rule a patient
+  is normal only if every slice is); the series used and why; every slice used (salted hash
   of its SOPInstanceUID, index and position in the series, lung fraction, ``no_lung``,
   probabilities, boxes (y0, x0, y1, x1 in the model's input pixels of the prepared slice,
   clipped to it) and scores); the top slices; warnings (``few_slices``,
@@ -50,7 +50,7 @@ import zipfile
 import numpy as np
 from absl import flags
 
-from covid_keras import cli, files
+from covid_keras.core import cli, files
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.predict")
@@ -235,7 +235,8 @@ def prepare_study(path: str, name: str, info: dict, salt: bytes):
 
 def slices_u8(records: list[dict], input_size: int) -> np.ndarray:
     """The records' PNGs through the input pipeline's decoding: (N, S, S, 3) uint8."""
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
 
     return np.stack([data.decode_image(r[schema.IMAGE], input_size).numpy()
                      for r in records])
@@ -246,7 +247,7 @@ def masks_u8(records: list[dict], input_size: int) -> np.ndarray:
     aligned with :func:`slices_u8`'s images: (N, S, S) uint8."""
     import cv2
 
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     out = []
     for r in records:
@@ -315,13 +316,13 @@ def _load(path: str):
                  # a string, as TF Serving's model_spec.version (--server) says it
                  "version": None if info.get("version") is None else str(info["version"])})
     from covid_keras import export
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.serving.serving_signatures import Signatures
 
     if os.path.isdir(path):
         model, info, decision = export.load_run(path)
         source = {"kind": "run", "checkpoint": info["checkpoint"]}
     elif os.path.isfile(path) and path.endswith(".keras"):
-        from covid_keras.saving import load_model
+        from covid_keras.model.saving import load_model
 
         model = load_model(path, compile=False)
         if model.covid_keras_info is None:
@@ -506,7 +507,8 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                   overwrite: bool = False, max_zip_bytes: int = 2 << 30,
                   max_zip_files: int = 20000) -> dict:
     """The whole command (see the module docstring); returns prediction.json's content."""
-    from covid_keras import __version__, schema
+    from covid_keras import __version__
+    from covid_keras.core import schema
     from data_prep import redact
 
     name = redact.study_name("study", os.path.abspath(study), salt)
@@ -658,7 +660,7 @@ def main(argv: list[str]) -> int:
         raise StudyFailure(f"{FLAGS.study} ({exc.study})", exc.reason, exc.detail) from None
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-    from covid_keras.decision import rule_text
+    from covid_keras.evaluation.decision import rule_text
 
     rule = (rule_text(p["rule"], p["positive_class"], p["threshold"], p.get("normal_class"))
             if p["method"] == "threshold" else "argmax")

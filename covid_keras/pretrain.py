@@ -3,7 +3,7 @@ r"""Self-supervised pretraining of the image backbone on unlabelled slices (no I
     python -m covid_keras.pretrain --flagfile=configs/pretrain_covid_ct.cfg \
         --data_dir=tfrecords/covid_ct_holdout --run_dir=runs/pretrain_covid_ct
 
-SimCLR (:mod:`covid_keras.ssl`): two augmented views of each slice (crop / zoom, flip,
+SimCLR (:mod:`covid_keras.training.ssl`): two augmented views of each slice (crop / zoom, flip,
 rotation, gamma and brightness that keep black black; no colour jitter on an HU window),
 the backbone and a projection MLP, the NT-Xent loss. It reads the TFRecords of
 ``--splits`` (default ``train``; a split named ``test`` only with ``--allow_test``) through
@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from covid_keras import cli, files, provenance, schema
+from covid_keras.core import cli, files, provenance, schema
 
 log = logging.getLogger("covid_keras.pretrain")
 
@@ -132,7 +132,7 @@ def check_config(cfg: PretrainConfig) -> None:
     if not 0.0 <= cfg.bn_momentum < 1.0:
         raise ValueError(f"--bn_momentum must be in [0, 1). Received: {cfg.bn_momentum}")
     cli.import_keras_quietly()  # the cheap checks first; then Keras without its notices
-    from covid_keras.backbones import BACKBONES
+    from covid_keras.model.backbones import BACKBONES
 
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}. Received: "
@@ -276,8 +276,8 @@ class Probe:
                  batch_size: int, k: int):
         import numpy as np
 
-        from covid_keras import data
-        from covid_keras.decision import positive_index
+        from covid_keras.evaluation.decision import positive_index
+        from covid_keras.io import data
 
         manifest = data.read_manifest(data_dir)
         self.positive = positive_index(manifest["classes"])
@@ -298,8 +298,8 @@ class Probe:
     def __call__(self, backbone_model) -> dict:
         import numpy as np
 
-        from covid_keras.decision import aggregate
-        from covid_keras.metrics import auc_score
+        from covid_keras.evaluation.decision import aggregate
+        from covid_keras.evaluation.metrics import auc_score
 
         feats = {name: np.asarray(backbone_model.predict(x, batch_size=32, verbose=0)["pool"])
                  for name, (x, _, _) in self.sets.items()}
@@ -323,8 +323,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Runs (or resumes) the pretraining described by ``cfg``; returns metrics.json."""
     check_config(cfg)
     keras = cli.import_keras_quietly()
-    from covid_keras import data, ssl
-    from covid_keras.backbones import save_backbone_weights
+    from covid_keras.io import data
+    from covid_keras.model.backbones import save_backbone_weights
+    from covid_keras.training import ssl
 
     mode = prepare_run_dir(cfg)
     if mode == "finished":  # --reuse, same flags
@@ -430,7 +431,7 @@ def _strategy(name: str, keras):
 
     if keras.backend.backend() != "tensorflow":
         return _NoStrategy()
-    from covid_keras.distributed import make_strategy
+    from covid_keras.training.distributed import make_strategy
 
     if name == "multi_worker":
         raise ValueError("--strategy=multi_worker is not supported by pretrain (use "

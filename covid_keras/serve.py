@@ -70,7 +70,7 @@ from concurrent import futures
 import numpy as np
 from absl import flags
 
-from covid_keras import cli, files
+from covid_keras.core import cli, files
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.serve")
@@ -410,7 +410,7 @@ def check_images(key: str, arr: np.ndarray, max_pixels: int | None) -> None:
     before anything decodes them; a PNG or JPEG whose header cannot be read is refused."""
     if not max_pixels or not key.endswith("_bytes"):
         return
-    from covid_keras.serving_signatures import image_header_size
+    from covid_keras.serving.serving_signatures import image_header_size
 
     for i, v in enumerate(arr.flat):
         try:

@@ -32,9 +32,9 @@ import time
 
 from absl import flags
 
-from covid_keras import cli, files, provenance, schema
-from covid_keras.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
-from covid_keras.run_dir import BEST, RunDir
+from covid_keras.core import cli, files, provenance, schema
+from covid_keras.core.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
+from covid_keras.io.run_dir import BEST, RunDir
 
 FLAGS = flags.FLAGS
 
@@ -258,7 +258,7 @@ def define_flags() -> None:
                       "or population (recomputed at each epoch's end for that epoch's "
                       "weights, the averaged ones with --ema_momentum, over the whole "
                       "training split: unaugmented, --batch_size batches in a fixed shuffled "
-                      "order; covid_keras.bn_stats; one extra forward pass over the "
+                      "order; covid_keras.training.bn_stats; one extra forward pass over the "
                       "training split per epoch).")
     flags.DEFINE_bool("deterministic", d.deterministic, "Deterministic input order and TF "
                       "ops: a rerun with the same flags and --seed repeats the run (on the "
@@ -336,7 +336,7 @@ def resolved_flags(cfg: TrainConfig) -> dict:
 
 def write_run_info(cfg: TrainConfig, run_dir: str, extra: dict,
                    command: list[str] | None = None) -> None:
-    from covid_keras import data
+    from covid_keras.io import data
 
     manifest_sha = files.sha256(data.manifest_path(cfg.data_dir))
     info = {"flags": resolved_flags(cfg), "versions": provenance.package_versions(),
@@ -423,7 +423,7 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     run-defining flags on the same data; None when there is no finished run, or (with
     --overwrite) when it differs, so that it is replaced; an error naming what differs
     otherwise."""
-    from covid_keras import data
+    from covid_keras.io import data
 
     run = RunDir(cfg.run_dir)
     if not (cfg.reuse and run.is_finished()):
@@ -448,19 +448,6 @@ def reused_run(cfg: TrainConfig) -> dict | None:
         else {}
 
 
-def write_image_backbone(model, path: str) -> str:
-    """Writes ``model``'s image backbone (not DRENet's branch batch norms) as the file that
-    ``--backbone_weights`` reads (:func:`covid_keras.backbones.save_backbone_weights`);
-    returns the architecture's name."""
-    from covid_keras.backbones import save_backbone_weights
-    from covid_keras.gradcam import image_backbone
-    from covid_keras.saving import model_spec
-
-    arch = model_spec(model)["backbone"]
-    save_backbone_weights(image_backbone(model), arch, path)
-    return arch
-
-
 #: The classifier stage's backbone file, beside its best.keras.
 CLASSIFIER_BACKBONE = "classifier_backbone.weights.h5"
 
@@ -471,7 +458,8 @@ def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     validation and held-out splits (or --classifier_data_dir's, with its own val split and
     nothing held out), and returns its image backbone as a weights file (written from its
     best.keras, again whenever best.keras is newer)."""
-    from covid_keras import saving
+    from covid_keras.model import saving
+    from covid_keras.training.transfer import write_image_backbone
 
     folder = cfg.classifier_dir or RunDir(run_dir).classifier_dir
     cmd = [sys.executable, "-m", "covid_keras.train",
@@ -540,7 +528,7 @@ def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
     the flags' (and are what run_info.json records), with a log line when they differ."""
     if not cfg.init_from or init_from_backbone(cfg):
         return cfg
-    from covid_keras.saving import saved_model_spec
+    from covid_keras.model.saving import saved_model_spec
 
     try:
         spec = saved_model_spec(cfg.init_from)
@@ -561,7 +549,7 @@ def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
 def check_splits(cfg: TrainConfig, manifest: dict) -> None:
     """Every split the run will read exists and is not empty, and no held-out split is the
     one that chooses the checkpoint: checked before anything is written or trained."""
-    from covid_keras import data
+    from covid_keras.io import data
 
     report = [s for s in cfg.report_splits if s]
     if cfg.val_split in report:
@@ -602,7 +590,7 @@ def run_preprocessing(cfg: TrainConfig, run: RunDir) -> bool:
     folder made then) goes on without it, so that the checkpoint, the model it continues
     and the one input pipeline that validates both agree (the backup's weights load either
     way: the layer has none); every new model has it."""
-    from covid_keras.saving import saved_model_spec
+    from covid_keras.model.saving import saved_model_spec
 
     if cfg.init_from and not init_from_backbone(cfg):
         return saved_model_spec(cfg.init_from)["include_preprocessing"]
@@ -618,12 +606,12 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None,
     its first layer (:func:`run_preprocessing`; a model loaded with --init_from is as it
     was saved)."""
 
-    from covid_keras.backbones import set_bn_momentum
-    from covid_keras.baselines import apply_trainable, build_classifier
-    from covid_keras.drenet import build_drenet
+    from covid_keras.model.backbones import set_bn_momentum
+    from covid_keras.model.baselines import apply_trainable, build_classifier
+    from covid_keras.model.drenet import build_drenet
 
     if cfg.init_from and not init_from_backbone(cfg):  # checked at start-up
-        from covid_keras import saving
+        from covid_keras.model import saving
 
         model = saving.load_model(cfg.init_from)
     elif cfg.model == "drenet":
@@ -698,9 +686,9 @@ def setup_runtime(cfg: TrainConfig, debug: bool = False):
 def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
     """Checks the data and the recipe, prepares the run folder (new, resumed or
     overwritten) and writes run_info.json and flags.cfg: everything before the model."""
-    from covid_keras import callbacks as cbs
-    from covid_keras import data
-    from covid_keras.distributed import make_strategy
+    from covid_keras.io import data
+    from covid_keras.training import callbacks as cbs
+    from covid_keras.training.distributed import make_strategy
 
     manifest = data.read_manifest(cfg.data_dir)
     check_splits(cfg, manifest)
@@ -759,7 +747,7 @@ def make_model(r: Run):
     with r.strategy.scope():
         model = build_model(cfg, len(r.classes), weights,
                             include_preprocessing=not r.pipeline.normalize)
-    from covid_keras.saving import model_spec
+    from covid_keras.model.saving import model_spec
 
     if model_spec(model)["include_preprocessing"] == r.pipeline.normalize:  # never expected
         raise RuntimeError("the input pipeline does not feed the model what it expects "
@@ -773,7 +761,7 @@ def stage_callbacks(r: Run, i: int, validation, best_cb, population: list) -> li
     and the console line."""
     import keras
 
-    from covid_keras import callbacks as cbs
+    from covid_keras.training import callbacks as cbs
 
     cfg = r.cfg
     # With --ema_momentum, validation and the best checkpoint see the weights' moving
@@ -799,8 +787,9 @@ def stage_callbacks(r: Run, i: int, validation, best_cb, population: list) -> li
 def run_stages(r: Run, model, validation, best_cb) -> None:
     """Trains every stage of the recipe (resuming a killed run where its backup stopped;
     a finished stage of a multi-stage recipe is restored, not repeated)."""
-    from covid_keras import callbacks as cbs
-    from covid_keras import data, recipes
+    from covid_keras.io import data
+    from covid_keras.training import callbacks as cbs
+    from covid_keras.training import recipes
 
     cfg = r.cfg
     # per-replica batches (the batch norms are not synchronised: each replica
@@ -829,7 +818,7 @@ def run_stages(r: Run, model, validation, best_cb) -> None:
         log.info("stage %d: %s lr %g, epochs %d-%d, %d steps/epoch", i, stage.optimizer,
                  stage.learning_rate, first_epoch, last_epoch, r.steps)
         if cfg.strategy == "multi_worker":
-            from covid_keras.distributed import fit_custom_loop
+            from covid_keras.training.distributed import fit_custom_loop
 
             def dataset_fn(ctx):
                 return data.make_dataset(
@@ -861,8 +850,9 @@ def finish_run(r: Run, model, validation) -> dict:
     """The end of a run: final.keras, the best checkpoint's validation metrics, the
     decision chosen on val, the held-out report splits, metrics.json. Returns the
     results (metrics.json's content)."""
-    from covid_keras import callbacks as cbs
-    from covid_keras import metrics, saving
+    from covid_keras.evaluation import metrics
+    from covid_keras.model import saving
+    from covid_keras.training import callbacks as cbs
 
     cfg, run, classes = r.cfg, r.run, r.classes
     final = validation.evaluate(model)[0]
@@ -905,7 +895,7 @@ def finish_run(r: Run, model, validation) -> dict:
 def train(cfg: TrainConfig, command: list[str] | None = None) -> dict:
     """One training run, start to end (or resumed to its end): what ``python -m
     covid_keras.train`` does with these flags. Returns metrics.json's content."""
-    from covid_keras import callbacks as cbs
+    from covid_keras.training import callbacks as cbs
 
     reused = reused_run(cfg)
     if reused is not None:
@@ -935,7 +925,7 @@ def main(argv):
     cfg = TrainConfig.from_flags()
     setup_runtime(cfg, FLAGS.verbosity >= 1)
     if cfg.folds or cfg.fold >= 0 or cfg.ensemble_only:
-        from covid_keras import cross_validation
+        from covid_keras.training import cross_validation
 
         cross_validation.cross_validate(cfg, sys.modules[__name__])
     else:
@@ -970,7 +960,7 @@ def choose_decision(cfg: TrainConfig, run_dir: str, evaluator, best, best_out: d
     """decision.json: the patient rule and threshold chosen on the val split's predictions
     of best.keras (--decision_criterion). None, with a warning, when val cannot choose one
     (e.g. a class missing from it)."""
-    from covid_keras import decision
+    from covid_keras.evaluation import decision
 
     preds = evaluator.predictions(best, classes, outputs=_plain(best_out))
     try:
@@ -999,7 +989,7 @@ def decision_line(m: dict) -> str:
 def final_summary(cfg: TrainConfig, run_dir: str, results: dict, classes: list[str]) -> str:
     """Where the models are, which epoch was chosen and how, the positive class and the
     decision rule (``decision.json`` when evaluation wrote one, else the argmax)."""
-    from covid_keras import decision, metrics
+    from covid_keras.evaluation import decision, metrics
 
     run = RunDir(run_dir)
     lines = []
@@ -1025,7 +1015,7 @@ def final_summary(cfg: TrainConfig, run_dir: str, results: dict, classes: list[s
 def check_recipe(cfg: TrainConfig):
     """--stages, --lr_decay_epochs and --backbone_weights, checked before anything is
     written. Returns (stages, decay epochs)."""
-    from covid_keras import recipes
+    from covid_keras.training import recipes
 
     stages = [recipes.Stage.parse(s) for s in cfg.stages if s] or [
         recipes.Stage(cfg.optimizer, cfg.learning_rate, cfg.epochs)]

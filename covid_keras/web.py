@@ -48,7 +48,7 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   ``Origin`` is another site refused, ``--auth_token_file`` (a bearer header, or the login
   form at ``/login``: the token is POSTed, never put in a URL, and answered with an
   HttpOnly, SameSite=Strict, Path=/ cookie, Secure with ``--secure_cookies``); both flags
-  are required when binding any other address. The cookie (:mod:`covid_keras.web_auth`) is
+  are required when binding any other address. The cookie (:mod:`covid_keras.serving.web_auth`) is
   signed with a key derived from the token, not the token: it survives a restart, a new
   token ends it, and it ends ``--session_hours`` (12) after the login. ``POST /logout``
   (the page's Sign out button) clears and revokes it. Five bad tokens in a minute from one
@@ -73,7 +73,7 @@ from importlib import resources
 
 from absl import flags
 
-from covid_keras import cli
+from covid_keras.core import cli
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.web")
@@ -475,7 +475,7 @@ def read_metrics(path: str) -> dict:
 def read_manifest(path: str) -> tuple[dict, str]:
     import hashlib
 
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     if os.path.isdir(path):
         path = os.path.join(path, schema.MANIFEST)
@@ -487,8 +487,8 @@ def read_manifest(path: str) -> tuple[dict, str]:
 def find_run_files(model_path: str | None) -> tuple[str | None, str | None]:
     """(metrics.json, manifest.json) a training run folder leads to: its evaluate output
     (``eval_val/`` first, else the first ``eval_*/``) and its run_info's data_dir."""
-    from covid_keras import schema
-    from covid_keras.run_dir import RunDir
+    from covid_keras.core import schema
+    from covid_keras.io.run_dir import RunDir
 
     run = RunDir(model_path) if model_path else None
     if run is None or not os.path.isfile(run.run_info_path):
@@ -509,7 +509,7 @@ def model_card(info: dict, source: dict, metrics: dict | None = None,
                ) -> dict:
     """The model card's content, every figure read from the export info (``assets.extra/
     covid_keras.json``), the evaluation's metrics.json and the dataset manifest."""
-    from covid_keras.metrics import METRICS
+    from covid_keras.evaluation.metrics import METRICS
 
     classes = list(info.get("class_names") or [])
     limits: list[str] = []
@@ -695,7 +695,7 @@ def card_html(card: dict) -> str:
             f"{e(str(vd['chosen_on_split']))}). 95 % CIs: bootstrap over "
             f"{e(str(bs.get('unit', 'patient')))}s, {e(str(bs.get('resamples')))} resamples."
             "</p>")
-        from covid_keras.metrics import METRICS
+        from covid_keras.evaluation.metrics import METRICS
 
         out.append('<table class="metrics" id="card-metrics"><tr><th>level</th>' + "".join(
             f"<th>{e(k)}</th>" for k in METRICS) + "</tr>")
@@ -953,9 +953,9 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
     ``GET /api/card``, ``POST /api/predict`` (multipart ``files``), ``GET|POST /login``
     (the token form), ``POST /logout``. ``access``: a :class:`covid_keras.serve.Access`
     (Host on every request, Origin on POSTs, the token on all but the login and logout;
-    None: none). With a token: ``sessions`` (a :class:`covid_keras.web_auth.Sessions`;
+    None: none). With a token: ``sessions`` (a :class:`covid_keras.serving.web_auth.Sessions`;
     default: from the token, 12 h) signs and checks the login cookie, ``login_limiter`` (a
-    :class:`covid_keras.web_auth.LoginLimiter`; default 5 bad tokens a minute per address)
+    :class:`covid_keras.serving.web_auth.LoginLimiter`; default 5 bad tokens a minute per address)
     counts failed logins; ``secure_cookies``: the cookie is Secure (a TLS proxy in front)."""
     import threading
 
@@ -965,8 +965,10 @@ def create_app(model, card: dict, salt: bytes, limits: Limits = Limits(),
     from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from starlette.routing import Route
 
-    from covid_keras import files, predict, web_auth
+    from covid_keras import predict
+    from covid_keras.core import files
     from covid_keras.serve import Access, ServingError
+    from covid_keras.serving import web_auth
     from data_prep import redact
 
     model = _OneAtATime(model)
@@ -1305,7 +1307,7 @@ def main(argv: list[str]) -> int:
     if not 0 < FLAGS.session_hours < float("inf"):  # inf and nan too: int() of them fails
         raise ValueError(f"--session_hours must be a positive number of hours. Received: "
                          f"{FLAGS.session_hours}")
-    from covid_keras import web_auth
+    from covid_keras.serving import web_auth
 
     sessions = (web_auth.Sessions(access.token, FLAGS.session_hours * 3600.0)
                 if access.token is not None else None)

@@ -19,8 +19,8 @@ def data_dir(split_dataset):
 
 def image_kernels(path: Path) -> dict:
     """The conv kernels of a saved model's image backbone, by layer name."""
-    from covid_keras import saving
-    from covid_keras.gradcam import image_backbone
+    from covid_keras.evaluation.gradcam import image_backbone
+    from covid_keras.model import saving
 
     backbone = image_backbone(saving.load_model(str(path), compile=False))
     return {lay.name: np.asarray(lay.get_weights()[0]) for lay in backbone.layers
@@ -132,7 +132,7 @@ def test_a_missing_classifier_flagfile_is_named(tmp_path):
 
 
 def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
-    from covid_keras.cross_validation import check_fold_flags
+    from covid_keras.training.cross_validation import check_fold_flags
 
     with pytest.raises(ValueError, match="takes no --classifier_dir"):
         check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
@@ -146,7 +146,7 @@ def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
 
 
 def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.cfg").write_text("--classifier_flagfile=cls.cfg\n")
@@ -207,7 +207,7 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
 def test_reuse_with_overwrite_replaces_a_finished_run_with_other_flags(tmp_path):
     """--reuse alone: a finished run with other flags is an error naming them; with
     --overwrite it is replaced (None: train as a new run); the same run is reused."""
-    from covid_keras import files
+    from covid_keras.core import files
     from covid_keras.train import TrainConfig, resolved_flags, reused_run
     from tests.helpers import fake_manifest
 
@@ -235,7 +235,7 @@ def test_folds_refuse_a_shared_stage_on_their_own_data(tmp_path):
     patients. Other data is fine."""
     import shutil
 
-    from covid_keras.cross_validation import check_shared_stage_data
+    from covid_keras.training.cross_validation import check_shared_stage_data
     from tests.helpers import fake_manifest
 
     data = fake_manifest(tmp_path / "data")

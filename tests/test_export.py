@@ -37,7 +37,8 @@ def _model_input(model, images):
     without its own normalisation layer, as every model saved before it)."""
     import tensorflow as tf
 
-    from covid_keras import data, saving
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     cfg = data.PipelineConfig.for_model(saving.model_spec(model))
     return data.model_input(tf.constant(images), cfg)
@@ -77,7 +78,7 @@ def _formats(rng, h=SIZE, w=SIZE):
 def test_in_graph_grey_equals_data_prep_read_grey(tmp_path):
     import tensorflow as tf
 
-    from covid_keras import serving_signatures as sig
+    from covid_keras.serving import serving_signatures as sig
     from data_prep import slice_images
 
     for name, data in _formats(np.random.default_rng(1), 37, 53).items():
@@ -96,7 +97,7 @@ def test_pad_and_resize_follow_data_prep(shape):
     to OpenCV (data_prep's resizer) within one grey level."""
     import tensorflow as tf
 
-    from covid_keras import serving_signatures as sig
+    from covid_keras.serving import serving_signatures as sig
 
     rng = np.random.default_rng(2)
     img = cv2.GaussianBlur(rng.integers(0, 256, shape).astype(np.uint8), (5, 5), 1.5)
@@ -115,8 +116,8 @@ def test_pad_and_resize_follow_data_prep(shape):
 def test_record_png_decodes_as_the_input_pipeline():
     import tensorflow as tf
 
-    from covid_keras import data
-    from covid_keras import serving_signatures as sig
+    from covid_keras.io import data
+    from covid_keras.serving import serving_signatures as sig
     from data_prep.study import encode_png
 
     img = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 1)).astype(np.uint8)
@@ -144,7 +145,7 @@ def _study(classes, decision, probs, graph=False):
     """predict_study's outputs for one study whose slices have ``probs``."""
     import tensorflow as tf
 
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.serving.serving_signatures import Signatures
 
     sigs = Signatures(_FixedProbs(probs), {"input_size": 8, "backbone": "tiny",
                                            "class_names": classes}, decision)
@@ -157,7 +158,7 @@ def _study(classes, decision, probs, graph=False):
 
 def _evaluated(classes, decision, probs):
     """evaluation's patient decision (patients.csv) for one patient with ``probs``."""
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     n = len(probs)
     preds = evaluation.Predictions(list(classes), np.zeros(n, int), np.asarray(probs),
@@ -180,7 +181,7 @@ def test_predict_study_decides_as_evaluation_and_decide_patient():
     and traced), evaluation's patient decision and decide_patient agree, on hand-made
     studies and on random ones (2 to 5 classes, both rules, with and without a normal
     class, old decision files without the field)."""
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     old = {"rule": "any", "threshold": 0.5, "positive_class": "covid"}  # no normal_class
     for probs, want in SEED004_CASES:
@@ -299,8 +300,8 @@ np.savez(args["out"], **result)
 def test_round_trip_in_a_fresh_process(exported, tmp_path):
     """Every signature of every export, loaded in a fresh process, equals the in-memory
     Keras model (<= 1e-4); predict_study equals evaluation.aggregate + decide."""
-    from covid_keras import evaluation, gradcam
-    from covid_keras.saving import load_model
+    from covid_keras.evaluation import evaluation, gradcam
+    from covid_keras.model.saving import load_model
 
     images = _images()
     rng = np.random.default_rng(5)

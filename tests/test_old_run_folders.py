@@ -38,7 +38,7 @@ np.save(sys.argv[3], sig(images=tf.constant(images, tf.float32))["probabilities"
 def strip_include_preprocessing(path: Path) -> None:
     """Rewrites a .keras file as one saved before ``include_preprocessing`` existed (no key
     in its covid_keras.json nor in a DRENet's build_config)."""
-    from covid_keras.saving import INFO_ENTRY
+    from covid_keras.model.saving import INFO_ENTRY
 
     with zipfile.ZipFile(path) as z:
         entries = {n: z.read(n) for n in z.namelist()}
@@ -57,7 +57,7 @@ def _reference_input(images_u8: np.ndarray, backbone: str) -> np.ndarray:
     """What the tools fed a model before the switch: keras.applications' preprocessing."""
     from keras.applications import imagenet_utils
 
-    from covid_keras.backbones import PREPROCESSING
+    from covid_keras.model.backbones import PREPROCESSING
 
     return imagenet_utils.preprocess_input(np.asarray(images_u8, np.float32).copy(),
                                            data_format="channels_last",
@@ -65,7 +65,7 @@ def _reference_input(images_u8: np.ndarray, backbone: str) -> np.ndarray:
 
 
 def _probs(model, x: np.ndarray) -> np.ndarray:
-    from covid_keras.metrics import softmax
+    from covid_keras.evaluation.metrics import softmax
 
     return softmax(np.asarray(model(x, training=False)["logits"], np.float64))
 
@@ -77,8 +77,9 @@ def old_run(tiny_dataset, tmp_path_factory):
     BackboneNormalization, on the dataset tests/test_predict.py predicts from."""
     import tensorflow as tf
 
-    from covid_keras import data, schema
-    from covid_keras.saving import load_model, model_spec
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.model.saving import load_model, model_spec
 
     data_dir = tiny_dataset(kinds=("normal", "covid"), patients_per_kind=1, num_slices=20,
                             matrix=128, seed=0, flags=("--classes=normal,covid,bacterial",
@@ -162,9 +163,11 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     normalised input, so that best.keras, final.keras and the validation agree."""
     import keras
 
-    from covid_keras import callbacks as cbs
-    from covid_keras import data, saving, train
-    from covid_keras.run_dir import RunDir
+    from covid_keras import train
+    from covid_keras.io import data
+    from covid_keras.io.run_dir import RunDir
+    from covid_keras.model import saving
+    from covid_keras.training import callbacks as cbs
 
     data_dir = tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=3,
                             num_slices=20, matrix=64, seed=0,

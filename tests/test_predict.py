@@ -45,7 +45,7 @@ def setup(tmp_path_factory, tiny_dataset):
 def _records(data_dir):
     import tensorflow as tf
 
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     out = []
     for f in sorted(data_dir.glob("*.tfrecord.gz")):
@@ -64,8 +64,10 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     the per-slice probabilities equal the Keras model's on the records' images)."""
     import tensorflow as tf
 
-    from covid_keras import data, predict, schema
-    from covid_keras.saving import load_model, model_spec
+    from covid_keras import predict
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.model.saving import load_model, model_spec
 
     out_dir = tmp_path / "out"
     answer = predict.predict_study(str(setup["study"]), setup["model"], str(out_dir),
@@ -112,7 +114,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert run_answer["patient"]["decision"] == p["decision"]
     np.testing.assert_allclose(list(run_answer["patient"]["probabilities"].values()),
                                list(p["probabilities"].values()), atol=1e-5)
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     run_decision = evaluation.read_decision(str(setup["run"]))
     assert p["decision"] == evaluation.decide_patient(got, run_decision)["decision"]
@@ -161,7 +163,7 @@ def test_zip_and_png_slices(setup, tmp_path):
     # PNG slices of the same series, windowed as the records (lung window)
     import pydicom
 
-    from covid_keras.imaging import unit_to_u8, window_hu
+    from covid_keras.core.imaging import unit_to_u8, window_hu
 
     png_dir = tmp_path / "pngs"
     png_dir.mkdir()

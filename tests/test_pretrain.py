@@ -1,4 +1,5 @@
-"""Self-supervised pretraining (covid_keras.pretrain, covid_keras.ssl) on generated studies."""
+"""Self-supervised pretraining (covid_keras.pretrain, covid_keras.training.ssl) on generated
+studies."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def config(data_dir, run_dir, **kw):
 # ------------------------------------------------------------------ the loss
 @pytest.mark.model
 def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
-    from covid_keras.ssl import NTXentLoss
+    from covid_keras.training.ssl import NTXentLoss
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(8, 16)).astype("float32")
@@ -55,8 +56,8 @@ def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
 def test_backbone_weights_round_trip_exactly(arch, tmp_path):
     import keras
 
-    from covid_keras.backbones import build_backbone, save_backbone_weights
-    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+    from covid_keras.model.backbones import build_backbone, save_backbone_weights
+    from covid_keras.training.ssl import build_pretrain_model, pretrained_backbone
 
     keras.utils.set_random_seed(1)
     model = build_pretrain_model(arch, input_size=64, projection_dim=8, hidden_units=8)
@@ -79,10 +80,10 @@ def test_backbone_weights_round_trip_exactly(arch, tmp_path):
 def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     import keras
 
-    from covid_keras.backbones import save_backbone_weights
-    from covid_keras.drenet import build_drenet
-    from covid_keras.gradcam import image_backbone
-    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+    from covid_keras.evaluation.gradcam import image_backbone
+    from covid_keras.model.backbones import save_backbone_weights
+    from covid_keras.model.drenet import build_drenet
+    from covid_keras.training.ssl import build_pretrain_model, pretrained_backbone
 
     keras.utils.set_random_seed(3)
     source = pretrained_backbone(build_pretrain_model("tiny", 64, 8, 8))
@@ -98,7 +99,7 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     save_backbone_weights(inner, "tiny", back)
     with open(path, "rb") as a, open(back, "rb") as b:
         assert len(a.read()) > 0 and len(b.read()) > 0
-    from covid_keras.backbones import build_backbone
+    from covid_keras.model.backbones import build_backbone
 
     np.testing.assert_array_equal(build_backbone("tiny", weights=back)(x)["pool"],
                                   source(x)["pool"])
@@ -107,8 +108,8 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     # values normalised: keras.applications' preprocessing as the reference)
     from keras.applications import imagenet_utils
 
-    from covid_keras.backbones import PREPROCESSING
-    from covid_keras.gradcam import conv_features
+    from covid_keras.evaluation.gradcam import conv_features
+    from covid_keras.model.backbones import PREPROCESSING
 
     assert drenet.build_config["include_preprocessing"]
     pixels = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3)).astype("float32")
@@ -134,7 +135,8 @@ def finished_run(data_dir, tmp_path_factory):
     which splits it opened and which record fields it parsed."""
     import tensorflow as tf
 
-    from covid_keras import data, pretrain
+    from covid_keras import pretrain
+    from covid_keras.io import data
 
     run = tmp_path_factory.mktemp("pretrain") / "run"
     read, parsed = [], []
@@ -150,7 +152,7 @@ def finished_run(data_dir, tmp_path_factory):
 
 
 def test_pretraining_reads_no_held_out_split_and_no_label(finished_run):
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     _, _, read, parsed = finished_run
     # the views: train alone; the probe (a diagnostic): train and val; never test
@@ -165,7 +167,8 @@ def test_the_views_parse_the_image_alone_and_depend_on_seed_and_epoch(data_dir,
                                                                       monkeypatch):
     import tensorflow as tf
 
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
 
     parsed = []
     real_parse = tf.io.parse_single_example
@@ -269,7 +272,7 @@ def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monk
 
 
 def pretrain_data():
-    from covid_keras import data
+    from covid_keras.io import data
 
     return data
 
@@ -375,7 +378,8 @@ def linear_probe_arms(data_dir, work_dir, seed: int = 0, epochs: int = 10,
     own starting point)."""
     import keras
 
-    from covid_keras import pretrain, ssl
+    from covid_keras import pretrain
+    from covid_keras.training import ssl
 
     cfg = pretrain.PretrainConfig(
         data_dir=data_dir, run_dir=str(Path(work_dir) / "pretrained"), backbone="tiny",

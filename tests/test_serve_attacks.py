@@ -162,7 +162,8 @@ def test_the_signature_refuses_image_bombs_itself(export_base):
     bomb before decoding it (a server that does not check, e.g. TF Serving)."""
     import cv2
 
-    from covid_keras import serve, serving_signatures
+    from covid_keras import serve
+    from covid_keras.serving import serving_signatures
 
     servable = serve.Servable("drenet", 1, str(export_base / "1"))
     servable.max_image_pixels = None  # the server's own check off: the graph's answers

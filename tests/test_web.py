@@ -60,7 +60,7 @@ def artifacts_dir() -> Path:
 # ------------------------------------------------------------------ helpers
 def synthetic_metrics(classes=CLASSES3, threshold=0.3, split="val") -> dict:
     """An evaluation's metrics.json content (evaluation's own code, synthetic predictions)."""
-    from covid_keras import evaluation as ev
+    from covid_keras.evaluation import evaluation as ev
 
     rng = np.random.default_rng(3)
     labels, keys, probs, sites = [], [], [], []
@@ -198,7 +198,7 @@ def test_upload_names_are_made_safe():
 
 
 def test_model_card_figures_come_from_the_export_and_the_metrics(tmp_path):
-    from covid_keras import evaluation as ev
+    from covid_keras.evaluation import evaluation as ev
 
     metrics = synthetic_metrics()
     data_dir = fake_manifest(tmp_path / "tfrecords")
@@ -400,7 +400,7 @@ def test_answers_are_predicts(setup, tmp_path):
     import cv2
     import pydicom
 
-    from covid_keras.imaging import unit_to_u8, window_hu
+    from covid_keras.core.imaging import unit_to_u8, window_hu
 
     dss = sorted((pydicom.dcmread(str(f)) for f in study.iterdir()),
                  key=lambda d: -float(d.ImagePositionPatient[2]))

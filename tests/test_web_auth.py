@@ -1,4 +1,4 @@
-"""The page's login (covid_keras.web_auth, through covid_keras.web's app): a signed cookie
+"""The page's login (covid_keras.serving.web_auth, through covid_keras.web's app): a signed cookie
 that survives a restart and ends with the token file or its lifetime, logout, a limit on
 failed logins per address (bounded in memory), the cookie's flags."""
 
@@ -13,7 +13,8 @@ pytest.importorskip("starlette", reason="the [web] extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 pytest.importorskip("python_multipart", reason="the [web] extra is not installed")
 
-from covid_keras import serve, web, web_auth  # noqa: E402
+from covid_keras import serve, web  # noqa: E402
+from covid_keras.serving import web_auth  # noqa: E402
 from tests.test_web import SALT, FakeModel  # noqa: E402
 
 TOKEN = "page-token-0123456789abcdef"
