@@ -8,7 +8,7 @@ Not a test: it prints figures. Random weights (``weights=None``), random windowe
 times ``--steps`` calls after ``--warmup`` untimed ones, the two interleaved (the order
 alternating per round), and reports the median seconds per study and the ratio ensemble /
 single in the same run (the ideal is K: every member reads every slice). With ``--export``
-it exports both with ``covid_keras.export.export_model`` (no run folder, so no decision:
+it exports both with ``covid_keras.serving.exporter.export_model`` (no run folder, so no decision:
 the argmax) and times ``predict_study`` of each SavedModel the same way.
 
     .venv/bin/python bench/ensemble.py --members=5                       # ~5 min on 2 cores
@@ -106,16 +106,16 @@ def main(argv=None) -> int:
     if args.export:  # as covid_keras.export writes them (no run folder: no decision)
         import tensorflow as tf
 
-        from covid_keras import export
         from covid_keras.model import saving
+        from covid_keras.serving import exporter
 
         calls = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, model in (("single", single), ("ensemble", ensemble)):
                 minfo = saving.model_info(model, ["non_covid", "covid"])
-                prep, warnings = export.data_prep_settings(None, args.input_size)
-                info = export.export_info(minfo, prep, None, None, name, warnings)
-                path = export.export_model(model, info, None, tmp, name, 1)
+                prep, warnings = exporter.data_prep_settings(None, args.input_size)
+                info = exporter.export_info(minfo, prep, None, None, name, warnings)
+                path = exporter.export_model(model, info, None, tmp, name, 1)
                 loaded = tf.saved_model.load(path).signatures["predict_study"]
                 calls[name] = (lambda f: lambda: f(images=tf.constant(u8)))(loaded)
             saved_s = time_calls(calls, args.steps, args.warmup)

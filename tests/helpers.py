@@ -46,12 +46,12 @@ def stop_process(proc) -> None:
 def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
     """A SavedModel export (``root/exports/drenet``, version 1) of :func:`make_run`'s tiny
     DRENet with a mean-rule decision (covid >= 0.3), as the servers' tests serve it."""
-    from covid_keras import export
+    from covid_keras.serving import exporter
 
     run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
                                              "positive_class": "covid"}, data_dir)
-    model, info, decision = export.load_run(str(run))
-    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    model, info, decision = exporter.load_run(str(run))
+    exporter.export_model(model, info, decision, str(root / "exports"), "drenet")
     return root / "exports" / "drenet"
 
 

@@ -188,7 +188,7 @@ def test_report_draws_the_lung_outline_with_the_boxes(records, tmp_path):
 def test_predict_evidence_png_draws_the_lung_outline_and_clips_boxes():
     import cv2
 
-    from covid_keras.predict import LUNG_OUTLINE_RGB, evidence_png
+    from covid_keras.serving.predictor import LUNG_OUTLINE_RGB, evidence_png
 
     image = np.repeat(((disk() > 0) * 100).astype(np.uint8)[..., None], 3, axis=-1)
     boxes = np.array([[-2.29, -5.0, 30.0, 80.0]])
@@ -202,7 +202,7 @@ def test_predict_evidence_png_draws_the_lung_outline_and_clips_boxes():
 
 
 def test_predict_no_lung_warning_names_the_slices():
-    from covid_keras.predict import _no_lung_warnings, warning_lines
+    from covid_keras.serving.predictor import _no_lung_warnings, warning_lines
 
     assert _no_lung_warnings([False, False], 0.05) == []
     some = _no_lung_warnings([False, True, True], 0.05)

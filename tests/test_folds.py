@@ -331,9 +331,10 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
                                    compile=False).predict(x, verbose=0)["logits"])
         for k in range(3)], axis=0)
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), mean, atol=1e-5)
-    from covid_keras import web  # the page's model card names the ensemble and its spread
+    # the page's model card names the ensemble and its spread
+    from covid_keras.serving import web_app
 
-    card = web.card_html(web.model_card(info, {"kind": "export"}))
+    card = web_app.card_html(web_app.model_card(info, {"kind": "export"}))
     assert "3 fold models" in card and "heat maps the mean of the members" in card
 
 

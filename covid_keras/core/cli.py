@@ -116,6 +116,19 @@ def setup_logging(verbosity: int):
     return keras
 
 
+# ------------------------------------------------------------------ shared flags
+def define_server_token_flag() -> None:
+    """``--server_token_file`` (predict and the page): the bearer token of a server started
+    with ``--auth_token_file``."""
+    from absl import flags
+
+    if "server_token_file" in flags.FLAGS:  # the page and predict in one process
+        return
+    flags.DEFINE_string("server_token_file", None, "A file holding the token of a model "
+                        "server started with --auth_token_file (with --server): sent as "
+                        "'Authorization: Bearer <token>'.")
+
+
 # ------------------------------------------------------------------ flagfiles
 def _read_flagfile(path: str, included_from: str | None, stack: tuple[str, ...]
                    ) -> list[str]:
