@@ -35,7 +35,6 @@ expansion bomb, a model that refuses the request) is a one-line error naming the
 pseudonym and the reason; nothing is written then.
 """
 
-
 from __future__ import annotations
 
 import os

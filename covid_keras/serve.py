@@ -51,7 +51,6 @@ cannot be installed (this project's CI) this one serves the same SavedModel thro
   (README).
 """
 
-
 from __future__ import annotations
 
 import logging

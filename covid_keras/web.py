@@ -55,7 +55,6 @@ writes ``prediction.json`` and the evidence PNGs there; the page shows them and 
   address (an IPv6 /64) are answered 429 with Retry-After.
 """
 
-
 from __future__ import annotations
 
 import logging

@@ -82,7 +82,7 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
 
 
 def config(**kw):
-    from covid_keras.train import TrainConfig
+    from covid_keras.training.trainer import TrainConfig
 
     return TrainConfig(**{"data_dir": "d", "run_dir": "r", **kw})
 
@@ -93,7 +93,7 @@ def config(**kw):
     ({"strategy": "multi_worker"}, "not supported with --strategy=multi_worker"),
 ])
 def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, message):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     flagfile = tmp_path / "cls.cfg"
     flagfile.write_text("--model=classifier\n")
@@ -102,7 +102,7 @@ def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, me
 
 
 def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp_path):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     with pytest.raises(ValueError, match="needs --classifier_flagfile"):
         check_recipe(config(classifier_data_dir=str(tmp_path)))
@@ -117,7 +117,7 @@ def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp
 def test_where_the_stage_lives_is_not_what_a_run_is():
     """--classifier_dir may differ between a finished stage run and the command that reuses
     it (bench/accuracy.py passes it to every flagfile of a protocol): not run-defining."""
-    from covid_keras.train import changed_flags
+    from covid_keras.training.trainer import changed_flags
 
     assert changed_flags({"classifier_dir": "/a", "seed": 0},
                          {"classifier_dir": None, "seed": 0}) == []
@@ -125,7 +125,7 @@ def test_where_the_stage_lives_is_not_what_a_run_is():
 
 
 def test_a_missing_classifier_flagfile_is_named(tmp_path):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     with pytest.raises(FileNotFoundError, match="--classifier_flagfile=.*nope.cfg: no such"):
         check_recipe(config(classifier_flagfile=str(tmp_path / "nope.cfg")))
@@ -162,7 +162,7 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
     stage is an error that says how to resume it."""
     import subprocess
 
-    from covid_keras import train
+    from covid_keras.training import trainer
 
     calls = []
     monkeypatch.setattr(subprocess, "run",
@@ -171,7 +171,7 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
     cfg = config(classifier_flagfile="cls.cfg", seed=7, val_split="tune",
                  report_splits=("test",), **extra)
     with pytest.raises(RuntimeError, match="classifier stage failed .exit 3.: rerun"):
-        train.classifier_stage(cfg, str(tmp_path / "run"))
+        trainer.classifier_stage(cfg, str(tmp_path / "run"))
     (cmd,) = calls
     assert cmd[1:4] == ["-m", "covid_keras.train", "--flagfile=cls.cfg"]
     assert f"--run_dir={tmp_path / 'run' / 'classifier'}" in cmd
@@ -191,7 +191,7 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
     (e.g. the ResNet-50 run of the seed) and never replaced from here."""
     import subprocess
 
-    from covid_keras import train
+    from covid_keras.training import trainer
 
     calls = []
     monkeypatch.setattr(subprocess, "run",
@@ -199,7 +199,7 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
     extra = {"classifier_dir": str(tmp_path / "shared")} if shared else {}
     cfg = config(classifier_flagfile="cls.cfg", overwrite=overwrite, **extra)
     with pytest.raises(RuntimeError):
-        train.classifier_stage(cfg, str(tmp_path / "run"))
+        trainer.classifier_stage(cfg, str(tmp_path / "run"))
     assert ("--overwrite" in calls[0]) == (overwrite and not shared)
     assert "--reuse" in calls[0]
 
@@ -208,7 +208,7 @@ def test_reuse_with_overwrite_replaces_a_finished_run_with_other_flags(tmp_path)
     """--reuse alone: a finished run with other flags is an error naming them; with
     --overwrite it is replaced (None: train as a new run); the same run is reused."""
     from covid_keras.core import files
-    from covid_keras.train import TrainConfig, resolved_flags, reused_run
+    from covid_keras.training.trainer import TrainConfig, resolved_flags, reused_run
     from tests.helpers import fake_manifest
 
     data = fake_manifest(tmp_path / "data")

@@ -916,7 +916,7 @@ def test_evaluate_reads_a_run_folder_written_by_train(dataset, tmp_path, command
 
 
 def test_compare_names_runs_by_experiment_and_seed():
-    from covid_keras.evaluate import run_name
+    from covid_keras.evaluation.evaluation import run_name
 
     taken: set = set()
     names = []

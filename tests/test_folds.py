@@ -351,9 +351,8 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
     and removes the ensemble it made stale."""
     import types
 
-    from covid_keras import train
     from covid_keras.io.run_dir import RunDir
-    from covid_keras.training import cross_validation
+    from covid_keras.training import cross_validation, trainer
 
     trained = []
 
@@ -365,11 +364,11 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
         Path(cfg.run_dir, "final.keras").write_text("stand-in")
         return {}
 
-    mod = types.SimpleNamespace(**{n: getattr(train, n) for n in dir(train)
+    mod = types.SimpleNamespace(**{n: getattr(trainer, n) for n in dir(trainer)
                                    if not n.startswith("__")})
     mod.train = fake_train
-    cfg = train.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
-                            backbone="tiny", input_size=64, batch_size=2)
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
+                              backbone="tiny", input_size=64, batch_size=2)
     cross_validation.cross_validate(cfg.replace(fold=1), mod)
     cross_validation.cross_validate(cfg.replace(fold=1), mod)  # finished: reused
     assert trained == [1]

@@ -18,9 +18,10 @@ PACKAGES = ("covid_keras", "data_prep")
 #: share a rank: neither imports the other. The evaluation wing sits below training: the
 #: trainer validates, chooses its checkpoint and decision with evaluation's code.
 WING_RANK = {"core": 0, "model": 1, "io": 2, "evaluation": 3, "training": 4, "serving": 4}
-#: The commands (``python -m covid_keras.X``): the top, above every wing. One may run
-#: another (train -> pretrain; serve -> export; predict -> export, serve; web -> predict,
-#: serve); no wing imports one.
+#: The commands (``python -m covid_keras.X``): the top, above every wing, thin (their flags
+#: and ``main``). Nothing imports a command, another command included: what two commands
+#: share (web and predict: the predictor; serve and predict: the exporter's versions)
+#: lives in a wing.
 COMMANDS = tuple(f"covid_keras.{name}" for name in (
     "train", "evaluate", "export", "serve", "predict", "web", "pretrain"))
 COMMAND_RANK = max(WING_RANK.values()) + 1
@@ -32,9 +33,9 @@ ABOVE_MODEL = tuple(f"covid_keras.{wing}" for wing, rank in WING_RANK.items()
                     if rank > WING_RANK["model"]) + COMMANDS
 #: data_prep imports (module or function level) only the core wing of covid_keras...
 DATA_PREP_MAY_IMPORT = ("covid_keras.core",)
-#: ... and only the serving wing and the commands import data_prep (the preparation
-#: settings a study is prepared with at prediction time).
-DATA_PREP_IMPORTED_BY = ("covid_keras.serving",) + COMMANDS
+#: ... and only the serving wing imports data_prep (the preparation settings a study is
+#: prepared with at prediction time; the commands are thin and import none of it).
+DATA_PREP_IMPORTED_BY = ("covid_keras.serving",)
 
 
 @dataclass(frozen=True)
@@ -221,22 +222,39 @@ def rank_of(wing: str) -> int:
 
 def upward_wing_imports(imports: list[Import], modules: set[str]) -> list[Import]:
     """The imports (module or function level) between covid_keras modules that do not point
-    down the wings: into a higher rank, or into another wing of the same rank."""
+    down the wings: into a higher rank, into another wing of the same rank, or from a
+    command into another command (the commands are not a wing: each stands alone)."""
     out = []
     for imp in imports:
         src, dst = wing_of(imp.source), wing_of(imp.target)
-        if src in (None, "?") or dst in (None, "?") or src == dst or imp.target not in modules:
+        if src in (None, "?") or dst in (None, "?") or imp.target not in modules:
+            continue
+        if src == dst and (src != "commands" or imp.target == imp.source):
             continue
         if rank_of(dst) >= rank_of(src):
             out.append(imp)
     return out
 
 
-def library_imports_of_commands(imports: list[Import], modules: set[str]) -> list[Import]:
-    """The imports of a command by a covid_keras module that is not one."""
-    library = {m for m in modules if is_within(m, "covid_keras") and m not in COMMANDS}
+def imports_of_commands(imports: list[Import], modules: set[str]) -> list[Import]:
+    """The imports of a command by a covid_keras module: a library module or another
+    command."""
+    inside = {m for m in modules if is_within(m, "covid_keras")}
     return [imp for imp in imports
-            if imp.source in library and any(is_within(imp.target, c) for c in COMMANDS)]
+            if imp.source in inside and imp.target != imp.source
+            and any(is_within(imp.target, c) for c in COMMANDS)]
+
+
+def command_library_code(files: dict[str, Path]) -> list[str]:
+    """What a command defines beyond its flags and ``main``: a class (library code lives in
+    a wing; a command's functions are its flags, ``main`` and glue that reads the flags)."""
+    out = []
+    for name, path in files.items():
+        if name in COMMANDS:
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.ClassDef):
+                    out.append(f"{name}.{node.name} (line {node.lineno})")
+    return out
 
 
 # ------------------------------------------------------------------------- the rules
@@ -321,12 +339,18 @@ def test_importing_model_code_loads_nothing_above_it(graph):
                      "or TensorFlow:\n" + "\n".join(f"{m}: {chain}" for m, chain in bad.items()))
 
 
-def test_no_library_module_imports_a_command(graph):
-    """The commands are the top: a library module never imports one (cross_validation
-    gets the trainer as an argument)."""
+def test_nothing_imports_a_command(graph):
+    """The commands are the top and thin: neither a library module (cross_validation gets
+    the trainer as an argument) nor another command imports one; what two commands share
+    comes from a wing."""
     modules, imports = graph
-    bad = library_imports_of_commands(imports, modules)
-    assert not bad, "a library module imports a command:\n" + "\n".join(map(str, bad))
+    bad = imports_of_commands(imports, modules)
+    assert not bad, "a module imports a command:\n" + "\n".join(map(str, bad))
+
+
+def test_the_commands_hold_no_library_classes():
+    bad = command_library_code(module_files())
+    assert not bad, "a command defines a class (its place is a wing):\n" + "\n".join(bad)
 
 
 def test_data_prep_imports_only_core(graph):
@@ -339,7 +363,7 @@ def test_data_prep_imports_only_core(graph):
     assert used, "data_prep imports nothing of covid_keras: is the walk reading it?"
 
 
-def test_only_serving_and_the_commands_import_data_prep(graph):
+def test_only_serving_imports_data_prep(graph):
     _, imports = graph
     bad = data_prep_imports_below_serving(imports)
     assert not bad, ("a wing below serving imports data_prep:\n" + "\n".join(map(str, bad)))
@@ -382,8 +406,11 @@ def test_the_checks_catch_a_broken_rule(tmp_path):
         # down: allowed (evaluation < training)
         "covid_keras.training.callbacks": "from covid_keras.evaluation import metrics\n",
         "covid_keras.evaluation.metrics": "from ..core import schema\n",
-        "covid_keras.train": "from covid_keras.core import schema\n",
-        "covid_keras.export": "from covid_keras import train\n",  # a command: allowed
+        "covid_keras.train": "from covid_keras.core import schema\n\nclass Run:\n    pass\n",
+        "covid_keras.export": "from covid_keras.serving import signatures\n",  # down: allowed
+        # one command importing another (function level): refused
+        "covid_keras.web": "def main():\n    from covid_keras import predict\n",
+        "covid_keras.predict": "from covid_keras.core import schema\n",
         "covid_keras.training.folds": "def f():\n    import covid_keras.train\n",
         "covid_keras.loose": "",  # outside the wings, not a command
         "covid_keras.evaluation.report": "def f():\n    import data_prep.writer\n",
@@ -409,17 +436,22 @@ def test_the_checks_catch_a_broken_rule(tmp_path):
         "covid_keras.model.losses": ("covid_keras.model.losses -> covid_keras.model.saving"
                                      " -> covid_keras.training.recipes"),
     }
-    # the wing rule: up (model -> training, twice; training -> a command) and sideways
-    # (serving -> training); not down, not within a wing, not command -> command
+    # the wing rule: up (model -> training, twice; training -> a command), sideways
+    # (serving -> training) and command -> command; not down, not within a wing
     assert sorted((i.source, i.target) for i in upward_wing_imports(imports, modules)) == [
         ("covid_keras.model.drenet", "covid_keras.training.recipes"),
         ("covid_keras.model.saving", "covid_keras.training.recipes"),
         ("covid_keras.serving.signatures", "covid_keras.training.recipes"),
         ("covid_keras.training.folds", "covid_keras.train"),
+        ("covid_keras.web", "covid_keras.predict"),
     ]
-    assert [(i.source, i.target) for i in library_imports_of_commands(imports, modules)] == [
-        ("covid_keras.training.folds", "covid_keras.train")]
+    assert sorted((i.source, i.target, i.module_level)
+                  for i in imports_of_commands(imports, modules)) == [
+        ("covid_keras.training.folds", "covid_keras.train", False),
+        ("covid_keras.web", "covid_keras.predict", False)]
     assert sorted(m for m in modules if wing_of(m) == "?") == ["covid_keras.loose"]
+    assert command_library_code(module_files(tmp_path, ["covid_keras"])) == [
+        "covid_keras.train.Run (line 3)"]
     assert [(i.source, i.target) for i in data_prep_imports_below_serving(imports)] == [
         ("covid_keras.evaluation.report", "data_prep.writer")]
     outside = imports_outside(imports, ("data_prep",), "covid_keras", DATA_PREP_MAY_IMPORT)
@@ -436,3 +468,4 @@ def test_the_checks_catch_a_broken_rule(tmp_path):
                                                "covid_keras.evaluation.metrics",
                                                "covid_keras.train", "covid_keras.export")]
     assert len(down) == 4 and upward_wing_imports(down, modules) == []
+    assert imports_of_commands(down, modules) == []

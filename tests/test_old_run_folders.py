@@ -163,39 +163,39 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     normalised input, so that best.keras, final.keras and the validation agree."""
     import keras
 
-    from covid_keras import train
     from covid_keras.io import data
     from covid_keras.io.run_dir import RunDir
     from covid_keras.model import saving
     from covid_keras.training import callbacks as cbs
+    from covid_keras.training import trainer
 
     data_dir = tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=3,
                             num_slices=20, matrix=64, seed=0,
                             flags=("--classes=normal,covid,bacterial",
                                    "--split_fractions=0.6,0.2,0.2", "--shard_size_mb=0.05"))
-    cfg = train.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
-                            backbone="tiny", input_size=64, batch_size=2, epochs=2,
-                            steps_per_epoch=3, learning_rate=0.01, lr_decay_epochs=(),
-                            num_display_images=0, shuffle_buffer=64, verbose=0,
-                            deterministic=False)
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
+                              backbone="tiny", input_size=64, batch_size=2, epochs=2,
+                              steps_per_epoch=3, learning_rate=0.01, lr_decay_epochs=(),
+                              num_display_images=0, shuffle_buffer=64, verbose=0,
+                              deterministic=False)
 
     class KillAtEpoch1(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
                 raise Killed()
 
-    stage_callbacks, made = train.stage_callbacks, []
+    stage_callbacks, made = trainer.stage_callbacks, []
 
     def killed_in_epoch_1(*args):
         made.extend(stage_callbacks(*args) + [KillAtEpoch1()])
         return made
 
     with monkeypatch.context() as m:  # the trainer before the switch, killed in epoch 1
-        m.setattr(train, "stage_callbacks", killed_in_epoch_1)
-        m.setattr(train, "run_preprocessing", lambda cfg, run: False)
+        m.setattr(trainer, "stage_callbacks", killed_in_epoch_1)
+        m.setattr(trainer, "run_preprocessing", lambda cfg, run: False)
         keras.utils.set_random_seed(0)
         with pytest.raises(Killed):
-            train.train(cfg)
+            trainer.train(cfg)
     for cb in made:  # what a killed process's exit closes
         if isinstance(cb, keras.callbacks.CSVLogger) and cb.csv_file is not None:
             cb.csv_file.close()
@@ -204,16 +204,16 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     strip_include_preprocessing(Path(run.best_path))  # as that trainer saved it
 
     seen = {}
-    finish_run = train.finish_run
+    finish_run = trainer.finish_run
 
     def spy(r, model, validation):
         seen.update(normalize=r.pipeline.normalize,
                     own=saving.model_spec(model)["include_preprocessing"])
         return finish_run(r, model, validation)
 
-    monkeypatch.setattr(train, "finish_run", spy)
+    monkeypatch.setattr(trainer, "finish_run", spy)
     keras.utils.set_random_seed(0)
-    results = train.train(cfg)
+    results = trainer.train(cfg)
     assert seen == {"normalize": True, "own": False}
     assert run.is_finished()
     for name in ("best.keras", "final.keras"):
@@ -232,6 +232,6 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     # and a new run in a fresh folder normalises its own input
     fresh = cfg.replace(run_dir=str(tmp_path / "new"), epochs=1)
     keras.utils.set_random_seed(0)
-    train.train(fresh)
+    trainer.train(fresh)
     assert seen == {"normalize": False, "own": True}
     assert saving.model_spec(str(tmp_path / "new" / "best.keras"))["include_preprocessing"]

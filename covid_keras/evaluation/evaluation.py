@@ -58,7 +58,9 @@ JSON is strict (no NaN).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,7 +121,8 @@ from covid_keras.evaluation.report import (  # noqa: F401 - re-exported
     write_patients_csv,
     write_slices_csv,
 )
-from covid_keras.io.run_dir import RunDir
+from covid_keras.io.run_dir import CHECKPOINTS, RunDir
+from covid_keras.io.run_dir import METRICS as METRICS_FILE
 
 
 # ------------------------------------------------------------------ split prediction
@@ -398,3 +401,49 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     log(f"written to {output_dir}: " + ("report.html, " if report else "") +
         "metrics.json, slices.csv, patients.csv" + (" and the plots" if report else ""))
     return public
+
+
+# ------------------------------------------------------------------ --compare
+def is_evaluation(path: str) -> bool:
+    m = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(m):
+        return False
+    with open(m) as f:
+        return json.load(f).get("kind") == "covid_keras.evaluate"
+
+
+def run_name(path: str, taken: set) -> str:
+    """The run's folder with its parent (runs/<experiment>/seed0 -> <experiment>/seed0),
+    numbered if that is taken."""
+    parts = [p for p in os.path.normpath(os.path.abspath(path)).split(os.sep) if p]
+    name = "/".join(parts[-2:])
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base} ({i})", i + 1
+    return name
+
+
+def compare_runs(paths: list[str], output_dir: str, settings: dict) -> dict:
+    """``evaluate --compare``: each path an evaluation folder (its metrics.json) or a
+    training run (evaluated now with ``settings``, :func:`evaluate_run`'s arguments but the
+    run and output folders, into ``<output_dir>/<run name>/``); comparison.md and
+    comparison.csv in ``output_dir``. Returns :func:`write_comparison`'s answer and the
+    metrics by row label (``"results"``)."""
+    results, taken = {}, set()
+    for path in paths:
+        name = run_name(path, taken)
+        taken.add(name)
+        if is_evaluation(path):
+            with open(os.path.join(path, METRICS_FILE)) as f:
+                m = json.load(f)
+        elif not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINTS):
+            raise ValueError(f"--compare: {path} is neither an evaluation folder (metrics.json"
+                             " written by covid_keras.evaluate) nor a training run (best.keras"
+                             " or final.keras)")
+        else:
+            m = evaluate_run(run_dir=path, output_dir=os.path.join(
+                output_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name)), **settings)
+        spec = m.get("model", {})
+        label = f"{name} ({spec.get('kind', '?')}, {spec.get('backbone', '?')})"
+        results[label] = m
+    return {**write_comparison(output_dir, results), "results": results}
