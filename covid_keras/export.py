@@ -36,7 +36,7 @@ import os
 from absl import flags
 
 from covid_keras.core import cli
-from covid_keras.serving.exporter import check_run, export_model, load_run
+from covid_keras.serving import exporter
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.export")
@@ -56,13 +56,14 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-    check_run(FLAGS.run_dir, FLAGS.checkpoint)  # before TensorFlow loads: a typo is instant
+    # before TensorFlow loads: a typo is instant
+    exporter.check_run(FLAGS.run_dir, FLAGS.checkpoint)
     cli.setup_logging(FLAGS.verbosity)
-    model, info, decision = load_run(FLAGS.run_dir, FLAGS.checkpoint)
+    model, info, decision = exporter.load_run(FLAGS.run_dir, FLAGS.checkpoint)
     for w in info["warnings"]:
         log.warning("warning: %s", w)
-    path = export_model(model, info, decision, FLAGS.export_base, FLAGS.model_name,
-                        FLAGS.version)
+    path = exporter.export_model(model, info, decision, FLAGS.export_base, FLAGS.model_name,
+                                 FLAGS.version)
     d = info["decision"]
     rule = (f"{d['rule']} rule, {d['positive_class']} >= {d['threshold']:.4g}"
             if d["method"] == "threshold" else "argmax (no decision.json)")

@@ -43,18 +43,7 @@ import sys
 from absl import flags
 
 from covid_keras.core import cli
-from covid_keras.serving.predictor import (
-    DEFAULT_SALT,
-    LocalModel,
-    ServerModel,
-    StudyFailure,
-    find_export,
-    predict_study,
-    read_export_info,
-    read_salt,
-    server_token,
-    warning_lines,
-)
+from covid_keras.serving import predictor
 
 FLAGS = flags.FLAGS
 
@@ -71,8 +60,8 @@ def define_flags() -> None:
     flags.DEFINE_string("model_name", "drenet", "The served model's name (with --server).")
     flags.DEFINE_integer("top_slices", 3, "Slices with evidence PNGs (highest score for the "
                          "decided class).")
-    flags.DEFINE_string("salt_file", DEFAULT_SALT, "Secret salt for the study and slice hashes "
-                        "(created, random, when missing). Keep it private.")
+    flags.DEFINE_string("salt_file", predictor.DEFAULT_SALT, "Secret salt for the study and "
+                        "slice hashes (created, random, when missing). Keep it private.")
     flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
     flags.DEFINE_float("max_zip_mb", 2048.0, "A zipped study may expand to at most this much.")
     flags.DEFINE_integer("max_zip_files", 20000, "A zipped study may hold at most this many "
@@ -100,25 +89,27 @@ def check_paths() -> None:
 def main(argv: list[str]) -> int:
     check_paths()
     cli.setup_logging(FLAGS.verbosity)
-    salt = read_salt(FLAGS.salt_file)
+    salt = predictor.read_salt(FLAGS.salt_file)
     if FLAGS.server:
         info = None
         if FLAGS.model:
-            export_dir = find_export(FLAGS.model)
-            info = read_export_info(export_dir) if export_dir else LocalModel(
-                FLAGS.model).info
-        model = ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s,
-                            server_token(FLAGS.server_token_file))
+            export_dir = predictor.find_export(FLAGS.model)
+            info = (predictor.read_export_info(export_dir) if export_dir else
+                    predictor.LocalModel(FLAGS.model).info)
+        model = predictor.ServerModel(FLAGS.server, FLAGS.model_name, info, FLAGS.timeout_s,
+                                      predictor.server_token(FLAGS.server_token_file))
     else:
-        model = LocalModel(FLAGS.model)
+        model = predictor.LocalModel(FLAGS.model)
     try:
-        answer = predict_study(FLAGS.study, model, FLAGS.output_dir, salt, FLAGS.top_slices,
-                               FLAGS.overwrite, int(FLAGS.max_zip_mb * 1024 * 1024),
-                               FLAGS.max_zip_files)
-    except StudyFailure as exc:
+        answer = predictor.predict_study(FLAGS.study, model, FLAGS.output_dir, salt,
+                                         FLAGS.top_slices, FLAGS.overwrite,
+                                         int(FLAGS.max_zip_mb * 1024 * 1024),
+                                         FLAGS.max_zip_files)
+    except predictor.StudyFailure as exc:
         # the user's own terminal: the study as typed, beside the pseudonym that files and
         # logs use (prediction.json, the web page and the log lines never name the path)
-        raise StudyFailure(f"{FLAGS.study} ({exc.study})", exc.reason, exc.detail) from None
+        raise predictor.StudyFailure(f"{FLAGS.study} ({exc.study})", exc.reason,
+                                     exc.detail) from None
     p = answer["patient"]
     probs = ", ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
     from covid_keras.evaluation.decision import rule_text
@@ -127,7 +118,7 @@ def main(argv: list[str]) -> int:
             if p["method"] == "threshold" else "argmax")
     print(f"{answer['study']}: {p['decision']} ({probs}; {rule}; "
           f"{answer['series']['used']} slices) -> {FLAGS.output_dir}", flush=True)
-    for line in warning_lines(answer["warnings"]):
+    for line in predictor.warning_lines(answer["warnings"]):
         print(line, file=sys.stderr, flush=True)
     return 0
 

@@ -26,7 +26,7 @@ import logging
 import os
 
 from covid_keras.core import cli
-from covid_keras.training.pretraining import PATH_FLAGS, PretrainConfig, check_config, pretrain
+from covid_keras.training import pretraining
 
 log = logging.getLogger("covid_keras.pretrain")
 
@@ -42,7 +42,7 @@ def define_flags() -> None:
         return
     from absl import flags
 
-    d = PretrainConfig("", "")
+    d = pretraining.PretrainConfig("", "")
     flags.DEFINE_string("data_dir", None, "Folder of TFRecords written by data_prep.")
     flags.DEFINE_string("run_dir", None, "Output folder of the pretraining run (created).")
     flags.DEFINE_list("splits", list(d.splits), "Splits of --data_dir (and "
@@ -91,26 +91,26 @@ def define_flags() -> None:
     _DEFINED = True
 
 
-def config_from_flags() -> PretrainConfig:
+def config_from_flags() -> pretraining.PretrainConfig:
     from absl import flags
 
     values = {}
-    for name in PretrainConfig.__dataclass_fields__:
+    for name in pretraining.PretrainConfig.__dataclass_fields__:
         v = flags.FLAGS[name].value
-        if name in PATH_FLAGS and v and v != "imagenet":
+        if name in pretraining.PATH_FLAGS and v and v != "imagenet":
             v = os.path.abspath(os.path.expanduser(v))
         values[name] = tuple(s for s in v if s) if name == "splits" else v
-    return PretrainConfig(**values)
+    return pretraining.PretrainConfig(**values)
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from_flags()
-    check_config(cfg)
+    pretraining.check_config(cfg)
     cli.setup_logging(0)
     log.setLevel(logging.INFO)  # setup_logging leaves absl (and so the root) at WARNING
-    pretrain(cfg)
+    pretraining.pretrain(cfg)
     return 0
 
 

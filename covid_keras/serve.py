@@ -61,16 +61,7 @@ import threading
 from absl import flags
 
 from covid_keras.core import cli
-from covid_keras.serving.model_server import (
-    MAX_IMAGE_PIXELS,
-    MAX_INSTANCES,
-    Access,
-    ByteBudget,
-    InferencePool,
-    ModelManager,
-    make_grpc_server,
-    make_rest_server,
-)
+from covid_keras.serving import model_server
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.serve")
@@ -103,11 +94,11 @@ def define_flags() -> None:
                        "least --max_request_mb.")
     flags.DEFINE_integer("max_queue", 32, "Requests waiting for an inference worker at most "
                          "(then HTTP 503 / gRPC UNAVAILABLE).")
-    flags.DEFINE_integer("max_instances", MAX_INSTANCES, "Instances (the batch) per request "
-                         "at most.")
-    flags.DEFINE_integer("max_image_pixels", MAX_IMAGE_PIXELS, "An encoded image (PNG / "
-                         "JPEG, e.g. predict_images) may have at most this many pixels, read "
-                         "from its header before it is decoded.")
+    flags.DEFINE_integer("max_instances", model_server.MAX_INSTANCES, "Instances (the batch) "
+                         "per request at most.")
+    flags.DEFINE_integer("max_image_pixels", model_server.MAX_IMAGE_PIXELS, "An encoded image "
+                         "(PNG / JPEG, e.g. predict_images) may have at most this many pixels, "
+                         "read from its header before it is decoded.")
     flags.DEFINE_list("allowed_hosts", None, "Host header values accepted (names, optionally "
                       "with :port; '*': any). Default on a loopback --host: localhost, "
                       "127.0.0.1, ::1; required on any other.")
@@ -125,31 +116,34 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f"--model_base_path {base} is not a folder")
     if not FLAGS.port and not FLAGS.rest_api_port:
         raise ValueError("--port and --rest_api_port are both 0: nothing to serve")
-    access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
+    access = model_server.Access.for_binding(FLAGS.host, FLAGS.allowed_hosts,
+                                             FLAGS.auth_token_file)
     max_bytes = int(FLAGS.max_request_mb * 1024 * 1024)
     timeout_s = max(0.001, FLAGS.rest_api_timeout_in_ms / 1000.0)
-    manager = ModelManager(FLAGS.model_name, base, FLAGS.file_system_poll_wait_seconds,
-                           FLAGS.max_instances, FLAGS.max_image_pixels)
+    manager = model_server.ModelManager(FLAGS.model_name, base,
+                                        FLAGS.file_system_poll_wait_seconds,
+                                        FLAGS.max_instances, FLAGS.max_image_pixels)
     manager.start()
     if manager.current is None:
         log.warning("no version of %s under %s yet: waiting for one", FLAGS.model_name, base)
-    pool = InferencePool(FLAGS.rest_api_num_threads, FLAGS.max_queue)
+    pool = model_server.InferencePool(FLAGS.rest_api_num_threads, FLAGS.max_queue)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     rest = grpc_server = None
     where = []
     try:
         if FLAGS.rest_api_port:
-            budget = ByteBudget(max(max_bytes, int(FLAGS.max_inflight_mb * 1024 * 1024)))
-            rest = make_rest_server(manager, FLAGS.host, FLAGS.rest_api_port, max_bytes,
-                                    FLAGS.rest_api_num_threads, timeout_s, FLAGS.max_queue,
-                                    access, pool, budget)
+            budget = model_server.ByteBudget(
+                max(max_bytes, int(FLAGS.max_inflight_mb * 1024 * 1024)))
+            rest = model_server.make_rest_server(
+                manager, FLAGS.host, FLAGS.rest_api_port, max_bytes, FLAGS.rest_api_num_threads,
+                timeout_s, FLAGS.max_queue, access, pool, budget)
             rest.start()
             where.append(f"REST http://{FLAGS.host}:{rest.port}")
         if FLAGS.port:
-            grpc_server, bound = make_grpc_server(manager, FLAGS.host, FLAGS.port, max_bytes,
-                                                  FLAGS.rest_api_num_threads, FLAGS.max_queue,
-                                                  access, pool)
+            grpc_server, bound = model_server.make_grpc_server(
+                manager, FLAGS.host, FLAGS.port, max_bytes, FLAGS.rest_api_num_threads,
+                FLAGS.max_queue, access, pool)
             grpc_server.start()
             where.append(f"gRPC {FLAGS.host}:{bound}")
         version = manager.current.version if manager.current else None

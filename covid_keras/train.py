@@ -29,7 +29,6 @@ from absl import flags
 from covid_keras.core import cli
 from covid_keras.core.imaging import BRIGHTNESS_JITTERS, INPUT_NORMS
 from covid_keras.training import trainer
-from covid_keras.training.trainer import TrainConfig, setup_runtime, train
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("covid_keras.train")
@@ -44,7 +43,7 @@ def define_flags() -> None:
     global _DEFINED
     if _DEFINED:
         return
-    d = TrainConfig()
+    d = trainer.TrainConfig()
     flags.DEFINE_string("data_dir", d.data_dir, "Folder of TFRecords written by data_prep "
                         "(shards + manifest.json).")
     flags.DEFINE_string("run_dir", d.run_dir, "Output folder of the run (created).")
@@ -231,14 +230,14 @@ def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    cfg = TrainConfig.from_flags(FLAGS)
-    setup_runtime(cfg, FLAGS.verbosity >= 1)
+    cfg = trainer.TrainConfig.from_flags(FLAGS)
+    trainer.setup_runtime(cfg, FLAGS.verbosity >= 1)
     if cfg.folds or cfg.fold >= 0 or cfg.ensemble_only:
         from covid_keras.training import cross_validation
 
         cross_validation.cross_validate(cfg, trainer)
     else:
-        train(cfg)
+        trainer.train(cfg)
     return 0
 
 

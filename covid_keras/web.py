@@ -64,8 +64,7 @@ import secrets
 from absl import flags
 
 from covid_keras.core import cli
-from covid_keras.serving.predictor import read_salt, server_token
-from covid_keras.serving.web_app import NOTICE, Limits, build_card, create_app, load
+from covid_keras.serving import predictor, web_app
 
 FLAGS = flags.FLAGS
 
@@ -138,9 +137,10 @@ def main(argv: list[str]) -> int:
 
         tf.get_logger().setLevel(logging.WARNING)
         absl_logging.set_verbosity(absl_logging.WARNING)
-    from covid_keras.serving.model_server import Access, header_timeout_protocol, listen
+    from covid_keras.serving import model_server
 
-    access = Access.for_binding(FLAGS.host, FLAGS.allowed_hosts, FLAGS.auth_token_file)
+    access = model_server.Access.for_binding(FLAGS.host, FLAGS.allowed_hosts,
+                                             FLAGS.auth_token_file)
     if not 0 < FLAGS.session_hours < float("inf"):  # inf and nan too: int() of them fails
         raise ValueError(f"--session_hours must be a positive number of hours. Received: "
                          f"{FLAGS.session_hours}")
@@ -148,22 +148,23 @@ def main(argv: list[str]) -> int:
 
     sessions = (web_auth.Sessions(access.token, FLAGS.session_hours * 3600.0)
                 if access.token is not None else None)
-    limits = Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
-                    int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files, FLAGS.max_queue,
-                    int(FLAGS.disk_budget_mb * (1 << 20)))
-    model = load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s,
-                 server_token(FLAGS.server_token_file))
-    card = build_card(model, FLAGS.model, FLAGS.metrics, FLAGS.data_manifest)
-    salt = (read_salt(FLAGS.salt_file) if FLAGS.salt_file else
+    limits = web_app.Limits(int(FLAGS.max_upload_mb * (1 << 20)), FLAGS.max_files,
+                            int(FLAGS.max_zip_mb * (1 << 20)), FLAGS.max_zip_files,
+                            FLAGS.max_queue, int(FLAGS.disk_budget_mb * (1 << 20)))
+    model = web_app.load(FLAGS.model, FLAGS.server, FLAGS.model_name, FLAGS.timeout_s,
+                         predictor.server_token(FLAGS.server_token_file))
+    card = web_app.build_card(model, FLAGS.model, FLAGS.metrics, FLAGS.data_manifest)
+    salt = (predictor.read_salt(FLAGS.salt_file) if FLAGS.salt_file else
             secrets.token_hex(32).encode())
-    app = create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir, debug,
-                     access, sessions, secure_cookies=FLAGS.secure_cookies)
+    app = web_app.create_app(model, card, salt, limits, FLAGS.top_slices, FLAGS.tmp_dir,
+                             debug, access, sessions, secure_cookies=FLAGS.secure_cookies)
     config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, access_log=False,
                             log_level="info" if debug else "warning", server_header=False,
-                            lifespan="off", ws="none", http=header_timeout_protocol(30.0))
-    sock = listen(FLAGS.host, FLAGS.port)
+                            lifespan="off", ws="none",
+                            http=model_server.header_timeout_protocol(30.0))
+    sock = model_server.listen(FLAGS.host, FLAGS.port)
     print(f"covid_keras.web: http://{FLAGS.host}:{sock.getsockname()[1]}/ "
-          f"({FLAGS.server or FLAGS.model}; {NOTICE.lower()})", flush=True)
+          f"({FLAGS.server or FLAGS.model}; {web_app.NOTICE.lower()})", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
