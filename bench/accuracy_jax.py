@@ -7,10 +7,10 @@ TFRecords, with the input pipeline done in NumPy: per epoch a seeded shuffle, th
 partial batch dropped, the trainer's augmentation (flip, brightness jitter and, where the
 flagfile asks, zoom, gamma and rotation: the same distributions as the tf.data pipeline),
 grey to RGB. The model takes the pixel values: the backbone's normalisation is its first
-layer (``include_preprocessing``: :class:`covid_keras.layers.BackboneNormalization`; no
+layer (``include_preprocessing``: :class:`covid_keras.model.layers.BackboneNormalization`; no
 copy of it here), ``--input_norm`` another layer of it. The optimiser, schedule and loss
-are the project's own (:mod:`covid_keras.drenet`, :mod:`covid_keras.baselines`,
-:mod:`covid_keras.recipes`), built from the flagfile's flags;
+are the project's own (:mod:`covid_keras.model.drenet`, :mod:`covid_keras.model.baselines`,
+:mod:`covid_keras.training.recipes`), built from the flagfile's flags;
 ``--input_size`` overrides the flagfile's (448 on the GPU).
 A flagfile with ``--classifier_flagfile`` (e.g. DRENet from a ResNet-50 classifier) runs
 that stage first in the same job, as the trainer does: the classifier flagfile with the same
@@ -52,7 +52,7 @@ for p in (str(HERE), str(REPO)):
 from accuracy import mean_sd, print_table, stability_of, summarise  # noqa: E402
 from common import emit_result, parser  # noqa: E402
 
-SMOOTHING_EPOCHS = 3  # covid_keras.callbacks.SMOOTHING_EPOCHS (that module imports TF)
+SMOOTHING_EPOCHS = 3  # covid_keras.training.callbacks.SMOOTHING_EPOCHS (that module imports TF)
 
 
 def smoothed_choice(recent: list[float], loss: float) -> tuple[float, tuple[float, float]]:
@@ -65,9 +65,9 @@ def smoothed_choice(recent: list[float], loss: float) -> tuple[float, tuple[floa
 
 
 def read_flagfile(path: str) -> dict[str, str]:
-    """The flagfile's flags (nested --flagfile= included as covid_keras.cli resolves them;
+    """The flagfile's flags (nested --flagfile= included as covid_keras.core.cli resolves them;
     later lines win): name -> value ("true"/"false" for --name / --noname)."""
-    from covid_keras.cli import expand_flagfiles
+    from covid_keras.core.cli import expand_flagfiles
 
     out: dict[str, str] = {}
     for arg in expand_flagfiles(["prog", f"--flagfile={path}"])[1:]:
@@ -82,7 +82,7 @@ def read_flagfile(path: str) -> dict[str, str]:
 def pixels(x_u8: np.ndarray) -> np.ndarray:
     """The models' input: the pixel values as float32 (0..255). The models are built with
     ``include_preprocessing``: the backbone's normalisation is their first layer
-    (covid_keras.layers.BackboneNormalization), as in the trainer's models."""
+    (covid_keras.model.layers.BackboneNormalization), as in the trainer's models."""
     return x_u8.astype(np.float32)
 
 
@@ -123,7 +123,7 @@ def zoom_image(x: np.ndarray, side: float, y0: float, x0: float) -> np.ndarray:
 
 def rotate_image(x: np.ndarray, angle: float) -> np.ndarray:
     """Rotation by ``angle`` radians about the centre, bilinear, black outside: as
-    ``covid_keras.data._rotate`` (ImageProjectiveTransformV3, constant 0 fill)."""
+    ``covid_keras.io.data._rotate`` (ImageProjectiveTransformV3, constant 0 fill)."""
     h, w = x.shape[:2]
     c, s = np.cos(angle), np.sin(angle)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
@@ -134,13 +134,13 @@ def rotate_image(x: np.ndarray, angle: float) -> np.ndarray:
 def augment(batch_u8: np.ndarray, rng: np.random.Generator,
             brightness: str = "multiplicative", zoom: float = 0.0, gamma: float = 0.0,
             rotation_degrees: float = 0.0) -> np.ndarray:
-    """The trainer's augmentation (``covid_keras.data.augment``) in NumPy, in its order:
+    """The trainer's augmentation (``covid_keras.io.data.augment``) in NumPy, in its order:
     horizontal flip (p 0.5); ``zoom`` z: a square of side x U(1 - z, 1) at a random place,
     resized back; brightness x U(BRIGHTNESS_RANGE) (``brightness="additive"``: +- 0.1 then
     contrast x U(0.8, 1.2) around each image's channel means); ``gamma`` g:
     x ** exp(U(-ln(1 + g), ln(1 + g))); rotation by U(-r, r) degrees, black outside. The
     same distributions as the tf.data pipeline, not the same draws."""
-    from covid_keras.imaging import BRIGHTNESS_RANGE, check_augmentation
+    from covid_keras.core.imaging import BRIGHTNESS_RANGE, check_augmentation
 
     check_augmentation(brightness, zoom, gamma)
     x = batch_u8.astype(np.float32) / 255.0
@@ -176,7 +176,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def compiled_forward(model):
     """``x -> model(x, training=True)`` compiled with ``jax.jit`` (``stateless_call``, the
     new non-trainable variables assigned back): the population pass's forward
-    (``covid_keras.bn_stats``); DRENet, 128 px, on 2 CPU cores: 12 batches in 41 s against
+    (``covid_keras.training.bn_stats``); DRENet, 128 px, on 2 CPU cores: 12 batches in 41 s against
     50-72 s eager (the first batch runs eagerly in both). Traced at its first call per
     batch shape: with the batch norms' momenta as they are then (0 inside the pass)."""
     import jax
@@ -195,9 +195,9 @@ def compiled_forward(model):
 
 def fold_pool(d, folds: int, seed: int, fold: int) -> dict:
     """``--folds``: train = the training patients (train + val) outside fold ``fold``, val =
-    fold ``fold``'s (covid_keras.folds: by patient, stratified by label, seeded as ``train
+    fold ``fold``'s (covid_keras.training.folds: by patient, stratified by label, seeded as ``train
     --folds`` with this seed). Returns {split: (images, labels, patient keys)}."""
-    from covid_keras import folds as folds_mod
+    from covid_keras.training import folds as folds_mod
 
     imgs = np.concatenate([d["train_images"], d["val_images"]])
     labels = np.concatenate([d["train_labels"], d["val_labels"]])
@@ -251,13 +251,15 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
-    from covid_keras import bn_stats as bn_population
-    from covid_keras import keras_private, metrics, recipes
-    from covid_keras.backbones import BN_MOMENTUM, set_bn_momentum
-    from covid_keras.baselines import apply_trainable, build_classifier
-    from covid_keras.cli import quiet_stderr
-    from covid_keras.drenet import build_drenet
-    from covid_keras.saving import model_spec
+    from covid_keras.core.cli import quiet_stderr
+    from covid_keras.evaluation import metrics
+    from covid_keras.model import keras_private
+    from covid_keras.model.backbones import BN_MOMENTUM, set_bn_momentum
+    from covid_keras.model.baselines import apply_trainable, build_classifier
+    from covid_keras.model.drenet import build_drenet
+    from covid_keras.model.saving import model_spec
+    from covid_keras.training import bn_stats as bn_population
+    from covid_keras.training import recipes
 
     f = read_flagfile(flagfile)
     f.update(overrides)
@@ -424,7 +426,7 @@ def run_one(data_path: str, flagfile: str, seed: int, input_size: int | None,
               f"{time.time() - t0:.0f} s", flush=True)
     model.set_weights(best_weights)
     if save_backbone is not None:  # a classifier stage's output, as the trainer's stage
-        from covid_keras.train import write_image_backbone
+        from covid_keras.training.transfer import write_image_backbone
 
         write_image_backbone(model, str(save_backbone))
     val_m, _ = evaluate("val")
@@ -465,7 +467,7 @@ def ensemble_run(parts: list[dict]) -> dict:
     """One seed's K fold runs as one run of the table: val = the out-of-fold predictions of
     every training patient, each held-out split = the mean of the folds' probabilities;
     the chosen epoch and the last-5 stability are the folds' means."""
-    from covid_keras import metrics
+    from covid_keras.evaluation import metrics
 
     def scored(probs, labels, patients):
         m = metrics.classification_metrics(np.asarray(probs), np.asarray(labels), patients,
@@ -507,7 +509,7 @@ def main(argv=None) -> int:
                         "moving (the trainer's moving averages), population (recomputed "
                         "before each validation over the training images, unaugmented, "
                         "in training-size batches in a fixed shuffled order, as the "
-                        "trainer's --bn_stats=population: covid_keras.bn_stats), or both "
+                        "trainer's --bn_stats=population: covid_keras.training.bn_stats), or both "
                         "(choose on moving; also record each epoch's figures with "
                         "population statistics, *_pop in the history: a paired diagnostic)")
     p.add_argument("--folds", type=int, default=0, help="Each run a K-fold ensemble, as "
@@ -517,7 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: flagfile:seed[:k]
     p.add_argument("extra", nargs="*", help="Flag overrides after --, e.g. -- --epochs=2")
     args = p.parse_args(argv)
-    from covid_keras.cli import expand_flagfiles
+    from covid_keras.core.cli import expand_flagfiles
 
     overrides = {}
     for e in expand_flagfiles(["accuracy_jax", *args.extra])[1:]:  # -- --flagfile=F too

@@ -28,10 +28,10 @@ from common import parser  # noqa: E402
 
 
 def write_backbone_weights(model, output: str) -> str:
-    """Saves ``model``'s image backbone to ``output`` (``covid_keras.train.
-    write_image_backbone``, as ``--classifier_flagfile``'s stage does); returns the
+    """Saves ``model``'s image backbone to ``output`` (``covid_keras.training.
+    transfer.write_image_backbone``, as ``--classifier_flagfile``'s stage does); returns the
     architecture's name."""
-    from covid_keras.train import write_image_backbone
+    from covid_keras.training.transfer import write_image_backbone
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end in .weights.h5. Received: {output}")
@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True,
                    help="the weights file to write (must end in .weights.h5)")
     args = p.parse_args(argv)
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     cli.import_keras_quietly()
-    from covid_keras.saving import load_model
+    from covid_keras.model.saving import load_model
 
     try:
         model = load_model(args.model, compile=False)

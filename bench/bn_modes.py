@@ -35,8 +35,8 @@ def accuracies(run_dir: str, data_dir: str, split: str, batch_size: int,
     import keras
     import numpy as np
 
-    from covid_keras import data
-    from covid_keras.run_dir import RunDir
+    from covid_keras.io import data
+    from covid_keras.io.run_dir import RunDir
 
     run = RunDir(run_dir)
     model = run.load_model(model_file, compile=True)

@@ -4,11 +4,11 @@ member, for the Keras model and for its SavedModel's ``predict_study`` signature
 Not a test: it prints figures. Random weights (``weights=None``), random windowed slices
 (0..255): one study of ``--slices`` slices per call, as ``predict_study`` and
 ``covid_keras.predict`` send it. For each of the single model and the K-member ensemble
-(:func:`covid_keras.ensemble.build_ensemble` of K independently initialised models) it
+(:func:`covid_keras.model.ensemble.build_ensemble` of K independently initialised models) it
 times ``--steps`` calls after ``--warmup`` untimed ones, the two interleaved (the order
 alternating per round), and reports the median seconds per study and the ratio ensemble /
 single in the same run (the ideal is K: every member reads every slice). With ``--export``
-it exports both with ``covid_keras.export.export_model`` (no run folder, so no decision:
+it exports both with ``covid_keras.serving.exporter.export_model`` (no run folder, so no decision:
 the argmax) and times ``predict_study`` of each SavedModel the same way.
 
     .venv/bin/python bench/ensemble.py --members=5                       # ~5 min on 2 cores
@@ -39,7 +39,7 @@ def build(kind: str, backbone: str, size: int, members: int, classes: int = 2):
     import keras
 
     from covid_keras import build_classifier, build_drenet
-    from covid_keras.ensemble import build_ensemble
+    from covid_keras.model.ensemble import build_ensemble
 
     def one(seed):
         keras.utils.set_random_seed(seed)
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from covid_keras import data, saving
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     single, ensemble = build(args.model, args.backbone, args.input_size, args.members)
     rng = np.random.default_rng(0)
@@ -105,15 +106,16 @@ def main(argv=None) -> int:
     if args.export:  # as covid_keras.export writes them (no run folder: no decision)
         import tensorflow as tf
 
-        from covid_keras import export, saving
+        from covid_keras.model import saving
+        from covid_keras.serving import exporter
 
         calls = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, model in (("single", single), ("ensemble", ensemble)):
                 minfo = saving.model_info(model, ["non_covid", "covid"])
-                prep, warnings = export.data_prep_settings(None, args.input_size)
-                info = export.export_info(minfo, prep, None, None, name, warnings)
-                path = export.export_model(model, info, None, tmp, name, 1)
+                prep, warnings = exporter.data_prep_settings(None, args.input_size)
+                info = exporter.export_info(minfo, prep, None, None, name, warnings)
+                path = exporter.export_model(model, info, None, tmp, name, 1)
                 loaded = tf.saved_model.load(path).signatures["predict_study"]
                 calls[name] = (lambda f: lambda: f(images=tf.constant(u8)))(loaded)
             saved_s = time_calls(calls, args.steps, args.warmup)

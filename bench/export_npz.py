@@ -37,10 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export(data_dir: str, output: str, image_size: int = 0) -> dict:
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     tf = cli.import_tensorflow_quietly()  # no start-up notices on stderr
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
 
     manifest = data.read_manifest(data_dir)
     arrays: dict[str, np.ndarray] = {"classes": np.asarray(manifest["classes"]),}

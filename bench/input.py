@@ -2,7 +2,7 @@
 
 Not a test: it prints figures. In one run, at the SAME input size and batch size:
 
-1. PIPELINE: slices/s of :func:`covid_keras.data.make_dataset` as training uses it
+1. PIPELINE: slices/s of :func:`covid_keras.io.data.make_dataset` as training uses it
    (``training=True, repeat=True``; ``--backbone`` normalisation, flip / brightness /
    contrast augmentation plus ``--rotation`` degrees, batch ``--batch_size``) over data_prep
    TFRecords: ``--warmup_batches`` untimed, then at least ``--batches`` and
@@ -12,7 +12,7 @@ Not a test: it prints figures. In one run, at the SAME input size and batch size
    before TensorFlow is imported where there is no taskset: the same system call), so
    TensorFlow sizes its thread pools to the pinned cores; ``--repeats`` rounds, the core
    counts alternating, the median reported.
-2. TRAIN: slices/s of a DRENet train step (:func:`covid_keras.drenet.build_drenet`,
+2. TRAIN: slices/s of a DRENet train step (:func:`covid_keras.model.drenet.build_drenet`,
    ``--variant`` paper, ResNet-50, ``weights=None``), ``compile(optimizer=SGD(8e-4,
    momentum=0.9))`` + ``train_on_batch`` on one synthetic in-memory batch (so input is not
    the bottleneck), in a fresh process on every allowed core: the first call (tracing) is
@@ -93,7 +93,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
     load0 = os.getloadavg()[0]
     import tensorflow as tf
 
-    from covid_keras.data import PipelineConfig, make_dataset, shard_files
+    from covid_keras.io.data import PipelineConfig, make_dataset, shard_files
 
     # as the trainer feeds a new model (the spec of child_train's: it normalises its input)
     spec = {"input_size": args.input_size, "backbone": args.backbone,
@@ -139,7 +139,7 @@ def child_train(args: argparse.Namespace) -> dict:
     import keras
     import numpy as np
 
-    from covid_keras.drenet import build_drenet
+    from covid_keras.model.drenet import build_drenet
 
     size, batch = args.input_size, args.batch_size
     t0 = time.perf_counter()

@@ -46,8 +46,8 @@ def aucs(probs, labels, patient_keys, positive: int) -> dict:
     """Slice and patient (mean rule) AUC of the positive class."""
     import numpy as np
 
-    from covid_keras.decision import aggregate
-    from covid_keras.metrics import auc_score
+    from covid_keras.evaluation.decision import aggregate
+    from covid_keras.evaluation.metrics import auc_score
 
     probs = np.asarray(probs, np.float64)
     patients = aggregate(probs, labels, patient_keys, "mean", positive)
@@ -69,8 +69,9 @@ def model_predictor(run_dir: str, batch_size: int):
     """(predict function, run's flags, its classes) for ``run_dir/best.keras``."""
     import numpy as np
 
-    from covid_keras import data, evaluation
-    from covid_keras.run_dir import BEST, RunDir
+    from covid_keras.evaluation import evaluation
+    from covid_keras.io import data
+    from covid_keras.io.run_dir import BEST, RunDir
 
     run = RunDir(run_dir)
     info = run.run_info()
@@ -91,7 +92,8 @@ def model_predictor(run_dir: str, batch_size: int):
 def run(data_dir: str, runs: list[str], split: str, factors, batch_size: int) -> dict:
     import numpy as np
 
-    from covid_keras import data, evaluation
+    from covid_keras.evaluation import evaluation
+    from covid_keras.io import data
 
     res = {"data_dir": data_dir, "split": split, "runs": {}}
     cache: dict = {}
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     for r in runs:
         if not (Path(r) / "best.keras").is_file():
             p.error(f"{r}: no best.keras (not a finished run folder)")
-    from covid_keras.cli import import_keras_quietly
+    from covid_keras.core.cli import import_keras_quietly
 
     import_keras_quietly()  # TensorFlow's start-up notices off stderr
     emit_result(run(args.data_dir, runs, args.split, factors, args.batch_size), print_table,

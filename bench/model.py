@@ -251,8 +251,8 @@ def _accelerator_peak_gb() -> float | None:
 def bench(args: argparse.Namespace, notes: list[str]) -> dict:
     import keras
 
-    from covid_keras.baselines import build_classifier
-    from covid_keras.drenet import build_drenet
+    from covid_keras.model.baselines import build_classifier
+    from covid_keras.model.drenet import build_drenet
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -54,7 +54,7 @@ import pydicom  # noqa: E402
 from common import emit_result  # noqa: E402 (bench/common.py)
 from pydicom.uid import JPEG2000Lossless, RLELossless  # noqa: E402
 
-from covid_keras import schema  # noqa: E402
+from covid_keras.core import schema  # noqa: E402
 from data_prep import dicom_io, phantom  # noqa: E402
 from data_prep.preprocess import PrepConfig, prepare_slice, sample_indices  # noqa: E402
 from data_prep.study import (  # noqa: E402

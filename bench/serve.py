@@ -7,7 +7,7 @@ synthetic slices. What runs, in order:
    DRENet (:func:`covid_keras.build_drenet`, ``--variant`` paper, ``--backbone`` resnet50)
    and the plain classifier (:func:`covid_keras.build_classifier`, the same backbone) at
    the SAME ``--input_size`` (default 224; the paper's is 448), each exported with the
-   export library (:func:`covid_keras.export.export_model`, the signatures and
+   export library (:func:`covid_keras.serving.exporter.export_model`, the signatures and
    ``assets.extra`` of ``python -m covid_keras.export``; no decision.json, so argmax) into a
    temporary export base: ``<base>/drenet/1`` and ``<base>/resnet50/1``.
 2. **Servers**: one ``python -m covid_keras.serve`` per model (TF Serving's flags, REST on a
@@ -49,10 +49,10 @@ synthetic slices. What runs, in order:
    ``--max_instances`` slices, JSON nested 100000 deep, NaN). Target: within 10 %.
 7. **JSON decoding** (this process, no server): the study body through ``json.loads`` and
    through ``orjson.loads`` (when installed), and the conversion to arrays
-   (:func:`covid_keras.serve.parse_predict_body`); then the server's path
-   (:func:`covid_keras.serve.loads_predict`: the numeric array converted straight from the
-   bytes, then parse_predict_body) and its ratio to parse-then-convert, best of 3 each: the
-   serving cost that is not the model (target <= 0.3 s).
+   (:func:`covid_keras.serving.model_server.parse_predict_body`); then the server's path
+   (:func:`covid_keras.serving.model_server.loads_predict`: the numeric array converted
+   straight from the bytes, then parse_predict_body) and its ratio to parse-then-convert,
+   best of 3 each: the serving cost that is not the model (target <= 0.3 s).
 
 Target: DRENet / ResNet-50 latency <= 3.0 (ideal 2 + K / 4 = 2.75: two full backbone
 passes + K = 3 half-size crops), checked on the p50 at 1 client. Prints a table and one
@@ -188,7 +188,10 @@ def child_env() -> dict:
 def export_both(args: argparse.Namespace) -> None:
     """Builds both models with random weights and exports them under ``--export_only``;
     writes ``export_report.json`` there."""
-    from covid_keras import build_classifier, build_drenet, cli, export, saving
+    from covid_keras import build_classifier, build_drenet
+    from covid_keras.core import cli
+    from covid_keras.model import saving
+    from covid_keras.serving import exporter
 
     keras = cli.setup_logging(0)  # TensorFlow's start-up notices and saver INFO lines off
 
@@ -206,10 +209,10 @@ def export_both(args: argparse.Namespace) -> None:
                                      input_size=args.input_size, weights=None)
         build_s = time.perf_counter() - t0
         minfo = saving.model_info(model, classes)
-        prep, warnings = export.data_prep_settings(None, args.input_size)
-        info = export.export_info(minfo, prep, None, None, "random_weights.keras", warnings)
+        prep, warnings = exporter.data_prep_settings(None, args.input_size)
+        info = exporter.export_info(minfo, prep, None, None, "random_weights.keras", warnings)
         t0 = time.perf_counter()
-        path = export.export_model(model, info, None, base, name, 1)
+        path = exporter.export_model(model, info, None, base, name, 1)
         report[name] = {"build_s": round(build_s, 2),
                         "export_s": round(time.perf_counter() - t0, 2),
                         "params": int(model.count_params()), "model": info["model"],
@@ -605,7 +608,7 @@ def _mb(n: int | None) -> float | None:
 
 def json_cost(body: bytes) -> dict:
     """Section 7 of the module docstring (best of 3, seconds)."""
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     def best(fn) -> float:
         times = []
@@ -623,14 +626,14 @@ def json_cost(body: bytes) -> dict:
         orjson = None
     if orjson is not None:
         out["orjson_loads_s"] = best(lambda: orjson.loads(body))
-    parsed = serve.loads(body)
-    out["parser"] = "orjson" if serve._orjson is not None else "json"
-    out["to_arrays_s"] = best(lambda: serve.parse_predict_body(parsed, ["images"], 1024))
+    parsed = model_server.loads(body)
+    out["parser"] = "orjson" if model_server._orjson is not None else "json"
+    out["to_arrays_s"] = best(lambda: model_server.parse_predict_body(parsed, ["images"], 1024))
     parse = out["orjson_loads_s"] if out["parser"] == "orjson" else out["json_loads_s"]
     out["parse_then_arrays_s"] = round(parse + out["to_arrays_s"], 4)  # before loads_predict
     # what the server does now: the numeric array converted straight from the bytes
-    out["server_path_s"] = best(lambda: serve.parse_predict_body(
-        serve.loads_predict(body), ["images"], 1024))
+    out["server_path_s"] = best(lambda: model_server.parse_predict_body(
+        model_server.loads_predict(body), ["images"], 1024))
     out["server_path_vs_parse_then_arrays"] = _ratio(out["server_path_s"],
                                                      out["parse_then_arrays_s"])
     out["target_s"] = 0.3

@@ -50,7 +50,8 @@ def split_table(data_dir: str, input_size: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
 
     keys = (schema.IMAGE, schema.LABEL_INDEX, schema.PATIENT_KEY)
     spec = {k: v for k, v in schema.parse_spec().items() if k in keys}
@@ -86,7 +87,7 @@ def shortcut_aucs(table: dict, positive: int = 1) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     if "train" not in table:
         raise ValueError("The data folder has no train split to fit the shortcut model on")
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--positive", type=int, default=1, help="Positive class index.")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
-    from covid_keras.cli import import_tensorflow_quietly
+    from covid_keras.core.cli import import_tensorflow_quietly
 
     import_tensorflow_quietly()  # TensorFlow's start-up notices off stderr
     res = {"data_dir": args.data_dir, "input_size": args.input_size,

@@ -25,16 +25,14 @@ metrics.json is read) or a training run (evaluated now on ``--split`` into
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import sys
 
 from absl import flags
 
-from covid_keras import cli
-from covid_keras.run_dir import CHECKPOINTS, METRICS, RunDir
+from covid_keras.core import cli
+from covid_keras.io.run_dir import RunDir
 
 FLAGS = flags.FLAGS
 
@@ -90,65 +88,20 @@ def expand_compare(argv: list[str]) -> list[str]:
     return out
 
 
-def is_evaluation(path: str) -> bool:
-    m = os.path.join(path, METRICS)
-    if not os.path.isfile(m):
-        return False
-    with open(m) as f:
-        return json.load(f).get("kind") == "covid_keras.evaluate"
-
-
-def run_name(path: str, taken: set) -> str:
-    """The run's folder with its parent (runs/<experiment>/seed0 -> <experiment>/seed0),
-    numbered if that is taken."""
-    parts = [p for p in os.path.normpath(os.path.abspath(path)).split(os.sep) if p]
-    name = "/".join(parts[-2:])
-    base, i = name, 2
-    while name in taken:
-        name, i = f"{base} ({i})", i + 1
-    return name
-
-
-def evaluate_args(run_dir: str, output_dir: str | None) -> dict:
-    return dict(run_dir=run_dir, data_dir=FLAGS.data_dir, split=FLAGS.split,
-                output_dir=output_dir, checkpoint=FLAGS.checkpoint, val_split=FLAGS.val_split,
-                val_data_dir=FLAGS.val_data_dir, criterion=FLAGS.criterion,
-                target_sensitivity=FLAGS.target_sensitivity, batch_size=FLAGS.batch_size,
-                n_bootstrap=FLAGS.bootstrap, seed=FLAGS.seed, top_slices=FLAGS.top_slices,
-                max_explained=FLAGS.max_explained_patients,
+def evaluate_settings() -> dict:
+    """``evaluate_run``'s arguments from the flags, but the run and output folders."""
+    return dict(data_dir=FLAGS.data_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint,
+                val_split=FLAGS.val_split, val_data_dir=FLAGS.val_data_dir,
+                criterion=FLAGS.criterion, target_sensitivity=FLAGS.target_sensitivity,
+                batch_size=FLAGS.batch_size, n_bootstrap=FLAGS.bootstrap, seed=FLAGS.seed,
+                top_slices=FLAGS.top_slices, max_explained=FLAGS.max_explained_patients,
                 save_decision=FLAGS.save_decision, report=FLAGS.report)
-
-
-def compare(paths: list[str], output_dir: str) -> dict:
-    from covid_keras import evaluation
-
-    results, taken = {}, set()
-    for path in paths:
-        name = run_name(path, taken)
-        taken.add(name)
-        if is_evaluation(path):
-            with open(os.path.join(path, METRICS)) as f:
-                m = json.load(f)
-        elif not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINTS):
-            raise ValueError(f"--compare: {path} is neither an evaluation folder (metrics.json"
-                             " written by covid_keras.evaluate) nor a training run (best.keras"
-                             " or final.keras)")
-        else:
-            m = evaluation.evaluate_run(**evaluate_args(
-                path, os.path.join(output_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))))
-        spec = m.get("model", {})
-        label = f"{name} ({spec.get('kind', '?')}, {spec.get('backbone', '?')})"
-        results[label] = m
-    out = evaluation.write_comparison(output_dir, results)
-    print(out["markdown"])
-    print(f"written to {output_dir}: comparison.md, comparison.csv")
-    return results
 
 
 def check_paths() -> None:
     """The folders the command reads exist: checked before TensorFlow loads, so a mistyped
     path is an error in well under a second, not after the imports (5-14 s)."""
-    from covid_keras import files
+    from covid_keras.core import files
 
     def folder(path, what: str) -> None:
         if path and not files.is_remote(path) and not os.path.isdir(path):
@@ -173,16 +126,19 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     cli.import_keras_quietly(FLAGS.verbosity >= 1)
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     if FLAGS.compare:
         if not FLAGS.output_dir:
             raise ValueError("--compare needs --output_dir")
-        compare(FLAGS.compare, FLAGS.output_dir)
+        out = evaluation.compare_runs(FLAGS.compare, FLAGS.output_dir, evaluate_settings())
+        print(out["markdown"])
+        print(f"written to {FLAGS.output_dir}: comparison.md, comparison.csv")
         return 0
     if not FLAGS.run_dir:
         raise ValueError("--run_dir is required (or --compare)")
-    evaluation.evaluate_run(**evaluate_args(FLAGS.run_dir, FLAGS.output_dir))
+    evaluation.evaluate_run(run_dir=FLAGS.run_dir, output_dir=FLAGS.output_dir,
+                            **evaluate_settings())
     return 0
 
 

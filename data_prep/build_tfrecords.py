@@ -27,8 +27,8 @@ import secrets
 
 from absl import flags
 
-from covid_keras import cli, files, provenance
-from covid_keras.imaging import parse_windows
+from covid_keras.core import cli, files, provenance
+from covid_keras.core.imaging import parse_windows
 from data_prep import inputs, limits, pipeline
 from data_prep.errors import StudyError
 from data_prep.lung import LungMaskParams

@@ -45,8 +45,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from covid_keras import files as fs
-from covid_keras import provenance, schema
+from covid_keras.core import files as fs
+from covid_keras.core import provenance, schema
 from data_prep import redact, storage, workers
 from data_prep.errors import Issue, StudyError
 from data_prep.preprocess import PrepConfig
@@ -74,7 +74,7 @@ MANIFEST_VERSION = 1
 # Bump when a code change alters records: the spool of an older version is then not reused.
 SPOOL_VERSION = 3
 # a killed writer's temporary file: <name>.tmp-<pid> (here) or <name>.tmp-<pid>-<hex>
-# (covid_keras.files.unique_suffix: manifest.json and the other JSON files)
+# (covid_keras.core.files.unique_suffix: manifest.json and the other JSON files)
 TMP_RE = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")
 OURS_RE = re.compile(r"^((train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz|manifest\.json|"
                      r"failures\.csv|\.partial)$|\.tmp-\d+(-[0-9a-f]+)?$")

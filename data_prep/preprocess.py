@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from covid_keras.imaging import unit_to_u8, window_hu
+from covid_keras.core.imaging import unit_to_u8, window_hu
 from data_prep.lung import LungMaskParams, lung_and_body_masks
 from data_prep.settings import DEFAULTS, PrepSettings
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from covid_keras.imaging import WINDOWS_HU
+from covid_keras.core.imaging import WINDOWS_HU
 from data_prep.limits import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS
 from data_prep.lung import LungMaskParams
 

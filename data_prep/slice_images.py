@@ -4,7 +4,7 @@ Files are recognised by their bytes, never by their name (COVID-CT has JPEG data
 ``.png`` names). Whatever the source - 8-bit grey, RGB, RGBA, 16-bit, JPEG or PNG - the
 result is one 2-D uint8 grey array, so nothing downstream (and nothing in the records) can
 tell the source format apart. Such images are already windowed by their publisher and have
-no HU; :func:`covid_keras.imaging.grey_to_hu` maps them to pseudo-HU.
+no HU; :func:`covid_keras.core.imaging.grey_to_hu` maps them to pseudo-HU.
 """
 
 from __future__ import annotations

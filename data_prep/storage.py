@@ -1,7 +1,7 @@
 """Spool and summary files on any file system: local paths through ``os``; a path with a
 scheme through Apache Beam's ``FileSystems`` when Beam is installed and knows the scheme
 (``gs://``, ``s3://``, ``hdfs://``, ``azfs://``: what Beam's workers on Dataflow, Flink or
-Spark use), else through ``tf.io.gfile`` (:mod:`covid_keras.files`: every file system
+Spark use), else through ``tf.io.gfile`` (:mod:`covid_keras.core.files`: every file system
 registered with TensorFlow, ``ram://`` included).
 
 Writes are whole-or-nothing (a temporary file beside, then a rename), so a reader never
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from covid_keras import files
+from covid_keras.core import files
 
 
 def _beam(path: str):

@@ -31,8 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covid_keras import schema
-from covid_keras.imaging import grey_to_hu
+from covid_keras.core import schema
+from covid_keras.core.imaging import grey_to_hu
 from data_prep import dicom_io, limits, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits, StudyTimeout

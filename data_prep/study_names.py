@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     # cli.run: --help exits 0, a missing flag or path is a one-line error
     cli.run(main, required=["input", "salt_file"], program="data_prep.study_names")

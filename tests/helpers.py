@@ -47,12 +47,12 @@ def stop_process(proc) -> None:
 def export_drenet(root: Path, data_dir: Path | None = None) -> Path:
     """A SavedModel export (``root/exports/drenet``, version 1) of :func:`make_run`'s tiny
     DRENet with a mean-rule decision (covid >= 0.3), as the servers' tests serve it."""
-    from covid_keras import export
+    from covid_keras.serving import exporter
 
     run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
                                              "positive_class": "covid"}, data_dir)
-    model, info, decision = export.load_run(str(run))
-    export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    model, info, decision = exporter.load_run(str(run))
+    exporter.export_model(model, info, decision, str(root / "exports"), "drenet")
     return root / "exports" / "drenet"
 
 
@@ -78,12 +78,13 @@ def make_run(run_dir: Path, kind: str = "drenet", decision: dict | None = None,
              include_preprocessing: bool = True) -> Path:
     """A run folder as the trainer leaves it (best.keras with class names, run_info.json,
     optionally decision.json) around an untrained tiny 64 px model (``input_norm``: the
-    models' first layer, see covid_keras.layers.intensity; ``include_preprocessing``
+    models' first layer, see covid_keras.model.layers.intensity; ``include_preprocessing``
     False: a model without BackboneNormalization, as every run made before it)."""
     import keras
 
-    from covid_keras import build_classifier, build_drenet, files
-    from covid_keras.saving import save_model
+    from covid_keras import build_classifier, build_drenet
+    from covid_keras.core import files
+    from covid_keras.model.saving import save_model
 
     keras.utils.set_random_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -308,9 +309,10 @@ class Commands:
 
 #: Imported once by the command server: the libraries behind the commands (none of them
 #: defines absl flags; the command modules do, and are imported in each fork).
-PRELOAD = ("tensorflow", "keras", "covid_keras.drenet", "covid_keras.baselines",
-           "covid_keras.data", "covid_keras.callbacks", "covid_keras.evaluation",
-           "covid_keras.saving", "covid_keras.recipes")
+PRELOAD = ("tensorflow", "keras", "covid_keras.model.drenet", "covid_keras.model.baselines",
+           "covid_keras.io.data", "covid_keras.training.callbacks",
+           "covid_keras.evaluation.evaluation", "covid_keras.model.saving",
+           "covid_keras.training.recipes")
 COMMAND_MODULES = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.export",
                    "covid_keras.predict", "covid_keras.pretrain", "covid_keras.serve",
                    "covid_keras.web", "data_prep.build_tfrecords", "data_prep.phantom")
@@ -325,7 +327,7 @@ def _command_server() -> None:
     import signal
     import sys
 
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     cli.quiet_tensorflow()  # as the commands do before their own import
     for name in PRELOAD:

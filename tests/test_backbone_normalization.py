@@ -1,6 +1,6 @@
 """The backbone's normalisation as a layer saved with the model (issue 28 item 3):
 ``BackboneNormalization`` equals keras.applications' preprocessing and the input pipeline's
-:func:`covid_keras.data.normalize`; a model built with ``include_preprocessing`` fed the
+:func:`covid_keras.io.data.normalize`; a model built with ``include_preprocessing`` fed the
 raw pixel values answers what the same weights without the layer (every model saved before
 it) answer on normalised input, for every backbone; the spec records it; and a model
 without the layer still gets normalised input from the pipeline and the export graph."""
@@ -14,11 +14,11 @@ import keras
 import numpy as np
 import pytest
 
-from covid_keras.backbones import BACKBONES, PREPROCESSING
-from covid_keras.baselines import build_classifier
-from covid_keras.drenet import build_drenet
-from covid_keras.layers import BackboneNormalization
-from covid_keras.saving import INFO_ENTRY, load_model, model_spec, save_model
+from covid_keras.model.backbones import BACKBONES, PREPROCESSING
+from covid_keras.model.baselines import build_classifier
+from covid_keras.model.drenet import build_drenet
+from covid_keras.model.layers import BackboneNormalization
+from covid_keras.model.saving import INFO_ENTRY, load_model, model_spec, save_model
 
 pytestmark = pytest.mark.model
 TF_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
@@ -70,7 +70,7 @@ def test_the_layer_is_keras_applications_preprocessing(backbone):
 def test_the_pipelines_normalize_is_the_layers_formula(backbone):
     import tensorflow as tf
 
-    from covid_keras import data
+    from covid_keras.io import data
 
     x = _pixels()
     layer = keras.ops.convert_to_numpy(BackboneNormalization(PREPROCESSING[backbone])(x))
@@ -158,8 +158,8 @@ def test_pipeline_and_export_graph_feed_each_model_its_input(tiny_dataset):
     answers from the same weights, and the old model's as before."""
     import tensorflow as tf
 
-    from covid_keras import data
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.io import data
+    from covid_keras.serving.serving_signatures import Signatures
 
     data_dir = str(tiny_dataset())
     old, new = _pair(_classifier, "tiny")

@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 from data_prep import dicom_io, inputs, limits, pipeline, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits

@@ -26,7 +26,7 @@ def _smooth(h: int, w: int) -> np.ndarray:
 def test_zoom_and_rotation_sample_as_the_tf_pipeline(jx):
     import tensorflow as tf
 
-    from covid_keras.data import _rotate
+    from covid_keras.io.data import _rotate
 
     x = _smooth(40, 56)  # not square: a swapped height and width shows
     for side, y0, x0 in ((0.75, 0.1, 0.2), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0)):
@@ -134,8 +134,8 @@ def test_flagfile_flags_reach_the_jax_runs(jx, tmp_path, monkeypatch, capsys):
 COMPILED_POPULATION = """
 import importlib.util, json, sys
 import keras, numpy as np
-from covid_keras.bn_stats import population_statistics
-from covid_keras.drenet import build_drenet
+from covid_keras.training.bn_stats import population_statistics
+from covid_keras.model.drenet import build_drenet
 spec = importlib.util.spec_from_file_location("jx", "bench/accuracy_jax.py")
 jx = importlib.util.module_from_spec(spec); spec.loader.exec_module(jx)
 keras.utils.set_random_seed(0)
@@ -196,7 +196,7 @@ def test_folds_make_one_ensemble_run_per_seed(jx, tmp_path, monkeypatch, capsys)
     finite = [p["val"]["patient_auc"] for p in parts if p["val"]["patient_auc"] is not None
               and p["val"]["patient_auc"] == p["val"]["patient_auc"]]
     assert run["folds"] == 3 and run["fold_val_patient_auc"]["n"] == len(finite) >= 1
-    from covid_keras import metrics
+    from covid_keras.evaluation import metrics
 
     mean = np.mean([np.asarray(p["test_probs"]) for p in parts], axis=0)
     expected = metrics.classification_metrics(mean, np.asarray(parts[0]["test_labels"]),
@@ -211,7 +211,7 @@ def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, 
     (<run>.stage.weights.h5) and DRENet is built from that file; the run's JSON carries the
     stage's figures (paired by seed); a second run reuses the finished stage. In-process,
     on whatever backend the suite runs: the code is backend-neutral Keras."""
-    import covid_keras.drenet as drenet_mod
+    import covid_keras.model.drenet as drenet_mod
 
     _npz(tmp_path / "d.npz")
     common = ["--backbone=tiny", "--input_size=64", "--batch_size=4", "--epochs=1",
@@ -232,7 +232,7 @@ def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, 
     assert res["classifier_stage"]["test"] == stage["test"]
     assert res["classifier_stage"]["val"] == stage["val"]
 
-    from covid_keras.backbones import build_backbone
+    from covid_keras.model.backbones import build_backbone
 
     fresh = build_backbone("tiny")  # the file holds trained weights, not a fresh init
     loaded = build_backbone("tiny", weights=str(weights))

@@ -13,10 +13,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import backbone_weights  # noqa: E402
 
-from covid_keras.backbones import build_backbone  # noqa: E402
-from covid_keras.baselines import build_classifier  # noqa: E402
-from covid_keras.drenet import build_drenet  # noqa: E402
-from covid_keras.gradcam import image_backbone  # noqa: E402
+from covid_keras.evaluation.gradcam import image_backbone  # noqa: E402
+from covid_keras.model.backbones import build_backbone  # noqa: E402
+from covid_keras.model.baselines import build_classifier  # noqa: E402
+from covid_keras.model.drenet import build_drenet  # noqa: E402
 
 
 def _scramble(model, seed):

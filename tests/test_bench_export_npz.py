@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_split_exported_with_patient_numbers_and_no_keys(tmp_path):
     import tensorflow as tf
 
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
     from tests.helpers import assert_no_tf_notices, user_env
     from tests.test_evaluate import write_dataset
 

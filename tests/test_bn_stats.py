@@ -1,15 +1,15 @@
-"""covid_keras.bn_stats: population batch-norm statistics (on the TF and JAX backends)."""
+"""covid_keras.training.bn_stats: population batch-norm statistics (on the TF and JAX backends)."""
 
 import keras
 import numpy as np
 import pytest
 
-from covid_keras.bn_stats import (
+from covid_keras.model.drenet import build_drenet
+from covid_keras.training.bn_stats import (
     batch_norm_layers,
     population_statistics,
     set_population_statistics,
 )
-from covid_keras.drenet import build_drenet
 
 pytestmark = pytest.mark.model
 

@@ -18,7 +18,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.fileset import FileSet
 
-from covid_keras import schema
+from covid_keras.core import schema
 from data_prep import phantom
 from data_prep.study import salted_key
 from tests.helpers import shared_commands

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from covid_keras import recipes
-from covid_keras.callbacks import BestCheckpoint, SwapEMA, head_health, validation_losses
+from covid_keras.training import recipes
+from covid_keras.training.callbacks import BestCheckpoint, SwapEMA, head_health, validation_losses
 
 
 def _feed(cb, rows):
@@ -183,8 +183,8 @@ def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_
     model.save(tmp_path / "m.keras")
     # the one loader registers the optimisers; the model code itself imports nothing from
     # training (issue 28: optimisers are registered where models are loaded)
-    code = ("import sys, covid_keras.baselines, covid_keras.drenet; "
-            "print('recipes' if 'covid_keras.recipes' in sys.modules else 'none'); "
+    code = ("import sys, covid_keras.model.baselines, covid_keras.model.drenet; "
+            "print('recipes' if 'covid_keras.training.recipes' in sys.modules else 'none'); "
             "from covid_keras import saving; m = saving.load_model(%r); "
             "print(type(m.optimizer).__name__, m.optimizer.coupled_decay)" % str(
                 tmp_path / "m.keras"))
@@ -201,7 +201,7 @@ def test_tensorboard_steps_are_the_consoles_epochs(tmp_path):
 
     import tensorflow as tf
 
-    from covid_keras.callbacks import GroupedTensorBoard, PatientValidation, close_writers
+    from covid_keras.training.callbacks import GroupedTensorBoard, PatientValidation, close_writers
 
     tb = GroupedTensorBoard(str(tmp_path))
     tb.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))

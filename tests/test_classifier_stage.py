@@ -19,8 +19,8 @@ def data_dir(split_dataset):
 
 def image_kernels(path: Path) -> dict:
     """The conv kernels of a saved model's image backbone, by layer name."""
-    from covid_keras import saving
-    from covid_keras.gradcam import image_backbone
+    from covid_keras.evaluation.gradcam import image_backbone
+    from covid_keras.model import saving
 
     backbone = image_backbone(saving.load_model(str(path), compile=False))
     return {lay.name: np.asarray(lay.get_weights()[0]) for lay in backbone.layers
@@ -82,7 +82,7 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
 
 
 def config(**kw):
-    from covid_keras.train import TrainConfig
+    from covid_keras.training.trainer import TrainConfig
 
     return TrainConfig(**{"data_dir": "d", "run_dir": "r", **kw})
 
@@ -93,7 +93,7 @@ def config(**kw):
     ({"strategy": "multi_worker"}, "not supported with --strategy=multi_worker"),
 ])
 def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, message):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     flagfile = tmp_path / "cls.cfg"
     flagfile.write_text("--model=classifier\n")
@@ -102,7 +102,7 @@ def test_classifier_stage_flag_conflicts_are_one_line_errors(tmp_path, extra, me
 
 
 def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp_path):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     with pytest.raises(ValueError, match="needs --classifier_flagfile"):
         check_recipe(config(classifier_data_dir=str(tmp_path)))
@@ -117,7 +117,7 @@ def test_classifier_stage_flags_without_the_stage_or_with_no_data_are_errors(tmp
 def test_where_the_stage_lives_is_not_what_a_run_is():
     """--classifier_dir may differ between a finished stage run and the command that reuses
     it (bench/accuracy.py passes it to every flagfile of a protocol): not run-defining."""
-    from covid_keras.train import changed_flags
+    from covid_keras.training.trainer import changed_flags
 
     assert changed_flags({"classifier_dir": "/a", "seed": 0},
                          {"classifier_dir": None, "seed": 0}) == []
@@ -125,14 +125,14 @@ def test_where_the_stage_lives_is_not_what_a_run_is():
 
 
 def test_a_missing_classifier_flagfile_is_named(tmp_path):
-    from covid_keras.train import check_recipe
+    from covid_keras.training.trainer import check_recipe
 
     with pytest.raises(FileNotFoundError, match="--classifier_flagfile=.*nope.cfg: no such"):
         check_recipe(config(classifier_flagfile=str(tmp_path / "nope.cfg")))
 
 
 def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
-    from covid_keras.cross_validation import check_fold_flags
+    from covid_keras.training.cross_validation import check_fold_flags
 
     with pytest.raises(ValueError, match="takes no --classifier_dir"):
         check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
@@ -146,7 +146,7 @@ def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
 
 
 def test_the_classifier_flagfile_is_read_beside_the_flagfile_that_names_it(tmp_path):
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.cfg").write_text("--classifier_flagfile=cls.cfg\n")
@@ -162,7 +162,7 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
     stage is an error that says how to resume it."""
     import subprocess
 
-    from covid_keras import train
+    from covid_keras.training import trainer
 
     calls = []
     monkeypatch.setattr(subprocess, "run",
@@ -171,7 +171,7 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
     cfg = config(classifier_flagfile="cls.cfg", seed=7, val_split="tune",
                  report_splits=("test",), **extra)
     with pytest.raises(RuntimeError, match="classifier stage failed .exit 3.: rerun"):
-        train.classifier_stage(cfg, str(tmp_path / "run"))
+        trainer.classifier_stage(cfg, str(tmp_path / "run"))
     (cmd,) = calls
     assert cmd[1:4] == ["-m", "covid_keras.train", "--flagfile=cls.cfg"]
     assert f"--run_dir={tmp_path / 'run' / 'classifier'}" in cmd
@@ -191,7 +191,7 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
     (e.g. the ResNet-50 run of the seed) and never replaced from here."""
     import subprocess
 
-    from covid_keras import train
+    from covid_keras.training import trainer
 
     calls = []
     monkeypatch.setattr(subprocess, "run",
@@ -199,7 +199,7 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
     extra = {"classifier_dir": str(tmp_path / "shared")} if shared else {}
     cfg = config(classifier_flagfile="cls.cfg", overwrite=overwrite, **extra)
     with pytest.raises(RuntimeError):
-        train.classifier_stage(cfg, str(tmp_path / "run"))
+        trainer.classifier_stage(cfg, str(tmp_path / "run"))
     assert ("--overwrite" in calls[0]) == (overwrite and not shared)
     assert "--reuse" in calls[0]
 
@@ -207,8 +207,8 @@ def test_the_runs_own_stage_starts_again_with_its_overwrite_a_shared_one_never(
 def test_reuse_with_overwrite_replaces_a_finished_run_with_other_flags(tmp_path):
     """--reuse alone: a finished run with other flags is an error naming them; with
     --overwrite it is replaced (None: train as a new run); the same run is reused."""
-    from covid_keras import files
-    from covid_keras.train import TrainConfig, resolved_flags, reused_run
+    from covid_keras.core import files
+    from covid_keras.training.trainer import TrainConfig, resolved_flags, reused_run
     from tests.helpers import fake_manifest
 
     data = fake_manifest(tmp_path / "data")
@@ -235,7 +235,7 @@ def test_folds_refuse_a_shared_stage_on_their_own_data(tmp_path):
     patients. Other data is fine."""
     import shutil
 
-    from covid_keras.cross_validation import check_shared_stage_data
+    from covid_keras.training.cross_validation import check_shared_stage_data
     from tests.helpers import fake_manifest
 
     data = fake_manifest(tmp_path / "data")

@@ -1,4 +1,5 @@
-"""covid_keras.cli (flagfiles, one-line errors) and covid_keras.files (atomic, strict JSON)."""
+"""covid_keras.core.cli (flagfiles, one-line errors) and covid_keras.core.files (atomic,
+strict JSON)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_keras import cli, files
+from covid_keras.core import cli, files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,8 @@ import sys
 from absl import flags
 import {module} as m
 getattr(m, "define_flags", lambda: None)()
-from covid_keras import cli, recipes
+from covid_keras.core import cli
+from covid_keras.training import recipes
 bad = []
 for path in sys.argv[1:]:
     flags.FLAGS.unparse_flags()

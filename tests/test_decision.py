@@ -1,4 +1,4 @@
-"""covid_keras.decision: the Decision dataclass and decision.json, the rule in words, and
+"""covid_keras.evaluation.decision: the Decision dataclass and decision.json, the rule in words, and
 the one-way imports of the evaluation modules."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from covid_keras import decision as dec
+from covid_keras.evaluation import decision as dec
 
 
 def _file(tmp_path, **over):
@@ -67,8 +67,10 @@ def test_the_evaluation_modules_import_one_way():
     """decision, metrics and report never import evaluation (no cycle), and none of them
     imports TensorFlow."""
     code = ("import sys\n"
-            "import covid_keras.report, covid_keras.metrics, covid_keras.decision\n"
-            "bad = [m for m in ('covid_keras.evaluation', 'tensorflow') if m in sys.modules]\n"
+            "import covid_keras.evaluation.report, covid_keras.evaluation.metrics,"
+            " covid_keras.evaluation.decision\n"
+            "bad = [m for m in ('covid_keras.evaluation.evaluation', 'tensorflow')"
+            " if m in sys.modules]\n"
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 from data_prep import dicom_io, redact
 from data_prep.preprocess import PrepConfig
 from data_prep.study import (

@@ -18,7 +18,7 @@ import pytest
 from keras import ops
 
 from covid_keras import build_classifier, build_drenet, build_resnet50_five_class
-from covid_keras.drenet import OUTPUT_KEYS
+from covid_keras.model.drenet import OUTPUT_KEYS
 
 pytestmark = pytest.mark.model
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,8 @@ def test_code_variant():
 
 
 def test_boxes_are_anchors_in_input_pixels(paper_model):
-    from covid_keras.layers import anchor_boxes
-    from covid_keras.layers.anchors import PAPER_LEVELS
+    from covid_keras.model.layers import anchor_boxes
+    from covid_keras.model.layers.anchors import PAPER_LEVELS
 
     out = paper_model(_batch())
     anchors = anchor_boxes(SIZE, PAPER_LEVELS)
@@ -170,7 +170,7 @@ def test_saved_under_tensorflow_loads_under_jax(paper_model, tmp_path):
     np.save(tmp_path / "x.npy", x)
     expected = {k: np.asarray(v) for k, v in paper_model(x).items()}
     code = ("import numpy as np, keras, json, sys\n"
-            "import covid_keras.drenet\n"
+            "import covid_keras.model.drenet\n"
             f"m = keras.saving.load_model({str(tmp_path / 'drenet.keras')!r})\n"
             f"out = m(np.load({str(tmp_path / 'x.npy')!r}))\n"
             "np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})\n"
@@ -188,7 +188,7 @@ def test_saved_under_tensorflow_loads_under_jax(paper_model, tmp_path):
 @pytest.mark.parametrize("builder", ["drenet", "classifier"])
 def test_per_image_input_norm_makes_every_output_blind_to_brightness_and_contrast(
         builder, tmp_path):
-    from covid_keras.baselines import build_classifier
+    from covid_keras.model.baselines import build_classifier
 
     keras.utils.set_random_seed(2)
     if builder == "drenet":
@@ -227,7 +227,7 @@ def test_builder_arguments_fail_clearly():
 
 
 def test_backbone_weights_from_a_local_file(tmp_path):
-    from covid_keras.backbones import build_backbone
+    from covid_keras.model.backbones import build_backbone
 
     a = build_backbone("tiny")
     path = tmp_path / "tiny.weights.h5"
@@ -280,7 +280,7 @@ def _train_and_probe(seed: int = 0, epochs: int = 5, learning_rate: float = 3e-4
     one of them, and the histories."""
     from sklearn.metrics import roc_auc_score
 
-    from covid_keras.callbacks import _probe, head_health
+    from covid_keras.training.callbacks import _probe, head_health
 
     keras.utils.set_random_seed(seed)
     x, y = _learnable_slices(64, 64, seed)
@@ -336,7 +336,7 @@ def test_crops_and_generated_image_have_batch_norms_of_their_own():
 
 
 def test_bn_momentum_reaches_every_batch_norm_and_survives_saving(tmp_path):
-    from covid_keras.keras_private import all_layers
+    from covid_keras.model.keras_private import all_layers
 
     def momenta(m):
         return {lay.momentum for lay in all_layers(m)

@@ -1,4 +1,4 @@
-"""The ensemble model of ``train --folds`` (covid_keras.ensemble, layers/ensemble.py): its
+"""The ensemble model of ``train --folds`` (covid_keras.model.ensemble, layers/ensemble.py): its
 probability is the members' mean, its boxes one member's, and it reloads as one .keras file.
 Runs under TensorFlow and JAX (model marker)."""
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-from covid_keras import build_classifier, build_drenet, saving
-from covid_keras.ensemble import build_ensemble, members
-from covid_keras.layers.ensemble import FromAnsweringMember, MeanProbabilities
-from covid_keras.metrics import softmax
+from covid_keras import build_classifier, build_drenet
+from covid_keras.evaluation.metrics import softmax
+from covid_keras.model import saving
+from covid_keras.model.ensemble import build_ensemble, members
+from covid_keras.model.layers.ensemble import FromAnsweringMember, MeanProbabilities
 
 pytestmark = pytest.mark.model
 SIZE = 64

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from covid_keras import evaluation as ev
-from covid_keras import saving
+from covid_keras.evaluation import evaluation as ev
+from covid_keras.model import saving
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["non_covid", "covid"]
@@ -554,8 +554,8 @@ def lesion_images(rng, n, size=96):
 def test_gradcam_weighs_the_planted_lesion_over_the_background():
     import keras
 
-    from covid_keras.baselines import build_classifier
-    from covid_keras.gradcam import GradCAM
+    from covid_keras.evaluation.gradcam import GradCAM
+    from covid_keras.model.baselines import build_classifier
 
     rng = np.random.default_rng(0)
     x, y, _ = lesion_images(rng, 256)
@@ -575,8 +575,8 @@ def test_gradcam_weighs_the_planted_lesion_over_the_background():
 
 
 def test_gradcam_runs_on_drenet_over_the_image_backbone():
-    from covid_keras.drenet import build_drenet
-    from covid_keras.gradcam import GradCAM, conv_features, image_backbone
+    from covid_keras.evaluation.gradcam import GradCAM, conv_features, image_backbone
+    from covid_keras.model.drenet import build_drenet
 
     model = build_drenet(2, input_size=64, backbone="tiny")
     assert image_backbone(model).name == "tiny_backbone"
@@ -600,7 +600,7 @@ def write_dataset(root: Path, patients: dict, slices: int = 3, size: int = 64,
                   seed: int = 0) -> Path:
     """TFRecords like data_prep's: ``patients`` = split -> patients per class. COVID
     patients have a bright lesion. Sites: non_covid from "A"; covid from "A" and "B"."""
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     rng = np.random.default_rng(seed)
     import tensorflow as tf
@@ -650,8 +650,8 @@ def run_dir(dataset, tmp_path_factory):
     a tiny DRENet trained a few steps."""
     import keras
 
-    from covid_keras import data
-    from covid_keras.drenet import build_drenet
+    from covid_keras.io import data
+    from covid_keras.model.drenet import build_drenet
 
     run = tmp_path_factory.mktemp("run")
     keras.utils.set_random_seed(0)
@@ -668,7 +668,7 @@ def run_dir(dataset, tmp_path_factory):
 
 
 def test_split_predictor_keeps_the_pipelines_record_order(dataset):
-    from covid_keras import data
+    from covid_keras.io import data
 
     cfg = data.PipelineConfig(input_size=64, backbone="tiny")
     sp = ev.SplitPredictor(str(dataset), "test", 3, cfg, num_display=2)
@@ -704,7 +704,7 @@ def test_evaluate_command_on_a_run_folder(run_dir, dataset, tmp_path, commands):
     # The threshold is the val split's choice, reproduced from val's predictions.
     import keras  # noqa: F401
 
-    from covid_keras import data
+    from covid_keras.io import data
 
     model = ev.load_model(str(run_dir / "best.keras"))
     cfg = data.PipelineConfig.for_model(saving.model_spec(model))
@@ -728,7 +728,7 @@ def test_evaluating_the_threshold_split_warns_in_the_report(run_dir, dataset, tm
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     model = ev.load_model(str(run / "best.keras"))
-    from covid_keras import data
+    from covid_keras.io import data
 
     cfg = data.PipelineConfig.for_model(saving.model_spec(model))
     ev.write_decision(str(run), ev.SplitPredictor(str(dataset), "val", 4, cfg).predictions(
@@ -747,7 +747,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def synthetic_report(out: Path) -> Path:
-    from covid_keras import report
+    from covid_keras.evaluation import report
 
     rng = np.random.default_rng(12)
     preds = make_preds(rng, patients=10, sites=["A"] * 5 + ["B"] * 5)
@@ -916,7 +916,7 @@ def test_evaluate_reads_a_run_folder_written_by_train(dataset, tmp_path, command
 
 
 def test_compare_names_runs_by_experiment_and_seed():
-    from covid_keras.evaluate import run_name
+    from covid_keras.evaluation.evaluation import run_name
 
     taken: set = set()
     names = []
@@ -929,8 +929,8 @@ def test_compare_names_runs_by_experiment_and_seed():
 def test_split_predictor_predicts_every_record_once_with_a_partial_batch(dataset):
     import keras
 
-    from covid_keras import data
-    from covid_keras.baselines import build_classifier
+    from covid_keras.io import data
+    from covid_keras.model.baselines import build_classifier
 
     keras.utils.set_random_seed(0)
     model = build_classifier("tiny", 2, 64)

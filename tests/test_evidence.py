@@ -29,7 +29,7 @@ class _BoxModel:
 
 
 def _signatures(**prep):
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.serving.serving_signatures import Signatures
 
     info = {"input_size": SIZE, "backbone": "tiny", "class_names": CLASSES}
     if prep:
@@ -86,7 +86,7 @@ def test_predict_study_flags_slices_and_studies_without_lung(graph):
 
 
 def test_serving_default_says_it_does_not_check_for_lung():
-    from covid_keras import serving_signatures
+    from covid_keras.serving import serving_signatures
 
     doc = " ".join(serving_signatures.__doc__.split())
     assert "``serving_default`` and ``predict_images`` do not check that a slice shows " \
@@ -112,7 +112,7 @@ def records(tmp_path_factory):
     """Two patients' slices with a disk-shaped lung mask (64 px)."""
     import tensorflow as tf
 
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     root = tmp_path_factory.mktemp("evidence") / "tfrecords"
     root.mkdir()
@@ -136,8 +136,8 @@ def records(tmp_path_factory):
 
 def test_evaluation_predictions_clip_boxes(records):
     """slices.csv, the report and TensorBoard read these predictions."""
-    from covid_keras import data
-    from covid_keras.evaluation import SplitPredictor
+    from covid_keras.evaluation.evaluation import SplitPredictor
+    from covid_keras.io import data
 
     predictor = SplitPredictor(str(records), "test", 2, data.PipelineConfig(input_size=64,
                                                                              backbone="tiny"))
@@ -155,9 +155,11 @@ def test_report_draws_the_lung_outline_with_the_boxes(records, tmp_path):
     import keras
     from PIL import Image
 
-    from covid_keras import data, report, saving
-    from covid_keras import evaluation as ev
-    from covid_keras.drenet import build_drenet
+    from covid_keras.evaluation import evaluation as ev
+    from covid_keras.evaluation import report
+    from covid_keras.io import data
+    from covid_keras.model import saving
+    from covid_keras.model.drenet import build_drenet
 
     keras.utils.set_random_seed(0)
     model = build_drenet(2, input_size=64, backbone="tiny")
@@ -186,7 +188,7 @@ def test_report_draws_the_lung_outline_with_the_boxes(records, tmp_path):
 def test_predict_evidence_png_draws_the_lung_outline_and_clips_boxes():
     import cv2
 
-    from covid_keras.predict import LUNG_OUTLINE_RGB, evidence_png
+    from covid_keras.serving.predictor import LUNG_OUTLINE_RGB, evidence_png
 
     image = np.repeat(((disk() > 0) * 100).astype(np.uint8)[..., None], 3, axis=-1)
     boxes = np.array([[-2.29, -5.0, 30.0, 80.0]])
@@ -200,7 +202,7 @@ def test_predict_evidence_png_draws_the_lung_outline_and_clips_boxes():
 
 
 def test_predict_no_lung_warning_names_the_slices():
-    from covid_keras.predict import _no_lung_warnings, warning_lines
+    from covid_keras.serving.predictor import _no_lung_warnings, warning_lines
 
     assert _no_lung_warnings([False, False], 0.05) == []
     some = _no_lung_warnings([False, True, True], 0.05)

@@ -37,7 +37,8 @@ def _model_input(model, images):
     without its own normalisation layer, as every model saved before it)."""
     import tensorflow as tf
 
-    from covid_keras import data, saving
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     cfg = data.PipelineConfig.for_model(saving.model_spec(model))
     return data.model_input(tf.constant(images), cfg)
@@ -77,7 +78,7 @@ def _formats(rng, h=SIZE, w=SIZE):
 def test_in_graph_grey_equals_data_prep_read_grey(tmp_path):
     import tensorflow as tf
 
-    from covid_keras import serving_signatures as sig
+    from covid_keras.serving import serving_signatures as sig
     from data_prep import slice_images
 
     for name, data in _formats(np.random.default_rng(1), 37, 53).items():
@@ -96,7 +97,7 @@ def test_pad_and_resize_follow_data_prep(shape):
     to OpenCV (data_prep's resizer) within one grey level."""
     import tensorflow as tf
 
-    from covid_keras import serving_signatures as sig
+    from covid_keras.serving import serving_signatures as sig
 
     rng = np.random.default_rng(2)
     img = cv2.GaussianBlur(rng.integers(0, 256, shape).astype(np.uint8), (5, 5), 1.5)
@@ -115,8 +116,8 @@ def test_pad_and_resize_follow_data_prep(shape):
 def test_record_png_decodes_as_the_input_pipeline():
     import tensorflow as tf
 
-    from covid_keras import data
-    from covid_keras import serving_signatures as sig
+    from covid_keras.io import data
+    from covid_keras.serving import serving_signatures as sig
     from data_prep.study import encode_png
 
     img = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 1)).astype(np.uint8)
@@ -144,7 +145,7 @@ def _study(classes, decision, probs, graph=False):
     """predict_study's outputs for one study whose slices have ``probs``."""
     import tensorflow as tf
 
-    from covid_keras.serving_signatures import Signatures
+    from covid_keras.serving.serving_signatures import Signatures
 
     sigs = Signatures(_FixedProbs(probs), {"input_size": 8, "backbone": "tiny",
                                            "class_names": classes}, decision)
@@ -157,7 +158,7 @@ def _study(classes, decision, probs, graph=False):
 
 def _evaluated(classes, decision, probs):
     """evaluation's patient decision (patients.csv) for one patient with ``probs``."""
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     n = len(probs)
     preds = evaluation.Predictions(list(classes), np.zeros(n, int), np.asarray(probs),
@@ -180,7 +181,7 @@ def test_predict_study_decides_as_evaluation_and_decide_patient():
     and traced), evaluation's patient decision and decide_patient agree, on hand-made
     studies and on random ones (2 to 5 classes, both rules, with and without a normal
     class, old decision files without the field)."""
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     old = {"rule": "any", "threshold": 0.5, "positive_class": "covid"}  # no normal_class
     for probs, want in SEED004_CASES:
@@ -233,7 +234,7 @@ def exported(tmp_path_factory, commands):
     """{kind: (run_dir, version_dir)}: DRENet paper (decision 'any'), DRENet code (no
     decision.json; with the per-image input normalisation layer), classifier (decision
     'mean'), exported through the CLI for the first."""
-    from covid_keras import export
+    from covid_keras.serving import exporter
 
     root = tmp_path_factory.mktemp("export")
     data_dir = fake_manifest(root / "tfrecords")
@@ -254,9 +255,9 @@ def exported(tmp_path_factory, commands):
     assert "exported drenet version 1" in proc.stdout
     out = {"drenet": (runs["drenet"], base / "drenet" / "1")}
     for kind in ("drenet_code", "classifier"):
-        model, info, decision = export.load_run(str(runs[kind]))
-        out[kind] = (runs[kind], Path(export.export_model(model, info, decision, str(base),
-                                                          kind)))
+        model, info, decision = exporter.load_run(str(runs[kind]))
+        out[kind] = (runs[kind], Path(exporter.export_model(model, info, decision, str(base),
+                                                            kind)))
     return out
 
 
@@ -299,8 +300,8 @@ np.savez(args["out"], **result)
 def test_round_trip_in_a_fresh_process(exported, tmp_path):
     """Every signature of every export, loaded in a fresh process, equals the in-memory
     Keras model (<= 1e-4); predict_study equals evaluation.aggregate + decide."""
-    from covid_keras import evaluation, gradcam
-    from covid_keras.saving import load_model
+    from covid_keras.evaluation import evaluation, gradcam
+    from covid_keras.model.saving import load_model
 
     images = _images()
     rng = np.random.default_rng(5)
@@ -383,7 +384,8 @@ def test_round_trip_in_a_fresh_process(exported, tmp_path):
 
 @pytest.mark.slow
 def test_assets_extra_and_versions(exported, tmp_path):
-    from covid_keras import __version__, export
+    from covid_keras import __version__
+    from covid_keras.serving import exporter
 
     run_dir, export_dir = exported["drenet"]
     extra = export_dir / "assets.extra"
@@ -407,31 +409,31 @@ def test_assets_extra_and_versions(exported, tmp_path):
     assert any("no decision.json" in w for w in code["warnings"])
     assert any("manifest.json is not readable" in w for w in code["warnings"])
     # the next version without --version; an explicit existing one is refused
-    model, info, decision = export.load_run(str(run_dir))
+    model, info, decision = exporter.load_run(str(run_dir))
     base = export_dir.parent.parent
-    assert export.export_model(model, info, decision, str(base), "drenet").endswith(
+    assert exporter.export_model(model, info, decision, str(base), "drenet").endswith(
         os.sep + "2")
     with pytest.raises(ValueError, match="already exists"):
-        export.export_model(model, info, decision, str(base), "drenet", version=1)
-    assert export.versions(str(base / "drenet")) == [1, 2]
+        exporter.export_model(model, info, decision, str(base), "drenet", version=1)
+    assert exporter.versions(str(base / "drenet")) == [1, 2]
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
     """A failure while writing leaves neither the version folder nor the staging folder."""
-    from covid_keras import export
+    from covid_keras.serving import exporter
 
     run = make_run(tmp_path / "run", "classifier", None)
-    model, info, decision = export.load_run(str(run))
+    model, info, decision = exporter.load_run(str(run))
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "warmup_records", boom)
+    monkeypatch.setattr(exporter, "warmup_records", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export_model(model, info, decision, str(tmp_path / "base"), "clf")
+        exporter.export_model(model, info, decision, str(tmp_path / "base"), "clf")
     assert os.listdir(tmp_path / "base" / "clf") == []
     monkeypatch.undo()
-    path = export.export_model(model, info, decision, str(tmp_path / "base"), "clf")
+    path = exporter.export_model(model, info, decision, str(tmp_path / "base"), "clf")
     assert sorted(os.listdir(tmp_path / "base" / "clf")) == ["1"]
     assert (Path(path) / "saved_model.pb").is_file()
     assert (Path(path) / "variables").is_dir()
@@ -454,10 +456,10 @@ def test_predict_requests_and_rest_bodies_map_onto_the_signatures(exported):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     _, export_dir = exported["drenet"]
-    servable = serve.Servable("drenet", 1, str(export_dir))
+    servable = model_server.Servable("drenet", 1, str(export_dir))
     images = _images(2)
     png = [_png(images[i, ..., 0].astype(np.uint8)) for i in range(2)]
     direct = {k: v.numpy() for k, v in servable.signatures["serving_default"](
@@ -485,8 +487,8 @@ def test_predict_requests_and_rest_bodies_map_onto_the_signatures(exported):
     ]
     for body, sig in bodies:
         body = json.loads(json.dumps(body))  # as it arrives over HTTP
-        inputs, rows = serve.parse_predict_body(body, sorted(servable.input_specs(sig)))
-        resp = serve.format_predict_response(servable.run(sig, inputs), rows)
+        inputs, rows = model_server.parse_predict_body(body, sorted(servable.input_specs(sig)))
+        resp = model_server.format_predict_response(servable.run(sig, inputs), rows)
         if rows:
             got = np.array([p["probabilities"] for p in resp["predictions"]])
             boxes = np.array([p["boxes"] for p in resp["predictions"]])
@@ -500,38 +502,38 @@ def test_predict_requests_and_rest_bodies_map_onto_the_signatures(exported):
                     {"images": images[i].tolist(), "class_index": i} for i in range(2)]},
                  {"signature_name": "gradcam", "inputs": {
                      "images": images.tolist(), "class_index": [0, 1]}}):
-        inputs, rows = serve.parse_predict_body(body, ["class_index", "images"])
-        resp = serve.format_predict_response(servable.run("gradcam", inputs), rows)
+        inputs, rows = model_server.parse_predict_body(body, ["class_index", "images"])
+        resp = model_server.format_predict_response(servable.run("gradcam", inputs), rows)
         heat = np.array(resp["predictions"] if rows else resp["outputs"])
         assert heat.shape == (2, SIZE, SIZE)
     # predict_study: the columnar form (its outputs are per study, not per instance)
-    inputs, rows = serve.parse_predict_body({"inputs": {"images": images.tolist()}},
-                                            ["images"])
-    resp = serve.format_predict_response(servable.run("predict_study", inputs), rows)
+    inputs, rows = model_server.parse_predict_body({"inputs": {"images": images.tolist()}},
+                                                   ["images"])
+    resp = model_server.format_predict_response(servable.run("predict_study", inputs), rows)
     assert resp["outputs"]["class_names"] == CLASSES3
     assert resp["outputs"]["decision_name"] in CLASSES3
-    with pytest.raises(serve.ServingError, match="columnar"):
-        serve.format_predict_response(servable.run("predict_study", inputs), True)
+    with pytest.raises(model_server.ServingError, match="columnar"):
+        model_server.format_predict_response(servable.run("predict_study", inputs), True)
     # malformed bodies
     for body, msg in (({"instances": [], }, "non-empty"), ({}, "exactly one"),
                       ({"instances": [1], "inputs": [1]}, "exactly one"),
                       ({"instances": [{"b64": "!!"}]}, "base64"),
                       ({"instances": [[1, 2], [3]]}, "ragged"),
                       ({"instances": [1], "extra": 1}, "unknown request keys")):
-        with pytest.raises(serve.ServingError, match=msg):
-            serve.parse_predict_body(body, ["images"])
+        with pytest.raises(model_server.ServingError, match=msg):
+            model_server.parse_predict_body(body, ["images"])
     for inputs, msg in (({"images": np.zeros((1, 8, 8, 3))}, "expected shape"),
                         ({"imagez": np.zeros((1, SIZE, SIZE, 3))}, "missing"),
                         ({"images": np.array([b"x"], dtype=object)}, "expected float32")):
-        with pytest.raises(serve.ServingError, match=msg):
+        with pytest.raises(model_server.ServingError, match=msg):
             servable.run("serving_default", inputs)
-    with pytest.raises(serve.ServingError, match="not a PNG or JPEG"):
+    with pytest.raises(model_server.ServingError, match="not a PNG or JPEG"):
         servable.run("predict_images", {"image_bytes": np.array([b"nope"], dtype=object)})
     # the check must run before the model: without a control dependency the graph ran an
     # op that failed on the empty batch first in about 7 calls in 100 ("Incompatible
     # shapes"), so one call would pass by luck
     for _ in range(50):
-        with pytest.raises(serve.ServingError, match="at least one slice"):
+        with pytest.raises(model_server.ServingError, match="at least one slice"):
             servable.run("predict_study", {"images": np.zeros((0, SIZE, SIZE, 3),
                                                               np.float32)})
 
@@ -539,7 +541,7 @@ def test_predict_requests_and_rest_bodies_map_onto_the_signatures(exported):
 def test_export_keeps_the_decisions_normal_class_null_included(tmp_path):
     # decision_of carries normal_class into the export (covid_keras.json and predict_study):
     # an explicit null (the old any rule) must not be re-inferred as "normal".
-    from covid_keras import export
+    from covid_keras.serving import exporter
 
     run = tmp_path / "run"
     run.mkdir()
@@ -547,10 +549,10 @@ def test_export_keeps_the_decisions_normal_class_null_included(tmp_path):
             "split": "val"}
     for stored, want in ((None, None), ("normal", "normal")):
         (run / "decision.json").write_text(json.dumps(dict(base, normal_class=stored)))
-        decision, _ = export.decision_of(str(run), list(CLASSES3))
+        decision, _ = exporter.decision_of(str(run), list(CLASSES3))
         assert "normal_class" in decision and decision["normal_class"] == want
     (run / "decision.json").write_text(json.dumps(base))  # written before the field
-    decision, _ = export.decision_of(str(run), list(CLASSES3))
+    decision, _ = exporter.decision_of(str(run), list(CLASSES3))
     assert decision["normal_class"] == "normal"
     probs, answer = SEED004_CASES[0]
     old_rule = _study(CLASSES3, dict(base, normal_class=None), probs)

@@ -28,13 +28,13 @@ def data_dir(tiny_dataset):
 
 
 def _patients(data_dir, split) -> dict:
-    from covid_keras import folds
+    from covid_keras.training import folds
 
     return folds.patient_table(str(data_dir), [split])
 
 
 def test_folds_cover_every_training_patient_once_and_no_held_out_one(data_dir):
-    from covid_keras import folds
+    from covid_keras.training import folds
 
     table = folds.patient_table(str(data_dir), ["train", "val"])
     held_out = _patients(data_dir, "test")
@@ -57,7 +57,9 @@ def test_folds_cover_every_training_patient_once_and_no_held_out_one(data_dir):
 
 def test_a_fold_data_folder_splits_by_patient_and_keeps_the_held_out_split(data_dir,
                                                                           tmp_path):
-    from covid_keras import data, files, folds
+    from covid_keras.core import files
+    from covid_keras.io import data
+    from covid_keras.training import folds
 
     table = folds.patient_table(str(data_dir), ["train", "val"])
     doc = folds.folds_document(folds.assign_folds(table, 3, seed=0), 3, 0, str(data_dir),
@@ -85,7 +87,7 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
     """Two workers of one fold (--strategy=multi_worker) write its data folder at once: the
     one that finds the folder made while it wrote keeps it (the other worker may be reading
     it) and drops its own copy; a folder made from other folds is replaced."""
-    from covid_keras import folds
+    from covid_keras.training import folds
 
     table = folds.patient_table(str(data_dir), ["train", "val"])
     doc = folds.folds_document(folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir),
@@ -160,9 +162,10 @@ def cv_run(data_dir, tmp_path_factory, commands):
 
 
 def test_folds_train_each_fold_and_the_ensemble_is_their_mean(cv_run, data_dir):
-    from covid_keras import data, saving
-    from covid_keras.ensemble import members
-    from covid_keras.evaluation import SplitPredictor
+    from covid_keras.evaluation.evaluation import SplitPredictor
+    from covid_keras.io import data
+    from covid_keras.model import saving
+    from covid_keras.model.ensemble import members
 
     run, proc = cv_run
     assert "ensemble of 3 folds" in proc.stdout
@@ -200,8 +203,9 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
     """Each training slice's probability in the out-of-fold table is the one of the fold
     model that did not train on it. A planted check: for every patient, the members that
     trained on it give other probabilities, so a decision made from them would differ."""
-    from covid_keras import data, saving
-    from covid_keras.evaluation import SplitPredictor
+    from covid_keras.evaluation.evaluation import SplitPredictor
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     run, _ = cv_run
     doc = json.loads((run / "folds.json").read_text())
@@ -282,8 +286,8 @@ def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tm
     assert (run / "folds.json").read_text() == folds
     assert os.path.getmtime(run / "fold_0" / "final.keras") == fold_0
 
-    from covid_keras import saving
-    from covid_keras.ensemble import members
+    from covid_keras.model import saving
+    from covid_keras.model.ensemble import members
 
     model = saving.load_model(str(run / "best.keras"), compile=False)
     assert [m.name for m in members(model)] == ["member_0", "member_1"]
@@ -302,8 +306,9 @@ np.save(sys.argv[3], out["probabilities"].numpy())
 
 def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, data_dir,
                                                                        commands, tmp_path):
-    from covid_keras import data, saving
-    from covid_keras.evaluation import SplitPredictor
+    from covid_keras.evaluation.evaluation import SplitPredictor
+    from covid_keras.io import data
+    from covid_keras.model import saving
 
     run, _ = cv_run
     proc = commands.run("covid_keras.export", f"--run_dir={run}",
@@ -326,14 +331,15 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
                                    compile=False).predict(x, verbose=0)["logits"])
         for k in range(3)], axis=0)
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), mean, atol=1e-5)
-    from covid_keras import web  # the page's model card names the ensemble and its spread
+    # the page's model card names the ensemble and its spread
+    from covid_keras.serving import web_app
 
-    card = web.card_html(web.model_card(info, {"kind": "export"}))
+    card = web_app.card_html(web_app.model_card(info, {"kind": "export"}))
     assert "3 fold models" in card and "heat maps the mean of the members" in card
 
 
 def _softmax(logits):
-    from covid_keras.metrics import softmax
+    from covid_keras.evaluation.metrics import softmax
 
     return softmax(np.asarray(logits, np.float64))
 
@@ -345,8 +351,8 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
     and removes the ensemble it made stale."""
     import types
 
-    from covid_keras import cross_validation, train
-    from covid_keras.run_dir import RunDir
+    from covid_keras.io.run_dir import RunDir
+    from covid_keras.training import cross_validation, trainer
 
     trained = []
 
@@ -358,11 +364,11 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
         Path(cfg.run_dir, "final.keras").write_text("stand-in")
         return {}
 
-    mod = types.SimpleNamespace(**{n: getattr(train, n) for n in dir(train)
+    mod = types.SimpleNamespace(**{n: getattr(trainer, n) for n in dir(trainer)
                                    if not n.startswith("__")})
     mod.train = fake_train
-    cfg = train.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
-                            backbone="tiny", input_size=64, batch_size=2)
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
+                              backbone="tiny", input_size=64, batch_size=2)
     cross_validation.cross_validate(cfg.replace(fold=1), mod)
     cross_validation.cross_validate(cfg.replace(fold=1), mod)  # finished: reused
     assert trained == [1]

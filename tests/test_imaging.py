@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from covid_keras.imaging import grey_to_hu, parse_windows, unit_to_u8, window_hu
+from covid_keras.core.imaging import grey_to_hu, parse_windows, unit_to_u8, window_hu
 
 
 def test_window_hu_numpy_values():
@@ -38,7 +38,7 @@ def test_parse_windows():
 def test_brightness_jitter_is_multiplicative_and_keeps_the_background_black():
     import tensorflow as tf
 
-    from covid_keras.data import BRIGHTNESS_RANGE, augment
+    from covid_keras.io.data import BRIGHTNESS_RANGE, augment
 
     img = np.zeros((16, 16, 1), np.uint8)
     img[4:12, 4:12] = 200
@@ -55,7 +55,7 @@ def test_additive_brightness_jitter_greys_the_background_and_is_refused_by_name(
     # The earlier recipe, kept to measure the change (--brightness_jitter=additive).
     import tensorflow as tf
 
-    from covid_keras.data import augment
+    from covid_keras.io.data import augment
 
     img = np.zeros((16, 16, 1), np.uint8)
     img[4:12, 4:12] = 200
@@ -69,7 +69,7 @@ def test_additive_brightness_jitter_greys_the_background_and_is_refused_by_name(
 def _augment_many(img, n=24, **kwargs):
     import tensorflow as tf
 
-    from covid_keras.data import augment
+    from covid_keras.io.data import augment
 
     return [augment(tf.constant(img), tf.constant([5, i], tf.int64), **kwargs).numpy()
             for i in range(n)]
@@ -83,7 +83,7 @@ def test_zoom_and_gamma_jitter_are_off_by_default_and_leave_its_draws_alone():
     assert sum(not np.array_equal(a, b) for a, b in zip(plain, on)) == len(on)
     import tensorflow as tf
 
-    from covid_keras.data import augment
+    from covid_keras.io.data import augment
     for bad in ({"zoom": 1.0}, {"zoom": -0.1}, {"gamma": -0.5}):
         with pytest.raises(ValueError, match="Received"):
             augment(tf.constant(img), tf.constant([5, 0], tf.int64), **bad)

@@ -1,6 +1,6 @@
 """The import graph of covid_keras and data_prep, read statically (``ast``, nothing is
-imported): no cycle, model code imports nothing above it and no TensorFlow, and data_prep
-uses only a fixed list of covid_keras's core modules (issue 28 item 7)."""
+imported): covid_keras is wings that import only downward (issue 28 item 7), no cycle,
+model code imports no TensorFlow, and data_prep uses only covid_keras's core wing."""
 
 from __future__ import annotations
 
@@ -13,27 +13,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("covid_keras", "data_prep")
 
-#: The model code: pure Keras 3, loadable without the trainer, evaluation or serving.
-MODEL_CODE = ("covid_keras.drenet", "covid_keras.baselines", "covid_keras.backbones",
-              "covid_keras.losses", "covid_keras.ensemble", "covid_keras.layers")
-#: What model code never imports: training, evaluation, serving and the commands.
-ABOVE_MODEL = tuple(f"covid_keras.{name}" for name in (
-    "train", "recipes", "callbacks", "distributed", "evaluation", "evaluate", "export",
-    "serve", "web", "predict", "pretrain", "cross_validation", "metrics", "report",
-    "decision"))
-#: The commands (``python -m covid_keras.X``): the top; they may import one another.
+#: covid_keras's wings (``covid_keras/<wing>/``), bottom to top: a module imports (at
+#: module level or in a function) only its own wing and lower ranks. training and serving
+#: share a rank: neither imports the other. The evaluation wing sits below training: the
+#: trainer validates, chooses its checkpoint and decision with evaluation's code.
+WING_RANK = {"core": 0, "model": 1, "io": 2, "evaluation": 3, "training": 4, "serving": 4}
+#: The commands (``python -m covid_keras.X``): the top, above every wing, thin (their flags
+#: and ``main``). Nothing imports a command, another command included: what two commands
+#: share (web and predict: the predictor; serve and predict: the exporter's versions)
+#: lives in a wing.
 COMMANDS = tuple(f"covid_keras.{name}" for name in (
     "train", "evaluate", "export", "serve", "predict", "web", "pretrain"))
-#: The covid_keras modules data_prep imports (module or function level), exactly those of
-#: today. This list may only shrink: never add to it; a module data_prep needs belongs
-#: in this core (issue 28 item 7: ``core/``, the only part of covid_keras data_prep uses).
-DATA_PREP_MAY_IMPORT = frozenset({
-    "covid_keras.cli",
-    "covid_keras.files",
-    "covid_keras.imaging",
-    "covid_keras.provenance",
-    "covid_keras.schema",
-})
+COMMAND_RANK = max(WING_RANK.values()) + 1
+#: The model code: pure Keras 3 (no TensorFlow), loadable without the wings above it.
+MODEL_CODE = tuple(f"covid_keras.model.{name}" for name in (
+    "drenet", "baselines", "backbones", "losses", "ensemble", "layers", "optimizers"))
+#: What model code never loads: the wings above the model wing and the commands.
+ABOVE_MODEL = tuple(f"covid_keras.{wing}" for wing, rank in WING_RANK.items()
+                    if rank > WING_RANK["model"]) + COMMANDS
+#: data_prep imports (module or function level) only the core wing of covid_keras...
+DATA_PREP_MAY_IMPORT = ("covid_keras.core",)
+#: ... and only the serving wing imports data_prep (the preparation settings a study is
+#: prepared with at prediction time; the commands are thin and import none of it).
+DATA_PREP_IMPORTED_BY = ("covid_keras.serving",)
 
 
 @dataclass(frozen=True)
@@ -188,17 +190,71 @@ def upward_imports(imports: list[Import], sources, forbidden) -> list[Import]:
 
 
 def imports_outside(imports: list[Import], sources, package: str, allowed) -> list[Import]:
-    """The imports from ``sources`` into ``package`` that are not in ``allowed``."""
+    """The imports from ``sources`` into ``package`` that are not within ``allowed``."""
     return [imp for imp in imports
             if any(is_within(imp.source, s) for s in sources)
-            and is_within(imp.target, package) and imp.target not in allowed]
+            and is_within(imp.target, package)
+            and not any(is_within(imp.target, a) for a in allowed)]
 
 
-def library_imports_of_commands(imports: list[Import], modules: set[str]) -> list[Import]:
-    """The imports of a command by a covid_keras module that is not one."""
-    library = {m for m in modules if is_within(m, "covid_keras") and m not in COMMANDS}
+def wing_of(module: str) -> str | None:
+    """``module``'s wing (``covid_keras.<wing>...``), ``"commands"`` for a command, None for
+    the package ``covid_keras`` itself and for anything outside covid_keras."""
+    if module in COMMANDS:
+        return "commands"
+    parts = module.split(".")
+    if parts[0] != "covid_keras" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in WING_RANK else "?"
+
+
+def data_prep_imports_below_serving(imports: list[Import]) -> list[Import]:
+    """The imports of data_prep by a covid_keras module outside DATA_PREP_IMPORTED_BY."""
     return [imp for imp in imports
-            if imp.source in library and any(is_within(imp.target, c) for c in COMMANDS)]
+            if is_within(imp.source, "covid_keras")
+            and not any(is_within(imp.source, w) for w in DATA_PREP_IMPORTED_BY)
+            and is_within(imp.target, "data_prep")]
+
+
+def rank_of(wing: str) -> int:
+    return COMMAND_RANK if wing == "commands" else WING_RANK[wing]
+
+
+def upward_wing_imports(imports: list[Import], modules: set[str]) -> list[Import]:
+    """The imports (module or function level) between covid_keras modules that do not point
+    down the wings: into a higher rank, into another wing of the same rank, or from a
+    command into another command (the commands are not a wing: each stands alone)."""
+    out = []
+    for imp in imports:
+        src, dst = wing_of(imp.source), wing_of(imp.target)
+        if src in (None, "?") or dst in (None, "?") or imp.target not in modules:
+            continue
+        if src == dst and (src != "commands" or imp.target == imp.source):
+            continue
+        if rank_of(dst) >= rank_of(src):
+            out.append(imp)
+    return out
+
+
+def imports_of_commands(imports: list[Import], modules: set[str]) -> list[Import]:
+    """The imports of a command by a covid_keras module: a library module or another
+    command."""
+    inside = {m for m in modules if is_within(m, "covid_keras")}
+    return [imp for imp in imports
+            if imp.source in inside and imp.target != imp.source
+            and any(is_within(imp.target, c) for c in COMMANDS)]
+
+
+def command_library_code(files: dict[str, Path]) -> list[str]:
+    """What a command defines beyond its flags and ``main``: a class (library code lives in
+    a wing; a command's functions are its flags, ``main`` and glue that reads the flags)."""
+    out = []
+    for name, path in files.items():
+        if name in COMMANDS:
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.ClassDef):
+                    out.append(f"{name}.{node.name} (line {node.lineno})")
+    return out
 
 
 # ------------------------------------------------------------------------- the rules
@@ -212,13 +268,34 @@ def test_the_graph_is_read(graph):
     """The walk sees the packages and their imports (a walk that reads nothing passes
     every rule)."""
     modules, imports = graph
-    assert {"covid_keras.drenet", "covid_keras.layers.topk", "data_prep.phantom.cli",
-            "data_prep.build_tfrecords", "covid_keras.layers", "data_prep"} <= modules
+    assert {"covid_keras.model.drenet", "covid_keras.model.layers.topk",
+            "data_prep.phantom.cli", "data_prep.build_tfrecords", "covid_keras.model.layers",
+            "data_prep", *COMMANDS} <= modules
     targets = {(imp.source, imp.target) for imp in imports}
-    # the package re-exports its layers; run_dir imports `files` (from covid_keras import x)
-    assert ("covid_keras.layers", "covid_keras.layers.topk") in targets
-    assert ("covid_keras.run_dir", "covid_keras.files") in targets
+    # the package re-exports its layers; run_dir imports `files` (from covid_keras.x import y)
+    assert ("covid_keras.model.layers", "covid_keras.model.layers.topk") in targets
+    assert ("covid_keras.io.run_dir", "covid_keras.core.files") in targets
     assert any(not imp.module_level for imp in imports)  # function-level imports are read
+
+
+def test_every_module_is_in_a_wing_or_a_command(graph):
+    """covid_keras's top holds the commands only (and the package's lazy names); every
+    library module lives in a wing of WING_RANK."""
+    modules, _ = graph
+    loose = sorted(m for m in modules if is_within(m, "covid_keras")
+                   and wing_of(m) in (None, "?") and m != "covid_keras")
+    assert not loose, f"covid_keras modules outside the wings and the commands: {loose}"
+    assert {wing_of(m) for m in modules} >= set(WING_RANK) | {"commands"}
+
+
+def test_the_wings_import_only_downward(graph):
+    """core < model < io < evaluation < training, serving < the commands: no import
+    (module or function level) points up or sideways."""
+    modules, imports = graph
+    bad = upward_wing_imports(imports, modules)
+    assert not bad, ("imports that do not point down the wings (core < model < io < "
+                     "evaluation < training, serving < commands):\n"
+                     + "\n".join(map(str, bad)))
 
 
 def test_no_import_cycle(graph):
@@ -262,24 +339,34 @@ def test_importing_model_code_loads_nothing_above_it(graph):
                      "or TensorFlow:\n" + "\n".join(f"{m}: {chain}" for m, chain in bad.items()))
 
 
-def test_no_library_module_imports_a_command(graph):
-    """The commands are the top: a library module never imports one (cross_validation
-    gets the trainer as an argument)."""
+def test_nothing_imports_a_command(graph):
+    """The commands are the top and thin: neither a library module (cross_validation gets
+    the trainer as an argument) nor another command imports one; what two commands share
+    comes from a wing."""
     modules, imports = graph
-    bad = library_imports_of_commands(imports, modules)
-    assert not bad, "a library module imports a command:\n" + "\n".join(map(str, bad))
+    bad = imports_of_commands(imports, modules)
+    assert not bad, "a module imports a command:\n" + "\n".join(map(str, bad))
+
+
+def test_the_commands_hold_no_library_classes():
+    bad = command_library_code(module_files())
+    assert not bad, "a command defines a class (its place is a wing):\n" + "\n".join(bad)
 
 
 def test_data_prep_imports_only_core(graph):
     _, imports = graph
     bad = imports_outside(imports, ("data_prep",), "covid_keras", DATA_PREP_MAY_IMPORT)
-    assert not bad, ("data_prep imports covid_keras modules outside DATA_PREP_MAY_IMPORT:\n"
+    assert not bad, ("data_prep imports covid_keras modules outside the core wing:\n"
                      + "\n".join(map(str, bad)))
     used = {imp.target for imp in imports
             if is_within(imp.source, "data_prep") and is_within(imp.target, "covid_keras")}
-    assert used == DATA_PREP_MAY_IMPORT, (
-        f"DATA_PREP_MAY_IMPORT lists modules data_prep no longer imports: "
-        f"{sorted(DATA_PREP_MAY_IMPORT - used)}; take them off the list")
+    assert used, "data_prep imports nothing of covid_keras: is the walk reading it?"
+
+
+def test_only_serving_imports_data_prep(graph):
+    _, imports = graph
+    bad = data_prep_imports_below_serving(imports)
+    assert not bad, ("a wing below serving imports data_prep:\n" + "\n".join(map(str, bad)))
 
 
 # ------------------------------------------------------------------------- self-test
@@ -300,49 +387,85 @@ def _synthetic(tmp_path: Path, sources: dict[str, str]) -> tuple[set[str], list[
 def test_the_checks_catch_a_broken_rule(tmp_path):
     modules, imports = _synthetic(tmp_path, {
         # a cycle through `from pkg import module`, a relative import and `import a.b as c`
-        "covid_keras.alpha": "from covid_keras import beta\n",
-        "covid_keras.beta": "from . import gamma\n",
-        "covid_keras.gamma": "import covid_keras.alpha as a\n",
+        "covid_keras.core.alpha": "from covid_keras.core import beta\n",
+        "covid_keras.core.beta": "from . import gamma\n",
+        "covid_keras.core.gamma": "import covid_keras.core.alpha as a\n",
         # a function-level import closes no cycle and loads nothing at import, but is an
         # upward import
-        "covid_keras.drenet": ("import keras\n\ndef f():\n"
-                               "    from covid_keras.recipes import x\n    return x\n"),
-        "covid_keras.recipes": "import covid_keras.drenet\n",
+        "covid_keras.model.drenet": ("import keras\n\ndef f():\n"
+                                     "    from covid_keras.training.recipes import x\n"
+                                     "    return x\n"),
+        "covid_keras.training.recipes": "import covid_keras.model.drenet\n",
         # model code loading the trainer through a module that is not model code
-        "covid_keras.losses": "from covid_keras import saving\n",
-        "covid_keras.saving": "if True:\n    import covid_keras.recipes\n",
-        "covid_keras.layers.head": "class A:\n    import tensorflow as tf\n",
-        "covid_keras.schema": "",
-        "covid_keras.train": "from covid_keras import schema\n",
-        "covid_keras.export": "from covid_keras import train\n",  # a command: allowed
-        "covid_keras.folds": "def f():\n    import covid_keras.train\n",
-        "data_prep.writer": "from covid_keras import schema, drenet\n",
+        "covid_keras.model.losses": "from covid_keras.model import saving\n",
+        "covid_keras.model.saving": "if True:\n    import covid_keras.training.recipes\n",
+        "covid_keras.model.layers.head": "class A:\n    import tensorflow as tf\n",
+        "covid_keras.core.schema": "",
+        # sideways: two wings of the same rank
+        "covid_keras.serving.signatures": "from covid_keras.training import recipes\n",
+        # down: allowed (evaluation < training)
+        "covid_keras.training.callbacks": "from covid_keras.evaluation import metrics\n",
+        "covid_keras.evaluation.metrics": "from ..core import schema\n",
+        "covid_keras.train": "from covid_keras.core import schema\n\nclass Run:\n    pass\n",
+        "covid_keras.export": "from covid_keras.serving import signatures\n",  # down: allowed
+        # one command importing another (function level): refused
+        "covid_keras.web": "def main():\n    from covid_keras import predict\n",
+        "covid_keras.predict": "from covid_keras.core import schema\n",
+        "covid_keras.training.folds": "def f():\n    import covid_keras.train\n",
+        "covid_keras.loose": "",  # outside the wings, not a command
+        "covid_keras.evaluation.report": "def f():\n    import data_prep.writer\n",
+        "data_prep.writer": "from covid_keras.core import schema\nfrom covid_keras import "
+                            "model\nfrom covid_keras.model import drenet\n",
     })
     cycle = find_cycle(module_level_edges(imports, modules))
     assert cycle is not None and cycle[0] == cycle[-1]
-    assert set(cycle) == {"covid_keras.alpha", "covid_keras.beta", "covid_keras.gamma"}
+    assert set(cycle) == {"covid_keras.core.alpha", "covid_keras.core.beta",
+                          "covid_keras.core.gamma"}
     without = {m for m in modules if m.split(".")[-1] not in ("alpha", "beta", "gamma")}
     assert find_cycle(module_level_edges(
         [i for i in imports if i.source in without], without)) is None
 
     up = upward_imports(imports, MODEL_CODE, ABOVE_MODEL)
     assert [(i.source, i.target, i.line, i.module_level) for i in up] == [
-        ("covid_keras.drenet", "covid_keras.recipes", 4, False)]
+        ("covid_keras.model.drenet", "covid_keras.training.recipes", 4, False)]
     tf = upward_imports(imports, MODEL_CODE, ("tensorflow",))
     assert [(i.source, i.target, i.module_level) for i in tf] == [
-        ("covid_keras.layers.head", "tensorflow", True)]
+        ("covid_keras.model.layers.head", "tensorflow", True)]
     assert loads_above(imports, modules, MODEL_CODE, ABOVE_MODEL + ("tensorflow",)) == {
-        "covid_keras.layers.head": "covid_keras.layers.head -> tensorflow",
-        "covid_keras.losses": "covid_keras.losses -> covid_keras.saving -> covid_keras.recipes",
+        "covid_keras.model.layers.head": "covid_keras.model.layers.head -> tensorflow",
+        "covid_keras.model.losses": ("covid_keras.model.losses -> covid_keras.model.saving"
+                                     " -> covid_keras.training.recipes"),
     }
-    assert [(i.source, i.target) for i in library_imports_of_commands(imports, modules)] == [
-        ("covid_keras.folds", "covid_keras.train")]
-    outside = imports_outside(imports, ("data_prep",), "covid_keras", {"covid_keras.schema"})
-    assert [(i.source, i.target) for i in outside] == [("data_prep.writer",
-                                                        "covid_keras.drenet")]
+    # the wing rule: up (model -> training, twice; training -> a command), sideways
+    # (serving -> training) and command -> command; not down, not within a wing
+    assert sorted((i.source, i.target) for i in upward_wing_imports(imports, modules)) == [
+        ("covid_keras.model.drenet", "covid_keras.training.recipes"),
+        ("covid_keras.model.saving", "covid_keras.training.recipes"),
+        ("covid_keras.serving.signatures", "covid_keras.training.recipes"),
+        ("covid_keras.training.folds", "covid_keras.train"),
+        ("covid_keras.web", "covid_keras.predict"),
+    ]
+    assert sorted((i.source, i.target, i.module_level)
+                  for i in imports_of_commands(imports, modules)) == [
+        ("covid_keras.training.folds", "covid_keras.train", False),
+        ("covid_keras.web", "covid_keras.predict", False)]
+    assert sorted(m for m in modules if wing_of(m) == "?") == ["covid_keras.loose"]
+    assert command_library_code(module_files(tmp_path, ["covid_keras"])) == [
+        "covid_keras.train.Run (line 3)"]
+    assert [(i.source, i.target) for i in data_prep_imports_below_serving(imports)] == [
+        ("covid_keras.evaluation.report", "data_prep.writer")]
+    outside = imports_outside(imports, ("data_prep",), "covid_keras", DATA_PREP_MAY_IMPORT)
+    assert [(i.source, i.target) for i in outside] == [
+        ("data_prep.writer", "covid_keras.model"),
+        ("data_prep.writer", "covid_keras.model.drenet")]
 
     # and graphs that keep the rules pass them
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert imports_outside(imports, ("data_prep",), "covid_keras",
-                           {"covid_keras.schema", "covid_keras.drenet"}) == []
+                           DATA_PREP_MAY_IMPORT + ("covid_keras.model",)) == []
+    down = [i for i in imports if i.source in ("covid_keras.training.callbacks",
+                                               "covid_keras.evaluation.metrics",
+                                               "covid_keras.train", "covid_keras.export")]
+    assert len(down) == 4 and upward_wing_imports(down, modules) == []
+    assert imports_of_commands(down, modules) == []

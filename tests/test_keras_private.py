@@ -1,4 +1,4 @@
-"""The Keras internals fenced in covid_keras.keras_private exist and behave as used, on the
+"""The Keras internals fenced in covid_keras.model.keras_private exist and behave as used, on the
 installed Keras; the test is pinned to the Keras version they were read from."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from covid_keras import keras_private
+from covid_keras.model import keras_private
 
 pytestmark = pytest.mark.model
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.model
 def test_keras_version_is_the_one_the_internals_were_checked_against():
     installed = ".".join(keras.__version__.split(".")[:2])
     assert installed == keras_private.KERAS_CHECKED, (
-        f"Keras {keras.__version__} is installed; covid_keras/keras_private.py was checked "
+        f"Keras {keras.__version__} is installed; covid_keras/model/keras_private.py was checked "
         f"against {keras_private.KERAS_CHECKED}: re-check each internal it uses, then "
         "update KERAS_CHECKED")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_keras.layers import (
+from covid_keras.model.layers import (
     AnchorGrid,
     ConfidenceMapImage,
     MLPHead,
@@ -18,7 +18,7 @@ from covid_keras.layers import (
     anchor_boxes,
     iou_matrix,
 )
-from covid_keras.layers.anchors import CODE_LEVELS, PAPER_LEVELS, check_coverage, coverage
+from covid_keras.model.layers.anchors import CODE_LEVELS, PAPER_LEVELS, check_coverage, coverage
 from tests.layer_helper import run_layer_test
 
 pytestmark = pytest.mark.model
@@ -246,7 +246,7 @@ def test_bad_arguments_say_received(cls, kwargs):
 
 
 def test_drenet_plumbing_layers(tmp_path):
-    from covid_keras.drenet import BoxScores, RegionsFromBatch, RegionsToBatch
+    from covid_keras.model.drenet import BoxScores, RegionsFromBatch, RegionsToBatch
 
     crops = RNG.normal(size=(2, 3, 4, 4, 3)).astype(np.float32)
     flat = run_layer_test(tmp_path, RegionsToBatch, {}, crops, (6, 4, 4, 3), 0)
@@ -276,8 +276,8 @@ def test_per_image_standardization_numbers(tmp_path):
 
 
 def test_input_normalization_choices():
-    from covid_keras.layers import input_normalization
-    from covid_keras.layers.intensity import SCALE_BY_PREPROCESSING
+    from covid_keras.model.layers import input_normalization
+    from covid_keras.model.layers.intensity import SCALE_BY_PREPROCESSING
 
     assert input_normalization("none", "resnet50") is None
     layer = input_normalization("per_image", "resnet50")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from covid_keras.metrics import aggregate_by_patient, classification_metrics
+from covid_keras.evaluation.metrics import aggregate_by_patient, classification_metrics
 
 
 def test_patient_mean_and_binary_metrics_by_hand():
@@ -40,7 +40,7 @@ def test_patient_with_two_labels_is_an_error():
 def test_training_metrics_share_evaluations_definitions():
     from sklearn.metrics import roc_auc_score
 
-    from covid_keras import decision
+    from covid_keras.evaluation import decision
 
     rng = np.random.default_rng(0)
     p = np.round(rng.uniform(size=40), 1)

@@ -38,7 +38,7 @@ np.save(sys.argv[3], sig(images=tf.constant(images, tf.float32))["probabilities"
 def strip_include_preprocessing(path: Path) -> None:
     """Rewrites a .keras file as one saved before ``include_preprocessing`` existed (no key
     in its covid_keras.json nor in a DRENet's build_config)."""
-    from covid_keras.saving import INFO_ENTRY
+    from covid_keras.model.saving import INFO_ENTRY
 
     with zipfile.ZipFile(path) as z:
         entries = {n: z.read(n) for n in z.namelist()}
@@ -57,7 +57,7 @@ def _reference_input(images_u8: np.ndarray, backbone: str) -> np.ndarray:
     """What the tools fed a model before the switch: keras.applications' preprocessing."""
     from keras.applications import imagenet_utils
 
-    from covid_keras.backbones import PREPROCESSING
+    from covid_keras.model.backbones import PREPROCESSING
 
     return imagenet_utils.preprocess_input(np.asarray(images_u8, np.float32).copy(),
                                            data_format="channels_last",
@@ -65,7 +65,7 @@ def _reference_input(images_u8: np.ndarray, backbone: str) -> np.ndarray:
 
 
 def _probs(model, x: np.ndarray) -> np.ndarray:
-    from covid_keras.metrics import softmax
+    from covid_keras.evaluation.metrics import softmax
 
     return softmax(np.asarray(model(x, training=False)["logits"], np.float64))
 
@@ -77,8 +77,9 @@ def old_run(tiny_dataset, tmp_path_factory):
     BackboneNormalization, on the dataset tests/test_predict.py predicts from."""
     import tensorflow as tf
 
-    from covid_keras import data, schema
-    from covid_keras.saving import load_model, model_spec
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.model.saving import load_model, model_spec
 
     data_dir = tiny_dataset(kinds=("normal", "covid"), patients_per_kind=1, num_slices=20,
                             matrix=128, seed=0, flags=("--classes=normal,covid,bacterial",
@@ -162,37 +163,39 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     normalised input, so that best.keras, final.keras and the validation agree."""
     import keras
 
-    from covid_keras import callbacks as cbs
-    from covid_keras import data, saving, train
-    from covid_keras.run_dir import RunDir
+    from covid_keras.io import data
+    from covid_keras.io.run_dir import RunDir
+    from covid_keras.model import saving
+    from covid_keras.training import callbacks as cbs
+    from covid_keras.training import trainer
 
     data_dir = tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=3,
                             num_slices=20, matrix=64, seed=0,
                             flags=("--classes=normal,covid,bacterial",
                                    "--split_fractions=0.6,0.2,0.2", "--shard_size_mb=0.05"))
-    cfg = train.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
-                            backbone="tiny", input_size=64, batch_size=2, epochs=2,
-                            steps_per_epoch=3, learning_rate=0.01, lr_decay_epochs=(),
-                            num_display_images=0, shuffle_buffer=64, verbose=0,
-                            deterministic=False)
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
+                              backbone="tiny", input_size=64, batch_size=2, epochs=2,
+                              steps_per_epoch=3, learning_rate=0.01, lr_decay_epochs=(),
+                              num_display_images=0, shuffle_buffer=64, verbose=0,
+                              deterministic=False)
 
     class KillAtEpoch1(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
                 raise Killed()
 
-    stage_callbacks, made = train.stage_callbacks, []
+    stage_callbacks, made = trainer.stage_callbacks, []
 
     def killed_in_epoch_1(*args):
         made.extend(stage_callbacks(*args) + [KillAtEpoch1()])
         return made
 
     with monkeypatch.context() as m:  # the trainer before the switch, killed in epoch 1
-        m.setattr(train, "stage_callbacks", killed_in_epoch_1)
-        m.setattr(train, "run_preprocessing", lambda cfg, run: False)
+        m.setattr(trainer, "stage_callbacks", killed_in_epoch_1)
+        m.setattr(trainer, "run_preprocessing", lambda cfg, run: False)
         keras.utils.set_random_seed(0)
         with pytest.raises(Killed):
-            train.train(cfg)
+            trainer.train(cfg)
     for cb in made:  # what a killed process's exit closes
         if isinstance(cb, keras.callbacks.CSVLogger) and cb.csv_file is not None:
             cb.csv_file.close()
@@ -201,16 +204,16 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     strip_include_preprocessing(Path(run.best_path))  # as that trainer saved it
 
     seen = {}
-    finish_run = train.finish_run
+    finish_run = trainer.finish_run
 
     def spy(r, model, validation):
         seen.update(normalize=r.pipeline.normalize,
                     own=saving.model_spec(model)["include_preprocessing"])
         return finish_run(r, model, validation)
 
-    monkeypatch.setattr(train, "finish_run", spy)
+    monkeypatch.setattr(trainer, "finish_run", spy)
     keras.utils.set_random_seed(0)
-    results = train.train(cfg)
+    results = trainer.train(cfg)
     assert seen == {"normalize": True, "own": False}
     assert run.is_finished()
     for name in ("best.keras", "final.keras"):
@@ -229,6 +232,6 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
     # and a new run in a fresh folder normalises its own input
     fresh = cfg.replace(run_dir=str(tmp_path / "new"), epochs=1)
     keras.utils.set_random_seed(0)
-    train.train(fresh)
+    trainer.train(fresh)
     assert seen == {"normalize": False, "own": True}
     assert saving.model_spec(str(tmp_path / "new" / "best.keras"))["include_preprocessing"]

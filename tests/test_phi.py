@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 from data_prep import phantom
 from tests.test_build_tfrecords import MATRIX, REPO, SPACING, failures, read_records
 

@@ -23,7 +23,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_dataset):
-    from covid_keras import export, predict
+    from covid_keras.serving import exporter, predictor
 
     root = tmp_path_factory.mktemp("predict")
     data_dir = tiny_dataset(kinds=("normal", "covid"), patients_per_kind=1, num_slices=20,
@@ -33,19 +33,19 @@ def setup(tmp_path_factory, tiny_dataset):
     salt = data_dir.parent / "salt.key"
     run = make_run(root / "run", "drenet", {"rule": "mean", "threshold": 0.3,
                                              "positive_class": "covid"}, data_dir)
-    model, info, decision = export.load_run(str(run))
-    version_dir = export.export_model(model, info, decision, str(root / "exports"), "drenet")
+    model, info, decision = exporter.load_run(str(run))
+    version_dir = exporter.export_model(model, info, decision, str(root / "exports"), "drenet")
     study = next((data_dir.parent / "studies" / "covid").iterdir())
     return {"root": root, "run": run, "export": root / "exports" / "drenet",
             "version_dir": Path(version_dir), "study": study, "data_dir": data_dir,
-            "salt": predict.read_salt(str(salt)), "salt_file": salt,
-            "model": predict.LocalModel(str(root / "exports" / "drenet"))}
+            "salt": predictor.read_salt(str(salt)), "salt_file": salt,
+            "model": predictor.LocalModel(str(root / "exports" / "drenet"))}
 
 
 def _records(data_dir):
     import tensorflow as tf
 
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     out = []
     for f in sorted(data_dir.glob("*.tfrecord.gz")):
@@ -64,12 +64,14 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     the per-slice probabilities equal the Keras model's on the records' images)."""
     import tensorflow as tf
 
-    from covid_keras import data, predict, schema
-    from covid_keras.saving import load_model, model_spec
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.model.saving import load_model, model_spec
+    from covid_keras.serving import predictor
 
     out_dir = tmp_path / "out"
-    answer = predict.predict_study(str(setup["study"]), setup["model"], str(out_dir),
-                                   setup["salt"])
+    answer = predictor.predict_study(str(setup["study"]), setup["model"], str(out_dir),
+                                     setup["salt"])
     text = (out_dir / "prediction.json").read_text()
     assert json.loads(text) == json.loads(json.dumps(answer))
     _no_phi(text, setup["study"])
@@ -107,12 +109,12 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert ev.shape[1] == 2 * ev.shape[0] >= 512  # slice with boxes | Grad-CAM overlay
     assert [slices[i]["evidence"] for i in answer["top_slices"]] == pngs
     # a run folder and a .keras file give the same slices and probabilities
-    run_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+    run_answer = predictor.predict_study(str(setup["study"]), predictor.LocalModel(
         str(setup["run"])), str(tmp_path / "run_out"), setup["salt"])
     assert run_answer["patient"]["decision"] == p["decision"]
     np.testing.assert_allclose(list(run_answer["patient"]["probabilities"].values()),
                                list(p["probabilities"].values()), atol=1e-5)
-    from covid_keras import evaluation
+    from covid_keras.evaluation import evaluation
 
     run_decision = evaluation.read_decision(str(setup["run"]))
     assert p["decision"] == evaluation.decide_patient(got, run_decision)["decision"]
@@ -125,7 +127,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     (any_run / "decision.json").write_text(json.dumps({
         "rule": "any", "threshold": 0.999, "positive_class": "covid", "split": "val",
         "classes": classes, "criterion": "youden_j"}))
-    any_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+    any_answer = predictor.predict_study(str(setup["study"]), predictor.LocalModel(
         str(any_run)), str(tmp_path / "any_out"), setup["salt"])
     any_d = evaluation.read_decision(str(any_run))
     assert any_d["normal_class"] == "normal"
@@ -137,7 +139,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert any_answer["patient"]["normal_class"] == "normal"
     slice_dec = evaluation.decide(any_got, 0.999, 1)
     assert (want_any["decision"] == "normal") == bool((slice_dec == 0).all())
-    keras_answer = predict.predict_study(str(setup["study"]), predict.LocalModel(
+    keras_answer = predictor.predict_study(str(setup["study"]), predictor.LocalModel(
         str(setup["run"] / "best.keras")), str(tmp_path / "k_out"), setup["salt"])
     assert keras_answer["patient"]["method"] == "argmax"
     assert keras_answer["patient"]["normal_class"] is None
@@ -145,23 +147,23 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
 
 
 def test_zip_and_png_slices(setup, tmp_path):
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     study = setup["study"]
     zpath = tmp_path / "study.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         for f in sorted(study.iterdir()):
             z.write(f, f"inner/{f.name}")
-    folder = predict.predict_study(str(study), setup["model"], str(tmp_path / "a"),
-                                   setup["salt"])
-    zipped = predict.predict_study(str(zpath), setup["model"], str(tmp_path / "b"),
-                                   setup["salt"])
+    folder = predictor.predict_study(str(study), setup["model"], str(tmp_path / "a"),
+                                     setup["salt"])
+    zipped = predictor.predict_study(str(zpath), setup["model"], str(tmp_path / "b"),
+                                     setup["salt"])
     assert zipped["patient"] == folder["patient"]
     assert [s["sop_key"] for s in zipped["slices"]] == [s["sop_key"] for s in folder["slices"]]
     # PNG slices of the same series, windowed as the records (lung window)
     import pydicom
 
-    from covid_keras.imaging import unit_to_u8, window_hu
+    from covid_keras.core.imaging import unit_to_u8, window_hu
 
     png_dir = tmp_path / "pngs"
     png_dir.mkdir()
@@ -171,18 +173,18 @@ def test_zip_and_png_slices(setup, tmp_path):
         hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(
             ds.RescaleIntercept)
         cv2.imwrite(str(png_dir / f"slice_{i}.png"), unit_to_u8(window_hu(hu, -700, 1500)))
-    answer = predict.predict_study(str(png_dir), setup["model"], str(tmp_path / "c"),
-                                   setup["salt"])
+    answer = predictor.predict_study(str(png_dir), setup["model"], str(tmp_path / "c"),
+                                     setup["salt"])
     assert answer["series"]["kind"] == "images" and answer["series"]["used"] >= 1
     assert any(w["reason"] == "not_ct_verified" for w in answer["warnings"])
 
 
 def _fails(setup, tmp_path, study, reason, **kw):
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     out = tmp_path / f"out_{reason}"
-    with pytest.raises(predict.StudyFailure) as err:
-        predict.predict_study(str(study), setup["model"], str(out), setup["salt"], **kw)
+    with pytest.raises(predictor.StudyFailure) as err:
+        predictor.predict_study(str(study), setup["model"], str(out), setup["salt"], **kw)
     assert err.value.reason == reason, str(err.value)
     assert str(err.value).startswith("study study.")
     assert Path(study).name not in str(err.value)
@@ -206,10 +208,10 @@ def test_bad_studies_fail_cleanly(setup, tmp_path):
     data = next(setup["study"].glob("*.dcm")).read_bytes()
     (corrupt / "a.dcm").write_bytes(data[:400])
     with pytest.raises(Exception) as err:
-        from covid_keras import predict
+        from covid_keras.serving import predictor
 
-        predict.predict_study(str(corrupt), setup["model"], str(tmp_path / "x"),
-                              setup["salt"])
+        predictor.predict_study(str(corrupt), setup["model"], str(tmp_path / "x"),
+                                setup["salt"])
     assert "study study." in str(err.value) and not (tmp_path / "x").exists()
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as z:
@@ -229,10 +231,10 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path, commands):
     """predict --server against covid_keras.serve gives the local answer; a bad study is a
     one-line error naming its pseudonym, nothing written, and the server keeps serving."""
 
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
-    local = predict.predict_study(str(setup["study"]), setup["model"], str(tmp_path / "l"),
-                                  setup["salt"])
+    local = predictor.predict_study(str(setup["study"]), setup["model"], str(tmp_path / "l"),
+                                    setup["salt"])
     with ServeProcess(setup["export"], tmp_path) as server:
         base = ["covid_keras.predict", f"--model={setup['export']}",
                 f"--server={server.url}", f"--salt_file={setup['salt_file']}"]
@@ -246,7 +248,7 @@ def test_cli_through_the_server_and_one_line_errors(setup, tmp_path, commands):
         assert "mean rule: covid when the mean of its slices' covid probability >=" in \
             proc.stdout, proc.stdout
         assert served["warnings"], "the phantom study should warn (dropped slices)"
-        for line in predict.warning_lines(served["warnings"]):
+        for line in predictor.warning_lines(served["warnings"]):
             assert line in proc.stderr.splitlines(), (line, proc.stderr)
         assert served["patient"]["decision"] == local["patient"]["decision"]
         # one type for the version: TF Serving's string, locally too
@@ -275,7 +277,7 @@ def test_no_lung_slices_are_flagged_boxes_clipped_and_the_lung_outlined(setup, t
     evidence."""
     import types
 
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     model = setup["model"]
     info = json.loads(json.dumps(model.info))
@@ -284,8 +286,8 @@ def test_no_lung_slices_are_flagged_boxes_clipped_and_the_lung_outlined(setup, t
     unfiltered = types.SimpleNamespace(info=info, predict_study=model.predict_study,
                                        gradcam=model.gradcam, source=model.source)
     out_dir = tmp_path / "out"
-    answer = predict.predict_study(str(setup["study"]), unfiltered, str(out_dir),
-                                   setup["salt"])
+    answer = predictor.predict_study(str(setup["study"]), unfiltered, str(out_dir),
+                                     setup["salt"])
     slices = answer["slices"]
     flagged = [i for i, s in enumerate(slices) if s["no_lung"]]
     assert 0 < len(flagged) < len(slices), [s["lung_fraction"] for s in slices]
@@ -298,12 +300,12 @@ def test_no_lung_slices_are_flagged_boxes_clipped_and_the_lung_outlined(setup, t
     assert boxes.min() >= 0.0 and boxes.max() <= SIZE
     rgb = cv2.imread(str(out_dir / "evidence_1.png"))[..., ::-1]
     left = rgb[:, : rgb.shape[1] // 2].astype(int)
-    outline = (np.abs(left - np.array(predict.LUNG_OUTLINE_RGB)).max(-1) < 8).sum()
+    outline = (np.abs(left - np.array(predictor.LUNG_OUTLINE_RGB)).max(-1) < 8).sum()
     assert outline > 50, outline
 
 
 def test_server_address_is_named_without_credentials():
-    from covid_keras.predict import public_url
+    from covid_keras.serving.predictor import public_url
 
     assert public_url("http://user:secret@10.0.0.5:8501/v1/models/m") == \
         "http://10.0.0.5:8501/v1/models/m"
@@ -312,7 +314,7 @@ def test_server_address_is_named_without_credentials():
 
 
 def test_console_warnings_one_line_per_reason():
-    from covid_keras.predict import warning_lines
+    from covid_keras.serving.predictor import warning_lines
 
     lines = warning_lines([
         {"reason": "truncated_file", "file": "file00001.ab12", "detail": "ends early"},
@@ -328,7 +330,7 @@ def test_unpack_zip_takes_plain_entries_and_refuses_links(tmp_path):
     import stat
     import zipfile
 
-    from covid_keras.predict import StudyFailure, unpack_zip
+    from covid_keras.serving.predictor import StudyFailure, unpack_zip
 
     plain = tmp_path / "plain.zip"
     with zipfile.ZipFile(plain, "w") as z:

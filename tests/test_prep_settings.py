@@ -74,10 +74,10 @@ def test_older_manifests_fall_back_as_before(tmp_path):
 
 
 def test_export_carries_the_settings_and_predict_reads_them(tiny_dataset):
-    from covid_keras import export, predict
+    from covid_keras.serving import exporter, predictor
 
     data_dir = tiny_dataset(flags=FLAGS)
-    prep, warnings = export.data_prep_settings({"flags": {"data_dir": str(data_dir)}}, 64)
+    prep, warnings = exporter.data_prep_settings({"flags": {"data_dir": str(data_dir)}}, 64)
     assert not warnings
     settings = PrepSettings.from_manifest(json.loads((data_dir / "manifest.json").read_text()))
     assert prep["settings"] == settings.to_dict()
@@ -85,18 +85,18 @@ def test_export_carries_the_settings_and_predict_reads_them(tiny_dataset):
     info = {"input_size": 64, "windows": prep["windows"],
             "data_prep": {k: prep[k] for k in ("records_image_size", "flags", "preprocessing",
                                                EXPORT_KEY)}}
-    scan, prep_cfg = predict.prep_configs(info, b"salt")
+    scan, prep_cfg = predictor.prep_configs(info, b"salt")
     assert (scan, prep_cfg) == (ScanConfig.from_settings(settings, b"salt"),
                               PrepConfig.from_settings(settings))
     # an export made before the block: the same from its flags and preprocessing
     older = copy.deepcopy(info)
     del older["data_prep"][EXPORT_KEY]
-    assert predict.prep_configs(older, b"salt") == (scan, prep_cfg)
+    assert predictor.prep_configs(older, b"salt") == (scan, prep_cfg)
     # an export that knew nothing of the data: data_prep's defaults at the input size
-    unknown, warnings = export.data_prep_settings(None, 48)
+    unknown, warnings = exporter.data_prep_settings(None, 48)
     assert warnings and unknown["settings"] is None
     bare = {"input_size": 48, "windows": unknown["windows"],
             "data_prep": {k: unknown[k] for k in ("records_image_size", "flags",
                                                   "preprocessing", EXPORT_KEY)}}
-    assert predict.prep_configs(bare, b"s") == (ScanConfig.from_settings(DEFAULTS, b"s"),
-                                                PrepConfig(image_size=48))
+    assert predictor.prep_configs(bare, b"s") == (ScanConfig.from_settings(DEFAULTS, b"s"),
+                                                  PrepConfig(image_size=48))

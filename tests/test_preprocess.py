@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from covid_keras.imaging import unit_to_u8, window_hu
+from covid_keras.core.imaging import unit_to_u8, window_hu
 from data_prep import phantom, slice_images
 from data_prep.pipeline import plan_shards
 from data_prep.preprocess import PrepConfig, fill_blank_with_rotated_lung, prepare_slice
@@ -131,7 +131,7 @@ def test_plan_shards_balanced_and_deterministic():
 def test_lung_mask_raises_no_numpy_warning_on_a_real_slice(shared_data):
     """A COVID-CT slice whose closed air region holds no raw air pixel (the median of an
     empty selection warned 'Mean of empty slice'; warnings are errors here)."""
-    from covid_keras.imaging import grey_to_hu
+    from covid_keras.core.imaging import grey_to_hu
     from tests.conftest import shared_subdir
 
     folder = shared_subdir(shared_data, "covid_ct")

@@ -1,4 +1,5 @@
-"""Self-supervised pretraining (covid_keras.pretrain, covid_keras.ssl) on generated studies."""
+"""Self-supervised pretraining (covid_keras.pretrain, covid_keras.training.ssl) on generated
+studies."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def data_dir(split_dataset):
 
 
 def config(data_dir, run_dir, **kw):
-    from covid_keras.pretrain import PretrainConfig
+    from covid_keras.training.pretraining import PretrainConfig
 
     base = dict(data_dir=data_dir, run_dir=str(run_dir), backbone="tiny", input_size=64,
                 batch_size=16, epochs=2, warmup_epochs=0, learning_rate=3e-3, verbose=0,
@@ -29,7 +30,7 @@ def config(data_dir, run_dir, **kw):
 # ------------------------------------------------------------------ the loss
 @pytest.mark.model
 def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
-    from covid_keras.ssl import NTXentLoss
+    from covid_keras.training.ssl import NTXentLoss
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(8, 16)).astype("float32")
@@ -55,8 +56,8 @@ def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones():
 def test_backbone_weights_round_trip_exactly(arch, tmp_path):
     import keras
 
-    from covid_keras.backbones import build_backbone, save_backbone_weights
-    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+    from covid_keras.model.backbones import build_backbone, save_backbone_weights
+    from covid_keras.training.ssl import build_pretrain_model, pretrained_backbone
 
     keras.utils.set_random_seed(1)
     model = build_pretrain_model(arch, input_size=64, projection_dim=8, hidden_units=8)
@@ -79,10 +80,10 @@ def test_backbone_weights_round_trip_exactly(arch, tmp_path):
 def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     import keras
 
-    from covid_keras.backbones import save_backbone_weights
-    from covid_keras.drenet import build_drenet
-    from covid_keras.gradcam import image_backbone
-    from covid_keras.ssl import build_pretrain_model, pretrained_backbone
+    from covid_keras.evaluation.gradcam import image_backbone
+    from covid_keras.model.backbones import save_backbone_weights
+    from covid_keras.model.drenet import build_drenet
+    from covid_keras.training.ssl import build_pretrain_model, pretrained_backbone
 
     keras.utils.set_random_seed(3)
     source = pretrained_backbone(build_pretrain_model("tiny", 64, 8, 8))
@@ -98,7 +99,7 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     save_backbone_weights(inner, "tiny", back)
     with open(path, "rb") as a, open(back, "rb") as b:
         assert len(a.read()) > 0 and len(b.read()) > 0
-    from covid_keras.backbones import build_backbone
+    from covid_keras.model.backbones import build_backbone
 
     np.testing.assert_array_equal(build_backbone("tiny", weights=back)(x)["pool"],
                                   source(x)["pool"])
@@ -107,8 +108,8 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
     # values normalised: keras.applications' preprocessing as the reference)
     from keras.applications import imagenet_utils
 
-    from covid_keras.backbones import PREPROCESSING
-    from covid_keras.gradcam import conv_features
+    from covid_keras.evaluation.gradcam import conv_features
+    from covid_keras.model.backbones import PREPROCESSING
 
     assert drenet.build_config["include_preprocessing"]
     pixels = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3)).astype("float32")
@@ -120,7 +121,7 @@ def test_pretrained_weights_go_into_drenet_and_back_out(tmp_path):
 
 # ------------------------------------------------------------------ the run
 def test_held_out_split_is_refused_without_allow_test(data_dir, tmp_path):
-    from covid_keras.pretrain import check_config
+    from covid_keras.training.pretraining import check_config
 
     with pytest.raises(ValueError, match="held-out split 'test'.*--allow_test"):
         check_config(config(data_dir, tmp_path / "r", splits=("train", "test")))
@@ -134,7 +135,8 @@ def finished_run(data_dir, tmp_path_factory):
     which splits it opened and which record fields it parsed."""
     import tensorflow as tf
 
-    from covid_keras import data, pretrain
+    from covid_keras.io import data
+    from covid_keras.training import pretraining
 
     run = tmp_path_factory.mktemp("pretrain") / "run"
     read, parsed = [], []
@@ -143,14 +145,14 @@ def finished_run(data_dir, tmp_path_factory):
     tf.io.parse_single_example = lambda s, spec: parsed.append(tuple(spec)) or real_parse(
         s, spec)
     try:
-        out = pretrain.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+        out = pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
     finally:
         data.shard_files, tf.io.parse_single_example = real_files, real_parse
     return run, out, read, parsed
 
 
 def test_pretraining_reads_no_held_out_split_and_no_label(finished_run):
-    from covid_keras import schema
+    from covid_keras.core import schema
 
     _, _, read, parsed = finished_run
     # the views: train alone; the probe (a diagnostic): train and val; never test
@@ -165,7 +167,8 @@ def test_the_views_parse_the_image_alone_and_depend_on_seed_and_epoch(data_dir,
                                                                       monkeypatch):
     import tensorflow as tf
 
-    from covid_keras import data, schema
+    from covid_keras.core import schema
+    from covid_keras.io import data
 
     parsed = []
     real_parse = tf.io.parse_single_example
@@ -188,7 +191,7 @@ def test_the_views_parse_the_image_alone_and_depend_on_seed_and_epoch(data_dir,
 def test_loss_falls_and_the_run_folder_is_complete(finished_run, data_dir):
     import tensorflow as tf
 
-    from covid_keras import pretrain
+    from covid_keras.training import pretraining
 
     run, out, _, _ = finished_run
     losses = [r["loss"] for r in out["history"]]
@@ -207,18 +210,18 @@ def test_loss_falls_and_the_run_folder_is_complete(finished_run, data_dir):
             for v in e.summary.value}
     assert {"pretrain/loss", "pretrain/learning_rate", "probe/knn_slice_auc",
             "probe/linear_slice_auc"} <= tags
-    assert pretrain.weights_file(str(run)) == str(run / "backbone.weights.h5")
+    assert pretraining.weights_file(str(run)) == str(run / "backbone.weights.h5")
     with pytest.raises(ValueError, match="finished pretraining run.*--overwrite"):
-        pretrain.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+        pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
 
 
 def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monkeypatch):
 
-    from covid_keras import pretrain
+    from covid_keras.training import pretraining
 
     cfg = dict(epochs=3, steps_per_epoch=2, probe_split="")
     saved = {}
-    real_save = pretrain.Checkpoint.save
+    real_save = pretraining.Checkpoint.save
 
     def save_then_die(self, model, epoch, history, previous):
         state = real_save(self, model, epoch, history, previous)
@@ -229,15 +232,15 @@ def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monk
             raise KeyboardInterrupt  # killed right after epoch 2 was committed
         return state
 
-    monkeypatch.setattr(pretrain.Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(pretraining.Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.pretrain(config(data_dir, tmp_path / "killed", **cfg))
-    monkeypatch.setattr(pretrain.Checkpoint, "save", real_save)
+        pretraining.pretrain(config(data_dir, tmp_path / "killed", **cfg))
+    monkeypatch.setattr(pretraining.Checkpoint, "save", real_save)
     assert (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
     assert not (tmp_path / "killed" / "backbone.weights.h5").exists()
 
     restored, epochs_built = {}, []
-    real_load = pretrain.Checkpoint.load
+    real_load = pretraining.Checkpoint.load
 
     def load_and_look(self, model):
         state = real_load(self, model)
@@ -252,9 +255,9 @@ def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monk
         epochs_built.append(epoch)
         return real_dataset(sources, batch_size, epoch, *args)
 
-    monkeypatch.setattr(pretrain.Checkpoint, "load", load_and_look)
+    monkeypatch.setattr(pretraining.Checkpoint, "load", load_and_look)
     monkeypatch.setattr(pretrain_data(), "make_pretrain_dataset", dataset)
-    resumed = pretrain.pretrain(config(data_dir, tmp_path / "killed", **cfg))
+    resumed = pretraining.pretrain(config(data_dir, tmp_path / "killed", **cfg))
     # the weights, batch-norm statistics and optimizer state (step count, moments) of the
     # last committed epoch, exactly; then only the epoch that was left, with its own data
     assert restored["epoch"] == 2 and epochs_built == [2]
@@ -269,7 +272,7 @@ def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monk
 
 
 def pretrain_data():
-    from covid_keras import data
+    from covid_keras.io import data
 
     return data
 
@@ -280,10 +283,10 @@ def test_pretraining_steps_on_this_backend(data_dir, tmp_path):
     both; the model and the loss are keras.ops)."""
     import keras
 
-    from covid_keras import pretrain
+    from covid_keras.training import pretraining
 
-    out = pretrain.pretrain(config(data_dir, tmp_path / "r", epochs=2, steps_per_epoch=2,
-                                   probe_split="val"))
+    out = pretraining.pretrain(config(data_dir, tmp_path / "r", epochs=2, steps_per_epoch=2,
+                                      probe_split="val"))
     assert len(out["history"]) == 2 and all(np.isfinite(r["loss"]) for r in out["history"])
     assert "knn_slice_auc" in out["history"][-1]
     info = json.loads((tmp_path / "r" / "run_info.json").read_text())
@@ -292,7 +295,7 @@ def test_pretraining_steps_on_this_backend(data_dir, tmp_path):
 
 
 def test_an_interrupted_run_with_other_flags_is_refused(data_dir, tmp_path):
-    from covid_keras import pretrain
+    from covid_keras.training import pretraining
 
     run = tmp_path / "r"
     (run / "checkpoint").mkdir(parents=True)
@@ -300,9 +303,9 @@ def test_an_interrupted_run_with_other_flags_is_refused(data_dir, tmp_path):
     (run / "run_info.json").write_text(json.dumps({"config": {**cfg.defining(),
                                                               "temperature": 0.5}}))
     with pytest.raises(ValueError, match="other flags.*--temperature: 0.5 -> 0.2"):
-        pretrain.prepare_run_dir(cfg)
+        pretraining.prepare_run_dir(cfg)
     with pytest.raises(ValueError, match="unfinished pretraining run"):
-        pretrain.weights_file(str(run))
+        pretraining.weights_file(str(run))
 
 
 def test_command_line_help_and_one_line_errors(data_dir, tmp_path, commands):
@@ -375,15 +378,15 @@ def linear_probe_arms(data_dir, work_dir, seed: int = 0, epochs: int = 10,
     own starting point)."""
     import keras
 
-    from covid_keras import pretrain, ssl
+    from covid_keras.training import pretraining, ssl
 
-    cfg = pretrain.PretrainConfig(
+    cfg = pretraining.PretrainConfig(
         data_dir=data_dir, run_dir=str(Path(work_dir) / "pretrained"), backbone="tiny",
         input_size=64, batch_size=32, epochs=epochs, warmup_epochs=0,
         learning_rate=learning_rate, seed=seed, probe_split="val", probe_every=epochs,
         verbose=0)
-    pretrained = pretrain.pretrain(cfg)["final"]["linear_slice_auc"]
-    probe = pretrain.Probe(data_dir, "val", cfg.input_size, "tiny", 64, k=cfg.knn_k)
+    pretrained = pretraining.pretrain(cfg)["final"]["linear_slice_auc"]
+    probe = pretraining.Probe(data_dir, "val", cfg.input_size, "tiny", 64, k=cfg.knn_k)
     random = []
     for r in range(random_inits):
         keras.utils.set_random_seed(seed + r)

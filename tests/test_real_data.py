@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 from data_prep import dicom_io, preprocess
 from data_prep.errors import StudyError
 from tests.conftest import shared_subdir

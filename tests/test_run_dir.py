@@ -1,11 +1,12 @@
-"""covid_keras.run_dir: the run folder's names, flags, checkpoint, state and model spec."""
+"""covid_keras.io.run_dir: the run folder's names, flags, checkpoint, state and model spec."""
 
 import json
 
 import pytest
 
-from covid_keras import evaluation, saving
-from covid_keras.run_dir import RunDir, read_flagfile
+from covid_keras.evaluation import evaluation
+from covid_keras.io.run_dir import RunDir, read_flagfile
+from covid_keras.model import saving
 
 
 def test_state_and_checkpoint(tmp_path):

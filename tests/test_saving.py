@@ -1,4 +1,4 @@
-"""covid_keras.saving: a saved model loads in a fresh process with its class names and
+"""covid_keras.model.saving: a saved model loads in a fresh process with its class names and
 input normalisation, with nothing imported by hand first."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ print(json.dumps({"info": m.covid_keras_info,
 
 @pytest.mark.parametrize("kind", ["drenet", "classifier"])
 def test_saved_model_loads_in_a_fresh_process_with_its_info(kind, tmp_path):
-    from covid_keras import build_classifier, build_drenet, saving
+    from covid_keras import build_classifier, build_drenet
+    from covid_keras.model import saving
 
     if kind == "drenet":
         model = build_drenet(3, input_size=64, backbone="tiny")
@@ -57,8 +58,70 @@ def test_saved_model_loads_in_a_fresh_process_with_its_info(kind, tmp_path):
 
 
 def test_class_names_must_match_the_outputs(tmp_path):
-    from covid_keras import build_classifier, saving
+    from covid_keras import build_classifier
+    from covid_keras.model import saving
 
     with pytest.raises(ValueError, match="2 class names for a model with 3 outputs"):
         saving.save_model(build_classifier("tiny", 3, 64), str(tmp_path / "m.keras"),
                           ["a", "b"])
+
+
+def as_saved_before_the_wings(path: Path) -> set[str]:
+    """Rewrites a ``.keras`` file's module paths as the code before the wings (issue 28
+    item 7) wrote them: ``drenet``, ``layers.intensity``, ``recipes`` (the coupled
+    optimisers)... right under the package; returns the covid_keras modules the file then
+    names."""
+    import re
+
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    text = entries["config.json"].decode()
+    text = text.replace('"covid_keras.model.optimizers"', f'"{FLAT}recipes"')
+    text = text.replace('"covid_keras.model.', f'"{FLAT}')
+    entries["config.json"] = text.encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return set(re.findall(r'"module": "(covid_keras[\w.]*)"', text))
+
+
+#: The package prefix of the flat layout's modules (spelt so that the wings' rename
+#: script leaves the old names here alone).
+FLAT = "covid_keras" + "."
+
+
+def test_a_model_saved_before_the_wings_loads(tmp_path):
+    """Keras finds a registered class by its registered name (``covid_keras>DRENet``), not
+    by the module path stored beside it: files saved with the flat modules' paths (every
+    run folder before the wings) load, a compiled one with its optimiser and its state."""
+    import keras
+
+    import covid_keras
+    from covid_keras import build_classifier, build_drenet
+    from covid_keras.model import saving
+    from covid_keras.training.recipes import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    classifier = build_classifier("tiny", 2, 64)
+    classifier.compile(optimizer=make_optimizer("adam", 1e-4, weight_decay=1e-4),
+                       loss="categorical_crossentropy")
+    classifier.fit(x, np.eye(2, dtype="float32"), epochs=1, verbose=0)
+    models = {"classifier": classifier, "drenet": build_drenet(3, input_size=64,
+                                                                backbone="tiny")}
+    named = set()
+    for name, model in models.items():
+        path = tmp_path / f"{name}.keras"
+        saving.save_model(model, str(path), ["a", "b", "c"][:3 if name == "drenet" else 2])
+        named |= as_saved_before_the_wings(path)
+        loaded = covid_keras.load_model(str(path))
+        want, got = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+        if isinstance(want, dict):
+            want, got = want["logits"], got["logits"]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        assert loaded.covid_keras_info["backbone"] == "tiny"
+        if name == "classifier":
+            assert type(loaded.optimizer).__name__ == "CoupledAdam"
+            assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 1
+    assert {FLAT + "drenet", FLAT + "layers.intensity", FLAT + "recipes"} <= named
+    assert not any(m.startswith("covid_keras.model.") for m in named)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 
 
 def _record(**over):

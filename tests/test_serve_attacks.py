@@ -162,15 +162,15 @@ def test_the_signature_refuses_image_bombs_itself(export_base):
     bomb before decoding it (a server that does not check, e.g. TF Serving)."""
     import cv2
 
-    from covid_keras import serve, serving_signatures
+    from covid_keras.serving import model_server, serving_signatures
 
-    servable = serve.Servable("drenet", 1, str(export_base / "1"))
+    servable = model_server.Servable("drenet", 1, str(export_base / "1"))
     servable.max_image_pixels = None  # the server's own check off: the graph's answers
     big = np.zeros((4100, 4100), np.uint8)
     for ext in (".png", ".jpg"):
         data = cv2.imencode(ext, big)[1].tobytes()
         assert serving_signatures.image_header_size(data) == (4100, 4100)
-        with pytest.raises(serve.ServingError, match="pixels"):
+        with pytest.raises(model_server.ServingError, match="pixels"):
             servable.run("predict_images", {"image_bytes": np.array([data], dtype=object)})
     ok = cv2.imencode(".jpg", np.full((80, 100), 128, np.uint8))[1].tobytes()
     assert serving_signatures.image_header_size(ok) == (80, 100)
@@ -309,19 +309,19 @@ def test_the_pool_is_bounded_and_skips_clients_that_have_gone():
     """Inference runs in a bounded pool: over workers + queue is 503 at once; a request
     whose client has gone before its turn is never computed (reproduction 4's server
     side)."""
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
-    pool = serve.InferencePool(1, 1)
+    pool = model_server.InferencePool(1, 1)
     release = threading.Event()
     ran = []
     first = pool.submit(release.wait, 30)
     second = pool.submit(ran.append, "computed", alive=lambda: False)
-    with pytest.raises(serve.ServingError) as err:
+    with pytest.raises(model_server.ServingError) as err:
         pool.submit(ran.append, "third")
     assert err.value.http == 503 and err.value.grpc_code == "UNAVAILABLE"
     release.set()
     assert first.result(timeout=10) is True
-    with pytest.raises(serve.ClientGone):
+    with pytest.raises(model_server.ClientGone):
         second.result(timeout=10)
     assert ran == []
     assert pool.submit(ran.append, "later").result(timeout=10) is None and ran == ["later"]
@@ -329,19 +329,19 @@ def test_the_pool_is_bounded_and_skips_clients_that_have_gone():
 
 
 def test_access_rules_unit():
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
-    loop = serve.Access.for_binding("127.0.0.1", None, None)
+    loop = model_server.Access.for_binding("127.0.0.1", None, None)
     assert loop.host_ok("127.0.0.1:8501") and loop.host_ok("localhost")
     assert loop.host_ok("[::1]:8501") and not loop.host_ok("evil.example")
     assert loop.token_ok(None)
-    assert serve.Access.same_origin(None, "127.0.0.1:1")
-    assert serve.Access.same_origin("http://127.0.0.1:1", "127.0.0.1:1")
-    assert not serve.Access.same_origin("http://evil.example", "127.0.0.1:1")
-    assert not serve.Access.same_origin(None, "127.0.0.1:1", "cross-site")
+    assert model_server.Access.same_origin(None, "127.0.0.1:1")
+    assert model_server.Access.same_origin("http://127.0.0.1:1", "127.0.0.1:1")
+    assert not model_server.Access.same_origin("http://evil.example", "127.0.0.1:1")
+    assert not model_server.Access.same_origin(None, "127.0.0.1:1", "cross-site")
     with pytest.raises(ValueError, match="allowed_hosts"):
-        serve.Access.for_binding("0.0.0.0", None, None)
-    anyhost = serve.Access(["*"])
+        model_server.Access.for_binding("0.0.0.0", None, None)
+    anyhost = model_server.Access(["*"])
     assert anyhost.host_ok("anything")
 
 
@@ -362,10 +362,10 @@ class _FakeManager:
     max_instances = 8
 
     def get(self, name, version=None):
-        from covid_keras import serve
+        from covid_keras.serving import model_server
 
         if name != "drenet":
-            raise serve.not_found(f"Servable not found for request: Latest({name})")
+            raise model_server.not_found(f"Servable not found for request: Latest({name})")
         return _FakeServable()
 
     def status(self, name, version=None):
@@ -376,15 +376,15 @@ class _FakeManager:
 def fake_rest():
     """The REST app in this process over _FakeManager, on a free port: (port, app) and a
     function to start it with a byte budget and a timeout."""
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     started = []
 
     def start(budget_bytes: int, timeout_s: float = 3.0):
-        pool = serve.InferencePool(1, 4)
-        budget = serve.ByteBudget(budget_bytes)
-        rest = serve.make_rest_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, timeout_s,
-                                      4, serve.Access(), pool, budget)
+        pool = model_server.InferencePool(1, 4)
+        budget = model_server.ByteBudget(budget_bytes)
+        rest = model_server.make_rest_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, timeout_s,
+                                             4, model_server.Access(), pool, budget)
         rest.start()
         started.append((rest, pool))
         for _ in range(400):
@@ -489,7 +489,7 @@ def test_a_slow_body_that_keeps_coming_is_not_timed_out(fake_rest):
 def test_deep_nesting_under_orjsons_limit_is_400(fake_rest):
     """Review of issue 29, 2: JSON nested 900 deep (orjson accepts 1024 levels) recursed
     in the conversion into RecursionError, a 500. Nesting deeper than MAX_DEPTH is 400."""
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     port, budget = fake_rest(1 << 20)
     for leaf in (b"0", b'"text"', b'{"b64": "AA=="}'):
@@ -500,11 +500,11 @@ def test_deep_nesting_under_orjsons_limit_is_400(fake_rest):
         s.close()
         assert answer.startswith(b"HTTP/1.1 400"), (leaf, answer[:300])
         assert b"nested" in answer
-    with pytest.raises(serve.ServingError) as err:
-        serve.parse_predict_body({"inputs": {"x": json.loads("[" * 33 + "1" + "]" * 33)}},
-                                 ["x"])
+    with pytest.raises(model_server.ServingError) as err:
+        model_server.parse_predict_body({"inputs": {"x": json.loads("[" * 33 + "1" + "]" * 33)}},
+                                        ["x"])
     assert err.value.http == 400
-    ok = serve.parse_predict_body({"inputs": json.loads("[" * 32 + "1" + "]" * 32)}, ["x"])
+    ok = model_server.parse_predict_body({"inputs": json.loads("[" * 32 + "1" + "]" * 32)}, ["x"])
     assert ok[0]["x"].ndim == 32
     assert budget.used == 0
 
@@ -512,7 +512,7 @@ def test_deep_nesting_under_orjsons_limit_is_400(fake_rest):
 def test_a_failed_version_is_loaded_again_only_when_its_files_change(tmp_path, monkeypatch):
     """Review of issue 29, 3: a version that failed to load was loaded again (a whole
     tf.saved_model.load) at every poll. It is retried once its folder has changed."""
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     loads = []
 
@@ -523,12 +523,12 @@ def test_a_failed_version_is_loaded_again_only_when_its_files_change(tmp_path, m
                 raise FileNotFoundError("variables/ is missing")
             self.name, self.version, self.path = name, version, path
 
-    monkeypatch.setattr(serve, "Servable", Broken)
+    monkeypatch.setattr(model_server, "Servable", Broken)
     for v in ("1", "2"):
         (tmp_path / v).mkdir()
         (tmp_path / v / "saved_model.pb").write_bytes(b"pb")
     (tmp_path / "1" / "variables").mkdir()
-    manager = serve.ModelManager("drenet", str(tmp_path), 0)
+    manager = model_server.ModelManager("drenet", str(tmp_path), 0)
     manager.poll()
     assert loads == [2, 1] and manager.current.version == 1
     assert manager.status("drenet", 2)[0]["state"] == "END"
@@ -551,7 +551,7 @@ def test_grpc_client_gone_ends_cancelled_not_internal(monkeypatch, caplog):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from covid_keras import serve
+    from covid_keras.serving import model_server
 
     captured = {}
     monkeypatch.setattr(prediction_service_pb2_grpc, "add_PredictionServiceServicer_to_server",
@@ -573,9 +573,9 @@ def test_grpc_client_gone_ends_cancelled_not_internal(monkeypatch, caplog):
             self.code, self.details = code, details
             raise Exception()
 
-    pool = serve.InferencePool(1, 1)
-    server, _ = serve.make_grpc_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, 1,
-                                       serve.Access(), pool)
+    pool = model_server.InferencePool(1, 1)
+    server, _ = model_server.make_grpc_server(_FakeManager(), "127.0.0.1", 0, 1 << 20, 1, 1,
+                                              model_server.Access(), pool)
     try:
         req = predict_pb2.PredictRequest()
         req.model_spec.name = "drenet"

@@ -1,6 +1,6 @@
 """covid_keras.serve's REST predict path without a Python object per value (issue 29: the
 serving cost that is not the model): a long plain numeric array is converted straight from
-the request's bytes (serve.loads_predict). Every body gives what the ordinary path gives
+the request's bytes (model_server.loads_predict). Every body gives what the ordinary path gives
 (orjson, then NumPy): the same arrays (dtype, shape, every bit), or the same 400 error."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from covid_keras import serve
+from covid_keras.serving import model_server
 
 
 def outcome(parse, raw: bytes, names=("images",)):
     """("ok", row format, {name: (dtype, shape, bytes)}) or ("error", HTTP status, text)."""
     try:
-        inputs, rows = serve.parse_predict_body(parse(raw), sorted(names), 1024)
-    except serve.ServingError as err:
+        inputs, rows = model_server.parse_predict_body(parse(raw), sorted(names), 1024)
+    except model_server.ServingError as err:
         return ("error", err.http, str(err))
     got = {}
     for k, v in inputs.items():
@@ -27,8 +27,8 @@ def outcome(parse, raw: bytes, names=("images",)):
 
 def same(raw: bytes, names=("images",)):
     """The fast path's outcome equals the ordinary path's; returns it."""
-    want = outcome(serve.loads, raw, names)
-    got = outcome(serve.loads_predict, raw, names)
+    want = outcome(model_server.loads, raw, names)
+    got = outcome(model_server.loads_predict, raw, names)
     assert got == want, (raw[:200], got if got[0] == "error" else got[:2],
                          want if want[0] == "error" else want[:2])
     return got
@@ -37,7 +37,7 @@ def same(raw: bytes, names=("images",)):
 @pytest.fixture()
 def small(monkeypatch):
     """Short test bodies take the fast path too."""
-    monkeypatch.setattr(serve, "FAST_MIN_BYTES", 1)
+    monkeypatch.setattr(model_server, "FAST_MIN_BYTES", 1)
 
 
 def body(value: str, key: str = "inputs", extra: str = "") -> bytes:
@@ -49,8 +49,8 @@ def test_a_study_is_converted_from_the_bytes_exactly():
     images = np.repeat(rng.integers(0, 256, (6, 32, 32, 1)), 3, axis=-1)
     raw = json.dumps({"signature_name": "predict_study", "inputs": {"images": images.tolist()}},
                      separators=(",", ":")).encode()
-    assert len(raw) > serve.FAST_MIN_BYTES
-    parsed = serve.loads_predict(raw)
+    assert len(raw) > model_server.FAST_MIN_BYTES
+    parsed = model_server.loads_predict(raw)
     assert isinstance(parsed["inputs"]["images"], np.ndarray)  # no Python list per value
     assert parsed["inputs"]["images"].dtype == np.int64
     assert np.array_equal(parsed["inputs"]["images"], images)
@@ -59,8 +59,8 @@ def test_a_study_is_converted_from_the_bytes_exactly():
     for text in (json.dumps({"inputs": {"images": floats.tolist()}}),  # ", " spaces
                  json.dumps({"instances": floats.tolist()}, indent=2)):  # newlines, indents
         raw = text.encode()
-        assert isinstance(serve.loads_predict(raw).get("inputs", {"images": None})["images"]
-                          if "inputs" in text else serve.loads_predict(raw)["instances"],
+        assert isinstance(model_server.loads_predict(raw).get("inputs", {"images": None})["images"]
+                          if "inputs" in text else model_server.loads_predict(raw)["instances"],
                           np.ndarray)
         kind, _, got = same(raw)
         assert kind == "ok" and got["images"][0] == "<f8"
@@ -81,7 +81,7 @@ ODD = ["[01]", "[1.]", "[.5]", "[-]", "[--1]", "[1-2]", "[1..2]", "[1.2.3]", "[1
 @pytest.mark.parametrize("value", VALID + ODD)
 def test_each_value_as_the_ordinary_path(small, value):
     if value in VALID:  # taken from the bytes, not parsed into Python values
-        assert isinstance(serve.loads_predict(body(value))["inputs"], np.ndarray)
+        assert isinstance(model_server.loads_predict(body(value))["inputs"], np.ndarray)
     for raw in (body(value), body("{\"images\": " + value + "}"), body(value, "instances"),
                 body(value, extra=', "instances": [1]'), body(value, extra=', "x": ' + value)):
         same(raw)
@@ -138,7 +138,7 @@ def test_random_arrays_and_random_damage(small):
 def test_big_bodies_keep_the_limits():
     """Converted from the bytes, a tensor still meets --max_instances, and a non-numeric or
     too deep one goes the ordinary way (400)."""
-    n = serve.FAST_MIN_BYTES // 4 + 2000
+    n = model_server.FAST_MIN_BYTES // 4 + 2000
     many = ("[" + ",".join(["[1,2]"] * n) + "]").encode()
     raw = b'{"inputs": ' + many + b"}"
     kind, status, text = same(raw)
@@ -151,7 +151,7 @@ def test_big_bodies_keep_the_limits():
 def test_chunk_boundaries(small, monkeypatch):
     """Tokens converted a few at a time: ints, fractions and -0 across chunk ends give the
     ordinary path's array (a chunk of ints next to one with fractions: float64 throughout)."""
-    monkeypatch.setattr(serve, "_FAST_CHUNK", 7)
+    monkeypatch.setattr(model_server, "_FAST_CHUNK", 7)
     rng = np.random.default_rng(3)
     for _ in range(100):
         rows, cols = int(rng.integers(1, 6)), int(rng.integers(1, 9))
@@ -162,5 +162,5 @@ def test_chunk_boundaries(small, monkeypatch):
         text = "[" + ",".join("[" + ",".join(words[r * cols:(r + 1) * cols]) + "]"
                               for r in range(rows)) + "]"
         raw = ('{"inputs": ' + text + "}").encode()
-        assert isinstance(serve.loads_predict(raw)["inputs"], np.ndarray)
+        assert isinstance(model_server.loads_predict(raw)["inputs"], np.ndarray)
         same(raw)

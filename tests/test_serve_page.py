@@ -20,7 +20,7 @@ pytest.importorskip("starlette", reason="the [web] extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 pytest.importorskip("python_multipart", reason="the [web] extra is not installed")
 
-from covid_keras import serve, web  # noqa: E402
+from covid_keras.serving import model_server, web_app  # noqa: E402
 from data_prep import phantom  # noqa: E402
 from tests.helpers import ServeProcess, copy_export  # noqa: E402
 from tests.test_web import (  # noqa: E402
@@ -43,7 +43,7 @@ def post_get(app, path) -> str:
 
 
 def _card():
-    return web.model_card(FakeModel.info, FakeModel.source, None, None)
+    return web_app.model_card(FakeModel.info, FakeModel.source, None, None)
 
 
 def test_leftovers_of_a_killed_page_are_removed_at_start(tmp_path):
@@ -59,10 +59,10 @@ def test_leftovers_of_a_killed_page_are_removed_at_start(tmp_path):
     live.mkdir()
     other = root / "not_ours.txt"
     other.write_text("kept")
-    web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(root))
+    web_app.create_app(FakeModel(), _card(), SALT, tmp_dir=str(root))
     assert sorted(p.name for p in root.iterdir()) == sorted([live.name, other.name])
     # the default root is private to the user
-    default = web.work_root(None)
+    default = web_app.work_root(None)
     assert Path(default).name == f"covid_keras_web-{os.getuid()}"
     assert os.stat(default).st_mode & 0o077 == 0
 
@@ -71,8 +71,8 @@ def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
     """Reproduction 4: 200 MB of 'DICM' then zeros held the model slot for 152 s. The meta
     header is parsed within the first KB, before the rest arrives: the rest is never
     written, and with no other file the upload is refused without reaching the model."""
-    limits = web.Limits(max_upload_bytes=64 << 20)
-    app = web.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
+    limits = web_app.Limits(max_upload_bytes=64 << 20)
+    app = web_app.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
     seen = {"max": 0, "on_disk": []}
 
     def on_disk() -> int:
@@ -110,11 +110,11 @@ def test_junk_that_starts_as_dicom_is_refused_as_it_streams_in(tmp_path):
     for head, ok in ((DICOM_PREAMBLE, False), (DICOM_PREAMBLE + b"\0" * 64, False),
                      (DICOM_PREAMBLE + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0",
                       True)):
-        assert web.dicom_meta_ok(head, True) is ok
+        assert web_app.dicom_meta_ok(head, True) is ok
     real = phantom.write_study(tmp_path / "s", kind="normal", num_slices=2, matrix=32, seed=0,
                                patient_id="PHANTOM-X")
     first = sorted(Path(real).iterdir())[0].read_bytes()
-    assert web.dicom_meta_ok(first[:1024], False) is True
+    assert web_app.dicom_meta_ok(first[:1024], False) is True
 
 
 class AnsweringModel(FakeModel):
@@ -150,7 +150,7 @@ def test_one_bad_dicom_file_is_skipped_not_the_whole_upload(tmp_path):
     bad_name = "Doe_Jane/Doe_Jane_1970-01-01.dcm"
     uploads = good[:3] + [(bad_name, bad_meta)] + good[3:]
     model = AnsweringModel()
-    app = web.create_app(model, _card(), SALT, tmp_dir=str(tmp_path / "root"))
+    app = web_app.create_app(model, _card(), SALT, tmp_dir=str(tmp_path / "root"))
     r = post(app, uploads)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -189,19 +189,19 @@ def test_zip_expansion_is_reserved_against_a_global_budget(tmp_path, monkeypatch
     rng = np.random.default_rng(0)
     entries = [(f"{i}.dcm", rng.integers(0, 256, 400_000, dtype=np.uint8).tobytes())
                for i in range(4)]  # 1.6 MB that does not compress
-    limits = web.Limits(max_upload_bytes=8 << 20, max_zip_bytes=4 << 20,
-                        disk_budget_bytes=3 << 20)
-    app = web.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
+    limits = web_app.Limits(max_upload_bytes=8 << 20, max_zip_bytes=4 << 20,
+                            disk_budget_bytes=3 << 20)
+    app = web_app.create_app(FakeModel(), _card(), SALT, limits, tmp_dir=str(tmp_path))
     writes = []
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
-    original = predict.unpack_zip
+    original = predictor.unpack_zip
 
     def spy(*args, **kw):
         writes.append(args)
         return original(*args, **kw)
 
-    monkeypatch.setattr(predict, "unpack_zip", spy)
+    monkeypatch.setattr(predictor, "unpack_zip", spy)
     r = post(app, [("s.zip", zip_bytes(entries))])
     assert r.status_code == 503 and r.json()["reason"] == "busy", r.text
     assert writes == []  # refused before anything was unpacked
@@ -209,15 +209,15 @@ def test_zip_expansion_is_reserved_against_a_global_budget(tmp_path, monkeypatch
     r = post(app, [("s.zip", bomb)])
     assert r.status_code == 413 and r.json()["reason"] == "zip_bomb", r.text
     assert writes == []
-    ok = web.create_app(FakeModel(), _card(), SALT, web.Limits(
+    ok = web_app.create_app(FakeModel(), _card(), SALT, web_app.Limits(
         max_upload_bytes=8 << 20, max_zip_bytes=4 << 20, disk_budget_bytes=16 << 20),
         tmp_dir=str(tmp_path))
     r = post(ok, [("s.zip", zip_bytes(entries))])  # within the budget: unpacked and checked
     assert r.status_code == 400 and r.json()["reason"] == "not_an_image" and len(writes) == 1
     assert list(tmp_path.iterdir()) == []
-    budget = web.DiskBudget(10)
+    budget = web_app.DiskBudget(10)
     budget.reserve(6)
-    with pytest.raises(web.UploadRejected):
+    with pytest.raises(web_app.UploadRejected):
         budget.reserve(5)
     budget.release(6)
     budget.reserve(10)
@@ -235,7 +235,7 @@ def test_a_client_that_has_gone_is_not_predicted_for(tmp_path):
     """Reproduction 4's other half: requests whose clients had gone still ran."""
     study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12, matrix=96,
                                 seed=1, patient_id="PHANTOM-G")
-    app = web.create_app(CountingModel(), _card(), SALT, tmp_dir=str(tmp_path / "root"))
+    app = web_app.create_app(CountingModel(), _card(), SALT, tmp_dir=str(tmp_path / "root"))
     CountingModel.calls = 0
     r = post(app, study_files(Path(study)))
     assert r.status_code == 422 and CountingModel.calls == 1, r.text  # it reaches the model
@@ -269,8 +269,8 @@ def test_a_client_that_has_gone_is_not_predicted_for(tmp_path):
 def test_page_access_control(tmp_path):
     """Reproduction 8 on the page: Host (DNS rebinding) on every route, a cross-site POST,
     the token (a bearer header, or the cookie the login form sets; never a URL)."""
-    access = serve.Access(["127.0.0.1"], TOKEN)
-    app = web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path), access=access)
+    access = model_server.Access(["127.0.0.1"], TOKEN)
+    app = web_app.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path), access=access)
     form = {"content-type": "application/x-www-form-urlencoded"}
     evil = {"Host": "evil.example"}
 
@@ -324,7 +324,7 @@ def test_page_access_control(tmp_path):
             same = await client.post("/api/predict", content=b"x", headers={
                 "Origin": "http://127.0.0.1", "content-type": "text/plain"})
             out["same_site"] = same.status_code
-            client.cookies.set(web.TOKEN_COOKIE, TOKEN)  # the raw token is not the key
+            client.cookies.set(web_app.TOKEN_COOKIE, TOKEN)  # the raw token is not the key
             out["raw_token_cookie"] = (await client.get("/api/card")).status_code
             return out
 
@@ -338,8 +338,8 @@ def test_page_access_control(tmp_path):
                    "static_with_cookie": 200, "cross_site": 403, "same_site": 415,
                    "raw_token_cookie": 401}, got
     # no token configured: the login is a redirect to the page, and the Host check stays
-    open_app = web.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path),
-                              access=serve.Access(["127.0.0.1"], None))
+    open_app = web_app.create_app(FakeModel(), _card(), SALT, tmp_dir=str(tmp_path),
+                                  access=model_server.Access(["127.0.0.1"], None))
 
     async def go_open():
         transport = httpx.ASGITransport(app=open_app)
@@ -360,9 +360,9 @@ def test_the_page_names_the_version_that_answered(tmp_path, drenet_export):
     study = phantom.write_study(tmp_path / "study", kind="normal", num_slices=12, matrix=96,
                                 seed=0, patient_id="PHANTOM-V")
     with ServeProcess(base, tmp_path) as server:
-        served = web.load(str(base), server.url, "drenet", 60)
-        card = web.build_card(served, str(base), None, None)
-        app = web.create_app(served, card, SALT, tmp_dir=str(tmp_path / "root"))
+        served = web_app.load(str(base), server.url, "drenet", 60)
+        card = web_app.build_card(served, str(base), None, None)
+        app = web_app.create_app(served, card, SALT, tmp_dir=str(tmp_path / "root"))
         r = post(app, study_files(Path(study)))
         assert r.status_code == 200, r.text
         assert r.json()["prediction"]["model"]["version"] == "1"

@@ -42,30 +42,30 @@ def stub():
 
 
 def test_the_token_file_becomes_a_bearer_header(stub, tmp_path):
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     url, seen = stub
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-0123456789\n")
-    model = predict.ServerModel(url, "drenet", {"input_size": 64}, 10.0,
-                                predict.server_token(str(token_file)))
+    model = predictor.ServerModel(url, "drenet", {"input_size": 64}, 10.0,
+                                  predictor.server_token(str(token_file)))
     assert seen == ["Bearer s3cret-token-0123456789"] and model.version == "3"
-    predict.ServerModel(url, "drenet", {"input_size": 64}, 10.0, predict.server_token(None))
+    predictor.ServerModel(url, "drenet", {"input_size": 64}, 10.0, predictor.server_token(None))
     assert seen[-1] is None  # no token file: no header
 
 
 def test_a_bad_token_file_is_one_line_naming_the_flag(tmp_path):
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     short = tmp_path / "short"
     short.write_text("abc")
     with pytest.raises(ValueError, match="--server_token_file .*16 characters"):
-        predict.server_token(str(short))
+        predictor.server_token(str(short))
 
 
 def test_the_page_passes_the_token_to_its_server_model(stub, tmp_path):
-    from covid_keras import web
+    from covid_keras.serving import web_app
 
     url, seen = stub
-    web.load(None, url, "drenet", 10.0, "page-token-0123456789")
+    web_app.load(None, url, "drenet", 10.0, "page-token-0123456789")
     assert seen == ["Bearer page-token-0123456789"]

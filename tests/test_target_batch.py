@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from covid_keras import schema
+from covid_keras.core import schema
 from tests.test_bad_inputs import _undecodable, edit, series, write_png_bomb
 from tests.test_build_tfrecords import failures, read_records
 from tests.test_phi import (

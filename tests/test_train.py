@@ -128,7 +128,7 @@ def test_a_run_is_repeated_from_its_flags_cfg(mirrored_run, data_dir, tmp_path):
 
 def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, tmp_path):
 
-    from covid_keras import saving
+    from covid_keras.model import saving
 
     run_train(data_dir, tmp_path / "run", "--input_norm=per_image", "--zoom_jitter=0.2",
               "--gamma_jitter=0.3", "--epochs=1", "--steps_per_epoch=2")
@@ -148,8 +148,9 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
     import keras
     import numpy as np
 
-    from covid_keras import data, saving
-    from covid_keras.bn_stats import population_statistics
+    from covid_keras.io import data
+    from covid_keras.model import saving
+    from covid_keras.training.bn_stats import population_statistics
 
     for stats, want_equal in (("population", True), ("moving", False)):
         run_dir = tmp_path / stats
@@ -181,7 +182,7 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
 
 
 def test_order_seed_mixes_studies_in_a_fixed_order(data_dir):
-    from covid_keras import data
+    from covid_keras.io import data
 
     cfg = data.PipelineConfig(input_size=64, backbone="tiny")
 
@@ -206,7 +207,7 @@ def test_order_seed_mixes_studies_in_a_fixed_order(data_dir):
 @pytest.mark.parametrize("input_norm", ["none", "per_image"])
 def test_init_from_reads_the_saved_models_input_norm(input_norm, tmp_path):
     from covid_keras import build_classifier, build_drenet
-    from covid_keras.saving import saved_model_spec
+    from covid_keras.model.saving import saved_model_spec
 
     build_drenet(2, input_size=64, backbone="tiny", input_norm=input_norm).save(
         tmp_path / "d.keras")
@@ -270,7 +271,7 @@ def test_tensorboard_events_have_the_grouped_scalars_and_images(mirrored_run):
 
 
 def test_box_images_come_from_different_patients_of_each_class():
-    from covid_keras.callbacks import display_indices
+    from covid_keras.training.callbacks import display_indices
 
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 0, 0])
     keys = ["a", "a", "a", "b", "b", "c", "d", "d", "e", "e"]
@@ -317,7 +318,7 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
     log = read_log(run_dir)
     assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # resumed at epoch 1, not 0
 
-    from covid_keras import saving
+    from covid_keras.model import saving
 
     model = saving.load_model(str(run_dir / "final.keras"))
     # The resumed run restarts epoch 1 from the mid-epoch backup's weights and optimizer
@@ -343,7 +344,7 @@ def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp
     for key in ("prediction_loss", "concat_loss", "raw_loss"):
         assert final[key] == pytest.approx(float(log[-1]["val_" + key]), rel=1e-4), key
 
-    from covid_keras import saving
+    from covid_keras.model import saving
 
     for name in ("best.keras", "final.keras"):
         optimizer = saving.load_model(str(run_dir / name)).optimizer
@@ -448,8 +449,8 @@ def test_two_workers_on_localhost(data_dir, tmp_path):
 
 
 def test_evaluation_counts_every_record_once(data_dir):
-    from covid_keras import data
-    from covid_keras.callbacks import Evaluator
+    from covid_keras.io import data
+    from covid_keras.training.callbacks import Evaluator
 
     manifest = data.read_manifest(str(data_dir))
     for split in ("train", "val", "test"):
@@ -467,7 +468,7 @@ def test_evaluation_counts_every_record_once(data_dir):
 
 
 def test_multi_worker_shards_are_disjoint_and_complete(data_dir):
-    from covid_keras import data
+    from covid_keras.io import data
 
     cfg = data.PipelineConfig(input_size=64, backbone="tiny")
     files = data.shard_files(str(data_dir), "train")
@@ -486,7 +487,9 @@ RAM_RUN = """
 import json, os, sys
 import tensorflow as tf
 from absl import flags
-from covid_keras import cli, saving, train
+from covid_keras.core import cli
+from covid_keras.model import saving
+from covid_keras import train
 src = sys.argv[1]
 tf.io.gfile.makedirs("ram://data")
 for name in tf.io.gfile.listdir(src):
@@ -523,7 +526,7 @@ def test_data_and_run_folders_on_another_file_system(data_dir):
 
 
 def test_train_pipeline_batches_and_augments(data_dir):
-    from covid_keras import data
+    from covid_keras.io import data
 
     cfg = data.PipelineConfig(input_size=64, backbone="resnet50", rotation_degrees=10, seed=1)
     ds = data.make_dataset(str(data_dir), "train", 4, training=True, cfg=cfg, repeat=True)
@@ -541,7 +544,7 @@ def test_train_pipeline_batches_and_augments(data_dir):
 
 def test_finetune_head_only_from_a_trained_model(mirrored_run, data_dir, tmp_path):
 
-    from covid_keras import saving
+    from covid_keras.model import saving
 
     src = mirrored_run[0] / "final.keras"
     # --backbone=resnet50 (configs/finetune_new_hospital.cfg's) must not normalise the

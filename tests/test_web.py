@@ -28,7 +28,7 @@ pytest.importorskip("python_multipart", reason="the [web] extra is not installed
 
 import httpx  # noqa: E402
 
-from covid_keras import web  # noqa: E402
+from covid_keras.serving import web_app  # noqa: E402
 from data_prep import phantom  # noqa: E402
 from tests.helpers import (  # noqa: E402
     CLASSES3,
@@ -60,7 +60,7 @@ def artifacts_dir() -> Path:
 # ------------------------------------------------------------------ helpers
 def synthetic_metrics(classes=CLASSES3, threshold=0.3, split="val") -> dict:
     """An evaluation's metrics.json content (evaluation's own code, synthetic predictions)."""
-    from covid_keras import evaluation as ev
+    from covid_keras.evaluation import evaluation as ev
 
     rng = np.random.default_rng(3)
     labels, keys, probs, sites = [], [], [], []
@@ -184,21 +184,21 @@ class LiveServer:
 
 # ------------------------------------------------------------------ fast: no model
 def test_upload_names_are_made_safe():
-    assert web.upload_parts("study/a b/IM0001.dcm", 1) == ["study", "a b", "IM0001.dcm"]
-    assert web.upload_parts("/abs/x.png", 1) == ["abs", "x.png"]
-    assert web.upload_parts("C:\\scans\\x<y>.dcm", 1) == ["C_", "scans", "x_y_.dcm"]
-    assert web.upload_parts(".DS_Store", 1) is None
-    assert web.upload_parts("__MACOSX/study/._IM1", 1) is None
-    with pytest.raises(web.UploadRejected) as err:
-        web.upload_parts("study/../../etc/passwd", 7)
+    assert web_app.upload_parts("study/a b/IM0001.dcm", 1) == ["study", "a b", "IM0001.dcm"]
+    assert web_app.upload_parts("/abs/x.png", 1) == ["abs", "x.png"]
+    assert web_app.upload_parts("C:\\scans\\x<y>.dcm", 1) == ["C_", "scans", "x_y_.dcm"]
+    assert web_app.upload_parts(".DS_Store", 1) is None
+    assert web_app.upload_parts("__MACOSX/study/._IM1", 1) is None
+    with pytest.raises(web_app.UploadRejected) as err:
+        web_app.upload_parts("study/../../etc/passwd", 7)
     assert err.value.reason == "unsafe_name" and "file 7" in str(err.value)
-    assert web.sniff(DICOM_PREAMBLE) == "dicom" and web.sniff(PNG_MAGIC + b"x") == "png"
-    assert web.sniff(b"\xff\xd8\xff\xe0") == "jpeg" and web.sniff(b"PK\x03\x04") == "zip"
-    assert web.sniff(b"%PDF-1.4") is None and web.sniff(b"\0" * 132) is None
+    assert web_app.sniff(DICOM_PREAMBLE) == "dicom" and web_app.sniff(PNG_MAGIC + b"x") == "png"
+    assert web_app.sniff(b"\xff\xd8\xff\xe0") == "jpeg" and web_app.sniff(b"PK\x03\x04") == "zip"
+    assert web_app.sniff(b"%PDF-1.4") is None and web_app.sniff(b"\0" * 132) is None
 
 
 def test_model_card_figures_come_from_the_export_and_the_metrics(tmp_path):
-    from covid_keras import evaluation as ev
+    from covid_keras.evaluation import evaluation as ev
 
     metrics = synthetic_metrics()
     data_dir = fake_manifest(tmp_path / "tfrecords")
@@ -208,16 +208,16 @@ def test_model_card_figures_come_from_the_export_and_the_metrics(tmp_path):
                                "normal": {"site_a": {"studies": 4, "patients": 4,
                                                      "slices": 60}}}}
     (data_dir / "manifest.json").write_text(json.dumps(man))
-    manifest = web.read_manifest(str(data_dir))
+    manifest = web_app.read_manifest(str(data_dir))
     info = {"class_names": CLASSES3, "input_size": 64, "backbone": "tiny", "model": "drenet",
             "variant": "paper", "windows": man["windows"],
             "data_prep": {"records_image_size": 64, "flags": {"num_slices": 15}},
             "decision": {"method": "threshold", "rule": "mean", "threshold": 0.3,
                          "positive_class": "covid", "criterion": "youden_j", "split": "val"},
             "dataset_manifest_sha256": manifest[1], "warnings": ["an export warning"]}
-    card = web.model_card(info, {"kind": "savedmodel", "model_name": "drenet", "version": 1},
-                          metrics, manifest, manifest_given=True)
-    page = web.card_html(card)
+    card = web_app.model_card(info, {"kind": "savedmodel", "model_name": "drenet", "version": 1},
+                              metrics, manifest, manifest_given=True)
+    page = web_app.card_html(card)
     for level in ("patient", "slice"):
         for k in ev.METRICS:
             e = metrics[level][k]
@@ -234,39 +234,39 @@ def test_model_card_figures_come_from_the_export_and_the_metrics(tmp_path):
     assert any("threshold was chosen on the split" in x for x in card["limits"])
     # a metrics.json of other classes, a manifest of other data: refused, not shown
     with pytest.raises(ValueError, match="classes"):
-        web.model_card(info, {}, synthetic_metrics(["normal", "covid"]), None)
+        web_app.model_card(info, {}, synthetic_metrics(["normal", "covid"]), None)
     with pytest.raises(ValueError, match="not the dataset manifest"):
-        web.model_card({**info, "dataset_manifest_sha256": "0" * 64}, {}, metrics, manifest,
-                       manifest_given=True)
+        web_app.model_card({**info, "dataset_manifest_sha256": "0" * 64}, {}, metrics, manifest,
+                           manifest_given=True)
     # a threshold other than the metrics' is said; no metrics is said
-    other = web.model_card({**info, "decision": {**info["decision"], "threshold": 0.5}}, {},
-                           metrics, None)
+    other = web_app.model_card({**info, "decision": {**info["decision"], "threshold": 0.5}}, {},
+                               metrics, None)
     assert any("computed at threshold 0.3" in x for x in other["limits"])
     assert "only when every slice is" not in page  # the mean rule has no normal class
-    any_card = web.model_card({**info, "decision": {**info["decision"], "rule": "any",
-                                                    "normal_class": "normal"}}, {}, None, None)
+    any_card = web_app.model_card({**info, "decision": {**info["decision"], "rule": "any",
+                                                        "normal_class": "normal"}}, {}, None, None)
     assert any_card["decision"]["normal_class"] == "normal"
-    assert "normal only when every slice is" in web.card_html(any_card)
-    none = web.model_card(info, {}, None, None)
+    assert "normal only when every slice is" in web_app.card_html(any_card)
+    none = web_app.model_card(info, {}, None, None)
     assert none["validation"] is None and any("No evaluation" in x for x in none["limits"])
     # evaluate's metrics.json is read; a training run's (no CIs) is refused
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "metrics.json").write_text(json.dumps(metrics))
-    assert web.read_metrics(str(tmp_path / "ev"))["patient"] == metrics["patient"]
+    assert web_app.read_metrics(str(tmp_path / "ev"))["patient"] == metrics["patient"]
     (tmp_path / "train_metrics.json").write_text(json.dumps(
         {"val_split": "val", "final": {"patient_auc": 0.9}}))
     with pytest.raises(ValueError, match="not an evaluation's metrics.json"):
-        web.read_metrics(str(tmp_path / "train_metrics.json"))
+        web_app.read_metrics(str(tmp_path / "train_metrics.json"))
 
 
 @pytest.fixture()
 def fake_app(tmp_path):
     tmp_root = tmp_path / "webtmp"
     tmp_root.mkdir()
-    card = web.model_card(FakeModel.info, FakeModel.source, synthetic_metrics(), None)
-    limits = web.Limits(max_upload_bytes=2 << 20, max_files=20, max_zip_bytes=1 << 20,
-                        max_zip_files=50)
-    return web.create_app(FakeModel(), card, SALT, limits, tmp_dir=str(tmp_root)), tmp_root
+    card = web_app.model_card(FakeModel.info, FakeModel.source, synthetic_metrics(), None)
+    limits = web_app.Limits(max_upload_bytes=2 << 20, max_files=20, max_zip_bytes=1 << 20,
+                            max_zip_files=50)
+    return web_app.create_app(FakeModel(), card, SALT, limits, tmp_dir=str(tmp_root)), tmp_root
 
 
 def test_the_page_always_shows_the_notice_and_the_card(fake_app):
@@ -276,8 +276,8 @@ def test_the_page_always_shows_the_notice_and_the_card(fake_app):
     assert "Research use only: not for clinical use." in r.text
     assert 'id="card-metrics"' in r.text and "Known limits" in r.text
     assert "<h3>Evaluation metrics on val</h3>" in r.text  # the split the card's metrics are of
-    test_card = web.card_html(web.model_card(FakeModel.info, FakeModel.source,
-                                             synthetic_metrics(split="test"), None))
+    test_card = web_app.card_html(web_app.model_card(FakeModel.info, FakeModel.source,
+                                                     synthetic_metrics(split="test"), None))
     assert "<h3>Evaluation metrics on test</h3>" in test_card
     assert "default-src 'none'" in r.headers["content-security-policy"]
     assert r.headers["cache-control"] == "no-store"
@@ -287,9 +287,9 @@ def test_the_page_always_shows_the_notice_and_the_card(fake_app):
 
 
 def test_a_full_queue_answers_busy(tmp_path):
-    card = web.model_card(FakeModel.info, FakeModel.source, None, None)
-    app = web.create_app(FakeModel(), card, SALT, web.Limits(max_queue=0),
-                         tmp_dir=str(tmp_path))
+    card = web_app.model_card(FakeModel.info, FakeModel.source, None, None)
+    app = web_app.create_app(FakeModel(), card, SALT, web_app.Limits(max_queue=0),
+                             tmp_dir=str(tmp_path))
     r = post(app, [("a.dcm", DICOM_PREAMBLE)])
     assert r.status_code == 503 and r.json()["reason"] == "busy"
     assert list(tmp_path.iterdir()) == []
@@ -338,7 +338,7 @@ def test_bad_uploads_are_refused_clearly_and_leave_nothing(fake_app, tmp_path):
 # ------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
     root = tmp_path_factory.mktemp("web")
     studies = {}
@@ -351,22 +351,22 @@ def setup(tmp_path_factory):
     metrics_dir = root / "eval"
     metrics_dir.mkdir()
     (metrics_dir / "metrics.json").write_text(json.dumps(synthetic_metrics()))
-    local = predict.LocalModel(str(root / "exports" / "drenet"))
-    card = web.build_card(local, str(root / "exports" / "drenet"), str(metrics_dir),
-                          str(data_dir))
+    local = predictor.LocalModel(str(root / "exports" / "drenet"))
+    card = web_app.build_card(local, str(root / "exports" / "drenet"), str(metrics_dir),
+                              str(data_dir))
     tmp_root = root / "webtmp"
     tmp_root.mkdir()
-    app = web.create_app(local, card, SALT, tmp_dir=str(tmp_root))
+    app = web_app.create_app(local, card, SALT, tmp_dir=str(tmp_root))
     return {"root": root, "studies": studies, "export": root / "exports" / "drenet",
             "metrics": metrics_dir, "model": local, "app": app, "tmp_root": tmp_root,
             "data_dir": data_dir}
 
 
 def direct(setup, folder: Path, tmp_path: Path) -> dict:
-    from covid_keras import predict
+    from covid_keras.serving import predictor
 
-    return predict.predict_study(str(folder), setup["model"], str(tmp_path / "direct"),
-                                 SALT)
+    return predictor.predict_study(str(folder), setup["model"], str(tmp_path / "direct"),
+                                   SALT)
 
 
 @pytest.mark.slow
@@ -400,7 +400,7 @@ def test_answers_are_predicts(setup, tmp_path):
     import cv2
     import pydicom
 
-    from covid_keras.imaging import unit_to_u8, window_hu
+    from covid_keras.core.imaging import unit_to_u8, window_hu
 
     dss = sorted((pydicom.dcmread(str(f)) for f in study.iterdir()),
                  key=lambda d: -float(d.ImagePositionPatient[2]))
@@ -557,10 +557,10 @@ def test_through_a_model_server(setup, tmp_path):
     tmp_root = tmp_path / "webtmp"
     tmp_root.mkdir()
     with ServeProcess(setup["export"], tmp_path) as server:
-        model = web.load(str(setup["export"]), server.url, "drenet", 60)
-        card = web.build_card(model, str(setup["export"]), str(setup["metrics"]), None)
+        model = web_app.load(str(setup["export"]), server.url, "drenet", 60)
+        card = web_app.build_card(model, str(setup["export"]), str(setup["metrics"]), None)
         assert card["model"]["source"] == "server" and card["validation"] is not None
-        app = web.create_app(model, card, SALT, tmp_dir=str(tmp_root))
+        app = web_app.create_app(model, card, SALT, tmp_dir=str(tmp_root))
         r = post(app, study_files(study))
         assert r.status_code == 200, r.text
         got, want = r.json()["prediction"], direct(setup, study, tmp_path)

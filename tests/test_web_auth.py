@@ -1,4 +1,4 @@
-"""The page's login (covid_keras.web_auth, through covid_keras.web's app): a signed cookie
+"""The page's login (covid_keras.serving.web_auth, through covid_keras.web's app): a signed cookie
 that survives a restart and ends with the token file or its lifetime, logout, a limit on
 failed logins per address (bounded in memory), the cookie's flags."""
 
@@ -13,7 +13,7 @@ pytest.importorskip("starlette", reason="the [web] extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 pytest.importorskip("python_multipart", reason="the [web] extra is not installed")
 
-from covid_keras import serve, web, web_auth  # noqa: E402
+from covid_keras.serving import model_server, web_app, web_auth  # noqa: E402
 from tests.test_web import SALT, FakeModel  # noqa: E402
 
 TOKEN = "page-token-0123456789abcdef"
@@ -30,9 +30,9 @@ class Clock:
 
 
 def make_app(tmp_path, access=None, **kw):
-    card = web.model_card(FakeModel.info, FakeModel.source, None, None)
-    return web.create_app(FakeModel(), card, SALT, tmp_dir=str(tmp_path / "root"),
-                          access=access or serve.Access(["127.0.0.1"], TOKEN), **kw)
+    card = web_app.model_card(FakeModel.info, FakeModel.source, None, None)
+    return web_app.create_app(FakeModel(), card, SALT, tmp_dir=str(tmp_path / "root"),
+                              access=access or model_server.Access(["127.0.0.1"], TOKEN), **kw)
 
 
 def call(app, method, path, address="127.0.0.1", cookie=None, base="http://127.0.0.1",
@@ -41,7 +41,7 @@ def call(app, method, path, address="127.0.0.1", cookie=None, base="http://127.0
     value, sent as it is)."""
     headers = dict(kw.pop("headers", {}))
     if cookie is not None:
-        headers["Cookie"] = f"{web.TOKEN_COOKIE}={cookie}"
+        headers["Cookie"] = f"{web_app.TOKEN_COOKIE}={cookie}"
 
     async def go():
         transport = httpx.ASGITransport(app=app, client=(address, 40000))
@@ -57,7 +57,7 @@ def login(app, token=TOKEN, address="127.0.0.1", **kw) -> httpx.Response:
 
 def cookie_of(response) -> str:
     assert response.status_code == 303, response.text
-    return response.cookies[web.TOKEN_COOKIE]
+    return response.cookies[web_app.TOKEN_COOKIE]
 
 
 def set_cookie_attributes(response) -> dict:
@@ -77,8 +77,8 @@ def test_a_login_survives_a_restart_and_ends_when_the_token_file_changes(tmp_pat
     token_file.write_text(TOKEN + "\n")
 
     def started():
-        return make_app(tmp_path, serve.Access.for_binding("127.0.0.1", ["127.0.0.1"],
-                                                           str(token_file)))
+        return make_app(tmp_path, model_server.Access.for_binding("127.0.0.1", ["127.0.0.1"],
+                                                                  str(token_file)))
 
     first = started()
     cookie = cookie_of(login(first))
@@ -139,15 +139,15 @@ def test_logout_clears_and_revokes_the_cookie(tmp_path):
     out = call(app, "POST", "/logout", cookie=cookie, headers={"Origin": "http://127.0.0.1"})
     assert (out.status_code, out.headers["location"]) == (303, "login")
     attrs = set_cookie_attributes(out)
-    assert out.headers["set-cookie"].startswith(f'{web.TOKEN_COOKIE}="";') or (
-        out.headers["set-cookie"].startswith(f"{web.TOKEN_COOKIE}=;"))
+    assert out.headers["set-cookie"].startswith(f'{web_app.TOKEN_COOKIE}="";') or (
+        out.headers["set-cookie"].startswith(f"{web_app.TOKEN_COOKIE}=;"))
     assert attrs["max-age"] == "0"
     assert {"httponly", "path", "samesite"} <= set(attrs) and attrs["samesite"] == "strict"
     # a copy of the logged-out cookie opens nothing either (revoked in this process)
     assert call(app, "GET", "/api/card", cookie=cookie).status_code == 401
     assert call(app, "GET", "/api/card", cookie=cookie_of(login(app))).status_code == 200
     # without a token there is nothing to sign out of: no button
-    open_app = make_app(tmp_path, serve.Access(["127.0.0.1"], None))
+    open_app = make_app(tmp_path, model_server.Access(["127.0.0.1"], None))
     assert 'id="logout"' not in call(open_app, "GET", "/").text
     assert call(open_app, "POST", "/logout").status_code == 303
 
@@ -295,7 +295,7 @@ def test_sign_in_and_out_in_headless_chromium(tmp_path):
             tab.click('button[type="submit"]')
             tab.wait_for_selector("#logout")
             assert "Research use only" in tab.inner_text("#notice")
-            cookie = {c["name"]: c for c in tab.context.cookies()}[web.TOKEN_COOKIE]
+            cookie = {c["name"]: c for c in tab.context.cookies()}[web_app.TOKEN_COOKIE]
             assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
             tab.click("#logout")
             tab.wait_for_selector('input[name="token"]')

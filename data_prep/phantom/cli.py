@@ -61,7 +61,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    from covid_keras import cli
+    from covid_keras.core import cli
 
     _define_flags()
     # cli.run: --help exits 0, a missing --output_dir is a one-line error
