@@ -185,7 +185,7 @@ def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_
     # training (issue 28: optimisers are registered where models are loaded)
     code = ("import sys, covid_keras.model.baselines, covid_keras.model.drenet; "
             "print('recipes' if 'covid_keras.training.recipes' in sys.modules else 'none'); "
-            "from covid_keras import saving; m = saving.load_model(%r); "
+            "from covid_keras.model import saving; m = saving.load_model(%r); "
             "print(type(m.optimizer).__name__, m.optimizer.coupled_decay)" % str(
                 tmp_path / "m.keras"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

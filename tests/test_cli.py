@@ -94,7 +94,7 @@ def test_wants_debug():
 def test_a_stray_argument_and_a_bad_flag_are_one_line(tmp_path):
     code = ("from absl import flags\n"
             "flags.DEFINE_integer('n', 1, 'n')\n"
-            "from covid_keras import cli\n"
+            "from covid_keras.core import cli\n"
             "def main(argv):\n"
             "    raise ValueError('n must be even. Received: 3')\n"
             "cli.run(main, program='prog')\n")
@@ -115,7 +115,7 @@ def test_help_exits_0_and_flag_errors_are_one_line(tmp_path):
     code = ("from absl import flags\n"
             "flags.DEFINE_integer('n', 1, 'how many')\n"
             "flags.DEFINE_string('out', None, 'where')\n"
-            "from covid_keras import cli\n"
+            "from covid_keras.core import cli\n"
             "def main(argv):\n"
             "    if flags.FLAGS.out == 'boom':\n"
             "        raise ValueError('boom')\n"
