@@ -275,17 +275,18 @@ class Commands:
         assert line.strip() == "ready", line
 
     def run(self, module: str, *args: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: int = 900):
-        """A ``subprocess.CompletedProcess`` (text stdout and stderr) of the command."""
+            timeout: int = 900, binary: bool = False):
+        """A ``subprocess.CompletedProcess`` of the command: text stdout and stderr, or
+        their raw bytes with ``binary``."""
         return self._run({"module": module, "argv": [module, *map(str, args)]}, cwd, env,
-                         timeout)
+                         timeout, binary)
 
     def run_code(self, code: str, *args: str, cwd: Path | None = None,
                  env: dict | None = None, timeout: int = 900):
         """``python -c CODE ARGS`` the same way."""
         return self._run({"code": code, "argv": ["-c", *map(str, args)]}, cwd, env, timeout)
 
-    def _run(self, request: dict, cwd, env, timeout):
+    def _run(self, request: dict, cwd, env, timeout, binary: bool = False):
         import subprocess
 
         self.count += 1
@@ -297,9 +298,9 @@ class Commands:
         reply = self.proc.stdout.readline()
         assert reply, "the command server ended"
         code = json.loads(reply)["returncode"]
+        read = Path.read_bytes if binary else Path.read_text
         return subprocess.CompletedProcess(
-            request["argv"], code, Path(f"{out}.out").read_text(),
-            Path(f"{out}.err").read_text())
+            request["argv"], code, read(Path(f"{out}.out")), read(Path(f"{out}.err")))
 
     def close(self) -> None:
         self.proc.stdin.close()  # the server's loop ends

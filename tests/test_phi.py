@@ -18,6 +18,7 @@ import pytest
 
 from covid_keras.core import schema
 from data_prep import phantom
+from tests.helpers import shared_commands
 from tests.test_build_tfrecords import MATRIX, REPO, SPACING, failures, read_records
 
 SLICES = 12
@@ -99,10 +100,12 @@ def phi_series(folder: Path, seed: int, **kw) -> list[Path]:
     return renamed
 
 
-def run_cli_bytes(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "data_prep.build_tfrecords", *args], cwd=REPO,
-                          env=env, capture_output=True, timeout=timeout)
+def run_cli_bytes(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m data_prep.build_tfrecords ARGS`` with its raw stdout and stderr bytes, as
+    a fork of the command server (no interpreter start; its workers are still spawned)."""
+    return shared_commands().run("data_prep.build_tfrecords", *args, cwd=REPO,
+                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=timeout,
+                                 binary=True)
 
 
 def downstream_bytes(out: Path, proc: subprocess.CompletedProcess) -> dict[str, bytes]:
