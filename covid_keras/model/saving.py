@@ -18,6 +18,7 @@ classes (DRENet, its layers, the coupled optimisers) once they are registered, i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -83,15 +84,8 @@ def _read_json_entry(path: str, name: str) -> dict | None:
     from covid_keras.core import files
 
     try:
-        if files.is_remote(path):
-            import io
-
-            import tensorflow as tf
-
-            with tf.io.gfile.GFile(path, "rb") as f:
-                source = io.BytesIO(f.read())
-        else:
-            source = path
+        # files.read_bytes: the remote file systems without naming TensorFlow here
+        source = io.BytesIO(files.read_bytes(path)) if files.is_remote(path) else path
         with zipfile.ZipFile(source) as z:
             if name not in z.namelist():
                 return None
