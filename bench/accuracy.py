@@ -24,8 +24,12 @@ paired by seed (the patient AUC differences of each split, their mean +- sd, and
 seeds it was higher). Ends with a table and a ``RESULT {json}`` line (``--output_json``
 writes it too).
 
-    .venv/bin/python bench/accuracy.py --data_dir=tfrecords/covid_ct_holdout \\
-        --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg --seeds=0,1,2
+A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
+from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
+(``--classifier_dir``): the classifier trains once and the pair is paired by construction.
+
+    .venv/bin/python bench/accuracy.py --data_dir=tfrecords/covid_ct_holdout --seeds=0,1,2 \\
+        --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg,configs/covid_ct_drenet_scratch.cfg
 """
 
 from __future__ import annotations
@@ -79,6 +83,21 @@ def stability_of(aucs: list[float]) -> dict:
     mean = sum(last) / len(last)
     return {"last": last, "mean": mean, "max_dev": max(abs(v - mean) for v in last),
             "all": aucs}
+
+
+def shared_stages(flagfiles: list[str]) -> dict[str, str]:
+    """{flagfile: the listed flagfile its ``--classifier_flagfile`` names}: that flagfile's
+    run of the same seed is then its classifier stage (``--classifier_dir``), trained once
+    for both (the trainer reuses a finished stage only when its flags and data match)."""
+    from covid_keras.core import cli
+    real = {os.path.realpath(f): f for f in flagfiles}
+    out = {}
+    for flagfile in flagfiles:
+        stage = [a.split("=", 1)[1] for a in cli.expand_flagfiles(["p", f"--flagfile={flagfile}"])
+                 if a.startswith("--classifier_flagfile=")]
+        if stage and stage[-1] and os.path.realpath(stage[-1]) in real:
+            out[flagfile] = real[os.path.realpath(stage[-1])]
+    return out
 
 
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
@@ -215,14 +234,27 @@ def main(argv=None) -> int:
         p.error(f"--folds must be 0 or at least 2. Received: {args.folds}")
     res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
            "extra_flags": args.extra, "folds": args.folds}
-    for flagfile in [f for f in args.flagfiles.split(",") if f]:
+    flagfiles = [f for f in args.flagfiles.split(",") if f]
+    for flagfile in flagfiles:
         if not os.path.isfile(flagfile):
             p.error(f"no such flagfile: {flagfile}")
+    shared = {} if args.folds or any(e.startswith("--classifier_dir") for e in args.extra) \
+        else shared_stages(flagfiles)
+    done = {}
+    # a flagfile whose run is another's classifier stage trains first; results keep the order
+    for flagfile in sorted(flagfiles, key=lambda f: f in shared):
         name = Path(flagfile).stem
+        extra = list(args.extra)
+        if flagfile in shared:  # the same seed's run of the other flagfile is the stage
+            extra.append(f"--classifier_dir={Path(args.work_dir).resolve()}/"
+                         f"{Path(shared[flagfile]).stem}/seed{{seed}}")
         runs = [run_one(flagfile, args.data_dir, Path(args.work_dir) / name / f"seed{s}", s,
-                        splits, args.extra, args.rerun, args.folds) for s in seeds]
-        res["models"][name] = {"flagfile": flagfile, "runs": runs,
-                               "summary": summarise(runs, splits)}
+                        splits, extra, args.rerun, args.folds) for s in seeds]
+        done[flagfile] = {"flagfile": flagfile, "runs": runs,
+                          "summary": summarise(runs, splits)}
+        if flagfile in shared:
+            done[flagfile]["classifier_stage"] = shared[flagfile]
+    res["models"] = {Path(f).stem: done[f] for f in flagfiles}
     res["paired"] = paired(res["models"], splits)
     emit_result(res, print_table, args.output_json)
     return 0

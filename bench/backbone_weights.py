@@ -5,7 +5,7 @@ classifier's backbone stands in for the ImageNet weights the papers start from):
 
   .venv/bin/python bench/backbone_weights.py \
       --model=runs/covid_ct_resnet50/best.keras --output=runs/r50_backbone.weights.h5
-  .venv/bin/python -m covid_keras.train --flagfile=configs/covid_ct_drenet.cfg \
+  .venv/bin/python -m covid_keras.train --flagfile=configs/covid_ct_drenet_scratch.cfg \
       --backbone_weights=runs/r50_backbone.weights.h5 ...
 
 The file holds the keras.applications model of the architecture (include_top=False), so

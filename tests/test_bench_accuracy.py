@@ -29,3 +29,39 @@ def test_paired_differences_match_seeds_and_skip_missing_ones():
     assert out["test"]["wins"] == 2 and out["test"]["n"] == 3
     assert out["val"]["seeds"] == [1, 0]  # seed 2's val is nan
     assert accuracy.paired({"r50": models["r50"]}, ["test"]) == {}
+
+
+def test_a_listed_classifier_flagfile_is_the_stage_trained_first(tmp_path, monkeypatch):
+    """configs/covid_ct_drenet.cfg names covid_ct_resnet50.cfg as its classifier stage: with
+    both listed, the ResNet-50 runs train first and each DRENet run reads the same seed's
+    ResNet-50 run as --classifier_dir (trained once); the scratch flagfile gets no stage."""
+    repo = Path(__file__).resolve().parents[1] / "configs"
+    dre, r50, scratch = (str(repo / n) for n in ("covid_ct_drenet.cfg", "covid_ct_resnet50.cfg",
+                                                 "covid_ct_drenet_scratch.cfg"))
+    assert accuracy.shared_stages([dre, r50, scratch]) == {dre: r50}
+    assert accuracy.shared_stages([dre, scratch]) == {}  # its stage is not listed: its own
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    calls = []
+
+    def fake_run_one(flagfile, data_dir, run_dir, seed, splits, extra, rerun, folds=0):
+        calls.append((Path(flagfile).name, seed, [e.replace("{seed}", str(seed)) for e in extra]))
+        return {**run(seed, 0.5, 0.5), "stability": {"max_dev": 0.1}, "best_epoch": 3}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    work = tmp_path / "w"
+    assert accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50},{scratch}",
+                          "--seeds=0,1", f"--work_dir={work}"]) == 0
+    assert [c[:2] for c in calls] == [("covid_ct_resnet50.cfg", 0), ("covid_ct_resnet50.cfg", 1),
+                                      ("covid_ct_drenet_scratch.cfg", 0),
+                                      ("covid_ct_drenet_scratch.cfg", 1),
+                                      ("covid_ct_drenet.cfg", 0), ("covid_ct_drenet.cfg", 1)]
+    assert calls[4][2] == [f"--classifier_dir={work.resolve()}/covid_ct_resnet50/seed0"]
+    assert calls[5][2] == [f"--classifier_dir={work.resolve()}/covid_ct_resnet50/seed1"]
+    assert all(c[2] == [] for c in calls[:4])
+    # a --classifier_dir given after -- wins: nothing added
+    calls.clear()
+    accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=0",
+                   f"--work_dir={work}", "--", "--classifier_dir=x{seed}"])
+    assert [c[2] for c in calls] == [["--classifier_dir=x0"], ["--classifier_dir=x0"]]

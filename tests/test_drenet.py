@@ -274,7 +274,7 @@ def _learnable_slices(n: int, size: int, seed: int = 0):
 def _train_and_probe(seed: int = 0, epochs: int = 5, learning_rate: float = 3e-4,
                      **build_kwargs):
     """ResNet-50 DRENet (2048-wide features: the tiny backbone's 128 do not show the
-    collapse), 64 px, Adam 3e-4 (configs/covid_ct_drenet.cfg: 1e-4; 3e-4 learns in half the
+    collapse), 64 px, Adam 3e-4 (configs/covid_ct_drenet_scratch.cfg: 1e-4; 3e-4 learns in half the
     steps), 40 steps of batch 8 on 64 learnable slices; returns the AUC of ``logits`` on
     those slices (inference mode), the share of the head's hidden units active on at least
     one of them, and the histories."""
