@@ -23,9 +23,8 @@ is run again.
 from __future__ import annotations
 
 import logging
-import os
 
-from covid_keras.core import cli
+from covid_keras.core import cli, files
 from covid_keras.training import pretraining
 
 log = logging.getLogger("covid_keras.pretrain")
@@ -98,7 +97,7 @@ def config_from_flags() -> pretraining.PretrainConfig:
     for name in pretraining.PretrainConfig.__dataclass_fields__:
         v = flags.FLAGS[name].value
         if name in pretraining.PATH_FLAGS and v and v != "imagenet":
-            v = os.path.abspath(os.path.expanduser(v))
+            v = files.absolute(v)
         values[name] = tuple(s for s in v if s) if name == "splits" else v
     return pretraining.PretrainConfig(**values)
 

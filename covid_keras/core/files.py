@@ -21,6 +21,11 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a remote one (``gs://...``) as given."""
+    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def _gfile():
     import tensorflow as tf
 

@@ -84,7 +84,7 @@ class PretrainConfig:
             if name in ("overwrite", "reuse") or v is None:
                 continue
             if name in PATH_FLAGS and v and v != "imagenet":
-                v = os.path.abspath(os.path.expanduser(v))
+                v = files.absolute(v)
             v = ",".join(v) if isinstance(v, tuple) else v
             lines.append(f"--{name}={str(v).lower() if isinstance(v, bool) else v}\n")
         return "".join(lines)

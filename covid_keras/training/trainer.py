@@ -112,9 +112,8 @@ NOT_RECORDED = ("overwrite", "fold", "ensemble_only", "reuse")
 
 def recorded_value(name: str, value):
     """A flag's value as a run records it: a local path flag made absolute."""
-    if (name in PATH_FLAGS and isinstance(value, str) and value not in ("", "imagenet")
-            and not files.is_remote(value)):
-        return os.path.abspath(os.path.expanduser(value))
+    if name in PATH_FLAGS and isinstance(value, str) and value not in ("", "imagenet"):
+        return files.absolute(value)
     return value
 
 
