@@ -200,6 +200,40 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     return assemble(cfg, train_mod, run, doc)
 
 
+def member_path(fold_run: RunDir) -> str:
+    """A finished fold's model: its chosen checkpoint, else its last epoch's."""
+    return fold_run.best_path if fold_run.has(BEST) else fold_run.final_path
+
+
+def check_members(run: RunDir, folds: int) -> None:
+    """Refuses, in one line, an ensemble of mixed members: a fold run trained on other data
+    than its fold folder holds now (a fold left from another set of folds, or copied in),
+    or a member that is another kind of model than fold 0's (backbone, input size,
+    classes, normalisation: e.g. a fold retrained with other flags or code). Reads run
+    files and model configs only (no weights)."""
+    from covid_keras.io import data
+    from covid_keras.model import saving
+
+    first = None
+    for k in range(folds):
+        fold_run = RunDir(run.fold_dir(k))
+        trained_on = (fold_run.run_info() or {}).get("dataset_manifest_sha256")
+        if trained_on != files.sha256(data.manifest_path(run.fold_data_dir(k))):
+            raise ValueError(f"fold {k} of {run.path} was trained on other data than "
+                             f"{run.fold_data_dir(k)} holds (a fold of another set of folds?): "
+                             f"train it again with --fold={k} --overwrite")
+        spec = saving.model_spec(member_path(fold_run))
+        if first is None:
+            first = spec
+        elif spec != first:
+            differ = sorted(key for key in set(first) | set(spec)
+                            if first.get(key) != spec.get(key))
+            raise ValueError(f"fold {k} of {run.path} is another model than fold 0 ("
+                             + "; ".join(f"{key}: {spec.get(key)!r}, fold 0 "
+                                         f"{first.get(key)!r}" for key in differ)
+                             + f"): train it again with --fold={k} --overwrite")
+
+
 def assemble(cfg, train_mod, run: RunDir, doc: dict) -> dict:
     """The ensemble of the finished folds: best.keras, the out-of-fold decision and
     metrics.json."""
@@ -216,10 +250,11 @@ def assemble(cfg, train_mod, run: RunDir, doc: dict) -> dict:
                          f"(--fold=k), then run --ensemble_only again")
     manifest = data.read_manifest(cfg.data_dir)
     classes = manifest["classes"]
+    check_members(run, cfg.folds)
     members, parts, fold_metrics = [], [], []
     for k in range(cfg.folds):
         fold_run = RunDir(run.fold_dir(k))
-        path = fold_run.best_path if fold_run.has(BEST) else fold_run.final_path
+        path = member_path(fold_run)
         member = saving.load_model(path, compile=False)
         spec = saving.model_spec(member)
         pipeline = data.PipelineConfig.for_model(spec)
