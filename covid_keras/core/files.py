@@ -8,6 +8,7 @@ is imported only then).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -179,3 +180,73 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
 
 def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, dumps(obj, indent))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, what: str, poll_s: float = 5.0, say=print):
+    """Holds ``lock_path`` (created exclusively: ``O_CREAT | O_EXCL``) for the block, so
+    that jobs sharing a folder (``--fold=k`` jobs on one machine or on a shared POSIX file
+    system) do ``what`` one at a time; a waiting job says so once a minute. A lock left by a
+    process of this host that has died is broken. A remote path (``gs://``) has no
+    exclusive create: the block runs unlocked there."""
+    if is_remote(lock_path):
+        yield
+        return
+    import socket
+    import time
+
+    host, waited, told = socket.gethostname(), 0.0, -1
+    makedirs(os.path.dirname(os.path.abspath(lock_path)))
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock_path)
+            if (holder.get("host") == host and not _alive(holder.get("pid"))) or \
+                    (not holder and _age(lock_path) > 60):  # died before writing its pid
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock_path)  # its process died: the lock is stale
+                continue
+            if int(waited // 60) > told:
+                told = int(waited // 60)
+                say(f"waiting for {what}, which another job is doing (pid "
+                    f"{holder.get('pid')} on {holder.get('host')}; lock {lock_path})")
+            time.sleep(poll_s)
+            waited += poll_s
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": host, "pid": os.getpid()}, f)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_path)
+
+
+def _lock_holder(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # being written: not stale
+
+
+def _age(path: str) -> float:
+    import time
+
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True  # unknown: assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -45,6 +45,8 @@ log = logging.getLogger("covid_keras.train")
 
 #: decision.json's ``split`` for the out-of-fold predictions.
 OOF_SPLIT = "out_of_fold"
+#: Held while a stage every fold shares (--pretrain_flagfile, --classifier_data_dir) runs.
+STAGE_LOCK = ".stage.lock"
 
 
 def check_fold_flags(cfg) -> None:
@@ -148,13 +150,20 @@ def fold_config(cfg, train_mod, run: RunDir):
     data every fold trains its own, on its own training patients)."""
     base = cfg.replace(folds=0, fold=-1, ensemble_only=False, overwrite=False,
                        val_split="val", report_splits=())
-    if cfg.pretrain_flagfile:
-        weights = train_mod.backbone_weights(cfg, run.path)
-        base = base.replace(pretrain_flagfile=None, pretrain_dir=None, init_from=weights)
-    if cfg.classifier_flagfile and cfg.classifier_data_dir:  # other data: once for all folds
-        weights = train_mod.classifier_stage(cfg, run.path)
-        base = base.replace(classifier_flagfile=None, classifier_dir=None,
-                            classifier_data_dir=None, init_from=weights)
+    shared = cfg.classifier_flagfile and cfg.classifier_data_dir  # other data: once for all
+    if not (cfg.pretrain_flagfile or shared):
+        return base
+    # --fold=k jobs started together share these stages: one trains them, the others wait
+    # and then reuse what it finished
+    with files.exclusive(os.path.join(run.path, STAGE_LOCK), "the stage every fold shares",
+                         say=log.info):
+        if cfg.pretrain_flagfile:
+            weights = train_mod.backbone_weights(cfg, run.path)
+            base = base.replace(pretrain_flagfile=None, pretrain_dir=None, init_from=weights)
+        if shared:
+            weights = train_mod.classifier_stage(cfg, run.path)
+            base = base.replace(classifier_flagfile=None, classifier_dir=None,
+                                classifier_data_dir=None, init_from=weights)
     return base
 
 
