@@ -6,7 +6,9 @@ size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
 ``keras.applications``) and whether the model applies it itself
 (``include_preprocessing``: its first layer is ``BackboneNormalization`` and it takes RGB
 pixel values 0..255; absent or false: it takes them normalised, as every model saved before
-the layer), the model kind, and the package version. :func:`load_model`
+the layer), the model kind, ``navigator_anchors`` (``"lung"``: a DRENet whose navigator
+chooses among the anchors on the lung mask, which it takes as a second input
+``lung_mask``; ``"all"`` otherwise) and the package version. :func:`load_model`
 returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
 be used without reading the run folder. Keras ignores the extra entry.
 
@@ -51,6 +53,7 @@ def model_info(model, class_names: list[str]) -> dict:
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
             "include_preprocessing": spec["include_preprocessing"],
+            "navigator_anchors": spec["navigator_anchors"],
             "members": spec.get("members", 1),
             "covid_keras_version": __version__}
 
@@ -120,7 +123,7 @@ def load_model(path: str, compile: bool = True):
 
 #: The keys of :func:`model_spec`.
 SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm",
-             "include_preprocessing")
+             "include_preprocessing", "navigator_anchors")
 
 
 def saved_model_spec(path: str) -> dict:
@@ -175,7 +178,10 @@ def _config_spec(config: dict, where: str) -> dict:
         return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
                 "num_classes": int(b["num_classes"]), "model": "drenet",
                 "input_norm": b.get("input_norm", "none"),
-                "include_preprocessing": bool(b.get("include_preprocessing", False))}
+                "include_preprocessing": bool(b.get("include_preprocessing", False)),
+                # "lung": the model also takes the lung mask (a second, named input); a
+                # model saved before the option has all anchors
+                "navigator_anchors": b.get("navigator_anchors", "all")}
     layers_ = config.get("config", {}).get("layers", [])
     # build_backbone names the backbone model <arch>_backbone: the only record of the
     # architecture in a classifier saved without covid_keras.json.
@@ -192,4 +198,5 @@ def _config_spec(config: dict, where: str) -> dict:
                               for lay in layers_) else "none"
     own = any(lay.get("class_name") == "BackboneNormalization" for lay in layers_)
     return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
-            "model": "classifier", "input_norm": norm, "include_preprocessing": own}
+            "model": "classifier", "input_norm": norm, "include_preprocessing": own,
+            "navigator_anchors": "all"}
