@@ -53,7 +53,7 @@ def model_info(model, class_names: list[str]) -> dict:
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
             "include_preprocessing": spec["include_preprocessing"],
-            "navigator_anchors": spec["navigator_anchors"],
+            "navigator_anchors": spec.get(LUNG_SPEC_KEY, "all"),
             "members": spec.get("members", 1),
             "covid_keras_version": __version__}
 
@@ -123,7 +123,10 @@ def load_model(path: str, compile: bool = True):
 
 #: The keys of :func:`model_spec`.
 SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm",
-             "include_preprocessing", "navigator_anchors")
+             "include_preprocessing")
+#: A key only a DRENet built with ``navigator_anchors="lung"`` has in its spec (value
+#: ``"lung"``: it takes the lung mask as a second input); absent: every anchor ("all").
+LUNG_SPEC_KEY = "navigator_anchors"
 
 
 def saved_model_spec(path: str) -> dict:
@@ -133,7 +136,8 @@ def saved_model_spec(path: str) -> dict:
 
 def model_spec(source, where: str | None = None) -> dict:
     """Backbone, input size, number of classes, model kind (``drenet`` / ``classifier``) and
-    input normalisation (``input_norm``) of a model, and whether it normalises its own input
+    input normalisation (``input_norm``) of a model (and ``navigator_anchors: "lung"`` for a
+    DRENet that takes the lung mask, :data:`LUNG_SPEC_KEY`), whether it normalises its own input
     (``include_preprocessing``: it takes RGB pixel values 0..255; false for every model
     saved before the layer, which takes them normalised as the backbone expects): what
     ``train --init_from``, evaluation and the benchmarks need to feed it the way it was
@@ -175,13 +179,15 @@ def _config_spec(config: dict, where: str) -> dict:
         return spec
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
-        return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
+        spec = {"backbone": b["backbone"], "input_size": int(b["input_size"]),
                 "num_classes": int(b["num_classes"]), "model": "drenet",
                 "input_norm": b.get("input_norm", "none"),
-                "include_preprocessing": bool(b.get("include_preprocessing", False)),
-                # "lung": the model also takes the lung mask (a second, named input); a
-                # model saved before the option has all anchors
-                "navigator_anchors": b.get("navigator_anchors", "all")}
+                "include_preprocessing": bool(b.get("include_preprocessing", False))}
+        # "lung": the model also takes the lung mask (a second, named input); "all" (a
+        # model saved before the option too) leaves the spec as it always was
+        if b.get("navigator_anchors", "all") != "all":
+            spec[LUNG_SPEC_KEY] = b["navigator_anchors"]
+        return spec
     layers_ = config.get("config", {}).get("layers", [])
     # build_backbone names the backbone model <arch>_backbone: the only record of the
     # architecture in a classifier saved without covid_keras.json.
@@ -198,5 +204,4 @@ def _config_spec(config: dict, where: str) -> dict:
                               for lay in layers_) else "none"
     own = any(lay.get("class_name") == "BackboneNormalization" for lay in layers_)
     return {"backbone": backbone, "input_size": int(size), "num_classes": int(classes),
-            "model": "classifier", "input_norm": norm, "include_preprocessing": own,
-            "navigator_anchors": "all"}
+            "model": "classifier", "input_norm": norm, "include_preprocessing": own}

@@ -328,6 +328,7 @@ def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
                          f"{len(classes)} ({classes}). Received: {cfg.init_from}")
     changes = {}
+    spec = {"navigator_anchors": "all", **spec}  # the spec names only "lung"
     for name in ("backbone", "input_size", "model", "input_norm", "navigator_anchors"):
         if getattr(cfg, name) != spec[name]:
             log.info("--init_from: %s %s (from the model; the flag said %s)", name,
