@@ -408,3 +408,37 @@ def test_signatures_of_a_lung_model(models, tmp_path):
     np.testing.assert_allclose(got["boxes"].numpy(), default["boxes"].numpy(), atol=1e-4)
     assert json.loads((Path(path) / exporter.ASSETS_EXTRA / exporter.INFO_FILE).read_text()
                       )["navigator_anchors"] == "lung"
+
+
+# ------------------------------------------------------------------ the trainer
+@tf_only
+@pytest.mark.slow  # a real (tiny) training run and an evaluation: a minute or two
+def test_train_flag_reaches_the_saved_model_and_evaluate(tiny_dataset, commands, tmp_path):
+    from covid_keras.model import saving
+
+    data_dir = tiny_dataset(kinds=("normal", "covid", "bacterial"), patients_per_kind=3,
+                            num_slices=20, matrix=64, seed=0,
+                            flags=("--classes=normal,covid,bacterial",
+                                   "--split_fractions=0.6,0.2,0.2", "--shard_size_mb=0.05"))
+    run = tmp_path / "run"
+    proc = commands.run("covid_keras.train", "--flagfile=configs/smoke.cfg",
+                        f"--data_dir={data_dir}", f"--run_dir={run}", "--epochs=1",
+                        "--steps_per_epoch=2", "--navigator_anchors=lung",
+                        "--zoom_jitter=0.2", "--rotation_degrees=10", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "--navigator_anchors=lung" in (run / "flags.cfg").read_text()
+    for name in ("final.keras", "best.keras"):
+        assert saving.saved_model_spec(str(run / name))["navigator_anchors"] == "lung"
+        assert saving.read_info(str(run / name))["navigator_anchors"] == "lung"
+    proc = commands.run("covid_keras.evaluate", f"--run_dir={run}", "--split=test",
+                        "--bootstrap=10", "--max_explained_patients=1", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(run / "eval_test" / "slices.csv") as f:
+        assert len(f.read().splitlines()) > 1
+    metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
+    assert metrics["model"]["navigator_anchors"] == "lung"
+    assert list((run / "eval_test" / "explanations").glob("*.png"))  # Grad-CAM with masks
+    bad = commands.run("covid_keras.train", "--flagfile=configs/smoke.cfg",
+                       f"--data_dir={data_dir}", f"--run_dir={tmp_path / 'c'}",
+                       "--model=classifier", "--navigator_anchors=lung")
+    assert bad.returncode != 0 and "navigator_anchors" in bad.stderr

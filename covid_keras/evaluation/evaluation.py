@@ -287,9 +287,12 @@ def model_summary(spec: dict) -> dict:
     """metrics.json's ``model``: backbone, input_size, num_classes, kind ("drenet" /
     "classifier") and include_preprocessing (the model normalises its own input) of a
     :func:`covid_keras.model.saving.model_spec` (the one spec)."""
-    return {"backbone": spec["backbone"], "input_size": spec["input_size"],
-            "num_classes": spec["num_classes"], "kind": spec["model"],
-            "include_preprocessing": bool(spec.get("include_preprocessing", False))}
+    out = {"backbone": spec["backbone"], "input_size": spec["input_size"],
+           "num_classes": spec["num_classes"], "kind": spec["model"],
+           "include_preprocessing": bool(spec.get("include_preprocessing", False))}
+    if spec.get("navigator_anchors", "all") != "all":  # a lung DRENet (takes the mask too)
+        out["navigator_anchors"] = spec["navigator_anchors"]
+    return out
 
 
 def read_run(run_dir: str) -> dict:
