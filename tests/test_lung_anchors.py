@@ -442,3 +442,28 @@ def test_train_flag_reaches_the_saved_model_and_evaluate(tiny_dataset, commands,
                        f"--data_dir={data_dir}", f"--run_dir={tmp_path / 'c'}",
                        "--model=classifier", "--navigator_anchors=lung")
     assert bad.returncode != 0 and "navigator_anchors" in bad.stderr
+
+
+@pytest.mark.model
+def test_an_ensemble_of_lung_models_takes_the_mask_too(models, tmp_path):
+    from covid_keras import build_drenet
+    from covid_keras.model import saving
+    from covid_keras.model.ensemble import build_ensemble
+
+    lung, plain = models
+    keras.utils.set_random_seed(8)
+    other = build_drenet(3, input_size=SIZE, backbone="tiny", navigator_anchors="lung")
+    ens = build_ensemble([lung, other])
+    assert set(ens.input) == {"image", "lung_mask"}
+    x = {"image": _slices(), "lung_mask": np.zeros((2, SIZE, SIZE, 1), np.float32)}
+    x["lung_mask"][:, 20:60, 30:60] = 1.0
+    boxes = np.asarray(ens(x)["boxes"])
+    for b in range(2):
+        assert min(box_overlap(x["lung_mask"][b, ..., 0], box) for box in boxes[b]) >= 0.25
+    path = str(tmp_path / "ens.keras")
+    saving.save_model(ens, path, ["normal", "covid", "bacterial"])
+    assert saving.model_spec(path)["navigator_anchors"] == "lung"
+    np.testing.assert_allclose(np.asarray(saving.load_model(path)(x)["boxes"]), boxes,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="lung mask"):
+        build_ensemble([lung, plain])
