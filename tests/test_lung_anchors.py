@@ -467,3 +467,16 @@ def test_an_ensemble_of_lung_models_takes_the_mask_too(models, tmp_path):
                                atol=1e-4)
     with pytest.raises(ValueError, match="lung mask"):
         build_ensemble([lung, plain])
+
+
+def test_accuracy_jax_refuses_a_lung_flagfile(bench_script, tmp_path, capsys):
+    """bench/accuracy_jax.py trains from a .npz without lung masks: a lung flagfile would be
+    measured as the unrestricted model, so it is refused (bench/accuracy.py measures it)."""
+    (tmp_path / "d.npz").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        bench_script("accuracy_jax").main([f"--data={tmp_path / 'd.npz'}",
+                                           "--flagfiles=configs/covid_ct_drenet_lung.cfg",
+                                           f"--work_dir={tmp_path / 'w'}"])
+    assert exc.value.code == 2
+    assert "navigator_anchors=lung" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
