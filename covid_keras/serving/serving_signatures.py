@@ -346,15 +346,23 @@ class Signatures:
         return {"probabilities": probs, "boxes": boxes, "box_scores": scores}
 
     def serving_default(self, images):
+        """``images`` -> ``probabilities``, ``boxes``, ``box_scores`` (the module's table).
+        Image-only: a model trained with ``--navigator_anchors=lung`` gets a mask of ones,
+        i.e. no restriction (its boxes are those of the unrestricted navigator with its
+        weights); ``predict_study`` restricts them to the non-black pixels."""
         return self._outputs(images)
 
     def predict_images(self, image_bytes):
+        """As :meth:`serving_default` (a lung model unrestricted too), from PNG / JPEG
+        bytes decoded in the graph."""
         images = tf.map_fn(lambda b: decode_slice_u8(b, self.size, self.channels),
                            image_bytes, fn_output_signature=tf.TensorSpec(
                                [self.size, self.size, 3], tf.uint8))
         return self._outputs(tf.cast(images, tf.float32))
 
     def predict_study(self, images):
+        """One study's slices -> the patient's answer (the module's table). A lung model's
+        navigator chooses among the anchors on each slice's non-black pixels."""
         check = tf.debugging.assert_positive(
             tf.shape(images)[0], message="predict_study: a study needs at least one slice")
         # the model must wait for the check: without the dependency the graph may run an
