@@ -438,6 +438,15 @@ def test_train_flag_reaches_the_saved_model_and_evaluate(tiny_dataset, commands,
     metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
     assert metrics["model"]["navigator_anchors"] == "lung"
     assert list((run / "eval_test" / "explanations").glob("*.png"))  # Grad-CAM with masks
+    # predict on a study, from the run folder: predict_study's non-black mask
+    study = next((Path(data_dir).parent / "studies" / "covid").iterdir())
+    proc = commands.run("covid_keras.predict", f"--study={study}", f"--model={run}",
+                        f"--salt_file={Path(data_dir).parent / 'salt.key'}",
+                        f"--output_dir={tmp_path / 'pred'}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    answer = json.loads((tmp_path / "pred" / "prediction.json").read_text())
+    assert answer["slices"] and all(len(s["boxes"]) == 3 for s in answer["slices"])
+    assert list((tmp_path / "pred").glob("evidence_*.png"))
     bad = commands.run("covid_keras.train", "--flagfile=configs/smoke.cfg",
                        f"--data_dir={data_dir}", f"--run_dir={tmp_path / 'c'}",
                        "--model=classifier", "--navigator_anchors=lung")
