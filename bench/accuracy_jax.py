@@ -541,6 +541,11 @@ def main(argv=None) -> int:
     for f in flagfiles:
         if not os.path.isfile(f):
             p.error(f"no such flagfile: {f}")
+        if read_flagfile(f).get("navigator_anchors", "all") != "all":
+            # the .npz (bench/export_npz.py) carries no lung masks: it would train the
+            # unrestricted model under the lung flagfile's name
+            p.error(f"{f}: --navigator_anchors=lung needs the records' lung masks, which "
+                    "the .npz has not: measure it with bench/accuracy.py")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     work.mkdir(parents=True, exist_ok=True)
     parts = range(args.folds) if args.folds else [None]

@@ -158,6 +158,14 @@ def define_flags() -> None:
                       "the image's overall brightness or contrast (saved with the model: "
                       "evaluation, export, serving and prediction do the same). none: raw "
                       "intensities.")
+    flags.DEFINE_enum("navigator_anchors", d.navigator_anchors, ["all", "lung"],
+                      "DRENet's navigator chooses its top-K regions among all anchors (the "
+                      "paper), or with lung only among the anchors at least a quarter on the "
+                      "record's lung mask (mask/encoded), which the model then takes as a "
+                      "second input, augmented with the image; an image with no such anchor "
+                      "(all black, no mask) falls back to all. Saved with the model: "
+                      "evaluation, export, serving and prediction do the same. Not adopted "
+                      "by default: see the README (its accuracy cost is to be measured).")
     flags.DEFINE_float("bn_momentum", d.bn_momentum, "Momentum of every batch-norm layer's "
                        "moving statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 "
                        "leaves them stale on short runs (inference-mode accuracy below "

@@ -183,7 +183,10 @@ class SplitPredictor:
         n = len(self.labels)
         pad = (-n) % self.batch_size
         size = self.cfg.input_size
-        blank = tf.data.Dataset.from_tensors(tf.zeros([size, size, 3], tf.float32)).repeat(pad)
+        blank = tf.zeros([size, size, 3], tf.float32)
+        if self.cfg.lung_mask:  # a lung model's input: the image and its lung mask
+            blank = data.lung_model_input(blank, tf.zeros([size, size, 1]), size)
+        blank = tf.data.Dataset.from_tensors(blank).repeat(pad)
         ds = data.make_dataset(data_dir, split, self.batch_size, training=False, cfg=self.cfg)
         self.images = (ds.map(lambda x, y: x).unbatch().concatenate(blank)
                        .batch(self.batch_size).apply(
@@ -217,6 +220,26 @@ class SplitPredictor:
         return Predictions(list(classes), self.labels.copy(), probs, list(self.patient_keys),
                            list(self.study_keys), self.slice_index.copy(), list(self.sites),
                            other, self.split, self.data_dir)
+
+    def model_masks(self, indices) -> dict:
+        """index -> the record's lung mask as a lung model takes it
+        (:func:`covid_keras.io.data.decode_mask`: float32 (S, S, 1), 1 = lung), for the
+        records at ``indices``."""
+        import tensorflow as tf
+
+        from covid_keras.core import schema
+        from covid_keras.io import data
+
+        wanted = set(int(i) for i in indices)
+        out: dict = {}
+        spec = {schema.MASK: schema.parse_spec()[schema.MASK]}
+        for i, rec in enumerate(tf.data.TFRecordDataset(self.files, "GZIP")):
+            if len(out) == len(wanted):
+                break
+            if i in wanted:
+                r = tf.io.parse_single_example(rec, spec)
+                out[i] = data.decode_mask(r[schema.MASK], self.cfg.input_size).numpy()
+        return out
 
     def images_u8(self, indices) -> dict:
         """index -> uint8 (S, S, 3) image at the model's input size (no normalisation),
@@ -264,9 +287,12 @@ def model_summary(spec: dict) -> dict:
     """metrics.json's ``model``: backbone, input_size, num_classes, kind ("drenet" /
     "classifier") and include_preprocessing (the model normalises its own input) of a
     :func:`covid_keras.model.saving.model_spec` (the one spec)."""
-    return {"backbone": spec["backbone"], "input_size": spec["input_size"],
-            "num_classes": spec["num_classes"], "kind": spec["model"],
-            "include_preprocessing": bool(spec.get("include_preprocessing", False))}
+    out = {"backbone": spec["backbone"], "input_size": spec["input_size"],
+           "num_classes": spec["num_classes"], "kind": spec["model"],
+           "include_preprocessing": bool(spec.get("include_preprocessing", False))}
+    if spec.get("navigator_anchors", "all") != "all":  # a lung DRENet (takes the mask too)
+        out["navigator_anchors"] = spec["navigator_anchors"]
+    return out
 
 
 def read_run(run_dir: str) -> dict:

@@ -55,7 +55,9 @@ def cam_models(model: keras.Model) -> list:
     out = []
     for m in parts:
         o = m.output
-        out.append(keras.Model(m.inputs, [conv_features(m), o["logits"] if isinstance(
+        # a lung model (DRENet navigator_anchors="lung") takes {"image", "lung_mask"}
+        inputs = m.input if isinstance(m.input, dict) else m.inputs
+        out.append(keras.Model(inputs, [conv_features(m), o["logits"] if isinstance(
             o, dict) else o], name=f"{m.name}_gradcam"))
     return out
 
@@ -69,30 +71,41 @@ class GradCAM:
         self.models = cam_models(model)
         self.input_size = int(model.inputs[0].shape[1])
 
-    def __call__(self, images, class_index: int, batch_size: int = 8) -> np.ndarray:
+    def __call__(self, images, class_index: int, batch_size: int = 8,
+                 masks=None) -> np.ndarray:
         """images: (B, S, S, 3), the model's input (raw pixel values for a model with its own
         normalisation layer, else normalised: ``data.model_input``) -> (B, S, S) float32 maps
-        in [0, 1] (each scaled by its own maximum; all zero when nothing is positive)."""
+        in [0, 1] (each scaled by its own maximum; all zero when nothing is positive).
+        ``masks`` (B, S, S, 1), 1 = lung: a lung model's (DRENet
+        ``navigator_anchors="lung"``) second input, as it predicted; None: ones (no
+        restriction). Other models ignore it."""
         images = np.asarray(images, np.float32)
         if not len(images):
             return np.zeros((0, self.input_size, self.input_size), np.float32)
+        if masks is None:
+            masks = np.ones(images.shape[:3] + (1,), np.float32)
+        masks = np.asarray(masks, np.float32).reshape(images.shape[:3] + (1,))
         return np.mean([np.concatenate([self._batch(cam, images[i:i + batch_size],
-                                                    int(class_index))
+                                                    int(class_index),
+                                                    masks[i:i + batch_size])
                                         for i in range(0, len(images), batch_size)])
                         for cam in self.models], axis=0)
 
     @staticmethod
-    def _batch(cam, x: np.ndarray, class_index: int) -> np.ndarray:
+    def _batch(cam, x: np.ndarray, class_index: int, mask=None) -> np.ndarray:
         import tensorflow as tf
 
         x = tf.convert_to_tensor(x)
+        if isinstance(cam.input, dict):  # a lung model: the image and its lung mask
+            x = {"image": x, "lung_mask": tf.convert_to_tensor(mask)}
         with tf.GradientTape() as tape:
             conv, logits = cam(x, training=False)
             target = tf.cast(logits[:, class_index], tf.float32)
         grads = tape.gradient(target, conv)
         if grads is None:
             raise RuntimeError("Grad-CAM: the logits do not depend on the conv features")
-        return np.asarray(combine(conv, grads, (x.shape[1], x.shape[2])))
+        size = (x["image"] if isinstance(x, dict) else x).shape[1:3]
+        return np.asarray(combine(conv, grads, tuple(size)))
 
 
 def combine(conv, grads, size) -> "keras.KerasTensor":

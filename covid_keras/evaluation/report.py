@@ -211,7 +211,10 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
     masks = lung_masks(predictor, all_idx)
     stack = np.stack([images[i] for i in all_idx])
     x = np.asarray(data.model_input(stack, predictor.cfg), np.float32)
-    cams = dict(zip(all_idx, GradCAM(model)(x, target)))
+    # a lung model (navigator_anchors="lung"): with the masks it predicted with
+    lung = predictor.model_masks(all_idx) if predictor.cfg.lung_mask else None
+    cams = dict(zip(all_idx, GradCAM(model)(
+        x, target, masks=None if lung is None else np.stack([lung[i] for i in all_idx]))))
     boxes = preds.outputs.get("boxes")
     box_scores = preds.outputs.get("box_scores")
     folder = os.path.join(output_dir, "explanations")

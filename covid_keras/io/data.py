@@ -11,6 +11,12 @@ a model built with ``include_preprocessing`` gets the raw pixel values), batched
 (the last partial batch dropped), prefetched; optionally class-balanced.
 Evaluation: the shards in order, no shuffle, no augmentation, every record exactly once
 (the last batch kept), with the record keys alongside for patient-level aggregation.
+
+A DRENet built with ``navigator_anchors="lung"`` (``cfg.lung_mask``, set from the model's
+spec by :meth:`PipelineConfig.for_model`) takes ``{"image": ..., "lung_mask": ...}``: the
+record's ``mask/encoded`` resized to the input size as the image is, float32 (S, S, 1),
+1 = lung, and in training flipped, zoomed and rotated with exactly the image's draws
+(:func:`augment`'s ``mask``); brightness and gamma leave it alone.
 """
 
 from __future__ import annotations
@@ -110,6 +116,25 @@ def decode_image(encoded, input_size: int, rgb: bool = True):
     return to_rgb(img) if rgb else img
 
 
+def decode_mask(encoded, input_size: int):
+    """The records' lung mask (PNG, 255 = lung) -> float32 (input_size, input_size, 1),
+    1 = lung: resized as :func:`decode_image` resizes the image (antialiased)."""
+    m = tf.cast(decode_image(encoded, input_size, rgb=False)[..., :1], tf.float32) / 255.0
+    return tf.ensure_shape(m, [input_size, input_size, 1])
+
+
+#: The lung model's inputs (DRENet ``navigator_anchors="lung"``).
+IMAGE_INPUT, LUNG_MASK_INPUT = "image", "lung_mask"
+
+
+def lung_model_input(image, mask, input_size: int) -> dict:
+    """``{"image": image, "lung_mask": mask}``: what a DRENet built with
+    ``navigator_anchors="lung"`` takes (mask float32 (..., S, S, 1), 1 = lung)."""
+    mask = tf.cast(mask, tf.float32)
+    shape = [None] * (mask.shape.rank - 3) + [input_size, input_size, 1]
+    return {IMAGE_INPUT: image, LUNG_MASK_INPUT: tf.ensure_shape(mask, shape)}
+
+
 def to_rgb(img):
     """(S, S, 1 or 3+) -> (S, S, 3): grey repeated, else the first three channels."""
     img = tf.cond(tf.shape(img)[-1] == 1, lambda: tf.repeat(img, 3, axis=-1),
@@ -120,7 +145,8 @@ def to_rgb(img):
 
 
 def augment(image_u8, seed, rotation_degrees: float = 0.0,
-            brightness: str = "multiplicative", zoom: float = 0.0, gamma: float = 0.0):
+            brightness: str = "multiplicative", zoom: float = 0.0, gamma: float = 0.0,
+            mask=None):
     """Stateless augmentation of one uint8 image: horizontal flip and brightness x
     U(0.874, 1.126), as the authors' code [, zoom, gamma, rotation]. Multiplicative, so the
     black (masked) background stays black; additive jitter or a contrast jitter around the
@@ -132,16 +158,24 @@ def augment(image_u8, seed, rotation_degrees: float = 0.0,
     resized back to the full size (the image is zoomed in by up to 1 / (1 - z)).
     ``gamma`` g > 0: x ** exp(U(-ln(1 + g), ln(1 + g))): brightness and contrast change
     together while black stays black and white stays white. Both are off by default, and
-    with them off the other draws are the same as without them."""
+    with them off the other draws are the same as without them.
+
+    ``mask`` (S, S, 1) float32, optional (the lung mask, 0..1): moved with the image, by
+    the same draws (flip, zoom, rotation; no brightness or gamma); the image is the same
+    as without it, and the result is then ``(image_u8, mask)``."""
     check_augmentation(brightness, zoom, gamma)
     s = tf.random.experimental.stateless_split(seed, 4)
     x = tf.cast(image_u8, tf.float32) / 255.0
     x = tf.image.stateless_random_flip_left_right(x, s[0])
+    if mask is not None:  # the same seed and rank: the same draw as the image's
+        mask = tf.image.stateless_random_flip_left_right(mask, s[0])
     if zoom or gamma:  # own draws, so that the default recipe's draws do not move
         extra = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(seed, 1), 2)
     if zoom:
         x = _zoom(x, extra[0], zoom)
+        if mask is not None:
+            mask = _zoom(mask, extra[0], zoom)
     if brightness == "additive":
         x = tf.image.stateless_random_brightness(x, 0.1, s[1])
         x = tf.image.stateless_random_contrast(x, 0.8, 1.2, s[2])
@@ -155,7 +189,10 @@ def augment(image_u8, seed, rotation_degrees: float = 0.0,
         angle = tf.random.stateless_uniform([], s[3], -1.0, 1.0) * (
             rotation_degrees * math.pi / 180.0)
         x = _rotate(x, angle)
-    return tf.cast(tf.clip_by_value(x, 0.0, 1.0) * 255.0 + 0.5, tf.uint8)
+        if mask is not None:
+            mask = _rotate(mask, angle)
+    out = tf.cast(tf.clip_by_value(x, 0.0, 1.0) * 255.0 + 0.5, tf.uint8)
+    return out if mask is None else (out, mask)
 
 
 def _zoom(image, seed, zoom: float):
@@ -200,6 +237,9 @@ class PipelineConfig:
     class_balanced: bool = False
     num_classes: int = 0  # for class balancing
     seed: int = 0
+    # True: the model also takes the records' lung mask ({"image", "lung_mask"}: a DRENet
+    # built with navigator_anchors="lung"; :meth:`for_model` sets it from the model's spec)
+    lung_mask: bool = False
 
     @classmethod
     def for_model(cls, spec: dict, **kwargs) -> PipelineConfig:
@@ -208,7 +248,8 @@ class PipelineConfig:
         (:func:`covid_keras.model.saving.model_spec`, or the ``covid_keras.json`` info; a spec
         without ``include_preprocessing`` is a model that expects normalised input)."""
         return cls(input_size=int(spec["input_size"]), backbone=spec["backbone"],
-                   normalize=not spec.get("include_preprocessing", False), **kwargs)
+                   normalize=not spec.get("include_preprocessing", False),
+                   lung_mask=spec.get("navigator_anchors", "all") == "lung", **kwargs)
 
 
 def _parse(serialized):
@@ -281,19 +322,27 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
         def prepare(r, i):
             # Augment the record's own channels (1 for grey), then repeat to RGB.
             img = decode_image(r[schema.IMAGE], cfg.input_size, rgb=False)
-            img = augment(img, base + tf.stack([tf.constant(0, tf.int64), i]),
-                          cfg.rotation_degrees, cfg.brightness, cfg.zoom, cfg.gamma)
-            return _output(r, to_rgb(img), cfg, with_meta)
+            seed = base + tf.stack([tf.constant(0, tf.int64), i])
+            mask = decode_mask(r[schema.MASK], cfg.input_size) if cfg.lung_mask else None
+            img = augment(img, seed, cfg.rotation_degrees, cfg.brightness, cfg.zoom,
+                          cfg.gamma, mask=mask)
+            if mask is not None:
+                img, mask = img
+            return _output(r, to_rgb(img), cfg, with_meta, mask)
     else:
         def prepare(r):
-            return _output(r, decode_image(r[schema.IMAGE], cfg.input_size), cfg, with_meta)
+            mask = decode_mask(r[schema.MASK], cfg.input_size) if cfg.lung_mask else None
+            return _output(r, decode_image(r[schema.IMAGE], cfg.input_size), cfg, with_meta,
+                           mask)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _output(r, img_u8, cfg: PipelineConfig, with_meta: bool):
+def _output(r, img_u8, cfg: PipelineConfig, with_meta: bool, mask=None):
     image = model_input(tf.ensure_shape(img_u8, [cfg.input_size, cfg.input_size, 3]), cfg)
+    if cfg.lung_mask:
+        image = lung_model_input(image, mask, cfg.input_size)
     label = tf.cast(r[schema.LABEL_INDEX], tf.int32)
     if not with_meta:
         return image, label

@@ -37,6 +37,7 @@ from covid_keras.model.baselines import apply_trainable
 # identity elsewhere): what compiled losses get, so a custom compute_loss must apply it too.
 from covid_keras.model.keras_private import scale_loss_for_distribution
 from covid_keras.model.layers import (
+    AnchorLungOverlap,
     ConfidenceMapImage,
     MLPHead,
     ProposalHead,
@@ -51,6 +52,20 @@ from covid_keras.model.layers.anchors import CODE_LEVELS, PAPER_LEVELS, level_gr
 from covid_keras.model.layers.generated import normalised_scores
 
 VARIANTS = ("paper", "code")
+#: ``navigator_anchors``: "all" (the paper) or "lung" (only anchors on the lung mask).
+NAVIGATOR_ANCHORS = ("all", "lung")
+#: The model's second input with ``navigator_anchors="lung"``.
+LUNG_MASK_INPUT = "lung_mask"
+# With navigator_anchors="lung", an anchor may be chosen when at least this share of its
+# area (inside the image) is lung. Not "> 0": with any overlap, an anchor that touches
+# the lung by a few blurred edge pixels (the mask is resized to the input size) would
+# qualify while being almost all air or chest wall, the very boxes issue 30 complains of.
+# Not 0.5 or more: COVID-19's lesions are typically peripheral and subpleural, so the
+# anchors that straddle the lung border must stay eligible, and on apex / base slices with
+# a small lung section no 96 px anchor would be half lung (the fallback to all anchors
+# would then point at air again). A quarter of the anchor: most of the box may be outside
+# the lung, but a real part of it is inside.
+LUNG_OVERLAP = 0.25
 OUTPUT_KEYS = ("logits", "raw_logits", "region_logits", "navigator_scores", "boxes",
                "box_scores")
 DEFAULT_LOSS_WEIGHTS = {"raw": 1.0, "concat": 1.0, "region": 1.0, "rank": 1.0}
@@ -105,7 +120,8 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                  dropout: float = 0.5, trainable: str = "all", branch_bn: bool = True,
                  head_norm: bool = True, head_hidden_units: int | None = None,
                  bn_momentum: float = BN_MOMENTUM, input_norm: str = "none",
-                 include_preprocessing: bool = True, name: str = "drenet") -> DRENet:
+                 include_preprocessing: bool = True, navigator_anchors: str = "all",
+                 lung_overlap: float = LUNG_OVERLAP, name: str = "drenet") -> DRENet:
     """DRENet as a functional Keras model with a dict of outputs (:data:`OUTPUT_KEYS`).
 
     Args:
@@ -141,9 +157,25 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         takes RGB pixel values 0..255 (the default: every model the trainer builds). False
         (every model saved before the layer; a saved config without the key rebuilds so):
         the model takes them normalised (:func:`covid_keras.io.data.normalize`).
+      navigator_anchors: "all" (default: the paper, the model takes the image alone) or
+        "lung": the model takes a dict ``{"image": ..., "lung_mask": ...}``, the mask
+        float32 (B, S, S, 1) at the input size, 1 = lung, 0 = not (the records'
+        ``mask/encoded`` / 255, augmented with the image: :mod:`covid_keras.io.data`), and
+        the navigator chooses only among the anchors whose area is at least
+        ``lung_overlap`` lung (:class:`~covid_keras.model.layers.AnchorLungOverlap`); an
+        image where no anchor qualifies (all-black, failed mask) chooses among all
+        (:func:`~covid_keras.model.layers.greedy_nms_topk`). A mask of ones is no
+        restriction: the outputs are those of the same weights with "all".
+      lung_overlap: with "lung", the share of an anchor that must be lung (see
+        :data:`LUNG_OVERLAP` for the choice of 0.25).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}. Received: variant={variant!r}")
+    if navigator_anchors not in NAVIGATOR_ANCHORS:
+        raise ValueError(f"navigator_anchors must be one of {NAVIGATOR_ANCHORS}. Received: "
+                         f"navigator_anchors={navigator_anchors!r}")
+    if not 0.0 <= float(lung_overlap) <= 1.0:
+        raise ValueError(f"lung_overlap must be in [0, 1]. Received: {lung_overlap}")
     if int(input_size) < 32:
         raise ValueError(f"input_size must be >= 32. Received: input_size={input_size}")
     weights_by_term = dict(DEFAULT_LOSS_WEIGHTS)
@@ -165,7 +197,9 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
                     "head_hidden_units": head_hidden_units,
                     "bn_momentum": float(bn_momentum), "input_norm": input_norm,
-                    "include_preprocessing": bool(include_preprocessing)}
+                    "include_preprocessing": bool(include_preprocessing),
+                    "navigator_anchors": navigator_anchors,
+                    "lung_overlap": float(lung_overlap)}
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net
@@ -180,7 +214,15 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
 
     scores_all = ProposalHead(num_levels=len(levels), grid_size=level_grid(levels[0][0]),
                               name="navigator")(feats["conv5"])
-    top = TopKNMS(input_size, levels, groups, iou_threshold, name="top_k")(scores_all)
+    if navigator_anchors == "lung":
+        lung_mask = keras.Input((input_size, input_size, 1), name=LUNG_MASK_INPUT)
+        overlap = AnchorLungOverlap(input_size, levels, name="lung_overlap")(lung_mask)
+        top = TopKNMS(input_size, levels, groups, iou_threshold, min_overlap=lung_overlap,
+                      name="top_k")([scores_all, overlap])
+        inputs = {"image": raw_image, LUNG_MASK_INPUT: lung_mask}
+    else:
+        top = TopKNMS(input_size, levels, groups, iou_threshold, name="top_k")(scores_all)
+        inputs = raw_image
     boxes, nav_scores = top["boxes"], top["scores"]
     k = sum(g[2] for g in groups)
 
@@ -205,7 +247,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     box_scores = BoxScores(name="box_scores")(nav_scores)
     outputs = {"logits": logits, "raw_logits": raw_logits, "region_logits": region_logits,
                "navigator_scores": nav_scores, "boxes": boxes, "box_scores": box_scores}
-    model = DRENet(raw_image, outputs, build_config, name=name)
+    model = DRENet(inputs, outputs, build_config, name=name)
     set_bn_momentum(model, bn_momentum)
     if trainable != "all":
         apply_trainable(model, trainable)

@@ -56,10 +56,20 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
                          "(BackboneNormalization), members "
                          f"{[k for k, o in enumerate(own) if not o]} expect it normalised "
                          "(saved before that layer)")
-    image = keras.Input(shapes.pop(), name="image")
+    size = shapes.pop()
+    image = keras.Input(size, name="image")
+    # DRENet navigator_anchors="lung" members also take the lung mask: all of them or none
+    lung = [isinstance(m.input, dict) for m in members]
+    if len(set(lung)) != 1:
+        raise ValueError("The members' inputs differ: members "
+                         f"{[k for k, v in enumerate(lung) if v]} take the lung mask "
+                         "(navigator_anchors='lung'), the others do not")
+    inputs = image
+    if lung[0]:
+        inputs = {"image": image, "lung_mask": keras.Input(size[:2] + (1,), name="lung_mask")}
     outs = []
     for k, m in enumerate(members):
-        out = renamed(m, f"{MEMBER_PREFIX}{k}")(image)
+        out = renamed(m, f"{MEMBER_PREFIX}{k}")(inputs)
         outs.append(out if isinstance(out, dict) else {"logits": out})
     classes = {int(o["logits"].shape[-1]) for o in outs}
     if len(classes) != 1:
@@ -69,7 +79,7 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
     shared = [k for k in outs[0] if k != "logits" and all(k in o for o in outs)]
     for key in shared:
         outputs[key] = FromAnsweringMember(name=key)([member_logits, [o[key] for o in outs]])
-    return keras.Model(image, outputs, name=name)
+    return keras.Model(inputs, outputs, name=name)
 
 
 def normalises_its_input(model: keras.Model) -> bool:

@@ -6,7 +6,9 @@ size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
 ``keras.applications``) and whether the model applies it itself
 (``include_preprocessing``: its first layer is ``BackboneNormalization`` and it takes RGB
 pixel values 0..255; absent or false: it takes them normalised, as every model saved before
-the layer), the model kind, and the package version. :func:`load_model`
+the layer), the model kind, ``navigator_anchors`` (``"lung"``: a DRENet whose navigator
+chooses among the anchors on the lung mask, which it takes as a second input
+``lung_mask``; ``"all"`` otherwise) and the package version. :func:`load_model`
 returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
 be used without reading the run folder. Keras ignores the extra entry.
 
@@ -51,6 +53,7 @@ def model_info(model, class_names: list[str]) -> dict:
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
             "include_preprocessing": spec["include_preprocessing"],
+            "navigator_anchors": spec.get(LUNG_SPEC_KEY, "all"),
             "members": spec.get("members", 1),
             "covid_keras_version": __version__}
 
@@ -121,6 +124,9 @@ def load_model(path: str, compile: bool = True):
 #: The keys of :func:`model_spec`.
 SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm",
              "include_preprocessing")
+#: A key only a DRENet built with ``navigator_anchors="lung"`` has in its spec (value
+#: ``"lung"``: it takes the lung mask as a second input); absent: every anchor ("all").
+LUNG_SPEC_KEY = "navigator_anchors"
 
 
 def saved_model_spec(path: str) -> dict:
@@ -130,7 +136,8 @@ def saved_model_spec(path: str) -> dict:
 
 def model_spec(source, where: str | None = None) -> dict:
     """Backbone, input size, number of classes, model kind (``drenet`` / ``classifier``) and
-    input normalisation (``input_norm``) of a model, and whether it normalises its own input
+    input normalisation (``input_norm``) of a model (and ``navigator_anchors: "lung"`` for a
+    DRENet that takes the lung mask, :data:`LUNG_SPEC_KEY`), whether it normalises its own input
     (``include_preprocessing``: it takes RGB pixel values 0..255; false for every model
     saved before the layer, which takes them normalised as the backbone expects): what
     ``train --init_from``, evaluation and the benchmarks need to feed it the way it was
@@ -172,10 +179,15 @@ def _config_spec(config: dict, where: str) -> dict:
         return spec
     if config.get("class_name") == "DRENet":
         b = config["config"]["build_config"]
-        return {"backbone": b["backbone"], "input_size": int(b["input_size"]),
+        spec = {"backbone": b["backbone"], "input_size": int(b["input_size"]),
                 "num_classes": int(b["num_classes"]), "model": "drenet",
                 "input_norm": b.get("input_norm", "none"),
                 "include_preprocessing": bool(b.get("include_preprocessing", False))}
+        # "lung": the model also takes the lung mask (a second, named input); "all" (a
+        # model saved before the option too) leaves the spec as it always was
+        if b.get("navigator_anchors", "all") != "all":
+            spec[LUNG_SPEC_KEY] = b["navigator_anchors"]
+        return spec
     layers_ = config.get("config", {}).get("layers", [])
     # build_backbone names the backbone model <arch>_backbone: the only record of the
     # architecture in a classifier saved without covid_keras.json.

@@ -120,6 +120,10 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "include_preprocessing": bool(model_info.get("include_preprocessing", False)),
         "model": model_info.get("model"),
         "variant": model_info.get("variant"),
+        # "lung": the navigator chooses among anchors on a lung mask, which serving_default
+        # and predict_images set to ones (no restriction) and predict_study / gradcam to
+        # the non-black pixels (serving_signatures' docstring); "all": every anchor
+        "navigator_anchors": model_info.get("navigator_anchors") or "all",
         "windows": prep["windows"],
         "data_prep": {"records_image_size": prep["records_image_size"],
                       "flags": prep["flags"], "preprocessing": prep["preprocessing"],

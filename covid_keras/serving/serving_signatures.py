@@ -41,6 +41,18 @@ gradcam            ``images`` float32 (B, S, S, 3) and          ``heatmaps`` (B,
 
 Boxes are clipped to the image (0..S): the navigator's anchors may extend past it.
 
+A DRENet trained with ``--navigator_anchors=lung`` (export info ``navigator_anchors``)
+takes a lung mask beside the image, and its navigator chooses only among anchors on the
+mask. The signatures keep the inputs above (no mask input): ``serving_default`` and
+``predict_images`` give it a mask of ones, i.e. *no restriction* (every anchor may be
+chosen, the same boxes as an unrestricted model with its weights would choose); a client
+that wants the restriction sends the whole study to ``predict_study``, which, like
+``gradcam`` (so that a map explains the prediction ``predict_study`` made), gives it each
+slice's non-black pixels as the mask: the mask the study pipeline computed, since data_prep
+blackens everything outside its lung mask (the records' ``mask/encoded``, which training
+and evaluation on records use; the two differ only on lung pixels at the window's floor).
+A slice without a non-black anchor (an all-black slice) falls back to all anchors.
+
 ``serving_default`` and ``predict_images`` do not check that a slice shows lung: an
 all-black or non-CT image gets an answer like any other. ``predict_study`` does:
 ``lung_fraction`` is each slice's share of non-black pixels: the fraction of the S x S
@@ -251,6 +263,12 @@ def decode_slice_u8(encoded, size: int, channels: int):
     return tf.ensure_shape(data.to_rgb(img), [size, size, 3])
 
 
+def non_black(images):
+    """(B, S, S, 3) 0..255 -> (B, S, S, 1) float32: 1 where any channel is above 0 (a
+    prepared slice is black outside data_prep's lung mask)."""
+    return tf.cast(tf.reduce_any(images > 0.0, axis=-1, keepdims=True), tf.float32)
+
+
 # ------------------------------------------------------------------ the functions
 class Signatures:
     """The serving functions of one Keras model (DRENet or a classifier).
@@ -302,8 +320,19 @@ class Signatures:
                 PREDICT_STUDY: self.predict_study, GRADCAM: self.gradcam}
 
     # the model
-    def _outputs(self, images):
-        out = self.model(data.model_input(images, self.pipeline), training=False)
+    def _model_input(self, images, lung: bool):
+        """The model's input from 0..255 images; for a lung model (``navigator_anchors=
+        "lung"``) with a mask: the non-black pixels with ``lung``, else ones (no
+        restriction; see the module docstring)."""
+        x = data.model_input(images, self.pipeline)
+        if not self.pipeline.lung_mask:
+            return x
+        mask = (non_black(images) if lung else
+                tf.ones(tf.concat([tf.shape(images)[:3], [1]], 0), tf.float32))
+        return data.lung_model_input(x, mask, self.size)
+
+    def _outputs(self, images, lung: bool = False):
+        out = self.model(self._model_input(images, lung), training=False)
         if not isinstance(out, dict):
             out = {"logits": out}
         probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
@@ -317,22 +346,30 @@ class Signatures:
         return {"probabilities": probs, "boxes": boxes, "box_scores": scores}
 
     def serving_default(self, images):
+        """``images`` -> ``probabilities``, ``boxes``, ``box_scores`` (the module's table).
+        Image-only: a model trained with ``--navigator_anchors=lung`` gets a mask of ones,
+        i.e. no restriction (its boxes are those of the unrestricted navigator with its
+        weights); ``predict_study`` restricts them to the non-black pixels."""
         return self._outputs(images)
 
     def predict_images(self, image_bytes):
+        """As :meth:`serving_default` (a lung model unrestricted too), from PNG / JPEG
+        bytes decoded in the graph."""
         images = tf.map_fn(lambda b: decode_slice_u8(b, self.size, self.channels),
                            image_bytes, fn_output_signature=tf.TensorSpec(
                                [self.size, self.size, 3], tf.uint8))
         return self._outputs(tf.cast(images, tf.float32))
 
     def predict_study(self, images):
+        """One study's slices -> the patient's answer (the module's table). A lung model's
+        navigator chooses among the anchors on each slice's non-black pixels."""
         check = tf.debugging.assert_positive(
             tf.shape(images)[0], message="predict_study: a study needs at least one slice")
         # the model must wait for the check: without the dependency the graph may run an
         # op that fails on the empty batch first, and the error then names that op
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        out = self._outputs(images)
+        out = self._outputs(images, lung=True)
         probs = out["probabilities"]
         names = tf.constant(self.class_names)
         if self.decision is None:
@@ -354,8 +391,7 @@ class Signatures:
                 other = self._any_other(probs, pos, t)
             decision = tf.where(score >= t, tf.constant(pos, tf.int32), other)
             threshold, rule = tf.constant(t, tf.float32), tf.constant(self.decision["rule"])
-        lung = tf.reduce_mean(tf.cast(tf.reduce_any(images > 0.0, axis=-1), tf.float32),
-                              axis=[1, 2])
+        lung = tf.reduce_mean(non_black(images)[..., 0], axis=[1, 2])
         no_lung = lung < self.min_lung_fraction
         warning = tf.where(tf.reduce_all(no_lung), "no_lung",
                            tf.where(tf.reduce_any(no_lung), "no_lung_slices", ""))
@@ -386,11 +422,11 @@ class Signatures:
 
         if self.cam_model is None:  # one per member of an ensemble: their maps' mean
             self.cam_model = gradcam.cam_models(self.model)
-        x = data.model_input(images, self.pipeline)
+        x = self._model_input(images, lung=True)
         maps = []
         for cam in self.cam_model:
             with tf.GradientTape() as tape:
-                tape.watch(x)
+                tape.watch(x["image"] if isinstance(x, dict) else x)
                 conv, logits = cam(x, training=False)
                 target = tf.gather(tf.cast(logits, tf.float32), class_index, axis=1,
                                    batch_dims=1)

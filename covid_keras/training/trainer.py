@@ -63,6 +63,7 @@ class TrainConfig:
     gamma_jitter: float = 0.0
     brightness_jitter: str = "multiplicative"
     input_norm: str = "none"
+    navigator_anchors: str = "all"
     bn_momentum: float = 0.9
     bn_stats: str = "moving"
     deterministic: bool = True
@@ -326,7 +327,8 @@ def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
         raise ValueError(f"--init_from has {spec['num_classes']} classes, the dataset "
                          f"{len(classes)} ({classes}). Received: {cfg.init_from}")
     changes = {}
-    for name in ("backbone", "input_size", "model", "input_norm"):
+    spec = {"navigator_anchors": "all", **spec}  # the spec names only "lung"
+    for name in ("backbone", "input_size", "model", "input_norm", "navigator_anchors"):
         if getattr(cfg, name) != spec[name]:
             log.info("--init_from: %s %s (from the model; the flag said %s)", name,
                      spec[name], getattr(cfg, name))
@@ -408,7 +410,8 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None,
                              variant=cfg.variant, trainable=cfg.trainable,
                              head_hidden_units=cfg.head_hidden_units,
                              bn_momentum=cfg.bn_momentum, input_norm=cfg.input_norm,
-                             include_preprocessing=include_preprocessing)
+                             include_preprocessing=include_preprocessing,
+                             navigator_anchors=cfg.navigator_anchors)
     else:
         model = build_classifier(cfg.backbone, num_classes, cfg.input_size,
                                  weights, trainable=cfg.trainable,
@@ -509,7 +512,8 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
                                    shuffle_buffer=cfg.shuffle_buffer,
                                    deterministic=cfg.deterministic,
                                    class_balanced=cfg.class_balanced,
-                                   num_classes=len(classes), seed=cfg.seed)
+                                   num_classes=len(classes), seed=cfg.seed,
+                                   lung_mask=cfg.navigator_anchors == "lung")
     train_slices = sum(data.split_counts(manifest, "train").values())
     if train_slices < global_batch:
         raise ValueError(f"The train split has {train_slices} slices, fewer than one global "
@@ -810,6 +814,9 @@ def check_recipe(cfg: TrainConfig):
                                     "such file")
     elif cfg.classifier_data_dir:
         raise ValueError("--classifier_data_dir needs --classifier_flagfile")
+    if cfg.navigator_anchors != "all" and cfg.model != "drenet":
+        raise ValueError("--navigator_anchors=lung is DRENet's: a classifier has no navigator "
+                         f"(Received: --model={cfg.model})")
     if cfg.classifier_data_dir and not files.exists(
             os.path.join(cfg.classifier_data_dir, schema.MANIFEST)):
         raise FileNotFoundError(f"--classifier_data_dir={cfg.classifier_data_dir} is not a "

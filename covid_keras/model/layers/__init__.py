@@ -1,7 +1,12 @@
 """DRENet's custom layers, one per concept; all pure Keras 3 and registered under
 ``covid_keras>``, so ``.keras`` files load under any backend."""
 
-from covid_keras.model.layers.anchors import AnchorGrid, anchor_boxes, iou_matrix
+from covid_keras.model.layers.anchors import (
+    AnchorGrid,
+    AnchorLungOverlap,
+    anchor_boxes,
+    iou_matrix,
+)
 from covid_keras.model.layers.attention import RegionAttention
 from covid_keras.model.layers.crop import RegionCrop, crop_and_resize
 from covid_keras.model.layers.ensemble import FromAnsweringMember, MeanProbabilities
@@ -16,7 +21,8 @@ from covid_keras.model.layers.intensity import (
 from covid_keras.model.layers.navigator import ProposalHead
 from covid_keras.model.layers.topk import TopKNMS, greedy_nms_topk
 
-__all__ = ["AnchorGrid", "BackboneNormalization", "ConfidenceMapImage", "FromAnsweringMember",
+__all__ = ["AnchorGrid", "AnchorLungOverlap", "BackboneNormalization", "ConfidenceMapImage",
+           "FromAnsweringMember",
            "MeanProbabilities",
            "MLPHead", "ProposalHead", "RegionAttention", "PerImageStandardization",
            "RegionCrop", "TopKNMS", "ZoomImage", "anchor_boxes", "backbone_normalization",

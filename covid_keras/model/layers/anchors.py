@@ -112,3 +112,59 @@ class AnchorGrid(keras.layers.Layer):
         config.update({"input_size": self.input_size,
                        "levels": [list(level) for level in self.levels]})
         return config
+
+
+def _pixel_overlaps(lo: np.ndarray, hi: np.ndarray, size: int) -> np.ndarray:
+    """(A,) intervals [lo, hi) -> (A, size): the length of each inside pixel [p, p + 1)."""
+    p = np.arange(size, dtype=np.float64)[None]
+    return np.clip(np.minimum(hi[:, None], p + 1.0) - np.maximum(lo[:, None], p), 0.0, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="covid_keras")
+class AnchorLungOverlap(keras.layers.Layer):
+    """A lung mask (B, S, S[, 1]), values 0..1 (1 = lung), at the model's input size ->
+    (B, A) float32: the share of each anchor's area inside the image that is lung (the
+    mask's mean over the anchor), in the order of :func:`anchor_boxes`.
+
+    Exact at the pixel level and at every input size, with no resizing: an anchor is a
+    rectangle, so its sum is separable, ``sum_y Ry[a, y] sum_x mask[y, x] Rx[a, x]`` with
+    ``Ry`` / ``Rx`` the constant (A, S) overlaps of its rows / columns with each pixel
+    (two einsums; about 49 M multiply-adds per 448 px image, next to ResNet-50's 4 G).
+
+    Args:
+      input_size, levels: the anchor grid (see :class:`AnchorGrid`).
+    """
+
+    def __init__(self, input_size: int, levels=PAPER_LEVELS, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if int(input_size) <= 0:
+            raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
+        self.input_size = int(input_size)
+        self.levels = tuple((int(s), float(a)) for s, a in levels)
+        boxes = anchor_boxes(self.input_size, self.levels).astype(np.float64)
+        ry = _pixel_overlaps(boxes[:, 0], boxes[:, 2], self.input_size)
+        rx = _pixel_overlaps(boxes[:, 1], boxes[:, 3], self.input_size)
+        area = np.maximum(ry.sum(1) * rx.sum(1), 1e-6)  # the part inside the image
+        self._ry = (ry / area[:, None]).astype(np.float32)  # the mean, not the sum
+        self._rx = rx.astype(np.float32)
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self._rx.shape[0])
+
+    def call(self, inputs):
+        m = ops.cast(inputs, "float32")
+        if len(m.shape) == 4:
+            m = m[..., 0]
+        rows = ops.einsum("byx,ax->bay", m, ops.convert_to_tensor(self._rx))  # (B, A, S)
+        return ops.sum(rows * ops.convert_to_tensor(self._ry)[None], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_anchors)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"input_size": self.input_size,
+                       "levels": [list(level) for level in self.levels]})
+        return config

@@ -8,6 +8,11 @@ survive suppression, the best unselected anchors fill the remaining places (K is
 
 ``groups`` gives K per anchor range: the paper selects 3 over all 245 anchors; the authors'
 code selects 3 among the small anchors (levels 1-2) and 3 among the large (level 3).
+
+Optionally (``min_overlap``, DRENet's ``navigator_anchors="lung"``) the layer also takes
+each anchor's lung share (:class:`~covid_keras.model.layers.anchors.AnchorLungOverlap`) and
+chooses only among the anchors whose share reaches ``min_overlap`` (the others score
+-inf for the choice); see :func:`greedy_nms_topk` for the fallbacks.
 """
 
 from __future__ import annotations
@@ -21,16 +26,32 @@ from covid_keras.model.layers.anchors import anchor_boxes, check_coverage, iou_m
 NEG = -1e9
 
 
-def greedy_nms_topk(scores, iou, k: int, iou_threshold: float):
-    """scores (B, A) float32, iou (A, A) constant -> indices (B, k) int32."""
+def greedy_nms_topk(scores, iou, k: int, iou_threshold: float, allowed=None):
+    """scores (B, A) float32, iou (A, A) constant -> indices (B, k) int32.
+
+    ``allowed`` (B, A) bool, optional: the anchors that may be chosen (the others count as
+    scoring -inf). An image with no allowed anchor may choose any (the model still answers
+    on an all-black image or a failed mask); when fewer allowed anchors than ``k`` survive
+    NMS, the best allowed ones that NMS removed come first, then the best of the others.
+    ``allowed=None`` (or all true) is the unrestricted selection, bit for bit."""
     num = ops.shape(scores)[1]
-    available = ops.ones_like(scores, dtype="bool")
+    if allowed is None:
+        available = ops.ones_like(scores, dtype="bool")
+    else:
+        allowed = ops.cast(allowed, "bool")
+        allowed = ops.logical_or(allowed, ops.logical_not(ops.any(allowed, axis=1,
+                                                                  keepdims=True)))
+        available = allowed
     selected = ops.zeros_like(scores, dtype="bool")
     picks = []
     for _ in range(k):
         nms_ok = ops.any(available, axis=1, keepdims=True)
         # Prefer anchors NMS allows; when none is left, any not yet selected.
-        pool = ops.where(nms_ok, available, ops.logical_not(selected))
+        rest = ops.logical_not(selected)
+        if allowed is not None:  # allowed ones first
+            allowed_rest = ops.logical_and(rest, allowed)
+            rest = ops.where(ops.any(allowed_rest, axis=1, keepdims=True), allowed_rest, rest)
+        pool = ops.where(nms_ok, available, rest)
         idx = ops.argmax(ops.where(pool, scores, NEG), axis=1)
         picks.append(idx)
         one_hot = ops.one_hot(idx, num, dtype="bool")
@@ -50,16 +71,23 @@ class TopKNMS(keras.layers.Layer):
       input_size, levels: the anchor grid (see :class:`~covid_keras.model.layers.AnchorGrid`).
       groups: ``[(first_level, last_level_exclusive, k), ...]``; default: all levels, k=3.
       iou_threshold: suppress anchors whose IoU with a chosen one exceeds this (0.1).
+      min_overlap: None (default): the layer takes the scores alone and chooses among all
+        anchors. A number: it takes ``[scores, overlap]`` (overlap (B, A): each anchor's
+        lung share, :class:`~covid_keras.model.layers.anchors.AnchorLungOverlap`) and
+        chooses among the anchors with ``overlap >= min_overlap``, per group; a group
+        where no anchor qualifies chooses among all of its anchors
+        (:func:`greedy_nms_topk`). The returned scores are the anchors' own (never -inf).
     """
 
     def __init__(self, input_size: int, levels, groups=None, iou_threshold: float = 0.1,
-                 **kwargs):
+                 min_overlap: float | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.input_size = int(input_size)
         self.levels = tuple((int(s), float(a)) for s, a in levels)
         self.groups = tuple(tuple(int(v) for v in g) for g in (groups or [(0, len(levels), 3)]))
         self.iou_threshold = float(iou_threshold)
+        self.min_overlap = None if min_overlap is None else float(min_overlap)
         for lo, hi, k in self.groups:
             if not (0 <= lo < hi <= len(self.levels)) or k < 1:
                 raise ValueError(f"Each group is (first_level, end_level, k) within "
@@ -79,12 +107,19 @@ class TopKNMS(keras.layers.Layer):
     def k(self) -> int:
         return sum(k for _, _, k in self._ranges)
 
-    def call(self, scores):
+    def call(self, inputs):
+        allowed = None
+        if self.min_overlap is None:
+            scores = inputs
+        else:
+            scores, overlap = inputs
+            allowed = ops.cast(overlap, "float32") >= self.min_overlap
         scores = ops.cast(scores, "float32")
         indices = []
         for (a, b, k), iou in zip(self._ranges, self._ious):
             local = greedy_nms_topk(scores[:, a:b], ops.convert_to_tensor(iou), k,
-                                    self.iou_threshold)
+                                    self.iou_threshold,
+                                    None if allowed is None else allowed[:, a:b])
             indices.append(local + a)
         idx = ops.concatenate(indices, axis=1)
         idx = ops.stop_gradient(idx)
@@ -93,10 +128,13 @@ class TopKNMS(keras.layers.Layer):
         return {"indices": idx, "scores": picked, "boxes": ops.stop_gradient(boxes)}
 
     def compute_output_shape(self, input_shape):
+        if self.min_overlap is not None:
+            input_shape = input_shape[0]
         b = input_shape[0]
         return {"indices": (b, self.k), "scores": (b, self.k), "boxes": (b, self.k, 4)}
 
-    def compute_output_spec(self, scores):
+    def compute_output_spec(self, inputs):
+        scores = inputs if self.min_overlap is None else inputs[0]
         b = scores.shape[0]
         return {"indices": keras.KerasTensor((b, self.k), dtype="int32"),
                 "scores": keras.KerasTensor((b, self.k), dtype="float32"),
@@ -108,4 +146,6 @@ class TopKNMS(keras.layers.Layer):
                        "levels": [list(v) for v in self.levels],
                        "groups": [list(g) for g in self.groups],
                        "iou_threshold": self.iou_threshold})
+        if self.min_overlap is not None:  # absent: the unrestricted layer's config as before
+            config["min_overlap"] = self.min_overlap
         return config
