@@ -319,14 +319,105 @@ COMMAND_MODULES = ("covid_keras.train", "covid_keras.evaluate", "covid_keras.exp
                    "covid_keras.web", "data_prep.build_tfrecords", "data_prep.phantom")
 
 
-def _command_server() -> None:
-    """The loop of :class:`Commands`' helper process: one JSON request a line on stdin
-    (a module to run as ``__main__``, or code as ``python -c`` runs it), one
-    ``{"returncode": N}`` a line on stdout."""
-    import importlib
+#: The command server's socket for commands run from within a command (a training's
+#: stages, :func:`run_stage_command`), in the environment of every command it runs.
+FORK_SOCKET_ENV = "COVID_KERAS_TEST_FORK_SOCKET"
+#: ``commands.run(..., env=FORKED_STAGES)``: the trainer runs its pretraining and classifier
+#: stages (``python -m covid_keras.pretrain`` / ``covid_keras.train``, a subprocess for a
+#: user) as forks of the command server too (covid_keras.training.trainer.run_stage).
+FORKED_STAGES = {"COVID_KERAS_STAGE_RUNNER": "tests.helpers:run_stage_command"}
+
+
+def run_stage_command(cmd: list[str]) -> int:
+    """The trainer's stage runner under :data:`FORKED_STAGES` (in a command of
+    :class:`Commands`): ``python -m MODULE ARGS`` as another fork of the command server,
+    in this process's working directory and environment; its stdout and stderr are copied
+    to this process's once it ends. Its exit status."""
+    import shutil
+    import socket
+    import sys
+    import tempfile
+
+    assert cmd[1] == "-m", cmd
+    tmp = tempfile.mkdtemp(prefix="covid_keras_stage_")
+    out = os.path.join(tmp, "stage")
+    request = {"module": cmd[2], "argv": [cmd[2], *cmd[3:]], "cwd": os.getcwd(),
+               "env": dict(os.environ), "out": out, "timeout": 900}
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(os.environ[FORK_SOCKET_ENV])
+            s.sendall((json.dumps(request) + "\n").encode())
+            with s.makefile("r") as f:
+                reply = f.readline()
+        assert reply, "the command server ended"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.write(fd, Path(out + suffix).read_bytes())
+        return json.loads(reply)["returncode"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_forked(request: dict, closed: list) -> int:
+    """Forks the command of ``request`` (the child runs it and exits with its status;
+    ``closed``: the server's sockets, which it closes); the child's pid."""
     import runpy
     import signal
     import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # the command
+    try:
+        for sock in closed:
+            sock.close()
+        signal.alarm(request["timeout"])
+        os.chdir(request["cwd"])
+        os.environ.update(request["env"])
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            f = os.open(request["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd)
+            os.close(f)
+        sys.argv = list(request["argv"])
+        try:
+            if "code" in request:
+                exec(compile(request["code"], "<string>", "exec"),  # noqa: S102
+                     {"__name__": "__main__"})
+            else:
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (
+                0 if exc.code is None else 1)
+            if exc.code not in (None, 0) and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - printed as python -m would
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _command_server() -> None:
+    """The loop of :class:`Commands`' helper process: one JSON request a line on stdin
+    (a module to run as ``__main__``, or code as ``python -c`` runs it), one
+    ``{"returncode": N}`` a line on stdout once it ends; the same on a connection to its
+    socket ($COVID_KERAS_TEST_FORK_SOCKET, one request and its reply a connection) for
+    commands that a running command starts (:func:`run_stage_command`). Every command is
+    a fork of this process."""
+    import importlib
+    import select
+    import shutil
+    import socket
+    import sys
+    import tempfile
 
     from covid_keras.core import cli
 
@@ -335,48 +426,55 @@ def _command_server() -> None:
         importlib.import_module(name)
     loaded = [m for m in COMMAND_MODULES if m in sys.modules]
     assert not loaded, f"a preloaded library imported a command module: {loaded}"
+    sock_dir = tempfile.mkdtemp(prefix="covid_keras_forks_")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.path.join(sock_dir, "socket"))
+    listener.listen()
+    os.environ[FORK_SOCKET_ENV] = listener.getsockname()
     reply = sys.stdout
     print("ready", file=reply, flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        reply.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the command
-            code = 1
-            try:
-                signal.alarm(request["timeout"])
-                os.chdir(request["cwd"])
-                os.environ.update(request["env"])
-                for fd, suffix in ((1, ".out"), (2, ".err")):
-                    f = os.open(request["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                    os.dup2(f, fd)
-                    os.close(f)
-                sys.argv = list(request["argv"])
-                try:
-                    if "code" in request:
-                        exec(compile(request["code"], "<string>", "exec"),  # noqa: S102
-                             {"__name__": "__main__"})
-                    else:
-                        runpy.run_module(request["module"], run_name="__main__",
-                                         alter_sys=True)
-                    code = 0
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else (
-                        0 if exc.code is None else 1)
-                    if exc.code not in (None, 0) and not isinstance(exc.code, int):
-                        print(exc.code, file=sys.stderr)
-            except BaseException:  # noqa: BLE001 - printed as python -m would
-                import traceback
 
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=reply,
-              flush=True)
+    def answer_stdin(code: int) -> None:
+        print(json.dumps({"returncode": code}), file=reply, flush=True)
+
+    def answer(conn):
+        def send(code: int) -> None:
+            conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
+            conn.close()
+        return send
+
+    running: dict = {}  # pidfd -> (pid, how to answer)
+    conns: list = []
+    pending, stdin_open = b"", True
+    try:
+        while stdin_open or running:
+            ready, _, _ = select.select(
+                ([0] if stdin_open else []) + [listener] + list(running), [], [])
+            for fd in ready:
+                if fd == 0:
+                    chunk = os.read(0, 1 << 16)
+                    stdin_open = bool(chunk)
+                    pending += chunk
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        pid = _run_forked(json.loads(line), [listener, *conns])
+                        running[os.pidfd_open(pid)] = (pid, answer_stdin)
+                elif fd is listener:
+                    conn, _ = listener.accept()
+                    with conn.makefile("r") as f:
+                        request = json.loads(f.readline())
+                    conns.append(conn)
+                    pid = _run_forked(request, [listener, *conns])
+                    running[os.pidfd_open(pid)] = (pid, answer(conn))
+                else:
+                    pid, send = running.pop(fd)
+                    os.close(fd)
+                    _, status = os.waitpid(pid, 0)
+                    send(os.waitstatus_to_exitcode(status))
+                    conns = [c for c in conns if c.fileno() != -1]
+    finally:
+        listener.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 _SHARED: list[Commands] = []

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import FORKED_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,8 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
 
     def train(*extra, ok=True):
         proc = commands.run("covid_keras.train", f"--flagfile={cfg_dir / 'dre.cfg'}",
-                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path)
+                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path,
+                            env=FORKED_STAGES)
         assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 

@@ -266,12 +266,16 @@ def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, command
 
 
 @pytest.mark.slow
-def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tmp_path):
+def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tmp_path,
+                                                                    commands):
+    """Killed: a process of its own; resumed: a command of helpers.Commands (a fork, no
+    interpreter start)."""
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "covid_keras.train", "--flagfile=configs/smoke.cfg",
-            "--epochs=3", f"--data_dir={data_dir}", f"--run_dir={run}", "--folds=2"]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["--flagfile=configs/smoke.cfg", "--epochs=3", f"--data_dir={data_dir}",
+            f"--run_dir={run}", "--folds=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "covid_keras.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.time() + 900
         while not (run / "fold_1" / "backup").exists():  # inside fold 2 (of 1, 2, 3)
@@ -283,7 +287,7 @@ def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tm
     folds = (run / "folds.json").read_text()
     fold_0 = os.path.getmtime(run / "fold_0" / "final.keras")
     assert not (run / "fold_1" / "final.keras").exists()
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    done = commands.run("covid_keras.train", *args, cwd=REPO, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fold 1/2 finished in an earlier run" in done.stderr
     assert "resuming it" in done.stderr  # fold 2 resumed from its backup

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import FORKED_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -340,7 +342,8 @@ def test_train_runs_the_pretraining_stage_from_its_flagfile_and_reuses_it(data_d
 
     def train(*extra):
         proc = commands.run("covid_keras.train", f"--flagfile={cfg_dir / 'train.cfg'}",
-                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path)
+                            f"--data_dir={data_dir}", f"--run_dir={run}", *extra, cwd=tmp_path,
+                            env=FORKED_STAGES)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -94,14 +92,13 @@ def test_odd_files(shared_data):
 
 
 @pytest.fixture(scope="module")
-def covid_ct_records(shared_data, tmp_path_factory):
+def covid_ct_records(shared_data, tmp_path_factory, commands):
     root = shared_subdir(shared_data, "covid_ct")
     out = tmp_path_factory.mktemp("covid_ct")
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.build_tfrecords", "--flagfile=configs/data/covid_ct.cfg",
-         f"--input={root / 'patients.csv'}", f"--output_dir={out}", "--image_size=64",
-         "--workers=2", f"--salt_file={out / 'salt.key'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = commands.run(
+        "data_prep.build_tfrecords", "--flagfile=configs/data/covid_ct.cfg",
+        f"--input={root / 'patients.csv'}", f"--output_dir={out}", "--image_size=64",
+        "--workers=2", f"--salt_file={out / 'salt.key'}", cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import tensorflow as tf
 
@@ -150,7 +147,7 @@ def test_covid_ct_records_carry_no_trace_of_source_format(covid_ct_records):
             assert chunk not in r[schema.IMAGE]
 
 
-def test_authors_demo_slices(shared_data, tmp_path):
+def test_authors_demo_slices(shared_data, tmp_path, commands):
     root = shared_subdir(shared_data, "sy575_demo")
     manifest = tmp_path / "m.csv"
     rows = ["study_path,label,patient_id"]
@@ -158,12 +155,10 @@ def test_authors_demo_slices(shared_data, tmp_path):
         rows.append(f"{d},{'covid' if '_COVID' in d.name else 'bacterial'},{d.name}")
     manifest.write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.build_tfrecords",
-         "--flagfile=configs/data/sy575_demo.cfg", f"--input={manifest}",
-         f"--output_dir={out}", "--image_size=64", "--workers=1",
-         f"--salt_file={tmp_path / 'salt'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = commands.run(
+        "data_prep.build_tfrecords", "--flagfile=configs/data/sy575_demo.cfg",
+        f"--input={manifest}", f"--output_dir={out}", "--image_size=64", "--workers=1",
+        f"--salt_file={tmp_path / 'salt'}", cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["studies"]["written"] == 4

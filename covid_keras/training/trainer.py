@@ -240,6 +240,23 @@ def reused_run(cfg: TrainConfig) -> dict | None:
 #: The classifier stage's backbone file, beside its best.keras.
 CLASSIFIER_BACKBONE = "classifier_backbone.weights.h5"
 
+#: ``"module:function"`` that runs a stage's ``python -m ...`` command in place of a
+#: subprocess and returns its exit status (the tests: a fork of an interpreter that has
+#: TensorFlow imported already); unset, as for users: a subprocess.
+STAGE_RUNNER_ENV = "COVID_KERAS_STAGE_RUNNER"
+
+
+def run_stage(cmd: list[str]) -> int:
+    """The exit status of a stage's command ``[python, -m, module, args...]``: run as a
+    subprocess, or by what $COVID_KERAS_STAGE_RUNNER names."""
+    runner = os.environ.get(STAGE_RUNNER_ENV)
+    if runner:
+        import importlib
+
+        module, _, name = runner.partition(":")
+        return getattr(importlib.import_module(module), name)(cmd)
+    return subprocess.run(cmd).returncode
+
 
 def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     """--classifier_flagfile: trains (or resumes, or reuses) the classifier stage in its
@@ -262,7 +279,7 @@ def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
         cmd += [f"--data_dir={cfg.data_dir}", f"--val_split={cfg.val_split}",
                 f"--report_splits={','.join(cfg.report_splits)}"]
     log.info("stage 0, the classifier: %s", " ".join(cmd[1:]))
-    code = subprocess.run(cmd).returncode
+    code = run_stage(cmd)
     if code:
         raise RuntimeError(f"the classifier stage failed (exit {code}): rerun to resume it, "
                            f"or run python -m covid_keras.train --flagfile="
@@ -298,7 +315,7 @@ def backbone_weights(cfg: TrainConfig, run_dir: str) -> str | None:
                f"--flagfile={cfg.pretrain_flagfile}", f"--data_dir={cfg.data_dir}",
                f"--run_dir={folder}", "--reuse"]
         log.info("stage 0, pretraining: %s", " ".join(cmd[1:]))
-        code = subprocess.run(cmd).returncode
+        code = run_stage(cmd)
         if code:
             raise RuntimeError(f"the pretraining stage failed (exit {code}): rerun to resume "
                                f"it, or run python -m covid_keras.pretrain "
