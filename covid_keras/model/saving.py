@@ -53,9 +53,10 @@ def model_info(model, class_names: list[str]) -> dict:
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
             "include_preprocessing": spec["include_preprocessing"],
-            "navigator_anchors": spec.get(LUNG_SPEC_KEY, "all"),
             "members": spec.get("members", 1),
-            "covid_keras_version": __version__}
+            "covid_keras_version": __version__,
+            # only a lung model's file says so (an older reader knows no such key)
+            **({LUNG_SPEC_KEY: spec[LUNG_SPEC_KEY]} if LUNG_SPEC_KEY in spec else {})}
 
 
 def save_model(model, path: str, class_names: list[str] | None) -> None:
