@@ -666,3 +666,34 @@ def test_bench_intensity_feeds_a_lung_run_its_masks(models, bench_script, tmp_pa
                                            f"--output_json={out}"]) == 0
     assert set(json.loads(out.read_text())["runs"][str(run_dir)]["changes"]) == {
         "x0.8", "x1", "matched"}
+
+
+@tf_only
+def test_predict_through_the_server_sends_the_lung_masks(models, tmp_path):
+    """--server (covid_keras.serve's REST, TF Serving's API): predict sends the study's
+    masks to predict_study and gradcam, answering as locally; without them one line."""
+    from covid_keras.serving import exporter, predictor
+    from data_prep import phantom
+    from tests.helpers import ServeProcess
+
+    run = _lung_run(models, tmp_path, {"crop_to_lung": False})
+    model, info, decision = exporter.load_run(str(run))
+    path = exporter.export_model(model, info, decision, str(tmp_path / "exports"), "lung")
+    study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12,
+                                matrix=128, seed=3)
+    salt = b"s" * 32
+    local = predictor.predict_study(str(study), predictor.LocalModel(str(run)),
+                                    str(tmp_path / "l"), salt, top=1)
+    with ServeProcess(tmp_path / "exports" / "lung", tmp_path, model_name="lung") as server:
+        # without --model the served signature alone says it takes the masks
+        assert predictor.ServerModel(server.url, "lung", None, 60.0).info[
+            "navigator_anchors"] == "lung"
+        remote = predictor.ServerModel(server.url, "lung", predictor.read_export_info(path),
+                                       60.0)
+        served = predictor.predict_study(str(study), remote, str(tmp_path / "s"), salt, top=1)
+        with pytest.raises(ValueError, match="lung_masks"):
+            remote.predict_study(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    assert served["model"]["navigator_anchors"] == "lung"
+    for a, b in zip(served["slices"], local["slices"]):
+        np.testing.assert_allclose([x["box_yxyx"] for x in a["boxes"]],
+                                   [x["box_yxyx"] for x in b["boxes"]], atol=1e-3)
