@@ -8,7 +8,8 @@ size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
 pixel values 0..255; absent or false: it takes them normalised, as every model saved before
 the layer), the model kind, ``navigator_anchors`` (``"lung"``: a DRENet whose navigator
 chooses among the anchors on the lung mask, which it takes as a second input
-``lung_mask``; ``"all"`` otherwise) and the package version. :func:`load_model`
+``lung_mask``; only such a model has the key, so that an older reader still reads a
+default model's file) and the package version. :func:`load_model`
 returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
 be used without reading the run folder. Keras ignores the extra entry.
 

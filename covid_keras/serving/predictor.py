@@ -227,6 +227,10 @@ class LocalModel:
         self.info, self.study_fn, self.cam_fn, self.source = _load(path)
         # its predict_study and gradcam take the lung masks too
         self.lung = self.info.get("navigator_anchors", "all") == "lung"
+        spec = getattr(self.study_fn, "structured_input_signature", None)
+        if self.lung and spec and LUNG_MASKS not in spec[1]:  # exported before the input
+            raise ValueError(f"{path}: a lung model's export whose predict_study has no "
+                             f"{LUNG_MASKS!r} input: export the run again")
 
     def predict_study(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict:
         import tensorflow as tf
