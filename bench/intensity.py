@@ -21,6 +21,7 @@ table and a ``RESULT {json}`` line. The split's images are held in memory.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -80,13 +81,17 @@ def model_predictor(run_dir: str, batch_size: int):
     # normalised input only for a model without its own normalisation layer (old runs)
     cfg = data.PipelineConfig.for_model(run.model_spec(BEST))
 
-    def predict(images_u8):
+    def predict(images_u8, masks=None):
+        # masks: a lung model's (navigator_anchors=lung) records' lung masks, which the
+        # brightness change leaves as they are
         x = np.asarray(data.model_input(images_u8, cfg))
+        if cfg.lung_mask:
+            x = {data.IMAGE_INPUT: x, data.LUNG_MASK_INPUT: masks}
         out = model.predict(x, batch_size=batch_size, verbose=0)
         logits = out["logits"] if isinstance(out, dict) else out
         return evaluation.softmax(np.asarray(logits, np.float64))
 
-    return predict, flags, info["classes"]
+    return predict, flags, info["classes"], cfg.lung_mask
 
 
 def run(data_dir: str, runs: list[str], split: str, factors, batch_size: int) -> dict:
@@ -98,15 +103,19 @@ def run(data_dir: str, runs: list[str], split: str, factors, batch_size: int) ->
     res = {"data_dir": data_dir, "split": split, "runs": {}}
     cache: dict = {}
     for run_dir in runs:
-        predict, flags, classes = model_predictor(run_dir, batch_size)
+        predict, flags, classes, lung = model_predictor(run_dir, batch_size)
         size = int(flags["input_size"])
         if size not in cache:
             cfg = data.PipelineConfig(input_size=size, backbone=flags["backbone"])
             sp = evaluation.SplitPredictor(data_dir, split, batch_size, cfg)
             shown = sp.images_u8(range(len(sp)))
             cache[size] = (np.stack([shown[i] for i in range(len(sp))]), sp.labels,
-                           sp.patient_keys)
-        images, labels, keys = cache[size]
+                           sp.patient_keys, sp)
+        images, labels, keys, sp = cache[size]
+        if lung:  # the records' masks, aligned with the images
+            found = sp.model_masks(range(len(sp)))
+            masks = np.stack([found[i] for i in range(len(sp))])
+            predict = functools.partial(predict, masks=masks)
         res["runs"][run_dir] = sensitivity(predict, images, labels, keys,
                                            evaluation.positive_index(classes), factors)
         res["runs"][run_dir]["input_norm"] = flags.get("input_norm", "none")

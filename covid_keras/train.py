@@ -164,8 +164,13 @@ def define_flags() -> None:
                       "record's lung mask (mask/encoded), which the model then takes as a "
                       "second input, augmented with the image; an image with no such anchor "
                       "(all black, no mask) falls back to all. Saved with the model: "
-                      "evaluation, export, serving and prediction do the same. Not adopted "
-                      "by default: see the README (its accuracy cost is to be measured).")
+                      "evaluation, covid_keras.predict and the page (also with --server) "
+                      "restrict with the study's lung masks, and so do the export's "
+                      "predict_study and gradcam (their extra lung_masks input); "
+                      "serving_default and predict_images do NOT restrict (a mask of ones: "
+                      "image-only inputs). --init_from an unrestricted model rebuilds it "
+                      "with the option. Not adopted by default: see the README (its "
+                      "accuracy cost is to be measured).")
     flags.DEFINE_float("bn_momentum", d.bn_momentum, "Momentum of every batch-norm layer's "
                        "moving statistics (PyTorch's 0.1 = Keras 0.9). Keras's default 0.99 "
                        "leaves them stale on short runs (inference-mode accuracy below "

@@ -162,7 +162,7 @@ def test_all_is_the_default_and_a_mask_of_ones_changes_nothing(models):
     from covid_keras.model.drenet import OUTPUT_KEYS
 
     lung, plain = models
-    assert plain.build_config["navigator_anchors"] == "all"
+    assert "navigator_anchors" not in plain.build_config  # its config as before the option
     assert not isinstance(plain.input, dict)  # the image alone, as before
     assert set(lung.input) == {"image", "lung_mask"}
     explicit = build_drenet(3, input_size=SIZE, backbone="tiny", navigator_anchors="all")
@@ -391,23 +391,100 @@ def test_signatures_of_a_lung_model(models, tmp_path):
     default = sigs.serving_default(tf.constant(x))
     np.testing.assert_allclose(default["boxes"].numpy(),
                                np.clip(np.asarray(plain(x)["boxes"]), 0, SIZE), atol=1e-5)
-    # predict_study: the non-black pixels are the mask
-    study = sigs.predict_study(tf.constant(x))
-    lung_px = (x.max(-1) > 0).astype(np.float64)
+    # predict_study: its lung_masks input is the mask (a small one, inside the non-black
+    # pixels: the image's non-black pixels are not what restricts it)
+    masks = np.zeros((2, SIZE, SIZE), np.uint8)
+    masks[:, 30:50, 8:26] = 255
+    study = sigs.predict_study(tf.constant(x), tf.constant(masks))
     for b in range(2):
-        shares = [box_overlap(lung_px[b], box) for box in study["boxes"].numpy()[b]]
+        shares = [box_overlap(masks[b] / 255.0, box) for box in study["boxes"].numpy()[b]]
         assert min(shares) >= 0.25, shares
-    heat = sigs.gradcam(tf.constant(x), tf.constant([1, 1], tf.int32))["heatmaps"]
+    want = np.asarray(lung({"image": x, "lung_mask": masks[..., None] / 255.0})["boxes"])
+    np.testing.assert_allclose(study["boxes"].numpy(), np.clip(want, 0, SIZE), atol=1e-5)
+    cls = tf.constant([1, 1], tf.int32)
+    heat = sigs.gradcam(tf.constant(x), cls, tf.constant(masks))["heatmaps"].numpy()
     assert heat.shape == (2, SIZE, SIZE)
-    # the SavedModel itself
+    # the mask changes the map (the regions it explains are the mask's boxes)
+    other = sigs.gradcam(tf.constant(x), cls, tf.constant(np.full_like(masks, 255))
+                         )["heatmaps"].numpy()
+    assert np.abs(heat - other).max() > 1e-3
+    # the SavedModel itself: predict_study and gradcam take lung_masks, the others not
     path = exporter.export_model(model, info, decision, str(tmp_path / "exports"), "lung")
     loaded = tf.saved_model.load(path)
-    got = loaded.signatures["predict_study"](images=tf.constant(x))
+    inputs = {k: set(f.structured_input_signature[1]) for k, f in loaded.signatures.items()}
+    assert inputs == {"serving_default": {"images"}, "predict_images": {"image_bytes"},
+                      "predict_study": {"images", "lung_masks"},
+                      "gradcam": {"images", "class_index", "lung_masks"}}
+    got = loaded.signatures["predict_study"](images=tf.constant(x),
+                                             lung_masks=tf.constant(masks))
     np.testing.assert_allclose(got["boxes"].numpy(), study["boxes"].numpy(), atol=1e-4)
+    got = loaded.signatures["gradcam"](images=tf.constant(x), class_index=cls,
+                                       lung_masks=tf.constant(masks))
+    np.testing.assert_allclose(got["heatmaps"].numpy(), heat, atol=1e-4)
     got = loaded.signatures["serving_default"](images=tf.constant(x))
     np.testing.assert_allclose(got["boxes"].numpy(), default["boxes"].numpy(), atol=1e-4)
-    assert json.loads((Path(path) / exporter.ASSETS_EXTRA / exporter.INFO_FILE).read_text()
-                      )["navigator_anchors"] == "lung"
+    exported = json.loads((Path(path) / exporter.ASSETS_EXTRA / exporter.INFO_FILE
+                           ).read_text())
+    assert exported["navigator_anchors"] == "lung"
+    assert "lung_masks" in exported["signatures"]["predict_study"]["inputs"]
+    # a caller without the masks fails in one line naming the input, no silent fallback
+    from covid_keras.serving import predictor
+
+    local = predictor.LocalModel(path)
+    for call in (lambda: local.predict_study(x), lambda: local.gradcam(x, 1)):
+        with pytest.raises(ValueError, match="lung_masks"):
+            call()
+    np.testing.assert_allclose(local.predict_study(x, masks)["boxes"],
+                               study["boxes"].numpy(), atol=1e-4)
+
+
+def _lung_run(models, root: Path, prep: dict | None = None) -> Path:
+    """A run folder of the lung model whose dataset was prepared with data_prep's
+    defaults, ``prep`` changed."""
+    from covid_keras.model import saving
+    from tests.helpers import fake_manifest
+
+    lung, _ = models
+    run = root / "run"
+    run.mkdir(parents=True)
+    saving.save_model(lung, str(run / "best.keras"), ["normal", "covid", "bacterial"])
+    data_dir = fake_manifest(root / "data")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["preprocessing"].update(prep or {})
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    (run / "run_info.json").write_text(json.dumps(
+        {"flags": {"data_dir": str(data_dir)}, "git_sha": "abc"}))
+    return run
+
+
+@tf_only
+@pytest.mark.parametrize("prep", [{}, {"crop_to_lung": False}],
+                         ids=["defaults_fill_rotate", "nocrop_to_lung"])
+def test_predict_boxes_sit_on_the_studys_real_lung_mask(models, tmp_path, prep):
+    """Finding 1: predict sends data_prep's lung masks; the image's non-black pixels (all
+    but a few with fill_blank=rotate or without crop_to_lung) would not restrict it."""
+    from covid_keras.serving import predictor
+    from data_prep import phantom
+
+    run = _lung_run(models, tmp_path, prep)
+    model = predictor.LocalModel(str(run))
+    assert model.info["navigator_anchors"] == "lung"
+    study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12,
+                                matrix=128, seed=3)
+    salt = b"s" * 32
+    answer = predictor.predict_study(str(study), model, str(tmp_path / "out"), salt, top=2)
+    assert answer["model"]["navigator_anchors"] == "lung"
+    _, result, _, settings = predictor.prepare_study(str(study), "s", model.info, salt)
+    assert settings.fill_blank == "rotate" and settings.crop_to_lung == (not prep)
+    masks = predictor.model_masks_u8(result.records, SIZE) / 255.0
+    images = predictor.slices_u8(result.records, SIZE)
+    # the non-black pixels are far more than the lung: the heuristic restricts nothing
+    assert (images.max(-1) > 0).mean() > masks.mean() + 0.2
+    assert len(answer["slices"]) == len(masks)
+    shares = [box_overlap(m, b["box_yxyx"]) for s, m in zip(answer["slices"], masks)
+              for b in s["boxes"]]
+    assert min(shares) >= 0.25 - 1e-6, sorted(shares)[:5]
+    assert list((tmp_path / "out").glob("evidence_*.png"))
 
 
 # ------------------------------------------------------------------ the trainer
@@ -489,3 +566,134 @@ def test_accuracy_jax_refuses_a_lung_flagfile(bench_script, tmp_path, capsys):
     assert exc.value.code == 2
     assert "navigator_anchors=lung" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------ review of issue 30 item 4
+@pytest.mark.model
+def test_a_default_model_writes_no_lung_keys(models, tmp_path):
+    """An older reader builds a default model from its file: no new key for it to reject
+    (build_config, covid_keras.json, the export info); a lung model has them."""
+    import zipfile
+
+    from covid_keras.model import saving
+    from covid_keras.serving import exporter
+
+    lung, plain = models
+    assert not {"navigator_anchors", "lung_overlap"} & set(plain.build_config)
+    assert lung.build_config["navigator_anchors"] == "lung"
+    assert lung.build_config["lung_overlap"] == 0.25
+    prep = {"windows": [], "records_image_size": SIZE, "flags": {}, "preprocessing": None,
+            "dataset_manifest_sha256": None}
+    for model, lung_keys in ((plain, False), (lung, True)):
+        path = tmp_path / f"{lung_keys}.keras"
+        saving.save_model(model, str(path), ["normal", "covid", "bacterial"])
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+        assert ("navigator_anchors" in config["config"]["build_config"]) == lung_keys
+        info = saving.read_info(str(path))
+        assert ("navigator_anchors" in info) == lung_keys
+        export = exporter.export_info(info, prep, None, None, str(path), [])
+        assert ("navigator_anchors" in export) == lung_keys
+        assert ("lung_masks" in export["signatures"]["predict_study"]["inputs"]) == lung_keys
+
+
+@pytest.mark.model
+def test_an_anchor_exactly_a_quarter_lung_is_allowed_on_every_backend():
+    """A share a float32 sum puts an ulp under 0.25 still qualifies (TF and JAX agree)."""
+    from covid_keras.model.layers import TopKNMS, anchor_boxes
+    from covid_keras.model.layers.anchors import PAPER_LEVELS
+
+    n = len(anchor_boxes(SIZE, PAPER_LEVELS))
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, (1, n)).astype(np.float32)
+    overlap = np.zeros((1, n), np.float32)
+    quarter = int(np.argmin(scores[0]))  # the worst-scored anchor: chosen only if allowed
+    overlap[0, quarter] = np.nextafter(np.float32(0.25), np.float32(0))
+    top = TopKNMS(SIZE, PAPER_LEVELS, [(0, 2, 3)], 0.1, min_overlap=0.25)
+    idx = np.asarray(top([scores, overlap])["indices"])[0]
+    assert idx[0] == quarter, idx
+
+
+@tf_only
+def test_init_from_an_unrestricted_model_with_the_lung_flag_rebuilds_it(models, tmp_path):
+    from covid_keras.model import saving
+    from covid_keras.training import trainer
+
+    lung, plain = models
+    path = tmp_path / "plain.keras"
+    saving.save_model(plain, str(path), ["normal", "covid", "bacterial"])
+    cfg = trainer.TrainConfig(init_from=str(path), navigator_anchors="lung",
+                              backbone="tiny", input_size=SIZE)
+    cfg = trainer.apply_init_from_spec(cfg, ["normal", "covid", "bacterial"])
+    assert cfg.navigator_anchors == "lung"
+    model = trainer.build_model(cfg, 3)
+    assert set(model.input) == {"image", "lung_mask"}
+    assert model.build_config["navigator_anchors"] == "lung"
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = _slices()
+    mask = np.zeros((2, SIZE, SIZE, 1), np.float32)
+    mask[:, 30:60, 30:60] = 1.0
+    np.testing.assert_allclose(np.asarray(model({"image": x, "lung_mask": mask})["boxes"]),
+                               np.asarray(lung({"image": x, "lung_mask": mask})["boxes"]),
+                               atol=1e-4)
+    # without the flag a lung model stays a lung model
+    saving.save_model(lung, str(tmp_path / "lung.keras"), ["normal", "covid", "bacterial"])
+    cfg = trainer.apply_init_from_spec(trainer.TrainConfig(
+        init_from=str(tmp_path / "lung.keras"), backbone="tiny", input_size=SIZE),
+        ["normal", "covid", "bacterial"])
+    assert cfg.navigator_anchors == "lung"
+
+
+@tf_only
+def test_bench_intensity_feeds_a_lung_run_its_masks(models, bench_script, tmp_path):
+    from tests.test_evaluate import write_dataset
+
+    lung, _ = models
+    folder = write_dataset(tmp_path / "tfrecords", {"train": 1, "val": 1, "test": 2})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keras.utils.set_random_seed(1)
+    from covid_keras import build_drenet
+
+    build_drenet(2, input_size=SIZE, backbone="tiny", navigator_anchors="lung").save(
+        run_dir / "best.keras")
+    (run_dir / "run_info.json").write_text(json.dumps({
+        "flags": {"backbone": "tiny", "input_size": SIZE}, "classes": ["non_covid", "covid"]}))
+    out = tmp_path / "res.json"
+    assert bench_script("intensity").main([f"--data_dir={folder}", f"--runs={run_dir}",
+                                           "--split=test", "--factors=0.8",
+                                           f"--output_json={out}"]) == 0
+    assert set(json.loads(out.read_text())["runs"][str(run_dir)]["changes"]) == {
+        "x0.8", "x1", "matched"}
+
+
+@tf_only
+def test_predict_through_the_server_sends_the_lung_masks(models, tmp_path):
+    """--server (covid_keras.serve's REST, TF Serving's API): predict sends the study's
+    masks to predict_study and gradcam, answering as locally; without them one line."""
+    from covid_keras.serving import exporter, predictor
+    from data_prep import phantom
+    from tests.helpers import ServeProcess
+
+    run = _lung_run(models, tmp_path, {"crop_to_lung": False})
+    model, info, decision = exporter.load_run(str(run))
+    path = exporter.export_model(model, info, decision, str(tmp_path / "exports"), "lung")
+    study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12,
+                                matrix=128, seed=3)
+    salt = b"s" * 32
+    local = predictor.predict_study(str(study), predictor.LocalModel(str(run)),
+                                    str(tmp_path / "l"), salt, top=1)
+    with ServeProcess(tmp_path / "exports" / "lung", tmp_path, model_name="lung") as server:
+        # without --model the served signature alone says it takes the masks
+        assert predictor.ServerModel(server.url, "lung", None, 60.0).info[
+            "navigator_anchors"] == "lung"
+        remote = predictor.ServerModel(server.url, "lung", predictor.read_export_info(path),
+                                       60.0)
+        served = predictor.predict_study(str(study), remote, str(tmp_path / "s"), salt, top=1)
+        with pytest.raises(ValueError, match="lung_masks"):
+            remote.predict_study(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    assert served["model"]["navigator_anchors"] == "lung"
+    for a, b in zip(served["slices"], local["slices"]):
+        np.testing.assert_allclose([x["box_yxyx"] for x in a["boxes"]],
+                                   [x["box_yxyx"] for x in b["boxes"]], atol=1e-3)

@@ -106,6 +106,16 @@ class DRENet(keras.Model):
         return build_drenet(**build, name=config.get("name", "drenet"))
 
 
+def rebuild_drenet(model: DRENet, **changes) -> DRENet:
+    """``model`` built again with ``changes`` to its :func:`build_drenet` arguments (e.g.
+    ``navigator_anchors="lung"``: the lung mask's layer has no weights), its weights
+    copied."""
+    build = {"include_preprocessing": False, **model.build_config, **changes}
+    out = build_drenet(**build, name=model.name)
+    out.set_weights(model.get_weights())
+    return out
+
+
 def _levels_and_groups(variant: str, top_k: int | None):
     if variant == "paper":
         return PAPER_LEVELS, [(0, 2, top_k or 3)], 512, True
@@ -197,9 +207,10 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
                     "branch_bn": bool(branch_bn), "head_norm": bool(head_norm),
                     "head_hidden_units": head_hidden_units,
                     "bn_momentum": float(bn_momentum), "input_norm": input_norm,
-                    "include_preprocessing": bool(include_preprocessing),
-                    "navigator_anchors": navigator_anchors,
-                    "lung_overlap": float(lung_overlap)}
+                    "include_preprocessing": bool(include_preprocessing)}
+    if navigator_anchors != "all":  # only then: a default model's config stays as it was
+        build_config.update(navigator_anchors=navigator_anchors,
+                            lung_overlap=float(lung_overlap))
 
     net = build_backbone(backbone, weights)
     crop_net = branch_view(net, "crops") if branch_bn else net

@@ -8,7 +8,8 @@ size and the input normalisation (``caffe``, ``torch`` or ``tf``, as
 pixel values 0..255; absent or false: it takes them normalised, as every model saved before
 the layer), the model kind, ``navigator_anchors`` (``"lung"``: a DRENet whose navigator
 chooses among the anchors on the lung mask, which it takes as a second input
-``lung_mask``; ``"all"`` otherwise) and the package version. :func:`load_model`
+``lung_mask``; only such a model has the key, so that an older reader still reads a
+default model's file) and the package version. :func:`load_model`
 returns the model with that dictionary as ``model.covid_keras_info``, so a loaded model can
 be used without reading the run folder. Keras ignores the extra entry.
 
@@ -53,9 +54,10 @@ def model_info(model, class_names: list[str]) -> dict:
             "preprocessing": PREPROCESSING.get(spec["backbone"]), "model": spec["model"],
             "variant": variant, "input_norm": spec["input_norm"],
             "include_preprocessing": spec["include_preprocessing"],
-            "navigator_anchors": spec.get(LUNG_SPEC_KEY, "all"),
             "members": spec.get("members", 1),
-            "covid_keras_version": __version__}
+            "covid_keras_version": __version__,
+            # only a lung model's file says so (an older reader knows no such key)
+            **({LUNG_SPEC_KEY: spec[LUNG_SPEC_KEY]} if LUNG_SPEC_KEY in spec else {})}
 
 
 def save_model(model, path: str, class_names: list[str] | None) -> None:

@@ -109,7 +109,7 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
     d = ({"method": "threshold", "source": "decision.json", **decision} if decision else
          {"method": "argmax", "source": "none (no decision.json in the run)",
           "rule": "mean", "threshold": None, "positive_class": None})
-    return {
+    info = {
         "format_version": FORMAT_VERSION,
         "class_names": list(model_info["class_names"]),
         "input_size": int(model_info["input_size"]),
@@ -120,10 +120,6 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "include_preprocessing": bool(model_info.get("include_preprocessing", False)),
         "model": model_info.get("model"),
         "variant": model_info.get("variant"),
-        # "lung": the navigator chooses among anchors on a lung mask, which serving_default
-        # and predict_images set to ones (no restriction) and predict_study / gradcam to
-        # the non-black pixels (serving_signatures' docstring); "all": every anchor
-        "navigator_anchors": model_info.get("navigator_anchors") or "all",
         "windows": prep["windows"],
         "data_prep": {"records_image_size": prep["records_image_size"],
                       "flags": prep["flags"], "preprocessing": prep["preprocessing"],
@@ -165,11 +161,26 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "warnings": list(warnings),
     }
+    if model_info.get("navigator_anchors", "all") != "all":
+        # "lung": the navigator chooses among anchors on a lung mask. predict_study and
+        # gradcam take it (lung_masks); serving_default and predict_images set it to ones
+        # (no restriction). An unrestricted model's info has no such key (as before).
+        info["navigator_anchors"] = model_info["navigator_anchors"]
+        masks = ("uint8 (N, S, S): each slice's lung mask, 255 = lung (the records' "
+                 "mask/encoded at the input size)")
+        sigs = info["signatures"]
+        sigs["predict_study"]["inputs"]["lung_masks"] = masks
+        sigs["gradcam"]["inputs"]["lung_masks"] = masks.replace("(N,", "(B,")
+        for name in ("serving_default", "predict_images"):
+            sigs[name]["navigator"] = "every anchor (a mask of ones: no lung restriction)"
+    return info
 
 
-def warmup_records(model_name: str, size: int, channels: int) -> list[bytes]:
+def warmup_records(model_name: str, size: int, channels: int,
+                   lung: bool = False) -> list[bytes]:
     """Serialized ``PredictionLog`` protos: one Predict request per signature (2 blank
-    slices each), TF Serving's ``assets.extra/tf_serving_warmup_requests`` format."""
+    slices each; ``lung``: a lung model's ``predict_study`` and ``gradcam`` also get blank
+    ``lung_masks``), TF Serving's ``assets.extra/tf_serving_warmup_requests`` format."""
     import numpy as np
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -185,6 +196,9 @@ def warmup_records(model_name: str, size: int, channels: int) -> list[bytes]:
         sig.PREDICT_STUDY: {sig.IMAGES: images},
         sig.GRADCAM: {sig.IMAGES: images, sig.CLASS_INDEX: np.zeros([2], np.int32)},
     }
+    if lung:
+        for name in (sig.PREDICT_STUDY, sig.GRADCAM):
+            requests[name][sig.LUNG_MASKS] = np.zeros((2, size, size), np.uint8)
     out = []
     for name, inputs in requests.items():
         req = predict_pb2.PredictRequest()
@@ -245,7 +259,8 @@ def export_model(model, info: dict, decision: dict | None, export_base: str,
                                 "".join(c + "\n" for c in info["class_names"]))
         with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as w:
             for rec in warmup_records(model_name, info["input_size"],
-                                      len(info["windows"])):
+                                      len(info["windows"]),
+                                      info.get("navigator_anchors") == "lung"):
                 w.write(rec)
         if os.path.exists(final):
             raise ValueError(f"version {version} of {model_name} appeared while exporting")

@@ -193,6 +193,31 @@ def masks_u8(records: list[dict], input_size: int) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, input_size, input_size), np.uint8)
 
 
+def model_masks_u8(records: list[dict], input_size: int) -> np.ndarray:
+    """The records' lung masks as a lung model's ``lung_masks`` input: (N, S, S) uint8,
+    255 = lung, resized as the input pipeline resizes them for training and evaluation
+    (:func:`covid_keras.io.data.decode_mask`)."""
+    from covid_keras.core import schema
+    from covid_keras.io import data
+
+    out = [data.decode_image(r[schema.MASK], input_size, rgb=False).numpy()[..., 0]
+           for r in records]
+    return np.stack(out) if out else np.zeros((0, input_size, input_size), np.uint8)
+
+
+LUNG_MASKS = "lung_masks"  # serving_signatures.LUNG_MASKS (no TF import here)
+
+
+def mask_inputs(lung: bool, signature: str, masks) -> dict:
+    """``{"lung_masks": masks}`` for a lung model (one-line error without them), else {}."""
+    if not lung:
+        return {}
+    if masks is None:
+        raise ValueError(f"a lung model (navigator_anchors=lung): {signature} needs its "
+                         f"{LUNG_MASKS!r} input (the study's lung masks)")
+    return {LUNG_MASKS: np.asarray(masks, np.uint8)}
+
+
 # ------------------------------------------------------------------ models
 class LocalModel:
     """A SavedModel, run folder or .keras file, called in this process."""
@@ -200,20 +225,32 @@ class LocalModel:
     def __init__(self, path: str):
         self.path = path
         self.info, self.study_fn, self.cam_fn, self.source = _load(path)
+        # its predict_study and gradcam take the lung masks too
+        self.lung = self.info.get("navigator_anchors", "all") == "lung"
+        spec = getattr(self.study_fn, "structured_input_signature", None)
+        if self.lung and spec and LUNG_MASKS not in spec[1]:  # exported before the input
+            raise ValueError(f"{path}: a lung model's export whose predict_study has no "
+                             f"{LUNG_MASKS!r} input: export the run again")
 
-    def predict_study(self, images: np.ndarray) -> dict:
+    def predict_study(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict:
         import tensorflow as tf
 
-        out = self.study_fn(images=tf.constant(images, tf.float32))
+        extra = {k: tf.constant(v) for k, v in
+                 mask_inputs(self.lung, "predict_study", masks).items()}
+        out = self.study_fn(images=tf.constant(images, tf.float32), **extra)
         return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in
                 out.items()}
 
-    def gradcam(self, images: np.ndarray, class_index: int) -> np.ndarray:
+    def gradcam(self, images: np.ndarray, class_index: int,
+                masks: np.ndarray | None = None) -> np.ndarray:
         import tensorflow as tf
 
+        extra = {k: tf.constant(v) for k, v in
+                 mask_inputs(self.lung, "gradcam", masks).items()}
         out = self.cam_fn(images=tf.constant(images, tf.float32),
                           class_index=tf.fill([len(images)], tf.constant(class_index,
-                                                                         tf.int32)))
+                                                                         tf.int32)),
+                          **extra)
         return np.asarray(out["heatmaps"])
 
 
@@ -293,6 +330,8 @@ class ServerModel:
                              "(not a covid_keras export)")
         dims = sig["inputs"]["images"]["tensor_shape"]["dim"]
         size = int(dims[1]["size"])
+        # a lung model's signature takes the masks too (its export info says so)
+        self.lung = LUNG_MASKS in sig["inputs"]
         self.version = meta["model_spec"]["version"]
         if info is None:
             from covid_keras.serving import exporter
@@ -306,6 +345,8 @@ class ServerModel:
         elif int(info["input_size"]) != size:
             raise ValueError(f"--model's input size {info['input_size']} differs from the "
                              f"served model's {size}")
+        if self.lung and info.get("navigator_anchors") != "lung":
+            info = {**info, "navigator_anchors": "lung"}
         self.info = info
         self.source = {"kind": "server", "model_name": model_name, "version": self.version}
 
@@ -326,17 +367,23 @@ class ServerModel:
             raise ValueError(f"model server: HTTP {r.status_code}: {out.get('error')}")
         return out
 
-    def predict_study(self, images: np.ndarray) -> dict:
+    def predict_study(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict:
+        extra = {k: v.tolist() for k, v in
+                 mask_inputs(self.lung, "predict_study", masks).items()}
         out = self._call("POST", ":predict", {
             "signature_name": "predict_study",
-            "inputs": {"images": np.rint(images).astype(np.uint8).tolist()}})["outputs"]
+            "inputs": {"images": np.rint(images).astype(np.uint8).tolist(),
+                       **extra}})["outputs"]
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def gradcam(self, images: np.ndarray, class_index: int) -> np.ndarray:
+    def gradcam(self, images: np.ndarray, class_index: int,
+                masks: np.ndarray | None = None) -> np.ndarray:
+        extra = {k: v.tolist() for k, v in mask_inputs(self.lung, "gradcam", masks).items()}
         out = self._call("POST", ":predict", {
             "signature_name": "gradcam",
             "inputs": {"images": np.rint(images).astype(np.uint8).tolist(),
-                       "class_index": [int(class_index)] * len(images)}})["outputs"]
+                       "class_index": [int(class_index)] * len(images),
+                       **extra}})["outputs"]
         return np.asarray(out, np.float32)
 
 
@@ -462,8 +509,13 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
         scan, result, scan_cfg, prep = prepare_study(path, name, info, salt)
     size = int(info["input_size"])
     images = slices_u8(result.records, size)
+    # a lung model's navigator gets the study's lung masks (data_prep's), as evaluation
+    # gives it the records'; an unrestricted model takes the images alone
+    lung = info.get("navigator_anchors", "all") == "lung"
+    model_masks = model_masks_u8(result.records, size) if lung else None
     try:
-        out = model.predict_study(images.astype(np.float32))
+        out = (model.predict_study(images.astype(np.float32), model_masks) if lung else
+               model.predict_study(images.astype(np.float32)))
     except ValueError as exc:
         raise StudyFailure(name, "model_refused", str(exc)) from None
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in
@@ -481,7 +533,11 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                for r in result.records]
     box_scores = np.asarray(out["box_scores"], np.float64).reshape(len(images), -1)
     order = np.argsort(-slice_probs[:, decision], kind="stable")[:max(0, top)]
-    heat = model.gradcam(images[order].astype(np.float32), decision) if len(order) else []
+    heat = []
+    if len(order):
+        heat = (model.gradcam(images[order].astype(np.float32), decision,
+                              model_masks[order]) if lung else
+                model.gradcam(images[order].astype(np.float32), decision))
     stage = os.path.join(os.path.dirname(os.path.abspath(output_dir)) or ".",
                          f".{os.path.basename(os.path.abspath(output_dir))}.partial-"
                          f"{os.getpid()}")
@@ -504,7 +560,9 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
         "format_version": FORMAT_VERSION, "tool": "covid_keras.predict",
         "covid_keras_version": __version__, "study": name,
         "model": {**model.source, "class_names": classes, "input_size": size,
-                  "backbone": info.get("backbone"), "git_sha": info.get("git_sha")},
+                  "backbone": info.get("backbone"), "git_sha": info.get("git_sha"),
+                  # "lung": boxes among the anchors on the study's lung mask
+                  "navigator_anchors": info.get("navigator_anchors", "all")},
         "patient": {
             "probabilities": dict(zip(classes, np.asarray(out["probabilities"],
                                                           np.float64).tolist())),

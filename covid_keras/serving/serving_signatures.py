@@ -39,19 +39,25 @@ gradcam            ``images`` float32 (B, S, S, 3) and          ``heatmaps`` (B,
                    ``class_index`` int32 (B,)                   [0, 1]
 =================  ===========================================  ===========================
 
+A lung model (below) has one more input in ``predict_study`` and ``gradcam``:
+``lung_masks`` uint8 (N, S, S), each slice's lung mask, 255 = lung (the records'
+``mask/encoded`` at the input size, as data_prep wrote it).
+
 Boxes are clipped to the image (0..S): the navigator's anchors may extend past it.
 
-A DRENet trained with ``--navigator_anchors=lung`` (export info ``navigator_anchors``)
-takes a lung mask beside the image, and its navigator chooses only among anchors on the
-mask. The signatures keep the inputs above (no mask input): ``serving_default`` and
-``predict_images`` give it a mask of ones, i.e. *no restriction* (every anchor may be
-chosen, the same boxes as an unrestricted model with its weights would choose); a client
-that wants the restriction sends the whole study to ``predict_study``, which, like
-``gradcam`` (so that a map explains the prediction ``predict_study`` made), gives it each
-slice's non-black pixels as the mask: the mask the study pipeline computed, since data_prep
-blackens everything outside its lung mask (the records' ``mask/encoded``, which training
-and evaluation on records use; the two differ only on lung pixels at the window's floor).
-A slice without a non-black anchor (an all-black slice) falls back to all anchors.
+A DRENet trained with ``--navigator_anchors=lung`` (export info ``navigator_anchors``;
+an unrestricted model's info has no such key and its signatures are exactly the table's)
+takes a lung mask beside the image, and its navigator chooses only among anchors at least
+a quarter on the mask. ``predict_study`` and ``gradcam`` (so that a map explains the
+prediction ``predict_study`` made) of such a model take the masks as ``lung_masks`` (the
+records' ``mask/encoded``, which training and evaluation use; ``covid_keras.predict`` sends
+the ones data_prep computed for the study): they restrict the boxes as evaluation does.
+``serving_default`` and ``predict_images`` keep their image-only inputs and give the model
+a mask of ones, i.e. *no restriction* (every anchor may be chosen, the boxes an
+unrestricted model with its weights would choose). The image's non-black pixels are not the
+lung mask (data_prep's default ``fill_blank=rotate`` and ``--nocrop_to_lung`` leave almost
+every pixel non-black) and are never used as one. A slice whose mask has no anchor a
+quarter lung (an empty mask) falls back to all anchors.
 
 ``serving_default`` and ``predict_images`` do not check that a slice shows lung: an
 all-black or non-CT image gets an answer like any other. ``predict_study`` does:
@@ -110,6 +116,8 @@ SIGNATURES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_STUDY, GRADCAM)
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"
 CLASS_INDEX = "class_index"
+#: A lung model's (``navigator_anchors="lung"``) extra input of predict_study and gradcam.
+LUNG_MASKS = "lung_masks"
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -307,12 +315,18 @@ class Signatures:
     def image_spec(self, name: str = IMAGES):
         return tf.TensorSpec([None, self.size, self.size, 3], tf.float32, name=name)
 
+    def mask_spec(self):
+        return tf.TensorSpec([None, self.size, self.size], tf.uint8, name=LUNG_MASKS)
+
     def input_signatures(self) -> dict:
+        """A lung model's predict_study and gradcam take ``lung_masks`` too (last)."""
+        masks = [self.mask_spec()] if self.pipeline.lung_mask else []
         return {
             SERVING_DEFAULT: [self.image_spec()],
             PREDICT_IMAGES: [tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)],
-            PREDICT_STUDY: [self.image_spec()],
-            GRADCAM: [self.image_spec(), tf.TensorSpec([None], tf.int32, name=CLASS_INDEX)],
+            PREDICT_STUDY: [self.image_spec()] + masks,
+            GRADCAM: [self.image_spec(), tf.TensorSpec([None], tf.int32, name=CLASS_INDEX)]
+            + masks,
         }
 
     def functions(self) -> dict:
@@ -320,19 +334,26 @@ class Signatures:
                 PREDICT_STUDY: self.predict_study, GRADCAM: self.gradcam}
 
     # the model
-    def _model_input(self, images, lung: bool):
+    def _model_input(self, images, lung_masks=None):
         """The model's input from 0..255 images; for a lung model (``navigator_anchors=
-        "lung"``) with a mask: the non-black pixels with ``lung``, else ones (no
+        "lung"``) with its mask: ``lung_masks`` (uint8 (B, S, S), 255 = lung, as
+        :func:`covid_keras.io.data.decode_mask` reads the records' masks), else ones (no
         restriction; see the module docstring)."""
         x = data.model_input(images, self.pipeline)
         if not self.pipeline.lung_mask:
             return x
-        mask = (non_black(images) if lung else
-                tf.ones(tf.concat([tf.shape(images)[:3], [1]], 0), tf.float32))
+        if lung_masks is None:
+            mask = tf.ones(tf.concat([tf.shape(images)[:3], [1]], 0), tf.float32)
+        else:
+            check = tf.debugging.assert_equal(
+                tf.shape(lung_masks)[0], tf.shape(images)[0],
+                message=f"{LUNG_MASKS}: one mask per image")
+            with tf.control_dependencies([check]):
+                mask = tf.cast(lung_masks, tf.float32)[..., None] / 255.0
         return data.lung_model_input(x, mask, self.size)
 
-    def _outputs(self, images, lung: bool = False):
-        out = self.model(self._model_input(images, lung), training=False)
+    def _outputs(self, images, lung_masks=None):
+        out = self.model(self._model_input(images, lung_masks), training=False)
         if not isinstance(out, dict):
             out = {"logits": out}
         probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32), axis=-1)
@@ -349,7 +370,7 @@ class Signatures:
         """``images`` -> ``probabilities``, ``boxes``, ``box_scores`` (the module's table).
         Image-only: a model trained with ``--navigator_anchors=lung`` gets a mask of ones,
         i.e. no restriction (its boxes are those of the unrestricted navigator with its
-        weights); ``predict_study`` restricts them to the non-black pixels."""
+        weights); ``predict_study`` restricts them to its ``lung_masks``."""
         return self._outputs(images)
 
     def predict_images(self, image_bytes):
@@ -360,16 +381,17 @@ class Signatures:
                                [self.size, self.size, 3], tf.uint8))
         return self._outputs(tf.cast(images, tf.float32))
 
-    def predict_study(self, images):
+    def predict_study(self, images, lung_masks=None):
         """One study's slices -> the patient's answer (the module's table). A lung model's
-        navigator chooses among the anchors on each slice's non-black pixels."""
+        navigator chooses among the anchors on each slice's ``lung_masks`` (its
+        signature's second input)."""
         check = tf.debugging.assert_positive(
             tf.shape(images)[0], message="predict_study: a study needs at least one slice")
         # the model must wait for the check: without the dependency the graph may run an
         # op that fails on the empty batch first, and the error then names that op
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        out = self._outputs(images, lung=True)
+        out = self._outputs(images, lung_masks)
         probs = out["probabilities"]
         names = tf.constant(self.class_names)
         if self.decision is None:
@@ -418,11 +440,12 @@ class Signatures:
         strongest = tf.gather(slice_dec, tf.argmax(strength, output_type=tf.int32))
         return tf.where(tf.reduce_any(abnormal), strongest, normal)
 
-    def gradcam(self, images, class_index):
-
+    def gradcam(self, images, class_index, lung_masks=None):
+        """Heat maps of ``class_index``; a lung model with its ``lung_masks`` (the
+        signature's third input), as predict_study predicted."""
         if self.cam_model is None:  # one per member of an ensemble: their maps' mean
             self.cam_model = gradcam.cam_models(self.model)
-        x = self._model_input(images, lung=True)
+        x = self._model_input(images, lung_masks)
         maps = []
         for cam in self.cam_model:
             with tf.GradientTape() as tape:

@@ -743,15 +743,16 @@ class _OneAtATime:
     def start_request(self, cancelled) -> None:
         self.answered, self._first, self.cancelled = None, True, cancelled
 
-    def predict_study(self, images):
+    def predict_study(self, images, *masks):
+        # masks: a lung model's study lung masks (predictor.predict_study sends them)
         if self.cancelled is not None and self.cancelled.is_set():
             raise ClientGone()
         with self._lock, self._reachable():
-            return self.model.predict_study(images)
+            return self.model.predict_study(images, *masks)
 
-    def gradcam(self, images, class_index):
+    def gradcam(self, images, class_index, *masks):
         with self._lock, self._reachable():
-            return self.model.gradcam(images, class_index)
+            return self.model.gradcam(images, class_index, *masks)
 
     @contextlib.contextmanager
     def _reachable(self):

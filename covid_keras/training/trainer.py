@@ -345,6 +345,10 @@ def apply_init_from_spec(cfg: TrainConfig, classes: list[str]) -> TrainConfig:
                          f"{len(classes)} ({classes}). Received: {cfg.init_from}")
     changes = {}
     spec = {"navigator_anchors": "all", **spec}  # the spec names only "lung"
+    if cfg.navigator_anchors == "lung" and spec["model"] == "drenet":
+        # the flag wins over an unrestricted model: build_model rebuilds it with the option
+        # (the lung mask's layer has no weights; every weight is copied)
+        spec["navigator_anchors"] = "lung"
     for name in ("backbone", "input_size", "model", "input_norm", "navigator_anchors"):
         if getattr(cfg, name) != spec[name]:
             log.info("--init_from: %s %s (from the model; the flag said %s)", name,
@@ -421,6 +425,13 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None,
         from covid_keras.model import saving
 
         model = saving.load_model(cfg.init_from)
+        build = getattr(model, "build_config", None)
+        if (cfg.navigator_anchors == "lung" and isinstance(build, dict)
+                and build.get("navigator_anchors", "all") != "lung"):
+            from covid_keras.model.drenet import rebuild_drenet
+
+            log.info("--init_from: rebuilt with --navigator_anchors=lung (weights copied)")
+            model = rebuild_drenet(model, navigator_anchors="lung")
     elif cfg.model == "drenet":
         model = build_drenet(num_classes, input_size=cfg.input_size,
                              backbone=cfg.backbone, weights=weights,
