@@ -203,7 +203,7 @@ def exclusive(lock_path: str, what: str, poll_s: float = 5.0, say=print):
             break
         except FileExistsError:
             holder = _lock_holder(lock_path)
-            if (holder.get("host") == host and not _alive(holder.get("pid"))) or \
+            if (holder.get("host") == host and not pid_alive(holder.get("pid"))) or \
                     (not holder and _age(lock_path) > 60):  # died before writing its pid
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock_path)  # its process died: the lock is stale
@@ -240,9 +240,10 @@ def _age(path: str) -> float:
         return 0.0
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether process ``pid`` of this host runs (an unknown pid counts as alive)."""
     if not isinstance(pid, int):
-        return True  # unknown: assume alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

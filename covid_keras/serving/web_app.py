@@ -617,25 +617,17 @@ def work_root(tmp_dir: str | None) -> str:
     return root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(root: str) -> int:
     """Removes the request folders that a page no longer running left in ``root`` (a page
     killed mid-request leaves the uploaded files, PHI included); returns how many."""
+    from covid_keras.core import files
+
     removed = 0
     for name in os.listdir(root):
         if not name.startswith(REQUEST_PREFIX):
             continue
         m = re.match(rf"{REQUEST_PREFIX}(\d+)_", name)
-        if m and int(m[1]) != os.getpid() and _alive(int(m[1])):
+        if m and int(m[1]) != os.getpid() and files.pid_alive(int(m[1])):
             continue  # another page's request in progress
         if m and int(m[1]) == os.getpid():
             continue

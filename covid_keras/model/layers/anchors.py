@@ -76,6 +76,13 @@ def iou_matrix(boxes: np.ndarray) -> np.ndarray:
     return (inter / (area + area.T - inter)).astype(np.float32)
 
 
+def _grid(input_size, levels) -> tuple[int, tuple]:
+    """A layer's anchor grid arguments, checked and normalised."""
+    if int(input_size) <= 0:
+        raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
+    return int(input_size), tuple((int(s), float(a)) for s, a in levels)
+
+
 @keras.saving.register_keras_serializable(package="covid_keras")
 class AnchorGrid(keras.layers.Layer):
     """Returns the anchors tiled over the batch: any input (B, ...) -> (B, A, 4) float32.
@@ -88,10 +95,7 @@ class AnchorGrid(keras.layers.Layer):
     def __init__(self, input_size: int, levels=PAPER_LEVELS, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if int(input_size) <= 0:
-            raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
-        self.input_size = int(input_size)
-        self.levels = tuple((int(s), float(a)) for s, a in levels)
+        self.input_size, self.levels = _grid(input_size, levels)
         check_coverage(self.input_size, self.levels)
         self.boxes = anchor_boxes(self.input_size, self.levels)
 
@@ -138,10 +142,7 @@ class AnchorLungOverlap(keras.layers.Layer):
     def __init__(self, input_size: int, levels=PAPER_LEVELS, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if int(input_size) <= 0:
-            raise ValueError(f"input_size must be positive. Received: input_size={input_size}")
-        self.input_size = int(input_size)
-        self.levels = tuple((int(s), float(a)) for s, a in levels)
+        self.input_size, self.levels = _grid(input_size, levels)
         boxes = anchor_boxes(self.input_size, self.levels).astype(np.float64)
         ry = _pixel_overlaps(boxes[:, 0], boxes[:, 2], self.input_size)
         rx = _pixel_overlaps(boxes[:, 1], boxes[:, 3], self.input_size)
