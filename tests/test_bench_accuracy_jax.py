@@ -248,3 +248,32 @@ def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, 
                                       None)
     assert path == weights and weights.stat().st_mtime_ns != stamp
     assert again["stage_inputs"]["overrides"] == {"learning_rate": "2e-3"}
+
+
+def test_ensemble_run_scores_the_held_out_split_by_the_folds_mean(jx):
+    """ensemble_run (one seed's K folds as one row): each held-out split is scored by the
+    mean of the folds' probabilities, val by the out-of-fold predictions. Fold 0 alone
+    ranks the held-out patients backwards (AUC 0), fold 1 strongly right: only the mean
+    scores 1 (the tiny JAX runs of test_folds_make_one_ensemble_run_per_seed give every
+    fold the same AUC, so they cannot tell)."""
+    labels, patients = [0, 0, 1, 1], ["a", "b", "c", "d"]
+
+    def probs(pos):
+        return [[1 - p, p] for p in pos]
+
+    def fold(k, test_pos, val_pos, val_labels, val_patients):
+        return {"seed": 3, "classes": ["non_covid", "covid"], "best_epoch": 2 + 2 * k,
+                "stability": {"max_dev": 0.1 * (k + 1)}, "val": {"patient_auc": 0.5 + k / 4},
+                "test_probs": probs(test_pos), "test_labels": labels, "test_patients": patients,
+                "val_probs": probs(val_pos), "val_labels": val_labels,
+                "val_patients": val_patients}
+
+    parts = [fold(0, [0.9, 0.8, 0.2, 0.1], [0.1, 0.9], [0, 1], ["e", "f"]),
+             fold(1, [0.0, 0.0, 1.0, 1.0], [0.8, 0.3], [0, 1], ["g", "h"])]
+    out = jx.ensemble_run(parts)
+    assert out["test"]["patient_auc"] == pytest.approx(1.0)  # fold 0 alone: 0.0
+    # val: e (0, 0.1), f (1, 0.9), g (0, 0.8), h (1, 0.3): 3 of 4 pairs ranked right
+    assert out["val"]["patient_auc"] == pytest.approx(0.75)
+    assert out["seed"] == 3 and out["folds"] == 2 and out["best_epoch"] == 3.0
+    assert out["stability"]["max_dev"] == pytest.approx(0.15)
+    assert out["fold_val_patient_auc"]["mean"] == pytest.approx(0.625)
