@@ -224,41 +224,37 @@ class SplitPredictor:
     def model_masks(self, indices) -> dict:
         """index -> the record's lung mask as a lung model takes it
         (:func:`covid_keras.io.data.decode_mask`: float32 (S, S, 1), 1 = lung), for the
-        records at ``indices``."""
-        import tensorflow as tf
-
+        records at ``indices`` (one pass over the shards)."""
         from covid_keras.core import schema
         from covid_keras.io import data
 
-        wanted = set(int(i) for i in indices)
-        out: dict = {}
-        spec = {schema.MASK: schema.parse_spec()[schema.MASK]}
-        for i, rec in enumerate(tf.data.TFRecordDataset(self.files, "GZIP")):
-            if len(out) == len(wanted):
-                break
-            if i in wanted:
-                r = tf.io.parse_single_example(rec, spec)
-                out[i] = data.decode_mask(r[schema.MASK], self.cfg.input_size).numpy()
-        return out
+        return self._decoded(indices, schema.MASK,
+                             lambda v: data.decode_mask(v, self.cfg.input_size))
 
     def images_u8(self, indices) -> dict:
         """index -> uint8 (S, S, 3) image at the model's input size (no normalisation),
         for the records at ``indices`` (one pass over the shards)."""
+        from covid_keras.core import schema
+        from covid_keras.io import data
+
+        return self._decoded(indices, schema.IMAGE,
+                             lambda v: data.decode_image(v, self.cfg.input_size))
+
+    def _decoded(self, indices, key: str, decode) -> dict:
+        """index -> ``decode(the record's feature key)`` as a NumPy array, for the records
+        at ``indices`` (one pass over the shards, stopping at the last one wanted)."""
         import tensorflow as tf
 
         from covid_keras.core import schema
-        from covid_keras.io import data
 
         wanted = set(int(i) for i in indices)
         out: dict = {}
         if not wanted:
             return out
-        spec = {schema.IMAGE: schema.parse_spec()[schema.IMAGE]}
-        ds = tf.data.TFRecordDataset(self.files, "GZIP")
-        for i, rec in enumerate(ds):
+        spec = {key: schema.parse_spec()[key]}
+        for i, rec in enumerate(tf.data.TFRecordDataset(self.files, "GZIP")):
             if i in wanted:
-                r = tf.io.parse_single_example(rec, spec)
-                out[i] = data.decode_image(r[schema.IMAGE], self.cfg.input_size).numpy()
+                out[i] = decode(tf.io.parse_single_example(rec, spec)[key]).numpy()
                 if len(out) == len(wanted):
                     break
         return out

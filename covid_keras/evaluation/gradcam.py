@@ -21,6 +21,8 @@ import numpy as np
 from keras import ops
 from keras.src.ops.operation import Operation
 
+from covid_keras.model.drenet import IMAGE_INPUT, LUNG_MASK_INPUT
+
 BRANCH_SUFFIXES = ("_crops_backbone", "_generated_backbone")
 
 
@@ -97,14 +99,14 @@ class GradCAM:
 
         x = tf.convert_to_tensor(x)
         if isinstance(cam.input, dict):  # a lung model: the image and its lung mask
-            x = {"image": x, "lung_mask": tf.convert_to_tensor(mask)}
+            x = {IMAGE_INPUT: x, LUNG_MASK_INPUT: tf.convert_to_tensor(mask)}
         with tf.GradientTape() as tape:
             conv, logits = cam(x, training=False)
             target = tf.cast(logits[:, class_index], tf.float32)
         grads = tape.gradient(target, conv)
         if grads is None:
             raise RuntimeError("Grad-CAM: the logits do not depend on the conv features")
-        size = (x["image"] if isinstance(x, dict) else x).shape[1:3]
+        size = (x[IMAGE_INPUT] if isinstance(x, dict) else x).shape[1:3]
         return np.asarray(combine(conv, grads, tuple(size)))
 
 

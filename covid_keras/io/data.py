@@ -31,6 +31,7 @@ import tensorflow as tf
 from covid_keras.core import schema
 from covid_keras.core.imaging import BRIGHTNESS_RANGE, check_augmentation
 from covid_keras.model.backbones import PREPROCESSING
+from covid_keras.model.drenet import IMAGE_INPUT, LUNG_MASK_INPUT
 from covid_keras.model.layers.intensity import normalize_pixels
 
 
@@ -123,8 +124,6 @@ def decode_mask(encoded, input_size: int):
     return tf.ensure_shape(m, [input_size, input_size, 1])
 
 
-#: The lung model's inputs (DRENet ``navigator_anchors="lung"``).
-IMAGE_INPUT, LUNG_MASK_INPUT = "image", "lung_mask"
 
 
 def lung_model_input(image, mask, input_size: int) -> dict:

@@ -54,8 +54,9 @@ from covid_keras.model.layers.generated import normalised_scores
 VARIANTS = ("paper", "code")
 #: ``navigator_anchors``: "all" (the paper) or "lung" (only anchors on the lung mask).
 NAVIGATOR_ANCHORS = ("all", "lung")
-#: The model's second input with ``navigator_anchors="lung"``.
-LUNG_MASK_INPUT = "lung_mask"
+#: The model's input names: the image, and with ``navigator_anchors="lung"`` (then a dict
+#: ``{IMAGE_INPUT: ..., LUNG_MASK_INPUT: ...}``) the lung mask.
+IMAGE_INPUT, LUNG_MASK_INPUT = "image", "lung_mask"
 # With navigator_anchors="lung", an anchor may be chosen when at least this share of its
 # area (inside the image) is lung. Not "> 0": with any overlap, an anchor that touches
 # the lung by a few blurred edge pixels (the mask is resized to the input size) would
@@ -217,7 +218,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
     generated_net = branch_view(net, "generated") if branch_bn else net
     pixels = backbone_normalization(backbone, include_preprocessing)
     norm = input_normalization(input_norm, backbone)
-    raw_image = keras.Input((input_size, input_size, 3), name="image")
+    raw_image = keras.Input((input_size, input_size, 3), name=IMAGE_INPUT)
     image = pixels(raw_image) if pixels else raw_image
     image = norm(image) if norm else image
     feats = net(image)
@@ -230,7 +231,7 @@ def build_drenet(num_classes: int, input_size: int = 448, backbone: str = "resne
         overlap = AnchorLungOverlap(input_size, levels, name="lung_overlap")(lung_mask)
         top = TopKNMS(input_size, levels, groups, iou_threshold, min_overlap=lung_overlap,
                       name="top_k")([scores_all, overlap])
-        inputs = {"image": raw_image, LUNG_MASK_INPUT: lung_mask}
+        inputs = {IMAGE_INPUT: raw_image, LUNG_MASK_INPUT: lung_mask}
     else:
         top = TopKNMS(input_size, levels, groups, iou_threshold, name="top_k")(scores_all)
         inputs = raw_image

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import keras
 
+from covid_keras.model.drenet import IMAGE_INPUT, LUNG_MASK_INPUT
 from covid_keras.model.layers.ensemble import FromAnsweringMember, MeanProbabilities
 from covid_keras.model.layers.intensity import BackboneNormalization
 
@@ -57,7 +58,7 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
                          f"{[k for k, o in enumerate(own) if not o]} expect it normalised "
                          "(saved before that layer)")
     size = shapes.pop()
-    image = keras.Input(size, name="image")
+    image = keras.Input(size, name=IMAGE_INPUT)
     # DRENet navigator_anchors="lung" members also take the lung mask: all of them or none
     lung = [isinstance(m.input, dict) for m in members]
     if len(set(lung)) != 1:
@@ -66,7 +67,8 @@ def build_ensemble(members: list, name: str = NAME) -> keras.Model:
                          "(navigator_anchors='lung'), the others do not")
     inputs = image
     if lung[0]:
-        inputs = {"image": image, "lung_mask": keras.Input(size[:2] + (1,), name="lung_mask")}
+        inputs = {IMAGE_INPUT: image,
+                  LUNG_MASK_INPUT: keras.Input(size[:2] + (1,), name=LUNG_MASK_INPUT)}
     outs = []
     for k, m in enumerate(members):
         out = renamed(m, f"{MEMBER_PREFIX}{k}")(inputs)

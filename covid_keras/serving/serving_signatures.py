@@ -449,7 +449,7 @@ class Signatures:
         maps = []
         for cam in self.cam_model:
             with tf.GradientTape() as tape:
-                tape.watch(x["image"] if isinstance(x, dict) else x)
+                tape.watch(x[data.IMAGE_INPUT] if isinstance(x, dict) else x)
                 conv, logits = cam(x, training=False)
                 target = tf.gather(tf.cast(logits, tf.float32), class_index, axis=1,
                                    batch_dims=1)
