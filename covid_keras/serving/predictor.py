@@ -511,11 +511,14 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
     images = slices_u8(result.records, size)
     # a lung model's navigator gets the study's lung masks (data_prep's), as evaluation
     # gives it the records'; an unrestricted model takes the images alone
-    lung = info.get("navigator_anchors", "all") == "lung"
-    model_masks = model_masks_u8(result.records, size) if lung else None
+    model_masks = (model_masks_u8(result.records, size)
+                   if info.get("navigator_anchors", "all") == "lung" else None)
+
+    def lung(index=slice(None)) -> tuple:  # the model's extra argument, if it takes one
+        return () if model_masks is None else (model_masks[index],)
+
     try:
-        out = (model.predict_study(images.astype(np.float32), model_masks) if lung else
-               model.predict_study(images.astype(np.float32)))
+        out = model.predict_study(images.astype(np.float32), *lung())
     except ValueError as exc:
         raise StudyFailure(name, "model_refused", str(exc)) from None
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in
@@ -533,11 +536,8 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
                for r in result.records]
     box_scores = np.asarray(out["box_scores"], np.float64).reshape(len(images), -1)
     order = np.argsort(-slice_probs[:, decision], kind="stable")[:max(0, top)]
-    heat = []
-    if len(order):
-        heat = (model.gradcam(images[order].astype(np.float32), decision,
-                              model_masks[order]) if lung else
-                model.gradcam(images[order].astype(np.float32), decision))
+    heat = (model.gradcam(images[order].astype(np.float32), decision, *lung(order))
+            if len(order) else [])
     stage = os.path.join(os.path.dirname(os.path.abspath(output_dir)) or ".",
                          f".{os.path.basename(os.path.abspath(output_dir))}.partial-"
                          f"{os.getpid()}")
