@@ -140,11 +140,13 @@ def test_input_norm_and_intensity_augmentations_reach_the_saved_model(data_dir, 
     assert proc.returncode != 0 and "zoom_jitter" in proc.stderr
 
 
-def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
+def test_population_bn_stats_are_those_of_the_saved_weights(mirrored_run, data_dir,
+                                                            tmp_path):
     """--bn_stats=population (two mirrored replicas, a weight average): the saved model's
     batch-norm statistics are the population statistics of its own (averaged) weights over
     the unaugmented training split in per-replica batches; with the default moving
-    averages they are not."""
+    averages (``mirrored_run``: two mirrored replicas, the default --bn_stats) they are
+    not."""
     import keras
     import numpy as np
 
@@ -153,13 +155,15 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
     from covid_keras.training.bn_stats import population_statistics
 
     # population: two epochs, the second reuses the compiled pass that the first traced;
-    # moving: one epoch is enough to be off
-    for stats, want_equal, epochs in (("population", True, 2), ("moving", False, 1)):
-        run_dir = tmp_path / stats
-        # with the average, statistics of the raw weights would not match the saved ones
-        # (no display images: not what is checked here)
-        run_train(data_dir, run_dir, f"--bn_stats={stats}", "--cpu_devices=2",
-                  f"--epochs={epochs}", "--ema_momentum=0.5", "--num_display_images=0")
+    # with the average, statistics of the raw weights would not match the saved ones (no
+    # display images: not what is checked here). moving: the module's finished run, trained
+    # with the default --bn_stats=moving
+    population = tmp_path / "population"
+    run_train(data_dir, population, "--bn_stats=population", "--cpu_devices=2",
+              "--epochs=2", "--ema_momentum=0.5", "--num_display_images=0")
+    recorded = json.loads((mirrored_run[0] / "run_info.json").read_text())["flags"]
+    assert recorded["bn_stats"] == "moving" and recorded["cpu_devices"] == 2
+    for run_dir, want_equal in ((population, True), (mirrored_run[0], False)):
         model = saving.load_model(str(run_dir / "final.keras"))
         # the trainer's pipeline (smoke.cfg): the input the model takes, by its spec
         cfg = data.PipelineConfig.for_model(saving.model_spec(model), shuffle_buffer=64)
@@ -173,7 +177,7 @@ def test_population_bn_stats_are_those_of_the_saved_weights(data_dir, tmp_path):
         assert n >= 3 and len(pooled) > 3
         gaps = [float(np.max(np.abs(np.asarray(la.moving_mean) - mean)))
                 for la, mean, _ in pooled]
-        assert (max(gaps) < 1e-3) is want_equal, (stats, max(gaps))
+        assert (max(gaps) < 1e-3) is want_equal, (run_dir.name, max(gaps))
         if want_equal:
             for la, _, var in pooled:
                 np.testing.assert_allclose(np.asarray(la.moving_variance), var, rtol=1e-3,
@@ -328,18 +332,38 @@ def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
     assert int(model.optimizer.iterations.numpy()) > 3 * 6
 
 
-def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(data_dir, tmp_path):
+#: A run of two stages (SGD for an epoch, then Adam for two), a backup every step, with the
+#: weights' moving average
+TWO_STAGES = ("--stages=sgd@0.01:1,adam@0.001:2", "--steps_per_epoch=4",
+              "--backup_every_steps=1", "--ema_momentum=0.5")
+
+
+@pytest.fixture(scope="module")
+def killed_in_stage_two(data_dir, tmp_path_factory):
+    """A :data:`TWO_STAGES` run killed (a process of its own) as soon as its second stage
+    committed a backup: the folder, which tests copy (``_copy_run``) and never change."""
+    run_dir = tmp_path_factory.mktemp("killed_in_stage_two") / "run"
+    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
+    kill_when(train_cmd(data_dir, run_dir, *TWO_STAGES), meta.exists)
+    return run_dir
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(killed_in_stage_two,
+                                                                   data_dir, tmp_path):
     """With --ema_momentum too: after the kill and the resume, the last epoch's validation
     saw the weights final.keras holds (the moving average, which fit leaves in the model),
     and the checkpoints' optimisers keep the average."""
-    run_dir = tmp_path / "run"
-    extra = ("--stages=sgd@0.01:1,adam@0.001:2", "--steps_per_epoch=4",
-             "--backup_every_steps=1", "--ema_momentum=0.5")
-    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
-    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
+    run_dir = _copy_run(killed_in_stage_two, tmp_path / "run")
     assert (run_dir / "backup" / "stage0.done.weights.h5").exists()
     assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
-    run_train(data_dir, run_dir, *extra)
+    run_train(data_dir, run_dir, *TWO_STAGES)
     log = read_log(run_dir)
     assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # stage 0 not redone
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
@@ -372,18 +396,15 @@ def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(data_dir,
     assert flags["learning_rate"] == 0.5
 
 
-def test_run_killed_after_its_last_stage_resumes(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    extra = ("--stages=sgd@0.01:1,sgd@0.01:1", "--steps_per_epoch=2",
-             "--backup_every_steps=1")
-    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
-    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
+def test_run_killed_after_its_last_stage_resumes(killed_in_stage_two, data_dir, tmp_path):
+    run_dir = _copy_run(killed_in_stage_two, tmp_path / "run")
     backup = run_dir / "backup"
+    assert (backup / "stage1").is_dir()  # killed in the last stage
     # What a kill between the last stage's marker and final.keras leaves behind
     import shutil
 
     shutil.copy(backup / "stage0.done.weights.h5", backup / "stage1.done.weights.h5")
-    proc = run_train(data_dir, run_dir, *extra)
+    proc = run_train(data_dir, run_dir, *TWO_STAGES)
     assert (run_dir / "final.keras").exists() and (run_dir / "metrics.json").exists()
     assert "val: patients" in proc.stdout
 
