@@ -366,23 +366,29 @@ def test_evaluation_reads_a_lung_model_with_the_records_masks(models, tmp_path):
 
 
 # ------------------------------------------------------------------ the export
+@pytest.fixture(scope="module")
+def lung_export(models, tmp_path_factory):
+    """(run folder, its export's version folder, load_run's model, info, decision): the lung
+    model's run (its dataset prepared without crop_to_lung) exported once for the tests of
+    the export's signatures and of the server (an export costs ~6 s on these 2 cores)."""
+    from covid_keras.serving import exporter
+
+    root = tmp_path_factory.mktemp("lung_export")
+    run = _lung_run(models, root, {"crop_to_lung": False})
+    model, info, decision = exporter.load_run(str(run))
+    path = exporter.export_model(model, info, decision, str(root / "exports"), "lung")
+    return run, path, model, info, decision
+
+
 @tf_only
-def test_signatures_of_a_lung_model(models, tmp_path):
+def test_signatures_of_a_lung_model(models, lung_export):
     import tensorflow as tf
 
-    from covid_keras.model import saving
     from covid_keras.serving import exporter
     from covid_keras.serving.serving_signatures import Signatures
-    from tests.helpers import fake_manifest
 
     lung, plain = models
-    (tmp_path / "run").mkdir()
-    saving.save_model(lung, str(tmp_path / "run" / "best.keras"),
-                      ["normal", "covid", "bacterial"])
-    data_dir = fake_manifest(tmp_path / "data")
-    (tmp_path / "run" / "run_info.json").write_text(json.dumps(
-        {"flags": {"data_dir": str(data_dir)}, "git_sha": "abc"}))
-    model, info, decision = exporter.load_run(str(tmp_path / "run"))
+    _, path, model, info, decision = lung_export
     assert info["navigator_anchors"] == "lung"
     x = _slices()
     x[:, :, 32:] = 0.0  # the prepared slice: black outside the (left) lung
@@ -409,7 +415,6 @@ def test_signatures_of_a_lung_model(models, tmp_path):
                          )["heatmaps"].numpy()
     assert np.abs(heat - other).max() > 1e-3
     # the SavedModel itself: predict_study and gradcam take lung_masks, the others not
-    path = exporter.export_model(model, info, decision, str(tmp_path / "exports"), "lung")
     loaded = tf.saved_model.load(path)
     inputs = {k: set(f.structured_input_signature[1]) for k, f in loaded.signatures.items()}
     assert inputs == {"serving_default": {"images"}, "predict_images": {"image_bytes"},
@@ -669,22 +674,20 @@ def test_bench_intensity_feeds_a_lung_run_its_masks(models, bench_script, tmp_pa
 
 
 @tf_only
-def test_predict_through_the_server_sends_the_lung_masks(models, tmp_path):
+def test_predict_through_the_server_sends_the_lung_masks(lung_export, tmp_path):
     """--server (covid_keras.serve's REST, TF Serving's API): predict sends the study's
     masks to predict_study and gradcam, answering as locally; without them one line."""
-    from covid_keras.serving import exporter, predictor
+    from covid_keras.serving import predictor
     from data_prep import phantom
     from tests.helpers import ServeProcess
 
-    run = _lung_run(models, tmp_path, {"crop_to_lung": False})
-    model, info, decision = exporter.load_run(str(run))
-    path = exporter.export_model(model, info, decision, str(tmp_path / "exports"), "lung")
+    run, path = lung_export[:2]
     study = phantom.write_study(tmp_path / "study", kind="covid", num_slices=12,
                                 matrix=128, seed=3)
     salt = b"s" * 32
     local = predictor.predict_study(str(study), predictor.LocalModel(str(run)),
                                     str(tmp_path / "l"), salt, top=1)
-    with ServeProcess(tmp_path / "exports" / "lung", tmp_path, model_name="lung") as server:
+    with ServeProcess(Path(path).parent, tmp_path, model_name="lung") as server:
         # without --model the served signature alone says it takes the masks
         assert predictor.ServerModel(server.url, "lung", None, 60.0).info[
             "navigator_anchors"] == "lung"

@@ -133,8 +133,8 @@ def test_held_out_split_is_refused_without_allow_test(data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
-    """One pretraining of the tiny backbone (8 epochs, the k-NN probe on val), watched:
-    which splits it opened and which record fields it parsed."""
+    """One pretraining of the tiny backbone (8 epochs, the k-NN probe on val after the
+    last), watched: which splits it opened and which record fields it parsed."""
     import tensorflow as tf
 
     from covid_keras.io import data
@@ -147,7 +147,8 @@ def finished_run(data_dir, tmp_path_factory):
     tf.io.parse_single_example = lambda s, spec: parsed.append(tuple(spec)) or real_parse(
         s, spec)
     try:
-        out = pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+        out = pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3,
+                                          probe_every=8))
     finally:
         data.shard_files, tf.io.parse_single_example = real_files, real_parse
     return run, out, read, parsed
@@ -214,7 +215,7 @@ def test_loss_falls_and_the_run_folder_is_complete(finished_run, data_dir):
             "probe/linear_slice_auc"} <= tags
     assert pretraining.weights_file(str(run)) == str(run / "backbone.weights.h5")
     with pytest.raises(ValueError, match="finished pretraining run.*--overwrite"):
-        pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3))
+        pretraining.pretrain(config(data_dir, run, epochs=8, learning_rate=3e-3, probe_every=8))
 
 
 def test_a_killed_pretraining_resumes_to_the_same_state(data_dir, tmp_path, monkeypatch):
