@@ -131,6 +131,12 @@ SPEC_KEYS = ("backbone", "input_size", "num_classes", "model", "input_norm",
 LUNG_SPEC_KEY = "navigator_anchors"
 
 
+def takes_lung_mask(info: dict) -> bool:
+    """Whether a model spec or export info is a lung DRENet's: its navigator is restricted
+    to the lung, so it (and predict_study, gradcam) takes the lung mask too."""
+    return info.get(LUNG_SPEC_KEY, "all") == "lung"
+
+
 def saved_model_spec(path: str) -> dict:
     """:func:`model_spec` of a ``.keras`` file (no weights loaded)."""
     return model_spec(path)

@@ -14,6 +14,7 @@ import time
 
 from covid_keras.core import files, provenance, schema
 from covid_keras.io.run_dir import RunDir
+from covid_keras.model.saving import takes_lung_mask
 
 INFO_FILE = "covid_keras.json"
 CLASS_NAMES_FILE = "class_names.txt"
@@ -161,7 +162,7 @@ def export_info(model_info: dict, prep: dict, decision: dict | None, run_info: d
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "warnings": list(warnings),
     }
-    if model_info.get("navigator_anchors", "all") != "all":
+    if takes_lung_mask(model_info):
         # "lung": the navigator chooses among anchors on a lung mask. predict_study and
         # gradcam take it (lung_masks); serving_default and predict_images set it to ones
         # (no restriction). An unrestricted model's info has no such key (as before).
@@ -260,7 +261,7 @@ def export_model(model, info: dict, decision: dict | None, export_base: str,
         with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as w:
             for rec in warmup_records(model_name, info["input_size"],
                                       len(info["windows"]),
-                                      info.get("navigator_anchors") == "lung"):
+                                      takes_lung_mask(info)):
                 w.write(rec)
         if os.path.exists(final):
             raise ValueError(f"version {version} of {model_name} appeared while exporting")

@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 
 from covid_keras.core import files
+from covid_keras.model.saving import takes_lung_mask
 
 log = logging.getLogger("covid_keras.predict")
 FORMAT_VERSION = 1
@@ -226,7 +227,7 @@ class LocalModel:
         self.path = path
         self.info, self.study_fn, self.cam_fn, self.source = _load(path)
         # its predict_study and gradcam take the lung masks too
-        self.lung = self.info.get("navigator_anchors", "all") == "lung"
+        self.lung = takes_lung_mask(self.info)
         spec = getattr(self.study_fn, "structured_input_signature", None)
         if self.lung and spec and LUNG_MASKS not in spec[1]:  # exported before the input
             raise ValueError(f"{path}: a lung model's export whose predict_study has no "
@@ -511,8 +512,7 @@ def predict_study(study: str, model, output_dir: str, salt: bytes, top: int = 3,
     images = slices_u8(result.records, size)
     # a lung model's navigator gets the study's lung masks (data_prep's), as evaluation
     # gives it the records'; an unrestricted model takes the images alone
-    model_masks = (model_masks_u8(result.records, size)
-                   if info.get("navigator_anchors", "all") == "lung" else None)
+    model_masks = model_masks_u8(result.records, size) if takes_lung_mask(info) else None
 
     def lung(index=slice(None)) -> tuple:  # the model's extra argument, if it takes one
         return () if model_masks is None else (model_masks[index],)
