@@ -271,11 +271,11 @@ def _learnable_slices(n: int, size: int, seed: int = 0):
     return x, y
 
 
-def _train_and_probe(seed: int = 0, epochs: int = 6, learning_rate: float = 3e-4,
-                     slices: int = 32, **build_kwargs):
+def _train_and_probe(seed: int = 0, epochs: int = 5, learning_rate: float = 3e-4,
+                     slices: int = 64, **build_kwargs):
     """ResNet-50 DRENet (2048-wide features: the tiny backbone's 128 do not show the
     collapse), 64 px, Adam 3e-4 (configs/covid_ct_drenet_scratch.cfg: 1e-4; 3e-4 learns in half the
-    steps), 24 steps of batch 8 on 32 learnable slices; returns the AUC of ``logits`` on
+    steps), 40 steps of batch 8 on 64 learnable slices; returns the AUC of ``logits`` on
     those slices (inference mode), the share of the head's hidden units active on at least
     one of them, and the histories."""
     from sklearn.metrics import roc_auc_score
