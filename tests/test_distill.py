@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -231,11 +230,12 @@ def test_the_cache_is_reused_only_for_the_same_teacher_file_and_data(student, te
 
     data_sha = files.sha256(data.manifest_path(data_dir))
     manifest = data.read_manifest(data_dir)
-    run = RunDir(student.run_dir)
+    shutil.copytree(student.run_dir, tmp_path / "student_run")  # the module's stays as is
+    run = RunDir(str(tmp_path / "student_run"))
     cache = Path(run.distill_targets_path)
     copy = tmp_path / "teacher"  # the same file elsewhere: the same targets
     shutil.copytree(teacher, copy)
-    cfg = student.replace(distill_from=str(copy))
+    cfg = student.replace(distill_from=str(copy), run_dir=run.path)
     found = distill.teacher(cfg, manifest, data_sha)
     stamp = cache.stat().st_mtime_ns
     before = distill.targets(cfg, run, found, data_sha, 8)
@@ -283,12 +283,37 @@ def _reuse_with_changed_teacher(student, tmp_path):
     """The student's config with --reuse, after its teacher file changed in place (a copy
     of the student's run folder, so that the module's folders stay as they were)."""
     info_path = Path(student.run_dir) / "run_info.json"
-    copy = tmp_path / "student"
+    copy = tmp_path / "reused_student"
     shutil.copytree(student.run_dir, copy)
     info = json.loads(info_path.read_text())
     info["distill"]["teacher_sha256"] = "e" * 64
     (copy / "run_info.json").write_text(json.dumps(info))
     return student.replace(run_dir=str(copy), reuse=True)
+
+
+def test_a_drenet_student_trains_on_a_classifier_teacher_with_class_weights(
+        teacher, data_dir, tmp_path):
+    """DRENet's distilled terms (raw, concat) through the trainer, with --class_weights
+    (sample weights then: y is not a label), the teacher fed by its own spec's pipeline."""
+    import csv
+
+    import keras
+
+    from covid_keras.training import trainer
+
+    keras.utils.set_random_seed(0)
+    cfg = _cfg(data_dir, tmp_path / "drenet", teacher, model="drenet", batch_size=2,
+               steps_per_epoch=3, optimizer="sgd", learning_rate=0.01, distill_weight=0.5,
+               distill_temperature=2.0, class_weights=True)
+    trainer.train(cfg, command=["test"])
+    with open(tmp_path / "drenet" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(np.isfinite(float(rows[-1][k])) for k in
+                        ("loss", "raw_loss", "concat_loss", "region_loss", "rank_loss"))
+    info = json.loads((tmp_path / "drenet" / "run_info.json").read_text())
+    assert (info["distill"]["weight"], info["distill"]["temperature"]) == (0.5, 2.0)
+    assert (tmp_path / "drenet" / "distill_targets.npz").exists()
+    keras.backend.clear_session()
 
 
 # ------------------------------------------------------------------ refusals
@@ -366,3 +391,35 @@ def test_each_refusal_is_one_line(teacher, data_dir, tmp_path):
     _refused(variant("folds_unverified", folds_run(None)), "folds.json records no")
     assert not run.exists()  # refused before anything was written
     keras.backend.clear_session()
+
+
+def test_bench_accuracy_passes_the_seeds_teacher_to_each_run(bench_script, tmp_path,
+                                                             monkeypatch):
+    """``bench/accuracy.py ... -- --distill_from=runs/acc/cv/covid_ct_resnet50/seed{seed}``:
+    each seed's run distils that seed's ensemble (the command it runs, captured)."""
+    import subprocess
+    import types
+
+    accuracy = bench_script("accuracy")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    commands = []
+
+    def fake_run(cmd, **kw):
+        commands.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("--run_dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    accuracy.main([f"--data_dir={data}", "--flagfiles=configs/covid_ct_resnet50.cfg",
+                   "--seeds=0,1", f"--work_dir={tmp_path / 'w'}", "--",
+                   "--distill_from=runs/acc/cv/covid_ct_resnet50/seed{seed}"])
+    assert [[a for a in c if a.startswith("--distill_from")] for c in commands] == [
+        ["--distill_from=runs/acc/cv/covid_ct_resnet50/seed0"],
+        ["--distill_from=runs/acc/cv/covid_ct_resnet50/seed1"]]
+    assert all("--overwrite" in c and not any(a.startswith("--folds") for a in c)
+               for c in commands)

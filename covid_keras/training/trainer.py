@@ -573,8 +573,14 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
                          f"batch ({global_batch}).")
     steps = cfg.steps_per_epoch or max(1, train_slices // global_batch)
     # --distill_from: the teacher's probabilities of the train slices (cached in the run)
-    targets = None if teacher is None else distill.targets(cfg, RunDir(run_dir), teacher,
-                                                           data_sha, global_batch)
+    targets = None
+    if teacher is not None:
+        targets = distill.targets(cfg, RunDir(run_dir), teacher, data_sha, global_batch)
+        import keras
+
+        # loading the teacher drew from Keras's seed generator: the student starts from
+        # the same weights whether the teacher predicted now or its targets were cached
+        keras.utils.set_random_seed(cfg.seed)
     return Run(cfg, RunDir(run_dir), manifest, classes, strategy, chief, global_batch, steps,
                pipeline, stages, decay_epochs, targets)
 
