@@ -316,6 +316,31 @@ def test_a_drenet_student_trains_on_a_classifier_teacher_with_class_weights(
     keras.backend.clear_session()
 
 
+def test_evaluate_warns_on_a_split_that_trained_the_teachers_folds(student, teacher,
+                                                                   data_dir, tmp_path):
+    from covid_keras.core import files
+    from covid_keras.evaluation.evaluation import evaluate_run
+    from covid_keras.io import data
+
+    folds_teacher = tmp_path / "cv"  # the teacher as a --folds run of this data's train+val
+    shutil.copytree(teacher, folds_teacher)
+    files.write_json(str(folds_teacher / "folds.json"), {
+        "folds": 2, "seed": 0, "splits": ["train", "val"], "data_dir": data_dir,
+        "dataset_manifest_sha256": files.sha256(data.manifest_path(data_dir))})
+    (folds_teacher / "metrics.json").write_text("{}")
+    run = tmp_path / "student"
+    shutil.copytree(student.run_dir, run)
+    info = json.loads((run / "run_info.json").read_text())
+    info["distill"]["teacher_run"] = str(folds_teacher)
+    (run / "run_info.json").write_text(json.dumps(info))
+    said = {}
+    for split in ("val", "test"):
+        result = evaluate_run(str(run), split=split, output_dir=str(tmp_path / split),
+                              n_bootstrap=0, max_explained=0, report=False, log=lambda m: None)
+        said[split] = any("distilled from" in w for w in result["warnings"])
+    assert said == {"val": True, "test": False}
+
+
 # ------------------------------------------------------------------ refusals
 def _refused(cfg, message, folds=False):
     from covid_keras.training import cross_validation, trainer

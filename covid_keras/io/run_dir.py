@@ -60,6 +60,8 @@ FOLD_PREFIX = "fold_"
 FOLDS_DATA = "folds_data"
 OUT_OF_FOLD = "out_of_fold_slices.csv"
 DISTILL_TARGETS = "distill_targets.npz"
+#: run_info.json's entry of a ``--distill_from`` run (the teacher, its SHA-256, w, T).
+DISTILL_INFO = "distill"
 
 #: The files a run writes (removed by --overwrite, with :data:`RUN_FOLDERS`).
 RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION, FOLDS,
@@ -207,6 +209,12 @@ class RunDir:
             return json.loads(files.read_text(self.run_info_path))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{self.run_info_path} is not JSON ({exc})") from None
+
+    def distill_teacher(self) -> str | None:
+        """``--distill_from``: the teacher's run folder the run recorded (run_info.json's
+        ``"distill"`` entry); None for any other run."""
+        entry = (self.run_info() or {}).get(DISTILL_INFO) or {}
+        return entry.get("teacher_run")
 
     def flags(self) -> dict:
         """The trainer's flags of the run: run_info.json's (typed), else flags.cfg's (read

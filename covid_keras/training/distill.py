@@ -32,12 +32,12 @@ import os
 import numpy as np
 
 from covid_keras.core import files
-from covid_keras.io.run_dir import DISTILL_TARGETS, RunDir
+from covid_keras.io.run_dir import DISTILL_INFO, DISTILL_TARGETS, RunDir
 
 log = logging.getLogger("covid_keras.train")
 
 #: run_info.json's entry of a distilled run.
-INFO_KEY = "distill"
+INFO_KEY = DISTILL_INFO
 DEFAULT_WEIGHT = 0.5
 DEFAULT_TEMPERATURE = 1.0
 
