@@ -291,6 +291,7 @@ def _reuse_with_changed_teacher(student, tmp_path):
     return student.replace(run_dir=str(copy), reuse=True)
 
 
+@pytest.mark.slow  # a DRENet training run: 18-37 s on 2 loaded cores (make test runs it)
 def test_a_drenet_student_trains_on_a_classifier_teacher_with_class_weights(
         teacher, data_dir, tmp_path):
     """DRENet's distilled terms (raw, concat) through the trainer, with --class_weights
