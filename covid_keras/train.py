@@ -93,6 +93,27 @@ def define_flags() -> None:
                         "(python -m data_prep.phantom, any number of patients: supervised "
                         "pretraining on phantoms); its own val split chooses its checkpoint "
                         "and it reports no held-out split.")
+    flags.DEFINE_string("distill_from", d.distill_from, "Distil a finished run (typically a "
+                        "--folds ensemble; its best.keras, else final.keras) into this "
+                        "run's one model: before training the teacher predicts every train "
+                        "slice once (no augmentation; cached as <run_dir>/"
+                        "distill_targets.npz with the teacher's and the data's SHA-256), and "
+                        "the loss mixes the labels with those probabilities "
+                        "(--distill_weight, --distill_temperature). The teacher must have "
+                        "been trained on --data_dir (its recorded manifest SHA-256) with "
+                        "the same classes. A --folds teacher of this data folder trained on "
+                        "the val patients too: the student's val figures (checkpoint, "
+                        "decision) are then not clean; held-out splits stay clean. Not with "
+                        "--folds.")
+    flags.DEFINE_float("distill_weight", d.distill_weight, "With --distill_from: w in "
+                       "[0, 1], loss = (1 - w) CE(labels) + w T^2 CE(teacher at T, "
+                       "student logits / T); 0: the labels alone, 1: the teacher alone. "
+                       "DRENet: its raw and concat terms (region and ranking terms stay on "
+                       "the labels).")
+    flags.DEFINE_float("distill_temperature", d.distill_temperature, "With --distill_from: "
+                       "T > 0, the temperature of both softmaxes in the distillation term "
+                       "(the teacher's: softmax(log p / T)); 1 leaves the probabilities as "
+                       "they are.")
     flags.DEFINE_integer("input_size", d.input_size, "Model input side in pixels.")
     flags.DEFINE_integer("epochs", d.epochs, "Epochs (ignored with --stages).")
     flags.DEFINE_integer("batch_size", d.batch_size, "Per-replica batch size.")

@@ -393,6 +393,14 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
         warnings.append(f"This split ({split}) trained the ensemble's folds and chose their "
                         "checkpoints and its decision: its metrics are optimistic; report a "
                         "held-out split.")
+    teacher = RunDir(run_dir).distill_teacher()  # --distill_from: the teacher's folds
+    t_folds = RunDir(teacher).folds() if teacher and files.isdir(teacher) else None
+    if t_folds and any(same_split(t_folds["data_dir"], s, data_dir, split,
+                                  t_folds["dataset_manifest_sha256"])
+                       for s in t_folds["splits"]):
+        warnings.append(f"This split ({split}) trained the folds of the ensemble this model "
+                        "was distilled from (--distill_from): its metrics are optimistic; "
+                        "report a held-out split.")
 
     result = evaluate_predictions(preds, decision, n_bootstrap, seed)
     result["warnings"] = warnings + result["warnings"]

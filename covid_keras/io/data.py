@@ -251,6 +251,80 @@ class PipelineConfig:
                    lung_mask=spec.get("navigator_anchors", "all") == "lung", **kwargs)
 
 
+@dataclass(frozen=True)
+class TeacherTargets:
+    """A teacher's class probabilities for a split's slices (``covid_keras.train
+    --distill_from``): ``keys`` (N,) str, each slice's :func:`target_key`; ``probs``
+    float32 (N, C), row i the slice ``keys[i]``'s."""
+    keys: tuple
+    probs: object  # numpy (N, C)
+
+    def __post_init__(self):
+        if len(self.keys) != len(self.probs) or len(set(self.keys)) != len(self.keys):
+            raise ValueError("teacher targets need one row per key, each key once")
+
+
+#: The record fields whose join names one slice (:func:`target_key`): the study and the
+#: slice's own key (data_prep keeps sop keys unique within a series, one series a study).
+TARGET_KEY_FIELDS = (schema.STUDY_KEY, schema.SOP_KEY)
+
+
+def target_key(study_key, sop_key):
+    """A slice's key for teacher targets: ``<study key>/<sop key>`` (both salted hashes).
+    Python strings or bytes give a str; tensors a string tensor (in the tf.data graph)."""
+    if isinstance(study_key, (str, bytes)):
+        def text(v):
+            return v.decode() if isinstance(v, bytes) else v
+
+        return f"{text(study_key)}/{text(sop_key)}"
+    return tf.strings.join([study_key, sop_key], separator="/")
+
+
+def split_target_keys(data_dir: str, split: str) -> list[str]:
+    """:func:`target_key` of every record of the split, in file order (only the key fields
+    are parsed)."""
+    spec = {k: v for k, v in schema.parse_spec().items() if k in TARGET_KEY_FIELDS}
+    ds = tf.data.TFRecordDataset(shard_files(data_dir, split), "GZIP").map(
+        lambda r: target_key(*(tf.io.parse_single_example(r, spec)[k]
+                               for k in TARGET_KEY_FIELDS)))
+    return [k.decode() for batch in ds.batch(4096) for k in batch.numpy().tolist()]
+
+
+def _fingerprints(keys):
+    """int64 fingerprints (tensor) of a string tensor of keys."""
+    return tf.strings.to_hash_bucket_fast(keys, 2 ** 63 - 1)
+
+
+def _with_targets(targets: TeacherTargets):
+    """A function record -> the float32 (1 + C,) y of a distilled run (the label, then the
+    teacher's probabilities: covid_keras.model.losses.DISTILL_Y), looked up by the
+    fingerprint of :func:`target_key` in constants (no lookup table: a resource would not
+    travel with a distributed dataset); a record without a target stops the pipeline with
+    an error that says so."""
+    import numpy as np
+
+    prints = _fingerprints(tf.constant(list(targets.keys), tf.string)).numpy()
+    if len(set(prints.tolist())) != len(prints):  # never seen: 63-bit fingerprints
+        raise ValueError("two teacher target keys share a fingerprint: cannot join them")
+    order = np.argsort(prints, kind="stable")
+    sorted_prints = tf.constant(prints[order], tf.int64)
+    probs = tf.constant(np.asarray(targets.probs, np.float32)[order])
+    n = len(order)
+
+    def y(r):
+        key = _fingerprints(target_key(r[schema.STUDY_KEY], r[schema.SOP_KEY]))
+        row = tf.minimum(tf.searchsorted(sorted_prints, key[None])[0], n - 1)
+        check = tf.debugging.assert_equal(
+            tf.gather(sorted_prints, row), key,
+            message="a training slice has no teacher target (--distill_from): the targets "
+                    "were made for other records")
+        with tf.control_dependencies([check]):
+            p = tf.gather(probs, row)
+        return tf.concat([tf.cast(r[schema.LABEL_INDEX], tf.float32)[None], p], axis=0)
+
+    return y
+
+
 def _parse(serialized):
     return tf.io.parse_single_example(serialized, schema.parse_spec())
 
@@ -258,7 +332,8 @@ def _parse(serialized):
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                  cfg: PipelineConfig = PipelineConfig(), with_meta: bool = False,
                  repeat: bool = False, shard: tuple[int, int] | None = None,
-                 order_seed: int | None = None) -> tf.data.Dataset:
+                 order_seed: int | None = None,
+                 targets: TeacherTargets | None = None) -> tf.data.Dataset:
     """(image float32 (B, S, S, 3), label int32 (B,)) batches; with ``with_meta`` the second
     element is a dict: label, patient_key, study_key, slice_index, sop_key.
 
@@ -271,7 +346,13 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
     ``order_seed`` (evaluation only): the records in a fixed shuffled order (the same every
     pass: files shuffled, then a ``cfg.shuffle_buffer`` shuffle), so that batches mix
     studies and classes as training batches do (``--bn_stats=population``); without it
-    they come in file order, each study's slices together."""
+    they come in file order, each study's slices together.
+
+    ``targets`` (training only; ``covid_keras.train --distill_from``): a teacher's
+    probabilities joined to each record by :func:`target_key`; the label becomes float32
+    (B, 1 + C): the label, then the teacher's probabilities."""
+    if targets is not None and (not training or with_meta):
+        raise ValueError("teacher targets are for training batches (no with_meta)")
     files = shard_files(data_dir, split)
     options = tf.data.Options()
     options.deterministic = cfg.deterministic or not training
@@ -317,6 +398,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
         counter = tf.data.Dataset.counter(start=0)
         ds = tf.data.Dataset.zip((ds, counter))
         base = tf.constant([cfg.seed, 0], tf.int64)
+        joined = None if targets is None else _with_targets(targets)
 
         def prepare(r, i):
             # Augment the record's own channels (1 for grey), then repeat to RGB.
@@ -327,7 +409,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
                           cfg.gamma, mask=mask)
             if mask is not None:
                 img, mask = img
-            return _output(r, to_rgb(img), cfg, with_meta, mask)
+            out = _output(r, to_rgb(img), cfg, with_meta, mask)
+            return out if joined is None else (out[0], joined(r))
     else:
         def prepare(r):
             mask = decode_mask(r[schema.MASK], cfg.input_size) if cfg.lung_mask else None

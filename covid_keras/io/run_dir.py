@@ -27,6 +27,9 @@ names from here):
 ``fold_<k>/``       ``--folds``: fold k's run folder (an ordinary run)
 ``folds_data/``     ``--folds``: each fold's data folder (``fold_<k>/``)
 ``out_of_fold_slices.csv``  ``--folds``: each training slice's out-of-fold prediction
+``distill_targets.npz``  ``--distill_from``: the teacher's probabilities of each train
+                    slice, with the teacher file's and the data manifest's SHA-256 (reused
+                    only while both match, so --overwrite keeps it)
 ==================  ===========================================================
 
 ``covid_keras.pretrain`` keeps its own, smaller folder (``backbone.weights.h5``...).
@@ -56,6 +59,9 @@ FOLDS = "folds.json"
 FOLD_PREFIX = "fold_"
 FOLDS_DATA = "folds_data"
 OUT_OF_FOLD = "out_of_fold_slices.csv"
+DISTILL_TARGETS = "distill_targets.npz"
+#: run_info.json's entry of a ``--distill_from`` run (the teacher, its SHA-256, w, T).
+DISTILL_INFO = "distill"
 
 #: The files a run writes (removed by --overwrite, with :data:`RUN_FOLDERS`).
 RUN_FILES = (RUN_INFO, FLAGS_CFG, BEST, BEST_INFO, FINAL, LOG, METRICS, DECISION, FOLDS,
@@ -120,6 +126,9 @@ class RunDir:
 
     folds_path = property(lambda self: self.file(FOLDS))
     out_of_fold_path = property(lambda self: self.file(OUT_OF_FOLD))
+    #: ``--distill_from``: the teacher's targets (not a run file: --overwrite keeps it, and
+    #: it is reused only for the same teacher file and data)
+    distill_targets_path = property(lambda self: self.file(DISTILL_TARGETS))
 
     def fold_dir(self, k: int) -> str:
         """``--folds``: fold ``k``'s run folder."""
@@ -200,6 +209,12 @@ class RunDir:
             return json.loads(files.read_text(self.run_info_path))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{self.run_info_path} is not JSON ({exc})") from None
+
+    def distill_teacher(self) -> str | None:
+        """``--distill_from``: the teacher's run folder the run recorded (run_info.json's
+        ``"distill"`` entry); None for any other run."""
+        entry = (self.run_info() or {}).get(DISTILL_INFO) or {}
+        return entry.get("teacher_run")
 
     def flags(self) -> dict:
         """The trainer's flags of the run: run_info.json's (typed), else flags.cfg's (read

@@ -84,9 +84,12 @@ class DRENet(keras.Model):
         self.loss_weights_by_term = dict(build_config["loss_weights"])
         self.rank_margin = float(build_config["rank_margin"])
         self.term_trackers = {t: keras.metrics.Mean(name=f"{t}_loss") for t in losses.TERMS}
+        # (w, T) while a distilled run trains it (covid_keras.train --distill_from: y is
+        # losses.DISTILL_Y); not part of the model (get_config, the saved file)
+        self.distill = None
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        terms = losses.drenet_loss_terms(y, y_pred, self.rank_margin)
+        terms = losses.drenet_loss_terms(y, y_pred, self.rank_margin, distill=self.distill)
         total = 0.0
         for name, values in terms.items():
             value = losses.weighted_mean(values, sample_weight)

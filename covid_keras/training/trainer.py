@@ -40,6 +40,9 @@ class TrainConfig:
     classifier_flagfile: str | None = None
     classifier_dir: str | None = None
     classifier_data_dir: str | None = None
+    distill_from: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     input_size: int = 448
     epochs: int = 120
     batch_size: int = 4
@@ -105,7 +108,8 @@ class TrainConfig:
 
 
 PATH_FLAGS = ("data_dir", "run_dir", "init_from", "backbone_weights", "pretrain_flagfile",
-              "pretrain_dir", "classifier_flagfile", "classifier_dir", "classifier_data_dir")
+              "pretrain_dir", "classifier_flagfile", "classifier_dir", "classifier_data_dir",
+              "distill_from")
 #: One-shot actions, not what the run was: never written to flags.cfg (a reused flags.cfg
 #: must not replace the finished run it came from).
 NOT_RECORDED = ("overwrite", "fold", "ensemble_only", "reuse")
@@ -177,11 +181,14 @@ def changed_flags(stored: dict, current: dict) -> list[str]:
     return out
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: str) -> str:
+def prepare_run_dir(cfg: TrainConfig, run_dir: str, teacher: dict | None = None) -> str:
     """Creates the run folder and says what the run will do: ``"new"``, ``"resume"`` (an
     interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
     files are removed first, for a finished and for an interrupted run alike). A finished
-    run without ``cfg.overwrite``, or an interrupted one whose flags changed, is an error."""
+    run without ``cfg.overwrite``, or an interrupted one whose flags changed (or whose
+    --distill_from teacher file did: ``teacher``, :func:`distill.teacher`), is an error."""
+    from covid_keras.training import distill
+
     run = RunDir(run_dir)
     finished, started = run.is_finished(), run.is_started()
     if cfg.overwrite and (finished or started):
@@ -196,7 +203,8 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str) -> str:
     if started:
         info = run.run_info()
         if info is not None:
-            diff = changed_flags(info.get("flags", {}), resolved_flags(cfg))
+            diff = changed_flags(info.get("flags", {}), resolved_flags(cfg)) + \
+                distill.changed_teacher(info, teacher)
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
                                  f"{'; '.join(diff)}): rerun with its flags "
@@ -213,6 +221,7 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     --overwrite) when it differs, so that it is replaced; an error naming what differs
     otherwise."""
     from covid_keras.io import data
+    from covid_keras.training import distill
 
     run = RunDir(cfg.run_dir)
     if not (cfg.reuse and run.is_finished()):
@@ -222,6 +231,8 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     info = run.run_info() or {}
     diff = changed_flags(info["flags"] if "flags" in info else run.flags(), current)
     sha = files.sha256(data.manifest_path(cfg.data_dir))
+    if distill.enabled(cfg):
+        diff += distill.changed_teacher(info, distill.teacher(cfg, manifest, sha))
     if info.get("dataset_manifest_sha256", sha) != sha:
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
     if diff and cfg.overwrite:
@@ -453,11 +464,19 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None,
     return model
 
 
-def compile_model(model, optimizer, jit_compile: bool):
+def compile_model(model, optimizer, jit_compile: bool, distill: tuple | None = None):
+    """``distill=(w, T)``: a --distill_from run (y carries the teacher's probabilities:
+    covid_keras.model.losses.DISTILL_Y)."""
     import keras
 
+    from covid_keras.model import losses
+
     if type(model).__name__ == "DRENet":
+        model.distill = None if distill is None else tuple(float(v) for v in distill)
         model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    elif distill is not None:
+        model.compile(optimizer=optimizer, jit_compile=jit_compile,
+                      loss={"logits": losses.DistillationLoss(*distill)})
     else:
         model.compile(optimizer=optimizer, jit_compile=jit_compile,
                       loss={"logits": keras.losses.SparseCategoricalCrossentropy(
@@ -479,6 +498,7 @@ class Run:
     pipeline: object            # data.PipelineConfig
     stages: list
     decay_epochs: list
+    targets: object = None      # data.TeacherTargets of --distill_from, else None
 
 
 def setup_runtime(cfg: TrainConfig, debug: bool = False):
@@ -507,6 +527,7 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
     overwritten) and writes run_info.json and flags.cfg: everything before the model."""
     from covid_keras.io import data
     from covid_keras.training import callbacks as cbs
+    from covid_keras.training import distill
     from covid_keras.training.distributed import make_strategy
 
     manifest = data.read_manifest(cfg.data_dir)
@@ -514,6 +535,8 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
     cfg = apply_init_from_spec(cfg, manifest["classes"])
     stages, decay_epochs = check_recipe(cfg)
     classes = manifest["classes"]
+    data_sha = files.sha256(data.manifest_path(cfg.data_dir))
+    teacher = distill.teacher(cfg, manifest, data_sha) if distill.enabled(cfg) else None
     strategy = make_strategy(cfg.strategy)
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
@@ -521,14 +544,16 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
     run_dir = cfg.run_dir if chief else os.path.join(
         cfg.run_dir, f".worker-{strategy.cluster_resolver.task_id}")
     cbs.close_writers()
-    mode = prepare_run_dir(cfg, run_dir)
+    mode = prepare_run_dir(cfg, run_dir, teacher)
     if mode == "resume":
         log.info("%s holds an interrupted run with the same flags: resuming it", run_dir)
     if chief:
+        extra = {} if teacher is None else {
+            distill.INFO_KEY: distill.run_info_entry(cfg, teacher)}
         write_run_info(cfg, run_dir, {"strategy": cfg.strategy,
                                       "strategy_class": type(strategy).__name__,
                                       "replicas": replicas, "global_batch": global_batch,
-                                      "classes": classes}, command)
+                                      "classes": classes, **extra}, command)
     log.info("%s, %d replica(s), global batch %d, classes %s", type(strategy).__name__,
              replicas, global_batch, classes)
     # the model's input: raw pixel values for a model that normalises them itself
@@ -547,8 +572,17 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
         raise ValueError(f"The train split has {train_slices} slices, fewer than one global "
                          f"batch ({global_batch}).")
     steps = cfg.steps_per_epoch or max(1, train_slices // global_batch)
+    # --distill_from: the teacher's probabilities of the train slices (cached in the run)
+    targets = None
+    if teacher is not None:
+        targets = distill.targets(cfg, RunDir(run_dir), teacher, data_sha, global_batch)
+        import keras
+
+        # loading the teacher drew from Keras's seed generator: the student starts from
+        # the same weights whether the teacher predicted now or its targets were cached
+        keras.utils.set_random_seed(cfg.seed)
     return Run(cfg, RunDir(run_dir), manifest, classes, strategy, chief, global_batch, steps,
-               pipeline, stages, decay_epochs)
+               pipeline, stages, decay_epochs, targets)
 
 
 def make_model(r: Run):
@@ -619,6 +653,7 @@ def run_stages(r: Run, model, validation, best_cb) -> None:
         cfg.data_dir, "train", cfg.batch_size, training=False, cfg=r.pipeline,
         order_seed=cfg.seed))] if cfg.bn_stats == "population" else []
     class_weight = data.class_weights(r.manifest) if cfg.class_weights else None
+    distilling = None if r.targets is None else (cfg.distill_weight, cfg.distill_temperature)
     first_epoch = 0
     for i, stage in enumerate(r.stages):
         last_epoch = first_epoch + stage.epochs
@@ -650,11 +685,17 @@ def run_stages(r: Run, model, validation, best_cb) -> None:
                             last_epoch, callbacks, class_weight)
         else:
             train_ds = data.make_dataset(cfg.data_dir, "train", r.global_batch,
-                                         training=True, cfg=r.pipeline, repeat=True)
-            compile_model(model, optimizer, cfg.jit_compile)
+                                         training=True, cfg=r.pipeline, repeat=True,
+                                         targets=r.targets)
+            weights = class_weight
+            if distilling and class_weight:  # as sample weights: y is not a label
+                from covid_keras.training.distill import with_class_weights
+
+                train_ds, weights = with_class_weights(train_ds, class_weight), None
+            compile_model(model, optimizer, cfg.jit_compile, distilling)
             model.fit(train_ds, epochs=last_epoch, initial_epoch=first_epoch,
                       steps_per_epoch=r.steps, callbacks=callbacks,
-                      class_weight=class_weight, verbose=0, shuffle=False)
+                      class_weight=weights, verbose=0, shuffle=False)
         first_epoch = last_epoch
         if len(r.stages) > 1:  # remembered, so a run killed in a later stage does not redo it
             files.makedirs(os.path.dirname(done_path))
@@ -866,6 +907,9 @@ def check_recipe(cfg: TrainConfig):
     if weights not in (None, "", "imagenet") and not files.exists(weights):
         raise FileNotFoundError(f"--backbone_weights={weights}: no such file (use "
                                 "'imagenet' or a local weights file)")
+    from covid_keras.training import distill
+
+    distill.check_flags(cfg)
     for name in ("bn_momentum", "ema_momentum"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
