@@ -4,28 +4,27 @@ with a RESULT line holding every figure the issue asks for. Times nothing itself
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import quiet_env
-
 pytestmark = pytest.mark.slow  # two exports and two server processes: ~40 s
-REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_serve_quick_result_line(tmp_path):
+@pytest.fixture(scope="module")
+def serve(bench_script):
+    return bench_script("serve")
+
+
+def test_bench_serve_quick_result_line(serve, tmp_path, capsys):
+    """The bench in-process (its export and its servers are processes of their own, as
+    always)."""
     out_json = tmp_path / "result.json"
     work = tmp_path / "work"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "serve.py"), "--quick", "--requests=2",
-         "--probe=1", f"--work_dir={work}", f"--output_json={out_json}"],
-        cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert len(lines) == 1, done.stdout[-3000:]
+    serve.main(["--quick", "--requests=2", "--probe=1", f"--work_dir={work}",
+                f"--output_json={out_json}"])
+    stdout = capsys.readouterr().out
+    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(lines) == 1, stdout[-3000:]
     res = json.loads(lines[0][len("RESULT "):])
     assert res == json.loads(out_json.read_text())
     assert res["mode"] == "cpu_quick" and res["slices"] == 15

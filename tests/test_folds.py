@@ -114,6 +114,38 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
     assert folds.fold_data_ready(out, other, 0) and not folds.fold_data_ready(out, doc, 0)
 
 
+def test_a_stale_fold_folder_replaced_meanwhile_by_another_worker_is_not_deleted(
+        data_dir, tmp_path, monkeypatch):
+    """The folder is stale (made from other folds) when this worker checks it, and another
+    worker of the fold replaces it by its ready copy right after that check: this worker
+    must not delete the other's folder (it may be reading it), only its own copy."""
+    from covid_keras.training import folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    doc, other = (folds.folds_document(folds.assign_folds(table, 2, seed=s), 2, s,
+                                       str(data_dir), ["train", "val"]) for s in (0, 1))
+    theirs = folds.write_fold_data(str(data_dir), doc, 0, str(tmp_path / "theirs"))
+    (Path(theirs) / "theirs.txt").write_text("the other worker's folder")
+    out = folds.write_fold_data(str(data_dir), other, 0, str(tmp_path / "fold_0"))  # stale
+    real, calls = folds.fold_data_ready, []
+
+    def other_worker_renames_after_the_check(path, *args):
+        calls.append(path)
+        ready = real(path, *args)
+        if path == out and len(calls) == 2:  # this worker's last look before replacing
+            assert not ready  # still the stale folder
+            folds.files.rmtree(out)  # the other worker: stale folder out, its own in
+            os.rename(theirs, out)
+        return ready
+
+    monkeypatch.setattr(folds, "fold_data_ready", other_worker_renames_after_the_check)
+    assert folds.write_fold_data(str(data_dir), doc, 0, out) == out
+    assert len(calls) >= 2 and calls[:2] == [out, out]  # the interleaving did happen
+    assert (Path(out) / "theirs.txt").is_file()  # the other worker's folder, kept
+    assert real(out, doc, 0)
+    assert sorted(os.listdir(tmp_path)) == ["fold_0"]  # nothing left aside
+
+
 @pytest.mark.slow
 def test_two_workers_train_one_fold_together(data_dir, tmp_path):
     """--fold=k under --strategy=multi_worker: both workers make the same folds and fold

@@ -229,9 +229,17 @@ def test_an_interrupted_old_run_resumes_without_the_layer(tiny_dataset, tmp_path
         loss = cbs.validation_losses(final, ev.predict(final), ev.labels)["prediction_loss"]
         assert (abs(loss - results["final"]["prediction_loss"]) < 1e-4) is same, (
             normalize, loss, results["final"]["prediction_loss"])
-    # and a new run in a fresh folder normalises its own input
+    # and a new run in a fresh folder normalises its own input (stopped where it would
+    # finish: its end is the resumed run's, tested above)
+    def spy_and_stop(r, model, validation):
+        seen.update(normalize=r.pipeline.normalize,
+                    own=saving.model_spec(model)["include_preprocessing"])
+        raise Killed()
+
+    monkeypatch.setattr(trainer, "finish_run", spy_and_stop)
     fresh = cfg.replace(run_dir=str(tmp_path / "new"), epochs=1)
     keras.utils.set_random_seed(0)
-    trainer.train(fresh)
+    with pytest.raises(Killed):
+        trainer.train(fresh)
     assert seen == {"normalize": False, "own": True}
     assert saving.model_spec(str(tmp_path / "new" / "best.keras"))["include_preprocessing"]

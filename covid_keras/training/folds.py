@@ -207,17 +207,36 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
                     "source_manifest_sha256": document["dataset_manifest_sha256"],
                     "folds_sha256": document_sha(document)}
     files.write_json(os.path.join(tmp, MANIFEST), out)
-    # Several workers of one fold (--strategy=multi_worker) write the same folder at once:
-    # the first rename wins, and a ready folder another worker made is never replaced.
+    _put_in_place(tmp, out_dir, document, fold)
+    return out_dir
+
+
+def _put_in_place(tmp: str, out_dir: str, document: dict, fold: int) -> None:
+    """Renames the finished folder ``tmp`` to ``out_dir``. Several workers of one fold
+    (--strategy=multi_worker) write the same folder at once: the first rename wins, and a
+    ready folder in place is kept (another worker may be reading it). A stale ``out_dir``
+    (made from other folds) is first moved aside by an atomic rename to a name of this
+    worker's own and deleted there only if it is still stale: a ready folder another
+    worker renamed into place since the check goes back instead of this worker's copy."""
     if fold_data_ready(out_dir, document, fold):
         files.rmtree(tmp)
-        return out_dir
-    files.rmtree(out_dir)  # stale: made from other folds
+        return
+    if files.exists(out_dir):  # stale: made from other folds
+        aside = out_dir.rstrip("/") + f".{files.unique_suffix()}"
+        try:
+            files.rename(out_dir, aside)
+        except OSError:  # gone meanwhile (another worker moved it aside)
+            aside = None
+        if aside is not None:
+            if fold_data_ready(aside, document, fold):
+                # another worker's ready folder, renamed into place since the check: it
+                # goes back instead of this worker's copy
+                tmp, aside = aside, tmp
+            files.rmtree(aside)
     files.makedirs(os.path.dirname(out_dir.rstrip("/")) or ".")
     try:
         files.rename(tmp, out_dir)
-    except OSError:
+    except OSError:  # another worker's folder came first: kept if it is ready
         if not fold_data_ready(out_dir, document, fold):
             raise
         files.rmtree(tmp)
-    return out_dir
