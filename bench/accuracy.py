@@ -18,11 +18,12 @@ checkpoints and the decision), the held-out splits are the ensemble's, the chose
 and the last-5 stability are the folds' means, and ``fold_val_patient_auc_sd`` is the
 spread across folds.
 
-A run whose ``metrics.json`` exists is reused (the protocol is resumable); ``--rerun``
-trains it again. With two flagfiles or more, every one is also compared with the first,
-paired by seed (the patient AUC differences of each split, their mean +- sd, and at how many
-seeds it was higher). Ends with a table and a ``RESULT {json}`` line (``--output_json``
-writes it too).
+A run whose ``metrics.json`` exists is reused and an interrupted one resumes where it
+stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
+changed); ``--rerun`` trains it again from scratch. With two flagfiles or more, every one
+is also compared with the first, paired by seed (the patient AUC differences of each split,
+their mean +- sd, and at how many seeds it was higher). Ends with a table and a
+``RESULT {json}`` line (``--output_json`` writes it too).
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
@@ -100,6 +101,13 @@ def shared_stages(flagfiles: list[str]) -> dict[str, str]:
     return out
 
 
+def interrupted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a started, unfinished training (a run killed mid-way)."""
+    from covid_keras.io.run_dir import RunDir
+
+    return run_dir.is_dir() and RunDir(str(run_dir)).state() == "resumed"
+
+
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
             extra: list[str], rerun: bool, folds: int = 0) -> dict:
     metrics_path = run_dir / "metrics.json"
@@ -108,12 +116,16 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
                f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
                f"--report_splits={','.join(splits)}", "--verbose=0",
                *(e.replace("{seed}", str(seed)) for e in extra)]
-        # a folds run resumes at its fold (a finished one is reused above)
-        cmd += [f"--folds={folds}"] if folds else ["--overwrite"]
+        # a folds run resumes at its fold, an interrupted single run at its epoch (train
+        # refuses, naming the flag, if its flags changed: --rerun starts it again); a
+        # finished one is reused above
+        resume = not rerun and interrupted(run_dir)
+        cmd += [f"--folds={folds}"] if folds else [] if resume else ["--overwrite"]
         t0 = time.time()
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
+              + (" (resumed)" if resume else ""), flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(run_dir.parent / f"seed{seed}.log", "w") as log:
+        with open(run_dir.parent / f"seed{seed}.log", "a" if resume else "w") as log:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             raise SystemExit(f"training failed (exit {proc.returncode}): see "

@@ -65,3 +65,37 @@ def test_a_listed_classifier_flagfile_is_the_stage_trained_first(tmp_path, monke
     accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=0",
                    f"--work_dir={work}", "--", "--classifier_dir=x{seed}"])
     assert [c[2] for c in calls] == [["--classifier_dir=x0"], ["--classifier_dir=x0"]]
+
+
+def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path, monkeypatch):
+    """A killed single run (run_info.json, no final.keras) is trained again without
+    --overwrite, so train resumes it at its epoch and the seed's log is appended to; a new
+    run, or any run under --rerun, gets --overwrite and a fresh log."""
+    import json
+    import subprocess
+    import types
+
+    commands = []
+
+    def fake_run(cmd, stdout=None, **kw):
+        commands.append(cmd)
+        stdout.write("trained\n")
+        run_dir = Path(next(a for a in cmd if a.startswith("--run_dir=")).split("=", 1)[1])
+        (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    killed, new = tmp_path / "w" / "seed0", tmp_path / "w" / "seed1"
+    killed.mkdir(parents=True)
+    (killed / "run_info.json").write_text("{}")
+    (tmp_path / "w" / "seed0.log").write_text("epoch 3 of 12\n")
+    new.mkdir()
+    for run_dir, seed in ((killed, 0), (new, 1)):
+        accuracy.run_one("f.cfg", "d", run_dir, seed, [], [], rerun=False)
+    assert "--overwrite" not in commands[0] and "--overwrite" in commands[1]
+    assert (tmp_path / "w" / "seed0.log").read_text() == "epoch 3 of 12\ntrained\n"
+    (killed / "metrics.json").unlink()
+    accuracy.run_one("f.cfg", "d", killed, 0, [], [], rerun=True)
+    assert "--overwrite" in commands[2]
+    assert (tmp_path / "w" / "seed0.log").read_text() == "trained\n"
