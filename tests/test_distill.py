@@ -136,6 +136,34 @@ def test_soft_ce_matches_numpy_and_w0_is_exactly_the_plain_loss():
                                np.mean((1 - w) * hard + w * t * t * soft), rtol=1e-6)
 
 
+@pytest.mark.model
+def test_a_loaded_students_compiled_loss_takes_ordinary_labels(tmp_path):
+    """A distilled classifier's .keras file compiles DistillationLoss: a user's
+    ``covid_keras.load_model(path)`` then ``evaluate`` (or ``fit``) with ordinary labels gets
+    the ordinary loss, as with an ordinary run's file (it failed: y[:, 0] of a label
+    vector)."""
+    import keras
+
+    from covid_keras import build_classifier, load_model
+    from covid_keras.model import losses, saving
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("tiny", 2, input_size=64)
+    model.compile(optimizer="adam", loss={"logits": losses.DistillationLoss(0.5, 2.0)})
+    model.optimizer.build(model.trainable_variables)  # as a trained model's
+    saving.save_model(model, str(tmp_path / "student.keras"), CLASSES)
+    loaded = load_model(str(tmp_path / "student.keras"))
+    assert isinstance(loaded.loss["logits"], losses.DistillationLoss)
+    x = np.random.default_rng(0).uniform(0, 255, size=(4, 64, 64, 3)).astype(np.float32)
+    labels = np.array([0, 1, 1, 0])
+    logits = loaded(x, training=False)["logits"]
+    plain = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels,
+                                                                               logits))
+    for y in (labels, labels[:, None]):
+        assert float(losses.DistillationLoss(0.5, 2.0)(y, logits)) == plain
+    np.testing.assert_allclose(loaded.evaluate(x, labels, verbose=0), plain, rtol=1e-5)
+
+
 def test_drenet_w0_is_exactly_its_plain_loss_and_w1_mixes_raw_and_concat_only():
     import keras
 
