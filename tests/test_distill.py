@@ -447,6 +447,50 @@ def test_each_refusal_is_one_line(teacher, data_dir, tmp_path):
     keras.backend.clear_session()
 
 
+def test_a_teacher_that_trained_on_a_split_held_out_here_is_refused(teacher, data_dir,
+                                                                    tmp_path):
+    """The same data folder (its manifest), other split roles: a --folds teacher dealt
+    from train + test (its --val_split=test), or a run that chose its checkpoint on test,
+    saw patients the student holds out; so does a teacher of train + val for a student whose
+    val split is test. Refused (the manifest check alone let them through); the student's
+    own val split is the documented exception."""
+    from covid_keras.core import files
+    from covid_keras.io import data
+    from covid_keras.training import distill
+
+    sha = files.sha256(data.manifest_path(data_dir))
+    manifest = data.read_manifest(data_dir)
+    cfg = _cfg(data_dir, tmp_path / "run", teacher)
+
+    def folds_teacher(name, splits):
+        folder = tmp_path / name
+        shutil.copytree(teacher, folder)
+        files.write_json(str(folder / "folds.json"), {
+            "folds": 2, "seed": 0, "splits": splits, "data_dir": data_dir,
+            "dataset_manifest_sha256": sha})
+        (folder / "metrics.json").write_text("{}")
+        return folder
+
+    def val_on(name, split):
+        folder = tmp_path / name
+        shutil.copytree(teacher, folder)
+        info = json.loads((folder / "run_info.json").read_text())
+        info["flags"]["val_split"] = split
+        (folder / "run_info.json").write_text(json.dumps(info))
+        return folder
+
+    _refused(cfg.replace(distill_from=str(folds_teacher("cv_test", ["train", "test"]))),
+             r"trained on the split 'test' of .*--val_split=val")
+    _refused(cfg.replace(distill_from=str(val_on("val_test", "test"))),
+             r"trained on the split 'test' of ")
+    _refused(cfg.replace(distill_from=str(folds_teacher("cv", ["train", "val"])),
+                         val_split="test", report_splits=("val",)),
+             r"trained on the split 'val' of .*--val_split=test")
+    for ok in (folds_teacher("cv_val", ["train", "val"]), teacher):
+        assert distill.teacher(cfg.replace(distill_from=str(ok)), manifest, sha)["sha256"]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_bench_accuracy_passes_the_seeds_teacher_to_each_run(bench_script, tmp_path,
                                                              monkeypatch):
     """``bench/accuracy.py ... -- --distill_from=runs/acc/cv/covid_ct_resnet50/seed{seed}``:
