@@ -197,6 +197,50 @@ def test_drenet_w0_is_exactly_its_plain_loss_and_w1_mixes_raw_and_concat_only():
 
 
 # ------------------------------------------------------------------ targets, student
+def test_each_training_record_gets_its_own_slices_target(data_dir):
+    """The join itself (no model): targets unique to each train slice come back beside
+    that slice's own label, through shuffling, repetition, augmentation, class-balanced
+    sampling and --class_weights' sample weights; a record without a target stops the
+    pipeline. (The student test alone would not see two same-class slices' targets
+    swapped.)"""
+    import tensorflow as tf
+
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.training import distill
+
+    spec = {k: v for k, v in schema.parse_spec().items()
+            if k in (*data.TARGET_KEY_FIELDS, schema.LABEL_INDEX)}
+    label = {}
+    for raw in tf.data.TFRecordDataset(data.shard_files(data_dir, "train"), "GZIP"):
+        r = tf.io.parse_single_example(raw, spec)
+        label[data.target_key(r[schema.STUDY_KEY].numpy(), r[schema.SOP_KEY].numpy())] = \
+            int(r[schema.LABEL_INDEX])
+    keys = sorted(label)
+    p0 = (np.random.default_rng(0).permutation(len(keys)) + 1) / (len(keys) + 2)
+    targets = data.TeacherTargets(tuple(keys), np.stack([p0, 1 - p0], 1).astype(np.float32))
+    key_of = {round(float(p), 6): k for k, p in zip(keys, p0)}
+    for balanced in (False, True):
+        cfg = data.PipelineConfig(input_size=64, backbone="tiny", normalize=False, seed=0,
+                                  shuffle_buffer=16, class_balanced=balanced, num_classes=2)
+        ds = distill.with_class_weights(data.make_dataset(
+            data_dir, "train", 4, training=True, repeat=True, cfg=cfg, targets=targets),
+            {0: 2.0, 1: 0.5})
+        seen = set()
+        for _, y, w in ds.take(3 * len(keys) // 4):
+            for row, weight in zip(y.numpy(), w.numpy()):
+                k = key_of[round(float(row[1]), 6)]
+                assert int(row[0]) == label[k] and row[1] + row[2] == pytest.approx(1.0)
+                assert weight == (2.0 if label[k] == 0 else 0.5)
+                seen.add(k)
+        assert len(seen) >= len(keys) // 2
+    partial = data.TeacherTargets(tuple(keys[1:]), targets.probs[1:])
+    ds = data.make_dataset(data_dir, "train", 4, training=True, cfg=cfg, targets=partial)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no teacher target"):
+        for _ in ds:
+            pass
+
+
 def test_cached_targets_are_the_teachers_predictions_of_the_train_split_only(
         student, teacher, data_dir):
     from covid_keras.core import files
