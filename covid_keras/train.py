@@ -101,7 +101,8 @@ def define_flags() -> None:
                         "the loss mixes the labels with those probabilities "
                         "(--distill_weight, --distill_temperature). The teacher must have "
                         "been trained on --data_dir (its recorded manifest SHA-256) with "
-                        "the same classes. A --folds teacher of this data folder trained on "
+                        "the same classes, on no split this run holds out (train and "
+                        "--val_split only). A --folds teacher of this data folder trained on "
                         "the val patients too: the student's val figures (checkpoint, "
                         "decision) are then not clean; held-out splits stay clean. Not with "
                         "--folds.")

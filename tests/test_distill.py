@@ -136,6 +136,34 @@ def test_soft_ce_matches_numpy_and_w0_is_exactly_the_plain_loss():
                                np.mean((1 - w) * hard + w * t * t * soft), rtol=1e-6)
 
 
+@pytest.mark.model
+def test_a_loaded_students_compiled_loss_takes_ordinary_labels(tmp_path):
+    """A distilled classifier's .keras file compiles DistillationLoss: a user's
+    ``covid_keras.load_model(path)`` then ``evaluate`` (or ``fit``) with ordinary labels gets
+    the ordinary loss, as with an ordinary run's file (it failed: y[:, 0] of a label
+    vector)."""
+    import keras
+
+    from covid_keras import build_classifier, load_model
+    from covid_keras.model import losses, saving
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("tiny", 2, input_size=64)
+    model.compile(optimizer="adam", loss={"logits": losses.DistillationLoss(0.5, 2.0)})
+    model.optimizer.build(model.trainable_variables)  # as a trained model's
+    saving.save_model(model, str(tmp_path / "student.keras"), CLASSES)
+    loaded = load_model(str(tmp_path / "student.keras"))
+    assert isinstance(loaded.loss["logits"], losses.DistillationLoss)
+    x = np.random.default_rng(0).uniform(0, 255, size=(4, 64, 64, 3)).astype(np.float32)
+    labels = np.array([0, 1, 1, 0])
+    logits = loaded(x, training=False)["logits"]
+    plain = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels,
+                                                                               logits))
+    for y in (labels, labels[:, None]):
+        assert float(losses.DistillationLoss(0.5, 2.0)(y, logits)) == plain
+    np.testing.assert_allclose(loaded.evaluate(x, labels, verbose=0), plain, rtol=1e-5)
+
+
 def test_drenet_w0_is_exactly_its_plain_loss_and_w1_mixes_raw_and_concat_only():
     import keras
 
@@ -169,6 +197,50 @@ def test_drenet_w0_is_exactly_its_plain_loss_and_w1_mixes_raw_and_concat_only():
 
 
 # ------------------------------------------------------------------ targets, student
+def test_each_training_record_gets_its_own_slices_target(data_dir):
+    """The join itself (no model): targets unique to each train slice come back beside
+    that slice's own label, through shuffling, repetition, augmentation, class-balanced
+    sampling and --class_weights' sample weights; a record without a target stops the
+    pipeline. (The student test alone would not see two same-class slices' targets
+    swapped.)"""
+    import tensorflow as tf
+
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.training import distill
+
+    spec = {k: v for k, v in schema.parse_spec().items()
+            if k in (*data.TARGET_KEY_FIELDS, schema.LABEL_INDEX)}
+    label = {}
+    for raw in tf.data.TFRecordDataset(data.shard_files(data_dir, "train"), "GZIP"):
+        r = tf.io.parse_single_example(raw, spec)
+        label[data.target_key(r[schema.STUDY_KEY].numpy(), r[schema.SOP_KEY].numpy())] = \
+            int(r[schema.LABEL_INDEX])
+    keys = sorted(label)
+    p0 = (np.random.default_rng(0).permutation(len(keys)) + 1) / (len(keys) + 2)
+    targets = data.TeacherTargets(tuple(keys), np.stack([p0, 1 - p0], 1).astype(np.float32))
+    key_of = {round(float(p), 6): k for k, p in zip(keys, p0)}
+    for balanced in (False, True):
+        cfg = data.PipelineConfig(input_size=64, backbone="tiny", normalize=False, seed=0,
+                                  shuffle_buffer=16, class_balanced=balanced, num_classes=2)
+        ds = distill.with_class_weights(data.make_dataset(
+            data_dir, "train", 4, training=True, repeat=True, cfg=cfg, targets=targets),
+            {0: 2.0, 1: 0.5})
+        seen = set()
+        for _, y, w in ds.take(3 * len(keys) // 4):
+            for row, weight in zip(y.numpy(), w.numpy()):
+                k = key_of[round(float(row[1]), 6)]
+                assert int(row[0]) == label[k] and row[1] + row[2] == pytest.approx(1.0)
+                assert weight == (2.0 if label[k] == 0 else 0.5)
+                seen.add(k)
+        assert len(seen) >= len(keys) // 2
+    partial = data.TeacherTargets(tuple(keys[1:]), targets.probs[1:])
+    ds = data.make_dataset(data_dir, "train", 4, training=True, cfg=cfg, targets=partial)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no teacher target"):
+        for _ in ds:
+            pass
+
+
 def test_cached_targets_are_the_teachers_predictions_of_the_train_split_only(
         student, teacher, data_dir):
     from covid_keras.core import files
@@ -417,6 +489,50 @@ def test_each_refusal_is_one_line(teacher, data_dir, tmp_path):
     _refused(variant("folds_unverified", folds_run(None)), "folds.json records no")
     assert not run.exists()  # refused before anything was written
     keras.backend.clear_session()
+
+
+def test_a_teacher_that_trained_on_a_split_held_out_here_is_refused(teacher, data_dir,
+                                                                    tmp_path):
+    """The same data folder (its manifest), other split roles: a --folds teacher dealt
+    from train + test (its --val_split=test), or a run that chose its checkpoint on test,
+    saw patients the student holds out; so does a teacher of train + val for a student whose
+    val split is test. Refused (the manifest check alone let them through); the student's
+    own val split is the documented exception."""
+    from covid_keras.core import files
+    from covid_keras.io import data
+    from covid_keras.training import distill
+
+    sha = files.sha256(data.manifest_path(data_dir))
+    manifest = data.read_manifest(data_dir)
+    cfg = _cfg(data_dir, tmp_path / "run", teacher)
+
+    def folds_teacher(name, splits):
+        folder = tmp_path / name
+        shutil.copytree(teacher, folder)
+        files.write_json(str(folder / "folds.json"), {
+            "folds": 2, "seed": 0, "splits": splits, "data_dir": data_dir,
+            "dataset_manifest_sha256": sha})
+        (folder / "metrics.json").write_text("{}")
+        return folder
+
+    def val_on(name, split):
+        folder = tmp_path / name
+        shutil.copytree(teacher, folder)
+        info = json.loads((folder / "run_info.json").read_text())
+        info["flags"]["val_split"] = split
+        (folder / "run_info.json").write_text(json.dumps(info))
+        return folder
+
+    _refused(cfg.replace(distill_from=str(folds_teacher("cv_test", ["train", "test"]))),
+             r"trained on the split 'test' of .*--val_split=val")
+    _refused(cfg.replace(distill_from=str(val_on("val_test", "test"))),
+             r"trained on the split 'test' of ")
+    _refused(cfg.replace(distill_from=str(folds_teacher("cv", ["train", "val"])),
+                         val_split="test", report_splits=("val",)),
+             r"trained on the split 'val' of .*--val_split=test")
+    for ok in (folds_teacher("cv_val", ["train", "val"]), teacher):
+        assert distill.teacher(cfg.replace(distill_from=str(ok)), manifest, sha)["sha256"]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_bench_accuracy_passes_the_seeds_teacher_to_each_run(bench_script, tmp_path,

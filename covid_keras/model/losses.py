@@ -115,7 +115,9 @@ class DistillationLoss(keras.losses.Loss):
     """The classifier's loss in a distilled run: y is :data:`DISTILL_Y`, and the loss is
     ``(1 - w) CE(label, logits) + w T^2 CE(softmax(log p / T), logits / T)``, its hard part
     Keras's own sparse CE of the logits (what a run without distillation compiles), so
-    that w = 0 is exactly that loss."""
+    that w = 0 is exactly that loss. A y of labels alone ((B,) or (B, 1): a user's
+    ``evaluate`` or ``fit`` of the saved student, which compiles this loss) gives that
+    hard CE, as an ordinary run's file does."""
 
     def __init__(self, weight: float = 0.5, temperature: float = 1.0,
                  name: str = "distillation_loss", **kwargs):
@@ -123,6 +125,9 @@ class DistillationLoss(keras.losses.Loss):
         self.weight, self.temperature = float(weight), float(temperature)
 
     def call(self, y_true, y_pred):
+        if len(y_true.shape) < 2 or y_true.shape[-1] == 1:  # labels alone: no teacher
+            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
+                                                                from_logits=True)
         labels, teacher = split_distill_y(y_true)
         hard = keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
         if self.weight == 0.0:

@@ -18,8 +18,10 @@ targets (:mod:`covid_keras.model.losses`: ``(1 - w) CE + w T^2 soft CE``).
 
 Refused, in one line: with --folds; a teacher run that is not finished, has other classes
 than the data, or was trained on another data folder (its recorded manifest SHA-256 -- a
-folds run's in folds.json -- against --data_dir's; unverifiable is refused too); the
-student's own run folder as the teacher; w outside [0, 1]; T <= 0.
+folds run's in folds.json -- against --data_dir's; unverifiable is refused too) or on a
+split this run holds out (its folds' splits, else train and its --val_split, beyond train
+and this run's --val_split); the student's own run folder as the teacher; w outside
+[0, 1]; T <= 0.
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
         raise ValueError(f"{where} was trained on another data folder than "
                          f"--data_dir={cfg.data_dir} (their manifests' SHA-256 differ): "
                          "distil on the teacher's own data folder")
+    # the same records, but the teacher may have trained (or chosen its checkpoint) on a
+    # split this run holds out: its folds' splits, else train and its --val_split
+    seen = (source or {}).get("splits") if run.is_cross_validation() else [
+        "train", run.flags().get("val_split") or "val"]
+    held = sorted(set(seen or ()) - {"train", cfg.val_split})
+    if held:
+        raise ValueError(f"{where} trained on the split {held[0]!r} of {cfg.data_dir} ("
+                         f"{'its folds' if run.is_cross_validation() else 'its --val_split'}"
+                         f"), which this run holds out (--val_split={cfg.val_split}): the "
+                         "teacher's knowledge of those patients would leak into the student; "
+                         f"distil from a teacher of train and {cfg.val_split} only")
     return {"run": files.absolute(run.path), "model": files.absolute(model),
             "sha256": files.sha256(model), "classes": list(classes)}
 
