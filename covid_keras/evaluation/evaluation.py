@@ -315,6 +315,15 @@ def same_split(data_dir_a: str | None, split_a: str | None, data_dir_b: str | No
     return True
 
 
+def trained_folds(folds_run: str | None, data_dir: str, split: str) -> bool:
+    """Whether ``folds_run`` is a ``--folds`` run whose folds trained on ``split`` of
+    ``data_dir`` (its folds.json's splits of the same data)."""
+    folds = RunDir(folds_run).folds() if folds_run and files.isdir(folds_run) else None
+    return bool(folds) and any(same_split(folds["data_dir"], s, data_dir, split,
+                                          folds["dataset_manifest_sha256"])
+                               for s in folds["splits"])
+
+
 def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
                  output_dir: str | None = None, checkpoint: str | None = None,
                  val_split: str | None = None, val_data_dir: str | None = None,
@@ -387,17 +396,11 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, split: str = "test",
     if same_split(run_data_dir, run_val, data_dir, split):
         warnings.append(f"This split ({split}) chose the checkpoint during training: its "
                         "metrics are optimistic.")
-    folds = RunDir(run_dir).folds()
-    if folds and any(same_split(folds["data_dir"], s, data_dir, split,
-                                folds["dataset_manifest_sha256"]) for s in folds["splits"]):
+    if trained_folds(run_dir, data_dir, split):
         warnings.append(f"This split ({split}) trained the ensemble's folds and chose their "
                         "checkpoints and its decision: its metrics are optimistic; report a "
                         "held-out split.")
-    teacher = RunDir(run_dir).distill_teacher()  # --distill_from: the teacher's folds
-    t_folds = RunDir(teacher).folds() if teacher and files.isdir(teacher) else None
-    if t_folds and any(same_split(t_folds["data_dir"], s, data_dir, split,
-                                  t_folds["dataset_manifest_sha256"])
-                       for s in t_folds["splits"]):
+    if trained_folds(RunDir(run_dir).distill_teacher(), data_dir, split):  # its teacher
         warnings.append(f"This split ({split}) trained the folds of the ensemble this model "
                         "was distilled from (--distill_from): its metrics are optimistic; "
                         "report a held-out split.")

@@ -38,8 +38,6 @@ from covid_keras.io.run_dir import DISTILL_INFO, DISTILL_TARGETS, RunDir
 
 log = logging.getLogger("covid_keras.train")
 
-#: run_info.json's entry of a distilled run.
-INFO_KEY = DISTILL_INFO
 DEFAULT_WEIGHT = 0.5
 DEFAULT_TEMPERATURE = 1.0
 
@@ -94,10 +92,11 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
     if list(classes) != list(manifest["classes"]):
         raise ValueError(f"{where}: the teacher's classes {list(classes)} differ from the "
                          f"data's {list(manifest['classes'])} (--data_dir={cfg.data_dir})")
-    source = run.folds() if run.is_cross_validation() else run.run_info()
+    folds = run.is_cross_validation()  # its data and splits are in folds.json
+    source = run.folds() if folds else run.run_info()
     trained_on = (source or {}).get("dataset_manifest_sha256")
     if not trained_on:
-        recorded = "folds.json" if run.is_cross_validation() else "run_info.json"
+        recorded = "folds.json" if folds else "run_info.json"
         raise ValueError(f"{where}: the teacher's data cannot be verified (its {recorded} "
                          "records no dataset_manifest_sha256): refused")
     if trained_on != data_sha:
@@ -106,12 +105,12 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
                          "distil on the teacher's own data folder")
     # the same records, but the teacher may have trained (or chosen its checkpoint) on a
     # split this run holds out: its folds' splits, else train and its --val_split
-    seen = (source or {}).get("splits") if run.is_cross_validation() else [
+    seen = (source or {}).get("splits") if folds else [
         "train", run.flags().get("val_split") or "val"]
     held = sorted(set(seen or ()) - {"train", cfg.val_split})
     if held:
         raise ValueError(f"{where} trained on the split {held[0]!r} of {cfg.data_dir} ("
-                         f"{'its folds' if run.is_cross_validation() else 'its --val_split'}"
+                         f"{'its folds' if folds else 'its --val_split'}"
                          f"), which this run holds out (--val_split={cfg.val_split}): the "
                          "teacher's knowledge of those patients would leak into the student; "
                          f"distil from a teacher of train and {cfg.val_split} only")
@@ -120,7 +119,7 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
 
 
 def run_info_entry(cfg, found: dict) -> dict:
-    """What run_info.json records of the distillation (``INFO_KEY``)."""
+    """What run_info.json records of the distillation (``DISTILL_INFO``)."""
     return {"teacher_run": found["run"], "teacher": found["model"],
             "teacher_sha256": found["sha256"], "weight": float(cfg.distill_weight),
             "temperature": float(cfg.distill_temperature),
@@ -130,7 +129,7 @@ def run_info_entry(cfg, found: dict) -> dict:
 def changed_teacher(info: dict | None, found: dict | None) -> list[str]:
     """``--distill_from: ...`` when the run in ``info`` (its run_info.json) distilled from
     another teacher file than ``found`` (the flags themselves: the ordinary flag check)."""
-    stored = ((info or {}).get(INFO_KEY) or {}).get("teacher_sha256")
+    stored = ((info or {}).get(DISTILL_INFO) or {}).get("teacher_sha256")
     if found is None or stored is None or stored == found["sha256"]:
         return []
     return [f"--distill_from: the teacher file changed ({found['model']}: sha256 "
@@ -163,6 +162,11 @@ def targets(cfg, run: RunDir, found: dict, data_sha: str, batch_size: int):
         log.info("--distill_from: the teacher's targets of %d train slices reused (%s)",
                  len(cached["keys"]), path)
         keys, probs = [str(k) for k in cached["keys"]], cached["probs"]
+        # a fresh prediction covers the split by construction; a file read back is checked
+        missing = len(set(data.split_target_keys(cfg.data_dir, "train")) - set(keys))
+        if missing:
+            raise ValueError(f"{missing} train slices of {cfg.data_dir} have no teacher "
+                             f"target in {path}: remove it to predict them again")
     else:
         if cached is not None:
             log.info("--distill_from: %s holds another teacher's or data's targets: the "
@@ -176,10 +180,6 @@ def targets(cfg, run: RunDir, found: dict, data_sha: str, batch_size: int):
         files.atomic_write_bytes(path, buf.getvalue())
         log.info("--distill_from: the teacher predicted %d train slices: %s", len(keys),
                  path)
-    missing = len(set(data.split_target_keys(cfg.data_dir, "train")) - set(keys))
-    if missing:
-        raise ValueError(f"{missing} train slices of {cfg.data_dir} have no teacher target "
-                         f"in {path}: remove it to predict them again")
     return data.TeacherTargets(tuple(keys), np.asarray(probs, np.float32))
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 from covid_keras.core import cli, files, provenance, schema
-from covid_keras.io.run_dir import BEST, RunDir
+from covid_keras.io.run_dir import BEST, DISTILL_INFO, RunDir
 
 log = logging.getLogger("covid_keras.train")
 
@@ -549,7 +549,7 @@ def start_run(cfg: TrainConfig, command: list[str] | None = None) -> Run:
         log.info("%s holds an interrupted run with the same flags: resuming it", run_dir)
     if chief:
         extra = {} if teacher is None else {
-            distill.INFO_KEY: distill.run_info_entry(cfg, teacher)}
+            DISTILL_INFO: distill.run_info_entry(cfg, teacher)}
         write_run_info(cfg, run_dir, {"strategy": cfg.strategy,
                                       "strategy_class": type(strategy).__name__,
                                       "replicas": replicas, "global_batch": global_batch,
