@@ -16,7 +16,9 @@ The val figures chose the checkpoint: only the held-out ones are an accuracy cla
 val is then the out-of-fold prediction of every training patient (it chose the folds'
 checkpoints and the decision), the held-out splits are the ensemble's, the chosen epoch
 and the last-5 stability are the folds' means, and ``fold_val_patient_auc_sd`` is the
-spread across folds.
+spread across folds. Each fold model is also evaluated alone on the held-out splits
+(``member_<split>_patient_auc``: the members' mean, ``..._sd`` their spread within a seed,
+``ensemble_minus_members_<split>_patient_auc``: what the average added, per seed).
 
 A run whose ``metrics.json`` exists is reused and an interrupted one resumes where it
 stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
@@ -143,11 +145,44 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
                   if f.get("best_epoch") is not None]
         out["best_epoch"] = sum(epochs) / len(epochs) if epochs else None
         out["fold_val_patient_auc"] = metrics["fold_val_patient_auc"]
+        out["members"] = member_figures(run_dir, folds, splits, seed)
     else:
         out["stability"] = stability(run_dir / "log.csv")
     for split in splits:
         m = metrics[f"best_on_{split}"]
         out[split] = {k: m[k] for k in KEYS if k in m}
+    return out
+
+
+def member_figures(run_dir: Path, folds: int, splits: list[str], seed: int) -> dict:
+    """Each fold model of a ``--folds`` run alone on each held-out split
+    (``covid_keras.evaluate --run_dir=<fold> --split=S``, no bootstrap, no report, into
+    ``<run_dir>_members/fold_k_S``, beside the run folder, never in it; reused while newer
+    than the checkpoint it evaluated):
+    split -> ``patient_auc`` / ``slice_auc`` -> the K members' values. Beside the
+    ensemble's figure of the same seed, they show what averaging the members gave."""
+    out: dict = {}
+    for split in splits:
+        values: dict = {"patient_auc": [], "slice_auc": []}
+        for k in range(folds):
+            fold = run_dir / f"fold_{k}"
+            dest = run_dir.parent / f"{run_dir.name}_members" / f"fold_{k}_{split}"
+            found = dest / "metrics.json"
+            ckpt = max((fold / n for n in ("best.keras", "final.keras") if (fold / n).exists()),
+                       key=lambda f: f.stat().st_mtime)
+            if not found.exists() or found.stat().st_mtime < ckpt.stat().st_mtime:
+                cmd = [sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={fold}",
+                       f"--split={split}", f"--output_dir={dest}", "--bootstrap=0",
+                       "--noreport", "--max_explained_patients=0"]
+                with open(run_dir.parent / f"seed{seed}.log", "a") as log:
+                    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                if proc.returncode != 0:
+                    raise SystemExit(f"evaluating {fold} on {split} failed (exit "
+                                     f"{proc.returncode}): see {run_dir.parent}/seed{seed}.log")
+            m = json.loads(found.read_text())
+            values["patient_auc"].append(m["patient"]["auc"]["value"])
+            values["slice_auc"].append(m["slice"]["auc"]["value"])
+        out[split] = values
     return out
 
 
@@ -168,6 +203,15 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
     if all("fold_val_patient_auc" in r for r in runs):
         summary["fold_val_patient_auc_sd"] = mean_sd(
             [r["fold_val_patient_auc"]["sd"] for r in runs])
+    for split in splits:  # --folds: the members alone, and the ensemble's gain over them
+        if runs and all(split in r.get("members", {}) for r in runs):
+            members = [r["members"][split]["patient_auc"] for r in runs]
+            summary[f"member_{split}_patient_auc"] = mean_sd(
+                [sum(v) / len(v) for v in members])
+            summary[f"member_{split}_patient_auc_sd"] = mean_sd(
+                [mean_sd(v)["sd"] for v in members])
+            summary[f"ensemble_minus_members_{split}_patient_auc"] = mean_sd(
+                [r[split]["patient_auc"] - sum(v) / len(v) for r, v in zip(runs, members)])
     return summary
 
 

@@ -1,4 +1,5 @@
-"""bench/accuracy.py's own arithmetic (no training): the paired-by-seed comparison."""
+"""bench/accuracy.py's own arithmetic and orchestration (no training): the paired-by-seed
+comparison, resuming, and the members of a --folds run."""
 
 from __future__ import annotations
 
@@ -99,3 +100,63 @@ def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path
     accuracy.run_one("f.cfg", "d", killed, 0, [], [], rerun=True)
     assert "--overwrite" in commands[2]
     assert (tmp_path / "w" / "seed0.log").read_text() == "trained\n"
+
+
+def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, monkeypatch):
+    """--folds: every fold model is evaluated alone on each held-out split (evaluate, a
+    process of its own, into a folder beside the run, never in it), once while its
+    checkpoint is unchanged; the summary gives the members' mean, their spread within a
+    seed and what the ensemble added over them, per seed."""
+    import json
+    import os
+    import subprocess
+    import types
+
+    calls = []
+    member_auc = {0: [0.5, 0.7], 1: [0.6, 0.8]}  # seed -> fold -> patient AUC
+
+    def fake_run(cmd, stdout=None, **kw):
+        calls.append(cmd)
+        arg = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in cmd
+               if a.startswith("--") and "=" in a}
+        fold = Path(arg["--run_dir"])
+        seed, k = int(fold.parent.name[4:]), int(fold.name[5:])
+        out = Path(arg["--output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        auc = member_auc[seed][k]
+        (out / "metrics.json").write_text(json.dumps(
+            {"patient": {"auc": {"value": auc}}, "slice": {"auc": {"value": auc - 0.1}}}))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": 0.1})
+    runs = []
+    for seed, ensemble in ((0, 0.65), (1, 0.75)):
+        run_dir = tmp_path / "w" / f"seed{seed}"
+        for k in range(2):
+            (run_dir / f"fold_{k}").mkdir(parents=True)
+            (run_dir / f"fold_{k}" / "best.keras").write_text("model")
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "best": {"patient_auc": 0.7}, "best_on_test": {"patient_auc": ensemble},
+            "fold_runs": [{"best_epoch": 3}, {"best_epoch": 5}],
+            "fold_val_patient_auc": {"mean": 0.7, "sd": 0.05, "values": [0.65, 0.75]}}))
+        runs.append(accuracy.run_one("f.cfg", "d", run_dir, seed, ["test"], [], rerun=False,
+                                     folds=2))
+    assert len(calls) == 4 and all("covid_keras.evaluate" in c for c in calls)
+    assert all("--split=test" in c and "--bootstrap=0" in c for c in calls)
+    for c in calls:  # beside the run folder, never inside it
+        out = next(a for a in c if a.startswith("--output_dir=")).split("=", 1)[1]
+        assert "_members" in out and "/fold_" in out and not out.startswith(
+            next(a for a in c if a.startswith("--run_dir=")).split("=", 1)[1])
+    assert runs[0]["members"] == {"test": {"patient_auc": [0.5, 0.7],
+                                           "slice_auc": pytest.approx([0.4, 0.6])}}
+    summary = accuracy.summarise(runs, ["test"])
+    assert summary["member_test_patient_auc"]["mean"] == pytest.approx(0.65)  # 0.6, 0.7
+    assert summary["member_test_patient_auc_sd"]["mean"] == pytest.approx(math.sqrt(0.02))
+    assert summary["ensemble_minus_members_test_patient_auc"]["mean"] == pytest.approx(0.05)
+    accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
+    assert len(calls) == 4  # reused: the checkpoints did not change
+    ckpt = tmp_path / "w" / "seed0" / "fold_1" / "best.keras"
+    os.utime(ckpt, (ckpt.stat().st_atime, ckpt.stat().st_mtime + 60))  # fold 1 retrained
+    accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
+    assert len(calls) == 5 and "fold_1" in next(a for a in calls[-1] if "--run_dir" in a)
