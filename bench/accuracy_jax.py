@@ -465,8 +465,9 @@ def run_name(flagfile: str, seed: int, fold: int | None) -> str:
 
 def ensemble_run(parts: list[dict]) -> dict:
     """One seed's K fold runs as one run of the table: val = the out-of-fold predictions of
-    every training patient, each held-out split = the mean of the folds' probabilities;
-    the chosen epoch and the last-5 stability are the folds' means."""
+    every training patient, each held-out split = the mean of the folds' probabilities
+    (``members``: each fold model's own figures on it); the chosen epoch and the last-5
+    stability are the folds' means."""
     from covid_keras.evaluation import metrics
 
     def scored(probs, labels, patients):
@@ -487,6 +488,11 @@ def ensemble_run(parts: list[dict]) -> dict:
             continue
         mean = np.mean([np.asarray(p[f"{split}_probs"]) for p in parts], axis=0)
         out[split] = scored(mean, parts[0][f"{split}_labels"], parts[0][f"{split}_patients"])
+        # each fold model alone on the split (as bench/accuracy.py's members)
+        alone = [scored(p[f"{split}_probs"], p[f"{split}_labels"], p[f"{split}_patients"])
+                 for p in parts]
+        out.setdefault("members", {})[split] = {
+            k: [a[k] for a in alone] for k in ("patient_auc", "slice_auc")}
     return out
 
 

@@ -205,6 +205,14 @@ def test_folds_make_one_ensemble_run_per_seed(jx, tmp_path, monkeypatch, capsys)
     expected = metrics.classification_metrics(mean, np.asarray(parts[0]["test_labels"]),
                                               parts[0]["test_patients"], parts[0]["classes"])
     assert run["test"]["patient_auc"] == pytest.approx(expected["patient_auc"])
+    # each fold model alone on the held-out split, and what the average added
+    alone = [metrics.classification_metrics(
+        np.asarray(p["test_probs"]), np.asarray(p["test_labels"]), p["test_patients"],
+        p["classes"])["patient_auc"] for p in parts]
+    assert run["members"]["test"]["patient_auc"] == pytest.approx(alone)
+    summary = json.loads((tmp_path / "r.json").read_text())["models"]["c"]["summary"]
+    assert summary["ensemble_minus_members_test_patient_auc"]["mean"] == pytest.approx(
+        expected["patient_auc"] - np.mean(alone))
 
 
 def test_a_classifier_stage_runs_first_and_the_run_starts_from_its_backbone(jx, tmp_path,
@@ -285,6 +293,7 @@ def test_ensemble_run_scores_the_held_out_split_by_the_folds_mean(jx):
              fold(1, [0.0, 0.0, 1.0, 1.0], [0.8, 0.3], [0, 1], ["g", "h"])]
     out = jx.ensemble_run(parts)
     assert out["test"]["patient_auc"] == pytest.approx(1.0)  # fold 0 alone: 0.0
+    assert out["members"]["test"]["patient_auc"] == pytest.approx([0.0, 1.0])
     # val: e (0, 0.1), f (1, 0.9), g (0, 0.8), h (1, 0.3): 3 of 4 pairs ranked right
     assert out["val"]["patient_auc"] == pytest.approx(0.75)
     assert out["seed"] == 3 and out["folds"] == 2 and out["best_epoch"] == 3.0
