@@ -110,6 +110,20 @@ def interrupted(run_dir: Path) -> bool:
     return run_dir.is_dir() and RunDir(str(run_dir)).state() == "resumed"
 
 
+def seed_log(run_dir: Path, seed: int) -> Path:
+    """The log of a seed's commands, beside its run folder."""
+    return run_dir.parent / f"seed{seed}.log"
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str, append: bool = True) -> None:
+    """Runs ``cmd`` in the repository, its output appended to ``log_path`` (or replacing
+    it); a failure ends the benchmark in one line naming ``what`` and the log."""
+    with open(log_path, "a" if append else "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}): see {log_path}")
+
+
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
             extra: list[str], rerun: bool, folds: int = 0) -> dict:
     metrics_path = run_dir / "metrics.json"
@@ -127,11 +141,7 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
               + (" (resumed)" if resume else ""), flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(run_dir.parent / f"seed{seed}.log", "a" if resume else "w") as log:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            raise SystemExit(f"training failed (exit {proc.returncode}): see "
-                             f"{run_dir.parent / f'seed{seed}.log'}")
+        run_logged(cmd, seed_log(run_dir, seed), "training", append=resume)
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
@@ -171,14 +181,10 @@ def member_figures(run_dir: Path, folds: int, splits: list[str], seed: int) -> d
             ckpt = max((fold / n for n in ("best.keras", "final.keras") if (fold / n).exists()),
                        key=lambda f: f.stat().st_mtime)
             if not found.exists() or found.stat().st_mtime < ckpt.stat().st_mtime:
-                cmd = [sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={fold}",
-                       f"--split={split}", f"--output_dir={dest}", "--bootstrap=0",
-                       "--noreport", "--max_explained_patients=0"]
-                with open(run_dir.parent / f"seed{seed}.log", "a") as log:
-                    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-                if proc.returncode != 0:
-                    raise SystemExit(f"evaluating {fold} on {split} failed (exit "
-                                     f"{proc.returncode}): see {run_dir.parent}/seed{seed}.log")
+                run_logged([sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={fold}",
+                            f"--split={split}", f"--output_dir={dest}", "--bootstrap=0",
+                            "--noreport", "--max_explained_patients=0"],
+                           seed_log(run_dir, seed), f"evaluating {fold} on {split}")
             m = json.loads(found.read_text())
             values["patient_auc"].append(m["patient"]["auc"]["value"])
             values["slice_auc"].append(m["slice"]["auc"]["value"])
@@ -205,13 +211,11 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
             [r["fold_val_patient_auc"]["sd"] for r in runs])
     for split in splits:  # --folds: the members alone, and the ensemble's gain over them
         if runs and all(split in r.get("members", {}) for r in runs):
-            members = [r["members"][split]["patient_auc"] for r in runs]
-            summary[f"member_{split}_patient_auc"] = mean_sd(
-                [sum(v) / len(v) for v in members])
-            summary[f"member_{split}_patient_auc_sd"] = mean_sd(
-                [mean_sd(v)["sd"] for v in members])
+            members = [mean_sd(r["members"][split]["patient_auc"]) for r in runs]
+            summary[f"member_{split}_patient_auc"] = mean_sd([m["mean"] for m in members])
+            summary[f"member_{split}_patient_auc_sd"] = mean_sd([m["sd"] for m in members])
             summary[f"ensemble_minus_members_{split}_patient_auc"] = mean_sd(
-                [r[split]["patient_auc"] - sum(v) / len(v) for r, v in zip(runs, members)])
+                [r[split]["patient_auc"] - m["mean"] for r, m in zip(runs, members)])
     return summary
 
 

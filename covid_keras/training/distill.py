@@ -92,11 +92,11 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
     if list(classes) != list(manifest["classes"]):
         raise ValueError(f"{where}: the teacher's classes {list(classes)} differ from the "
                          f"data's {list(manifest['classes'])} (--data_dir={cfg.data_dir})")
-    folds = run.is_cross_validation()  # its data and splits are in folds.json
-    source = run.folds() if folds else run.run_info()
+    cross_validated = run.is_cross_validation()  # its data and splits: folds.json
+    source = run.folds() if cross_validated else run.run_info()
     trained_on = (source or {}).get("dataset_manifest_sha256")
     if not trained_on:
-        recorded = "folds.json" if folds else "run_info.json"
+        recorded = "folds.json" if cross_validated else "run_info.json"
         raise ValueError(f"{where}: the teacher's data cannot be verified (its {recorded} "
                          "records no dataset_manifest_sha256): refused")
     if trained_on != data_sha:
@@ -105,12 +105,12 @@ def teacher(cfg, manifest: dict, data_sha: str) -> dict:
                          "distil on the teacher's own data folder")
     # the same records, but the teacher may have trained (or chosen its checkpoint) on a
     # split this run holds out: its folds' splits, else train and its --val_split
-    seen = (source or {}).get("splits") if folds else [
+    seen = (source or {}).get("splits") if cross_validated else [
         "train", run.flags().get("val_split") or "val"]
     held = sorted(set(seen or ()) - {"train", cfg.val_split})
     if held:
         raise ValueError(f"{where} trained on the split {held[0]!r} of {cfg.data_dir} ("
-                         f"{'its folds' if folds else 'its --val_split'}"
+                         f"{'its folds' if cross_validated else 'its --val_split'}"
                          f"), which this run holds out (--val_split={cfg.val_split}): the "
                          "teacher's knowledge of those patients would leak into the student; "
                          f"distil from a teacher of train and {cfg.val_split} only")
