@@ -24,7 +24,9 @@ A run whose ``metrics.json`` exists is reused and an interrupted one resumes whe
 stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
 changed); ``--rerun`` trains it again from scratch. With two flagfiles or more, every one
 is also compared with the first, paired by seed (the patient AUC differences of each split,
-their mean +- sd, and at how many seeds it was higher). Ends with a table and a
+their mean +- sd, and at how many seeds it was higher). ``--baseline_json`` compares each
+model with its namesake in an earlier run's RESULT JSON the same way (the 5-fold ensembles
+against the single models of the same flagfile and seeds). Ends with a table and a
 ``RESULT {json}`` line (``--output_json`` writes it too).
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
@@ -219,31 +221,45 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
     return summary
 
 
-def paired(models: dict, splits: list[str]) -> dict:
-    """Each model against the first, paired by seed: per split (val and the held-out ones),
+def paired_runs(runs: list[dict], ref_runs: list[dict], splits: list[str]) -> dict:
+    """``runs`` against ``ref_runs``, paired by seed: per split (val and the held-out ones),
     the patient AUC differences of the seeds both ran, their mean +- sd and the wins."""
+    ref = {r["seed"]: r for r in ref_runs}
+    pair = {}
+    for split in ["val", *splits]:
+        seeds, diffs = [], []
+        for r in runs:
+            base = ref.get(r["seed"])
+            a = r.get(split, {}).get("patient_auc")
+            b = (base or {}).get(split, {}).get("patient_auc")
+            if a is None or b is None or math.isnan(a) or math.isnan(b):
+                continue
+            seeds.append(r["seed"])
+            diffs.append(a - b)
+        if diffs:
+            pair[split] = {"seeds": seeds, "diffs": diffs, **mean_sd(diffs),
+                           "wins": sum(d > 0 for d in diffs)}
+    return pair
+
+
+def paired(models: dict, splits: list[str]) -> dict:
+    """Each model against the first, paired by seed (``paired_runs``)."""
     names = list(models)
-    out = {}
     if len(names) < 2:
-        return out
-    ref = {r["seed"]: r for r in models[names[0]]["runs"]}
-    for name in names[1:]:
-        pair = {}
-        for split in ["val", *splits]:
-            seeds, diffs = [], []
-            for r in models[name]["runs"]:
-                base = ref.get(r["seed"])
-                a = r.get(split, {}).get("patient_auc")
-                b = (base or {}).get(split, {}).get("patient_auc")
-                if a is None or b is None or math.isnan(a) or math.isnan(b):
-                    continue
-                seeds.append(r["seed"])
-                diffs.append(a - b)
-            if diffs:
-                pair[split] = {"seeds": seeds, "diffs": diffs, **mean_sd(diffs),
-                               "wins": sum(d > 0 for d in diffs)}
-        out[f"{name} - {names[0]}"] = pair
-    return out
+        return {}
+    return {f"{name} - {names[0]}": paired_runs(models[name]["runs"], models[names[0]]["runs"],
+                                                splits)
+            for name in names[1:]}
+
+
+def paired_with_baseline(models: dict, baseline: dict, label: str,
+                         splits: list[str]) -> dict:
+    """``--baseline_json``: each model against the same-named model of an earlier RESULT
+    (e.g. the 5-fold ensembles against the single models of the same flagfile), paired by
+    seed. A model the baseline lacks is left out."""
+    return {f"{name} - {label}": paired_runs(model["runs"], baseline["models"][name]["runs"],
+                                             splits)
+            for name, model in models.items() if name in baseline.get("models", {})}
 
 
 def print_table(res: dict) -> None:
@@ -281,6 +297,10 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=0, help="Each run a K-fold ensemble (train "
                    "--folds=K); 0: single runs.")
     p.add_argument("--output_json", default=None)
+    p.add_argument("--baseline_json", default=None,
+                   help="The RESULT JSON (--output_json) of an earlier run of this script, "
+                   "e.g. the single models: each model is also compared with its namesake "
+                   "there, paired by seed (the 5-fold ensemble against the single model).")
     p.add_argument("extra", nargs="*", help="More train flags after --, for every run "
                    "(e.g. -- --epochs=3); {seed} in them is the run's seed (e.g. -- "
                    "--classifier_dir=runs/acc/covid_ct_resnet50/seed{seed}: a stage shared "
@@ -292,6 +312,18 @@ def main(argv=None) -> int:
     splits = held_out_splits(args.data_dir, args.val_split)
     if args.folds == 1 or args.folds < 0:
         p.error(f"--folds must be 0 or at least 2. Received: {args.folds}")
+    baseline = None
+    if args.baseline_json:
+        try:
+            baseline = json.loads(Path(args.baseline_json).read_text())
+        except (OSError, ValueError):
+            baseline = None
+        if not isinstance(baseline, dict) or not isinstance(baseline.get("models"), dict):
+            p.error(f"--baseline_json={args.baseline_json} is not a RESULT JSON of this "
+                    "script (--output_json)")
+        if not set(baseline["models"]) & {Path(f).stem for f in args.flagfiles.split(",")}:
+            p.error(f"--baseline_json={args.baseline_json} has none of these flagfiles' "
+                    f"models (it has {sorted(baseline['models'])})")
     res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
            "extra_flags": args.extra, "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
@@ -316,6 +348,9 @@ def main(argv=None) -> int:
             done[flagfile]["classifier_stage"] = shared[flagfile]
     res["models"] = {Path(f).stem: done[f] for f in flagfiles}
     res["paired"] = paired(res["models"], splits)
+    if baseline is not None:
+        label = f"baseline ({Path(args.baseline_json).name})"
+        res["paired"].update(paired_with_baseline(res["models"], baseline, label, splits))
     emit_result(res, print_table, args.output_json)
     return 0
 

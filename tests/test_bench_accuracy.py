@@ -32,6 +32,48 @@ def test_paired_differences_match_seeds_and_skip_missing_ones():
     assert accuracy.paired({"r50": models["r50"]}, ["test"]) == {}
 
 
+def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, monkeypatch,
+                                                                    capsys):
+    """--baseline_json: the ensembles of this run against the single models of an earlier
+    run's RESULT JSON, paired by seed (a seed the baseline lacks is left out); a file that
+    is not such a JSON, or names none of the flagfiles' models, is a one-line error."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    (data / "test-00000-of-00001.tfrecord.gz").write_bytes(b"")  # a held-out split
+    cfg = tmp_path / "r50.cfg"
+    cfg.write_text("--model=classifier\n")
+    held = {0: 0.72, 1: 0.70, 2: 0.75}
+
+    def fake_run_one(flagfile, data_dir, run_dir, seed, splits, extra, rerun, folds=0):
+        return {**run(seed, 0.7, held[seed]), "stability": {"max_dev": 0.1}, "best_epoch": 3}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    base = tmp_path / "single.json"
+    base.write_text(json.dumps({"models": {"r50": {"runs": [run(0, 0.6, 0.52), run(1, 0.8, 0.82)]},
+                                           "other": {"runs": [run(0, 0.1, 0.1)]}}}))
+    out = tmp_path / "cv.json"
+    assert accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0,1,2",
+                          f"--work_dir={tmp_path / 'w'}", "--folds=5",
+                          f"--baseline_json={base}", f"--output_json={out}"]) == 0
+    pair = json.loads(out.read_text())["paired"]
+    assert list(pair) == ["r50 - baseline (single.json)"]
+    test = pair["r50 - baseline (single.json)"]["test"]
+    assert test["seeds"] == [0, 1]  # seed 2: no single model to pair with
+    assert test["diffs"] == pytest.approx([0.20, -0.12])
+    assert test["mean"] == pytest.approx(0.04) and test["wins"] == 1 and test["n"] == 2
+    assert "paired by seed, patient AUC of r50 - baseline (single.json):" in capsys.readouterr().out
+    for text, message in (("not json", "is not a RESULT JSON"), ("[1, 2]", "is not a RESULT JSON"),
+                          (json.dumps({"models": {"x": {"runs": []}}}), "has none of these")):
+        base.write_text(text)
+        with pytest.raises(SystemExit):
+            accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0",
+                           f"--work_dir={tmp_path / 'w'}", f"--baseline_json={base}"])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_listed_classifier_flagfile_is_the_stage_trained_first(tmp_path, monkeypatch):
     """configs/covid_ct_drenet.cfg names covid_ct_resnet50.cfg as its classifier stage: with
     both listed, the ResNet-50 runs train first and each DRENet run reads the same seed's
