@@ -32,6 +32,8 @@ against the single models of the same flagfile and seeds). Ends with a table and
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
 (``--classifier_dir``): the classifier trains once and the pair is paired by construction.
+With ``--folds`` that run is a ``--folds`` run with the same folds, and DRENet's fold k
+starts from its fold k.
 
     .venv/bin/python bench/accuracy.py --data_dir=tfrecords/covid_ct_holdout --seeds=0,1,2 \\
         --flagfiles=configs/covid_ct_drenet.cfg,configs/covid_ct_resnet50.cfg,configs/covid_ct_drenet_scratch.cfg
@@ -330,7 +332,8 @@ def main(argv=None) -> int:
     for flagfile in flagfiles:
         if not os.path.isfile(flagfile):
             p.error(f"no such flagfile: {flagfile}")
-    shared = {} if args.folds or any(e.startswith("--classifier_dir") for e in args.extra) \
+    # --folds too: DRENet's fold k then starts from fold k of the same seed's ResNet-50 run
+    shared = {} if any(e.startswith("--classifier_dir") for e in args.extra) \
         else shared_stages(flagfiles)
     done = {}
     # a flagfile whose run is another's classifier stage trains first; results keep the order

@@ -108,6 +108,13 @@ def test_a_listed_classifier_flagfile_is_the_stage_trained_first(tmp_path, monke
     accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=0",
                    f"--work_dir={work}", "--", "--classifier_dir=x{seed}"])
     assert [c[2] for c in calls] == [["--classifier_dir=x0"], ["--classifier_dir=x0"]]
+    # --folds: the same, the stage being the ResNet-50 --folds run of the seed (its fold k
+    # is DRENet's fold k's stage)
+    calls.clear()
+    accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=3",
+                   f"--work_dir={work}", "--folds=5"])
+    assert calls == [("covid_ct_resnet50.cfg", 3, []), ("covid_ct_drenet.cfg", 3, [
+        f"--classifier_dir={work.resolve()}/covid_ct_resnet50/seed3"])]
 
 
 def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path, monkeypatch):

@@ -84,6 +84,55 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
     assert chosen.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
+def test_a_fold_starts_from_the_same_fold_of_the_classifiers_folds_run(data_dir, tmp_path,
+                                                                       commands):
+    """--folds --classifier_dir=<a --folds run of the classifier flagfile with the same
+    folds> (bench/accuracy.py --folds: DRENet after the ResNet-50 ensemble of the seed):
+    fold k's stage is that run's fold_<k>, reused (not trained again, nothing in
+    fold_<k>/classifier) through the stage's --reuse check of flags and data, and the fold
+    starts from its chosen checkpoint's backbone (learning rate 0: the kernels are equal).
+    A run with other folds (another seed) is a one-line error before any fold trains."""
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "cls.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
+                                     "--model=classifier\n--epochs=1\n--steps_per_epoch=2\n")
+    (cfg_dir / "dre.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
+                                     "--classifier_flagfile=cls.cfg\n--epochs=1\n"
+                                     "--steps_per_epoch=1\n--optimizer=adam\n"
+                                     "--learning_rate=0\n")
+    stages = tmp_path / "cls_cv"
+
+    def train(flagfile, run, *extra):
+        return commands.run("covid_keras.train", f"--flagfile={cfg_dir / flagfile}",
+                            f"--data_dir={data_dir}", f"--run_dir={run}", "--folds=2",
+                            *extra, cwd=tmp_path, env=FORKED_STAGES)
+
+    proc = train("cls.cfg", stages, "--fold=0")  # the classifier's fold 0, a job of its own
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = stages / "fold_0"
+    chosen = stage / ("best.keras" if (stage / "best.keras").exists() else "final.keras")
+    mtime = chosen.stat().st_mtime_ns
+    run = tmp_path / "dre_cv"
+    proc = train("dre.cfg", run, "--fold=0", f"--classifier_dir={stages}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--reuse: {stage} holds a finished run with these flags: reused" in proc.stderr
+    assert chosen.stat().st_mtime_ns == mtime
+    assert not (run / "fold_0" / "classifier").exists()
+    info = json.loads((run / "fold_0" / "run_info.json").read_text())
+    assert info["backbone_weights"]["path"] == str(stage / "classifier_backbone.weights.h5")
+    start, end = image_kernels(chosen), image_kernels(run / "fold_0" / "final.keras")
+    assert start and start.keys() == end.keys()
+    for name in start:
+        np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+
+    other = train("dre.cfg", tmp_path / "other", "--fold=1", "--seed=1",
+                  f"--classifier_dir={stages}")
+    assert other.returncode == 1
+    assert "holds other folds than this run's" in other.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other" / "fold_1").exists()
+
+
 def config(**kw):
     from covid_keras.training.trainer import TrainConfig
 
@@ -134,10 +183,11 @@ def test_a_missing_classifier_flagfile_is_named(tmp_path):
         check_recipe(config(classifier_flagfile=str(tmp_path / "nope.cfg")))
 
 
-def test_folds_train_a_classifier_stage_per_fold_and_take_no_shared_folder():
+def test_folds_train_a_classifier_stage_per_fold_or_take_a_folds_run():
     from covid_keras.training.cross_validation import check_fold_flags
 
-    with pytest.raises(ValueError, match="takes no --classifier_dir"):
+    with pytest.raises(ValueError, match="fold k's classifier stage is <classifier_dir>/"
+                                         "fold_<k>.*x holds no folds.json"):
         check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg"))  # per fold: fine
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",

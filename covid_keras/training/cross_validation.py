@@ -27,7 +27,11 @@ it, so the decision is chosen on about K times the patients a validation split o
 none of them seen by the model that predicted it. ``--fold=k`` trains fold k alone (a job
 per machine); ``--ensemble_only`` assembles the finished folds. A killed run resumes at
 the fold, and within it the epoch, where it stopped. A pretraining stage
-(``--pretrain_flagfile``) runs once, for every fold.
+(``--pretrain_flagfile``) runs once, for every fold. A classifier stage
+(``--classifier_flagfile``) is trained per fold, on that fold's training patients, in
+``fold_<k>/classifier``; with ``--classifier_dir`` naming a ``--folds`` run of the
+classifier flagfile with the same folds (DRENet's recipe after the ResNet-50 ensemble of
+the same seed), fold k starts from that run's ``fold_<k>``, which is reused.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import os
 import numpy as np
 
 from covid_keras.core import files, schema
-from covid_keras.io.run_dir import BEST, RunDir
+from covid_keras.io.run_dir import BEST, FOLDS, RunDir
 
 log = logging.getLogger("covid_keras.train")
 
@@ -68,15 +72,40 @@ def check_fold_flags(cfg) -> None:
                          "it; run the stage first and pass --init_from=<its weights>")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
-    if cfg.folds and cfg.classifier_flagfile and cfg.classifier_dir and \
-            not cfg.classifier_data_dir:
-        raise ValueError("--folds trains the classifier stage of each fold in its own fold "
-                         "folder (fold_<k>/classifier, on that fold's training patients "
-                         "only): it takes no --classifier_dir")
+    if shared_fold_stages(cfg) and not RunDir(cfg.classifier_dir).has(FOLDS):
+        raise ValueError("--folds with --classifier_dir: fold k's classifier stage is "
+                         "<classifier_dir>/fold_<k>, a --folds run of the classifier "
+                         "flagfile with these folds (e.g. the ResNet-50 --folds run of the "
+                         f"same seed and data); {cfg.classifier_dir} holds no {FOLDS}. Leave "
+                         "--classifier_dir out and each fold trains its own stage")
     if cfg.folds and cfg.init_from and cfg.init_from.endswith(".keras"):
         raise ValueError("--folds does not take --init_from=<.keras model>: every fold would "
                          "start from the same trained model (a pretraining run or weights "
                          "file is fine)")
+
+
+def shared_fold_stages(cfg) -> bool:
+    """--folds with --classifier_flagfile and --classifier_dir (on the same data): fold k's
+    stage is fold k of that --folds run (``<classifier_dir>/fold_<k>``), reused, or trained
+    there, through the stage's own --reuse check of its flags and data."""
+    return bool(cfg.folds and cfg.classifier_flagfile and cfg.classifier_dir
+                and not cfg.classifier_data_dir)
+
+
+def check_fold_stages(cfg, doc: dict) -> None:
+    """The --classifier_dir of :func:`shared_fold_stages` has this run's folds (the same
+    patients in each fold, seed and data): fold k's stage must not have trained on fold k's
+    patients."""
+    from covid_keras.training import folds as folds_mod
+
+    if not shared_fold_stages(cfg):
+        return
+    other = RunDir(cfg.classifier_dir).folds()
+    if other is None or folds_mod.document_sha(other) != folds_mod.document_sha(doc):
+        raise ValueError(f"--classifier_dir={cfg.classifier_dir} holds other folds than "
+                         f"this run's (another --seed, --folds or --data_dir): its fold_<k> "
+                         "may have trained on fold k's patients. Give it the same folds, or "
+                         "leave --classifier_dir out (each fold then trains its own stage)")
 
 
 def check_shared_stage_data(cfg) -> None:
@@ -181,6 +210,7 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
 
         chief = train_mod.is_chief(make_strategy(cfg.strategy))
     run, doc = prepare(cfg, train_mod)
+    check_fold_stages(cfg, doc)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
@@ -202,8 +232,10 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
         import keras
 
         keras.utils.set_random_seed(base.seed)  # as if the fold ran alone (e.g. resumed)
-        train_mod.train(base.replace(data_dir=data_k, run_dir=fold_run.path),
-                        command=list(command or []) + [f"(fold {k})"])
+        fold_cfg = base.replace(data_dir=data_k, run_dir=fold_run.path)
+        if shared_fold_stages(cfg):  # fold k of the classifier's --folds run
+            fold_cfg = fold_cfg.replace(classifier_dir=RunDir(cfg.classifier_dir).fold_dir(k))
+        train_mod.train(fold_cfg, command=list(command or []) + [f"(fold {k})"])
     if cfg.fold >= 0:
         return {}
     return assemble(cfg, train_mod, run, doc)
