@@ -20,6 +20,11 @@ spread across folds. Each fold model is also evaluated alone on the held-out spl
 (``member_<split>_patient_auc``: the members' mean, ``..._sd`` their spread within a seed,
 ``ensemble_minus_members_<split>_patient_auc``: what the average added, per seed).
 
+Every run is also evaluated at its own decision (decision.json: the threshold chosen on
+val, or out of fold for an ensemble) on each held-out split, beside the run folder
+(``<run_dir>_decision/<split>``): ``<split>_decision_patient_sensitivity``,
+``..._specificity`` and ``..._accuracy`` say whether the chosen threshold transfers.
+
 A run whose ``metrics.json`` exists is reused and an interrupted one resumes where it
 stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
 changed); ``--rerun`` trains it again from scratch. With two flagfiles or more, every one
@@ -165,34 +170,59 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
     for split in splits:
         m = metrics[f"best_on_{split}"]
         out[split] = {k: m[k] for k in KEYS if k in m}
+    out["decision"] = decision_figures(run_dir, splits, seed)
     return out
 
 
+def evaluated(run: Path, split: str, dest: Path, log_path: Path) -> dict:
+    """``covid_keras.evaluate --run_dir=run --split=split`` (its decision.json's rule and
+    threshold, no bootstrap, no report) into ``dest``: its metrics.json, reused while newer
+    than the run's checkpoint and decision.json."""
+    found = dest / "metrics.json"
+    inputs = [run / n for n in ("best.keras", "final.keras", "decision.json")
+              if (run / n).exists()]
+    newest = max((f.stat().st_mtime for f in inputs), default=0.0)
+    if not found.exists() or found.stat().st_mtime < newest:
+        run_logged([sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={run}",
+                    f"--split={split}", f"--output_dir={dest}", "--bootstrap=0",
+                    "--noreport", "--max_explained_patients=0"],
+                   log_path, f"evaluating {run} on {split}")
+    return json.loads(found.read_text())
+
+
 def member_figures(run_dir: Path, folds: int, splits: list[str], seed: int) -> dict:
-    """Each fold model of a ``--folds`` run alone on each held-out split
-    (``covid_keras.evaluate --run_dir=<fold> --split=S``, no bootstrap, no report, into
-    ``<run_dir>_members/fold_k_S``, beside the run folder, never in it; reused while newer
-    than the checkpoint it evaluated):
+    """Each fold model of a ``--folds`` run alone on each held-out split (:func:`evaluated`,
+    into ``<run_dir>_members/fold_k_S``, beside the run folder, never in it):
     split -> ``patient_auc`` / ``slice_auc`` -> the K members' values. Beside the
     ensemble's figure of the same seed, they show what averaging the members gave."""
     out: dict = {}
     for split in splits:
         values: dict = {"patient_auc": [], "slice_auc": []}
         for k in range(folds):
-            fold = run_dir / f"fold_{k}"
-            dest = run_dir.parent / f"{run_dir.name}_members" / f"fold_{k}_{split}"
-            found = dest / "metrics.json"
-            ckpt = max((fold / n for n in ("best.keras", "final.keras") if (fold / n).exists()),
-                       key=lambda f: f.stat().st_mtime)
-            if not found.exists() or found.stat().st_mtime < ckpt.stat().st_mtime:
-                run_logged([sys.executable, "-m", "covid_keras.evaluate", f"--run_dir={fold}",
-                            f"--split={split}", f"--output_dir={dest}", "--bootstrap=0",
-                            "--noreport", "--max_explained_patients=0"],
-                           seed_log(run_dir, seed), f"evaluating {fold} on {split}")
-            m = json.loads(found.read_text())
+            m = evaluated(run_dir / f"fold_{k}", split,
+                          run_dir.parent / f"{run_dir.name}_members" / f"fold_{k}_{split}",
+                          seed_log(run_dir, seed))
             values["patient_auc"].append(m["patient"]["auc"]["value"])
             values["slice_auc"].append(m["slice"]["auc"]["value"])
         out[split] = values
+    return out
+
+
+#: What the run's decision (decision.json: the threshold chosen on val, or out of fold for
+#: an ensemble) gives on a held-out split: does the threshold transfer?
+DECISION_KEYS = ("sensitivity", "specificity", "accuracy")
+
+
+def decision_figures(run_dir: Path, splits: list[str], seed: int) -> dict:
+    """The run (single model or ensemble) at its own decision on each held-out split
+    (:func:`evaluated`, into ``<run_dir>_decision/S``, beside the run folder): split ->
+    the patient sensitivity, specificity and accuracy, and the threshold."""
+    out = {}
+    for split in splits:
+        m = evaluated(run_dir, split, run_dir.parent / f"{run_dir.name}_decision" / split,
+                      seed_log(run_dir, seed))
+        out[split] = {k: m["patient"][k]["value"] for k in DECISION_KEYS}
+        out[split]["threshold"] = m["decision"]["threshold"]
     return out
 
 
@@ -207,6 +237,11 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
         for key in KEYS:
             if all(key in r[split] for r in runs):
                 summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in runs])
+    for split in splits:  # the chosen threshold, held out
+        if runs and all(split in r.get("decision", {}) for r in runs):
+            for key in DECISION_KEYS:
+                summary[f"{split}_decision_patient_{key}"] = mean_sd(
+                    [r["decision"][split][key] for r in runs])
     summary["last5_val_patient_auc_max_dev"] = mean_sd(
         [r["stability"]["max_dev"] for r in runs])
     summary["best_epoch"] = mean_sd([r["best_epoch"] for r in runs])

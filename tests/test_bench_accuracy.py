@@ -155,7 +155,8 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
     """--folds: every fold model is evaluated alone on each held-out split (evaluate, a
     process of its own, into a folder beside the run, never in it), once while its
     checkpoint is unchanged; the summary gives the members' mean, their spread within a
-    seed and what the ensemble added over them, per seed."""
+    seed and what the ensemble added over them, per seed. The ensemble itself is evaluated
+    at its own decision (the out-of-fold threshold) the same way: does it transfer?"""
     import json
     import os
     import subprocess
@@ -168,10 +169,17 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
         calls.append(cmd)
         arg = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in cmd
                if a.startswith("--") and "=" in a}
-        fold = Path(arg["--run_dir"])
-        seed, k = int(fold.parent.name[4:]), int(fold.name[5:])
+        run = Path(arg["--run_dir"])
         out = Path(arg["--output_dir"])
         out.mkdir(parents=True, exist_ok=True)
+        if not run.name.startswith("fold_"):  # the ensemble at its out-of-fold decision
+            seed = int(run.name[4:])
+            (out / "metrics.json").write_text(json.dumps({
+                "decision": {"threshold": 0.4 + seed / 10},
+                "patient": {k: {"value": v + seed / 10} for k, v in (
+                    ("sensitivity", 0.6), ("specificity", 0.5), ("accuracy", 0.55))}}))
+            return types.SimpleNamespace(returncode=0)
+        seed, k = int(run.parent.name[4:]), int(run.name[5:])
         auc = member_auc[seed][k]
         (out / "metrics.json").write_text(json.dumps(
             {"patient": {"auc": {"value": auc}}, "slice": {"auc": {"value": auc - 0.1}}}))
@@ -189,23 +197,39 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
             "best": {"patient_auc": 0.7}, "best_on_test": {"patient_auc": ensemble},
             "fold_runs": [{"best_epoch": 3}, {"best_epoch": 5}],
             "fold_val_patient_auc": {"mean": 0.7, "sd": 0.05, "values": [0.65, 0.75]}}))
+        (run_dir / "best.keras").write_text("the ensemble")
+        (run_dir / "decision.json").write_text("{}")
         runs.append(accuracy.run_one("f.cfg", "d", run_dir, seed, ["test"], [], rerun=False,
                                      folds=2))
-    assert len(calls) == 4 and all("covid_keras.evaluate" in c for c in calls)
+    assert len(calls) == 6 and all("covid_keras.evaluate" in c for c in calls)
     assert all("--split=test" in c and "--bootstrap=0" in c for c in calls)
     for c in calls:  # beside the run folder, never inside it
         out = next(a for a in c if a.startswith("--output_dir=")).split("=", 1)[1]
-        assert "_members" in out and "/fold_" in out and not out.startswith(
-            next(a for a in c if a.startswith("--run_dir=")).split("=", 1)[1])
+        run = next(a for a in c if a.startswith("--run_dir=")).split("=", 1)[1]
+        assert not out.startswith(run + "/")
+        assert ("_members" in out and "/fold_" in out) == ("fold_" in Path(run).name)
+        assert ("_decision" in out) == ("fold_" not in Path(run).name)
+    # the ensemble at its own (out-of-fold) decision on the held-out split
+    assert runs[1]["decision"] == {"test": {"sensitivity": pytest.approx(0.7),
+                                            "specificity": pytest.approx(0.6),
+                                            "accuracy": pytest.approx(0.65),
+                                            "threshold": pytest.approx(0.5)}}
     assert runs[0]["members"] == {"test": {"patient_auc": [0.5, 0.7],
                                            "slice_auc": pytest.approx([0.4, 0.6])}}
     summary = accuracy.summarise(runs, ["test"])
     assert summary["member_test_patient_auc"]["mean"] == pytest.approx(0.65)  # 0.6, 0.7
     assert summary["member_test_patient_auc_sd"]["mean"] == pytest.approx(math.sqrt(0.02))
     assert summary["ensemble_minus_members_test_patient_auc"]["mean"] == pytest.approx(0.05)
+    assert summary["test_decision_patient_sensitivity"]["mean"] == pytest.approx(0.65)
+    assert summary["test_decision_patient_specificity"]["sd"] == pytest.approx(math.sqrt(0.005))
     accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
-    assert len(calls) == 4  # reused: the checkpoints did not change
-    ckpt = tmp_path / "w" / "seed0" / "fold_1" / "best.keras"
-    os.utime(ckpt, (ckpt.stat().st_atime, ckpt.stat().st_mtime + 60))  # fold 1 retrained
+    assert len(calls) == 6  # reused: the checkpoints and the decision did not change
+    found = tmp_path / "w" / "seed0_members" / "fold_1_test" / "metrics.json"
+    os.utime(found, (found.stat().st_atime, found.stat().st_mtime - 60))  # fold 1 retrained
     accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
-    assert len(calls) == 5 and "fold_1" in next(a for a in calls[-1] if "--run_dir" in a)
+    assert len(calls) == 7 and "fold_1" in next(a for a in calls[-1] if "--run_dir" in a)
+    chosen = tmp_path / "w" / "seed0" / "decision.json"  # a threshold chosen again
+    os.utime(chosen, (chosen.stat().st_atime, chosen.stat().st_mtime + 60))
+    accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
+    assert len(calls) == 8
+    assert next(a for a in calls[-1] if "--run_dir" in a).endswith("seed0")
