@@ -20,10 +20,10 @@ spread across folds. Each fold model is also evaluated alone on the held-out spl
 (``member_<split>_patient_auc``: the members' mean, ``..._sd`` their spread within a seed,
 ``ensemble_minus_members_<split>_patient_auc``: what the average added, per seed).
 
-Every run is also evaluated at its own decision (decision.json: the threshold chosen on
-val, or out of fold for an ensemble) on each held-out split, beside the run folder
-(``<run_dir>_decision/<split>``): ``<split>_decision_patient_sensitivity``,
-``..._specificity`` and ``..._accuracy`` say whether the chosen threshold transfers.
+Every run's own decision (decision.json: the threshold chosen on val, or out of fold for
+an ensemble) on each held-out split, as train evaluated it (metrics.json):
+``<split>_decision_patient_sensitivity``, ``..._specificity`` and ``..._accuracy`` say
+whether the chosen threshold transfers.
 
 A run whose ``metrics.json`` exists is reused and an interrupted one resumes where it
 stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
@@ -31,7 +31,8 @@ changed); ``--rerun`` trains it again from scratch. With two flagfiles or more, 
 is also compared with the first, paired by seed (the patient AUC differences of each split,
 their mean +- sd, and at how many seeds it was higher). ``--baseline_json`` compares each
 model with its namesake in an earlier run's RESULT JSON the same way (the 5-fold ensembles
-against the single models of the same flagfile and seeds). Ends with a table and a
+against the single models of the same flagfile and seeds; val only where both are alike:
+out of fold is not a checkpoint-choosing val split). Ends with a table and a
 ``RESULT {json}`` line (``--output_json`` writes it too).
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
@@ -153,6 +154,9 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         run_logged(cmd, seed_log(run_dir, seed), "training", append=resume)
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
+    if metrics.get("folds", 0) != folds:
+        raise SystemExit(f"{run_dir} holds a run with --folds={metrics.get('folds', 0)}, not "
+                         f"--folds={folds}: give this protocol another --work_dir")
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
            "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]}}
     if folds:
@@ -170,14 +174,15 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
     for split in splits:
         m = metrics[f"best_on_{split}"]
         out[split] = {k: m[k] for k in KEYS if k in m}
-    out["decision"] = decision_figures(run_dir, splits, seed)
+    out["decision"] = decision_figures(metrics, splits)
     return out
 
 
 def evaluated(run: Path, split: str, dest: Path, log_path: Path) -> dict:
     """``covid_keras.evaluate --run_dir=run --split=split`` (its decision.json's rule and
     threshold, no bootstrap, no report) into ``dest``: its metrics.json, reused while newer
-    than the run's checkpoint and decision.json."""
+    than the run's checkpoint and decision.json (a fold of a --folds run: its figures
+    alone)."""
     found = dest / "metrics.json"
     inputs = [run / n for n in ("best.keras", "final.keras", "decision.json")
               if (run / n).exists()]
@@ -209,20 +214,22 @@ def member_figures(run_dir: Path, folds: int, splits: list[str], seed: int) -> d
 
 
 #: What the run's decision (decision.json: the threshold chosen on val, or out of fold for
-#: an ensemble) gives on a held-out split: does the threshold transfer?
+#: an ensemble) gives on a held-out split: does the threshold transfer? (``accuracy`` is
+#: the decision's, positive class vs the rest.)
 DECISION_KEYS = ("sensitivity", "specificity", "accuracy")
 
 
-def decision_figures(run_dir: Path, splits: list[str], seed: int) -> dict:
-    """The run (single model or ensemble) at its own decision on each held-out split
-    (:func:`evaluated`, into ``<run_dir>_decision/S``, beside the run folder): split ->
-    the patient sensitivity, specificity and accuracy, and the threshold."""
+def decision_figures(metrics: dict, splits: list[str]) -> dict:
+    """The run (single model or ensemble) at its own decision on each held-out split, as
+    train wrote it into metrics.json (``decision_on_<split>``): split -> the patient
+    sensitivity, specificity and accuracy, and the threshold. A run without a decision
+    (none could be chosen) has no entry."""
     out = {}
     for split in splits:
-        m = evaluated(run_dir, split, run_dir.parent / f"{run_dir.name}_decision" / split,
-                      seed_log(run_dir, seed))
-        out[split] = {k: m["patient"][k]["value"] for k in DECISION_KEYS}
-        out[split]["threshold"] = m["decision"]["threshold"]
+        d = metrics.get(f"decision_on_{split}")
+        if d:
+            out[split] = {k: d["patient"][k]["value"] for k in DECISION_KEYS}
+            out[split]["threshold"] = d["decision"]["threshold"]
     return out
 
 
@@ -290,13 +297,46 @@ def paired(models: dict, splits: list[str]) -> dict:
 
 
 def paired_with_baseline(models: dict, baseline: dict, label: str,
-                         splits: list[str]) -> dict:
+                         splits: list[str], folds: int) -> dict:
     """``--baseline_json``: each model against the same-named model of an earlier RESULT
     (e.g. the 5-fold ensembles against the single models of the same flagfile), paired by
-    seed. A model the baseline lacks is left out."""
-    return {f"{name} - {label}": paired_runs(model["runs"], baseline["models"][name]["runs"],
-                                             splits)
-            for name, model in models.items() if name in baseline.get("models", {})}
+    seed. A model the baseline lacks is left out; so is val when one side is a --folds run
+    and the other not (out-of-fold predictions against a val split that chose a
+    checkpoint: two different quantities)."""
+    compared = splits if baseline.get("folds", 0) != folds else ["val", *splits]
+    out = {}
+    for name, model in models.items():
+        if name in baseline["models"]:
+            pair = paired_runs(model["runs"], baseline["models"][name]["runs"], splits)
+            out[f"{name} - {label}"] = {k: v for k, v in pair.items() if k in compared}
+    return out
+
+
+def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) -> dict:
+    """``--baseline_json``'s RESULT, checked: a ValueError (one line) for a file that is not
+    one, another data folder or other held-out splits, or none of these models."""
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        baseline = None
+    models = baseline.get("models") if isinstance(baseline, dict) else None
+    if not isinstance(models, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("runs"), list)
+            and all(isinstance(r, dict) and "seed" in r for r in m["runs"])
+            for m in models.values()):
+        raise ValueError(f"--baseline_json={path} is not a RESULT JSON of this script "
+                         "(--output_json)")
+    if not set(models) & names:
+        raise ValueError(f"--baseline_json={path} has none of these flagfiles' models (it "
+                         f"has {sorted(models)})")
+    theirs = baseline.get("data_dir")
+    if theirs is None or os.path.realpath(theirs) != os.path.realpath(data_dir):
+        raise ValueError(f"--baseline_json={path} was run on another data folder ({theirs}, "
+                         f"here {data_dir})")
+    if baseline.get("held_out") != splits:
+        raise ValueError(f"--baseline_json={path} holds out {baseline.get('held_out')}, this "
+                         f"data folder {splits}")
+    return baseline
 
 
 def print_table(res: dict) -> None:
@@ -352,15 +392,10 @@ def main(argv=None) -> int:
     baseline = None
     if args.baseline_json:
         try:
-            baseline = json.loads(Path(args.baseline_json).read_text())
-        except (OSError, ValueError):
-            baseline = None
-        if not isinstance(baseline, dict) or not isinstance(baseline.get("models"), dict):
-            p.error(f"--baseline_json={args.baseline_json} is not a RESULT JSON of this "
-                    "script (--output_json)")
-        if not set(baseline["models"]) & {Path(f).stem for f in args.flagfiles.split(",")}:
-            p.error(f"--baseline_json={args.baseline_json} has none of these flagfiles' "
-                    f"models (it has {sorted(baseline['models'])})")
+            baseline = read_baseline(args.baseline_json, args.data_dir, splits,
+                                     {Path(f).stem for f in args.flagfiles.split(",")})
+        except ValueError as exc:
+            p.error(str(exc))
     res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
            "extra_flags": args.extra, "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
@@ -388,7 +423,8 @@ def main(argv=None) -> int:
     res["paired"] = paired(res["models"], splits)
     if baseline is not None:
         label = f"baseline ({Path(args.baseline_json).name})"
-        res["paired"].update(paired_with_baseline(res["models"], baseline, label, splits))
+        res["paired"].update(paired_with_baseline(res["models"], baseline, label, splits,
+                                                  args.folds))
     emit_result(res, print_table, args.output_json)
     return 0
 

@@ -86,8 +86,8 @@ def define_flags() -> None:
     flags.DEFINE_string("classifier_dir", d.classifier_dir, "The classifier stage's run "
                         "folder (default <run_dir>/classifier; e.g. the ResNet-50 run of "
                         "the same seed, which is then reused; with --folds, a --folds run "
-                        "of the classifier flagfile with the same folds, whose fold_<k> is "
-                        "fold k's stage; without a stage it is "
+                        "of the classifier flagfile with the same folds, whose finished "
+                        "fold_<k> is fold k's stage; without a stage it is "
                         "ignored, and it is where the stage lives, not what the run is: a "
                         "resume or --reuse may change it).")
     flags.DEFINE_string("classifier_data_dir", d.classifier_data_dir, "The classifier "

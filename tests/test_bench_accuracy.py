@@ -35,8 +35,10 @@ def test_paired_differences_match_seeds_and_skip_missing_ones():
 def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, monkeypatch,
                                                                     capsys):
     """--baseline_json: the ensembles of this run against the single models of an earlier
-    run's RESULT JSON, paired by seed (a seed the baseline lacks is left out); a file that
-    is not such a JSON, or names none of the flagfiles' models, is a one-line error."""
+    run's RESULT JSON, paired by seed (a seed the baseline lacks is left out; val too, which
+    is out of fold on one side and the checkpoint-choosing split on the other); a file that
+    is not such a JSON, names none of the flagfiles' models, or was run on other data or
+    held-out splits, is a one-line error."""
     import json
 
     data = tmp_path / "data"
@@ -52,25 +54,38 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
 
     monkeypatch.setattr(accuracy, "run_one", fake_run_one)
     base = tmp_path / "single.json"
-    base.write_text(json.dumps({"models": {"r50": {"runs": [run(0, 0.6, 0.52), run(1, 0.8, 0.82)]},
-                                           "other": {"runs": [run(0, 0.1, 0.1)]}}}))
+    single = {"data_dir": str(data), "held_out": ["test"], "folds": 0,
+              "models": {"r50": {"runs": [run(0, 0.6, 0.52), run(1, 0.8, 0.82)]},
+                         "other": {"runs": [run(0, 0.1, 0.1)]}}}
+    base.write_text(json.dumps(single))
     out = tmp_path / "cv.json"
-    assert accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0,1,2",
-                          f"--work_dir={tmp_path / 'w'}", "--folds=5",
-                          f"--baseline_json={base}", f"--output_json={out}"]) == 0
+
+    def main(*extra):
+        return accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0,1,2",
+                              f"--work_dir={tmp_path / 'w'}", f"--baseline_json={base}",
+                              f"--output_json={out}", *extra])
+
+    assert main("--folds=5") == 0
     pair = json.loads(out.read_text())["paired"]
     assert list(pair) == ["r50 - baseline (single.json)"]
+    assert set(pair["r50 - baseline (single.json)"]) == {"test"}  # no val: not alike
     test = pair["r50 - baseline (single.json)"]["test"]
     assert test["seeds"] == [0, 1]  # seed 2: no single model to pair with
     assert test["diffs"] == pytest.approx([0.20, -0.12])
     assert test["mean"] == pytest.approx(0.04) and test["wins"] == 1 and test["n"] == 2
     assert "paired by seed, patient AUC of r50 - baseline (single.json):" in capsys.readouterr().out
-    for text, message in (("not json", "is not a RESULT JSON"), ("[1, 2]", "is not a RESULT JSON"),
-                          (json.dumps({"models": {"x": {"runs": []}}}), "has none of these")):
-        base.write_text(text)
+    assert main() == 0  # single runs against single runs: val is alike
+    assert set(json.loads(out.read_text())["paired"]["r50 - baseline (single.json)"]) == {
+        "val", "test"}
+    for doc, message in (
+            ("not json", "is not a RESULT JSON"), ([1, 2], "is not a RESULT JSON"),
+            ({**single, "models": {"r50": {"runs": [{"val": {}}]}}}, "is not a RESULT JSON"),
+            ({**single, "models": {"x": {"runs": []}}}, "has none of these"),
+            ({**single, "data_dir": str(tmp_path)}, "was run on another data folder"),
+            ({**single, "held_out": []}, "holds out [], this data folder ['test']")):
+        base.write_text(doc if isinstance(doc, str) else json.dumps(doc))
         with pytest.raises(SystemExit):
-            accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0",
-                           f"--work_dir={tmp_path / 'w'}", f"--baseline_json={base}"])
+            main()
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -172,13 +187,6 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
         run = Path(arg["--run_dir"])
         out = Path(arg["--output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        if not run.name.startswith("fold_"):  # the ensemble at its out-of-fold decision
-            seed = int(run.name[4:])
-            (out / "metrics.json").write_text(json.dumps({
-                "decision": {"threshold": 0.4 + seed / 10},
-                "patient": {k: {"value": v + seed / 10} for k, v in (
-                    ("sensitivity", 0.6), ("specificity", 0.5), ("accuracy", 0.55))}}))
-            return types.SimpleNamespace(returncode=0)
         seed, k = int(run.parent.name[4:]), int(run.name[5:])
         auc = member_auc[seed][k]
         (out / "metrics.json").write_text(json.dumps(
@@ -193,23 +201,24 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
         for k in range(2):
             (run_dir / f"fold_{k}").mkdir(parents=True)
             (run_dir / f"fold_{k}" / "best.keras").write_text("model")
+        decided = {"decision": {"threshold": 0.4 + seed / 10},  # as train writes it
+                   "patient": {k: {"value": v + seed / 10} for k, v in (
+                       ("sensitivity", 0.6), ("specificity", 0.5), ("accuracy", 0.55))}}
         (run_dir / "metrics.json").write_text(json.dumps({
+            "folds": 2, "decision_on_test": decided,
             "best": {"patient_auc": 0.7}, "best_on_test": {"patient_auc": ensemble},
             "fold_runs": [{"best_epoch": 3}, {"best_epoch": 5}],
             "fold_val_patient_auc": {"mean": 0.7, "sd": 0.05, "values": [0.65, 0.75]}}))
-        (run_dir / "best.keras").write_text("the ensemble")
-        (run_dir / "decision.json").write_text("{}")
         runs.append(accuracy.run_one("f.cfg", "d", run_dir, seed, ["test"], [], rerun=False,
                                      folds=2))
-    assert len(calls) == 6 and all("covid_keras.evaluate" in c for c in calls)
+    assert len(calls) == 4 and all("covid_keras.evaluate" in c for c in calls)
     assert all("--split=test" in c and "--bootstrap=0" in c for c in calls)
     for c in calls:  # beside the run folder, never inside it
         out = next(a for a in c if a.startswith("--output_dir=")).split("=", 1)[1]
-        run = next(a for a in c if a.startswith("--run_dir=")).split("=", 1)[1]
-        assert not out.startswith(run + "/")
-        assert ("_members" in out and "/fold_" in out) == ("fold_" in Path(run).name)
-        assert ("_decision" in out) == ("fold_" not in Path(run).name)
-    # the ensemble at its own (out-of-fold) decision on the held-out split
+        assert "_members" in out and "/fold_" in out and not out.startswith(
+            next(a for a in c if a.startswith("--run_dir=")).split("=", 1)[1])
+    # the ensemble at its own (out-of-fold) decision on the held-out split, as train
+    # evaluated it
     assert runs[1]["decision"] == {"test": {"sensitivity": pytest.approx(0.7),
                                             "specificity": pytest.approx(0.6),
                                             "accuracy": pytest.approx(0.65),
@@ -223,13 +232,29 @@ def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, 
     assert summary["test_decision_patient_sensitivity"]["mean"] == pytest.approx(0.65)
     assert summary["test_decision_patient_specificity"]["sd"] == pytest.approx(math.sqrt(0.005))
     accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
-    assert len(calls) == 6  # reused: the checkpoints and the decision did not change
+    assert len(calls) == 4  # reused: the checkpoints did not change
     found = tmp_path / "w" / "seed0_members" / "fold_1_test" / "metrics.json"
     os.utime(found, (found.stat().st_atime, found.stat().st_mtime - 60))  # fold 1 retrained
     accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
-    assert len(calls) == 7 and "fold_1" in next(a for a in calls[-1] if "--run_dir" in a)
-    chosen = tmp_path / "w" / "seed0" / "decision.json"  # a threshold chosen again
-    os.utime(chosen, (chosen.stat().st_atime, chosen.stat().st_mtime + 60))
-    accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False, folds=2)
-    assert len(calls) == 8
-    assert next(a for a in calls[-1] if "--run_dir" in a).endswith("seed0")
+    assert len(calls) == 5 and "fold_1" in next(a for a in calls[-1] if "--run_dir" in a)
+    # a protocol's work_dir holds one kind of run: a single run is not reused as folds
+    with pytest.raises(SystemExit, match="holds a run with --folds=2, not --folds=0"):
+        accuracy.run_one("f.cfg", "d", tmp_path / "w" / "seed0", 0, ["test"], [], False)
+
+
+def test_a_run_without_a_decision_has_no_decision_figures():
+    """decision_on_<split> is what train evaluated at the run's decision.json; a run where
+    no threshold could be chosen has none, and the summary leaves the keys out."""
+    decided = {"decision": {"threshold": 0.3},
+               "patient": {k: {"value": 0.5} for k in accuracy.DECISION_KEYS}}
+    assert accuracy.decision_figures({"decision_on_test": decided}, ["test"]) == {
+        "test": {"sensitivity": 0.5, "specificity": 0.5, "accuracy": 0.5, "threshold": 0.3}}
+    assert accuracy.decision_figures({}, ["test"]) == {}
+    runs = [{**run(0, 0.7, 0.6), "decision": {}, "stability": {"max_dev": 0.1},
+             "best_epoch": 3},
+            {**run(1, 0.7, 0.6), "decision": accuracy.decision_figures(
+                {"decision_on_test": decided}, ["test"]), "stability": {"max_dev": 0.1},
+             "best_epoch": 3}]
+    assert not any("decision" in k for k in accuracy.summarise(runs, ["test"]))
+    assert accuracy.summarise(runs[1:], ["test"])["test_decision_patient_sensitivity"][
+        "mean"] == 0.5

@@ -126,11 +126,16 @@ def test_a_fold_starts_from_the_same_fold_of_the_classifiers_folds_run(data_dir,
     for name in start:
         np.testing.assert_array_equal(end[name], start[name], err_msg=name)
 
-    other = train("dre.cfg", tmp_path / "other", "--fold=1", "--seed=1",
-                  f"--classifier_dir={stages}")
-    assert other.returncode == 1
-    assert "holds other folds than this run's" in other.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "other" / "fold_1").exists()
+    # refused in one line before anything is written: other folds (another seed), and a
+    # stage fold that is not finished (never trained inside the classifier's run)
+    for extra, message in ((["--seed=1"], "holds other folds than this run's"),
+                           ([], "its folds [1] are not finished")):
+        other = train("dre.cfg", tmp_path / "other", "--fold=1", *extra,
+                      f"--classifier_dir={stages}")
+        assert other.returncode == 1
+        assert message in other.stderr.strip().splitlines()[-1], other.stderr[-2000:]
+        assert not (tmp_path / "other").exists()
+        assert not (stages / "fold_1").exists()
 
 
 def config(**kw):
@@ -183,12 +188,27 @@ def test_a_missing_classifier_flagfile_is_named(tmp_path):
         check_recipe(config(classifier_flagfile=str(tmp_path / "nope.cfg")))
 
 
-def test_folds_train_a_classifier_stage_per_fold_or_take_a_folds_run():
+def test_folds_train_a_classifier_stage_per_fold_or_take_a_folds_run(tmp_path):
     from covid_keras.training.cross_validation import check_fold_flags
 
     with pytest.raises(ValueError, match="fold k's classifier stage is <classifier_dir>/"
                                          "fold_<k>.*x holds no folds.json"):
         check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
+    check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",
+                            ensemble_only=True))  # trains no fold: needs no stage
+    # a classifier flagfile with a pretraining stage: its --folds run started each fold from
+    # the pretrained weights (init_from), so its folds cannot be this run's checked stages
+    stages = tmp_path / "cls_cv"
+    stages.mkdir()
+    (stages / "folds.json").write_text("{}")
+    (tmp_path / "base.cfg").write_text("--pretrain_flagfile=p.cfg\n")
+    (tmp_path / "cls.cfg").write_text("--flagfile=base.cfg\n--model=classifier\n")
+    with pytest.raises(ValueError, match="has a pretraining stage"):
+        check_fold_flags(config(folds=3, classifier_flagfile=str(tmp_path / "cls.cfg"),
+                                classifier_dir=str(stages)))
+    (tmp_path / "base.cfg").write_text("--backbone=tiny\n")
+    check_fold_flags(config(folds=3, classifier_flagfile=str(tmp_path / "cls.cfg"),
+                            classifier_dir=str(stages)))
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg"))  # per fold: fine
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",
                             classifier_data_dir="phantoms"))  # other data: one shared stage

@@ -31,7 +31,8 @@ the fold, and within it the epoch, where it stopped. A pretraining stage
 (``--classifier_flagfile``) is trained per fold, on that fold's training patients, in
 ``fold_<k>/classifier``; with ``--classifier_dir`` naming a ``--folds`` run of the
 classifier flagfile with the same folds (DRENet's recipe after the ResNet-50 ensemble of
-the same seed), fold k starts from that run's ``fold_<k>``, which is reused.
+the same seed), fold k starts from that run's ``fold_<k>``, which must be finished and
+is reused.
 """
 
 from __future__ import annotations
@@ -72,12 +73,19 @@ def check_fold_flags(cfg) -> None:
                          "it; run the stage first and pass --init_from=<its weights>")
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
-    if shared_fold_stages(cfg) and not RunDir(cfg.classifier_dir).has(FOLDS):
-        raise ValueError("--folds with --classifier_dir: fold k's classifier stage is "
-                         "<classifier_dir>/fold_<k>, a --folds run of the classifier "
-                         "flagfile with these folds (e.g. the ResNet-50 --folds run of the "
-                         f"same seed and data); {cfg.classifier_dir} holds no {FOLDS}. Leave "
-                         "--classifier_dir out and each fold trains its own stage")
+    if shared_fold_stages(cfg) and not cfg.ensemble_only:
+        if not RunDir(cfg.classifier_dir).has(FOLDS):
+            raise ValueError("--folds with --classifier_dir: fold k's classifier stage is "
+                             "<classifier_dir>/fold_<k>, a --folds run of the classifier "
+                             "flagfile with these folds (e.g. the ResNet-50 --folds run of the "
+                             f"same seed and data); {cfg.classifier_dir} holds no {FOLDS}. "
+                             "Leave --classifier_dir out and each fold trains its own stage")
+        if stage_pretrains(cfg.classifier_flagfile):
+            raise ValueError("--folds with --classifier_dir: the classifier flagfile has a "
+                             "pretraining stage (--pretrain_flagfile), which its --folds run "
+                             "turned into each fold's starting weights, so its folds cannot "
+                             "be checked as this run's stages: leave --classifier_dir out "
+                             "(each fold then trains its own stage)")
     if cfg.folds and cfg.init_from and cfg.init_from.endswith(".keras"):
         raise ValueError("--folds does not take --init_from=<.keras model>: every fold would "
                          "start from the same trained model (a pretraining run or weights "
@@ -86,26 +94,55 @@ def check_fold_flags(cfg) -> None:
 
 def shared_fold_stages(cfg) -> bool:
     """--folds with --classifier_flagfile and --classifier_dir (on the same data): fold k's
-    stage is fold k of that --folds run (``<classifier_dir>/fold_<k>``), reused, or trained
-    there, through the stage's own --reuse check of its flags and data."""
+    stage is fold k of that --folds run (``<classifier_dir>/fold_<k>``), which must be
+    finished; it is reused through the stage's own --reuse check of its flags and data."""
     return bool(cfg.folds and cfg.classifier_flagfile and cfg.classifier_dir
                 and not cfg.classifier_data_dir)
 
 
-def check_fold_stages(cfg, doc: dict) -> None:
+def stage_pretrains(flagfile: str) -> bool:
+    """Whether a stage's flagfile (with the flagfiles it includes) names a pretraining
+    stage."""
+    from covid_keras.core import cli
+
+    if not os.path.isfile(flagfile):  # named by check_recipe
+        return False
+    return any(a.startswith("--pretrain_flagfile=") and a.split("=", 1)[1]
+               for a in cli.expand_flagfiles(["train", f"--flagfile={flagfile}"]))
+
+
+def check_fold_stages(cfg, doc: dict | None, todo=()) -> None:
     """The --classifier_dir of :func:`shared_fold_stages` has this run's folds (the same
-    patients in each fold, seed and data): fold k's stage must not have trained on fold k's
-    patients."""
+    patients in each fold, seed and data: fold k's stage must not have trained on fold k's
+    patients), and its fold k is finished for every fold k in ``todo`` (the folds this
+    command trains: a stage is never trained inside another run's folder). ``doc`` None:
+    before this run's folds.json is made, seed, K and data only (so that a wrong
+    --classifier_dir leaves nothing behind)."""
+    from covid_keras.io import data
     from covid_keras.training import folds as folds_mod
 
-    if not shared_fold_stages(cfg):
+    if not shared_fold_stages(cfg) or cfg.ensemble_only:
         return
-    other = RunDir(cfg.classifier_dir).folds()
-    if other is None or folds_mod.document_sha(other) != folds_mod.document_sha(doc):
+    stages = RunDir(cfg.classifier_dir)
+    other = stages.folds()
+    if doc is None:
+        same = other is not None and other.get("folds") == cfg.folds and \
+            other.get("seed") == cfg.seed and other.get("dataset_manifest_sha256") == \
+            files.sha256(data.manifest_path(cfg.data_dir))
+    else:
+        same = other is not None and \
+            folds_mod.document_sha(other) == folds_mod.document_sha(doc)
+    if not same:
         raise ValueError(f"--classifier_dir={cfg.classifier_dir} holds other folds than "
                          f"this run's (another --seed, --folds or --data_dir): its fold_<k> "
                          "may have trained on fold k's patients. Give it the same folds, or "
                          "leave --classifier_dir out (each fold then trains its own stage)")
+    missing = [k for k in todo if not RunDir(stages.fold_dir(k)).is_finished()]
+    if missing:
+        raise ValueError(f"--classifier_dir={cfg.classifier_dir}: its folds {missing} are "
+                         "not finished (fold k of this run starts from its fold k): finish "
+                         "them first (python -m covid_keras.train with its flags.cfg and "
+                         "--fold=k)")
 
 
 def check_shared_stage_data(cfg) -> None:
@@ -209,13 +246,16 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
         from covid_keras.training.distributed import make_strategy
 
         chief = train_mod.is_chief(make_strategy(cfg.strategy))
+    todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
+    redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
+    if shared_fold_stages(cfg):  # before prepare() writes or clears anything
+        check_fold_stages(cfg, None, [k for k in todo if cfg.overwrite or not RunDir(
+            RunDir(cfg.run_dir).fold_dir(k)).is_finished()])  # --overwrite: every fold
     run, doc = prepare(cfg, train_mod)
     check_fold_stages(cfg, doc)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
-    todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
-    redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
     for k in todo:
         fold_run = RunDir(run.fold_dir(k))
         if fold_run.is_finished() and not redo:
