@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
         p.error(f"--data_dir={args.data_dir} is not a data_prep output (no manifest.json)")
+    # one spelling for every run: a --folds run's folds.json (and so whether another
+    # flagfile's --folds run can share its folds as stages) records the path as given
+    args.data_dir = os.path.realpath(args.data_dir)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     splits = held_out_splits(args.data_dir, args.val_split)
     if args.folds == 1 or args.folds < 0:

@@ -40,6 +40,7 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
     is not such a JSON, names none of the flagfiles' models, or was run on other data or
     held-out splits, is a one-line error."""
     import json
+    import os
 
     data = tmp_path / "data"
     data.mkdir()
@@ -49,10 +50,17 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
     cfg.write_text("--model=classifier\n")
     held = {0: 0.72, 1: 0.70, 2: 0.75}
 
+    given = []
+
     def fake_run_one(flagfile, data_dir, run_dir, seed, splits, extra, rerun, folds=0):
+        given.append(data_dir)
         return {**run(seed, 0.7, held[seed]), "stability": {"max_dev": 0.1}, "best_epoch": 3}
 
     monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    (tmp_path / "link").symlink_to(data)  # the runs get one spelling of the data folder
+    assert accuracy.main([f"--data_dir={tmp_path / 'link'}", f"--flagfiles={cfg}",
+                          "--seeds=0", f"--work_dir={tmp_path / 'w'}"]) == 0
+    assert given == [os.path.realpath(data)]
     base = tmp_path / "single.json"
     single = {"data_dir": str(data), "held_out": ["test"], "folds": 0,
               "models": {"r50": {"runs": [run(0, 0.6, 0.52), run(1, 0.8, 0.82)]},
