@@ -29,6 +29,29 @@ def image_kernels(path: Path) -> dict:
             if type(lay).__name__ == "Conv2D"}
 
 
+def assert_same_kernels(start: Path, end: Path) -> None:
+    """The image backbone's conv kernels of two saved models are equal (and there are some)."""
+    first, last = image_kernels(start), image_kernels(end)
+    assert first and first.keys() == last.keys()
+    for name in first:
+        np.testing.assert_array_equal(last[name], first[name], err_msg=name)
+
+
+def stage_flagfiles(tmp_path: Path, *dre_flags: str) -> Path:
+    """``configs/cls.cfg`` (a one-epoch classifier) and ``configs/dre.cfg`` (DRENet with it
+    as its --classifier_flagfile, learning rate 0: its kernels stay the stage's) in
+    ``tmp_path``, on configs/smoke.cfg; returns the folder."""
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    smoke = f"--flagfile={REPO / 'configs' / 'smoke.cfg'}"
+    (cfg_dir / "cls.cfg").write_text("\n".join(
+        [smoke, "--model=classifier", "--epochs=1", "--steps_per_epoch=2"]) + "\n")
+    (cfg_dir / "dre.cfg").write_text("\n".join(
+        [smoke, "--classifier_flagfile=cls.cfg", "--epochs=1", "--steps_per_epoch=1",
+         "--optimizer=adam", "--learning_rate=0", *dre_flags]) + "\n")
+    return cfg_dir
+
+
 @pytest.mark.slow
 def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(data_dir,
                                                                             tmp_path,
@@ -38,14 +61,7 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
     checkpoint's backbone (with a zero learning rate, DRENet's final conv kernels are the
     classifier's); a second run reuses the finished stage; a shared stage folder
     (--classifier_dir) with other flags is a one-line error, not silently reused."""
-    cfg_dir = tmp_path / "configs"
-    cfg_dir.mkdir()
-    (cfg_dir / "cls.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
-                                     "--model=classifier\n--epochs=1\n--steps_per_epoch=2\n")
-    (cfg_dir / "dre.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
-                                     "--classifier_flagfile=cls.cfg\n--epochs=1\n"
-                                     "--steps_per_epoch=1\n--optimizer=adam\n"
-                                     "--learning_rate=0\n--report_splits=test\n")
+    cfg_dir = stage_flagfiles(tmp_path, "--report_splits=test")
     run = tmp_path / "run"
 
     def train(*extra, ok=True):
@@ -67,10 +83,7 @@ def test_drenet_starts_from_the_classifier_stage_which_is_reused_and_checked(dat
     assert info["backbone_weights"]["path"] == str(weights)
     assert f"--classifier_flagfile={cfg_dir / 'cls.cfg'}\n" in (run / "flags.cfg").read_text()
     chosen = stage / ("best.keras" if (stage / "best.keras").exists() else "final.keras")
-    start, end = image_kernels(chosen), image_kernels(run / "final.keras")
-    assert start and start.keys() == end.keys()
-    for name in start:
-        np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+    assert_same_kernels(chosen, run / "final.keras")
 
     mtime = chosen.stat().st_mtime_ns
     again = train("--overwrite")
@@ -92,15 +105,9 @@ def test_a_fold_starts_from_the_same_fold_of_the_classifiers_folds_run(data_dir,
     fold k's stage is that run's fold_<k>, reused (not trained again, nothing in
     fold_<k>/classifier) through the stage's --reuse check of flags and data, and the fold
     starts from its chosen checkpoint's backbone (learning rate 0: the kernels are equal).
-    A run with other folds (another seed) is a one-line error before any fold trains."""
-    cfg_dir = tmp_path / "configs"
-    cfg_dir.mkdir()
-    (cfg_dir / "cls.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
-                                     "--model=classifier\n--epochs=1\n--steps_per_epoch=2\n")
-    (cfg_dir / "dre.cfg").write_text(f"--flagfile={REPO / 'configs' / 'smoke.cfg'}\n"
-                                     "--classifier_flagfile=cls.cfg\n--epochs=1\n"
-                                     "--steps_per_epoch=1\n--optimizer=adam\n"
-                                     "--learning_rate=0\n")
+    Other folds (another seed) and an unfinished stage fold are one-line errors before
+    anything is written."""
+    cfg_dir = stage_flagfiles(tmp_path)
     stages = tmp_path / "cls_cv"
 
     def train(flagfile, run, *extra):
@@ -121,10 +128,7 @@ def test_a_fold_starts_from_the_same_fold_of_the_classifiers_folds_run(data_dir,
     assert not (run / "fold_0" / "classifier").exists()
     info = json.loads((run / "fold_0" / "run_info.json").read_text())
     assert info["backbone_weights"]["path"] == str(stage / "classifier_backbone.weights.h5")
-    start, end = image_kernels(chosen), image_kernels(run / "fold_0" / "final.keras")
-    assert start and start.keys() == end.keys()
-    for name in start:
-        np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+    assert_same_kernels(chosen, run / "fold_0" / "final.keras")
 
     # refused in one line before anything is written: other folds (another seed), and a
     # stage fold that is not finished (never trained inside the classifier's run)

@@ -111,28 +111,20 @@ def stage_pretrains(flagfile: str) -> bool:
                for a in cli.expand_flagfiles(["train", f"--flagfile={flagfile}"]))
 
 
-def check_fold_stages(cfg, doc: dict | None, todo=()) -> None:
-    """The --classifier_dir of :func:`shared_fold_stages` has this run's folds (the same
-    patients in each fold, seed and data: fold k's stage must not have trained on fold k's
+def check_fold_stages(cfg, todo: list[int]) -> None:
+    """Before anything is written: the --classifier_dir of :func:`shared_fold_stages` holds
+    folds made as this run's will be (data folder, its manifest, seed, K and splits, which
+    decide the patients of each fold: fold k's stage must not have trained on fold k's
     patients), and its fold k is finished for every fold k in ``todo`` (the folds this
-    command trains: a stage is never trained inside another run's folder). ``doc`` None:
-    before this run's folds.json is made, seed, K and data only (so that a wrong
-    --classifier_dir leaves nothing behind)."""
-    from covid_keras.io import data
+    command trains: a stage is never trained inside another run's folder)."""
     from covid_keras.training import folds as folds_mod
 
-    if not shared_fold_stages(cfg) or cfg.ensemble_only:
-        return
+    def made_from(doc):
+        return {k: v for k, v in (doc or {}).items() if k != "patients"}
+
     stages = RunDir(cfg.classifier_dir)
-    other = stages.folds()
-    if doc is None:
-        same = other is not None and other.get("folds") == cfg.folds and \
-            other.get("seed") == cfg.seed and other.get("dataset_manifest_sha256") == \
-            files.sha256(data.manifest_path(cfg.data_dir))
-    else:
-        same = other is not None and \
-            folds_mod.document_sha(other) == folds_mod.document_sha(doc)
-    if not same:
+    if made_from(stages.folds()) != made_from(folds_mod.folds_document(
+            {}, cfg.folds, cfg.seed, cfg.data_dir, ["train", cfg.val_split])):
         raise ValueError(f"--classifier_dir={cfg.classifier_dir} holds other folds than "
                          f"this run's (another --seed, --folds or --data_dir): its fold_<k> "
                          "may have trained on fold k's patients. Give it the same folds, or "
@@ -248,11 +240,11 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
         chief = train_mod.is_chief(make_strategy(cfg.strategy))
     todo = [] if cfg.ensemble_only else ([cfg.fold] if cfg.fold >= 0 else range(cfg.folds))
     redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
-    if shared_fold_stages(cfg):  # before prepare() writes or clears anything
-        check_fold_stages(cfg, None, [k for k in todo if cfg.overwrite or not RunDir(
-            RunDir(cfg.run_dir).fold_dir(k)).is_finished()])  # --overwrite: every fold
+    if shared_fold_stages(cfg) and not cfg.ensemble_only:  # before prepare() writes
+        planned = RunDir(cfg.run_dir)                        # or clears anything
+        check_fold_stages(cfg, [k for k in todo if cfg.overwrite or  # --overwrite: all
+                                not RunDir(planned.fold_dir(k)).is_finished()])
     run, doc = prepare(cfg, train_mod)
-    check_fold_stages(cfg, doc)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
