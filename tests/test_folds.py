@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,17 @@ def test_a_fold_data_folder_splits_by_patient_and_keeps_the_held_out_split(data_
     stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
     assert folds.write_fold_data(str(data_dir), doc, 1, out) == out  # reused as it is
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+    # the same fold written elsewhere, in other bytes (as before folds were serialized
+    # deterministically): the same data for --reuse of another run's stage; not another fold
+    again = shutil.copytree(out, tmp_path / "again")
+    manifest["files"][next(iter(manifest["files"]))]["sha256"] = "0" * 64
+    files.write_json(str(again / "manifest.json"), manifest)
+    sha = files.sha256(os.path.join(out, "manifest.json"))
+    assert folds.same_fold_data(out, sha, str(again))
+    assert not folds.same_fold_data(out, "0" * 64, str(again))  # out changed since
+    other = folds.write_fold_data(str(data_dir), doc, 2, str(tmp_path / "fold_2"))
+    assert not folds.same_fold_data(out, sha, other)
+    assert not folds.same_fold_data(out, sha, str(data_dir))  # no folds entry
 
 
 def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_path,

@@ -120,7 +120,9 @@ def _with_split(ex, split: str) -> bytes:
     feature = out.features.feature[schema.SPLIT].bytes_list
     del feature.value[:]
     feature.value.append(split.encode())
-    return out.SerializeToString()
+    # features are a map, serialized in an order of the process's own unless deterministic:
+    # the same fold written by two processes is then the same bytes
+    return out.SerializeToString(deterministic=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -146,6 +148,23 @@ def fold_data_ready(out_dir: str, document: dict, fold: int) -> bool:
     except json.JSONDecodeError:
         return False
     return made.get("fold") == fold and made.get("folds_sha256") == document_sha(document)
+
+
+def same_fold_data(trained_dir: str, trained_sha: str | None, data_dir: str) -> bool:
+    """Whether the fold data folder ``data_dir`` holds the records that a run trained on in
+    the fold data folder ``trained_dir`` (whose manifest's sha256 it recorded as
+    ``trained_sha``), though the two manifests differ: both made for the same fold of the
+    same folds of the same source (their ``folds`` entries equal), so the same records in
+    the same order; only their bytes may differ (written before folds were serialized
+    deterministically). Another run's --folds stage (``--classifier_dir``) is then reused."""
+    try:
+        if not trained_dir or files.sha256(os.path.join(trained_dir, MANIFEST)) != trained_sha:
+            return False
+        made = [json.loads(files.read_text(os.path.join(d, MANIFEST))).get("folds")
+                for d in (trained_dir, data_dir)]
+    except (OSError, ValueError):
+        return False
+    return bool(made[0]) and made[0] == made[1]
 
 
 def document_sha(document: dict) -> str:

@@ -221,7 +221,7 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     --overwrite) when it differs, so that it is replaced; an error naming what differs
     otherwise."""
     from covid_keras.io import data
-    from covid_keras.training import distill
+    from covid_keras.training import distill, folds
 
     run = RunDir(cfg.run_dir)
     if not (cfg.reuse and run.is_finished()):
@@ -233,7 +233,9 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     sha = files.sha256(data.manifest_path(cfg.data_dir))
     if distill.enabled(cfg):
         diff += distill.changed_teacher(info, distill.teacher(cfg, manifest, sha))
-    if info.get("dataset_manifest_sha256", sha) != sha:
+    trained_on = info.get("dataset_manifest_sha256", sha)
+    if trained_on != sha and not folds.same_fold_data(
+            info.get("flags", {}).get("data_dir", ""), trained_on, cfg.data_dir):
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
     if diff and cfg.overwrite:
         log.info("--reuse --overwrite: %s holds a finished run with other flags (%s): "
