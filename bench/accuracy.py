@@ -134,19 +134,30 @@ def run_logged(cmd: list[str], log_path: Path, what: str, append: bool = True) -
         raise SystemExit(f"{what} failed (exit {proc.returncode}): see {log_path}")
 
 
+def train_command(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
+                  extra: list[str], rerun: bool, folds: int = 0) -> tuple[list[str], bool]:
+    """(the seed's ``covid_keras.train`` command, whether it resumes an interrupted run)."""
+    cmd = [sys.executable, "-m", "covid_keras.train", f"--flagfile={os.path.abspath(flagfile)}",
+           f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
+           f"--report_splits={','.join(splits)}", "--verbose=0",
+           *(e.replace("{seed}", str(seed)) for e in extra)]
+    # a folds run resumes at its fold by itself, an interrupted single run at its epoch
+    # (train refuses, naming the flag, if its flags changed: --rerun starts it again); a
+    # finished one is reused by run_one; --rerun replaces it
+    resume = not rerun and interrupted(run_dir)
+    if folds:
+        cmd += [f"--folds={folds}"] + (["--overwrite"] if rerun else [])
+    elif not resume:
+        cmd.append("--overwrite")
+    return cmd, resume
+
+
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
             extra: list[str], rerun: bool, folds: int = 0) -> dict:
     metrics_path = run_dir / "metrics.json"
     if rerun or not metrics_path.exists():
-        cmd = [sys.executable, "-m", "covid_keras.train", f"--flagfile={flagfile}",
-               f"--data_dir={data_dir}", f"--run_dir={run_dir}", f"--seed={seed}",
-               f"--report_splits={','.join(splits)}", "--verbose=0",
-               *(e.replace("{seed}", str(seed)) for e in extra)]
-        # a folds run resumes at its fold, an interrupted single run at its epoch (train
-        # refuses, naming the flag, if its flags changed: --rerun starts it again); a
-        # finished one is reused above
-        resume = not rerun and interrupted(run_dir)
-        cmd += [f"--folds={folds}"] if folds else [] if resume else ["--overwrite"]
+        cmd, resume = train_command(flagfile, data_dir, run_dir, seed, splits, extra, rerun,
+                                    folds)
         t0 = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
               + (" (resumed)" if resume else ""), flush=True)
@@ -388,6 +399,7 @@ def main(argv=None) -> int:
     # one spelling for every run: a --folds run's folds.json (and so whether another
     # flagfile's --folds run can share its folds as stages) records the path as given
     args.data_dir = os.path.realpath(args.data_dir)
+    args.work_dir = os.path.abspath(args.work_dir)  # the trainings run in the repository
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     splits = held_out_splits(args.data_dir, args.val_split)
     if args.folds == 1 or args.folds < 0:
@@ -406,8 +418,12 @@ def main(argv=None) -> int:
         if not os.path.isfile(flagfile):
             p.error(f"no such flagfile: {flagfile}")
     # --folds too: DRENet's fold k then starts from fold k of the same seed's ResNet-50 run
-    shared = {} if any(e.startswith("--classifier_dir") for e in args.extra) \
-        else shared_stages(flagfiles)
+    # not with flags after --: they reach the other flagfile's runs, never the stage that
+    # the trainer runs from the flagfile alone (its --reuse would refuse them, naming them)
+    shared = {} if args.extra else shared_stages(flagfiles)
+    if args.extra and shared_stages(flagfiles):
+        print(f"flags after -- ({' '.join(args.extra)}): each run trains its own classifier "
+              "stage (the stage takes only its flagfile's flags)", flush=True)
     done = {}
     # a flagfile whose run is another's classifier stage trains first; results keep the order
     for flagfile in sorted(flagfiles, key=lambda f: f in shared):

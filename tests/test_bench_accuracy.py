@@ -131,6 +131,12 @@ def test_a_listed_classifier_flagfile_is_the_stage_trained_first(tmp_path, monke
     accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=0",
                    f"--work_dir={work}", "--", "--classifier_dir=x{seed}"])
     assert [c[2] for c in calls] == [["--classifier_dir=x0"], ["--classifier_dir=x0"]]
+    # other flags after --: not shared (the stage the trainer runs takes only its flagfile's
+    # flags, so its --reuse of the ResNet-50 run would refuse them): DRENet trains its own
+    calls.clear()
+    accuracy.main([f"--data_dir={data}", f"--flagfiles={dre},{r50}", "--seeds=0",
+                   f"--work_dir={work}", "--", "--epochs=3"])
+    assert [c[2] for c in calls] == [["--epochs=3"], ["--epochs=3"]]
     # --folds: the same, the stage being the ResNet-50 --folds run of the seed (its fold k
     # is DRENet's fold k's stage)
     calls.clear()
@@ -172,6 +178,11 @@ def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path
     accuracy.run_one("f.cfg", "d", killed, 0, [], [], rerun=True)
     assert "--overwrite" in commands[2]
     assert (tmp_path / "w" / "seed0.log").read_text() == "trained\n"
+    # --folds: train resumes a folds run by itself; --rerun replaces a finished one
+    for rerun in (False, True):
+        cmd, _ = accuracy.train_command("f.cfg", "d", new, 1, [], [], rerun, folds=5)
+        assert "--folds=5" in cmd and ("--overwrite" in cmd) == rerun
+    assert cmd[3] == f"--flagfile={Path('f.cfg').resolve()}"  # the trainings run in the repo
 
 
 def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_a_fold_starts_from_the_same_fold_of_the_classifiers_folds_run(data_dir,
 
     # refused in one line before anything is written: other folds (another seed), and a
     # stage fold that is not finished (never trained inside the classifier's run)
-    for extra, message in ((["--seed=1"], "holds other folds than this run's"),
+    for extra, message in ((["--seed=1"], "other folds than this run's (seed: 0 there, 1 here"),
                            ([], "its folds [1] are not finished")):
         other = train("dre.cfg", tmp_path / "other", "--fold=1", *extra,
                       f"--classifier_dir={stages}")
@@ -247,9 +247,12 @@ def test_the_stage_command_takes_this_runs_seed_and_splits_or_the_other_datas(
     extra = {"classifier_data_dir": str(tmp_path / "phantoms")} if other_data else {}
     cfg = config(classifier_flagfile="cls.cfg", seed=7, val_split="tune",
                  report_splits=("test",), **extra)
-    with pytest.raises(RuntimeError, match="classifier stage failed .exit 3.: rerun"):
+    with pytest.raises(RuntimeError, match="classifier stage failed .exit 3; its error is "
+                                           "the line above.: rerun") as failed:
         trainer.classifier_stage(cfg, str(tmp_path / "run"))
     (cmd,) = calls
+    # the command that shows why is the stage's own, data and --reuse included
+    assert str(failed.value).endswith(f"python {' '.join(cmd[1:])} --verbosity=1")
     assert cmd[1:4] == ["-m", "covid_keras.train", "--flagfile=cls.cfg"]
     assert f"--run_dir={tmp_path / 'run' / 'classifier'}" in cmd
     assert "--seed=7" in cmd and "--reuse" in cmd
@@ -326,3 +329,19 @@ def test_folds_refuse_a_shared_stage_on_their_own_data(tmp_path):
                                            classifier_data_dir=str(stage_data)))
     check_shared_stage_data(config(folds=3, classifier_flagfile="c.cfg", data_dir=str(data),
                                    classifier_data_dir=str(other)))
+
+
+def test_folds_refuse_a_shared_stage_on_another_preparation_of_their_patients(data_dir,
+                                                                              tmp_path):
+    """The same patients in another data folder (e.g. prepared again with other split
+    fractions: the same pseudonymous keys, another manifest) are refused too."""
+    import shutil
+
+    from covid_keras.training.cross_validation import check_shared_stage_data
+
+    again = Path(shutil.copytree(data_dir, tmp_path / "again"))
+    manifest = json.loads((again / "manifest.json").read_text())
+    (again / "manifest.json").write_text(json.dumps({**manifest, "dataset": "rebuilt"}))
+    with pytest.raises(ValueError, match=r"it holds \d+ patients of --data_dir"):
+        check_shared_stage_data(config(folds=3, classifier_flagfile="c.cfg",
+                                       data_dir=str(data_dir), classifier_data_dir=str(again)))

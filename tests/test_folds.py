@@ -126,6 +126,24 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
     assert folds.fold_data_ready(out, other, 0) and not folds.fold_data_ready(out, doc, 0)
 
 
+def test_a_killed_writers_copy_is_removed_and_a_live_ones_kept(data_dir, tmp_path):
+    from covid_keras.training import folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    doc = folds.folds_document(folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir),
+                               ["train", "val"])
+    out = tmp_path / "fold_0"
+    old, live = tmp_path / "fold_0.tmp-1-a", tmp_path / "fold_0.tmp-2-b"
+    for copy in (old, live):
+        copy.mkdir()
+        (copy / "train-00000-of-00001.tfrecord.gz").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * folds.STALE_COPY_S
+    for path in (old, old / "train-00000-of-00001.tfrecord.gz"):
+        os.utime(path, (hours_ago, hours_ago))
+    folds.write_fold_data(str(data_dir), doc, 0, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold_0", live.name]
+
+
 def test_a_stale_fold_folder_replaced_meanwhile_by_another_worker_is_not_deleted(
         data_dir, tmp_path, monkeypatch):
     """The folder is stale (made from other folds) when this worker checks it, and another
@@ -299,6 +317,21 @@ def test_evaluate_warns_on_a_split_that_trained_the_folds(cv_run, commands, tmp_
     assert any("trained the ensemble's folds" in w for w in warnings), warnings
 
 
+def test_reuse_keeps_a_finished_folds_run_and_names_a_changed_flag(cv_run, data_dir,
+                                                                    commands):
+    run, _ = cv_run
+    common = (f"--data_dir={data_dir}", f"--run_dir={run}", f"--folds={K}",
+              "--report_splits=test", "--reuse")
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    _train(commands, *common)  # nothing trains, nothing is written
+    _train(commands, *common, "--overwrite")  # the same flags: kept, not replaced
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    proc = commands.run("covid_keras.train", *QUICK, *common, "--epochs=2", cwd=REPO,
+                        timeout=600)
+    assert proc.returncode == 1 and "--epochs: 1 -> 2" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+
+
 def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, commands):
     for args, message in ((["--folds=1"], "--folds must be 0"),
                           (["--fold=1"], "--fold and --ensemble_only need --folds"),
@@ -398,17 +431,12 @@ def _softmax(logits):
     return softmax(np.asarray(logits, np.float64))
 
 
-def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_dir, tmp_path):
-    """The orchestration alone (the training replaced by a stand-in that writes a finished
-    run folder): --fold=k trains fold k once and reuses it after; a finished ensemble
-    refuses more fold jobs without --overwrite; --fold=k --overwrite trains fold k again
-    and removes the ensemble it made stale."""
+def stand_in_trainer(trained: list):
+    """The trainer module with its ``train`` replaced by a stand-in that records the fold
+    in ``trained`` and writes a finished run folder: the orchestration alone."""
     import types
 
-    from covid_keras.io.run_dir import RunDir
-    from covid_keras.training import cross_validation, trainer
-
-    trained = []
+    from covid_keras.training import trainer
 
     def fake_train(cfg, command=None):
         trained.append(int(cfg.run_dir.rsplit("_", 1)[1]))
@@ -421,6 +449,19 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
     mod = types.SimpleNamespace(**{n: getattr(trainer, n) for n in dir(trainer)
                                    if not n.startswith("__")})
     mod.train = fake_train
+    return mod
+
+
+def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_dir, tmp_path):
+    """The orchestration alone (the training replaced by a stand-in that writes a finished
+    run folder): --fold=k trains fold k once and reuses it after; a finished ensemble
+    refuses more fold jobs without --overwrite; --fold=k --overwrite trains fold k again
+    and removes the ensemble it made stale."""
+    from covid_keras.io.run_dir import RunDir
+    from covid_keras.training import cross_validation, trainer
+
+    trained = []
+    mod = stand_in_trainer(trained)
     cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
                               backbone="tiny", input_size=64, batch_size=2)
     cross_validation.cross_validate(cfg.replace(fold=1), mod)
@@ -438,3 +479,25 @@ def test_fold_jobs_reuse_retrain_with_overwrite_and_drop_a_stale_ensemble(data_d
     assert not any(os.path.exists(p) for p in (run.best_path, run.metrics_path,
                                                run.decision_path))
     assert json.loads(Path(run.folds_path).read_text())["folds"] == 3  # the folds stay
+
+
+def test_a_folds_run_refuses_a_stage_flagfile_edited_since_its_first_fold(data_dir, tmp_path):
+    """Each fold trains its own classifier stage from --classifier_flagfile, which the run's
+    flags record as a path only: a fold job after the flagfile changed is refused, naming
+    the change (its stage would not be the other folds')."""
+    from covid_keras.training import cross_validation, trainer
+
+    trained = []
+    mod = stand_in_trainer(trained)
+    stage = tmp_path / "cls.cfg"
+    stage.write_text("--model=classifier\n--backbone=tiny\n")
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=3,
+                              backbone="tiny", input_size=64, batch_size=2,
+                              classifier_flagfile=str(stage))
+    cross_validation.cross_validate(cfg.replace(fold=0), mod)
+    cross_validation.cross_validate(cfg.replace(fold=1), mod)  # the same flags
+    stage.write_text("--model=classifier\n--backbone=tiny\n--epochs=2\n")
+    with pytest.raises(ValueError, match=rf"--classifier_flagfile={stage}: its flags "
+                                         r"changed since the first fold \(\+--epochs=2\)"):
+        cross_validation.cross_validate(cfg.replace(fold=2), mod)
+    assert trained == [0, 1]

@@ -50,6 +50,8 @@ log = logging.getLogger("covid_keras.train")
 
 #: decision.json's ``split`` for the out-of-fold predictions.
 OOF_SPLIT = "out_of_fold"
+#: run_info.json's record of the stage flagfiles' flags (:func:`stage_flags`).
+STAGE_FLAGS = "stage_flags"
 #: Held while a stage every fold shares (--pretrain_flagfile, --classifier_data_dir) runs.
 STAGE_LOCK = ".stage.lock"
 
@@ -92,6 +94,34 @@ def check_fold_flags(cfg) -> None:
                          "file is fine)")
 
 
+def stage_flags(cfg) -> dict[str, list[str]]:
+    """The flags that the stage flagfiles (--classifier_flagfile, --pretrain_flagfile) give,
+    expanded: run_info.json records them, as its flags record only the flagfiles' paths."""
+    from covid_keras.core import cli
+
+    return {name: cli.expand_flagfiles(["train", f"--flagfile={path}"])[1:]
+            for name in ("classifier_flagfile", "pretrain_flagfile")
+            if (path := getattr(cfg, name)) and os.path.isfile(path)}
+
+
+def changed_stage_flags(info: dict, cfg) -> list[str]:
+    """``--classifier_flagfile=F: its flags changed (...)`` when a stage flagfile no longer
+    gives the flags that the run recorded (``info``: run_info.json): the folds trained so
+    far started from stages of the old flags, the next ones would not."""
+    if STAGE_FLAGS not in info:  # a run from before they were recorded
+        return []
+    old, new = info[STAGE_FLAGS], stage_flags(cfg)
+    out = []
+    for name in sorted(set(old) | set(new)):
+        before, now = old.get(name, []), new.get(name, [])
+        if before != now:
+            change = [f"-{a}" for a in before if a not in now] + \
+                [f"+{a}" for a in now if a not in before]
+            out.append(f"--{name}={getattr(cfg, name)}: its flags changed since the first "
+                       f"fold ({', '.join(change) or 'their order'})")
+    return out
+
+
 def shared_fold_stages(cfg) -> bool:
     """--folds with --classifier_flagfile and --classifier_dir (on the same data): fold k's
     stage is fold k of that --folds run (``<classifier_dir>/fold_<k>``), which must be
@@ -119,16 +149,19 @@ def check_fold_stages(cfg, todo: list[int]) -> None:
     command trains: a stage is never trained inside another run's folder)."""
     from covid_keras.training import folds as folds_mod
 
-    def made_from(doc):
+    def made_from(doc):  # data_dir too: fold k's data names it (folds.same_fold_data)
         return {k: v for k, v in (doc or {}).items() if k != "patients"}
 
     stages = RunDir(cfg.classifier_dir)
-    if made_from(stages.folds()) != made_from(folds_mod.folds_document(
-            {}, cfg.folds, cfg.seed, cfg.data_dir, ["train", cfg.val_split])):
+    theirs, ours = made_from(stages.folds()), made_from(folds_mod.folds_document(
+        {}, cfg.folds, cfg.seed, cfg.data_dir, ["train", cfg.val_split]))
+    differ = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if differ:
         raise ValueError(f"--classifier_dir={cfg.classifier_dir} holds other folds than "
-                         f"this run's (another --seed, --folds or --data_dir): its fold_<k> "
-                         "may have trained on fold k's patients. Give it the same folds, or "
-                         "leave --classifier_dir out (each fold then trains its own stage)")
+                         f"this run's ({'; '.join(differ)}): its fold_<k> may have trained "
+                         "on fold k's patients. Give it the same folds, or leave "
+                         "--classifier_dir out (each fold then trains its own stage)")
     missing = [k for k in todo if not RunDir(stages.fold_dir(k)).is_finished()]
     if missing:
         raise ValueError(f"--classifier_dir={cfg.classifier_dir}: its folds {missing} are "
@@ -150,6 +183,22 @@ def check_shared_stage_data(cfg) -> None:
         raise ValueError("--folds with --classifier_data_dir=--data_dir: the one shared "
                          "classifier stage would train on every fold's validation patients; "
                          "leave --classifier_data_dir out (each fold then trains its own)")
+    # another preparation of the same source (other fractions, a rebuild) holds the same
+    # pseudonymous patient keys: then it is the same patients
+    from covid_keras.io import data
+    from covid_keras.training import folds as folds_mod
+
+    def patients(data_dir):
+        return set(folds_mod.patient_table(data_dir, sorted(
+            data.read_manifest(data_dir).get("counts", {}))))
+
+    shared = patients(cfg.classifier_data_dir) & patients(cfg.data_dir)
+    if shared:
+        raise ValueError(f"--folds with --classifier_data_dir={cfg.classifier_data_dir}: it "
+                         f"holds {len(shared)} patients of --data_dir={cfg.data_dir}, on "
+                         "whom the one shared classifier stage would train (each fold's "
+                         "validation or a held-out split's patients): give it other patients, "
+                         "or leave --classifier_data_dir out (each fold then trains its own)")
 
 
 def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
@@ -171,6 +220,7 @@ def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
     info = run.run_info()
     if info is not None:
         diff = train_mod.changed_flags(info.get("flags", {}), train_mod.resolved_flags(cfg))
+        diff += changed_stage_flags(info, cfg)
         if diff:
             raise ValueError(f"{run.path} holds a cross-validation run with other flags ("
                              f"{'; '.join(diff)}): rerun with its flags (--flagfile="
@@ -231,6 +281,9 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     from covid_keras.training import folds as folds_mod
 
     check_fold_flags(cfg)
+    reused = reused_folds_run(cfg, train_mod)
+    if reused is not None:
+        return reused
     train_mod.check_recipe(cfg)  # before a stage runs for every fold
     check_shared_stage_data(cfg)
     chief = True
@@ -246,7 +299,8 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
                                 not RunDir(planned.fold_dir(k)).is_finished()])
     run, doc = prepare(cfg, train_mod)
     if cfg.fold < 0 or not run.is_run():
-        train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds}, command)
+        train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds,
+                                                 STAGE_FLAGS: stage_flags(cfg)}, command)
     base = fold_config(cfg, train_mod, run) if not cfg.ensemble_only else None
     for k in todo:
         fold_run = RunDir(run.fold_dir(k))
@@ -271,6 +325,35 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     if cfg.fold >= 0:
         return {}
     return assemble(cfg, train_mod, run, doc)
+
+
+def reused_folds_run(cfg, train_mod) -> dict | None:
+    """--reuse (every fold and the ensemble): the metrics of the finished --folds run in
+    --run_dir when it was made with the same run-defining flags from the same data; None
+    when there is none (or, with --overwrite, when it differs: it is then replaced); an
+    error naming what differs otherwise."""
+    from covid_keras.io import data
+
+    run = RunDir(cfg.run_dir)
+    if not (cfg.reuse and cfg.fold < 0 and not cfg.ensemble_only and run.is_finished()
+            and files.exists(run.metrics_path)):
+        return None
+    info = run.run_info() or {}
+    diff = train_mod.changed_flags(info.get("flags", {}), train_mod.resolved_flags(cfg)) + \
+        changed_stage_flags(info, cfg)
+    if (run.folds() or {}).get("dataset_manifest_sha256") != files.sha256(
+            data.manifest_path(cfg.data_dir)):
+        diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
+    if diff and cfg.overwrite:
+        log.info("--reuse --overwrite: %s holds a finished --folds run with other flags "
+                 "(%s): replaced", run.path, "; ".join(diff))
+        return None
+    if diff:
+        raise ValueError(f"--reuse: {run.path} holds a finished --folds run with other flags "
+                         f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
+                         "replace it")
+    log.info("--reuse: %s holds a finished --folds run with these flags: reused", run.path)
+    return json.loads(files.read_text(run.metrics_path))
 
 
 def member_path(fold_run: RunDir) -> str:

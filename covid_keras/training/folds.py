@@ -22,15 +22,23 @@ source's with the counts, the files and a ``folds`` entry made for the fold.
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
+import logging
 import os
+import time
 
 import numpy as np
 
 from covid_keras.core import files, schema
 
 MANIFEST = schema.MANIFEST
+#: A fold folder's temporary copy untouched this long was left by a killed writer (a copy
+#: takes seconds to minutes): removed when the fold is written again.
+STALE_COPY_S = 3600
+
+log = logging.getLogger("covid_keras.train")
 
 
 def _records(data_dir: str, split: str):
@@ -183,6 +191,7 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
         return out_dir
     assignment = assignment_of(document)
     manifest = data.read_manifest(data_dir)
+    remove_stale_copies(out_dir)
     tmp = out_dir.rstrip("/") + f".{files.unique_suffix()}"
     files.rmtree(tmp)
     files.makedirs(tmp)
@@ -228,6 +237,28 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
     files.write_json(os.path.join(tmp, MANIFEST), out)
     _put_in_place(tmp, out_dir, document, fold)
     return out_dir
+
+
+def remove_stale_copies(out_dir: str, now: float | None = None) -> list[str]:
+    """Removes the temporary copies of ``out_dir`` (``<out_dir>.tmp-*``) that no writer has
+    touched for :data:`STALE_COPY_S` (a killed writer's; a live one, perhaps another
+    machine's, writes into its copy all along). Returns them. Local folders only."""
+    if files.is_remote(out_dir):
+        return []
+    now = time.time() if now is None else now
+    stale = []
+    for tmp in glob.glob(glob.escape(out_dir.rstrip("/")) + ".tmp-*"):
+        try:
+            newest = max([os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(tmp)
+                          for f in fs] + [os.path.getmtime(tmp)])
+        except OSError:  # its writer renamed or removed it meanwhile
+            continue
+        if now - newest > STALE_COPY_S:
+            files.rmtree(tmp)
+            stale.append(tmp)
+            log.info("removed %s: a copy left by a writer killed %.0f min ago", tmp,
+                     (now - newest) / 60)
+    return stale
 
 
 def _put_in_place(tmp: str, out_dir: str, document: dict, fold: int) -> None:

@@ -294,9 +294,9 @@ def classifier_stage(cfg: TrainConfig, run_dir: str) -> str:
     log.info("stage 0, the classifier: %s", " ".join(cmd[1:]))
     code = run_stage(cmd)
     if code:
-        raise RuntimeError(f"the classifier stage failed (exit {code}): rerun to resume it, "
-                           f"or run python -m covid_keras.train --flagfile="
-                           f"{cfg.classifier_flagfile} --run_dir={folder} alone to see why")
+        raise RuntimeError(f"the classifier stage failed (exit {code}; its error is the "
+                           "line above): rerun to resume it, or run it alone to see why: "
+                           f"python {' '.join(cmd[1:])} --verbosity=1")
     stage = RunDir(folder)
     out = stage.file(CLASSIFIER_BACKBONE)
     chosen = stage.checkpoint()
