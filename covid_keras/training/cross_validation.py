@@ -344,15 +344,8 @@ def reused_folds_run(cfg, train_mod) -> dict | None:
     if (run.folds() or {}).get("dataset_manifest_sha256") != files.sha256(
             data.manifest_path(cfg.data_dir)):
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
-    if diff and cfg.overwrite:
-        log.info("--reuse --overwrite: %s holds a finished --folds run with other flags "
-                 "(%s): replaced", run.path, "; ".join(diff))
+    if not train_mod.reuse_verdict(cfg, diff, "--folds run"):
         return None
-    if diff:
-        raise ValueError(f"--reuse: {run.path} holds a finished --folds run with other flags "
-                         f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
-                         "replace it")
-    log.info("--reuse: %s holds a finished --folds run with these flags: reused", run.path)
     return json.loads(files.read_text(run.metrics_path))
 
 

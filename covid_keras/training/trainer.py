@@ -237,17 +237,26 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     if trained_on != sha and not folds.same_fold_data(
             info.get("flags", {}).get("data_dir", ""), trained_on, cfg.data_dir):
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
-    if diff and cfg.overwrite:
-        log.info("--reuse --overwrite: %s holds a finished run with other flags (%s): "
-                 "replaced", cfg.run_dir, "; ".join(diff))
+    if not reuse_verdict(cfg, diff):
         return None
-    if diff:
-        raise ValueError(f"--reuse: {cfg.run_dir} holds a finished run with other flags "
-                         f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
-                         "replace it")
-    log.info("--reuse: %s holds a finished run with these flags: reused", cfg.run_dir)
     return json.loads(files.read_text(run.metrics_path)) if files.exists(run.metrics_path) \
         else {}
+
+
+def reuse_verdict(cfg: TrainConfig, diff: list[str], what: str = "run") -> bool:
+    """--reuse of the finished ``what`` in --run_dir, which differs from these flags by
+    ``diff``: True (the same: reused), False (with --overwrite: replaced), or an error
+    naming the differences."""
+    if diff and cfg.overwrite:
+        log.info("--reuse --overwrite: %s holds a finished %s with other flags (%s): "
+                 "replaced", cfg.run_dir, what, "; ".join(diff))
+        return False
+    if diff:
+        raise ValueError(f"--reuse: {cfg.run_dir} holds a finished {what} with other flags "
+                         f"({'; '.join(diff)}): pass another --run_dir, or --overwrite to "
+                         "replace it")
+    log.info("--reuse: %s holds a finished %s with these flags: reused", cfg.run_dir, what)
+    return True
 
 
 #: The classifier stage's backbone file, beside its best.keras.
