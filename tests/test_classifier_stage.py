@@ -193,11 +193,12 @@ def test_a_missing_classifier_flagfile_is_named(tmp_path):
 
 
 def test_folds_train_a_classifier_stage_per_fold_or_take_a_folds_run(tmp_path):
-    from covid_keras.training.cross_validation import check_fold_flags
+    from covid_keras.training.cross_validation import check_fold_flags, check_fold_stages
 
     with pytest.raises(ValueError, match="fold k's classifier stage is <classifier_dir>/"
                                          "fold_<k>.*x holds no folds.json"):
-        check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"))
+        check_fold_stages(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x"),
+                          [0])
     check_fold_flags(config(folds=3, classifier_flagfile="c.cfg", classifier_dir="x",
                             ensemble_only=True))  # trains no fold: needs no stage
     # a classifier flagfile with a pretraining stage: its --folds run started each fold from

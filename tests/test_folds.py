@@ -501,3 +501,35 @@ def test_a_folds_run_refuses_a_stage_flagfile_edited_since_its_first_fold(data_d
                                          r"changed since the first fold \(\+--epochs=2\)"):
         cross_validation.cross_validate(cfg.replace(fold=2), mod)
     assert trained == [0, 1]
+
+
+def test_finished_folds_need_their_shared_stages_no_more(data_dir, tmp_path):
+    """Fold k started from fold k of another --folds run (--classifier_dir): once every fold
+    is finished, a rerun (e.g. after a kill while the ensemble was assembled) does not need
+    that run any more; a fold still to train does."""
+    import shutil
+
+    from covid_keras.core import files
+    from covid_keras.training import cross_validation, folds, trainer
+
+    trained = []
+    mod = stand_in_trainer(trained)
+    stages = tmp_path / "cls_cv"
+    (tmp_path / "cls.cfg").write_text("--model=classifier\n")
+    cfg = trainer.TrainConfig(data_dir=str(data_dir), run_dir=str(tmp_path / "cv"), folds=2,
+                              backbone="tiny", input_size=64, batch_size=2,
+                              classifier_flagfile=str(tmp_path / "cls.cfg"),
+                              classifier_dir=str(stages))
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    stages.mkdir()
+    files.write_json(str(stages / "folds.json"), folds.folds_document(
+        folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir), ["train", "val"]))
+    for k in range(2):
+        (stages / f"fold_{k}").mkdir()
+        (stages / f"fold_{k}" / "final.keras").write_text("stage")
+    cross_validation.cross_validate(cfg.replace(fold=0), mod)
+    shutil.rmtree(stages)
+    with pytest.raises(ValueError, match="holds no folds.json"):  # fold 1 needs its stage
+        cross_validation.cross_validate(cfg.replace(fold=1), mod)
+    cross_validation.cross_validate(cfg.replace(fold=0), mod)  # finished: reused
+    assert trained == [0]

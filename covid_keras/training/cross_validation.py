@@ -76,12 +76,6 @@ def check_fold_flags(cfg) -> None:
     if cfg.fold >= 0 and cfg.ensemble_only:
         raise ValueError("--fold trains one fold; --ensemble_only trains none: pass one")
     if shared_fold_stages(cfg) and not cfg.ensemble_only:
-        if not RunDir(cfg.classifier_dir).has(FOLDS):
-            raise ValueError("--folds with --classifier_dir: fold k's classifier stage is "
-                             "<classifier_dir>/fold_<k>, a --folds run of the classifier "
-                             "flagfile with these folds (e.g. the ResNet-50 --folds run of the "
-                             f"same seed and data); {cfg.classifier_dir} holds no {FOLDS}. "
-                             "Leave --classifier_dir out and each fold trains its own stage")
         if stage_pretrains(cfg.classifier_flagfile):
             raise ValueError("--folds with --classifier_dir: the classifier flagfile has a "
                              "pretraining stage (--pretrain_flagfile), which its --folds run "
@@ -153,6 +147,12 @@ def check_fold_stages(cfg, todo: list[int]) -> None:
         return {k: v for k, v in (doc or {}).items() if k != "patients"}
 
     stages = RunDir(cfg.classifier_dir)
+    if not stages.has(FOLDS):
+        raise ValueError("--folds with --classifier_dir: fold k's classifier stage is "
+                         "<classifier_dir>/fold_<k>, a --folds run of the classifier "
+                         "flagfile with these folds (e.g. the ResNet-50 --folds run of the "
+                         f"same seed and data); {cfg.classifier_dir} holds no {FOLDS}. "
+                         "Leave --classifier_dir out and each fold trains its own stage")
     theirs, ours = made_from(stages.folds()), made_from(folds_mod.folds_document(
         {}, cfg.folds, cfg.seed, cfg.data_dir, ["train", cfg.val_split]))
     differ = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
@@ -295,8 +295,10 @@ def cross_validate(cfg, train_mod, command: list[str] | None = None) -> dict:
     redo = cfg.overwrite and cfg.fold >= 0  # --fold=k --overwrite: train fold k again
     if shared_fold_stages(cfg) and not cfg.ensemble_only:  # before prepare() writes
         planned = RunDir(cfg.run_dir)                        # or clears anything
-        check_fold_stages(cfg, [k for k in todo if cfg.overwrite or  # --overwrite: all
-                                not RunDir(planned.fold_dir(k)).is_finished()])
+        pending = [k for k in todo if cfg.overwrite or  # --overwrite: all
+                   not RunDir(planned.fold_dir(k)).is_finished()]
+        if pending:  # every fold finished: the stages' run is needed no more
+            check_fold_stages(cfg, pending)
     run, doc = prepare(cfg, train_mod)
     if cfg.fold < 0 or not run.is_run():
         train_mod.write_run_info(cfg, run.path, {"folds": cfg.folds,
