@@ -369,23 +369,23 @@ def test_two_stage_run_killed_in_stage_two_does_not_redo_stage_one(killed_in_sta
         assert optimizer.use_ema and optimizer.ema_momentum == 0.5, name
 
 
-def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    extra = ("--epochs=2", "--steps_per_epoch=4", "--backup_every_steps=1")
-    meta = run_dir / "backup" / "stage0" / "training_metadata.json"
-    kill_when(train_cmd(data_dir, run_dir, *extra), meta.exists)
-    assert not (run_dir / "final.keras").exists()
+def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(killed_in_stage_two,
+                                                                      data_dir, tmp_path):
+    run_dir = _copy_run(killed_in_stage_two, tmp_path / "run")
+    meta = run_dir / "backup" / "stage1" / "training_metadata.json"
+    assert meta.exists() and not (run_dir / "final.keras").exists()
     # other run-defining flags: refused, nothing changed
-    proc = train(data_dir, run_dir, *extra, "--learning_rate=0.5")
-    assert proc.returncode != 0 and "--learning_rate: 0.01 -> 0.5" in proc.stderr, \
+    proc = train(data_dir, run_dir, *TWO_STAGES, "--steps_per_epoch=5")
+    assert proc.returncode != 0 and "--steps_per_epoch: 4 -> 5" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and meta.exists()
     # --overwrite: a fresh run with the new flags (not a resume)
-    proc = run_train(data_dir, run_dir, *extra, "--learning_rate=0.5", "--overwrite")
+    proc = run_train(data_dir, run_dir, "--stages=sgd@0.01:1", "--steps_per_epoch=2",
+                     "--overwrite")
     assert "resuming" not in proc.stderr
-    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0, 1]
+    assert [int(r["epoch"]) for r in read_log(run_dir)] == [0]
     flags = json.loads((run_dir / "run_info.json").read_text())["flags"]
-    assert flags["learning_rate"] == 0.5
+    assert flags["steps_per_epoch"] == 2 and flags["ema_momentum"] != 0.5
 
 
 def test_run_killed_after_its_last_stage_resumes(killed_in_stage_two, data_dir, tmp_path):
