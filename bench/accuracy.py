@@ -420,8 +420,9 @@ def main(argv=None) -> int:
     # --folds too: DRENet's fold k then starts from fold k of the same seed's ResNet-50 run
     # not with flags after --: they reach the other flagfile's runs, never the stage that
     # the trainer runs from the flagfile alone (its --reuse would refuse them, naming them)
-    shared = {} if args.extra else shared_stages(flagfiles)
-    if args.extra and shared_stages(flagfiles):
+    found = shared_stages(flagfiles)
+    shared = {} if args.extra else found
+    if args.extra and found:
         print(f"flags after -- ({' '.join(args.extra)}): each run trains its own classifier "
               "stage (the stage takes only its flagfile's flags)", flush=True)
     done = {}

@@ -98,6 +98,13 @@ def stage_flags(cfg) -> dict[str, list[str]]:
             if (path := getattr(cfg, name)) and os.path.isfile(path)}
 
 
+def changed_run_flags(info: dict, cfg, train_mod) -> list[str]:
+    """What differs between a --folds run's record (``info``: its run_info.json) and these
+    flags: its run-defining flags and its stage flagfiles' flags."""
+    return train_mod.changed_flags(info.get("flags", {}), train_mod.resolved_flags(cfg)) + \
+        changed_stage_flags(info, cfg)
+
+
 def changed_stage_flags(info: dict, cfg) -> list[str]:
     """``--classifier_flagfile=F: its flags changed (...)`` when a stage flagfile no longer
     gives the flags that the run recorded (``info``: run_info.json): the folds trained so
@@ -219,8 +226,7 @@ def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
     train_mod.check_splits(cfg, manifest)
     info = run.run_info()
     if info is not None:
-        diff = train_mod.changed_flags(info.get("flags", {}), train_mod.resolved_flags(cfg))
-        diff += changed_stage_flags(info, cfg)
+        diff = changed_run_flags(info, cfg, train_mod)
         if diff:
             raise ValueError(f"{run.path} holds a cross-validation run with other flags ("
                              f"{'; '.join(diff)}): rerun with its flags (--flagfile="
@@ -340,9 +346,7 @@ def reused_folds_run(cfg, train_mod) -> dict | None:
     if not (cfg.reuse and cfg.fold < 0 and not cfg.ensemble_only and run.is_finished()
             and files.exists(run.metrics_path)):
         return None
-    info = run.run_info() or {}
-    diff = train_mod.changed_flags(info.get("flags", {}), train_mod.resolved_flags(cfg)) + \
-        changed_stage_flags(info, cfg)
+    diff = changed_run_flags(run.run_info() or {}, cfg, train_mod)
     if (run.folds() or {}).get("dataset_manifest_sha256") != files.sha256(
             data.manifest_path(cfg.data_dir)):
         diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")

@@ -165,14 +165,17 @@ def same_fold_data(trained_dir: str, trained_sha: str | None, data_dir: str) -> 
     same folds of the same source (their ``folds`` entries equal), so the same records in
     the same order; only their bytes may differ (written before folds were serialized
     deterministically). Another run's --folds stage (``--classifier_dir``) is then reused."""
+    if not trained_dir:
+        return False
     try:
-        if not trained_dir or files.sha256(os.path.join(trained_dir, MANIFEST)) != trained_sha:
+        trained = files.read_bytes(os.path.join(trained_dir, MANIFEST))
+        if hashlib.sha256(trained).hexdigest() != trained_sha:
             return False
-        made = [json.loads(files.read_text(os.path.join(d, MANIFEST))).get("folds")
-                for d in (trained_dir, data_dir)]
+        theirs = json.loads(trained).get("folds")
+        return bool(theirs) and theirs == json.loads(
+            files.read_text(os.path.join(data_dir, MANIFEST))).get("folds")
     except (OSError, ValueError):
         return False
-    return bool(made[0]) and made[0] == made[1]
 
 
 def document_sha(document: dict) -> str:
@@ -239,14 +242,13 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
     return out_dir
 
 
-def remove_stale_copies(out_dir: str, now: float | None = None) -> list[str]:
+def remove_stale_copies(out_dir: str) -> None:
     """Removes the temporary copies of ``out_dir`` (``<out_dir>.tmp-*``) that no writer has
     touched for :data:`STALE_COPY_S` (a killed writer's; a live one, perhaps another
-    machine's, writes into its copy all along). Returns them. Local folders only."""
+    machine's, writes into its copy all along). Local folders only."""
     if files.is_remote(out_dir):
-        return []
-    now = time.time() if now is None else now
-    stale = []
+        return
+    now = time.time()
     for tmp in glob.glob(glob.escape(out_dir.rstrip("/")) + ".tmp-*"):
         try:
             newest = max([os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(tmp)
@@ -255,10 +257,8 @@ def remove_stale_copies(out_dir: str, now: float | None = None) -> list[str]:
             continue
         if now - newest > STALE_COPY_S:
             files.rmtree(tmp)
-            stale.append(tmp)
             log.info("removed %s: a copy left by a writer killed %.0f min ago", tmp,
                      (now - newest) / 60)
-    return stale
 
 
 def _put_in_place(tmp: str, out_dir: str, document: dict, fold: int) -> None:
