@@ -31,6 +31,15 @@ def data_dir(tiny_dataset):
                                "--split_fractions=0.6,0.2,0.2"))
 
 
+def folds_doc(data_dir, k: int, seed: int) -> dict:
+    """folds.json's content for ``k`` folds of the training patients of ``data_dir``."""
+    from covid_keras.training import folds
+
+    table = folds.patient_table(str(data_dir), ["train", "val"])
+    return folds.folds_document(folds.assign_folds(table, k, seed=seed), k, seed,
+                                str(data_dir), ["train", "val"])
+
+
 def _patients(data_dir, split) -> dict:
     from covid_keras.training import folds
 
@@ -104,9 +113,7 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
     it) and drops its own copy; a folder made from other folds is replaced."""
     from covid_keras.training import folds
 
-    table = folds.patient_table(str(data_dir), ["train", "val"])
-    doc = folds.folds_document(folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir),
-                               ["train", "val"])
+    doc = folds_doc(data_dir, 2, 0)
     out = folds.write_fold_data(str(data_dir), doc, 0, str(tmp_path / "fold_0"))
     stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
     real, calls = folds.fold_data_ready, []
@@ -120,8 +127,7 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
     assert sorted(os.listdir(tmp_path)) == ["fold_0"]  # no temporary folder left
     monkeypatch.setattr(folds, "fold_data_ready", real)
-    other = folds.folds_document(folds.assign_folds(table, 2, seed=1), 2, 1, str(data_dir),
-                                 ["train", "val"])
+    other = folds_doc(data_dir, 2, 1)
     folds.write_fold_data(str(data_dir), other, 0, out)
     assert folds.fold_data_ready(out, other, 0) and not folds.fold_data_ready(out, doc, 0)
 
@@ -129,9 +135,7 @@ def test_workers_writing_one_fold_folder_at_once_keep_the_first(data_dir, tmp_pa
 def test_a_killed_writers_copy_is_removed_and_a_live_ones_kept(data_dir, tmp_path):
     from covid_keras.training import folds
 
-    table = folds.patient_table(str(data_dir), ["train", "val"])
-    doc = folds.folds_document(folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir),
-                               ["train", "val"])
+    doc = folds_doc(data_dir, 2, 0)
     out = tmp_path / "fold_0"
     old, live = tmp_path / "fold_0.tmp-1-a", tmp_path / "fold_0.tmp-2-b"
     for copy in (old, live):
@@ -151,9 +155,7 @@ def test_a_stale_fold_folder_replaced_meanwhile_by_another_worker_is_not_deleted
     must not delete the other's folder (it may be reading it), only its own copy."""
     from covid_keras.training import folds
 
-    table = folds.patient_table(str(data_dir), ["train", "val"])
-    doc, other = (folds.folds_document(folds.assign_folds(table, 2, seed=s), 2, s,
-                                       str(data_dir), ["train", "val"]) for s in (0, 1))
+    doc, other = folds_doc(data_dir, 2, 0), folds_doc(data_dir, 2, 1)
     theirs = folds.write_fold_data(str(data_dir), doc, 0, str(tmp_path / "theirs"))
     (Path(theirs) / "theirs.txt").write_text("the other worker's folder")
     out = folds.write_fold_data(str(data_dir), other, 0, str(tmp_path / "fold_0"))  # stale
@@ -322,14 +324,18 @@ def test_reuse_keeps_a_finished_folds_run_and_names_a_changed_flag(cv_run, data_
     run, _ = cv_run
     common = (f"--data_dir={data_dir}", f"--run_dir={run}", f"--folds={K}",
               "--report_splits=test", "--reuse")
-    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    before = stamps()
     _train(commands, *common)  # nothing trains, nothing is written
     _train(commands, *common, "--overwrite")  # the same flags: kept, not replaced
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    assert stamps() == before
     proc = commands.run("covid_keras.train", *QUICK, *common, "--epochs=2", cwd=REPO,
                         timeout=600)
     assert proc.returncode == 1 and "--epochs: 1 -> 2" in proc.stderr, proc.stderr[-2000:]
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    assert stamps() == before
 
 
 def test_fold_flags_are_checked_before_anything_runs(data_dir, tmp_path, commands):
@@ -510,7 +516,7 @@ def test_finished_folds_need_their_shared_stages_no_more(data_dir, tmp_path):
     import shutil
 
     from covid_keras.core import files
-    from covid_keras.training import cross_validation, folds, trainer
+    from covid_keras.training import cross_validation, trainer
 
     trained = []
     mod = stand_in_trainer(trained)
@@ -520,10 +526,8 @@ def test_finished_folds_need_their_shared_stages_no_more(data_dir, tmp_path):
                               backbone="tiny", input_size=64, batch_size=2,
                               classifier_flagfile=str(tmp_path / "cls.cfg"),
                               classifier_dir=str(stages))
-    table = folds.patient_table(str(data_dir), ["train", "val"])
     stages.mkdir()
-    files.write_json(str(stages / "folds.json"), folds.folds_document(
-        folds.assign_folds(table, 2, seed=0), 2, 0, str(data_dir), ["train", "val"]))
+    files.write_json(str(stages / "folds.json"), folds_doc(data_dir, 2, 0))
     for k in range(2):
         (stages / f"fold_{k}").mkdir()
         (stages / f"fold_{k}" / "final.keras").write_text("stage")

@@ -283,20 +283,18 @@ def test_box_images_come_from_different_patients_of_each_class():
 def kill_when(cmd, ready, timeout: float = 600, stderr: Path | None = None) -> None:
     """Starts ``cmd`` and SIGKILLs it as soon as ``ready()`` is true (before it ends); its
     stderr goes to the file ``stderr`` if given."""
-    err = open(stderr, "w") if stderr else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and not ready():
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if stderr:
-            err.close()
+    with open(stderr or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline and not ready():
+                assert proc.poll() is None, "training ended before it could be killed"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_kill_mid_epoch_and_resume(data_dir, tmp_path):
