@@ -537,3 +537,23 @@ def test_finished_folds_need_their_shared_stages_no_more(data_dir, tmp_path):
         cross_validation.cross_validate(cfg.replace(fold=1), mod)
     cross_validation.cross_validate(cfg.replace(fold=0), mod)  # finished: reused
     assert trained == [0]
+
+
+def test_the_same_data_folder_through_a_link_makes_the_same_folds(data_dir, tmp_path):
+    """A --folds run may name its data folder through a symbolic link and take its stages
+    from a --folds run that named the real folder (or the other way round)."""
+    from covid_keras.training import cross_validation
+    from covid_keras.training.trainer import TrainConfig
+
+    link = tmp_path / "data_link"
+    link.symlink_to(data_dir, target_is_directory=True)
+    assert folds_doc(link, 3, 0) == folds_doc(data_dir, 3, 0)
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "folds.json").write_text(json.dumps(folds_doc(data_dir, 3, 0)))
+    cfg = TrainConfig(data_dir=str(link), run_dir=str(tmp_path / "run"), folds=3,
+                      classifier_flagfile="c.cfg", classifier_dir=str(stages))
+    cross_validation.check_fold_stages(cfg, [])  # no error: the same folds
+    with pytest.raises(ValueError, match="holds other folds than this run's .seed: 1 there"):
+        (stages / "folds.json").write_text(json.dumps(folds_doc(data_dir, 3, 1)))
+        cross_validation.check_fold_stages(cfg, [])

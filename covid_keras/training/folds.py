@@ -93,9 +93,10 @@ def assign_folds(patients: dict[str, tuple[str, str]], k: int, seed: int) -> dic
 def folds_document(assignment: dict[str, int], k: int, seed: int, data_dir: str,
                    splits: list[str]) -> dict:
     """folds.json's content: the folds as lists of patient keys (pseudonymous salted hashes,
-    as in the records), and what they were made from."""
+    as in the records), and what they were made from (a local data folder by its real path:
+    the same folder reached through a link makes the same folds)."""
     return {"folds": int(k), "seed": int(seed), "splits": list(splits),
-            "data_dir": data_dir if files.is_remote(data_dir) else os.path.abspath(data_dir),
+            "data_dir": data_dir if files.is_remote(data_dir) else os.path.realpath(data_dir),
             "dataset_manifest_sha256": files.sha256(os.path.join(data_dir, MANIFEST)),
             "patients": {str(f): sorted(p for p, g in assignment.items() if g == f)
                          for f in range(k)}}
