@@ -554,6 +554,6 @@ def test_the_same_data_folder_through_a_link_makes_the_same_folds(data_dir, tmp_
     cfg = TrainConfig(data_dir=str(link), run_dir=str(tmp_path / "run"), folds=3,
                       classifier_flagfile="c.cfg", classifier_dir=str(stages))
     cross_validation.check_fold_stages(cfg, [])  # no error: the same folds
+    (stages / "folds.json").write_text(json.dumps(folds_doc(data_dir, 3, 1)))
     with pytest.raises(ValueError, match="holds other folds than this run's .seed: 1 there"):
-        (stages / "folds.json").write_text(json.dumps(folds_doc(data_dir, 3, 1)))
         cross_validation.check_fold_stages(cfg, [])
