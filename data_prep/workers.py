@@ -20,6 +20,14 @@ from typing import Any, Callable, Iterator
 
 # Lost tasks: "timeout" (past the hard limit, killed) or "crashed" (the process died).
 OnLost = Callable[[tuple, str, str], Any]
+#: A new worker's first message: its interpreter started and imported what it needs (a
+#: spawned process takes seconds to, more on a loaded machine; that is not the task's time).
+READY = "ready"
+#: A worker that is not ready this long after its start is killed and started again; one
+#: that dies or hangs before it is ready this many times in a row ends the batch (no worker
+#: can run any task).
+START_LIMIT_S = 300.0
+START_TRIES = 3
 
 
 def init_worker(memory_limit_mb: float = 0.0) -> None:
@@ -41,6 +49,7 @@ def init_worker(memory_limit_mb: float = 0.0) -> None:
 
 def _worker_main(conn: Connection, memory_limit_mb: float) -> None:
     init_worker(memory_limit_mb)
+    conn.send(READY)  # the parent's clock for a task starts once its worker can run it
     while True:
         try:
             msg = conn.recv()
@@ -65,14 +74,20 @@ class _Worker:
     conn: Connection
     task: int | None = None
     started: float = 0.0
+    ready: bool = False
+    born: float = 0.0
+    tries: int = 1  # starts in a row that did not get ready, this one included
 
 
-def _start(ctx, memory_limit_mb: float) -> _Worker:
+def _start(ctx, memory_limit_mb: float, tries: int = 1) -> _Worker:
+    if tries > START_TRIES:
+        raise RuntimeError(f"worker processes die or hang before they are ready "
+                           f"({START_TRIES} starts in a row)")
     parent, child = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb), daemon=True)
     process.start()
     child.close()
-    return _Worker(process, parent)
+    return _Worker(process, parent, born=time.monotonic(), tries=tries)
 
 
 def _stop(worker: _Worker, kill: bool) -> None:
@@ -103,24 +118,37 @@ def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost
     try:
         while next_out < len(arg_list):
             for i, w in enumerate(pool):
-                if w.task is None and pending and not w.process.is_alive():
+                if w.ready and w.task is None and pending and not w.process.is_alive():
                     _stop(w, kill=True)  # died between tasks
                     pool[i] = w = _start(ctx, memory_limit_mb)
-                if w.task is None and pending:
+                if w.ready and w.task is None and pending:
                     w.task, w.started = pending.popleft(), time.monotonic()
                     try:
                         w.conn.send((w.task, fn, arg_list[w.task]))
                     except (OSError, ValueError):  # it died just now: seen below
                         pass
             busy = [w for w in pool if w.task is not None]
-            timeout = None
-            if hard_timeout_s > 0 and busy:
-                first_end = min(w.started for w in busy) + hard_timeout_s
-                timeout = max(0.0, first_end - time.monotonic())
-            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+            starting = [w for w in pool if not w.ready]
+            ends = [w.born + START_LIMIT_S for w in starting]
+            if hard_timeout_s > 0:
+                ends += [w.started + hard_timeout_s for w in busy]
+            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
+            watched = busy + starting
+            ready = set(wait([w.conn for w in watched] + [w.process.sentinel for w in watched],
                              timeout))
             now = time.monotonic()
             for i, w in enumerate(pool):
+                if not w.ready:
+                    if w.conn in ready:
+                        try:
+                            w.ready = w.conn.recv() == READY
+                        except (EOFError, OSError):
+                            pass
+                    if not w.ready and (w.conn in ready or w.process.sentinel in ready
+                                        or now - w.born > START_LIMIT_S):
+                        _stop(w, kill=True)
+                        pool[i] = _start(ctx, memory_limit_mb, w.tries + 1)
+                    continue
                 if w.task is None:
                     continue
                 lost = ""

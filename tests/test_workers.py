@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from data_prep import pipeline, workers
 from data_prep.study import StudyTask
 from tests.test_bad_inputs import scan_cfg
@@ -35,6 +37,28 @@ def test_a_dead_or_stuck_worker_costs_its_task_only():
     assert out[3][:2] == ("crashed", 3) and "exit code 3" in out[3][2]
     assert out[5][:2] == ("timeout", 5) and out[5][2].startswith("killed after")
     assert out[6] == ("crashed", 6, "raised ValueError")
+
+
+def slow_starting_worker(conn, memory_limit_mb: float) -> None:
+    time.sleep(4)  # a spawned interpreter's start on a loaded machine
+    workers._worker_main(conn, memory_limit_mb)
+
+
+def worker_dying_on_start(conn, memory_limit_mb: float) -> None:
+    os._exit(7)
+
+
+def test_the_hard_limit_counts_from_when_the_worker_is_ready(monkeypatch):
+    monkeypatch.setattr(workers, "_worker_main", slow_starting_worker)
+    out = list(workers.run_tasks(square_or_die, [(i,) for i in (0, 1, 2, 4)], 2, lost,
+                                 hard_timeout_s=2.0))
+    assert out == [0, 1, 4, 16]
+
+
+def test_workers_that_die_before_they_are_ready_end_the_batch_with_a_reason(monkeypatch):
+    monkeypatch.setattr(workers, "_worker_main", worker_dying_on_start)
+    with pytest.raises(RuntimeError, match="die or hang before they are ready"):
+        list(workers.run_tasks(square_or_die, [(0,), (1,)], 1, lost))
 
 
 def crash(task: StudyTask, cfg) -> None:
