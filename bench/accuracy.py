@@ -25,9 +25,12 @@ an ensemble) on each held-out split, as train evaluated it (metrics.json):
 ``<split>_decision_patient_sensitivity``, ``..._specificity`` and ``..._accuracy`` say
 whether the chosen threshold transfers.
 
-A run whose ``metrics.json`` exists is reused and an interrupted one resumes where it
-stopped (the protocol is resumable; train refuses, naming the flag, a run whose flags
-changed); ``--rerun`` trains it again from scratch. With two flagfiles or more, every one
+A run whose ``metrics.json`` exists is reused, on the build of the data it trained on only
+(run_info.json's manifest SHA-256: a rebuild has another record order), and an interrupted
+one resumes where it stopped (the protocol is resumable; train refuses, naming the flag, a
+run whose flags or data changed); ``--rerun`` trains it again from scratch. The RESULT
+records the build (``dataset_manifest_sha256``), and a ``--baseline_json`` of another build
+is refused. With two flagfiles or more, every one
 is also compared with the first, paired by seed (the patient AUC differences of each split,
 their mean +- sd, and at how many seeds it was higher). ``--baseline_json`` compares each
 model with its namesake in an earlier run's RESULT JSON the same way (the 5-fold ensembles
@@ -152,9 +155,34 @@ def train_command(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits
     return cmd, resume
 
 
+def manifest_sha256(data_dir: str) -> str:
+    """The SHA-256 of the data folder's manifest.json: the build (a rebuild, even into the
+    same folder, has another salt, so other keys and another record order), as the trainer
+    records it in run_info.json (``dataset_manifest_sha256``)."""
+    import hashlib
+
+    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def trained_on(run_dir: Path, folds: int = 0) -> str | None:
+    """The manifest SHA-256 of the build that the run in ``run_dir`` trained on (its
+    run_info.json; a --folds run: its folds.json), None where it is not recorded."""
+    try:
+        doc = json.loads((run_dir / ("folds.json" if folds else "run_info.json")).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get("dataset_manifest_sha256") if isinstance(doc, dict) else None
+
+
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
             extra: list[str], rerun: bool, folds: int = 0) -> dict:
     metrics_path = run_dir / "metrics.json"
+    if not rerun and metrics_path.exists():
+        built = trained_on(run_dir, folds)
+        if built is not None and built != manifest_sha256(data_dir):
+            raise SystemExit(f"{run_dir} was trained on another build of {data_dir} (its "
+                             "manifest.json has changed since): pass --rerun to train it "
+                             "again, or give this build another --work_dir")
     if rerun or not metrics_path.exists():
         cmd, resume = train_command(flagfile, data_dir, run_dir, seed, splits, extra, rerun,
                                     folds)
@@ -325,7 +353,8 @@ def paired_with_baseline(models: dict, baseline: dict, label: str,
 
 def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) -> dict:
     """``--baseline_json``'s RESULT, checked: a ValueError (one line) for a file that is not
-    one, another data folder or other held-out splits, or none of these models."""
+    one, another data folder or another build of it (where the RESULT records its build),
+    other held-out splits, or none of these models."""
     try:
         baseline = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -344,6 +373,11 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
     if theirs is None or os.path.realpath(theirs) != os.path.realpath(data_dir):
         raise ValueError(f"--baseline_json={path} was run on another data folder ({theirs}, "
                          f"here {data_dir})")
+    built = baseline.get("dataset_manifest_sha256")
+    if built is not None and built != manifest_sha256(data_dir):
+        raise ValueError(f"--baseline_json={path} was run on another build of {data_dir} "
+                         "(its manifest.json has changed since): its runs are not paired "
+                         "with these by data")
     if baseline.get("held_out") != splits:
         raise ValueError(f"--baseline_json={path} holds out {baseline.get('held_out')}, this "
                          f"data folder {splits}")
@@ -411,8 +445,9 @@ def main(argv=None) -> int:
                                      {Path(f).stem for f in args.flagfiles.split(",")})
         except ValueError as exc:
             p.error(str(exc))
-    res = {"data_dir": args.data_dir, "seeds": seeds, "held_out": splits, "models": {},
-           "extra_flags": args.extra, "folds": args.folds}
+    res = {"data_dir": args.data_dir, "dataset_manifest_sha256": manifest_sha256(args.data_dir),
+           "seeds": seeds, "held_out": splits, "models": {}, "extra_flags": args.extra,
+           "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
     for flagfile in flagfiles:
         if not os.path.isfile(flagfile):

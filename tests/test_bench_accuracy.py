@@ -83,6 +83,12 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
     assert test["mean"] == pytest.approx(0.04) and test["wins"] == 1 and test["n"] == 2
     assert "paired by seed, patient AUC of r50 - baseline (single.json):" in capsys.readouterr().out
     assert main() == 0  # single runs against single runs: val is alike
+    # the RESULT records its build; a baseline of the same build (the same manifest) pairs
+    assert json.loads(out.read_text())["dataset_manifest_sha256"] == accuracy.manifest_sha256(
+        str(data))
+    base.write_text(out.read_text())
+    assert main() == 0
+    base.write_text(json.dumps(single))
     assert set(json.loads(out.read_text())["paired"]["r50 - baseline (single.json)"]) == {
         "val", "test"}
     for doc, message in (
@@ -90,6 +96,7 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
             ({**single, "models": {"r50": {"runs": [{"val": {}}]}}}, "is not a RESULT JSON"),
             ({**single, "models": {"x": {"runs": []}}}, "has none of these"),
             ({**single, "data_dir": str(tmp_path)}, "was run on another data folder"),
+            ({**single, "dataset_manifest_sha256": "0" * 64}, "was run on another build of"),
             ({**single, "held_out": []}, "holds out [], this data folder ['test']")):
         base.write_text(doc if isinstance(doc, str) else json.dumps(doc))
         with pytest.raises(SystemExit):
@@ -183,6 +190,30 @@ def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path
         cmd, _ = accuracy.train_command("f.cfg", "d", new, 1, [], [], rerun, folds=5)
         assert "--folds=5" in cmd and ("--overwrite" in cmd) == rerun
     assert cmd[3] == f"--flagfile={Path('f.cfg').resolve()}"  # the trainings run in the repo
+
+
+def test_a_finished_run_of_another_build_of_the_data_is_not_reused(tmp_path, monkeypatch):
+    """A finished run is reused only on the build it trained on (run_info.json's manifest
+    SHA-256; a --folds run's in folds.json): the data folder rebuilt in place (another salt,
+    another record order) is a one-line error naming --rerun."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"build": 1}')
+    run_dir = tmp_path / "w" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
+    (run_dir / "run_info.json").write_text(json.dumps(
+        {"dataset_manifest_sha256": accuracy.manifest_sha256(str(data))}))
+    monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)["seed"] == 0
+    (data / "manifest.json").write_text('{"build": 2}')
+    with pytest.raises(SystemExit, match="trained on another build of .*--rerun"):
+        accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)
+    (run_dir / "folds.json").write_text(json.dumps({"dataset_manifest_sha256": "f" * 64}))
+    assert accuracy.trained_on(run_dir, folds=5) == "f" * 64
+    assert accuracy.trained_on(tmp_path, folds=5) is None  # not recorded: not checked
 
 
 def test_folds_runs_report_each_member_alone_and_reuse_its_evaluation(tmp_path, monkeypatch):

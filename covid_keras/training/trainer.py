@@ -181,6 +181,22 @@ def changed_flags(stored: dict, current: dict) -> list[str]:
     return out
 
 
+def changed_data(cfg: TrainConfig, info: dict) -> list[str]:
+    """``["--data_dir: other data than the run's (...)"]`` when the run (its run_info.json)
+    was trained on another build of the data than --data_dir holds now: its manifest.json
+    differs (a rebuild, even into the same folder, has another salt and so another record
+    order), unless both are the same fold of the same --folds data; else []."""
+    from covid_keras.io import data
+    from covid_keras.training import folds
+
+    sha = files.sha256(data.manifest_path(cfg.data_dir))
+    trained_on = info.get("dataset_manifest_sha256", sha)
+    if trained_on == sha or folds.same_fold_data(info.get("flags", {}).get("data_dir", ""),
+                                                 trained_on, cfg.data_dir):
+        return []
+    return [f"--data_dir: other data than the run's ({cfg.data_dir})"]
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: str, teacher: dict | None = None) -> str:
     """Creates the run folder and says what the run will do: ``"new"``, ``"resume"`` (an
     interrupted run with the same run-defining flags) or ``"overwrite"`` (the folder's run
@@ -204,7 +220,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str, teacher: dict | None = None)
         info = run.run_info()
         if info is not None:
             diff = changed_flags(info.get("flags", {}), resolved_flags(cfg)) + \
-                distill.changed_teacher(info, teacher)
+                distill.changed_teacher(info, teacher) + changed_data(cfg, info)
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
                                  f"{'; '.join(diff)}): rerun with its flags "
@@ -221,7 +237,7 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     --overwrite) when it differs, so that it is replaced; an error naming what differs
     otherwise."""
     from covid_keras.io import data
-    from covid_keras.training import distill, folds
+    from covid_keras.training import distill
 
     run = RunDir(cfg.run_dir)
     if not (cfg.reuse and run.is_finished()):
@@ -233,10 +249,7 @@ def reused_run(cfg: TrainConfig) -> dict | None:
     sha = files.sha256(data.manifest_path(cfg.data_dir))
     if distill.enabled(cfg):
         diff += distill.changed_teacher(info, distill.teacher(cfg, manifest, sha))
-    trained_on = info.get("dataset_manifest_sha256", sha)
-    if trained_on != sha and not folds.same_fold_data(
-            info.get("flags", {}).get("data_dir", ""), trained_on, cfg.data_dir):
-        diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
+    diff += changed_data(cfg, info)
     if not reuse_verdict(cfg, diff):
         return None
     return json.loads(files.read_text(run.metrics_path)) if files.exists(run.metrics_path) \
