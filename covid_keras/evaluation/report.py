@@ -156,31 +156,23 @@ LUNG_OUTLINE = "#40e0ff"
 
 
 def lung_masks(predictor, indices) -> dict:
-    """index -> the record's lung mask (``mask/encoded``) as a bool (S, S) array at the
-    model's input size, aligned with ``predictor.images_u8``; {} when the predictor has no
-    records to read (one pass over the shards)."""
-    import cv2
+    """index -> the record's lung mask as a bool (S, S) array at the model's input size,
+    aligned with ``predictor.images_u8``: the mask a lung model takes
+    (``predictor.model_masks``) at 0.5; {} when the predictor has no records to read."""
+    return _outlines(_model_masks(predictor, indices))
 
-    shards = getattr(predictor, "files", None)
-    wanted = {int(i) for i in indices}
-    if not shards or not wanted:
+
+def _outlines(model_masks: dict) -> dict:
+    """A lung model's masks (float32 (S, S, 1), 1 = lung) as bool (S, S) arrays."""
+    return {i: m[..., 0] >= 0.5 for i, m in model_masks.items()}
+
+
+def _model_masks(predictor, indices) -> dict:
+    """``predictor.model_masks(indices)`` (one pass over the shards), or {} when it has no
+    records to read."""
+    if not getattr(predictor, "files", None) or not len(indices):
         return {}
-    import tensorflow as tf
-
-    from covid_keras.core import schema
-
-    size = int(predictor.cfg.input_size)
-    spec = {schema.MASK: schema.parse_spec()[schema.MASK]}
-    out = {}
-    for i, rec in enumerate(tf.data.TFRecordDataset(shards, "GZIP")):
-        if i in wanted:
-            raw = tf.io.parse_single_example(rec, spec)[schema.MASK].numpy()
-            m = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
-            if m is not None:
-                out[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
-            if len(out) == len(wanted):
-                break
-    return out
+    return predictor.model_masks(indices)
 
 
 def write_explanations(output_dir: str, model, predictor, preds, result: dict,
@@ -208,11 +200,12 @@ def write_explanations(output_dir: str, model, predictor, preds, result: dict,
     if not all_idx:
         return []
     images = predictor.images_u8(all_idx)
-    masks = lung_masks(predictor, all_idx)
+    decoded = _model_masks(predictor, all_idx)  # read once: the outlines and a lung model's
+    masks = _outlines(decoded)
     stack = np.stack([images[i] for i in all_idx])
     x = np.asarray(data.model_input(stack, predictor.cfg), np.float32)
     # a lung model (navigator_anchors="lung"): with the masks it predicted with
-    lung = predictor.model_masks(all_idx) if predictor.cfg.lung_mask else None
+    lung = decoded if predictor.cfg.lung_mask else None
     cams = dict(zip(all_idx, GradCAM(model)(
         x, target, masks=None if lung is None else np.stack([lung[i] for i in all_idx]))))
     boxes = preds.outputs.get("boxes")
