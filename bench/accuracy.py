@@ -26,11 +26,11 @@ an ensemble) on each held-out split, as train evaluated it (metrics.json):
 whether the chosen threshold transfers.
 
 A run whose ``metrics.json`` exists is reused, on the build of the data it trained on only
-(run_info.json's manifest SHA-256: a rebuild has another record order), and an interrupted
-one resumes where it stopped (the protocol is resumable; train refuses, naming the flag, a
-run whose flags or data changed); ``--rerun`` trains it again from scratch. The RESULT
-records the build (``dataset_manifest_sha256``), and a ``--baseline_json`` of another build
-is refused. With two flagfiles or more, every one
+(run_info.json's manifest SHA-256: a build with a new salt has another record order), and
+an interrupted one resumes where it stopped (the protocol is resumable; train refuses,
+naming the flag, a run whose flags or data changed); ``--rerun`` trains it again from
+scratch. The RESULT records the build (``dataset_manifest_sha256``), and a
+``--baseline_json`` of another build is refused. With two flagfiles or more, every one
 is also compared with the first, paired by seed (the patient AUC differences of each split,
 their mean +- sd, and at how many seeds it was higher). ``--baseline_json`` compares each
 model with its namesake in an earlier run's RESULT JSON the same way (the 5-fold ensembles
@@ -156,8 +156,8 @@ def train_command(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits
 
 
 def manifest_sha256(data_dir: str) -> str:
-    """The SHA-256 of the data folder's manifest.json: the build (a rebuild, even into the
-    same folder, has another salt, so other keys and another record order), as the trainer
+    """The SHA-256 of the data folder's manifest.json: the build (a build into a new or
+    emptied folder draws a new salt, so other keys and another record order), as the trainer
     records it in run_info.json (``dataset_manifest_sha256``)."""
     import hashlib
 

@@ -23,9 +23,9 @@ OnLost = Callable[[tuple, str, str], Any]
 #: A new worker's first message: its interpreter started and imported what it needs (a
 #: spawned process takes seconds to, more on a loaded machine; that is not the task's time).
 READY = "ready"
-#: A worker that is not ready this long after its start is killed and started again; one
-#: that dies or hangs before it is ready this many times in a row ends the batch (no worker
-#: can run any task).
+#: A worker that is not ready this long after its start is killed and started again (while
+#: tasks wait); a worker slot whose process dies or hangs before it is ready this many times
+#: in a row ends the batch with that reason.
 START_LIMIT_S = 300.0
 START_TRIES = 3
 
@@ -146,8 +146,9 @@ def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost
                             pass
                     if not w.ready and (w.conn in ready or w.process.sentinel in ready
                                         or now - w.born > START_LIMIT_S):
-                        _stop(w, kill=True)
-                        pool[i] = _start(ctx, memory_limit_mb, w.tries + 1)
+                        _stop(w, kill=True)  # started again only while tasks wait for it
+                        pool[i] = _start(ctx, memory_limit_mb, w.tries + 1) if pending \
+                            else None
                     continue
                 if w.task is None:
                     continue
@@ -174,9 +175,11 @@ def run_tasks(fn: Callable, arg_list: list[tuple], workers: int, on_lost: OnLost
                     done[w.task] = on_lost(arg_list[w.task], lost, detail)
                     _stop(w, kill=True)
                     pool[i] = _start(ctx, memory_limit_mb)
+            pool = [w for w in pool if w is not None]
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
     finally:
         for w in pool:
-            _stop(w, kill=w.task is not None)
+            if w is not None:
+                _stop(w, kill=w.task is not None or not w.ready)

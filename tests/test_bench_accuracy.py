@@ -194,7 +194,7 @@ def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path
 
 def test_a_finished_run_of_another_build_of_the_data_is_not_reused(tmp_path, monkeypatch):
     """A finished run is reused only on the build it trained on (run_info.json's manifest
-    SHA-256; a --folds run's in folds.json): the data folder rebuilt in place (another salt,
+    SHA-256; a --folds run's in folds.json): another build in the folder (a new salt,
     another record order) is a one-line error naming --rerun."""
     import json
 

@@ -316,6 +316,46 @@ def test_an_interrupted_run_with_other_flags_is_refused(data_dir, tmp_path):
         pretraining.weights_file(str(run))
 
 
+def test_a_run_on_another_build_of_the_data_is_neither_resumed_nor_reused(data_dir, tmp_path):
+    """run_info.json's manifest SHA-256 names the build a run trained on: another build
+    (a new salt: another record order) is refused for an interrupted run and for --reuse;
+    --reuse --overwrite (what train passes to its own stage under --overwrite) replaces a
+    finished run only when it differs."""
+    from covid_keras.core import files
+    from covid_keras.training import pretraining
+
+    run = tmp_path / "r"
+    (run / "checkpoint").mkdir(parents=True)
+    cfg = config(data_dir, run)
+    sha = files.sha256(str(Path(data_dir) / "manifest.json"))
+
+    def info(built):
+        (run / "run_info.json").write_text(json.dumps({"config": cfg.defining(),
+                                                       "dataset_manifest_sha256": built}))
+
+    info(sha)
+    assert pretraining.prepare_run_dir(cfg) == "resume"
+    info("0" * 64)
+    with pytest.raises(ValueError, match="--data_dir: other data than the run's"):
+        pretraining.prepare_run_dir(cfg)
+    # finished: reused on its build, refused on another, replaced there under --overwrite
+    (run / "checkpoint").rmdir()
+    (run / pretraining.BACKBONE_FILE).write_bytes(b"weights")
+    (run / "metrics.json").write_text("{}")
+    reuse = config(data_dir, run, reuse=True)
+    with pytest.raises(ValueError, match="finished pretraining run with other flags"):
+        pretraining.prepare_run_dir(reuse)
+    info(sha)
+    assert pretraining.prepare_run_dir(reuse) == "finished"
+    assert pretraining.prepare_run_dir(config(data_dir, run, reuse=True,
+                                              overwrite=True)) == "finished"
+    assert (run / pretraining.BACKBONE_FILE).exists()
+    info("0" * 64)
+    assert pretraining.prepare_run_dir(config(data_dir, run, reuse=True,
+                                              overwrite=True)) == "overwrite"
+    assert not (run / pretraining.BACKBONE_FILE).exists()
+
+
 def test_command_line_help_and_one_line_errors(data_dir, tmp_path, commands):
     def run(*args):
         return commands.run("covid_keras.pretrain", *args, timeout=120)

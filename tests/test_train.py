@@ -381,15 +381,16 @@ def test_interrupted_run_refuses_other_flags_and_overwrite_restarts_it(killed_in
     assert proc.returncode != 0 and "--steps_per_epoch: 4 -> 5" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and meta.exists()
-    # the same flags on another build of the data in the same folder (a rebuild: another
-    # manifest, another salt and record order): refused too, not resumed
+    # the same flags on another build of the data (as a build into a new folder with a new
+    # salt, another record order, makes): refused too, not resumed
     rebuilt = _copy_run(killed_in_stage_two, tmp_path / "rebuilt")
     info = json.loads((rebuilt / "run_info.json").read_text())
     (rebuilt / "run_info.json").write_text(json.dumps({**info,
                                                        "dataset_manifest_sha256": "0" * 64}))
     proc = train(data_dir, rebuilt, *TWO_STAGES)
-    assert proc.returncode != 0 and "--data_dir: other data than the run's" in proc.stderr, \
+    assert proc.returncode != 0 and "trained on another build of" in proc.stderr, \
         proc.stderr[-2000:]
+    assert "--salt_file" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr and "resuming" not in proc.stderr
     # --overwrite: a fresh run with the new flags (not a resume)
     proc = run_train(data_dir, run_dir, "--stages=sgd@0.01:1", "--steps_per_epoch=2",

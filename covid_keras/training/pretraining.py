@@ -147,39 +147,55 @@ def weights_file(path: str) -> str:
 
 
 def prepare_run_dir(cfg: PretrainConfig) -> str:
-    """``"new"``, ``"resume"`` (an interrupted run with the same settings) or
-    ``"overwrite"``; a finished run without --overwrite, or an interrupted one with other
-    settings, is a one-line error."""
+    """``"new"``, ``"resume"`` (an interrupted run with the same settings on the same build
+    of the data), ``"finished"`` (--reuse: a finished one with the same settings and data)
+    or ``"overwrite"``; a finished run without --overwrite or --reuse, or a run with other
+    settings or data, is a one-line error. --reuse --overwrite replaces a finished run only
+    when it differs (as train does)."""
     run_dir = cfg.run_dir
     ckpt = os.path.join(run_dir, "checkpoint")
     started = files.isdir(ckpt) or files.exists(os.path.join(run_dir, "run_info.json"))
-    if cfg.overwrite and (started or is_finished(run_dir)):
+    finished = is_finished(run_dir)
+    diff = changed_settings(cfg) if started or finished else []
+    if cfg.overwrite and (started or finished) and not (cfg.reuse and finished and not diff):
         for name in RUN_FILES:
             files.remove(os.path.join(run_dir, name))
         for name in ("checkpoint", "tensorboard"):
             files.rmtree(os.path.join(run_dir, name))
         log.info("--overwrite: %s starts again from scratch", run_dir)
         return "overwrite"
-    finished = is_finished(run_dir)
     if finished and not cfg.reuse:
         raise ValueError(f"{run_dir} holds a finished pretraining run: use it (covid_keras."
                          f"train --init_from={run_dir}), or pass --overwrite to replace it")
     if started or finished:
-        info = os.path.join(run_dir, "run_info.json")
-        if files.exists(info):
-            stored = json.loads(files.read_text(info)).get("config", {})
-            now = cfg.defining()
-            diff = [f"--{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
-                    if stored.get(k) != now.get(k)]
-            if diff:
-                state = "a finished" if finished else "an interrupted"
-                raise ValueError(f"{run_dir} holds {state} pretraining run with other flags ("
-                                 f"{'; '.join(diff)}): rerun it with its --flagfile="
-                                 f"{os.path.join(run_dir, 'flags.cfg')}, choose another "
-                                 "folder, or pass --overwrite")
+        if diff:
+            state = "a finished" if finished else "an interrupted"
+            raise ValueError(f"{run_dir} holds {state} pretraining run with other flags ("
+                             f"{'; '.join(diff)}): rerun it with its --flagfile="
+                             f"{os.path.join(run_dir, 'flags.cfg')}, choose another "
+                             "folder, or pass --overwrite")
         return "finished" if finished else "resume"
     files.makedirs(run_dir)
     return "new"
+
+
+def changed_settings(cfg: PretrainConfig) -> list[str]:
+    """``--name: old -> new`` for every run-defining setting of the run in --run_dir
+    (its run_info.json) that differs from ``cfg``, and ``--data_dir: other data ...`` when
+    it trained on another build of the data (its manifest.json's SHA-256); [] without a
+    run_info.json."""
+    path = os.path.join(cfg.run_dir, "run_info.json")
+    if not files.exists(path):
+        return []
+    info = json.loads(files.read_text(path))
+    stored, now = info.get("config", {}), cfg.defining()
+    diff = [f"--{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+            if stored.get(k) != now.get(k)]
+    built = info.get("dataset_manifest_sha256")
+    if built is not None and built != files.sha256(os.path.join(cfg.data_dir,
+                                                                schema.MANIFEST)):
+        diff.append(f"--data_dir: other data than the run's ({cfg.data_dir})")
+    return diff
 
 
 class Checkpoint:

@@ -184,8 +184,9 @@ def changed_flags(stored: dict, current: dict) -> list[str]:
 def changed_data(cfg: TrainConfig, info: dict) -> list[str]:
     """``["--data_dir: other data than the run's (...)"]`` when the run (its run_info.json)
     was trained on another build of the data than --data_dir holds now: its manifest.json
-    differs (a rebuild, even into the same folder, has another salt and so another record
-    order), unless both are the same fold of the same --folds data; else []."""
+    differs (a build into a new or emptied folder draws a new salt, so other keys and
+    another record order), unless both are the same fold of the same --folds data; else
+    []."""
     from covid_keras.io import data
     from covid_keras.training import folds
 
@@ -219,8 +220,15 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str, teacher: dict | None = None)
     if started:
         info = run.run_info()
         if info is not None:
+            if changed_data(cfg, info):
+                raise ValueError(f"{run_dir} holds an interrupted run that trained on another "
+                                 f"build of {cfg.data_dir} (its manifest.json has changed "
+                                 "since: a build into a new folder draws a new salt, so "
+                                 "another record order): rebuild it with the run's salt "
+                                 "(build_tfrecords --salt_file), or pass --overwrite to "
+                                 "start again")
             diff = changed_flags(info.get("flags", {}), resolved_flags(cfg)) + \
-                distill.changed_teacher(info, teacher) + changed_data(cfg, info)
+                distill.changed_teacher(info, teacher)
             if diff:
                 raise ValueError(f"{run_dir} holds an interrupted run with other flags ("
                                  f"{'; '.join(diff)}): rerun with its flags "
@@ -349,6 +357,8 @@ def backbone_weights(cfg: TrainConfig, run_dir: str) -> str | None:
         cmd = [sys.executable, "-m", "covid_keras.pretrain",
                f"--flagfile={cfg.pretrain_flagfile}", f"--data_dir={cfg.data_dir}",
                f"--run_dir={folder}", "--reuse"]
+        if cfg.overwrite and not cfg.pretrain_dir:  # the run's own stage: replaced when it
+            cmd.append("--overwrite")               # differs (flags, data), else reused
         log.info("stage 0, pretraining: %s", " ".join(cmd[1:]))
         code = run_stage(cmd)
         if code:
