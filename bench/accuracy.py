@@ -18,7 +18,10 @@ checkpoints and the decision), the held-out splits are the ensemble's, the chose
 and the last-5 stability are the folds' means, and ``fold_val_patient_auc_sd`` is the
 spread across folds. Each fold model is also evaluated alone on the held-out splits
 (``member_<split>_patient_auc``: the members' mean, ``..._sd`` their spread within a seed,
-``ensemble_minus_members_<split>_patient_auc``: what the average added, per seed).
+``ensemble_minus_members_<split>_patient_auc``: what the average added, per seed), and
+``<split>_vote_patient_*`` is a diagnostic that chooses nothing: the members' majority vote
+at the ensemble's out-of-fold threshold, which was chosen on one member's scores a patient
+(the ensemble's mean of five is narrower; bench/README.md, "Cross-validated ensembles").
 
 Every run's own decision (decision.json: the threshold chosen on val, or out of fold for
 an ensemble) on each held-out split, as train evaluated it (metrics.json):
@@ -208,6 +211,7 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         out["best_epoch"] = sum(epochs) / len(epochs) if epochs else None
         out["fold_val_patient_auc"] = metrics["fold_val_patient_auc"]
         out["members"] = member_figures(run_dir, folds, splits, seed)
+        out["vote"] = vote_figures(run_dir, folds, splits, metrics)
     else:
         out["stability"] = stability(run_dir / "log.csv")
     for split in splits:
@@ -272,6 +276,45 @@ def decision_figures(metrics: dict, splits: list[str]) -> dict:
     return out
 
 
+def vote_figures(run_dir: Path, folds: int, splits: list[str], metrics: dict) -> dict:
+    """A diagnostic of a ``--folds`` run, held out (it chooses nothing): the members'
+    majority vote at the ensemble's own decision. Each member's patient score by the
+    decision's rule, from its own held-out predictions (:func:`member_figures`' slices.csv),
+    against the out-of-fold threshold, which was chosen on one member's scores a patient;
+    positive when at least half of the members are. split -> the patient sensitivity,
+    specificity and accuracy (the positive class against the rest); a split without the
+    decision or the members' predictions has no entry."""
+    out = {}
+    for split in splits:
+        decided = metrics.get(f"decision_on_{split}")
+        paths = [run_dir.parent / f"{run_dir.name}_members" / f"fold_{k}_{split}" / "slices.csv"
+                 for k in range(folds)]
+        if not decided or not all(p.exists() for p in paths):
+            continue
+        rule, t = decided["decision"]["rule"], float(decided["decision"]["threshold"])
+        pos = decided["positive_class"]
+        votes: dict = {}
+        positive: dict = {}
+        for path in paths:
+            probs: dict = {}
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    probs.setdefault(row["patient_key"], []).append(float(row[f"prob_{pos}"]))
+                    positive[row["patient_key"]] = row["label"] == pos
+            for key, p in probs.items():
+                score = sum(p) / len(p) if rule == "mean" else max(p)
+                votes[key] = votes.get(key, 0) + (score >= t)
+        called = {key: 2 * v >= folds for key, v in votes.items()}
+        tp = sum(called[k] and positive[k] for k in called)
+        tn = sum(not called[k] and not positive[k] for k in called)
+        n_pos = sum(positive[k] for k in called)
+        n_neg = len(called) - n_pos
+        out[split] = {"sensitivity": tp / n_pos if n_pos else float("nan"),
+                      "specificity": tn / n_neg if n_neg else float("nan"),
+                      "accuracy": (tp + tn) / len(called) if called else float("nan")}
+    return out
+
+
 # The positive class's patient and slice AUC, the patient accuracy (argmax over every class)
 # and, with more than two classes, the slice macro AUC (one-vs-rest).
 KEYS = ("patient_auc", "slice_auc", "slice_macro_auc", "patient_accuracy")
@@ -288,6 +331,10 @@ def summarise(runs: list[dict], splits: list[str]) -> dict:
             for key in DECISION_KEYS:
                 summary[f"{split}_decision_patient_{key}"] = mean_sd(
                     [r["decision"][split][key] for r in runs])
+        if runs and all(split in r.get("vote", {}) for r in runs):  # --folds: a diagnostic
+            for key in DECISION_KEYS:
+                summary[f"{split}_vote_patient_{key}"] = mean_sd(
+                    [r["vote"][split][key] for r in runs])
     summary["last5_val_patient_auc_max_dev"] = mean_sd(
         [r["stability"]["max_dev"] for r in runs])
     summary["best_epoch"] = mean_sd([r["best_epoch"] for r in runs])

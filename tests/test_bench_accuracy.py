@@ -308,3 +308,42 @@ def test_a_run_without_a_decision_has_no_decision_figures():
     assert not any("decision" in k for k in accuracy.summarise(runs, ["test"]))
     assert accuracy.summarise(runs[1:], ["test"])["test_decision_patient_sensitivity"][
         "mean"] == 0.5
+
+
+def test_the_members_vote_at_the_out_of_fold_threshold_is_reported_as_a_diagnostic(tmp_path):
+    """--folds: each member's patient score by the ensemble's rule (from its own held-out
+    slices.csv) against the ensemble's out-of-fold threshold; positive when at least half
+    of the members are. Held out, so it is reported and chooses nothing."""
+    import json
+
+    # patient -> label, then each member's two slice probabilities of covid
+    scores = {"p1": ("covid", [(0.5, 0.7), (0.7, 0.7), (0.4, 0.4)]),  # mean: 2 of 3 vote
+              "p2": ("covid", [(0.4, 0.4), (0.3, 0.9), (0.6, 0.6)]),  # mean 0.6 at member 1
+              "p3": ("non_covid", [(0.2, 0.2), (0.55, 0.55), (0.1, 0.1)]),
+              "p4": ("non_covid", [(0.6, 0.6), (0.6, 0.6), (0.2, 0.2)])}
+    run_dir = tmp_path / "w" / "seed0"
+    for k in range(3):
+        folder = tmp_path / "w" / "seed0_members" / f"fold_{k}_test"
+        folder.mkdir(parents=True)
+        rows = ["patient_key,study_key,slice_index,label,prob_non_covid,prob_covid"]
+        for key, (label, members) in scores.items():
+            for i, p in enumerate(members[k]):
+                rows.append(f"{key},s{key},{i},{label},{1 - p},{p}")
+        (folder / "slices.csv").write_text("\n".join(rows) + "\n")
+
+    def metrics(rule):
+        return {"decision_on_test": {"positive_class": "covid",
+                                     "decision": {"rule": rule, "threshold": 0.5}}}
+
+    # mean rule: p1 2 of 3 (positive), p2 2 of 3 (0.4, 0.6, 0.6), p3 1, p4 2
+    vote = accuracy.vote_figures(run_dir, 3, ["test"], metrics("mean"))["test"]
+    assert vote == {"sensitivity": 1.0, "specificity": 0.5, "accuracy": 0.75}
+    # any rule (the highest slice): p2's member 1 reaches 0.9 too: the same calls here
+    assert accuracy.vote_figures(run_dir, 3, ["test"], metrics("any"))["test"] == vote
+    assert accuracy.vote_figures(run_dir, 3, ["test"], {}) == {}  # no decision: no entry
+    assert accuracy.vote_figures(run_dir, 4, ["test"], metrics("mean")) == {}  # no fold 3
+    runs = [{"seed": 0, "val": {}, "test": {}, "stability": {"max_dev": None},
+             "best_epoch": 1, "vote": {"test": vote}}]
+    summary = accuracy.summarise(runs, ["test"])
+    assert summary["test_vote_patient_accuracy"]["mean"] == pytest.approx(0.75)
+    assert json.dumps(summary)  # the RESULT line's JSON
