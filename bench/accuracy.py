@@ -162,19 +162,18 @@ def manifest_sha256(data_dir: str) -> str:
     """The SHA-256 of the data folder's manifest.json: the build (a build into a new or
     emptied folder draws a new salt, so other keys and another record order), as the trainer
     records it in run_info.json (``dataset_manifest_sha256``)."""
-    import hashlib
+    from covid_keras.core import files, schema
 
-    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+    return files.sha256(os.path.join(data_dir, schema.MANIFEST))
 
 
 def trained_on(run_dir: Path, folds: int = 0) -> str | None:
     """The manifest SHA-256 of the build that the run in ``run_dir`` trained on (its
     run_info.json; a --folds run: its folds.json), None where it is not recorded."""
-    try:
-        doc = json.loads((run_dir / ("folds.json" if folds else "run_info.json")).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc.get("dataset_manifest_sha256") if isinstance(doc, dict) else None
+    from covid_keras.io.run_dir import RunDir
+
+    run = RunDir(str(run_dir))
+    return ((run.folds() if folds else run.run_info()) or {}).get("dataset_manifest_sha256")
 
 
 def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list[str],
@@ -284,6 +283,11 @@ def vote_figures(run_dir: Path, folds: int, splits: list[str], metrics: dict) ->
     positive when at least half of the members are. split -> the patient sensitivity,
     specificity and accuracy (the positive class against the rest); a split without the
     decision or the members' predictions has no entry."""
+    import numpy as np
+
+    from covid_keras.evaluation.decision import aggregate
+    from covid_keras.evaluation.metrics import binary_metrics
+
     out = {}
     for split in splits:
         decided = metrics.get(f"decision_on_{split}")
@@ -293,25 +297,23 @@ def vote_figures(run_dir: Path, folds: int, splits: list[str], metrics: dict) ->
             continue
         rule, t = decided["decision"]["rule"], float(decided["decision"]["threshold"])
         pos = decided["positive_class"]
-        votes: dict = {}
-        positive: dict = {}
+        count: dict = {}  # patient key -> members calling it positive
+        labels: dict = {}
         for path in paths:
-            probs: dict = {}
             with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    probs.setdefault(row["patient_key"], []).append(float(row[f"prob_{pos}"]))
-                    positive[row["patient_key"]] = row["label"] == pos
-            for key, p in probs.items():
-                score = sum(p) / len(p) if rule == "mean" else max(p)
-                votes[key] = votes.get(key, 0) + (score >= t)
-        called = {key: 2 * v >= folds for key, v in votes.items()}
-        tp = sum(called[k] and positive[k] for k in called)
-        tn = sum(not called[k] and not positive[k] for k in called)
-        n_pos = sum(positive[k] for k in called)
-        n_neg = len(called) - n_pos
-        out[split] = {"sensitivity": tp / n_pos if n_pos else float("nan"),
-                      "specificity": tn / n_neg if n_neg else float("nan"),
-                      "accuracy": (tp + tn) / len(called) if called else float("nan")}
+                rows = list(csv.DictReader(f))
+            # the positive class's column alone: the rule's patient score (mean or the
+            # highest slice) against the rest
+            pats = aggregate(np.array([[float(r[f"prob_{pos}"])] for r in rows]),
+                             np.array([r["label"] == pos for r in rows], np.int64),
+                             [r["patient_key"] for r in rows], rule, 0)
+            labels.update(zip(pats.keys, pats.labels))
+            for key, yes in zip(pats.keys, pats.score >= t):
+                count[key] = count.get(key, 0) + int(yes)
+        keys = list(count)
+        called = np.array([2 * count[k] >= folds for k in keys])
+        m = binary_metrics(np.array([labels[k] for k in keys]), called.astype(float), called)
+        out[split] = {k: m[k] for k in DECISION_KEYS}
     return out
 
 
