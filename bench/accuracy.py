@@ -41,6 +41,13 @@ against the single models of the same flagfile and seeds; val only where both ar
 out of fold is not a checkpoint-choosing val split). Ends with a table and a
 ``RESULT {json}`` line (``--output_json`` writes it too).
 
+The RESULT also records the build without its salt (``dataset_content_sha256``: data_prep
+orders the records by their salt-free content, so a rebuild elsewhere trains the same) and
+the training and evaluation code (``code_sha256``). A run folder does not outlive its
+checkout; its RESULT does: ``--merge=a.json,b.json`` merges RESULTs of other seeds of one
+protocol (same records, code, held-out splits, --folds and models) into one, and a
+``--baseline_json`` whose records it shares is paired whatever its salt.
+
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
 (``--classifier_dir``): the classifier trains once and the pair is paired by construction.
@@ -165,6 +172,41 @@ def manifest_sha256(data_dir: str) -> str:
     from covid_keras.core import files, schema
 
     return files.sha256(os.path.join(data_dir, schema.MANIFEST))
+
+
+def content_sha256(data_dir: str) -> str | None:
+    """The build without its salt (manifest.json's ``content_sha256``: the same records in
+    the same order, so the same trainings, in every rebuild of the same data with the same
+    data_prep); None for a folder written before data_prep recorded it."""
+    from covid_keras.core import schema
+
+    manifest = json.loads(Path(data_dir, schema.MANIFEST).read_text())
+    return manifest.get("content_sha256")
+
+
+#: The code that trains and evaluates (the serving wing, web page and export excluded):
+#: RESULTs of other sessions are merged (--merge) only where it is the same.
+CODE = ("covid_keras", "configs")
+NOT_TRAINING = ("covid_keras/serving", "covid_keras/web_static", "covid_keras/web.py",
+                "covid_keras/serve.py", "covid_keras/export.py", "covid_keras/predict.py")
+
+
+def code_sha256(root: Path = REPO) -> str:
+    """SHA-256 (hex) of the training and evaluation code and the flagfiles as they are in
+    ``root`` (each .py and .cfg file's path and bytes, in path order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in CODE:
+        paths = sorted(p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
+                       and p.is_file() and "__pycache__" not in p.parts)
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(NOT_TRAINING):
+                continue
+            data = path.read_bytes()
+            h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
 
 
 def trained_on(run_dir: Path, folds: int = 0) -> str | None:
@@ -405,16 +447,11 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
     one, another data folder or another build of it (where the RESULT records its build),
     other held-out splits, or none of these models."""
     try:
-        baseline = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        baseline = None
-    models = baseline.get("models") if isinstance(baseline, dict) else None
-    if not isinstance(models, dict) or not all(
-            isinstance(m, dict) and isinstance(m.get("runs"), list)
-            and all(isinstance(r, dict) and "seed" in r for r in m["runs"])
-            for m in models.values()):
+        baseline = read_result(path)
+    except ValueError:
         raise ValueError(f"--baseline_json={path} is not a RESULT JSON of this script "
-                         "(--output_json)")
+                         "(--output_json)") from None
+    models = baseline["models"]
     if not set(models) & names:
         raise ValueError(f"--baseline_json={path} has none of these flagfiles' models (it "
                          f"has {sorted(models)})")
@@ -423,7 +460,10 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
         raise ValueError(f"--baseline_json={path} was run on another data folder ({theirs}, "
                          f"here {data_dir})")
     built = baseline.get("dataset_manifest_sha256")
-    if built is not None and built != manifest_sha256(data_dir):
+    content = baseline.get("dataset_content_sha256")
+    if content is not None and content == content_sha256(data_dir):
+        pass  # a rebuild of the same data with another salt: the same records, same order
+    elif built is not None and built != manifest_sha256(data_dir):
         raise ValueError(f"--baseline_json={path} was run on another build of {data_dir} "
                          "(its manifest.json has changed since): its runs are not paired "
                          "with these by data")
@@ -431,6 +471,70 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
         raise ValueError(f"--baseline_json={path} holds out {baseline.get('held_out')}, this "
                          f"data folder {splits}")
     return baseline
+
+
+def read_result(path: str) -> dict:
+    """A RESULT JSON of this script (--output_json), or a ValueError naming the file."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        res = None
+    models = res.get("models") if isinstance(res, dict) else None
+    if not isinstance(models, dict) or not models or not all(
+            isinstance(m, dict) and isinstance(m.get("runs"), list)
+            and all(isinstance(r, dict) and "seed" in r for r in m["runs"])
+            for m in models.values()):
+        raise ValueError(f"{path} is not a RESULT JSON of this script (--output_json)")
+    return res
+
+
+#: What RESULTs merged by --merge must share: the same records (whatever the salt), the
+#: same training and evaluation code, the same protocol and models.
+MERGED_ALIKE = ("dataset_content_sha256", "code_sha256", "held_out", "folds", "extra_flags")
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One RESULT from RESULTs of other seeds (e.g. one session each: a run folder does not
+    outlive its checkout, its RESULT JSON does): their runs together, the summaries and the
+    pairing by seed made again. A ValueError (one line) unless they share
+    :data:`MERGED_ALIKE` (recorded, not None), the models and their stages, and no seed."""
+    results = [read_result(p) for p in paths]
+    first = results[0]
+    for key in MERGED_ALIKE[:2]:
+        for path, res in zip(paths, results):
+            if res.get(key) is None:
+                raise ValueError(f"{path} records no {key} (a RESULT of an older "
+                                 "bench/accuracy.py): it cannot be merged")
+    for path, res in zip(paths[1:], results[1:]):
+        for key in MERGED_ALIKE:
+            if res.get(key) != first.get(key):
+                what = {"dataset_content_sha256": "records (another build of other data, or "
+                        "of another data_prep)", "code_sha256": "training or evaluation "
+                        "code, or flagfiles"}.get(key, key)
+                raise ValueError(f"--merge: {path} and {paths[0]} differ in their {what}: "
+                                 "not one protocol")
+        if list(res["models"]) != list(first["models"]) or any(
+                res["models"][n].get("classifier_stage") != m.get("classifier_stage")
+                for n, m in first["models"].items()):
+            raise ValueError(f"--merge: {path} has other models ({list(res['models'])}) "
+                             f"than {paths[0]} ({list(first['models'])})")
+    seen: dict[int, str] = {}
+    for path, res in zip(paths, results):
+        for seed in {r["seed"] for m in res["models"].values() for r in m["runs"]}:
+            if seed in seen:
+                raise ValueError(f"--merge: seed {seed} is in {seen[seed]} and {path}")
+            seen[seed] = path
+    splits = first["held_out"]
+    models = {}
+    for name, model in first["models"].items():
+        runs = sorted((r for res in results for r in res["models"][name]["runs"]),
+                      key=lambda r: r["seed"])
+        models[name] = {**model, "runs": runs, "summary": summarise(runs, splits)}
+    builds = {res.get("dataset_manifest_sha256") for res in results}
+    return {**{k: first.get(k) for k in MERGED_ALIKE}, "data_dir": first.get("data_dir"),
+            "dataset_manifest_sha256": builds.pop() if len(builds) == 1 else None,
+            "seeds": sorted(seen), "models": models, "paired": paired(models, splits),
+            "merged_from": [Path(p).name for p in paths]}
 
 
 def print_table(res: dict) -> None:
@@ -456,11 +560,40 @@ def print_table(res: dict) -> None:
                   f"{d['n']} ({seeds})")
 
 
+def merge_main(p, args) -> int:
+    """--merge: the RESULTs' merged RESULT (and, with --baseline_json, each model against
+    the baseline's namesake, paired by seed: same records, code and held-out splits)."""
+    if args.data_dir or args.flagfiles or args.extra:
+        p.error("--merge takes RESULT JSONs only: no --data_dir, --flagfiles or flags after --")
+    try:
+        res = merge_results([x for x in args.merge.split(",") if x])
+        if args.baseline_json:
+            baseline = read_result(args.baseline_json)
+            for key in ("dataset_content_sha256", "code_sha256", "held_out"):
+                if baseline.get(key) is None or baseline.get(key) != res.get(key):
+                    raise ValueError(f"--baseline_json={args.baseline_json} differs from the "
+                                     f"merged RESULTs in {key}: its runs are not paired "
+                                     "with these")
+            label = f"baseline ({Path(args.baseline_json).name})"
+            res["paired"].update(paired_with_baseline(res["models"], baseline, label,
+                                                      res["held_out"], res["folds"]))
+    except ValueError as exc:
+        p.error(str(exc))
+    emit_result(res, print_table, args.output_json)
+    return 0
+
+
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--data_dir", required=True, help="data_prep output (train/val[/test]).")
-    p.add_argument("--flagfiles", required=True,
-                   help="Comma-separated training flagfiles, one model each.")
+    p.add_argument("--data_dir", help="data_prep output (train/val[/test]). Required "
+                   "unless --merge.")
+    p.add_argument("--flagfiles", help="Comma-separated training flagfiles, one model each. "
+                   "Required unless --merge.")
+    p.add_argument("--merge", default=None,
+                   help="Comma-separated RESULT JSONs (--output_json) of other seeds of one "
+                   "protocol (e.g. one session each): trains nothing, writes their merged "
+                   "RESULT. They must record the same content_sha256 of the data, the same "
+                   "code_sha256, held-out splits, --folds, models and flags after --.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
     p.add_argument("--work_dir", default="runs/accuracy", help="Run folders go here.")
     p.add_argument("--val_split", default="val")
@@ -477,6 +610,11 @@ def main(argv=None) -> int:
                    "--classifier_dir=runs/acc/covid_ct_resnet50/seed{seed}: a stage shared "
                    "with another flagfile's run of the same seed).")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_main(p, args)
+    for flag in ("data_dir", "flagfiles"):
+        if not getattr(args, flag):
+            p.error(f"--{flag} is required (unless --merge)")
     if not os.path.isfile(os.path.join(args.data_dir, "manifest.json")):
         p.error(f"--data_dir={args.data_dir} is not a data_prep output (no manifest.json)")
     # one spelling for every run: a --folds run's folds.json (and so whether another
@@ -495,8 +633,9 @@ def main(argv=None) -> int:
         except ValueError as exc:
             p.error(str(exc))
     res = {"data_dir": args.data_dir, "dataset_manifest_sha256": manifest_sha256(args.data_dir),
-           "seeds": seeds, "held_out": splits, "models": {}, "extra_flags": args.extra,
-           "folds": args.folds}
+           "dataset_content_sha256": content_sha256(args.data_dir),
+           "code_sha256": code_sha256(), "seeds": seeds, "held_out": splits, "models": {},
+           "extra_flags": args.extra, "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
     for flagfile in flagfiles:
         if not os.path.isfile(flagfile):

@@ -199,6 +199,7 @@ def _process_to_spool(scan: StudyScan, split: str, label_index: int, scan_cfg: S
     if result.error is None:
         for r in result.records:
             schema.validate(r)
+        result.order_key = study_order_key(result.records)
         storage.write_bytes(spool_file, pickle.dumps(result, protocol=4))
     result.records = [None] * len(result.records)
     return result
@@ -209,18 +210,34 @@ def _load_spooled(spool_file: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- shards
-def plan_shards(sizes: dict[str, int], shard_size_mb: float) -> list[list[str]]:
+def plan_shards(sizes: dict[str, int], shard_size_mb: float,
+                order: dict[str, str] | None = None) -> list[list[str]]:
     """Balanced assignment of items (by byte size) to ceil(total / shard size) shards:
-    largest first, each to the lightest shard (ties: lowest index). Deterministic."""
+    largest first, each to the lightest shard (ties: lowest index). Deterministic. Equal
+    sizes and each shard's items go by ``order`` (item -> sort key; the item itself where
+    none is given), then by the item."""
+    order = order or {}
+
+    def rank(k: str) -> tuple[str, str]:
+        return order.get(k, k), k
+
     total = sum(sizes.values())
     n = max(1, min(len(sizes), math.ceil(total / (shard_size_mb * 1024 * 1024))))
     loads = [0] * n
     shards: list[list[str]] = [[] for _ in range(n)]
-    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+    for key in sorted(sizes, key=lambda k: (-sizes[k], rank(k))):
         i = min(range(n), key=lambda j: (loads[j], j))
         shards[i].append(key)
         loads[i] += sizes[key]
-    return [sorted(s) for s in shards]
+    return [sorted(s, key=rank) for s in shards]
+
+
+def study_order_key(records: list[dict]) -> str:
+    """A study's place in its split's shards: the digest of its records' salt-free content
+    (in slice order), so a rebuild with another salt writes the same records in the same
+    order, and a seeded training on it is the same training."""
+    ordered = sorted(records, key=lambda r: r[schema.SLICE_INDEX])
+    return schema.digest_of([schema.content_digest(r) for r in ordered])
 
 
 def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
@@ -663,6 +680,7 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         key = f"{result.patient_key}/{result.study_key}"
         by_split[result.split][key] = (result, spool_file)
     files: dict[str, dict] = {}
+    content: dict[str, str] = {}  # shard -> digest of its records' salt-free content
     parent, base = _staging_paths(cfg.output_dir)
     staging = os.path.join(parent, f".{base}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -673,24 +691,33 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         if not studies:
             continue
         sizes = {k: storage.size(f) for k, (_, f) in studies.items()}
-        shards = plan_shards(sizes, cfg.shard_size_mb)
+        order = {k: r.order_key or study_order_key(_load_spooled(f))  # older spools: none
+                 for k, (r, f) in studies.items()}
+        shards = plan_shards(sizes, cfg.shard_size_mb, order)
         for i, keys in enumerate(shards):
             name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"
             path = os.path.join(staging, name)
+
+            digests: list[str] = []
 
             def records(keys: list[str] = keys) -> Iterator[bytes]:
                 for k in keys:
                     recs = sorted(_load_spooled(studies[k][1]), key=lambda r: r[schema.SLICE_INDEX])
                     for r in recs:
+                        digests.append(schema.content_digest(r))
                         yield schema.serialize(r)
                     bar.update()
 
             n = write_tfrecord_gz(path, records())
             files[name] = {"split": split, "records": n, "studies": len(keys),
                            "bytes": os.path.getsize(path), "sha256": fs.sha256(path)}
+            content[name] = schema.digest_of(digests)
     bar.close()
     manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
                               issues, files, slice_stats, notes)
+    # the build without its salt: the same records in the same shards and order (a rebuild
+    # with another salt trains the same; bench/accuracy.py pairs runs by it)
+    manifest["content_sha256"] = schema.digest_of([f"{n} {d}" for n, d in sorted(content.items())])
     write_failures(os.path.join(staging, FAILURES), issues)
     fs.atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(
         fs.strict(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -131,6 +131,9 @@ class StudyResult:
     sampled: int = 0
     error: Issue | None = None
     spool_key: str = ""
+    #: schema.digest_of its records' content digests (salt-free): its place in the shards'
+    #: order. Spooled with it; never written to a record, the manifest or a log.
+    order_key: str = ""
 
 
 def salted_key(salt: bytes, kind: str, value: str, length: int = 16) -> str:
@@ -482,8 +485,10 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
                                        "warning"))
         hu, warnings = loaded
         result.issues.extend(warnings)
+        # seeded by the slice's pixels, not its salted key: a rebuild with another salt
+        # writes the same train images (and so trains the same)
         rng = np.random.default_rng(
-            [seed, int(hashlib.sha256(s.sop_key.encode()).hexdigest()[:8], 16)])
+            [seed, int(hashlib.sha256(np.ascontiguousarray(hu).tobytes()).hexdigest()[:8], 16)])
         prepared = prepare_slice(hu, prep, pixel_spacing_mm=s.pixel_spacing_mm,
                                  is_train=is_train, rng=rng)
         if isinstance(prepared, str):

@@ -347,3 +347,105 @@ def test_the_members_vote_at_the_out_of_fold_threshold_is_reported_as_a_diagnost
     summary = accuracy.summarise(runs, ["test"])
     assert summary["test_vote_patient_accuracy"]["mean"] == pytest.approx(0.75)
     assert json.dumps(summary)  # the RESULT line's JSON
+
+
+def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_path, capsys):
+    """--merge: RESULTs of other seeds (a session each) become one RESULT, the summaries
+    and the pairing by seed made again over every seed; RESULTs of other records (content
+    digest), other code, models or held-out splits, an older RESULT without the digests, or
+    one seed twice are a one-line error. A --baseline_json of a rebuild with another salt
+    (same content digest, another manifest) pairs."""
+    import json
+
+    def seed_run(seed, val, test):
+        return {**run(seed, val, test), "stability": {"max_dev": 0.1}, "best_epoch": 2}
+
+    def result(seeds_figures, **over):
+        models = {name: {"runs": [seed_run(s, v + bump, t + bump)
+                                  for s, (v, t) in seeds_figures.items()]}
+                  for name, bump in (("r50", 0.0), ("dre", 0.05))}
+        return {"data_dir": "/data", "dataset_manifest_sha256": "a" * 64,
+                "dataset_content_sha256": "c" * 64, "code_sha256": "d" * 64,
+                "held_out": ["test"], "folds": 5, "extra_flags": [], "models": models,
+                "seeds": sorted(seeds_figures), **over}
+
+    def write(name, doc):
+        (tmp_path / name).write_text(json.dumps(doc))
+        return str(tmp_path / name)
+
+    a = write("a.json", result({0: (0.7, 0.6), 1: (0.8, 0.9)}))
+    b = write("b.json", result({2: (0.6, 0.75)}, dataset_manifest_sha256="b" * 64))
+    out = tmp_path / "merged.json"
+    assert accuracy.main([f"--merge={a},{b}", f"--output_json={out}"]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["merged_from"] == ["a.json", "b.json"]
+    assert merged["dataset_manifest_sha256"] is None  # two salts, one content
+    assert merged["dataset_content_sha256"] == "c" * 64 and merged["folds"] == 5
+    r50 = merged["models"]["r50"]
+    assert [r["seed"] for r in r50["runs"]] == [0, 1, 2]
+    assert r50["summary"]["test_patient_auc"]["mean"] == pytest.approx(0.75)
+    assert r50["summary"]["test_patient_auc"]["n"] == 3
+    pair = merged["paired"]["dre - r50"]["test"]
+    assert pair["seeds"] == [0, 1, 2] and pair["diffs"] == pytest.approx([0.05] * 3)
+    assert "RESULT " in capsys.readouterr().out
+
+    # the single models of the same records and code pair with the merged ensembles
+    single = write("single.json", result({0: (0.7, 0.5), 2: (0.6, 0.8)}, folds=0,
+                                         dataset_manifest_sha256="e" * 64))
+    assert accuracy.main([f"--merge={a},{b}", f"--baseline_json={single}",
+                          f"--output_json={out}"]) == 0
+    against = json.loads(out.read_text())["paired"]["r50 - baseline (single.json)"]
+    assert set(against) == {"test"} and against["test"]["seeds"] == [0, 2]
+    assert against["test"]["diffs"] == pytest.approx([0.1, -0.05])
+    capsys.readouterr()
+
+    for name, doc, message in (
+            ("code.json", result({2: (0.6, 0.7)}, code_sha256="0" * 64),
+             "training or evaluation code"),
+            ("data.json", result({2: (0.6, 0.7)}, dataset_content_sha256="0" * 64), "records"),
+            ("old.json", result({2: (0.6, 0.7)}, dataset_content_sha256=None),
+             "records no dataset_content_sha256"),
+            ("held.json", result({2: (0.6, 0.7)}, held_out=[]), "held_out"),
+            ("models.json", {**result({2: (0.6, 0.7)}), "models": {
+                "r50": result({2: (0.6, 0.7)})["models"]["r50"]}}, "has other models"),
+            ("twice.json", result({1: (0.6, 0.7)}), "seed 1 is in "),
+            ("notone.json", [1], "is not a RESULT JSON")):
+        with pytest.raises(SystemExit):
+            accuracy.main([f"--merge={a},{write(name, doc)}"])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1], name
+    other = write("other.json", result({0: (0.7, 0.5)}, dataset_content_sha256="0" * 64))
+    with pytest.raises(SystemExit):
+        accuracy.main([f"--merge={a}", f"--baseline_json={other}"])
+    assert "differs from the merged RESULTs in dataset_content_sha256" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main([f"--merge={a}", "--flagfiles=x.cfg"])
+    assert "--merge takes RESULT JSONs only" in capsys.readouterr().err
+
+    # a training run's baseline: a rebuild with another salt (another manifest, the same
+    # content digest) pairs; another content digest is another build
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"content_sha256": "c" * 64}))
+    base = {**result({0: (0.7, 0.5)}), "data_dir": str(data), "folds": 0}
+    accuracy.read_baseline(write("rebuilt.json", base), str(data), ["test"], {"r50"})
+    with pytest.raises(ValueError, match="another build"):
+        accuracy.read_baseline(write("rebuilt.json", {**base, "dataset_content_sha256": "0" * 64}),
+                               str(data), ["test"], {"r50"})
+
+
+def test_the_code_digest_covers_training_and_evaluation_code_and_flagfiles(tmp_path):
+    """code_sha256: a change to training or evaluation code or a flagfile changes it; a
+    change to the serving wing, a test or a bench script does not."""
+    for rel in ("covid_keras/training/trainer.py", "covid_keras/serving/exporter.py",
+                "covid_keras/web.py", "configs/a.cfg", "tests/test_x.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    before = accuracy.code_sha256(tmp_path)
+    assert len(before) == 64 and before == accuracy.code_sha256(tmp_path)
+    for rel in ("covid_keras/serving/exporter.py", "covid_keras/web.py", "tests/test_x.py"):
+        (tmp_path / rel).write_text("x = 2\n")
+    assert accuracy.code_sha256(tmp_path) == before
+    for rel in ("covid_keras/training/trainer.py", "configs/a.cfg"):
+        (tmp_path / rel).write_text("x = 3\n")
+        assert accuracy.code_sha256(tmp_path) != before
+        before = accuracy.code_sha256(tmp_path)

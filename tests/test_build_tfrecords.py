@@ -429,8 +429,12 @@ def _planted_patient_ids(folder: Path) -> set[str]:
     return ids
 
 
-def test_the_split_follows_the_seed_not_the_salt(dataset, tmp_path):
+def test_the_split_the_record_order_and_the_folds_follow_the_seed_not_the_salt(dataset,
+                                                                              tmp_path):
+    from covid_keras.training import folds
+
     ids = _planted_patient_ids(dataset / "studies")
+    raw_of: dict[str, str] = {}  # salted patient key (either salt) -> raw id
 
     def build(name: str, salt: str, seed: int) -> dict[str, str]:
         """raw patient id (planted by this test's phantom) -> split."""
@@ -438,9 +442,26 @@ def test_the_split_follows_the_seed_not_the_salt(dataset, tmp_path):
         run_cli(f"--input={dataset / 'studies'}", f"--output_dir={tmp_path / name}",
                 "--workers=1", "--image_size=32", f"--salt_file={tmp_path / name}.key",
                 "--min_slices=5", f"--seed={seed}")
-        raw_of = {salted_key((salt * 4).encode(), "patient", i): i for i in ids}
+        raw_of.update({salted_key((salt * 4).encode(), "patient", i): i for i in ids})
         return {raw_of[r[schema.PATIENT_KEY].decode()]: r[schema.SPLIT].decode()
                 for r in read_records(tmp_path / name)}
+
+    def shards(name: str) -> dict[str, list[tuple[str, str]]]:
+        """shard -> its records in order: (raw patient id, salt-free content digest)."""
+        import tensorflow as tf
+
+        return {os.path.basename(f): [
+            (raw_of[r[schema.PATIENT_KEY].decode()], schema.content_digest(r))
+            for r in map(schema.parse, (x.numpy() for x in tf.data.TFRecordDataset(
+                f, compression_type="GZIP")))]
+            for f in sorted(glob.glob(str(tmp_path / name / "*.tfrecord.gz")))}
+
+    def fold_of(name: str) -> dict[str, int]:
+        table, order = folds.patients_and_order(str(tmp_path / name), ["train", "val"])
+        return {raw_of[k]: f for k, f in folds.assign_folds(table, 3, 0, order).items()}
+
+    def manifest(name: str) -> dict:
+        return json.loads((tmp_path / name / "manifest.json").read_text())
 
     a = build("a", "first-salt", 3)
     b = build("b", "other-salt", 3)
@@ -448,6 +469,14 @@ def test_the_split_follows_the_seed_not_the_salt(dataset, tmp_path):
     assert len(a) == 12 and len(set(a.values())) > 1
     assert a == b  # another salt (another folder, a rebuild elsewhere): the same split
     assert a.keys() == c.keys() and a != c  # another --seed: another split
+    # ... and the same records in the same order in each shard (a seeded training on either
+    # is the same training), the same folds for `train --folds`, one content digest
+    assert shards("a") == shards("b")
+    assert sum(len(v) for v in shards("a").values()) > 12
+    assert fold_of("a") == fold_of("b") and len(set(fold_of("a").values())) == 3
+    assert manifest("a")["content_sha256"] == manifest("b")["content_sha256"]
+    assert manifest("a")["files"] != manifest("b")["files"]  # the salted keys differ
+    assert manifest("c")["content_sha256"] != manifest("a")["content_sha256"]
 
 
 # ------------------------------------------------------------------ a TensorFlow user's CLI

@@ -39,6 +39,8 @@ slice is normalised to the same grey representation, so a model cannot learn it.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -93,6 +95,8 @@ FIELDS: tuple[Field, ...] = (
     Field(SPLIT, "bytes", "train / val / test"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+#: The fields that hold the folder's salted hashes: another salt, other values.
+SALTED = (PATIENT_KEY, STUDY_KEY, SERIES_KEY, SOP_KEY)
 _BY_NAME = {f.name: f for f in FIELDS}
 
 
@@ -141,6 +145,32 @@ def serialize(record: Mapping[str, Any]) -> bytes:
             feature[f.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
+
+
+def content_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a record's fields other than the :data:`SALTED` keys: the same for
+    the same slice in every build of the same data with the same settings, whatever the
+    folder's salt. It orders the records (data_prep's shards, the folds of ``--folds``), so
+    a rebuild with another salt trains the same; it is never written to a record.
+    ``record``: a record dict or :func:`parse`'s values (floats as float32)."""
+    h = hashlib.sha256()
+    for f in FIELDS:
+        if f.name in SALTED:
+            continue
+        value = record[f.name]
+        if f.dtype == "bytes":
+            raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        elif f.dtype == "int64":
+            raw = str(int(value)).encode()
+        else:
+            raw = struct.pack("<f", float(value))
+        h.update(f.name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
+
+
+def digest_of(digests: list[str]) -> str:
+    """One SHA-256 (hex) of a sequence of :func:`content_digest`s, in order."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def parse_spec() -> dict:

@@ -240,8 +240,8 @@ def prepare(cfg, train_mod) -> tuple[RunDir, dict]:
         raise ValueError(f"{run.folds_path} holds folds of another data folder, --folds or "
                          "--seed: pass --overwrite to start again")
     if doc is None:
-        table = folds_mod.patient_table(cfg.data_dir, splits)
-        assignment = folds_mod.assign_folds(table, cfg.folds, cfg.seed)
+        table, order = folds_mod.patients_and_order(cfg.data_dir, splits)
+        assignment = folds_mod.assign_folds(table, cfg.folds, cfg.seed, order)
         doc = folds_mod.folds_document(assignment, cfg.folds, cfg.seed, cfg.data_dir, splits)
         files.write_json(run.folds_path, doc)
         sizes = [len(doc["patients"][str(k)]) for k in range(cfg.folds)]

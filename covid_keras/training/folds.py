@@ -1,8 +1,8 @@
 """K-fold cross-validation by patient: which patient is in which fold, and each fold's data
 folder (``covid_keras.train --folds``).
 
-    table = patient_table(data_dir, ["train", "val"])     # key -> (label, site)
-    folds = assign_folds(table, k=5, seed=0)              # key -> fold
+    table, order = patients_and_order(data_dir, ["train", "val"])  # key -> (label, site)
+    folds = assign_folds(table, k=5, seed=0, order=order)          # key -> fold
     write_fold_data(data_dir, ["train", "val"], folds, fold=2, out_dir=...)
 
 The patients come from the training splits only (train and the validation split of the
@@ -10,7 +10,8 @@ data folder: never a held-out split). The folds follow data_prep's patient-level
 a patient is never in two folds, and they are stratified by label and site (each stratum's
 patients in a seeded order, dealt to the folds in turn, starting where the previous
 stratum stopped, so the folds' sizes differ by at most one patient). They depend only on
-the patient keys, their labels and sites, ``k`` and ``seed``.
+the patients' records (their salt-free content orders them: a rebuild of the data with
+another salt makes the same folds), their labels and sites, ``k`` and ``seed``.
 
 A fold's data folder is an ordinary data_prep folder: ``train`` (the other folds'
 records), ``val`` (this fold's records, which choose its checkpoint) and the held-out
@@ -59,25 +60,39 @@ def _text(example, key: str) -> str:
 def patient_table(data_dir: str, splits: list[str]) -> dict[str, tuple[str, str]]:
     """patient key -> (label, site) over the records of ``splits``. A patient with two
     labels or sites is an error (data_prep writes one per patient)."""
+    return patients_and_order(data_dir, splits)[0]
+
+
+def patients_and_order(data_dir: str, splits: list[str]
+                       ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """:func:`patient_table`, and patient key -> the digest of its records' salt-free
+    content (:func:`schema.content_digest`, sorted): :func:`assign_folds`'s order, the same
+    for the same patient in every build of the same data, whatever the folder's salt."""
     out: dict[str, tuple[str, str]] = {}
+    contents: dict[str, list[str]] = {}
     for split in splits:
-        for _, ex in _records(data_dir, split):
+        for blob, ex in _records(data_dir, split):
             key = _text(ex, schema.PATIENT_KEY)
             value = (_text(ex, schema.LABEL_NAME), _text(ex, schema.SITE))
             if out.setdefault(key, value) != value:
                 raise ValueError(f"{data_dir}: a patient has records with two labels or "
                                  f"sites ({out[key]} and {value}): cannot stratify folds")
-    return out
+            contents.setdefault(key, []).append(schema.content_digest(schema.parse(blob)))
+    return out, {k: schema.digest_of(sorted(v)) for k, v in contents.items()}
 
 
-def assign_folds(patients: dict[str, tuple[str, str]], k: int, seed: int) -> dict[str, int]:
-    """patient key -> fold in [0, k): stratified by (label, site), seeded, deterministic."""
+def assign_folds(patients: dict[str, tuple[str, str]], k: int, seed: int,
+                 order: dict[str, str] | None = None) -> dict[str, int]:
+    """patient key -> fold in [0, k): stratified by (label, site), seeded, deterministic.
+    Each stratum's patients are permuted in ``order`` (key -> sort key, e.g.
+    :func:`patients_and_order`'s content digests; the key itself where none is given)."""
     if k < 2:
         raise ValueError(f"--folds must be at least 2. Received: {k}")
     if len(patients) < k:
         raise ValueError(f"{len(patients)} training patients cannot make {k} folds")
+    order = order or {}
     strata: dict[tuple[str, str], list[str]] = {}
-    for key in sorted(patients):
+    for key in sorted(patients, key=lambda p: (order.get(p, p), p)):
         strata.setdefault(patients[key], []).append(key)
     out, start = {}, 0
     for stratum in sorted(strata):
@@ -233,6 +248,7 @@ def write_fold_data(data_dir: str, document: dict, fold: int, out_dir: str,
                       "split": split, "studies": len(seen[split][0])}
     out["files"] = kept
     out["empty_splits"] = {s: "no patients in this fold" for s in counts if not records[s]}
+    out.pop("content_sha256", None)  # the source's build, not this folder's records
     out["dataset"] = f"{manifest.get('dataset', 'data')}/fold_{fold}"
     out["folds"] = {"fold": int(fold), "folds": int(document["folds"]),
                     "seed": int(document["seed"]), "source": document["data_dir"],
