@@ -42,11 +42,14 @@ out of fold is not a checkpoint-choosing val split). Ends with a table and a
 ``RESULT {json}`` line (``--output_json`` writes it too).
 
 The RESULT also records the build without its salt (``dataset_content_sha256``: data_prep
-orders the records by their salt-free content, so a rebuild elsewhere trains the same) and
-the training and evaluation code (``code_sha256``). A run folder does not outlive its
-checkout; its RESULT does: ``--merge=a.json,b.json`` merges RESULTs of other seeds of one
-protocol (same records, code, held-out splits, --folds and models) into one, and a
-``--baseline_json`` whose records it shares is paired whatever its salt.
+orders the records by their salt-free content, so a rebuild elsewhere trains the same), the
+package versions, and for each run the code that trained it (``code_sha256`` of the
+training and evaluation code, configs/ and this script, stamped into the run folder when
+this script trains it; the RESULT's own ``code_sha256`` where one code trained every run).
+A run folder does not outlive its checkout; its RESULT does: ``--merge=a.json,b.json``
+merges RESULTs of other seeds of one protocol (same records, code, packages, held-out
+splits, --folds, models and flags) into one, and a ``--baseline_json`` whose records it
+shares is paired whatever its salt or folder.
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
@@ -174,6 +177,14 @@ def manifest_sha256(data_dir: str) -> str:
     return files.sha256(os.path.join(data_dir, schema.MANIFEST))
 
 
+def package_versions() -> dict[str, str]:
+    """Python's and the packages' versions (covid_keras.core.provenance), as train records
+    them in run_info.json."""
+    from covid_keras.core import provenance
+
+    return provenance.package_versions()
+
+
 def content_sha256(data_dir: str) -> str | None:
     """The build without its salt (manifest.json's ``content_sha256``: the same records in
     the same order, so the same trainings, in every rebuild of the same data with the same
@@ -184,22 +195,28 @@ def content_sha256(data_dir: str) -> str | None:
     return manifest.get("content_sha256")
 
 
-#: The code that trains and evaluates (the serving wing, web page and export excluded):
-#: RESULTs of other sessions are merged (--merge) only where it is the same.
-CODE = ("covid_keras", "configs")
+#: The code that trains and evaluates, and this script (which reads the figures): RESULTs
+#: of other sessions are merged (--merge) only where it is the same. The serving wing, the
+#: web page, export and predict are not on that path (nothing there imports them).
+CODE = ("covid_keras", "configs", "bench/accuracy.py")
 NOT_TRAINING = ("covid_keras/serving", "covid_keras/web_static", "covid_keras/web.py",
                 "covid_keras/serve.py", "covid_keras/export.py", "covid_keras/predict.py")
+#: In a run folder that this script trained: the code_sha256 that trained it ("mixed" when
+#: a resume ran other code than the start), so a reused run keeps its own.
+CODE_FILE = "bench_code_sha256.txt"
 
 
 def code_sha256(root: Path = REPO) -> str:
-    """SHA-256 (hex) of the training and evaluation code and the flagfiles as they are in
-    ``root`` (each .py and .cfg file's path and bytes, in path order)."""
+    """SHA-256 (hex) of the training and evaluation code, the flagfiles under configs/ and
+    this script as they are in ``root`` (each .py and .cfg file's path and bytes, in path
+    order)."""
     import hashlib
 
     h = hashlib.sha256()
     for top in CODE:
-        paths = sorted(p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
-                       and p.is_file() and "__pycache__" not in p.parts)
+        paths = [root / top] if (root / top).is_file() else sorted(
+            p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
+            and p.is_file() and "__pycache__" not in p.parts)
         for path in paths:
             rel = path.relative_to(root).as_posix()
             if rel.startswith(NOT_TRAINING):
@@ -234,13 +251,18 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
               + (" (resumed)" if resume else ""), flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        code, stamp = code_sha256(), run_dir / CODE_FILE
+        started = stamp.read_text().strip() if resume and stamp.exists() else code
         run_logged(cmd, seed_log(run_dir, seed), "training", append=resume)
+        stamp.write_text((code if started == code else "mixed") + "\n")
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     if metrics.get("folds", 0) != folds:
         raise SystemExit(f"{run_dir} holds a run with --folds={metrics.get('folds', 0)}, not "
                          f"--folds={folds}: give this protocol another --work_dir")
+    stamp = run_dir / CODE_FILE
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
+           "code_sha256": stamp.read_text().strip() if stamp.exists() else None,
            "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]}}
     if folds:
         per_fold = [stability(run_dir / f"fold_{k}" / "log.csv") for k in range(folds)]
@@ -456,13 +478,13 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
         raise ValueError(f"--baseline_json={path} has none of these flagfiles' models (it "
                          f"has {sorted(models)})")
     theirs = baseline.get("data_dir")
-    if theirs is None or os.path.realpath(theirs) != os.path.realpath(data_dir):
-        raise ValueError(f"--baseline_json={path} was run on another data folder ({theirs}, "
-                         f"here {data_dir})")
     built = baseline.get("dataset_manifest_sha256")
     content = baseline.get("dataset_content_sha256")
     if content is not None and content == content_sha256(data_dir):
-        pass  # a rebuild of the same data with another salt: the same records, same order
+        pass  # the same records in the same order (a rebuild, perhaps elsewhere, another salt)
+    elif theirs is None or os.path.realpath(theirs) != os.path.realpath(data_dir):
+        raise ValueError(f"--baseline_json={path} was run on another data folder ({theirs}, "
+                         f"here {data_dir})")
     elif built is not None and built != manifest_sha256(data_dir):
         raise ValueError(f"--baseline_json={path} was run on another build of {data_dir} "
                          "(its manifest.json has changed since): its runs are not paired "
@@ -488,36 +510,56 @@ def read_result(path: str) -> dict:
     return res
 
 
-#: What RESULTs merged by --merge must share: the same records (whatever the salt), the
-#: same training and evaluation code, the same protocol and models.
-MERGED_ALIKE = ("dataset_content_sha256", "code_sha256", "held_out", "folds", "extra_flags")
+#: What RESULTs merged by --merge must share (recorded, not None): the same records
+#: (whatever the salt), held-out splits, protocol and packages. Every run must also have
+#: been trained by the same code (its ``code_sha256``).
+MERGED_ALIKE = ("dataset_content_sha256", "held_out", "folds", "extra_flags", "packages")
+WHAT = {"dataset_content_sha256": "records (other data, or another data_prep or its flags)",
+        "packages": "package versions"}
+
+
+def runs_code(res: dict) -> str | None:
+    """The code_sha256 that trained every run of a RESULT, None unless they share one."""
+    codes = {r.get("code_sha256") for m in res["models"].values() for r in m["runs"]}
+    code = codes.pop() if len(codes) == 1 else None
+    return None if code == "mixed" else code
 
 
 def merge_results(paths: list[str]) -> dict:
     """One RESULT from RESULTs of other seeds (e.g. one session each: a run folder does not
     outlive its checkout, its RESULT JSON does): their runs together, the summaries and the
     pairing by seed made again. A ValueError (one line) unless they share
-    :data:`MERGED_ALIKE` (recorded, not None), the models and their stages, and no seed."""
+    :data:`MERGED_ALIKE` and their runs' code, the same models and stages, and no seed."""
+    if not paths:
+        raise ValueError("--merge names no RESULT JSON")
     results = [read_result(p) for p in paths]
     first = results[0]
-    for key in MERGED_ALIKE[:2]:
-        for path, res in zip(paths, results):
+    for path, res in zip(paths, results):
+        for key in MERGED_ALIKE:
             if res.get(key) is None:
-                raise ValueError(f"{path} records no {key} (a RESULT of an older "
-                                 "bench/accuracy.py): it cannot be merged")
+                raise ValueError(f"{path} records no {key}: made by an older bench/accuracy.py"
+                                 + (" or on a data folder built before data_prep recorded "
+                                    "it (build it again)" if key.startswith("dataset") else "")
+                                 + "; it cannot be merged")
+        if runs_code(res) is None:
+            raise ValueError(f"{path} has runs that no one code trained (a run without "
+                             f"{CODE_FILE}, reused from an older bench/accuracy.py, or "
+                             "resumed under other code): it cannot be merged")
     for path, res in zip(paths[1:], results[1:]):
         for key in MERGED_ALIKE:
             if res.get(key) != first.get(key):
-                what = {"dataset_content_sha256": "records (another build of other data, or "
-                        "of another data_prep)", "code_sha256": "training or evaluation "
-                        "code, or flagfiles"}.get(key, key)
-                raise ValueError(f"--merge: {path} and {paths[0]} differ in their {what}: "
-                                 "not one protocol")
-        if list(res["models"]) != list(first["models"]) or any(
+                raise ValueError(f"--merge: {path} and {paths[0]} differ in their "
+                                 f"{WHAT.get(key, key)}: not one protocol")
+        if runs_code(res) != runs_code(first):
+            raise ValueError(f"--merge: {path} and {paths[0]} were trained by other "
+                             "training or evaluation code, flagfiles or bench/accuracy.py "
+                             "(code_sha256): not one protocol")
+        if set(res["models"]) != set(first["models"]) or any(
                 res["models"][n].get("classifier_stage") != m.get("classifier_stage")
                 for n, m in first["models"].items()):
-            raise ValueError(f"--merge: {path} has other models ({list(res['models'])}) "
-                             f"than {paths[0]} ({list(first['models'])})")
+            raise ValueError(f"--merge: {path} has other models or stages "
+                             f"({sorted(res['models'])}) than {paths[0]} "
+                             f"({sorted(first['models'])})")
     seen: dict[int, str] = {}
     for path, res in zip(paths, results):
         for seed in {r["seed"] for m in res["models"].values() for r in m["runs"]}:
@@ -531,7 +573,8 @@ def merge_results(paths: list[str]) -> dict:
                       key=lambda r: r["seed"])
         models[name] = {**model, "runs": runs, "summary": summarise(runs, splits)}
     builds = {res.get("dataset_manifest_sha256") for res in results}
-    return {**{k: first.get(k) for k in MERGED_ALIKE}, "data_dir": first.get("data_dir"),
+    return {**{k: first.get(k) for k in MERGED_ALIKE}, "code_sha256": runs_code(first),
+            "data_dirs": sorted({str(res.get("data_dir")) for res in results}),
             "dataset_manifest_sha256": builds.pop() if len(builds) == 1 else None,
             "seeds": sorted(seen), "models": models, "paired": paired(models, splits),
             "merged_from": [Path(p).name for p in paths]}
@@ -543,7 +586,8 @@ def print_table(res: dict) -> None:
 
     chose = ("val = out of fold (chose the folds' checkpoints and the decision); "
              f"{res['folds']}-fold ensembles" if res.get("folds") else "val chose the checkpoint")
-    print(f"\nData {res['data_dir']}, seeds {res['seeds']}; {chose}, "
+    data = res.get("data_dir") or ", ".join(res.get("data_dirs", []))
+    print(f"\nData {data}, seeds {res['seeds']}; {chose}, "
           f"held out: {res['held_out'] or 'none'}")
     keys = [k for k in next(iter(res["models"].values()))["summary"]]
     width = max(len(k) for k in keys)
@@ -560,21 +604,37 @@ def print_table(res: dict) -> None:
                   f"{d['n']} ({seeds})")
 
 
+#: The training options, which --merge does not take (their defaults).
+DEFAULTS = {"data_dir": None, "flagfiles": None, "seeds": "0,1,2", "work_dir": "runs/accuracy",
+            "val_split": "val", "rerun": False, "folds": 0}
+
+
 def merge_main(p, args) -> int:
     """--merge: the RESULTs' merged RESULT (and, with --baseline_json, each model against
     the baseline's namesake, paired by seed: same records, code and held-out splits)."""
-    if args.data_dir or args.flagfiles or args.extra:
-        p.error("--merge takes RESULT JSONs only: no --data_dir, --flagfiles or flags after --")
+    given = [f"--{k}" for k, default in DEFAULTS.items() if getattr(args, k) != default]
+    if given or args.extra:
+        p.error(f"--merge takes RESULT JSONs only (and --baseline_json, --output_json): not "
+                f"{' '.join(given + args.extra)}")
     try:
         res = merge_results([x for x in args.merge.split(",") if x])
         if args.baseline_json:
-            baseline = read_result(args.baseline_json)
-            for key in ("dataset_content_sha256", "code_sha256", "held_out"):
-                if baseline.get(key) is None or baseline.get(key) != res.get(key):
-                    raise ValueError(f"--baseline_json={args.baseline_json} differs from the "
-                                     f"merged RESULTs in {key}: its runs are not paired "
-                                     "with these")
-            label = f"baseline ({Path(args.baseline_json).name})"
+            name = args.baseline_json
+            baseline = read_result(name)
+            for key, theirs in (("dataset_content_sha256", baseline.get(
+                    "dataset_content_sha256")), ("code", runs_code(baseline)),
+                    ("held_out", baseline.get("held_out"))):
+                ours = res["code_sha256"] if key == "code" else res[key]
+                if theirs is None:
+                    raise ValueError(f"--baseline_json={name} records no {key} (or its runs "
+                                     "no one code): it is not paired with merged RESULTs")
+                if theirs != ours:
+                    raise ValueError(f"--baseline_json={name} differs from the merged "
+                                     f"RESULTs in its {key}: its runs are not paired with these")
+            if not set(baseline["models"]) & set(res["models"]):
+                raise ValueError(f"--baseline_json={name} has none of these models (it has "
+                                 f"{sorted(baseline['models'])})")
+            label = f"baseline ({Path(name).name})"
             res["paired"].update(paired_with_baseline(res["models"], baseline, label,
                                                       res["held_out"], res["folds"]))
     except ValueError as exc:
@@ -634,7 +694,7 @@ def main(argv=None) -> int:
             p.error(str(exc))
     res = {"data_dir": args.data_dir, "dataset_manifest_sha256": manifest_sha256(args.data_dir),
            "dataset_content_sha256": content_sha256(args.data_dir),
-           "code_sha256": code_sha256(), "seeds": seeds, "held_out": splits, "models": {},
+           "packages": package_versions(), "seeds": seeds, "held_out": splits, "models": {},
            "extra_flags": args.extra, "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
     for flagfile in flagfiles:
@@ -663,6 +723,7 @@ def main(argv=None) -> int:
         if flagfile in shared:
             done[flagfile]["classifier_stage"] = shared[flagfile]
     res["models"] = {Path(f).stem: done[f] for f in flagfiles}
+    res["code_sha256"] = runs_code(res)  # None unless one code trained every run
     res["paired"] = paired(res["models"], splits)
     if baseline is not None:
         label = f"baseline ({Path(args.baseline_json).name})"

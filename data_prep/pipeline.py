@@ -72,7 +72,7 @@ SPOOL = ".partial"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
 MANIFEST_VERSION = 1
 # Bump when a code change alters records: the spool of an older version is then not reused.
-SPOOL_VERSION = 3
+SPOOL_VERSION = 4
 # a killed writer's temporary file: <name>.tmp-<pid> (here) or <name>.tmp-<pid>-<hex>
 # (covid_keras.core.files.unique_suffix: manifest.json and the other JSON files)
 TMP_RE = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")
@@ -691,8 +691,7 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
         if not studies:
             continue
         sizes = {k: storage.size(f) for k, (_, f) in studies.items()}
-        order = {k: r.order_key or study_order_key(_load_spooled(f))  # older spools: none
-                 for k, (r, f) in studies.items()}
+        order = {k: r.order_key for k, (r, _) in studies.items()}
         shards = plan_shards(sizes, cfg.shard_size_mb, order)
         for i, keys in enumerate(shards):
             name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"

@@ -486,7 +486,7 @@ def _process(scan: StudyScan, result: StudyResult, label_index: int, scan_cfg: S
         hu, warnings = loaded
         result.issues.extend(warnings)
         # seeded by the slice's pixels, not its salted key: a rebuild with another salt
-        # writes the same train images (and so trains the same)
+        # writes the same images (the fill outside the lung; and so trains the same)
         rng = np.random.default_rng(
             [seed, int(hashlib.sha256(np.ascontiguousarray(hu).tobytes()).hexdigest()[:8], 16)])
         prepared = prepare_slice(hu, prep, pixel_spacing_mm=s.pixel_spacing_mm,

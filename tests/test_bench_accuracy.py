@@ -351,22 +351,26 @@ def test_the_members_vote_at_the_out_of_fold_threshold_is_reported_as_a_diagnost
 
 def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_path, capsys):
     """--merge: RESULTs of other seeds (a session each) become one RESULT, the summaries
-    and the pairing by seed made again over every seed; RESULTs of other records (content
-    digest), other code, models or held-out splits, an older RESULT without the digests, or
-    one seed twice are a one-line error. A --baseline_json of a rebuild with another salt
-    (same content digest, another manifest) pairs."""
+    and the pairing by seed made again over every seed, the models in the first file's
+    order; RESULTs of other records (content digest), runs of other code, other packages,
+    models or held-out splits, an older RESULT without the digests, or one seed twice are a
+    one-line error. A --baseline_json of a rebuild with another salt, in another folder
+    (same content digest, another manifest), pairs."""
     import json
 
-    def seed_run(seed, val, test):
-        return {**run(seed, val, test), "stability": {"max_dev": 0.1}, "best_epoch": 2}
+    def seed_run(seed, val, test, code="d" * 64):
+        return {**run(seed, val, test), "stability": {"max_dev": 0.1}, "best_epoch": 2,
+                "code_sha256": code}
 
-    def result(seeds_figures, **over):
-        models = {name: {"runs": [seed_run(s, v + bump, t + bump)
+    def result(seeds_figures, names=("r50", "dre"), code="d" * 64, **over):
+        models = {name: {"runs": [seed_run(s, v + bump, t + bump, code)
                                   for s, (v, t) in seeds_figures.items()]}
-                  for name, bump in (("r50", 0.0), ("dre", 0.05))}
+                  for name, bump in ((n, 0.05 if n == "dre" else 0.0) for n in names)}
         return {"data_dir": "/data", "dataset_manifest_sha256": "a" * 64,
-                "dataset_content_sha256": "c" * 64, "code_sha256": "d" * 64,
-                "held_out": ["test"], "folds": 5, "extra_flags": [], "models": models,
+                "dataset_content_sha256": "c" * 64, "code_sha256": code,
+                "packages": {"python": "3.11", "keras": "3"}, "held_out": ["test"],
+                "folds": 5, "extra_flags": [],
+                "models": {n: models[n] for n in names},
                 "seeds": sorted(seeds_figures), **over}
 
     def write(name, doc):
@@ -374,18 +378,21 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
         return str(tmp_path / name)
 
     a = write("a.json", result({0: (0.7, 0.6), 1: (0.8, 0.9)}))
-    b = write("b.json", result({2: (0.6, 0.75)}, dataset_manifest_sha256="b" * 64))
+    b = write("b.json", result({2: (0.6, 0.75)}, names=("dre", "r50"),
+                               dataset_manifest_sha256="b" * 64, data_dir="/elsewhere"))
     out = tmp_path / "merged.json"
     assert accuracy.main([f"--merge={a},{b}", f"--output_json={out}"]) == 0
     merged = json.loads(out.read_text())
     assert merged["seeds"] == [0, 1, 2] and merged["merged_from"] == ["a.json", "b.json"]
     assert merged["dataset_manifest_sha256"] is None  # two salts, one content
+    assert merged["data_dirs"] == ["/data", "/elsewhere"]
     assert merged["dataset_content_sha256"] == "c" * 64 and merged["folds"] == 5
+    assert merged["code_sha256"] == "d" * 64 and set(merged["models"]) == {"r50", "dre"}
     r50 = merged["models"]["r50"]
     assert [r["seed"] for r in r50["runs"]] == [0, 1, 2]
     assert r50["summary"]["test_patient_auc"]["mean"] == pytest.approx(0.75)
     assert r50["summary"]["test_patient_auc"]["n"] == 3
-    pair = merged["paired"]["dre - r50"]["test"]
+    pair = merged["paired"]["dre - r50"]["test"]  # against the first file's first model
     assert pair["seeds"] == [0, 1, 2] and pair["diffs"] == pytest.approx([0.05] * 3)
     assert "RESULT " in capsys.readouterr().out
 
@@ -399,53 +406,105 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
     assert against["test"]["diffs"] == pytest.approx([0.1, -0.05])
     capsys.readouterr()
 
+    def refused(argv: list[str], message: str) -> None:
+        with pytest.raises(SystemExit):
+            accuracy.main(argv)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and message in err[0], (message, err)
+
+    mixed = result({2: (0.6, 0.7)})
+    mixed["models"]["dre"]["runs"][0]["code_sha256"] = "mixed"
+    unstamped = result({2: (0.6, 0.7)})
+    unstamped["models"]["r50"]["runs"][0]["code_sha256"] = None
     for name, doc, message in (
-            ("code.json", result({2: (0.6, 0.7)}, code_sha256="0" * 64),
-             "training or evaluation code"),
+            ("code.json", result({2: (0.6, 0.7)}, code="0" * 64),
+             "were trained by other training or evaluation code"),
+            ("mixed.json", mixed, "has runs that no one code trained"),
+            ("unstamped.json", unstamped, "has runs that no one code trained"),
             ("data.json", result({2: (0.6, 0.7)}, dataset_content_sha256="0" * 64), "records"),
             ("old.json", result({2: (0.6, 0.7)}, dataset_content_sha256=None),
              "records no dataset_content_sha256"),
+            ("pkg.json", result({2: (0.6, 0.7)}, packages={"python": "3.12"}),
+             "package versions"),
             ("held.json", result({2: (0.6, 0.7)}, held_out=[]), "held_out"),
-            ("models.json", {**result({2: (0.6, 0.7)}), "models": {
-                "r50": result({2: (0.6, 0.7)})["models"]["r50"]}}, "has other models"),
+            ("models.json", result({2: (0.6, 0.7)}, names=("r50",)), "has other models"),
             ("twice.json", result({1: (0.6, 0.7)}), "seed 1 is in "),
             ("notone.json", [1], "is not a RESULT JSON")):
-        with pytest.raises(SystemExit):
-            accuracy.main([f"--merge={a},{write(name, doc)}"])
-        assert message in capsys.readouterr().err.strip().splitlines()[-1], name
+        refused([f"--merge={a},{write(name, doc)}"], message)
+    refused(["--merge=,"], "--merge names no RESULT JSON")
     other = write("other.json", result({0: (0.7, 0.5)}, dataset_content_sha256="0" * 64))
-    with pytest.raises(SystemExit):
-        accuracy.main([f"--merge={a}", f"--baseline_json={other}"])
-    assert "differs from the merged RESULTs in dataset_content_sha256" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        accuracy.main([f"--merge={a}", "--flagfiles=x.cfg"])
-    assert "--merge takes RESULT JSONs only" in capsys.readouterr().err
+    refused([f"--merge={a}", f"--baseline_json={other}"],
+            "differs from the merged RESULTs in its dataset_content_sha256")
+    refused([f"--merge={a}", f"--baseline_json={write('unstamped.json', unstamped)}"],
+            "records no code")
+    x = write("x.json", result({0: (0.7, 0.5)}, names=("x",)))
+    refused([f"--merge={a}", f"--baseline_json={x}"], "has none of these models")
+    refused([f"--merge={a}", "--flagfiles=x.cfg", "--seeds=3"],
+            "--merge takes RESULT JSONs only (and --baseline_json, --output_json): not "
+            "--flagfiles --seeds")
 
-    # a training run's baseline: a rebuild with another salt (another manifest, the same
-    # content digest) pairs; another content digest is another build
+    # a training run's baseline: a rebuild with another salt, in another folder (another
+    # manifest, the same content digest) pairs; another content digest is another build
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({"content_sha256": "c" * 64}))
-    base = {**result({0: (0.7, 0.5)}), "data_dir": str(data), "folds": 0}
+    base = {**result({0: (0.7, 0.5)}), "data_dir": "/elsewhere/data", "folds": 0}
     accuracy.read_baseline(write("rebuilt.json", base), str(data), ["test"], {"r50"})
-    with pytest.raises(ValueError, match="another build"):
+    with pytest.raises(ValueError, match="another data folder"):
         accuracy.read_baseline(write("rebuilt.json", {**base, "dataset_content_sha256": "0" * 64}),
                                str(data), ["test"], {"r50"})
 
 
+def test_a_run_records_the_code_that_trained_it(tmp_path, monkeypatch):
+    """run_one stamps the code_sha256 that trained a run into its folder; a reused run
+    reports its own stamp (not today's code), a run without one None, and a run resumed
+    under other code "mixed" (so --merge refuses them)."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    run_dir = tmp_path / "w" / "seed0"
+    code = ["code-1"]
+    monkeypatch.setattr(accuracy, "code_sha256", lambda root=None: code[0])
+    monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+
+    def fake_logged(cmd, log_path, what, append=True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
+
+    monkeypatch.setattr(accuracy, "run_logged", fake_logged)
+    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
+        "code_sha256"] == "code-1"
+    code[0] = "code-2"  # reused by later code: still its own
+    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
+        "code_sha256"] == "code-1"
+    (run_dir / accuracy.CODE_FILE).unlink()
+    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
+        "code_sha256"] is None
+    (run_dir / accuracy.CODE_FILE).write_text("code-1\n")
+    (run_dir / "metrics.json").unlink()  # interrupted: resumed under code-2
+    monkeypatch.setattr(accuracy, "train_command", lambda *a, **k: (["python", "-m", "x"], True))
+    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
+        "code_sha256"] == "mixed"
+
+
 def test_the_code_digest_covers_training_and_evaluation_code_and_flagfiles(tmp_path):
-    """code_sha256: a change to training or evaluation code or a flagfile changes it; a
-    change to the serving wing, a test or a bench script does not."""
+    """code_sha256: a change to training or evaluation code, a flagfile or
+    bench/accuracy.py changes it; a change to the serving wing, predict, a test or another
+    bench script does not."""
     for rel in ("covid_keras/training/trainer.py", "covid_keras/serving/exporter.py",
-                "covid_keras/web.py", "configs/a.cfg", "tests/test_x.py"):
+                "covid_keras/web.py", "covid_keras/predict.py", "configs/a.cfg",
+                "bench/accuracy.py", "bench/serve.py", "tests/test_x.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
     before = accuracy.code_sha256(tmp_path)
     assert len(before) == 64 and before == accuracy.code_sha256(tmp_path)
-    for rel in ("covid_keras/serving/exporter.py", "covid_keras/web.py", "tests/test_x.py"):
+    for rel in ("covid_keras/serving/exporter.py", "covid_keras/web.py",
+                "covid_keras/predict.py", "bench/serve.py", "tests/test_x.py"):
         (tmp_path / rel).write_text("x = 2\n")
     assert accuracy.code_sha256(tmp_path) == before
-    for rel in ("covid_keras/training/trainer.py", "configs/a.cfg"):
+    for rel in ("covid_keras/training/trainer.py", "configs/a.cfg", "bench/accuracy.py"):
         (tmp_path / rel).write_text("x = 3\n")
         assert accuracy.code_sha256(tmp_path) != before
         before = accuracy.code_sha256(tmp_path)

@@ -557,3 +557,10 @@ def test_the_same_data_folder_through_a_link_makes_the_same_folds(data_dir, tmp_
     (stages / "folds.json").write_text(json.dumps(folds_doc(data_dir, 3, 1)))
     with pytest.raises(ValueError, match="holds other folds than this run's .seed: 1 there"):
         cross_validation.check_fold_stages(cfg, [])
+    # folds made before patients were ordered by their records' content (ordered by their
+    # salted keys: other folds for the same seed) are not this run's
+    old = {k: v for k, v in folds_doc(data_dir, 3, 0).items() if k != "order"}
+    (stages / "folds.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="holds other folds than this run's .order: None "
+                                         "there, 'content' here"):
+        cross_validation.check_fold_stages(cfg, [])

@@ -35,6 +35,11 @@ import numpy as np
 from covid_keras.core import files, schema
 
 MANIFEST = schema.MANIFEST
+#: folds.json's ``order``: how each stratum's patients were ordered before the seeded
+#: permutation (the digest of their records' salt-free content). Documents without it
+#: (before stop 45) ordered them by their salted keys: other folds for the same seed, so a
+#: --folds run of one is not another's --classifier_dir stage.
+ORDER = "content"
 #: A fold folder's temporary copy untouched this long was left by a killed writer (a copy
 #: takes seconds to minutes): removed when the fold is written again.
 STALE_COPY_S = 3600
@@ -110,7 +115,7 @@ def folds_document(assignment: dict[str, int], k: int, seed: int, data_dir: str,
     """folds.json's content: the folds as lists of patient keys (pseudonymous salted hashes,
     as in the records), and what they were made from (a local data folder by its real path:
     the same folder reached through a link makes the same folds)."""
-    return {"folds": int(k), "seed": int(seed), "splits": list(splits),
+    return {"folds": int(k), "seed": int(seed), "splits": list(splits), "order": ORDER,
             "data_dir": data_dir if files.is_remote(data_dir) else os.path.realpath(data_dir),
             "dataset_manifest_sha256": files.sha256(os.path.join(data_dir, MANIFEST)),
             "patients": {str(f): sorted(p for p, g in assignment.items() if g == f)
