@@ -43,9 +43,11 @@ out of fold is not a checkpoint-choosing val split). Ends with a table and a
 
 The RESULT also records the build without its salt (``dataset_content_sha256``: data_prep
 orders the records by their salt-free content, so a rebuild elsewhere trains the same), the
-package versions, and for each run the code that trained it (``code_sha256`` of the
-training and evaluation code, configs/ and this script, stamped into the run folder when
-this script trains it; the RESULT's own ``code_sha256`` where one code trained every run).
+package versions, and for each run what trained it, stamped into the run folder when this
+script trains it: the code (``code_sha256`` of the training and evaluation code, configs/
+and this script's train command, comments and docstrings left out) and the threads (the
+cores and thread-count variables: another count sums in another order); the RESULT's own
+``code_sha256`` and ``threads`` where one setting trained every run.
 A run folder does not outlive its checkout; its RESULT does: ``--merge=a.json,b.json``
 merges RESULTs of other seeds of one protocol (same records, code, packages, held-out
 splits, --folds, models and flags) into one, and a ``--baseline_json`` whose records it
@@ -195,35 +197,78 @@ def content_sha256(data_dir: str) -> str | None:
     return manifest.get("content_sha256")
 
 
-#: The code that trains and evaluates, and this script (which reads the figures): RESULTs
-#: of other sessions are merged (--merge) only where it is the same. The serving wing, the
-#: web page, export and predict are not on that path (nothing there imports them).
-CODE = ("covid_keras", "configs", "bench/accuracy.py")
+#: The code that trains and evaluates, and the flagfiles: RESULTs of other sessions are
+#: merged (--merge) only where it is the same. The serving wing, the web page, export and
+#: predict are not on that path (nothing there imports them). Of this script, the function
+#: that makes the train command counts (the figures are read from what train and evaluate
+#: wrote: a RESULT keeps each run's figures as its own run of this script read them).
+CODE = ("covid_keras", "configs")
 NOT_TRAINING = ("covid_keras/serving", "covid_keras/web_static", "covid_keras/web.py",
                 "covid_keras/serve.py", "covid_keras/export.py", "covid_keras/predict.py")
-#: In a run folder that this script trained: the code_sha256 that trained it ("mixed" when
-#: a resume ran other code than the start), so a reused run keeps its own.
-CODE_FILE = "bench_code_sha256.txt"
+#: In a run folder that this script trained: what trained it (:func:`trained_with`; its
+#: code "mixed" when a resume ran other code than the start), so a reused run keeps its own.
+STAMP_FILE = "bench_trained_with.json"
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
+def _normalised(path: Path, function: str | None = None) -> bytes:
+    """What of a file decides what it does: a .py file's syntax tree without docstrings
+    (comments, blank lines and layout do not count; ``function``: that function's alone), a
+    flagfile's lines without comments and blank ones."""
+    import ast
+
+    text = path.read_text()
+    if path.suffix != ".py":
+        return "\n".join(ln.strip() for ln in text.splitlines()
+                         if ln.strip() and not ln.strip().startswith("#")).encode()
+    tree = ast.parse(text)
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(node, scopes) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    if function is not None:
+        tree = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return ast.dump(tree, include_attributes=False).encode()
 
 
 def code_sha256(root: Path = REPO) -> str:
-    """SHA-256 (hex) of the training and evaluation code, the flagfiles under configs/ and
-    this script as they are in ``root`` (each .py and .cfg file's path and bytes, in path
-    order)."""
+    """SHA-256 (hex) of the training and evaluation code and the flagfiles under configs/
+    as they are in ``root``, and of this script's :func:`train_command` (each file's path
+    and :func:`_normalised` content, in path order): a comment or docstring does not change
+    it, a changed line of code does."""
     import hashlib
 
     h = hashlib.sha256()
+
+    def add(rel: str, data: bytes) -> None:
+        h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
     for top in CODE:
-        paths = [root / top] if (root / top).is_file() else sorted(
-            p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
-            and p.is_file() and "__pycache__" not in p.parts)
-        for path in paths:
+        for path in sorted(p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
+                           and p.is_file() and "__pycache__" not in p.parts):
             rel = path.relative_to(root).as_posix()
-            if rel.startswith(NOT_TRAINING):
-                continue
-            data = path.read_bytes()
-            h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+            if not rel.startswith(NOT_TRAINING):
+                add(rel, _normalised(path))
+    script = root / "bench" / "accuracy.py"
+    if script.is_file():
+        add("bench/accuracy.py:train_command", _normalised(script, "train_command"))
     return h.hexdigest()
+
+
+def threads() -> dict:
+    """The cores this process may use and the thread-count variables it was given: the
+    same flags and seed on other thread counts sum in another order (two ResNet-50 runs of
+    one seed, one with 2 threads and one with 1, differed from the first epoch's loss)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, **{k: os.environ.get(k) for k in THREAD_VARIABLES}}
+
+
+def trained_with(root: Path = REPO) -> dict:
+    """A run's stamp: the code (:func:`code_sha256`) and the threads (:func:`threads`)."""
+    return {"code_sha256": code_sha256(root), "threads": threads()}
 
 
 def trained_on(run_dir: Path, folds: int = 0) -> str | None:
@@ -251,18 +296,20 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
               + (" (resumed)" if resume else ""), flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        code, stamp = code_sha256(), run_dir / CODE_FILE
-        started = stamp.read_text().strip() if resume and stamp.exists() else code
+        now, stamp = trained_with(), run_dir / STAMP_FILE
+        started = json.loads(stamp.read_text()) if resume and stamp.exists() else now
         run_logged(cmd, seed_log(run_dir, seed), "training", append=resume)
-        stamp.write_text((code if started == code else "mixed") + "\n")
+        stamp.write_text(json.dumps(now if started == now else {
+            k: (now[k] if started.get(k) == now[k] else "mixed") for k in now}) + "\n")
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     if metrics.get("folds", 0) != folds:
         raise SystemExit(f"{run_dir} holds a run with --folds={metrics.get('folds', 0)}, not "
                          f"--folds={folds}: give this protocol another --work_dir")
-    stamp = run_dir / CODE_FILE
+    stamp = run_dir / STAMP_FILE
+    made = json.loads(stamp.read_text()) if stamp.exists() else {}
     out = {"seed": seed, "best_epoch": metrics.get("best_epoch"),
-           "code_sha256": stamp.read_text().strip() if stamp.exists() else None,
+           "code_sha256": made.get("code_sha256"), "threads": made.get("threads"),
            "val": {k: metrics["best"][k] for k in KEYS if k in metrics["best"]}}
     if folds:
         per_fold = [stability(run_dir / f"fold_{k}" / "log.csv") for k in range(folds)]
@@ -525,6 +572,15 @@ def runs_code(res: dict) -> str | None:
     return None if code == "mixed" else code
 
 
+def runs_threads(res: dict) -> dict | None:
+    """The threads (:func:`threads`) that trained every run of a RESULT, None unless they
+    share them."""
+    found = {json.dumps(r.get("threads"), sort_keys=True)
+             for m in res["models"].values() for r in m["runs"]}
+    theirs = json.loads(found.pop()) if len(found) == 1 else None
+    return None if not isinstance(theirs, dict) or "mixed" in theirs.values() else theirs
+
+
 def merge_results(paths: list[str]) -> dict:
     """One RESULT from RESULTs of other seeds (e.g. one session each: a run folder does not
     outlive its checkout, its RESULT JSON does): their runs together, the summaries and the
@@ -541,10 +597,11 @@ def merge_results(paths: list[str]) -> dict:
                                  + (" or on a data folder built before data_prep recorded "
                                     "it (build it again)" if key.startswith("dataset") else "")
                                  + "; it cannot be merged")
-        if runs_code(res) is None:
-            raise ValueError(f"{path} has runs that no one code trained (a run without "
-                             f"{CODE_FILE}, reused from an older bench/accuracy.py, or "
-                             "resumed under other code): it cannot be merged")
+        if runs_code(res) is None or runs_threads(res) is None:
+            raise ValueError(f"{path} has runs that no one code or thread setting trained "
+                             f"(a run without {STAMP_FILE}, reused from an older "
+                             "bench/accuracy.py, or resumed under other code or threads): "
+                             "it cannot be merged")
     for path, res in zip(paths[1:], results[1:]):
         for key in MERGED_ALIKE:
             if res.get(key) != first.get(key):
@@ -552,8 +609,12 @@ def merge_results(paths: list[str]) -> dict:
                                  f"{WHAT.get(key, key)}: not one protocol")
         if runs_code(res) != runs_code(first):
             raise ValueError(f"--merge: {path} and {paths[0]} were trained by other "
-                             "training or evaluation code, flagfiles or bench/accuracy.py "
+                             "training or evaluation code, flagfiles or train command "
                              "(code_sha256): not one protocol")
+        if runs_threads(res) != runs_threads(first):
+            raise ValueError(f"--merge: {path} and {paths[0]} were trained on other thread "
+                             f"counts ({runs_threads(res)} and {runs_threads(first)}): the "
+                             "same seed sums in another order, not one protocol")
         if set(res["models"]) != set(first["models"]) or any(
                 res["models"][n].get("classifier_stage") != m.get("classifier_stage")
                 for n, m in first["models"].items()):
@@ -574,6 +635,7 @@ def merge_results(paths: list[str]) -> dict:
         models[name] = {**model, "runs": runs, "summary": summarise(runs, splits)}
     builds = {res.get("dataset_manifest_sha256") for res in results}
     return {**{k: first.get(k) for k in MERGED_ALIKE}, "code_sha256": runs_code(first),
+            "threads": runs_threads(first),
             "data_dirs": sorted({str(res.get("data_dir")) for res in results}),
             "dataset_manifest_sha256": builds.pop() if len(builds) == 1 else None,
             "seeds": sorted(seen), "models": models, "paired": paired(models, splits),
@@ -623,7 +685,7 @@ def merge_main(p, args) -> int:
             baseline = read_result(name)
             for key, theirs in (("dataset_content_sha256", baseline.get(
                     "dataset_content_sha256")), ("code", runs_code(baseline)),
-                    ("held_out", baseline.get("held_out"))):
+                    ("threads", runs_threads(baseline)), ("held_out", baseline.get("held_out"))):
                 ours = res["code_sha256"] if key == "code" else res[key]
                 if theirs is None:
                     raise ValueError(f"--baseline_json={name} records no {key} (or its runs "
@@ -724,6 +786,7 @@ def main(argv=None) -> int:
             done[flagfile]["classifier_stage"] = shared[flagfile]
     res["models"] = {Path(f).stem: done[f] for f in flagfiles}
     res["code_sha256"] = runs_code(res)  # None unless one code trained every run
+    res["threads"] = runs_threads(res)  # likewise
     res["paired"] = paired(res["models"], splits)
     if baseline is not None:
         label = f"baseline ({Path(args.baseline_json).name})"

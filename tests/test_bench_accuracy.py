@@ -360,7 +360,7 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
 
     def seed_run(seed, val, test, code="d" * 64):
         return {**run(seed, val, test), "stability": {"max_dev": 0.1}, "best_epoch": 2,
-                "code_sha256": code}
+                "code_sha256": code, "threads": {"cores": 2, "OMP_NUM_THREADS": None}}
 
     def result(seeds_figures, names=("r50", "dre"), code="d" * 64, **over):
         models = {name: {"runs": [seed_run(s, v + bump, t + bump, code)
@@ -388,6 +388,7 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
     assert merged["data_dirs"] == ["/data", "/elsewhere"]
     assert merged["dataset_content_sha256"] == "c" * 64 and merged["folds"] == 5
     assert merged["code_sha256"] == "d" * 64 and set(merged["models"]) == {"r50", "dre"}
+    assert merged["threads"] == {"cores": 2, "OMP_NUM_THREADS": None}
     r50 = merged["models"]["r50"]
     assert [r["seed"] for r in r50["runs"]] == [0, 1, 2]
     assert r50["summary"]["test_patient_auc"]["mean"] == pytest.approx(0.75)
@@ -416,11 +417,15 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
     mixed["models"]["dre"]["runs"][0]["code_sha256"] = "mixed"
     unstamped = result({2: (0.6, 0.7)})
     unstamped["models"]["r50"]["runs"][0]["code_sha256"] = None
+    one_thread = result({2: (0.6, 0.7)})
+    for m in one_thread["models"].values():
+        m["runs"][0]["threads"] = {"cores": 2, "OMP_NUM_THREADS": "1"}
     for name, doc, message in (
             ("code.json", result({2: (0.6, 0.7)}, code="0" * 64),
              "were trained by other training or evaluation code"),
-            ("mixed.json", mixed, "has runs that no one code trained"),
-            ("unstamped.json", unstamped, "has runs that no one code trained"),
+            ("mixed.json", mixed, "has runs that no one code or thread setting trained"),
+            ("unstamped.json", unstamped, "has runs that no one code or thread setting"),
+            ("threads.json", one_thread, "were trained on other thread counts"),
             ("data.json", result({2: (0.6, 0.7)}, dataset_content_sha256="0" * 64), "records"),
             ("old.json", result({2: (0.6, 0.7)}, dataset_content_sha256=None),
              "records no dataset_content_sha256"),
@@ -455,56 +460,72 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
                                str(data), ["test"], {"r50"})
 
 
-def test_a_run_records_the_code_that_trained_it(tmp_path, monkeypatch):
-    """run_one stamps the code_sha256 that trained a run into its folder; a reused run
-    reports its own stamp (not today's code), a run without one None, and a run resumed
-    under other code "mixed" (so --merge refuses them)."""
+def test_a_run_records_the_code_and_threads_that_trained_it(tmp_path, monkeypatch):
+    """run_one stamps what trained a run (the code digest and the threads) into its folder;
+    a reused run reports its own stamp (not today's), a run without one None, and a run
+    resumed under other code "mixed" (so --merge refuses them)."""
     import json
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text("{}")
     run_dir = tmp_path / "w" / "seed0"
-    code = ["code-1"]
-    monkeypatch.setattr(accuracy, "code_sha256", lambda root=None: code[0])
+    now = {"code_sha256": "code-1", "threads": {"cores": 2}}
+    monkeypatch.setattr(accuracy, "trained_with", lambda root=None: dict(now))
     monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
 
     def fake_logged(cmd, log_path, what, append=True):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
 
+    def stamp_of(out):
+        return out["code_sha256"], out["threads"]
+
     monkeypatch.setattr(accuracy, "run_logged", fake_logged)
-    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
-        "code_sha256"] == "code-1"
-    code[0] = "code-2"  # reused by later code: still its own
-    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
-        "code_sha256"] == "code-1"
-    (run_dir / accuracy.CODE_FILE).unlink()
-    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
-        "code_sha256"] is None
-    (run_dir / accuracy.CODE_FILE).write_text("code-1\n")
+    args = ("f.cfg", str(data), run_dir, 0, [], [])
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("code-1", {"cores": 2})
+    now["code_sha256"] = "code-2"  # reused by later code: still its own
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("code-1", {"cores": 2})
+    (run_dir / accuracy.STAMP_FILE).unlink()
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == (None, None)
+    (run_dir / accuracy.STAMP_FILE).write_text(json.dumps(
+        {"code_sha256": "code-1", "threads": {"cores": 2}}))
     (run_dir / "metrics.json").unlink()  # interrupted: resumed under code-2
     monkeypatch.setattr(accuracy, "train_command", lambda *a, **k: (["python", "-m", "x"], True))
-    assert accuracy.run_one("f.cfg", str(data), run_dir, 0, [], [], rerun=False)[
-        "code_sha256"] == "mixed"
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("mixed", {"cores": 2})
+    assert accuracy.threads()["cores"] >= 1
 
 
 def test_the_code_digest_covers_training_and_evaluation_code_and_flagfiles(tmp_path):
-    """code_sha256: a change to training or evaluation code, a flagfile or
-    bench/accuracy.py changes it; a change to the serving wing, predict, a test or another
-    bench script does not."""
-    for rel in ("covid_keras/training/trainer.py", "covid_keras/serving/exporter.py",
-                "covid_keras/web.py", "covid_keras/predict.py", "configs/a.cfg",
-                "bench/accuracy.py", "bench/serve.py", "tests/test_x.py"):
+    """code_sha256: a changed line of training or evaluation code, a flagfile or this
+    script's train command changes it; a comment, a docstring, blank lines, the serving
+    wing, predict, a test, another bench script or another function of this script do
+    not."""
+    files = {"covid_keras/training/trainer.py": 'def f():\n    """Doc."""\n    return 1\n',
+             "covid_keras/serving/exporter.py": "x = 1\n", "covid_keras/web.py": "x = 1\n",
+             "covid_keras/predict.py": "x = 1\n", "configs/a.cfg": "# how\n--epochs=3\n",
+             "bench/accuracy.py": "def train_command():\n    return 1\n\n\n"
+                                  "def other():\n    return 1\n",
+             "bench/serve.py": "x = 1\n", "tests/test_x.py": "x = 1\n"}
+    for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("x = 1\n")
+        (tmp_path / rel).write_text(text)
     before = accuracy.code_sha256(tmp_path)
     assert len(before) == 64 and before == accuracy.code_sha256(tmp_path)
-    for rel in ("covid_keras/serving/exporter.py", "covid_keras/web.py",
-                "covid_keras/predict.py", "bench/serve.py", "tests/test_x.py"):
-        (tmp_path / rel).write_text("x = 2\n")
-    assert accuracy.code_sha256(tmp_path) == before
-    for rel in ("covid_keras/training/trainer.py", "configs/a.cfg", "bench/accuracy.py"):
-        (tmp_path / rel).write_text("x = 3\n")
-        assert accuracy.code_sha256(tmp_path) != before
+    same = {"covid_keras/training/trainer.py":
+            'def f():\n    """Another doc."""\n\n    # a comment\n    return (1)\n',
+            "configs/a.cfg": "# another header\n\n--epochs=3\n",
+            "bench/accuracy.py": "def train_command():\n    return 1\n\n\n"
+                                 "def other():\n    return 2\n",
+            "covid_keras/serving/exporter.py": "x = 2\n", "covid_keras/web.py": "x = 2\n",
+            "covid_keras/predict.py": "x = 2\n", "bench/serve.py": "x = 2\n",
+            "tests/test_x.py": "x = 2\n"}
+    for rel, text in same.items():
+        (tmp_path / rel).write_text(text)
+        assert accuracy.code_sha256(tmp_path) == before, rel
+    for rel, text in (("covid_keras/training/trainer.py", "def f():\n    return 2\n"),
+                      ("configs/a.cfg", "--epochs=4\n"),
+                      ("bench/accuracy.py", "def train_command():\n    return 2\n")):
+        (tmp_path / rel).write_text(text)
+        assert accuracy.code_sha256(tmp_path) != before, rel
         before = accuracy.code_sha256(tmp_path)
