@@ -128,6 +128,22 @@ def test_plan_shards_balanced_and_deterministic():
     assert shards == plan_shards(dict(reversed(list(sizes.items()))), shard_size_mb=5)
 
 
+def test_plan_shards_orders_ties_and_each_shard_by_the_given_order():
+    """``order`` (data_prep: each study's salt-free content digest) decides which of two
+    equal-sized studies goes first, so into which shard, and each shard's order, whatever
+    the items' own names (salted keys, another in each build)."""
+    sizes = {"k1": 10, "k2": 10, "k3": 10, "k4": 10}
+    names = {"k1": "d", "k2": "a", "k3": "c", "k4": "b"}  # k -> content digest
+    shards = plan_shards(sizes, shard_size_mb=20 / 1024 / 1024, order=names)
+    assert [[names[k] for k in s] for s in shards] == [["a", "c"], ["b", "d"]]
+    # another salt: other keys, in the other order (by name: z1 = d ... z4 = a)
+    other = {"a": "z4", "b": "z3", "c": "z2", "d": "z1"}
+    again = plan_shards({other[d]: 10 for d in "abcd"}, shard_size_mb=20 / 1024 / 1024,
+                        order={other[d]: d for d in "abcd"})
+    assert again == [["z4", "z2"], ["z3", "z1"]]  # a, c | b, d again
+    assert plan_shards(sizes, shard_size_mb=20 / 1024 / 1024) == [["k1", "k3"], ["k2", "k4"]]
+
+
 def test_lung_mask_raises_no_numpy_warning_on_a_real_slice(shared_data):
     """A COVID-CT slice whose closed air region holds no raw air pixel (the median of an
     empty selection warned 'Mean of empty slice'; warnings are errors here)."""
