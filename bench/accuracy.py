@@ -33,7 +33,8 @@ A run whose ``metrics.json`` exists is reused, on the build of the data it train
 an interrupted one resumes where it stopped (the protocol is resumable; train refuses,
 naming the flag, a run whose flags or data changed); ``--rerun`` trains it again from
 scratch. The RESULT records the build (``dataset_manifest_sha256``), and a
-``--baseline_json`` of another build is refused. With two flagfiles or more, every one
+``--baseline_json`` of another build is refused unless its records are the same (below).
+With two flagfiles or more, every one
 is also compared with the first, paired by seed (the patient AUC differences of each split,
 their mean +- sd, and at how many seeds it was higher). ``--baseline_json`` compares each
 model with its namesake in an earlier run's RESULT JSON the same way (the 5-fold ensembles
@@ -43,15 +44,19 @@ out of fold is not a checkpoint-choosing val split). Ends with a table and a
 
 The RESULT also records the build without its salt (``dataset_content_sha256``: data_prep
 orders the records by their salt-free content, so a rebuild elsewhere trains the same), the
-package versions, and for each run what trained it, stamped into the run folder when this
-script trains it: the code (``code_sha256`` of the training and evaluation code, configs/
-and this script's train command, comments and docstrings left out) and the threads (the
-cores and thread-count variables: another count sums in another order); the RESULT's own
-``code_sha256`` and ``threads`` where one setting trained every run.
-A run folder does not outlive its checkout; its RESULT does: ``--merge=a.json,b.json``
-merges RESULTs of other seeds of one protocol (same records, code, packages, held-out
-splits, --folds, models and flags) into one, and a ``--baseline_json`` whose records it
-shares is paired whatever its salt or folder.
+package versions, what read the runs' figures (``read_with_sha256``: this script's figure
+code and the evaluation code it runs), and for each run what trained it, stamped into the
+run folder (``bench_trained_with.json``) before this script trains it: the code
+(``code_sha256`` of the git-tracked training and evaluation code, configs/ and this
+script's train command, comments and docstrings left out; "mixed" for a run resumed under
+other code or not started by this script) and the threads (cores, processor, thread-count
+and backend variables: another count sums in another order); the RESULT's own
+``code_sha256`` and ``threads`` where one setting trained every run. A run folder does not
+outlive its checkout; its RESULT does: ``--merge=a.json,b.json`` merges RESULTs of other
+seeds of one protocol (same records, training code, threads, figure code, packages,
+held-out splits, --folds, models, stages and flags; flagfiles under configs/, whose content
+the code digest covers) into one, and a ``--baseline_json`` whose records it shares is
+paired whatever its salt or folder.
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
@@ -208,20 +213,15 @@ NOT_TRAINING = ("covid_keras/serving", "covid_keras/web_static", "covid_keras/we
 #: In a run folder that this script trained: what trained it (:func:`trained_with`; its
 #: code "mixed" when a resume ran other code than the start), so a reused run keeps its own.
 STAMP_FILE = "bench_trained_with.json"
-THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS",
+                    "TF_ENABLE_ONEDNN_OPTS", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES")
 
 
-def _normalised(path: Path, function: str | None = None) -> bytes:
-    """What of a file decides what it does: a .py file's syntax tree without docstrings
-    (comments, blank lines and layout do not count; ``function``: that function's alone), a
-    flagfile's lines without comments and blank ones."""
+def _strip_docstrings(tree) -> bytes:
+    """``ast.dump`` of ``tree`` without its docstrings (attributes, so line numbers, left
+    out)."""
     import ast
 
-    text = path.read_text()
-    if path.suffix != ".py":
-        return "\n".join(ln.strip() for ln in text.splitlines()
-                         if ln.strip() and not ln.strip().startswith("#")).encode()
-    tree = ast.parse(text)
     scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -229,9 +229,46 @@ def _normalised(path: Path, function: str | None = None) -> bytes:
         if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                 and isinstance(first.value.value, str):
             node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+def _normalised(path: Path, function: str | None = None) -> bytes:
+    """What of a file decides what it does: a .py file's syntax tree without docstrings
+    (comments, blank lines and layout do not count; ``function``: that function's alone), a
+    flagfile's lines without comments (``#``, ``//``) and blank ones."""
+    import ast
+
+    text = path.read_text()
+    if path.suffix != ".py":
+        return "\n".join(ln.strip() for ln in text.splitlines() if ln.strip()
+                         and not ln.strip().startswith(("#", "//"))).encode()
+    tree = ast.parse(text)
     if function is not None:
         tree = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
-    return ast.dump(tree, include_attributes=False).encode()
+    return _strip_docstrings(tree)
+
+
+def _code_files(root: Path) -> list[Path]:
+    """The .py and .cfg files of :data:`CODE` in ``root``, the serving wing left out: those
+    git tracks in a checkout (a scratch file does not count), every one elsewhere."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *CODE], cwd=root,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+        paths = [root / rel for rel in listed if rel]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p for top in CODE for p in (root / top).rglob("*")]
+    return sorted(p for p in paths if p.suffix in (".py", ".cfg") and p.is_file()
+                  and "__pycache__" not in p.parts
+                  and not p.relative_to(root).as_posix().startswith(NOT_TRAINING))
+
+
+def _digest(parts: list[tuple[str, bytes]]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel, data in parts:
+        h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
 
 
 def code_sha256(root: Path = REPO) -> str:
@@ -239,31 +276,59 @@ def code_sha256(root: Path = REPO) -> str:
     as they are in ``root``, and of this script's :func:`train_command` (each file's path
     and :func:`_normalised` content, in path order): a comment or docstring does not change
     it, a changed line of code does."""
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def add(rel: str, data: bytes) -> None:
-        h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-
-    for top in CODE:
-        for path in sorted(p for p in (root / top).rglob("*") if p.suffix in (".py", ".cfg")
-                           and p.is_file() and "__pycache__" not in p.parts):
-            rel = path.relative_to(root).as_posix()
-            if not rel.startswith(NOT_TRAINING):
-                add(rel, _normalised(path))
+    parts = [(p.relative_to(root).as_posix(), _normalised(p)) for p in _code_files(root)]
     script = root / "bench" / "accuracy.py"
     if script.is_file():
-        add("bench/accuracy.py:train_command", _normalised(script, "train_command"))
-    return h.hexdigest()
+        parts.append(("bench/accuracy.py:train_command", _normalised(script, "train_command")))
+    return _digest(parts)
+
+
+#: This script's functions that do not turn runs into figures (merging, printing, the
+#: command line): left out of :func:`read_with_sha256`.
+NOT_READING = ("main", "merge_main", "merge_results", "read_result", "read_baseline",
+               "print_table", "runs_code", "runs_threads", "paired_with_baseline")
+
+
+def read_with_sha256(root: Path = REPO) -> str:
+    """SHA-256 (hex) of what turns finished runs into a RESULT's per-run figures: this
+    script without :data:`NOT_READING` (the figures, the members' evaluation, the vote, the
+    stability window) and the evaluation code it runs (covid_keras as in
+    :func:`code_sha256`), comments and docstrings left out. RESULTs merge only where it is
+    the same."""
+    import ast
+
+    script = root / "bench" / "accuracy.py"
+    body = ast.parse(script.read_text()).body
+    kept = [n for n in body if not (isinstance(n, ast.FunctionDef) and n.name in NOT_READING)]
+    module = ast.Module(body=kept, type_ignores=[])
+    parts = [(p.relative_to(root).as_posix(), _normalised(p)) for p in _code_files(root)
+             if p.suffix == ".py"]
+    parts.append(("bench/accuracy.py", _strip_docstrings(module)))
+    return _digest(parts)
+
+
+def cpu_model() -> str | None:
+    """The processor's model name (oneDNN picks its kernels by the instruction set)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
 
 
 def threads() -> dict:
-    """The cores this process may use and the thread-count variables it was given: the
-    same flags and seed on other thread counts sum in another order (two ResNet-50 runs of
-    one seed, one with 2 threads and one with 1, differed from the first epoch's loss)."""
+    """Where the numbers are summed: the cores this process may use, the processor, and the
+    thread-count and backend variables it was given. The same flags and seed on other thread
+    counts sum in another order (two ResNet-50 runs of one seed, one with 2 threads and one
+    with 1, differed from the first epoch's loss)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cores": cores, **{k: os.environ.get(k) for k in THREAD_VARIABLES}}
+    return {"cores": cores, "cpu": cpu_model(),
+            **{k: os.environ.get(k) for k in THREAD_VARIABLES}}
 
 
 def trained_with(root: Path = REPO) -> dict:
@@ -296,11 +361,14 @@ def run_one(flagfile: str, data_dir: str, run_dir: Path, seed: int, splits: list
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}"
               + (" (resumed)" if resume else ""), flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # stamped before it trains: a run killed now and resumed later by other code is
+        # "mixed"; a resumed run that this script did not start is "mixed" too (unknown)
         now, stamp = trained_with(), run_dir / STAMP_FILE
-        started = json.loads(stamp.read_text()) if resume and stamp.exists() else now
+        started = (json.loads(stamp.read_text()) if stamp.exists() else {}) if resume else now
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({k: (now[k] if started.get(k) == now[k] else "mixed")
+                                     for k in now}) + "\n")
         run_logged(cmd, seed_log(run_dir, seed), "training", append=resume)
-        stamp.write_text(json.dumps(now if started == now else {
-            k: (now[k] if started.get(k) == now[k] else "mixed") for k in now}) + "\n")
         print(f"    took {time.time() - t0:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
     if metrics.get("folds", 0) != folds:
@@ -550,18 +618,25 @@ def read_result(path: str) -> dict:
         res = None
     models = res.get("models") if isinstance(res, dict) else None
     if not isinstance(models, dict) or not models or not all(
-            isinstance(m, dict) and isinstance(m.get("runs"), list)
-            and all(isinstance(r, dict) and "seed" in r for r in m["runs"])
+            isinstance(m, dict) and isinstance(m.get("runs"), list) and m["runs"]
+            and all(isinstance(r, dict) and RUN_KEYS <= set(r) for r in m["runs"])
             for m in models.values()):
-        raise ValueError(f"{path} is not a RESULT JSON of this script (--output_json)")
+        raise ValueError(f"{path} is not a RESULT JSON of this script (--output_json): "
+                         f"each model needs runs with {sorted(RUN_KEYS)}")
     return res
+
+
+#: What every run of a RESULT holds (summarise reads them).
+RUN_KEYS = {"seed", "val", "stability", "best_epoch"}
 
 
 #: What RESULTs merged by --merge must share (recorded, not None): the same records
 #: (whatever the salt), held-out splits, protocol and packages. Every run must also have
 #: been trained by the same code (its ``code_sha256``).
-MERGED_ALIKE = ("dataset_content_sha256", "held_out", "folds", "extra_flags", "packages")
+MERGED_ALIKE = ("dataset_content_sha256", "read_with_sha256", "held_out", "folds",
+                "extra_flags", "packages")
 WHAT = {"dataset_content_sha256": "records (other data, or another data_prep or its flags)",
+        "read_with_sha256": "code that read the runs' figures (read_with_sha256)",
         "packages": "package versions"}
 
 
@@ -578,7 +653,7 @@ def runs_threads(res: dict) -> dict | None:
     found = {json.dumps(r.get("threads"), sort_keys=True)
              for m in res["models"].values() for r in m["runs"]}
     theirs = json.loads(found.pop()) if len(found) == 1 else None
-    return None if not isinstance(theirs, dict) or "mixed" in theirs.values() else theirs
+    return theirs if isinstance(theirs, dict) else None  # a "mixed" stamp is a string
 
 
 def merge_results(paths: list[str]) -> dict:
@@ -621,6 +696,13 @@ def merge_results(paths: list[str]) -> dict:
             raise ValueError(f"--merge: {path} has other models or stages "
                              f"({sorted(res['models'])}) than {paths[0]} "
                              f"({sorted(first['models'])})")
+    for path, res in zip(paths, results):
+        for name, model in res["models"].items():
+            flagfile = str(model.get("flagfile", ""))
+            if not Path(flagfile).as_posix().startswith("configs/"):
+                raise ValueError(f"--merge: {path}'s model {name} was trained from "
+                                 f"{flagfile or 'an unnamed flagfile'}, not one under configs/ "
+                                 "(whose content code_sha256 covers): it cannot be merged")
     seen: dict[int, str] = {}
     for path, res in zip(paths, results):
         for seed in {r["seed"] for m in res["models"].values() for r in m["runs"]}:
@@ -684,12 +766,14 @@ def merge_main(p, args) -> int:
             name = args.baseline_json
             baseline = read_result(name)
             for key, theirs in (("dataset_content_sha256", baseline.get(
-                    "dataset_content_sha256")), ("code", runs_code(baseline)),
-                    ("threads", runs_threads(baseline)), ("held_out", baseline.get("held_out"))):
-                ours = res["code_sha256"] if key == "code" else res[key]
+                    "dataset_content_sha256")), ("code_sha256", runs_code(baseline)),
+                    ("threads", runs_threads(baseline)),
+                    ("read_with_sha256", baseline.get("read_with_sha256")),
+                    ("packages", baseline.get("packages")), ("held_out", baseline.get("held_out"))):
+                ours = res[key]
                 if theirs is None:
                     raise ValueError(f"--baseline_json={name} records no {key} (or its runs "
-                                     "no one code): it is not paired with merged RESULTs")
+                                     f"no one {key}): it is not paired with merged RESULTs")
                 if theirs != ours:
                     raise ValueError(f"--baseline_json={name} differs from the merged "
                                      f"RESULTs in its {key}: its runs are not paired with these")
@@ -714,8 +798,10 @@ def main(argv=None) -> int:
     p.add_argument("--merge", default=None,
                    help="Comma-separated RESULT JSONs (--output_json) of other seeds of one "
                    "protocol (e.g. one session each): trains nothing, writes their merged "
-                   "RESULT. They must record the same content_sha256 of the data, the same "
-                   "code_sha256, held-out splits, --folds, models and flags after --.")
+                   "RESULT. They must record the same content_sha256 of the data, "
+                   "code_sha256 and threads of every run, read_with_sha256, packages, "
+                   "held-out splits, --folds, models (flagfiles under configs/) and flags "
+                   "after --.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
     p.add_argument("--work_dir", default="runs/accuracy", help="Run folders go here.")
     p.add_argument("--val_split", default="val")
@@ -756,7 +842,8 @@ def main(argv=None) -> int:
             p.error(str(exc))
     res = {"data_dir": args.data_dir, "dataset_manifest_sha256": manifest_sha256(args.data_dir),
            "dataset_content_sha256": content_sha256(args.data_dir),
-           "packages": package_versions(), "seeds": seeds, "held_out": splits, "models": {},
+           "packages": package_versions(), "read_with_sha256": read_with_sha256(),
+           "seeds": seeds, "held_out": splits, "models": {},
            "extra_flags": args.extra, "folds": args.folds}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
     for flagfile in flagfiles:
@@ -780,7 +867,9 @@ def main(argv=None) -> int:
                          f"{Path(shared[flagfile]).stem}/seed{{seed}}")
         runs = [run_one(flagfile, args.data_dir, Path(args.work_dir) / name / f"seed{s}", s,
                         splits, extra, args.rerun, args.folds) for s in seeds]
-        done[flagfile] = {"flagfile": flagfile, "runs": runs,
+        where = Path(os.path.abspath(flagfile))
+        done[flagfile] = {"flagfile": where.relative_to(REPO).as_posix()
+                          if where.is_relative_to(REPO) else str(where), "runs": runs,
                           "summary": summarise(runs, splits)}
         if flagfile in shared:
             done[flagfile]["classifier_stage"] = shared[flagfile]

@@ -14,7 +14,8 @@ import accuracy  # noqa: E402
 
 
 def run(seed, val, test):
-    return {"seed": seed, "val": {"patient_auc": val}, "test": {"patient_auc": test}}
+    return {"seed": seed, "val": {"patient_auc": val}, "test": {"patient_auc": test},
+            "stability": {"max_dev": 0.1}, "best_epoch": 2}
 
 
 def test_paired_differences_match_seeds_and_skip_missing_ones():
@@ -94,7 +95,7 @@ def test_a_baseline_json_pairs_each_model_with_its_namesake_by_seed(tmp_path, mo
     for doc, message in (
             ("not json", "is not a RESULT JSON"), ([1, 2], "is not a RESULT JSON"),
             ({**single, "models": {"r50": {"runs": [{"val": {}}]}}}, "is not a RESULT JSON"),
-            ({**single, "models": {"x": {"runs": []}}}, "has none of these"),
+            ({**single, "models": {"x": {"runs": [run(0, 0.1, 0.1)]}}}, "has none of these"),
             ({**single, "data_dir": str(tmp_path)}, "was run on another data folder"),
             ({**single, "dataset_manifest_sha256": "0" * 64}, "was run on another build of"),
             ({**single, "held_out": []}, "holds out [], this data folder ['test']")):
@@ -172,6 +173,7 @@ def test_an_interrupted_run_resumes_and_a_new_or_rerun_one_starts_again(tmp_path
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    monkeypatch.setattr(accuracy, "trained_with", lambda root=None: {"code_sha256": "c"})
     killed, new = tmp_path / "w" / "seed0", tmp_path / "w" / "seed1"
     killed.mkdir(parents=True)
     (killed / "run_info.json").write_text("{}")
@@ -363,11 +365,13 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
                 "code_sha256": code, "threads": {"cores": 2, "OMP_NUM_THREADS": None}}
 
     def result(seeds_figures, names=("r50", "dre"), code="d" * 64, **over):
-        models = {name: {"runs": [seed_run(s, v + bump, t + bump, code)
+        models = {name: {"flagfile": f"configs/{name}.cfg",
+                         "runs": [seed_run(s, v + bump, t + bump, code)
                                   for s, (v, t) in seeds_figures.items()]}
                   for name, bump in ((n, 0.05 if n == "dre" else 0.0) for n in names)}
         return {"data_dir": "/data", "dataset_manifest_sha256": "a" * 64,
                 "dataset_content_sha256": "c" * 64, "code_sha256": code,
+                "read_with_sha256": "e" * 64,
                 "packages": {"python": "3.11", "keras": "3"}, "held_out": ["test"],
                 "folds": 5, "extra_flags": [],
                 "models": {n: models[n] for n in names},
@@ -426,7 +430,14 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
             ("mixed.json", mixed, "has runs that no one code or thread setting trained"),
             ("unstamped.json", unstamped, "has runs that no one code or thread setting"),
             ("threads.json", one_thread, "were trained on other thread counts"),
-            ("data.json", result({2: (0.6, 0.7)}, dataset_content_sha256="0" * 64), "records"),
+            ("data.json", result({2: (0.6, 0.7)}, dataset_content_sha256="0" * 64),
+             "differ in their records"),
+            ("read.json", result({2: (0.6, 0.7)}, read_with_sha256="0" * 64),
+             "differ in their code that read the runs' figures"),
+            ("extra.json", result({2: (0.6, 0.7)}, extra_flags=["--epochs=3"]), "extra_flags"),
+            ("outside.json", {**result({2: (0.6, 0.7)}), "models": {
+                n: {**m, "flagfile": "/tmp/" + n + ".cfg"}
+                for n, m in result({2: (0.6, 0.7)})["models"].items()}}, "not one under configs/"),
             ("old.json", result({2: (0.6, 0.7)}, dataset_content_sha256=None),
              "records no dataset_content_sha256"),
             ("pkg.json", result({2: (0.6, 0.7)}, packages={"python": "3.12"}),
@@ -434,6 +445,9 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
             ("held.json", result({2: (0.6, 0.7)}, held_out=[]), "held_out"),
             ("models.json", result({2: (0.6, 0.7)}, names=("r50",)), "has other models"),
             ("twice.json", result({1: (0.6, 0.7)}), "seed 1 is in "),
+            ("stage.json", {**result({2: (0.6, 0.7)}), "models": {
+                n: {**m, "classifier_stage": "configs/r50.cfg" if n == "dre" else None}
+                for n, m in result({2: (0.6, 0.7)})["models"].items()}}, "other models or stages"),
             ("notone.json", [1], "is not a RESULT JSON")):
         refused([f"--merge={a},{write(name, doc)}"], message)
     refused(["--merge=,"], "--merge names no RESULT JSON")
@@ -442,6 +456,11 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
             "differs from the merged RESULTs in its dataset_content_sha256")
     refused([f"--merge={a}", f"--baseline_json={write('unstamped.json', unstamped)}"],
             "records no code")
+    refused([f"--merge={a}", f"--baseline_json={write('t.json', one_thread)}"],
+            "differs from the merged RESULTs in its threads")
+    other_python = write("p.json", result({0: (0.7, 0.5)}, packages={"python": "3.12"}))
+    refused([f"--merge={a}", f"--baseline_json={other_python}"],
+            "differs from the merged RESULTs in its packages")
     x = write("x.json", result({0: (0.7, 0.5)}, names=("x",)))
     refused([f"--merge={a}", f"--baseline_json={x}"], "has none of these models")
     refused([f"--merge={a}", "--flagfiles=x.cfg", "--seeds=3"],
@@ -461,9 +480,10 @@ def test_results_of_other_sessions_merge_only_on_the_same_records_and_code(tmp_p
 
 
 def test_a_run_records_the_code_and_threads_that_trained_it(tmp_path, monkeypatch):
-    """run_one stamps what trained a run (the code digest and the threads) into its folder;
-    a reused run reports its own stamp (not today's), a run without one None, and a run
-    resumed under other code "mixed" (so --merge refuses them)."""
+    """run_one stamps what trains a run (the code digest and the threads) into its folder
+    before it trains; a reused run reports its own stamp (not today's); a run killed under
+    one code and resumed under another is "mixed", and so is a resumed run that this script
+    did not start (no stamp: unknown), so --merge refuses them; --rerun stamps afresh."""
     import json
 
     data = tmp_path / "data"
@@ -471,29 +491,38 @@ def test_a_run_records_the_code_and_threads_that_trained_it(tmp_path, monkeypatc
     (data / "manifest.json").write_text("{}")
     run_dir = tmp_path / "w" / "seed0"
     now = {"code_sha256": "code-1", "threads": {"cores": 2}}
-    monkeypatch.setattr(accuracy, "trained_with", lambda root=None: dict(now))
+    monkeypatch.setattr(accuracy, "trained_with", lambda root=None: json.loads(json.dumps(now)))
     monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    killed = [True]
 
     def fake_logged(cmd, log_path, what, append=True):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_info.json").write_text("{}")
+        if killed[0]:
+            raise SystemExit("killed")
         (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": {}}))
 
     def stamp_of(out):
         return out["code_sha256"], out["threads"]
 
     monkeypatch.setattr(accuracy, "run_logged", fake_logged)
+    monkeypatch.setattr(accuracy, "interrupted", lambda d: (d / "run_info.json").exists()
+                        and not (d / "metrics.json").exists())
     args = ("f.cfg", str(data), run_dir, 0, [], [])
-    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("code-1", {"cores": 2})
-    now["code_sha256"] = "code-2"  # reused by later code: still its own
-    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("code-1", {"cores": 2})
-    (run_dir / accuracy.STAMP_FILE).unlink()
-    assert stamp_of(accuracy.run_one(*args, rerun=False)) == (None, None)
-    (run_dir / accuracy.STAMP_FILE).write_text(json.dumps(
-        {"code_sha256": "code-1", "threads": {"cores": 2}}))
-    (run_dir / "metrics.json").unlink()  # interrupted: resumed under code-2
-    monkeypatch.setattr(accuracy, "train_command", lambda *a, **k: (["python", "-m", "x"], True))
+    with pytest.raises(SystemExit):  # killed under code-1, after its stamp
+        accuracy.run_one(*args, rerun=False)
+    assert json.loads((run_dir / accuracy.STAMP_FILE).read_text())["code_sha256"] == "code-1"
+    now["code_sha256"], killed[0] = "code-2", False  # resumed under code-2
     assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("mixed", {"cores": 2})
-    assert accuracy.threads()["cores"] >= 1
+    assert stamp_of(accuracy.run_one(*args, rerun=True)) == ("code-2", {"cores": 2})
+    now["code_sha256"] = "code-3"  # reused by later code: still its own
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("code-2", {"cores": 2})
+    (run_dir / accuracy.STAMP_FILE).unlink()
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == (None, None)  # not stamped
+    (run_dir / "metrics.json").unlink()  # interrupted, no stamp: started by whom?
+    assert stamp_of(accuracy.run_one(*args, rerun=False)) == ("mixed", "mixed")
+    assert set(accuracy.threads()) == {"cores", "cpu", *accuracy.THREAD_VARIABLES}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert accuracy.threads()["OMP_NUM_THREADS"] == "1"
 
 
 def test_the_code_digest_covers_training_and_evaluation_code_and_flagfiles(tmp_path):
