@@ -557,6 +557,9 @@ def test_bench_accuracy_passes_the_seeds_teacher_to_each_run(bench_script, tmp_p
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(accuracy, "stability", lambda path: {"max_dev": None})
+    # the stamps and digests (they list git's files with subprocess.run, captured here)
+    monkeypatch.setattr(accuracy, "trained_with", lambda root=None: {"code_sha256": "c"})
+    monkeypatch.setattr(accuracy, "read_with_sha256", lambda root=None: "r")
     accuracy.main([f"--data_dir={data}", "--flagfiles=configs/covid_ct_resnet50.cfg",
                    "--seeds=0,1", f"--work_dir={tmp_path / 'w'}", "--",
                    "--distill_from=runs/acc/cv/covid_ct_resnet50/seed{seed}"])
