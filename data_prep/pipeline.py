@@ -72,7 +72,7 @@ SPOOL = ".partial"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord\.gz$")
 MANIFEST_VERSION = 1
 # Bump when a code change alters records: the spool of an older version is then not reused.
-SPOOL_VERSION = 4
+SPOOL_VERSION = 5
 # a killed writer's temporary file: <name>.tmp-<pid> (here) or <name>.tmp-<pid>-<hex>
 # (covid_keras.core.files.unique_suffix: manifest.json and the other JSON files)
 TMP_RE = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")
@@ -199,7 +199,8 @@ def _process_to_spool(scan: StudyScan, split: str, label_index: int, scan_cfg: S
     if result.error is None:
         for r in result.records:
             schema.validate(r)
-        result.order_key = study_order_key(result.records)
+        result.content_digests = [schema.content_digest(r) for r in sorted(
+            result.records, key=lambda r: r[schema.SLICE_INDEX])]
         storage.write_bytes(spool_file, pickle.dumps(result, protocol=4))
     result.records = [None] * len(result.records)
     return result
@@ -230,14 +231,6 @@ def plan_shards(sizes: dict[str, int], shard_size_mb: float,
         shards[i].append(key)
         loads[i] += sizes[key]
     return [sorted(s, key=rank) for s in shards]
-
-
-def study_order_key(records: list[dict]) -> str:
-    """A study's place in its split's shards: the digest of its records' salt-free content
-    (in slice order), so a rebuild with another salt writes the same records in the same
-    order, and a seeded training on it is the same training."""
-    ordered = sorted(records, key=lambda r: r[schema.SLICE_INDEX])
-    return schema.digest_of([schema.content_digest(r) for r in ordered])
 
 
 def write_tfrecord_gz(path: str, serialized: Iterable[bytes]) -> int:
@@ -697,20 +690,18 @@ def _write_outputs(results: list[tuple[StudyResult, str]], cfg: RunConfig, class
             name = f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord.gz"
             path = os.path.join(staging, name)
 
-            digests: list[str] = []
-
             def records(keys: list[str] = keys) -> Iterator[bytes]:
                 for k in keys:
                     recs = sorted(_load_spooled(studies[k][1]), key=lambda r: r[schema.SLICE_INDEX])
                     for r in recs:
-                        digests.append(schema.content_digest(r))
                         yield schema.serialize(r)
                     bar.update()
 
             n = write_tfrecord_gz(path, records())
             files[name] = {"split": split, "records": n, "studies": len(keys),
                            "bytes": os.path.getsize(path), "sha256": fs.sha256(path)}
-            content[name] = schema.digest_of(digests)
+            content[name] = schema.digest_of(
+                [d for k in keys for d in studies[k][0].content_digests])
     bar.close()
     manifest = build_manifest(results, cfg, classes, patients, splits, resolved_flags, n_input,
                               issues, files, slice_stats, notes)

@@ -131,9 +131,16 @@ class StudyResult:
     sampled: int = 0
     error: Issue | None = None
     spool_key: str = ""
-    #: schema.digest_of its records' content digests (salt-free): its place in the shards'
-    #: order. Spooled with it; never written to a record, the manifest or a log.
-    order_key: str = ""
+    #: schema.content_digest of each record (salt-free), in slice order: spooled with the
+    #: study, so the shards are ordered and the manifest's content_sha256 is made without
+    #: hashing the records again; never written to a record or a log.
+    content_digests: list[str] = field(default_factory=list)
+
+    @property
+    def order_key(self) -> str:
+        """The study's place in its split's shards: the digest of its records' content, so a
+        rebuild with another salt writes the same records in the same order."""
+        return schema.digest_of(self.content_digests)
 
 
 def salted_key(salt: bytes, kind: str, value: str, length: int = 16) -> str:

@@ -188,7 +188,11 @@ def parse(serialized: bytes) -> dict[str, Any]:
     """
     import tensorflow as tf
 
-    example = tf.train.Example.FromString(serialized)
+    return values_of(tf.train.Example.FromString(serialized))
+
+
+def values_of(example) -> dict[str, Any]:
+    """:func:`parse` of an already parsed ``tf.train.Example``."""
     out: dict[str, Any] = {}
     for name, feat in example.features.feature.items():
         if name not in _BY_NAME:

@@ -76,13 +76,13 @@ def patients_and_order(data_dir: str, splits: list[str]
     out: dict[str, tuple[str, str]] = {}
     contents: dict[str, list[str]] = {}
     for split in splits:
-        for blob, ex in _records(data_dir, split):
+        for _, ex in _records(data_dir, split):
             key = _text(ex, schema.PATIENT_KEY)
             value = (_text(ex, schema.LABEL_NAME), _text(ex, schema.SITE))
             if out.setdefault(key, value) != value:
                 raise ValueError(f"{data_dir}: a patient has records with two labels or "
                                  f"sites ({out[key]} and {value}): cannot stratify folds")
-            contents.setdefault(key, []).append(schema.content_digest(schema.parse(blob)))
+            contents.setdefault(key, []).append(schema.content_digest(schema.values_of(ex)))
     return out, {k: schema.digest_of(sorted(v)) for k, v in contents.items()}
 
 
