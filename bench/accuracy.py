@@ -56,7 +56,12 @@ outlive its checkout; its RESULT does: ``--merge=a.json,b.json`` merges RESULTs 
 seeds of one protocol (same records, training code, threads, figure code, packages,
 held-out splits, --folds, models, stages and flags; flagfiles under configs/, whose content
 the code digest covers) into one, and a ``--baseline_json`` whose records it shares is
-paired whatever its salt or folder.
+paired whatever its salt or folder. A file named by a flag after -- (``--init_from=w.h5``)
+is recorded by its SHA-256 (``extra_flag_files``; RESULTs that name one flag with other
+content do not merge). A training run's ``--baseline_json`` may have been trained by other
+code (the pretraining's effect: a flagfile against its from-scratch self); what it is not
+known to share (code, threads, packages, figure code, files after --) is printed and
+recorded as ``baseline_differs_in``.
 
 A flagfile whose ``--classifier_flagfile`` is another listed flagfile (DRENet's, which starts
 from the ResNet-50 classifier) uses that flagfile's run of the same seed as its stage
@@ -286,7 +291,8 @@ def code_sha256(root: Path = REPO) -> str:
 #: This script's functions that do not turn runs into figures (merging, printing, the
 #: command line): left out of :func:`read_with_sha256`.
 NOT_READING = ("main", "merge_main", "merge_results", "read_result", "read_baseline",
-               "print_table", "runs_code", "runs_threads", "paired_with_baseline")
+               "print_table", "runs_code", "runs_threads", "paired_with_baseline",
+               "baseline_differences", "extra_flag_files")
 
 
 def read_with_sha256(root: Path = REPO) -> str:
@@ -610,6 +616,46 @@ def read_baseline(path: str, data_dir: str, splits: list[str], names: set[str]) 
     return baseline
 
 
+#: What a training run's ``--baseline_json`` may differ in and still pair (the pretraining's
+#: effect pairs a flagfile with its from-scratch self: other code by design), recorded in
+#: the RESULT (``baseline_differs_in``) and printed, so that no pair passes for more than it is.
+BASELINE_ALIKE = ("code_sha256", "threads", "packages", "read_with_sha256",
+                  "extra_flag_files")
+
+
+def baseline_differences(res: dict, baseline: dict) -> list[str]:
+    """The :data:`BASELINE_ALIKE` entries in which ``baseline`` is not known to match
+    ``res`` (different, or not recorded on either side): the runs' training code and
+    threads, the packages, the code that read the figures, the files named after --."""
+    def get(doc: dict, key: str):
+        if key == "code_sha256":
+            return runs_code(doc)
+        if key == "threads":
+            return runs_threads(doc)
+        if key == "extra_flag_files" and not doc.get("extra_flags"):
+            return doc.get(key) or {}  # nothing after --: no file to record
+        return doc.get(key)
+
+    return [k for k in BASELINE_ALIKE
+            if get(res, k) is None or get(baseline, k) is None or get(res, k) != get(baseline, k)]
+
+
+def extra_flag_files(extra: list[str], seeds: list[int]) -> dict[str, str]:
+    """The SHA-256 of each file that a flag after -- names (``--init_from=weights.h5``; with
+    ``{seed}``, each seed's), keyed by the flag as the run got it: code_sha256 covers the
+    flagfiles under configs/, not a file given on the command line."""
+    from covid_keras.core import files
+
+    out = {}
+    for flag in extra:
+        for seed in seeds:
+            given = flag.replace("{seed}", str(seed))
+            value = given.split("=", 1)[1] if given.startswith("-") and "=" in given else given
+            if value and os.path.isfile(value):
+                out[given] = files.sha256(value)
+    return out
+
+
 def read_result(path: str) -> dict:
     """A RESULT JSON of this script (--output_json), or a ValueError naming the file."""
     try:
@@ -703,6 +749,12 @@ def merge_results(paths: list[str]) -> dict:
                 raise ValueError(f"--merge: {path}'s model {name} was trained from "
                                  f"{flagfile or 'an unnamed flagfile'}, not one under configs/ "
                                  "(whose content code_sha256 covers): it cannot be merged")
+    hashed: dict[str, tuple[str, str]] = {}  # flag -> (sha256, file)
+    for path, res in zip(paths, results):
+        for flag, digest in (res.get("extra_flag_files") or {}).items():
+            if hashed.setdefault(flag, (digest, path))[0] != digest:
+                raise ValueError(f"--merge: {flag} named another file's content in {path} "
+                                 f"than in {hashed[flag][1]}: not one protocol")
     seen: dict[int, str] = {}
     for path, res in zip(paths, results):
         for seed in {r["seed"] for m in res["models"].values() for r in m["runs"]}:
@@ -721,6 +773,7 @@ def merge_results(paths: list[str]) -> dict:
             "data_dirs": sorted({str(res.get("data_dir")) for res in results}),
             "dataset_manifest_sha256": builds.pop() if len(builds) == 1 else None,
             "seeds": sorted(seen), "models": models, "paired": paired(models, splits),
+            "extra_flag_files": {flag: d for flag, (d, _) in sorted(hashed.items())},
             "merged_from": [Path(p).name for p in paths]}
 
 
@@ -777,6 +830,11 @@ def merge_main(p, args) -> int:
                 if theirs != ours:
                     raise ValueError(f"--baseline_json={name} differs from the merged "
                                      f"RESULTs in its {key}: its runs are not paired with these")
+            theirs = baseline.get("extra_flag_files") or {}
+            if any(theirs[f] != d for f, d in res["extra_flag_files"].items() if f in theirs):
+                raise ValueError(f"--baseline_json={name} differs from the merged RESULTs in "
+                                 "the content of a file named after --: its runs are not "
+                                 "paired with these")
             if not set(baseline["models"]) & set(res["models"]):
                 raise ValueError(f"--baseline_json={name} has none of these models (it has "
                                  f"{sorted(baseline['models'])})")
@@ -801,7 +859,7 @@ def main(argv=None) -> int:
                    "RESULT. They must record the same content_sha256 of the data, "
                    "code_sha256 and threads of every run, read_with_sha256, packages, "
                    "held-out splits, --folds, models (flagfiles under configs/) and flags "
-                   "after --.")
+                   "after -- (and the content of the files they name).")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
     p.add_argument("--work_dir", default="runs/accuracy", help="Run folders go here.")
     p.add_argument("--val_split", default="val")
@@ -844,7 +902,8 @@ def main(argv=None) -> int:
            "dataset_content_sha256": content_sha256(args.data_dir),
            "packages": package_versions(), "read_with_sha256": read_with_sha256(),
            "seeds": seeds, "held_out": splits, "models": {},
-           "extra_flags": args.extra, "folds": args.folds}
+           "extra_flags": args.extra, "folds": args.folds,
+           "extra_flag_files": extra_flag_files(args.extra, seeds)}
     flagfiles = [f for f in args.flagfiles.split(",") if f]
     for flagfile in flagfiles:
         if not os.path.isfile(flagfile):
@@ -881,6 +940,11 @@ def main(argv=None) -> int:
         label = f"baseline ({Path(args.baseline_json).name})"
         res["paired"].update(paired_with_baseline(res["models"], baseline, label, splits,
                                                   args.folds))
+        res["baseline_differs_in"] = baseline_differences(res, baseline)
+        if res["baseline_differs_in"]:
+            print(f"{label} is not known to match these runs in: "
+                  f"{', '.join(res['baseline_differs_in'])} (recorded as baseline_differs_in: "
+                  "its pairs compare those too)", flush=True)
     emit_result(res, print_table, args.output_json)
     return 0
 

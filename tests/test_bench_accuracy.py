@@ -558,3 +558,78 @@ def test_the_code_digest_covers_training_and_evaluation_code_and_flagfiles(tmp_p
         (tmp_path / rel).write_text(text)
         assert accuracy.code_sha256(tmp_path) != before, rel
         before = accuracy.code_sha256(tmp_path)
+
+
+def test_files_after_the_flags_are_digested_and_a_baseline_says_what_it_does_not_share(
+        tmp_path, monkeypatch, capsys):
+    """A file that a flag after -- names (its {seed} expanded) is recorded by its SHA-256,
+    so two RESULTs whose runs started from other weights under one flag never merge; a
+    training run's --baseline_json trained by other code still pairs (a flagfile against
+    its from-scratch self), and the RESULT says in what it is not known to match."""
+    import hashlib
+    import json
+
+    for seed, content in ((0, b"weights of seed 0"), (1, b"weights of seed 1")):
+        (tmp_path / f"w{seed}.h5").write_bytes(content)
+    digests = accuracy.extra_flag_files(
+        [f"--init_from={tmp_path}/w{{seed}}.h5", "--epochs=3", f"--nothing={tmp_path}/no.h5"],
+        [0, 1])
+    assert digests == {f"--init_from={tmp_path}/w{s}.h5": hashlib.sha256(
+        f"weights of seed {s}".encode()).hexdigest() for s in (0, 1)}
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    (data / "test-00000-of-00001.tfrecord.gz").write_bytes(b"")
+    cfg = tmp_path / "r50.cfg"
+    cfg.write_text("--model=classifier\n")
+
+    def fake_run_one(flagfile, data_dir, run_dir, seed, splits, extra, rerun, folds=0):
+        return {**run(seed, 0.7, 0.7), "code_sha256": "new", "threads": {"cores": 2}}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    monkeypatch.setattr(accuracy, "read_with_sha256", lambda: "r" * 64)
+    monkeypatch.setattr(accuracy, "package_versions", lambda: {"keras": "3"})
+    out = tmp_path / "out.json"
+
+    def main(*extra, baseline=None):
+        return accuracy.main([f"--data_dir={data}", f"--flagfiles={cfg}", "--seeds=0",
+                              f"--work_dir={tmp_path / 'runs'}", f"--output_json={out}",
+                              *([f"--baseline_json={baseline}"] if baseline else []),
+                              *extra])
+
+    assert main("--", f"--init_from={tmp_path}/w0.h5") == 0
+    first = json.loads(out.read_text())
+    assert first["extra_flag_files"] == {f"--init_from={tmp_path}/w0.h5": digests[
+        f"--init_from={tmp_path}/w0.h5"]}
+    baseline = tmp_path / "first.json"
+    baseline.write_text(json.dumps(first))
+    capsys.readouterr()
+    assert main(baseline=baseline) == 0  # the same code, threads and packages; no file here
+    assert json.loads(out.read_text())["baseline_differs_in"] == ["extra_flag_files"]
+    old = {**first, "models": {"r50": {**first["models"]["r50"], "runs": [
+        {**first["models"]["r50"]["runs"][0], "code_sha256": "old"}]}}}
+    del old["packages"]
+    baseline.write_text(json.dumps(old))
+    assert main("--", f"--init_from={tmp_path}/w0.h5", baseline=baseline) == 0
+    said = capsys.readouterr().out
+    assert json.loads(out.read_text())["baseline_differs_in"] == ["code_sha256", "packages"]
+    assert "is not known to match these runs in: code_sha256, packages" in said
+    assert json.loads(out.read_text())["paired"]  # still paired
+
+    # --merge: one flag, other content in two RESULTs: refused, naming the flag
+    stamped = {**first, "dataset_content_sha256": "c" * 64, "seeds": [0]}
+    stamped["models"]["r50"]["flagfile"] = "configs/r50.cfg"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(stamped))
+    b.write_text(json.dumps({**stamped, "models": {"r50": {**stamped["models"]["r50"], "runs": [
+        {**stamped["models"]["r50"]["runs"][0], "seed": 1}]}}}))
+    merged = tmp_path / "merged.json"
+    assert accuracy.main([f"--merge={a},{b}", f"--output_json={merged}"]) == 0
+    assert json.loads(merged.read_text())["extra_flag_files"] == first["extra_flag_files"]
+    (tmp_path / "w0.h5").write_bytes(b"other weights")
+    b.write_text(json.dumps({**json.loads(b.read_text()), "extra_flag_files": accuracy.
+                             extra_flag_files([f"--init_from={tmp_path}/w0.h5"], [0])}))
+    with pytest.raises(SystemExit):
+        accuracy.main([f"--merge={a},{b}", f"--output_json={merged}"])
+    assert "named another file's content" in capsys.readouterr().err
