@@ -276,12 +276,19 @@ def _digest(parts: list[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
+def _code_parts(root: Path, suffixes: tuple[str, ...] = (".py", ".cfg")) -> list:
+    """(path, :func:`_normalised` content) of each of :func:`_code_files` with a suffix in
+    ``suffixes``, in path order: what both digests read."""
+    return [(p.relative_to(root).as_posix(), _normalised(p)) for p in _code_files(root)
+            if p.suffix in suffixes]
+
+
 def code_sha256(root: Path = REPO) -> str:
     """SHA-256 (hex) of the training and evaluation code and the flagfiles under configs/
     as they are in ``root``, and of this script's :func:`train_command` (each file's path
     and :func:`_normalised` content, in path order): a comment or docstring does not change
     it, a changed line of code does."""
-    parts = [(p.relative_to(root).as_posix(), _normalised(p)) for p in _code_files(root)]
+    parts = _code_parts(root)
     script = root / "bench" / "accuracy.py"
     if script.is_file():
         parts.append(("bench/accuracy.py:train_command", _normalised(script, "train_command")))
@@ -292,7 +299,7 @@ def code_sha256(root: Path = REPO) -> str:
 #: command line): left out of :func:`read_with_sha256`.
 NOT_READING = ("main", "merge_main", "merge_results", "read_result", "read_baseline",
                "print_table", "runs_code", "runs_threads", "paired_with_baseline",
-               "baseline_differences", "extra_flag_files")
+               "baseline_differences", "extra_flag_files", "recorded")
 
 
 def read_with_sha256(root: Path = REPO) -> str:
@@ -307,8 +314,7 @@ def read_with_sha256(root: Path = REPO) -> str:
     body = ast.parse(script.read_text()).body
     kept = [n for n in body if not (isinstance(n, ast.FunctionDef) and n.name in NOT_READING)]
     module = ast.Module(body=kept, type_ignores=[])
-    parts = [(p.relative_to(root).as_posix(), _normalised(p)) for p in _code_files(root)
-             if p.suffix == ".py"]
+    parts = _code_parts(root, (".py",))
     parts.append(("bench/accuracy.py", _strip_docstrings(module)))
     return _digest(parts)
 
@@ -623,21 +629,25 @@ BASELINE_ALIKE = ("code_sha256", "threads", "packages", "read_with_sha256",
                   "extra_flag_files")
 
 
+def recorded(doc: dict, key: str):
+    """What the RESULT ``doc`` records as ``key``, None where it does not: the code and
+    threads that trained every one of its runs (:func:`runs_code`, :func:`runs_threads`),
+    no file after -- where nothing came after --, else its entry."""
+    if key == "code_sha256":
+        return runs_code(doc)
+    if key == "threads":
+        return runs_threads(doc)
+    if key == "extra_flag_files" and not doc.get("extra_flags"):
+        return doc.get(key) or {}
+    return doc.get(key)
+
+
 def baseline_differences(res: dict, baseline: dict) -> list[str]:
     """The :data:`BASELINE_ALIKE` entries in which ``baseline`` is not known to match
     ``res`` (different, or not recorded on either side): the runs' training code and
     threads, the packages, the code that read the figures, the files named after --."""
-    def get(doc: dict, key: str):
-        if key == "code_sha256":
-            return runs_code(doc)
-        if key == "threads":
-            return runs_threads(doc)
-        if key == "extra_flag_files" and not doc.get("extra_flags"):
-            return doc.get(key) or {}  # nothing after --: no file to record
-        return doc.get(key)
-
     return [k for k in BASELINE_ALIKE
-            if get(res, k) is None or get(baseline, k) is None or get(res, k) != get(baseline, k)]
+            if recorded(res, k) is None or recorded(res, k) != recorded(baseline, k)]
 
 
 def extra_flag_files(extra: list[str], seeds: list[int]) -> dict[str, str]:
@@ -818,12 +828,9 @@ def merge_main(p, args) -> int:
         if args.baseline_json:
             name = args.baseline_json
             baseline = read_result(name)
-            for key, theirs in (("dataset_content_sha256", baseline.get(
-                    "dataset_content_sha256")), ("code_sha256", runs_code(baseline)),
-                    ("threads", runs_threads(baseline)),
-                    ("read_with_sha256", baseline.get("read_with_sha256")),
-                    ("packages", baseline.get("packages")), ("held_out", baseline.get("held_out"))):
-                ours = res[key]
+            for key in ("dataset_content_sha256", "code_sha256", "threads",
+                        "read_with_sha256", "packages", "held_out"):
+                ours, theirs = res[key], recorded(baseline, key)
                 if theirs is None:
                     raise ValueError(f"--baseline_json={name} records no {key} (or its runs "
                                      f"no one {key}): it is not paired with merged RESULTs")
