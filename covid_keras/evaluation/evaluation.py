@@ -169,7 +169,7 @@ class SplitPredictor:
                 schema.SITE, schema.SOP_KEY)
         spec = {k: v for k, v in schema.parse_spec().items() if k in keys}
         raw = tf.data.TFRecordDataset(self.files, "GZIP").map(
-            lambda r: tf.io.parse_single_example(r, spec))
+            data.graph_fn(lambda r: tf.io.parse_single_example(r, spec)))
         cols: dict = {k: [] for k in keys}
         for batch in raw.batch(1024):
             for k in keys:
@@ -188,7 +188,7 @@ class SplitPredictor:
             blank = data.lung_model_input(blank, tf.zeros([size, size, 1]), size)
         blank = tf.data.Dataset.from_tensors(blank).repeat(pad)
         ds = data.make_dataset(data_dir, split, self.batch_size, training=False, cfg=self.cfg)
-        self.images = (ds.map(lambda x, y: x).unbatch().concatenate(blank)
+        self.images = (ds.map(data.graph_fn(lambda x, y: x)).unbatch().concatenate(blank)
                        .batch(self.batch_size).apply(
                            tf.data.experimental.assert_cardinality(
                                (n + pad) // self.batch_size)))

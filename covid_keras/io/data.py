@@ -284,9 +284,9 @@ def split_target_keys(data_dir: str, split: str) -> list[str]:
     """:func:`target_key` of every record of the split, in file order (only the key fields
     are parsed)."""
     spec = {k: v for k, v in schema.parse_spec().items() if k in TARGET_KEY_FIELDS}
-    ds = tf.data.TFRecordDataset(shard_files(data_dir, split), "GZIP").map(
+    ds = tf.data.TFRecordDataset(shard_files(data_dir, split), "GZIP").map(graph_fn(
         lambda r: target_key(*(tf.io.parse_single_example(r, spec)[k]
-                               for k in TARGET_KEY_FIELDS)))
+                               for k in TARGET_KEY_FIELDS))))
     return [k.decode() for batch in ds.batch(4096) for k in batch.numpy().tolist()]
 
 
@@ -323,6 +323,15 @@ def _with_targets(targets: TeacherTargets):
         return tf.concat([tf.cast(r[schema.LABEL_INDEX], tf.float32)[None], p], axis=0)
 
     return y
+
+
+def graph_fn(fn):
+    """``fn`` for tf.data as it is written (no AutoGraph conversion). The pipeline's
+    functions branch only on Python values (``tf.cond`` where a tensor decides), so the
+    conversion changes nothing but its cost: about 1.4 s of source transformation for a
+    training and a validation pipeline, paid by every process that builds them
+    (bench/README.md, "Test suite")."""
+    return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _parse(serialized):
@@ -375,7 +384,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
         ds = ds.shuffle(len(files), seed=cfg.seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+    ds = ds.interleave(graph_fn(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP")),
                        cycle_length=min(len(files), 8) if training else 1,
                        num_parallel_calls=tf.data.AUTOTUNE if training else None,
                        **({"deterministic": cfg.deterministic} if training else {}))
@@ -385,12 +394,13 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
         ds = ds.shuffle(cfg.shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
     if by_record:
         ds = ds.shard(*by_record)
-    ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(graph_fn(_parse), num_parallel_calls=tf.data.AUTOTUNE)
     if training and cfg.class_balanced:
         if cfg.num_classes < 2:
             raise ValueError("class_balanced sampling needs num_classes >= 2. Received: "
                              f"{cfg.num_classes}")
-        per_class = [ds.filter(lambda r, c=c: tf.equal(r[schema.LABEL_INDEX], c)).repeat()
+        per_class = [ds.filter(graph_fn(lambda r, c=c: tf.equal(r[schema.LABEL_INDEX], c)))
+                     .repeat()
                      for c in range(cfg.num_classes)]
         ds = tf.data.Dataset.sample_from_datasets(per_class, seed=cfg.seed,
                                                   stop_on_empty_dataset=False)
@@ -416,7 +426,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool,
             mask = decode_mask(r[schema.MASK], cfg.input_size) if cfg.lung_mask else None
             return _output(r, decode_image(r[schema.IMAGE], cfg.input_size), cfg, with_meta,
                            mask)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
@@ -472,7 +482,7 @@ def make_pretrain_dataset(sources: list[tuple[str, str]], batch_size: int, epoch
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     ds = ds.shuffle(max(cfg.shuffle_buffer, 1), seed=order_seed,
                     reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda s: tf.io.parse_single_example(s, image_only)[schema.IMAGE],
+    ds = ds.map(graph_fn(lambda s: tf.io.parse_single_example(s, image_only)[schema.IMAGE]),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=0)))
     base = tf.constant([cfg.seed, int(epoch) + 1], tf.int64)
@@ -487,9 +497,9 @@ def make_pretrain_dataset(sources: list[tuple[str, str]], batch_size: int, epoch
                                                                  cfg.input_size, 3]), cfg))
         return out[0], out[1]
 
-    ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(graph_fn(two_views), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda a, b: (tf.concat([a, b], axis=0), tf.zeros([2 * batch_size])))
+    ds = ds.map(graph_fn(lambda a, b: (tf.concat([a, b], axis=0), tf.zeros([2 * batch_size]))))
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = \

@@ -207,7 +207,9 @@ def with_class_weights(ds, class_weight: dict):
     own class_weight would read y (B, 1 + C) as one-hot)."""
     import tensorflow as tf
 
+    from covid_keras.io import data
+
     table = tf.constant([float(class_weight[i]) for i in range(len(class_weight))],
                         tf.float32)
-    return ds.map(lambda x, y: (x, y, tf.gather(table, tf.cast(tf.round(y[:, 0]),
-                                                                tf.int32))))
+    return ds.map(data.graph_fn(lambda x, y: (x, y, tf.gather(
+        table, tf.cast(tf.round(y[:, 0]), tf.int32)))))
