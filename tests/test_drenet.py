@@ -53,7 +53,7 @@ def test_mixed_precision_keeps_boxes_and_logits_float32():
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
         model = build_drenet(2, input_size=SIZE, backbone="tiny")
-        out = model(_batch())
+        out = forward(model, _batch())
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert keras.backend.standardize_dtype(model.get_layer("tiny_backbone")
@@ -65,7 +65,7 @@ def test_mixed_precision_keeps_boxes_and_logits_float32():
 
 def test_code_variant():
     model = build_drenet(2, input_size=256, backbone="tiny", variant="code")
-    out = model(_batch(2, 256))
+    out = forward(model, _batch(2, 256))
     assert tuple(out["boxes"].shape) == (2, 6, 4)
     assert tuple(out["region_logits"].shape) == (2, 6, 2)
     names = {layer.name for layer in model.layers}
@@ -257,7 +257,7 @@ def test_seed004_only_last_three_convs_and_classifier_train():
     assert names == ["conv5_block3_1_bn", "conv5_block3_1_conv", "conv5_block3_2_bn",
                      "conv5_block3_2_conv", "conv5_block3_3_bn", "conv5_block3_3_conv",
                      "logits"]
-    assert tuple(model(_batch(1, 64))["logits"].shape) == (1, 5)
+    assert tuple(forward(model, _batch(1, 64))["logits"].shape) == (1, 5)
 
 
 def _learnable_slices(n: int, size: int, seed: int = 0):
