@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -22,3 +23,22 @@ def parser(doc: str) -> argparse.ArgumentParser:
     """A bench script's command line, its help led by the docstring's first paragraph."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+#: How a bench script's child process hands its figures back: one line, this prefix, JSON.
+CHILD = "CHILD "
+
+
+def print_child(result: dict) -> None:
+    """The child's side: its figures on one ``CHILD {json}`` line."""
+    print(CHILD + json.dumps(result), flush=True)
+
+
+def child_result(cmd: list[str], what: str, cwd: Path | None = None) -> dict:
+    """Runs the child process ``cmd`` and returns the figures of its ``CHILD {json}``
+    line; without one, a RuntimeError naming ``what``, its exit status and stderr's end."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    for line in proc.stdout.splitlines():
+        if line.startswith(CHILD):
+            return json.loads(line[len(CHILD):])
+    raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

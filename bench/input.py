@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/input.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(REPO))
 
-from common import emit_result  # noqa: E402 (bench/common.py)
+from common import child_result, emit_result, print_child  # noqa: E402 (bench/common.py)
 
 TARGET_RATIO = 5.0  # pipeline slices/s (2 cores) >= 5 x DRENet train slices/s
 LEARNING_RATE, MOMENTUM = 8e-4, 0.9
@@ -198,13 +198,7 @@ def _child_cmd(args: argparse.Namespace, kind: str, cpus: str | None) -> list[st
 
 
 def run_child(args: argparse.Namespace, kind: str, cpus: str | None) -> dict:
-    proc = subprocess.run(_child_cmd(args, kind, cpus), capture_output=True, text=True,
-                          check=False, cwd=REPO)
-    for line in proc.stdout.splitlines():
-        if line.startswith("CHILD "):
-            return json.loads(line[len("CHILD "):])
-    raise RuntimeError(f"{kind} child (cpus {cpus}) failed ({proc.returncode}):\n"
-                       f"{proc.stderr[-3000:]}")
+    return child_result(_child_cmd(args, kind, cpus), f"{kind} child (cpus {cpus})", REPO)
 
 
 def cpu_probe(n: int, seconds: float) -> float:
@@ -434,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._child:
         fn = child_pipeline if args._child == "pipeline" else child_train
-        print("CHILD " + json.dumps(fn(args)), flush=True)
+        print_child(fn(args))
         return
     if args.data_dir or args.work_dir:
         root = Path(args.work_dir or ".").resolve()

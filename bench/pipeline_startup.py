@@ -24,9 +24,7 @@ data_prep output with a train split) or phantom TFRecords made by bench/input.py
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(REPO))
 
-from common import emit_result, parser  # noqa: E402 (bench/common.py)
+from common import child_result, emit_result, parser, print_child  # noqa: E402 (bench/common.py)
 
 KINDS = ("plain", "converted")
 
@@ -69,12 +67,7 @@ def child(args: argparse.Namespace) -> dict:
 def run_child(args: argparse.Namespace, kind: str) -> dict:
     cmd = [sys.executable, __file__, f"--child={kind}", f"--data_dir={args.data_dir}",
            f"--input_size={args.input_size}", f"--batch_size={args.batch_size}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the {kind} process failed ({proc.returncode}): "
-                           f"{proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(lines[-1][len("CHILD "):])
+    return child_result(cmd, f"the {kind} process", REPO)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -119,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        print("CHILD " + json.dumps(child(args)))
+        print_child(child(args))
         return
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,7 @@ if str(REPO) not in sys.path:  # `python bench/prep.py` puts bench/, not the rep
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-from common import emit_result  # noqa: E402 (bench/common.py)
+from common import child_result, emit_result, print_child  # noqa: E402 (bench/common.py)
 from pydicom.uid import JPEG2000Lossless, RLELossless  # noqa: E402
 
 from covid_keras.core import schema  # noqa: E402
@@ -190,9 +188,8 @@ def child_memory(method: str, study_dir: str, warmup_dir: str) -> None:
     base = _maxrss_mb()
     out = run(study_dir)
     peak = _maxrss_mb()
-    print("CHILD " + json.dumps({"start_mb": _START_MAXRSS_KB / 1024.0, "baseline_mb": base,
-                                 "peak_mb": peak, "delta_mb": peak - base,
-                                 "kept": len(out["kept"])}))
+    print_child({"start_mb": _START_MAXRSS_KB / 1024.0, "baseline_mb": base, "peak_mb": peak,
+                 "delta_mb": peak - base, "kept": len(out["kept"])})
 
 
 # Linux carries ru_maxrss into a child: a forked child starts at the parent's current RSS,
@@ -205,11 +202,7 @@ _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 def measure_memory(method: str, study_dir: str, warmup_dir: str) -> dict:
     cmd = [sys.executable, "-S", "-c", _LAUNCHER, sys.executable, os.path.abspath(__file__),
            "--_child", method, study_dir, warmup_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("CHILD "):
-            return json.loads(line[len("CHILD "):])
-    raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return child_result(cmd, "memory child")
 
 
 # ------------------------------------------------------------------------------------------
