@@ -31,11 +31,19 @@ def forward(model, x, training: bool = False):
         return model(x, training=training)
     import jax
 
+    call, trainable, non_trainable = stateless(model, training)
+    return jax.jit(call)(trainable, non_trainable, x)
+
+
+def stateless(model, training: bool = False):
+    """``(call, trainable, non_trainable)``: ``call(trainable, non_trainable, x)`` is the
+    model's outputs for those weight values (``stateless_call``: what jax.jit and jax.grad
+    take), then the values the model holds now."""
     def call(trainable, non_trainable, x):
         return model.stateless_call(trainable, non_trainable, x, training=training)[0]
 
-    return jax.jit(call)([v.value for v in model.trainable_variables],
-                         [v.value for v in model.non_trainable_variables], x)
+    return (call, [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables])
 
 
 def free_port() -> int:

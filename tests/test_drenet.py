@@ -19,7 +19,7 @@ from keras import ops
 
 from covid_keras import build_classifier, build_drenet, build_resnet50_five_class
 from covid_keras.model.drenet import OUTPUT_KEYS
-from tests.helpers import forward
+from tests.helpers import forward, stateless
 
 pytestmark = pytest.mark.model
 REPO = Path(__file__).resolve().parents[1]
@@ -96,14 +96,12 @@ def _grads(model, x, output_key, variables):
     if backend == "jax":
         import jax
 
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
+        call, trainable, non_trainable = stateless(model, training=True)
         wanted = [next(i for i, t in enumerate(model.trainable_variables) if t is v)
                   for v in variables]
 
         def f(tv, ntv, x):
-            out, _ = model.stateless_call(tv, ntv, x, training=True)
-            return ops.sum(ops.cast(out[output_key], "float32"))
+            return ops.sum(ops.cast(call(tv, ntv, x)[output_key], "float32"))
 
         # compiled: eager JAX compiles each op of the model and of its gradient one by one
         g = jax.jit(jax.grad(f))(trainable, non_trainable, x)
