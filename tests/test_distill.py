@@ -60,6 +60,7 @@ def teacher(data_dir, tmp_path_factory):
 
     from covid_keras import build_classifier
     from covid_keras.io import data
+    from covid_keras.training import recipes
 
     keras.utils.set_random_seed(0)
     model = build_classifier("tiny", 2, input_size=64)
@@ -70,6 +71,7 @@ def teacher(data_dir, tmp_path_factory):
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
                   loss={"logits": keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True)})
+    recipes.build_optimizer(model)
     model.fit(ds.map(lambda x, y: (x, 1 - y)), epochs=1, steps_per_epoch=60, verbose=0,
               shuffle=False)
     preds = _predict(model, data_dir, "train")

@@ -99,13 +99,14 @@ def test_a_model_saved_before_the_wings_loads(tmp_path):
     import covid_keras
     from covid_keras import build_classifier, build_drenet
     from covid_keras.model import saving
-    from covid_keras.training.recipes import make_optimizer
+    from covid_keras.training.recipes import build_optimizer, make_optimizer
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     classifier = build_classifier("tiny", 2, 64)
     classifier.compile(optimizer=make_optimizer("adam", 1e-4, weight_decay=1e-4),
                        loss="categorical_crossentropy")
+    build_optimizer(classifier)
     classifier.fit(x, np.eye(2, dtype="float32"), epochs=1, verbose=0)
     models = {"classifier": classifier, "drenet": build_drenet(3, input_size=64,
                                                                 backbone="tiny")}

@@ -212,8 +212,9 @@ class Checkpoint:
         if not files.exists(self.state_path):
             return None
         state = json.loads(files.read_text(self.state_path))
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+        from covid_keras.training import recipes
+
+        recipes.build_optimizer(model)
         model.load_weights(os.path.join(self.dir, state["weights"]))
         return state
 
