@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from covid_keras.model.optimizers import build_optimizer
 from covid_keras.training import recipes
 from covid_keras.training.callbacks import BestCheckpoint, SwapEMA, head_health, validation_losses
 
@@ -144,7 +145,7 @@ def test_swap_ema_pair_shows_the_average_and_training_follows_the_raw_weights():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         model.compile(recipes.make_optimizer("sgd", 0.05, momentum=0.0, weight_decay=0.0,
                                              ema_momentum=ema_momentum), "mse")
-        recipes.build_optimizer(model)
+        build_optimizer(model)
         model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
                   callbacks=callbacks)
         return model
@@ -180,7 +181,7 @@ def test_a_model_saved_with_the_recipe_optimiser_reloads_in_a_fresh_process(tmp_
     model = build_classifier("tiny", 2, 32)
     model.compile(optimizer=recipes.make_optimizer("adam", 1e-3, weight_decay=1e-4),
                   loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
-    recipes.build_optimizer(model)
+    build_optimizer(model)
     model.fit(np.zeros((2, 32, 32, 3), np.float32), np.array([0, 1]), verbose=0)
     model.save(tmp_path / "m.keras")
     # the one loader registers the optimisers; the model code itself imports nothing from

@@ -60,7 +60,7 @@ def teacher(data_dir, tmp_path_factory):
 
     from covid_keras import build_classifier
     from covid_keras.io import data
-    from covid_keras.training import recipes
+    from covid_keras.model.optimizers import build_optimizer
 
     keras.utils.set_random_seed(0)
     model = build_classifier("tiny", 2, input_size=64)
@@ -71,7 +71,7 @@ def teacher(data_dir, tmp_path_factory):
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
                   loss={"logits": keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True)})
-    recipes.build_optimizer(model)
+    build_optimizer(model)
     model.fit(ds.map(lambda x, y: (x, 1 - y)), epochs=1, steps_per_epoch=60, verbose=0,
               shuffle=False)
     preds = _predict(model, data_dir, "train")
@@ -148,11 +148,12 @@ def test_a_loaded_students_compiled_loss_takes_ordinary_labels(tmp_path):
 
     from covid_keras import build_classifier, load_model
     from covid_keras.model import losses, saving
+    from covid_keras.model.optimizers import build_optimizer
 
     keras.utils.set_random_seed(0)
     model = build_classifier("tiny", 2, input_size=64)
     model.compile(optimizer="adam", loss={"logits": losses.DistillationLoss(0.5, 2.0)})
-    model.optimizer.build(model.trainable_variables)  # as a trained model's
+    build_optimizer(model)  # as a trained model's
     saving.save_model(model, str(tmp_path / "student.keras"), CLASSES)
     loaded = load_model(str(tmp_path / "student.keras"))
     assert isinstance(loaded.loss["logits"], losses.DistillationLoss)

@@ -19,7 +19,7 @@ from keras import ops
 
 from covid_keras import build_classifier, build_drenet, build_resnet50_five_class
 from covid_keras.model.drenet import OUTPUT_KEYS
-from covid_keras.training import recipes
+from covid_keras.model.optimizers import build_optimizer
 from tests.helpers import forward, stateless
 
 pytestmark = pytest.mark.model
@@ -138,7 +138,7 @@ def test_a_few_train_steps_lower_the_loss():
     # discrete choice of boxes). The images come from their own generator, so the data do
     # not depend on which tests ran before (the module's RNG would).
     model.compile(optimizer=keras.optimizers.SGD(0.003, momentum=0.9))
-    recipes.build_optimizer(model)  # one trace of the train step under TF
+    build_optimizer(model)  # one trace of the train step under TF
     x = np.random.default_rng(3).uniform(-1, 1, size=(4, SIZE, SIZE, 3)).astype(np.float32)
     x = (x + 1.0) * 127.5  # the pixel values whose tiny normalisation (the first layer) is x
     y = np.array([0, 1, 0, 1])
@@ -288,7 +288,7 @@ def _train_and_probe(seed: int = 0, epochs: int = 5, learning_rate: float = 3e-4
     x, y = _learnable_slices(slices, 64, seed)
     model = build_drenet(2, input_size=64, backbone="resnet50", **build_kwargs)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    recipes.build_optimizer(model)  # one trace of the train step under TF: 31 s, not 55
+    build_optimizer(model)  # one trace of the train step under TF: 31 s, not 55
     history = model.fit(x, y, batch_size=8, epochs=epochs, verbose=0).history
     out = {k: np.asarray(v) for k, v in _probe(model).predict(x, verbose=0).items()}
     health = head_health(model, out)

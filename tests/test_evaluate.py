@@ -556,7 +556,7 @@ def test_gradcam_weighs_the_planted_lesion_over_the_background():
 
     from covid_keras.evaluation.gradcam import GradCAM
     from covid_keras.model.baselines import build_classifier
-    from covid_keras.training import recipes
+    from covid_keras.model.optimizers import build_optimizer
 
     rng = np.random.default_rng(0)
     x, y, _ = lesion_images(rng, 256)
@@ -564,7 +564,7 @@ def test_gradcam_weighs_the_planted_lesion_over_the_background():
     model = build_classifier("tiny", 2, 96)
     model.compile(keras.optimizers.Adam(3e-3), loss={
         "logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
-    recipes.build_optimizer(model)
+    build_optimizer(model)
     model.fit(x, {"logits": y}, epochs=4, batch_size=16, verbose=0)
     xt, yt, mt = lesion_images(rng, 40)
     cams = GradCAM(model)(xt[yt == 1], class_index=1)
@@ -654,13 +654,13 @@ def run_dir(dataset, tmp_path_factory):
 
     from covid_keras.io import data
     from covid_keras.model.drenet import build_drenet
-    from covid_keras.training import recipes
+    from covid_keras.model.optimizers import build_optimizer
 
     run = tmp_path_factory.mktemp("run")
     keras.utils.set_random_seed(0)
     model = build_drenet(2, input_size=64, backbone="tiny")
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    recipes.build_optimizer(model)
+    build_optimizer(model)
     cfg = data.PipelineConfig.for_model(saving.model_spec(model))  # as the trainer feeds it
     ds = data.make_dataset(str(dataset), "train", 4, training=True, cfg=cfg, repeat=True)
     model.fit(ds, epochs=2, steps_per_epoch=6, verbose=0, shuffle=False)

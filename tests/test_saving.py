@@ -99,7 +99,8 @@ def test_a_model_saved_before_the_wings_loads(tmp_path):
     import covid_keras
     from covid_keras import build_classifier, build_drenet
     from covid_keras.model import saving
-    from covid_keras.training.recipes import build_optimizer, make_optimizer
+    from covid_keras.model.optimizers import build_optimizer
+    from covid_keras.training.recipes import make_optimizer
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")

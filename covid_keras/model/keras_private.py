@@ -29,6 +29,8 @@ import os
 import keras
 from keras.src.losses.loss import scale_loss_for_distribution  # noqa: F401 (re-exported)
 
+from covid_keras.model.optimizers import build_optimizer
+
 KERAS_CHECKED = "3.15"  # major.minor of the Keras these internals were read from
 BACKUP_PRIVATE_MEMBERS = ("_save_model", "_load_model", "_training_metadata_path",
                           "_current_epoch", "_last_batch_seen", "backup_dir")
@@ -86,8 +88,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         if not files.exists(self._training_metadata_path):
             return
         meta = json.loads(files.read_text(self._training_metadata_path))
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
+        build_optimizer(self.model)
         self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
         self._slot = int(meta["weights"][len("slot")])
         set_initial_epoch(self.model, meta["epoch"])

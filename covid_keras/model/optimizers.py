@@ -14,6 +14,24 @@ import keras
 from keras import ops
 
 
+def build_optimizer(model) -> None:
+    """Creates ``model``'s optimizer variables now, eagerly, if they are not there yet.
+
+    For a model compiled outside a distribution strategy on the TensorFlow backend, Keras
+    defers this to the first trace of the train step, and TensorFlow traces the step a
+    second time because the first created variables (``tf.function``'s rule). Built here,
+    the step is traced once: a ResNet-50 DRENet's first step at 64 px took 31 s instead of
+    55 s, a tiny one's 5.9 s instead of 12.3 s (bench/README.md, "Test suite"). The trainer
+    and pretrain need no call before training: their models have a strategy, and Keras then
+    builds the optimizer itself (``_symbolic_build``, the same call as here), as it does on
+    JAX. The variables are the same either way. Also called before a checkpoint that holds
+    optimizer state is loaded (a resumed run: :mod:`covid_keras.model.keras_private`,
+    pretraining's checkpoint).
+    """
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 class _CoupledDecay:
     """Mixin: adds ``coupled_decay x variable`` to each (already aggregated) gradient in
     ``update_step``, which every backend calls once per variable."""

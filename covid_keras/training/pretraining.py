@@ -212,9 +212,9 @@ class Checkpoint:
         if not files.exists(self.state_path):
             return None
         state = json.loads(files.read_text(self.state_path))
-        from covid_keras.training import recipes
+        from covid_keras.model.optimizers import build_optimizer
 
-        recipes.build_optimizer(model)
+        build_optimizer(model)
         model.load_weights(os.path.join(self.dir, state["weights"]))
         return state
 

@@ -60,22 +60,6 @@ def schedule(learning_rate: float, steps_per_epoch: int, decay_epochs: list[int]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def build_optimizer(model) -> None:
-    """Creates ``model``'s optimizer variables now, eagerly, if they are not there yet.
-
-    For a model compiled outside a distribution strategy on the TensorFlow backend: Keras
-    then defers this to the first trace of the train step, and TensorFlow traces the step
-    a second time because the first created variables (``tf.function``'s rule). Built
-    here, the step is traced once: a ResNet-50 DRENet's first step at 64 px took 31 s
-    instead of 55 s, a tiny one's 5.9 s instead of 12.3 s (bench/README.md, "Test suite").
-    The trainer and pretrain need no call: their models have a strategy, and Keras builds
-    the optimizer itself then (``_symbolic_build``, the same call as here), as it does on
-    JAX. The variables are the same either way.
-    """
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-
-
 WEIGHT_DECAY_TYPES = ("coupled", "decoupled")
 
 
