@@ -109,6 +109,10 @@ def test_smoke_mirrored_two_cpu_replicas(mirrored_run, data_dir):
     for key in ("loss", "prediction_loss", "concat_loss", "head_active_units",
                 "logits_spread"):
         assert key in m["best"], key
+    # the end of the run scored best.keras's weights (loaded into the trained, mirrored
+    # model): the val loss the checkpoint recorded when it was chosen
+    assert chosen["tie_break_monitor"] == "val_prediction_loss"
+    assert m["best"]["prediction_loss"] == pytest.approx(chosen["tie_break"], abs=1e-6)
     # the patient decision, chosen on val at the end of training
     decision = json.loads((run_dir / "decision.json").read_text())
     assert decision["split"] == "val" and decision["rule"] in ("mean", "any")

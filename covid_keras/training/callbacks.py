@@ -108,7 +108,9 @@ def summary_writer(log_dir: str):
 
 def _probe(model: keras.Model) -> keras.Model:
     """``model`` with the MLP head's input as an extra output (``head_input``), when it has
-    a hidden layer (DRENet paper); else ``model`` itself. Cached on the model."""
+    a hidden layer (DRENet paper); else ``model`` itself. Cached on the model when it is
+    another model: Keras's weight loading walks a model's attributes and recurses without
+    end into one that holds the model itself."""
     cached = getattr(model, "_covid_keras_probe", None)
     if cached is not None:
         return cached
@@ -122,7 +124,8 @@ def _probe(model: keras.Model) -> keras.Model:
         outputs = dict(model.output)
         outputs["head_input"] = model.get_layer("concat").output
         probe = keras.Model(model.input, outputs, name=f"{model.name}_probe")
-    object.__setattr__(model, "_covid_keras_probe", probe)
+    if probe is not model:
+        object.__setattr__(model, "_covid_keras_probe", probe)
     return probe
 
 

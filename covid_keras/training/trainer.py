@@ -757,7 +757,7 @@ def finish_run(r: Run, model, validation) -> dict:
         files.rmtree(run.backup_dir)  # the run finished
         saving.save_model(model, run.final_path, classes)
         if run.has(BEST):
-            best = saving.load_model(run.best_path)
+            best = best_model(r, model)
             results["best"], best_out = validation.evaluate(best)
             decision = choose_decision(cfg, run.path, validation.evaluator, best, best_out,
                                        classes)
@@ -785,6 +785,20 @@ def finish_run(r: Run, model, validation) -> dict:
     if r.chief:
         print(final_summary(cfg, run.path, results, classes))
     return results
+
+
+def best_model(r: Run, model):
+    """best.keras for the end of a run. In one process, its weights go into the trained
+    model, which is saved as final.keras by then: the validation predictions have traced
+    that model's predict function already, and a second model would cost a load and a
+    trace of its own (about 2.5 s a run). A multi-worker chief loads a model of its own:
+    the trained one's variables and functions belong to every worker's strategy."""
+    from covid_keras.model import saving
+
+    if r.cfg.strategy == "multi_worker":
+        return saving.load_model(r.run.best_path)
+    model.load_weights(r.run.best_path)
+    return model
 
 
 def train(cfg: TrainConfig, command: list[str] | None = None) -> dict:
