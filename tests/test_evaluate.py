@@ -414,6 +414,59 @@ def test_bootstrap_resamples_patients_not_slices():
     del preds
 
 
+@pytest.mark.parametrize("classes", [CLASSES, CLASSES3])
+def test_bootstrap_replicates_are_the_metrics_of_the_resampled_patients(classes):
+    """metrics.json's CIs count a patient drawn k times k times (weights, every resample at
+    once): each replicate equals level_metrics (scikit-learn) on the resampled slices and
+    patients, and the intervals equal those of bootstrap() over ``both`` levels."""
+    from covid_keras.evaluation import decision as dec
+    from covid_keras.evaluation import metrics
+
+    rng = np.random.default_rng(12)
+    preds = make_preds(rng, patients=14, slices=4, classes=classes, signal=0.4)
+    preds.probs[:] = np.round(preds.probs, 1)  # ties, within and across classes
+    pos = classes.index("covid")
+    pats = dec.aggregate(preds.probs, preds.labels, preds.patient_keys, "mean", pos,
+                         preds.sites)
+    slice_pred = dec.decide(preds.probs, 0.4, pos)
+    patient_pred = dec.decide(pats.probs, 0.4, pos)
+    sl = np.concatenate(pats.slices)
+    owner = np.repeat(np.arange(len(pats.slices)), [len(x) for x in pats.slices])
+
+    def both(idx):
+        s = np.concatenate([pats.slices[i] for i in idx])
+        return {"slice": metrics.level_metrics(preds.labels[s], preds.probs[s], slice_pred[s],
+                                               pos),
+                "patient": metrics.level_metrics(pats.labels[idx], pats.probs[idx],
+                                                 patient_pred[idx], pos)}
+
+    w = next(metrics.bootstrap_counts(pats.labels, 6, seed=3))
+    assert w.shape == (6, len(pats.keys)) and (w.sum(axis=1) == len(pats.keys)).all()
+    fast = {"slice": metrics.weighted_level_metrics(preds.labels[sl], preds.probs[sl],
+                                                    slice_pred[sl], pos, w[:, owner]),
+            "patient": metrics.weighted_level_metrics(pats.labels, pats.probs, patient_pred,
+                                                      pos, w)}
+    for r in range(len(w)):
+        idx = np.repeat(np.arange(len(pats.keys)), w[r].astype(int))
+        want = metrics._flatten(both(idx))
+        got = {f"{level}/{k}": v[r] for level, m in fast.items() for k, v in m.items()}
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-12,
+                                   atol=1e-12, err_msg=str(r))
+    d = {"rule": "mean", "threshold": 0.4, "positive_class": "covid", "split": "val"}
+    cis = metrics._bootstrap_levels(pats, preds.labels, preds.probs, slice_pred, patient_pred,
+                                    pos, 40, 5)
+    slow = metrics.bootstrap(both, pats.labels, 40, 5)
+    assert cis.keys() == slow.keys()
+    for k in slow:
+        assert cis[k][2] == slow[k][2], k
+        if slow[k][0] is not None:
+            np.testing.assert_allclose(cis[k][:2], slow[k][:2], rtol=1e-12, atol=1e-12,
+                                       err_msg=k)
+    r = ev.evaluate_predictions(preds, d, n_bootstrap=40, seed=5)
+    assert r["patient"]["auc"]["ci95"] == list(cis["patient/auc"][:2])
+
+
 def test_metrics_json_is_strict_with_null_and_reason(tmp_path):
     rng = np.random.default_rng(7)
     preds = make_preds(rng, patients=6)

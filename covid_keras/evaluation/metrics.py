@@ -176,18 +176,14 @@ def _stratified_sample(rng: np.random.Generator, strata: list) -> np.ndarray:
     return np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
 
 
-def bootstrap(fn, patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: int = 0
-              ) -> dict:
-    """Percentile 95 % intervals of every number ``fn(patient_indices)`` returns (a nested
-    dict), over ``n`` resamples of the patients (with replacement, stratified by label).
-    Returns flat key -> (lo, hi, valid resamples); NaN replicates are left out."""
-    rng = np.random.default_rng(seed)
+def _strata(patient_labels: np.ndarray) -> list:
     labels = np.asarray(patient_labels)
-    strata = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    reps: dict = {}
-    for _ in range(int(n)):
-        for k, v in _flatten(fn(_stratified_sample(rng, strata))).items():
-            reps.setdefault(k, []).append(v)
+    return [np.flatnonzero(labels == c) for c in np.unique(labels)]
+
+
+def _percentile_cis(reps: dict, n: int) -> dict:
+    """flat key -> (lo, hi, valid resamples) of the replicates; NaN replicates are left out,
+    and fewer than max(10, n / 2) valid ones give no interval."""
     out = {}
     for k, vals in reps.items():
         a = np.asarray(vals, np.float64)
@@ -197,6 +193,102 @@ def bootstrap(fn, patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: 
         else:
             lo, hi = np.percentile(a, [2.5, 97.5])
             out[k] = (float(lo), float(hi), int(len(a)))
+    return out
+
+
+def bootstrap(fn, patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: int = 0
+              ) -> dict:
+    """Percentile 95 % intervals of every number ``fn(patient_indices)`` returns (a nested
+    dict), over ``n`` resamples of the patients (with replacement, stratified by label).
+    Returns flat key -> (lo, hi, valid resamples); NaN replicates are left out. (metrics.json
+    uses :func:`bootstrap_counts`, the same resamples, all at once.)"""
+    rng = np.random.default_rng(seed)
+    strata = _strata(patient_labels)
+    reps: dict = {}
+    for _ in range(int(n)):
+        for k, v in _flatten(fn(_stratified_sample(rng, strata))).items():
+            reps.setdefault(k, []).append(v)
+    return _percentile_cis(reps, n)
+
+
+def bootstrap_counts(patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                     chunk: int = 128):
+    """The resamples of :func:`bootstrap` (the same seed gives the same patients), as
+    chunks of a (resamples, patients) matrix: how many times each patient is drawn."""
+    rng = np.random.default_rng(seed)
+    strata = _strata(patient_labels)
+    size = len(patient_labels)
+    for start in range(0, int(n), chunk):
+        yield np.stack([np.bincount(_stratified_sample(rng, strata), minlength=size)
+                        for _ in range(min(chunk, int(n) - start))]).astype(np.float64)
+
+
+def _ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
+
+
+def _weighted_auc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The ROC AUC of each row of weights ``w`` (resamples, examples): what
+    :func:`auc_score` gives on the examples repeated that many times (every positive
+    against every negative, a tie counting one half); NaN without both classes."""
+    order = np.argsort(score, kind="stable")
+    s, yy, ws = score[order], y[order], w[:, order]
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]         # groups of tied scores
+    ends = np.r_[starts[1:], len(s)]
+    group = np.repeat(np.arange(len(starts)), ends - starts)
+    pos, neg = ws * yy, ws * ~yy
+    below = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg, axis=1)], axis=1)
+    under = below[:, starts[group]]                             # negatives scored lower
+    tied = below[:, ends[group]] - under                        # negatives tied with it
+    p, q = pos.sum(axis=1), neg.sum(axis=1)
+    return _ratios((pos * (under + 0.5 * tied)).sum(axis=1), np.where(q > 0, p * q, 0.0))
+
+
+def _weighted_binary(y, score, pred, w: np.ndarray) -> dict:
+    """:func:`binary_metrics` of each row of weights ``w`` at once (the bootstrap's)."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    tp, fp = w @ (y & pred), w @ (~y & pred)
+    fn, tn = w @ (y & ~pred), w @ (~y & ~pred)
+    return {"auc": _weighted_auc(y, np.asarray(score, np.float64), w),
+            "accuracy": _ratios(tp + tn, w.sum(axis=1)),
+            "sensitivity": _ratios(tp, tp + fn), "specificity": _ratios(tn, tn + fp),
+            "ppv": _ratios(tp, tp + fp), "npv": _ratios(tn, tn + fn),
+            "f1": _ratios(2 * tp, 2 * tp + fp + fn)}
+
+
+def _weighted_ece(y, score, w: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """:func:`ece_score` of each row of weights ``w`` at once."""
+    y, score = np.asarray(y, np.float64), np.asarray(score, np.float64)
+    which = np.minimum((score * bins).astype(int), bins - 1)
+    total = w.sum(axis=1)
+    ece = np.zeros(len(w))
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            wb = w[:, m]
+            mass = wb.sum(axis=1)
+            gap = np.abs(_ratios(wb @ y[m], mass) - _ratios(wb @ score[m], mass))
+            ece += np.where(mass > 0, _ratios(mass, total) * np.nan_to_num(gap), 0.0)
+    return np.where(total > 0, ece, np.nan)
+
+
+def weighted_level_metrics(labels, probs, pred, positive: int, w: np.ndarray) -> dict:
+    """:func:`level_metrics` of each row of example weights ``w`` (resamples, examples), as
+    flat key -> (resamples,) array with the keys of its flattened dict: the bootstrap's
+    replicates, all at once (the tests hold them to level_metrics on repeated examples)."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, np.float64)
+    pred = np.asarray(pred)
+    out = _weighted_binary(labels == positive, probs[:, positive], pred == positive, w)
+    out["ece"] = _weighted_ece(labels == positive, probs[:, positive], w)
+    if probs.shape[1] > 2:
+        per = [_weighted_binary(labels == c, probs[:, c], pred == c, w)
+               for c in range(probs.shape[1])]
+        for c, m in enumerate(per):
+            out.update({f"per_class/{c}/{k}": v for k, v in m.items()})
+        out.update({f"macro/{k}": np.mean([m[k] for m in per], axis=0) for k in METRICS})
+        out["macro/accuracy"] = _ratios(w @ (pred == labels), w.sum(axis=1))
     return out
 
 
@@ -257,6 +349,24 @@ def roc_points(y, score) -> dict:
             "thresholds": [float("inf")] + ts[1:].tolist()}
 
 
+def _bootstrap_levels(pats, labels, probs, slice_pred, patient_pred, pos: int, n: int,
+                      seed: int) -> dict:
+    """:func:`bootstrap` of both levels' metrics (what ``both`` in
+    :func:`evaluate_predictions` gives), the same resamples computed as weights: a slice
+    counts as often as its patient is drawn."""
+    sl = np.concatenate(pats.slices) if len(pats.slices) else np.zeros(0, int)
+    owner = np.repeat(np.arange(len(pats.slices)), [len(x) for x in pats.slices])
+    reps: dict = {}
+    for w in bootstrap_counts(pats.labels, n, seed):
+        for level, m in (("slice", weighted_level_metrics(labels[sl], probs[sl],
+                                                          slice_pred[sl], pos, w[:, owner])),
+                         ("patient", weighted_level_metrics(pats.labels, pats.probs,
+                                                            patient_pred, pos, w))):
+            for k, v in m.items():
+                reps.setdefault(f"{level}/{k}", []).extend(v.tolist())
+    return _percentile_cis(reps, n)
+
+
 def evaluate_predictions(preds, decision: dict, n_bootstrap: int =
                          DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
     """metrics.json's content for ``preds`` under ``decision`` (rule, threshold)."""
@@ -282,7 +392,8 @@ def evaluate_predictions(preds, decision: dict, n_bootstrap: int =
 
     all_idx = np.arange(len(pats.keys))
     values = both(all_idx)
-    cis = bootstrap(both, pats.labels, n_bootstrap, seed) if n_bootstrap else {}
+    cis = _bootstrap_levels(pats, labels, preds.probs, slice_pred, patient_pred, pos,
+                            n_bootstrap, seed) if n_bootstrap else {}
     result: dict = {"split": preds.split, "data_dir": preds.data_dir, "classes": classes,
                     "positive_class": classes[pos],
                     "decision": {"rule": rule, "threshold": t, "normal_class": normal,
