@@ -195,15 +195,28 @@ def compiled_forward(model):
 
 def fold_pool(d, folds: int, seed: int, fold: int) -> dict:
     """``--folds``: train = the training patients (train + val) outside fold ``fold``, val =
-    fold ``fold``'s (covid_keras.training.folds: by patient, stratified by label, seeded as ``train
-    --folds`` with this seed). Returns {split: (images, labels, patient keys)}."""
+    fold ``fold``'s. The folds are ``train --folds``'s with this seed on the records the
+    file came from (covid_keras.training.folds: by patient, stratified by label and site,
+    ordered by content), from the file's ``patient_label``, ``patient_site`` and
+    ``patient_order``; a file exported before them gets folds stratified by label alone,
+    other than train's (said on stderr). Returns {split: (images, labels, patient
+    numbers)}."""
     from covid_keras.training import folds as folds_mod
 
     imgs = np.concatenate([d["train_images"], d["val_images"]])
     labels = np.concatenate([d["train_labels"], d["val_labels"]])
-    keys = np.asarray([f"{s}:{k}" for s in ("train", "val") for k in d[f"{s}_patients"]])
-    table = {str(k): (str(int(lab)), "default") for k, lab in zip(keys, labels)}
-    assignment = folds_mod.assign_folds(table, folds, seed)
+    keys = np.concatenate([d["train_patients"], d["val_patients"]])
+    if "patient_order" in d:
+        table = {str(k): (str(d["patient_label"][k]), str(d["patient_site"][k]))
+                 for k in keys}
+        order = {str(k): str(d["patient_order"][k]) for k in keys}
+    else:
+        print("accuracy_jax: the .npz has no patient_order (exported before it): folds "
+              "stratified by label alone, not train --folds's; export it again",
+              file=sys.stderr)
+        table = {str(k): (str(int(lab)), "default") for k, lab in zip(keys, labels)}
+        order = None
+    assignment = folds_mod.assign_folds(table, folds, seed, order)
     inside = np.asarray([assignment[str(k)] == fold for k in keys])
     return {"train": (imgs[~inside], labels[~inside], keys[~inside]),
             "val": (imgs[inside], labels[inside], keys[inside])}

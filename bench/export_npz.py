@@ -6,7 +6,10 @@ record's own decoded PNG (windowed slice, C = windows, before any augmentation o
 normalisation; resized to ``--image_size`` when given), ``<s>_labels`` int32 (N,),
 ``<s>_patients`` int32 (N,): a patient number, unique within the file, in order of first
 appearance (the records' pseudonymous keys are not copied). Plus ``classes`` and
-``image_size``. Written compressed, atomically.
+``image_size``, and per patient number (index) what ``train --folds`` makes its folds
+from: ``patient_label`` and ``patient_site`` (the stratum) and ``patient_order`` (the
+digest of its records' salt-free content, the order within a stratum), so that
+``bench/accuracy_jax.py --folds`` trains the same folds. Written compressed, atomically.
 
     .venv/bin/python bench/export_npz.py --data_dir=tfrecords/covid_ct_holdout \\
         --output=covid_ct_holdout.npz
@@ -42,6 +45,7 @@ def export(data_dir: str, output: str, image_size: int = 0) -> dict:
     tf = cli.import_tensorflow_quietly()  # no start-up notices on stderr
     from covid_keras.core import schema
     from covid_keras.io import data
+    from covid_keras.training import folds
 
     manifest = data.read_manifest(data_dir)
     arrays: dict[str, np.ndarray] = {"classes": np.asarray(manifest["classes"]),}
@@ -70,6 +74,12 @@ def export(data_dir: str, output: str, image_size: int = 0) -> dict:
         counts[split] = {"slices": len(labels), "patients": len(set(patients))}
     if not counts:
         raise SystemExit(f"{data_dir}: no TFRecord shards")
+    # train --folds's table (label, site) and order (content digest) of every patient
+    table, order = folds.patients_and_order(data_dir, list(counts))
+    by_number = sorted(patient_numbers.items(), key=lambda kv: kv[1])
+    arrays["patient_label"] = np.asarray([table[k.decode()][0] for k, _ in by_number])
+    arrays["patient_site"] = np.asarray([table[k.decode()][1] for k, _ in by_number])
+    arrays["patient_order"] = np.asarray([order[k.decode()] for k, _ in by_number])
     arrays["image_size"] = np.asarray(next(a for k, a in arrays.items()
                                            if k.endswith("_images")).shape[1])
     tmp = output + ".tmp.npz"

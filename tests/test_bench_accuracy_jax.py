@@ -68,15 +68,19 @@ def test_augment_options_act_and_defaults_keep_black_black(jx):
 
 
 def _npz(path: Path) -> None:
+    """Two slices a patient, patient numbers unique within the file (as export_npz's);
+    no fold table (a file exported before it)."""
     rng = np.random.default_rng(0)
     arrays = {"classes": np.asarray(["covid", "non_covid"])}
+    first = 0
     for split, n in (("train", 24), ("val", 12), ("test", 12)):
         labels = (np.arange(n) // 2) % 2  # two slices a patient, one label each
         images = rng.integers(0, 60, (n, 64, 64, 1)).astype(np.uint8)
         images[labels == 0, 20:44, 20:44] += 150  # a learnable bright square
         arrays[f"{split}_images"] = images
         arrays[f"{split}_labels"] = labels.astype(np.int32)
-        arrays[f"{split}_patients"] = (np.arange(n) // 2).astype(np.int32)
+        arrays[f"{split}_patients"] = (first + np.arange(n) // 2).astype(np.int32)
+        first += n // 2
     np.savez_compressed(path, **arrays)
 
 
@@ -299,3 +303,40 @@ def test_ensemble_run_scores_the_held_out_split_by_the_folds_mean(jx):
     assert out["seed"] == 3 and out["folds"] == 2 and out["best_epoch"] == 3.0
     assert out["stability"]["max_dev"] == pytest.approx(0.15)
     assert out["fold_val_patient_auc"]["mean"] == pytest.approx(0.625)
+
+
+def test_folds_are_those_of_train_folds_on_the_records(jx, bench_script, tmp_path, capsys):
+    """export_npz writes train --folds's table (label, site) and order (content digests) per
+    patient number: fold_pool deals the same patients into the same folds as train --folds
+    on the records the file came from, for any seed; a file without them is said so."""
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.training import folds
+    from tests.test_evaluate import write_dataset
+
+    folder = write_dataset(tmp_path / "tfrecords", {"train": 4, "val": 2, "test": 1})
+    bench_script("export_npz").export(str(folder), str(tmp_path / "d.npz"))
+    d = dict(np.load(tmp_path / "d.npz"))
+    import tensorflow as tf
+
+    numbers: dict = {}  # the records' keys -> the file's patient numbers, as it numbered
+    for split in ("train", "val", "test"):
+        for raw in tf.data.TFRecordDataset(data.shard_files(str(folder), split), "GZIP"):
+            key = tf.io.parse_single_example(raw, schema.parse_spec())[schema.PATIENT_KEY]
+            numbers.setdefault(key.numpy().decode(), len(numbers))
+    table, order = folds.patients_and_order(str(folder), ["train", "val"])
+    assert len({site for _, site in table.values()}) == 2  # strata of label and site
+    for seed in (0, 1, 2):
+        want = folds.assign_folds(table, 3, seed, order)
+        for k in range(3):
+            pool = jx.fold_pool(d, 3, seed, k)
+            assert set(pool["val"][2].tolist()) == {numbers[p] for p, f in want.items()
+                                                    if f == k}, (seed, k)
+            assert not set(pool["val"][2].tolist()) & set(pool["train"][2].tolist())
+    capsys.readouterr()
+    for name in ("patient_order", "patient_label", "patient_site"):
+        d.pop(name)
+    assert any(set(jx.fold_pool(d, 3, seed, k)["val"][2].tolist()) != {
+        numbers[p] for p, f in folds.assign_folds(table, 3, seed, order).items() if f == k}
+        for seed in (0, 1, 2) for k in range(3))  # by label alone: other folds
+    assert "no patient_order" in capsys.readouterr().err

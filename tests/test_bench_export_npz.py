@@ -41,4 +41,9 @@ def test_every_split_exported_with_patient_numbers_and_no_keys(tmp_path):
         assert pats.dtype == np.int32
         numbers |= set(pats.tolist())
     assert numbers == set(range(len(numbers)))  # unique within the file, numbered from 0
+    # train --folds's table and order, per patient number: no key, a label, a site, a digest
+    assert len(d["patient_label"]) == len(d["patient_site"]) == len(d["patient_order"]) \
+        == len(numbers)
+    assert set(d["patient_label"].tolist()) <= set(d["classes"].tolist())
+    assert all(len(str(o)) == 64 for o in d["patient_order"])
     assert int(d["image_size"]) == 32
