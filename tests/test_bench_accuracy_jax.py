@@ -312,7 +312,7 @@ def test_folds_are_those_of_train_folds_on_the_records(jx, bench_script, tmp_pat
     from covid_keras.core import schema
     from covid_keras.io import data
     from covid_keras.training import folds
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 4, "val": 2, "test": 1})
     bench_script("export_npz").export(str(folder), str(tmp_path / "d.npz"))

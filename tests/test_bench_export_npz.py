@@ -14,8 +14,7 @@ def test_every_split_exported_with_patient_numbers_and_no_keys(tmp_path):
 
     from covid_keras.core import schema
     from covid_keras.io import data
-    from tests.helpers import assert_no_tf_notices, user_env
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import assert_no_tf_notices, user_env, write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 3, "val": 2, "test": 2})
     out = tmp_path / "d.npz"

@@ -54,7 +54,7 @@ def test_a_per_image_normalised_model_does_not_move(intensity, tmp_path):
     import keras
 
     from covid_keras.model.baselines import build_classifier
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 2, "val": 2, "test": 4})
     run_dir = tmp_path / "run"

@@ -56,7 +56,7 @@ def test_split_table_streams_every_split_of_a_data_folder(shortcuts, tmp_path):
     """Records as data_prep writes them: one row of statistics per record, in record
     order, beside its label and patient; the COVID slices' bright lesion shows in the
     mean brightness on every split."""
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 6, "val": 4, "test": 4})
     table = shortcuts.split_table(str(folder), 64)
@@ -77,8 +77,7 @@ def test_the_command_prints_a_result_and_no_tensorflow_notices(tmp_path):
     import sys
     from pathlib import Path
 
-    from tests.helpers import assert_no_tf_notices, user_env
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import assert_no_tf_notices, user_env, write_dataset
 
     folder = write_dataset(tmp_path / "tfrecords", {"train": 6, "val": 4, "test": 4})
     repo = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 
 from covid_keras.evaluation import evaluation as ev
 from covid_keras.model import saving
+from tests.helpers import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["non_covid", "covid"]
@@ -643,56 +644,6 @@ def test_gradcam_runs_on_drenet_over_the_image_backbone():
 
 
 # ------------------------------------------------------------------ a run folder
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_dataset(root: Path, patients: dict, slices: int = 3, size: int = 64,
-                  seed: int = 0) -> Path:
-    """TFRecords like data_prep's: ``patients`` = split -> patients per class. COVID
-    patients have a bright lesion. Sites: non_covid from "A"; covid from "A" and "B"."""
-    from covid_keras.core import schema
-
-    rng = np.random.default_rng(seed)
-    import tensorflow as tf
-
-    root.mkdir(parents=True, exist_ok=True)
-    counts: dict = {}
-    yy, xx = np.mgrid[:size, :size]
-    for split, per_class in patients.items():
-        path = root / f"{split}-00000-of-00001.tfrecord.gz"
-        with tf.io.TFRecordWriter(str(path), "GZIP") as w:
-            for c, name in enumerate(CLASSES):
-                for p in range(per_class):
-                    key = f"{split[:2]}{c}{p:02d}".ljust(16, "0")
-                    site = "A" if c == 0 or p % 2 == 0 else "B"
-                    cell = counts.setdefault(split, {}).setdefault(name, {}).setdefault(
-                        site, {"patients": 0, "slices": 0, "studies": 1})
-                    cell["patients"] += 1
-                    for s in range(slices):
-                        img = rng.uniform(0, 90, (size, size)).astype(np.uint8)
-                        if c == 1:
-                            cy, cx = rng.integers(12, size - 12, 2)
-                            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 240
-                        cell["slices"] += 1
-                        w.write(schema.serialize({
-                            schema.IMAGE: png(img), schema.HEIGHT: size, schema.WIDTH: size,
-                            schema.CHANNELS: 1, schema.MASK: png(np.full((size, size), 255,
-                                                                         np.uint8)),
-                            schema.LABEL_NAME: name, schema.LABEL_INDEX: c,
-                            schema.PATIENT_KEY: key, schema.STUDY_KEY: key[::-1],
-                            schema.SERIES_KEY: key, schema.SOP_KEY: f"{key}{s}",
-                            schema.SLICE_INDEX: s, schema.SLICE_COUNT: slices,
-                            schema.POSITION_MM: float(s), schema.LUNG_FRACTION: 0.5,
-                            schema.SITE: site, schema.SPLIT: split}))
-    (root / "manifest.json").write_text(json.dumps({"classes": CLASSES, "counts": counts}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("evaldata") / "tfrecords",
