@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from tests.test_build_tfrecords import series
+from tests.helpers import series
 
 UNKNOWN_VR = b"D\xc5"
 CORRUPTIONS = ("unknown_vr", "wrong_length", "empty")

@@ -7,6 +7,7 @@ fixtures visible to every module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -587,3 +588,92 @@ def shared_commands() -> Commands:
 def commands():
     """:func:`shared_commands`."""
     return shared_commands()
+
+
+# ------------------------------------------------------------------ DICOM series, data_prep
+#: data_prep's tests' phantom series: 64 x 64, a 35 cm field of view as a real chest CT,
+#: 20 slices over 30 cm.
+MATRIX = 64
+SPACING = 350.0 / MATRIX
+SERIES_SLICES = 20
+#: The salt of the studies the data_prep tests scan in-process (bytes, as ScanConfig's).
+DICOM_SALT = b"s" * 32
+
+
+def run_cli(*args: str, check: bool = True):
+    """data_prep's command line: ``python -m data_prep.build_tfrecords ARGS``
+    (:func:`shared_commands`: a process of its own without the interpreter start)."""
+    proc = shared_commands().run("data_prep.build_tfrecords", *args,
+                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def series(out: Path, **kw) -> list[Path]:
+    """A phantom DICOM series (data_prep.phantom.write_series) of :data:`SERIES_SLICES`
+    slices of :data:`MATRIX` pixels by default."""
+    from data_prep import phantom
+
+    kw.setdefault("num_slices", SERIES_SLICES)
+    kw.setdefault("matrix", MATRIX)
+    kw.setdefault("pixel_spacing_mm", SPACING)
+    kw.setdefault("slice_thickness_mm", 300.0 / kw["num_slices"])
+    return phantom.write_series(out, **kw)
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """Every record of the TFRecord shards in ``out_dir``, parsed (schema.parse)."""
+    import glob
+
+    import tensorflow as tf
+
+    from covid_keras.core import schema
+
+    recs = []
+    for f in sorted(glob.glob(str(out_dir / "*.tfrecord.gz"))):
+        for raw in tf.data.TFRecordDataset(f, compression_type="GZIP"):
+            recs.append(schema.parse(raw.numpy()))
+    return recs
+
+
+def failures(out_dir: Path) -> list[dict]:
+    """The rows of data_prep's failures.csv in ``out_dir``."""
+    import csv
+
+    with open(out_dir / "failures.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def study_task(path: Path, origin: str = "line00002", **kw):
+    """data_prep's StudyTask of the study folder ``path`` (label covid)."""
+    from data_prep.study import StudyTask
+
+    return StudyTask(study_id=str(path.name), path=str(path), label="covid", origin=origin,
+                     **kw)
+
+
+@contextlib.contextmanager
+def lenient_pydicom():
+    """Lets the test write (and re-read) invalid values; the code under test runs with
+    pydicom's defaults."""
+    import pydicom
+
+    s = pydicom.config.settings
+    old = s.reading_validation_mode, s.writing_validation_mode
+    s.reading_validation_mode = s.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        s.reading_validation_mode, s.writing_validation_mode = old
+
+
+def edit_dicom(paths: list[Path], fn) -> None:
+    """``fn(dataset, i)`` on each DICOM file of ``paths`` (sorted), saved in place."""
+    import pydicom
+
+    with lenient_pydicom():
+        for i, p in enumerate(sorted(paths)):
+            ds = pydicom.dcmread(p)
+            fn(ds, i)
+            ds.save_as(p, enforce_file_format=True)

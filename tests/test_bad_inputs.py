@@ -8,7 +8,6 @@ implausible spacings. The last tests run them all in one batch with --workers=2.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -30,48 +29,28 @@ from data_prep import dicom_io, inputs, limits, pipeline, redact, slice_images
 from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits
 from data_prep.preprocess import PrepConfig
-from data_prep.study import ScanConfig, StudyTask, process_study, scan_study
-from tests.test_build_tfrecords import MATRIX, REPO, read_records
-from tests.test_build_tfrecords import series as _series
+from data_prep.study import ScanConfig, process_study, scan_study
+from tests.helpers import (
+    DICOM_SALT,
+    MATRIX,
+    REPO,
+    edit_dicom,
+    read_records,
+    study_task,
+)
+from tests.helpers import series as _series
 
-SALT = b"s" * 32
 SLICES = 12
 
 
 def scan_cfg(**limit_kw) -> ScanConfig:
-    return ScanConfig(salt=SALT, min_slices=5, limits=Limits(**limit_kw))
-
-
-def task(path: Path, origin: str = "line00002", **kw) -> StudyTask:
-    return StudyTask(study_id=str(path.name), path=str(path), label="covid", origin=origin,
-                     **kw)
+    return ScanConfig(salt=DICOM_SALT, min_slices=5, limits=Limits(**limit_kw))
 
 
 def series(out: Path, **kw) -> list[Path]:
     """test_build_tfrecords' phantom series, SLICES slices by default."""
     kw.setdefault("num_slices", SLICES)
     return _series(out, **kw)
-
-
-@contextlib.contextmanager
-def lenient_pydicom():
-    """Lets the test write (and re-read) invalid values; the code under test runs with
-    pydicom's defaults."""
-    s = pydicom.config.settings
-    old = s.reading_validation_mode, s.writing_validation_mode
-    s.reading_validation_mode = s.writing_validation_mode = pydicom.config.IGNORE
-    try:
-        yield
-    finally:
-        s.reading_validation_mode, s.writing_validation_mode = old
-
-
-def edit(paths: list[Path], fn) -> None:
-    with lenient_pydicom():
-        for i, p in enumerate(sorted(paths)):
-            ds = pydicom.dcmread(p)
-            fn(ds, i)
-            ds.save_as(p, enforce_file_format=True)
 
 
 @pytest.fixture
@@ -122,7 +101,7 @@ def test_special_files_are_never_opened(tmp_path, no_hang):
     (study / "dangling.dcm").symlink_to(study / "missing")
     (study / "loop.dcm").symlink_to(study / "loop.dcm")
     start = time.monotonic()
-    scan = scan_study(task(study), scan_cfg())
+    scan = scan_study(study_task(study), scan_cfg())
     assert time.monotonic() - start < 20
     assert scan.error is None
     assert reasons(scan.issues).count("not_regular_file") == 4
@@ -136,7 +115,7 @@ def test_a_study_that_is_a_special_file_fails_with_a_reason(tmp_path, kind, no_h
         os.mkfifo(path)
     else:
         path.symlink_to("/dev/zero")
-    scan = scan_study(task(path), scan_cfg())
+    scan = scan_study(study_task(path), scan_cfg())
     assert scan.error is not None and scan.error.reason == "not_regular_file"
     assert scan.error.study.startswith("line00002.")
 
@@ -144,7 +123,7 @@ def test_a_study_that_is_a_special_file_fails_with_a_reason(tmp_path, kind, no_h
 def test_byte_limit(tmp_path):
     study = tmp_path / "study"
     series(study, kind="covid", seed=1)
-    scan = scan_study(task(study), scan_cfg(max_file_bytes=1000))
+    scan = scan_study(study_task(study), scan_cfg(max_file_bytes=1000))
     assert scan.error is not None and scan.error.reason == "file_too_large"
     assert reasons(scan.issues) == ["file_too_large"] * SLICES
 
@@ -167,7 +146,7 @@ def test_decompression_bomb_png_is_never_decoded(png_bomb):
     with pytest.raises(Exception) as err:
         slice_images.read_grey(str(png_bomb), "s", Limits())
     assert err.value.reason == "image_too_large"
-    scan = scan_study(task(png_bomb.parent), scan_cfg())
+    scan = scan_study(study_task(png_bomb.parent), scan_cfg())
     assert scan.error is not None and scan.error.reason == "image_too_large"
     assert "20000 x 20000" in scan.error.detail
 
@@ -198,8 +177,8 @@ def test_dicom_dimensions_checked_from_the_header(tmp_path):
     study = tmp_path / "study"
     def huge(ds, i):
         ds.Rows = ds.Columns = 30000  # 900 Mpixels announced, 8 kB of pixel data
-    edit(series(study, kind="covid", seed=1), huge)
-    scan = scan_study(task(study), scan_cfg())
+    edit_dicom(series(study, kind="covid", seed=1), huge)
+    scan = scan_study(study_task(study), scan_cfg())
     assert scan.error is not None and scan.error.reason == "image_too_large"
 
 
@@ -227,17 +206,17 @@ def test_study_time_limit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dicom_io, "read_header", spins)
     start = time.monotonic()
-    scan = scan_study(task(study), scan_cfg(study_timeout_s=0.5))
+    scan = scan_study(study_task(study), scan_cfg(study_timeout_s=0.5))
     assert time.monotonic() - start < 5
     assert scan.error is not None and scan.error.reason == "study_timeout"
     monkeypatch.undo()
-    assert scan_study(task(study), scan_cfg(study_timeout_s=0.5)).error is None
+    assert scan_study(study_task(study), scan_cfg(study_timeout_s=0.5)).error is None
 
 
 def test_process_time_limit(tmp_path, monkeypatch):
     study = tmp_path / "study"
     series(study, kind="covid", seed=1)
-    scan = scan_study(task(study), scan_cfg(study_timeout_s=0.5))
+    scan = scan_study(study_task(study), scan_cfg(study_timeout_s=0.5))
     def slow(header, *a, **k):
         time.sleep(0.3)
         raise StudyError("pixel_decode_error", "slow and undecodable", header.path)
@@ -390,7 +369,7 @@ def _undecodable(paths: list[Path]) -> None:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
         ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
         ds["PixelData"].VR = "OB"
-    edit(paths, to_mpeg2)
+    edit_dicom(paths, to_mpeg2)
 
 
 @pytest.mark.parametrize("bad_first", [True, False])
@@ -404,7 +383,7 @@ def test_undecodable_files_are_warnings_whatever_sorts_first(tmp_path, bad_first
     for p in bad:
         p.rename(p.with_name(("aaa_" if bad_first else "zzz_") + p.name))
     cfg = scan_cfg()
-    scan = scan_study(task(study), cfg)
+    scan = scan_study(study_task(study), cfg)
     assert scan.error is None
     assert reasons(scan.issues).count("compressed_no_decoder") == 5
     assert scan.slice_count == 19
@@ -419,7 +398,7 @@ def test_corrupt_pixel_data_in_some_files_is_a_warning(tmp_path):
         data = p.read_bytes()
         p.write_bytes(data[:-MATRIX * MATRIX])  # pixel data cut short, header intact
     cfg = scan_cfg()
-    scan = scan_study(task(study), cfg)
+    scan = scan_study(study_task(study), cfg)
     result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32), 0)
     assert result.error is None and result.records
     assert result.dropped["truncated_file"] >= 1
@@ -432,13 +411,13 @@ def test_an_unreadable_sampled_file_is_replaced_by_a_neighbour(tmp_path):
     study = tmp_path / "study"
     series(study, kind="covid", seed=1, num_slices=30)
     cfg, prep = scan_cfg(), PrepConfig(image_size=32)
-    clean = process_study(scan_study(task(study), cfg), "train", 0, cfg, prep, 0)
-    scan = scan_study(task(study), cfg)
+    clean = process_study(scan_study(study_task(study), cfg), "train", 0, cfg, prep, 0)
+    scan = scan_study(study_task(study), cfg)
     assert len(scan.spares) <= 4 * len(scan.sampled)  # not every slice: the driver holds it
     for s in scan.sampled:
         data = Path(s.path).read_bytes()
         Path(s.path).write_bytes(data[:-MATRIX * MATRIX])
-    result = process_study(scan_study(task(study), cfg), "train", 0, cfg, prep, 0)
+    result = process_study(scan_study(study_task(study), cfg), "train", 0, cfg, prep, 0)
     assert result.error is None
     subs = [i for i in result.issues if i.reason == "slice_substituted"]
     assert len(subs) == 15 and result.dropped["truncated_file"] == 15
@@ -460,8 +439,8 @@ def test_ordering_warning_says_what_the_order_was(tmp_path, keep, basis):
         for kw in ("InstanceNumber", "SliceLocation"):
             if kw != keep and kw in ds:
                 delattr(ds, kw)
-    edit(series(study, kind="covid", seed=1), strip)
-    scan = scan_study(task(study), scan_cfg())
+    edit_dicom(series(study, kind="covid", seed=1), strip)
+    scan = scan_study(study_task(study), scan_cfg())
     assert scan.error is None
     (w,) = [i for i in scan.issues if i.reason == "missing_position"]
     assert w.detail.endswith(f"ordered by {basis}" if basis != "file name"
@@ -480,7 +459,7 @@ def test_mixed_series_is_named(tmp_path, reason, minority, kw):
     series(study / "a", kind="covid", seed=1, series_uid=uid)
     series(study / "b", kind="covid", seed=1, series_uid=uid, num_slices=minority,
            slice_thickness_mm=300.0 / SLICES, **kw)
-    scan = scan_study(task(study), ScanConfig(salt=SALT, min_slices=SLICES - 1))
+    scan = scan_study(study_task(study), ScanConfig(salt=DICOM_SALT, min_slices=SLICES - 1))
     if minority < SLICES:
         assert scan.error is None, scan.error
         assert reason in reasons(scan.issues, "warning")
@@ -496,10 +475,10 @@ def test_implausible_pixel_spacing_is_rejected_before_any_pixel(tmp_path, value,
 
     def spacing(ds, i):
         ds[0x00280030] = pydicom.DataElement(0x00280030, "DS", value)
-    edit(series(study, kind="covid", seed=1), spacing)
+    edit_dicom(series(study, kind="covid", seed=1), spacing)
     monkeypatch.setattr(dicom_io, "read_hu", lambda *a, **k: pytest.fail("pixels read"))
     start = time.monotonic()
-    scan = scan_study(task(study), scan_cfg())
+    scan = scan_study(study_task(study), scan_cfg())
     assert time.monotonic() - start < 10
     assert scan.error is not None and scan.error.reason == "bad_pixel_spacing", scan.error
 
@@ -523,14 +502,14 @@ def test_broken_numbers_have_a_reason(tmp_path, case):
         else:
             ds.Rows = 0
     paths = series(study, kind="covid", seed=1)
-    edit(paths, breaks)
+    edit_dicom(paths, breaks)
     if case == "text_intercept":
         for p in paths:
             data = p.read_bytes()
             assert data.count(b"-1024.5 ") == 1
             p.write_bytes(data.replace(b"-1024.5 ", b"abc     "))
     cfg = scan_cfg()
-    scan = scan_study(task(study), cfg)
+    scan = scan_study(study_task(study), cfg)
     result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32), 0)
     if case == "nan_position":  # no usable position: ordered otherwise, and says so
         assert result.error is None and "missing_position" in reasons(scan.issues)
@@ -555,10 +534,10 @@ def test_lung_mask_refuses_an_implausible_spacing():
 
 def test_pydicom_warnings_are_counted_never_printed(tmp_path, capfd):
     study = tmp_path / "study"
-    edit(series(study, kind="covid", seed=1),
+    edit_dicom(series(study, kind="covid", seed=1),
          lambda ds, i: setattr(ds, "SeriesInstanceUID", "1.2.PLANTEDUID.3"))
     cfg = scan_cfg()
-    scan = scan_study(task(study), cfg)
+    scan = scan_study(study_task(study), cfg)
     result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32), 0)
     assert scan.error is None and result.error is None
     (w,) = [i for i in scan.issues if i.reason == "library_warning"]
@@ -733,8 +712,8 @@ def test_native_library_output_is_counted_never_shown(tmp_path, capfd):
     study = tmp_path / "study"
     study.mkdir()
     (study / "slice.png").write_bytes(data[:33] + iccp + data[33:])
-    cfg = ScanConfig(salt=SALT, min_slices=1, num_slices=1)
-    scan = scan_study(task(study), cfg)
+    cfg = ScanConfig(salt=DICOM_SALT, min_slices=1, num_slices=1)
+    scan = scan_study(study_task(study), cfg)
     result = process_study(scan, "train", 0, cfg, PrepConfig(image_size=32, lung_filter=False),
                            0)
     (w,) = [i for i in result.issues if i.reason == "library_warning"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import phantom
-from tests.test_build_tfrecords import failures, run_cli
+from tests.helpers import failures, run_cli
 
 pytest.importorskip("apache_beam", reason="needs the [beam] extra: pip install -e .[beam]")
 

@@ -21,45 +21,17 @@ from pydicom.fileset import FileSet
 from covid_keras.core import schema
 from data_prep import phantom
 from data_prep.study import salted_key
-from tests.helpers import shared_commands
+from tests.helpers import (
+    MATRIX,
+    SERIES_SLICES,
+    SPACING,
+    failures,
+    read_records,
+    run_cli,
+    series,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-MATRIX = 64
-SPACING = 350.0 / MATRIX  # a 35 cm field of view, as a real chest CT
-SLICES = 20
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m data_prep.build_tfrecords ARGS`` (helpers.shared_commands: a process of
-    its own without the interpreter start)."""
-    proc = shared_commands().run("data_prep.build_tfrecords", *args,
-                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def series(out: Path, **kw) -> list[Path]:
-    kw.setdefault("num_slices", SLICES)
-    kw.setdefault("matrix", MATRIX)
-    kw.setdefault("pixel_spacing_mm", SPACING)
-    kw.setdefault("slice_thickness_mm", 300.0 / kw["num_slices"])
-    return phantom.write_series(out, **kw)
-
-
-def read_records(out_dir: Path) -> list[dict]:
-    import tensorflow as tf
-
-    recs = []
-    for f in sorted(glob.glob(str(out_dir / "*.tfrecord.gz"))):
-        for raw in tf.data.TFRecordDataset(f, compression_type="GZIP"):
-            recs.append(schema.parse(raw.numpy()))
-    return recs
-
-
-def failures(out_dir: Path) -> list[dict]:
-    with open(out_dir / "failures.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def common_flags(out: Path, salt: Path) -> list[str]:
@@ -70,9 +42,9 @@ def common_flags(out: Path, salt: Path) -> list[str]:
 # ------------------------------------------------------------------ bad input, one run
 def _png_study(folder: Path, mode: str, n: int = 3) -> None:
     folder.mkdir(parents=True)
-    vol = phantom.make_volume_hu("covid", num_slices=SLICES, matrix=MATRIX, seed=5)
+    vol = phantom.make_volume_hu("covid", num_slices=SERIES_SLICES, matrix=MATRIX, seed=5)
     for i in range(n):
-        hu = vol[SLICES // 2 - 1 + i]
+        hu = vol[SERIES_SLICES // 2 - 1 + i]
         grey = np.clip((hu + 1450.0) / 1500.0 * 255.0, 0, 255).astype(np.uint8)
         if mode == "rgba":
             img = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
@@ -134,14 +106,14 @@ def bad_input_run(tmp_path_factory):
     series(two, kind="normal", seed=10, patient_id="P-2S", series_number=3, num_slices=6)
     # a study that is only a localizer, and a series with a localizer beside it
     phantom.write_localizer(add("localizer_only"), matrix=MATRIX, patient_id="P-L")
-    phantom.write_study(add("with_localizer", "normal"), kind="normal", num_slices=SLICES,
+    phantom.write_study(add("with_localizer", "normal"), kind="normal", num_slices=SERIES_SLICES,
                         matrix=MATRIX, seed=11, patient_id="P-WL", with_localizer=True,
                         pixel_spacing_mm=SPACING)
     series(add("mr"), kind="covid", seed=12, modality="MR", patient_id="P-MR")
     series(add("three_slices"), kind="covid", seed=13, num_slices=3, patient_id="P-3")
-    noise = np.random.default_rng(0).normal(0.0, 15.0, (SLICES, MATRIX, MATRIX))
+    noise = np.random.default_rng(0).normal(0.0, 15.0, (SERIES_SLICES, MATRIX, MATRIX))
     series(add("all_air"), volume_hu=(noise - 1000.0).astype(np.float32), patient_id="P-AIR")
-    series(add("all_zero"), volume_hu=np.zeros((SLICES, MATRIX, MATRIX), np.float32),
+    series(add("all_zero"), volume_hu=np.zeros((SERIES_SLICES, MATRIX, MATRIX), np.float32),
            rescale_intercept=0.0, patient_id="P-ZERO")
     _png_study(add("rgba_png"), "rgba")
     _png_study(add("png16", "normal"), "16bit")
@@ -274,7 +246,7 @@ def test_patient_in_two_manifest_splits_fails_that_patient_only(tmp_path):
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     phantom.write_dataset(root / "studies", kinds=("normal", "covid", "bacterial"),
-                          patients_per_kind=4, num_slices=SLICES, matrix=MATRIX, seed=0)
+                          patients_per_kind=4, num_slices=SERIES_SLICES, matrix=MATRIX, seed=0)
     return root
 
 
@@ -326,7 +298,7 @@ def test_no_patient_identifiers_in_outputs(dataset, tmp_path):
 
 def test_manifest_input_with_site_and_split(tmp_path):
     manifest = phantom.write_dataset(tmp_path / "ds", kinds=("normal", "covid"),
-                                     patients_per_kind=4, num_slices=SLICES, matrix=MATRIX,
+                                     patients_per_kind=4, num_slices=SERIES_SLICES, matrix=MATRIX,
                                      seed=1, layout="manifest")
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -406,7 +378,7 @@ def test_the_dataset_is_never_named_after_the_input_folder(tmp_path):
     # a hospital export's folder name can hold a patient id and a date
     root = tmp_path / "DOE_JOHN_19700101"
     phantom.write_dataset(root, kinds=("normal", "covid"), patients_per_kind=2,
-                          num_slices=SLICES, matrix=MATRIX, seed=2)
+                          num_slices=SERIES_SLICES, matrix=MATRIX, seed=2)
     proc = run_cli(f"--input={root}", "--image_size=64", "--min_slices=5", check=False)
     assert proc.returncode == 1 and "give --output_dir or --dataset" in proc.stderr
     assert not (REPO / "tfrecords" / "DOE_JOHN_19700101").exists()
@@ -533,7 +505,7 @@ def test_excluded_class_empty_split_and_progress(tmp_path):
     failure, --strict passes); 2 patients a class at 60/10/30 leave val empty: a warning
     naming it, and manifest.json says so."""
     phantom.write_dataset(tmp_path / "studies", kinds=("normal", "covid", "bacterial"),
-                          patients_per_kind=2, num_slices=SLICES, matrix=MATRIX, seed=5)
+                          patients_per_kind=2, num_slices=SERIES_SLICES, matrix=MATRIX, seed=5)
     out = tmp_path / "out"
     proc = run_cli(f"--input={tmp_path / 'studies'}", f"--output_dir={out}", "--workers=1",
                    "--image_size=32", f"--salt_file={tmp_path / 'salt'}", "--min_slices=5",

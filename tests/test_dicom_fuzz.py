@@ -31,10 +31,9 @@ from data_prep.study import (
     scan_study,
 )
 from tests import dicom_corpus as corpus
-from tests.test_bad_inputs import SALT, edit, task
-from tests.test_build_tfrecords import MATRIX
+from tests.helpers import DICOM_SALT, MATRIX, edit_dicom, study_task
 
-CFG = ScanConfig(salt=SALT, min_slices=5, num_slices=8)  # 16 slices: 8 sampled, 8 spares
+CFG = ScanConfig(salt=DICOM_SALT, min_slices=5, num_slices=8)  # 16 slices: 8 sampled, 8 spares
 PREP = PrepConfig(image_size=32)
 
 
@@ -60,13 +59,13 @@ class Run:
 
 
 def run_study(folder: Path) -> Run:
-    scan = scan_study(task(folder), CFG)
+    scan = scan_study(study_task(folder), CFG)
     result = process_study(scan, "train", 0, CFG, PREP, 0)
     files = list_files(str(folder))
     # With 8 of up to 16 slices sampled, the spares are all the others: the whole series.
     members = {Path(s.path).name for s in scan.sampled + scan.spares}
     assert len(members) == scan.slice_count or scan.error is not None
-    names = {Path(p).name: n for p, n in redact.file_names(files, str(folder), SALT).items()}
+    names = {Path(p).name: n for p, n in redact.file_names(files, str(folder), DICOM_SALT).items()}
     return Run(folder, scan, result, members, names)
 
 
@@ -277,7 +276,7 @@ def test_lung_on_a_probe_slice_beats_the_slice_count(tmp_path, monkeypatch):
     study = tmp_path / "study"
     uid = "1.2.826.0.1.3680043.8.498.8"
     corpus.good_study(study / "chest", num_slices=12, study_uid=uid)
-    from tests.test_build_tfrecords import series
+    from tests.helpers import series
 
     series(study / "abdomen", volume_hu=_abdomen(30), seed=3, study_uid=uid,
            series_number=5, slice_thickness_mm=10.0)
@@ -285,7 +284,7 @@ def test_lung_on_a_probe_slice_beats_the_slice_count(tmp_path, monkeypatch):
     real = dicom_io.read_hu
     monkeypatch.setattr(dicom_io, "read_hu",
                         lambda h, *a, **k: decoded.append(h.path) or real(h, *a, **k))
-    scan = scan_study(task(study), CFG)
+    scan = scan_study(study_task(study), CFG)
     assert scan.error is None and scan.slice_count == 12
     assert len(decoded) <= 2 * dicom_io.PROBE_SLICES
     (why,) = [i.detail for i in scan.issues if i.reason == "series_rejected"]
@@ -302,7 +301,7 @@ def test_the_slice_count_breaks_ties_and_one_series_is_never_probed(tmp_path, mo
     real = dicom_io.read_hu
     monkeypatch.setattr(dicom_io, "read_hu",
                         lambda h, *a, **k: decoded.append(h.path) or real(h, *a, **k))
-    scan = scan_study(task(study), CFG)
+    scan = scan_study(study_task(study), CFG)
     assert scan.slice_count == 16
     assert [i.detail for i in scan.issues if i.reason == "series_rejected"] == [
         "series 2/2 (10 files): fewer slices than the chosen series (16)"]
@@ -311,7 +310,7 @@ def test_the_slice_count_breaks_ties_and_one_series_is_never_probed(tmp_path, mo
     # a study of one series decodes nothing while its headers are read
     shutil.rmtree(study / "b")
     monkeypatch.setattr(dicom_io, "read_hu", lambda *a, **k: pytest.fail("pixels decoded"))
-    assert scan_study(task(study), CFG).slice_count == 16
+    assert scan_study(study_task(study), CFG).slice_count == 16
 
 
 def test_a_tiny_series_alone_is_still_tried(tmp_path):
@@ -366,7 +365,7 @@ def test_one_file_disagreeing_with_its_series_is_dropped_and_named(tmp_path, cas
         else:
             ds.Rows = MATRIX // 2
             ds.PixelData = ds.PixelData[:len(ds.PixelData) // 2]
-    edit([bad], change)
+    edit_dicom([bad], change)
     run = run_study(study)
     assert run.scan.error is None and run.result.error is None
     assert run.scan.slice_count == 11 and bad.name not in run.members

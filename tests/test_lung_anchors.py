@@ -652,7 +652,7 @@ def test_init_from_an_unrestricted_model_with_the_lung_flag_rebuilds_it(models, 
 
 @tf_only
 def test_bench_intensity_feeds_a_lung_run_its_masks(models, bench_script, tmp_path):
-    from tests.test_evaluate import write_dataset
+    from tests.helpers import write_dataset
 
     lung, _ = models
     folder = write_dataset(tmp_path / "tfrecords", {"train": 1, "val": 1, "test": 2})

@@ -18,8 +18,7 @@ import pytest
 
 from covid_keras.core import schema
 from data_prep import phantom
-from tests.helpers import shared_commands
-from tests.test_build_tfrecords import MATRIX, REPO, SPACING, failures, read_records
+from tests.helpers import MATRIX, REPO, SPACING, failures, read_records, shared_commands
 
 SLICES = 12
 NAME_FAMILY, NAME_GIVEN = "Zqxvonk", "Wylbertha"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from covid_keras.core import schema
-from tests.test_bad_inputs import _undecodable, edit, series, write_png_bomb
-from tests.test_build_tfrecords import failures, read_records
+from tests.helpers import edit_dicom, failures, read_records
+from tests.test_bad_inputs import _undecodable, series, write_png_bomb
 from tests.test_phi import (
     DATE,
     NAME_FAMILY,
@@ -69,7 +69,8 @@ def batch(tmp_path_factory):
     os.mkfifo(good3 / "fifo")  # junk beside good slices: a warning
     (good3 / "zero").symlink_to("/dev/zero")
     no_pos = add("no_position", "", label=b"normal")
-    edit(series(no_pos, kind="normal", seed=4), lambda ds, i: delattr(ds, "ImagePositionPatient"))
+    edit_dicom(series(no_pos, kind="normal", seed=4),
+               lambda ds, i: delattr(ds, "ImagePositionPatient"))
     _png_study(add("png_slices", ""))
     # ---- one of each bad kind
     fifo = add("fifo_only", "not_regular_file")
@@ -84,13 +85,13 @@ def batch(tmp_path_factory):
 
     def huge(ds, i):
         ds.Rows = ds.Columns = 40000
-    edit(series(add("huge_dicom", "image_too_large"), kind="covid", seed=6), huge)
+    edit_dicom(series(add("huge_dicom", "image_too_large"), kind="covid", seed=6), huge)
     for value, name in (("nan\\nan", "spacing_nan"), ("0.0007\\0.0007", "spacing_metres")):
         def spacing(ds, i, value=value):
             import pydicom
 
             ds[0x00280030] = pydicom.DataElement(0x00280030, "DS", value)
-        edit(series(add(name, "bad_pixel_spacing"), kind="covid", seed=7), spacing)
+        edit_dicom(series(add(name, "bad_pixel_spacing"), kind="covid", seed=7), spacing)
     mixed = add("mixed_matrix", "mixed_matrix")
     import pydicom
 

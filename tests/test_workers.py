@@ -93,12 +93,13 @@ def test_a_study_out_of_memory_is_named(tmp_path, monkeypatch):
     from data_prep import dicom_io
     from data_prep.preprocess import PrepConfig
     from data_prep.study import process_study, scan_study
-    from tests.test_bad_inputs import series, task
+    from tests.helpers import study_task
+    from tests.test_bad_inputs import series
 
     study = tmp_path / "study"
     series(study, kind="covid", seed=1)
     cfg = scan_cfg()
-    scan = scan_study(task(study), cfg)
+    scan = scan_study(study_task(study), cfg)
 
     def oom(*a, **k):
         raise MemoryError()
