@@ -208,8 +208,8 @@ def fold_pool(d, folds: int, seed: int, fold: int) -> dict:
     keys = np.concatenate([d["train_patients"], d["val_patients"]])
     if "patient_order" in d:
         table = {str(k): (str(d["patient_label"][k]), str(d["patient_site"][k]))
-                 for k in keys}
-        order = {str(k): str(d["patient_order"][k]) for k in keys}
+                 for k in np.unique(keys)}
+        order = {k: str(d["patient_order"][int(k)]) for k in table}
     else:
         print("accuracy_jax: the .npz has no patient_order (exported before it): folds "
               "stratified by label alone, not train --folds's; export it again",

@@ -20,6 +20,7 @@ than two classes the macro one-vs-rest AUC and the accuracy are reported too.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -82,10 +83,6 @@ def auc_score(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, np.asarray(score, np.float64)))
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
 def binary_metrics(y: np.ndarray, score: np.ndarray, pred: np.ndarray) -> dict:
     """y, pred: 0/1 arrays; score: the positive score (for the AUC). NaN when undefined.
     The counts are scikit-learn's confusion matrix."""
@@ -95,11 +92,24 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, pred: np.ndarray) -> dict:
     pred = np.asarray(pred).astype(bool)
     tn, fp, fn, tp = (float(v) for v in confusion_matrix(
         y, pred, labels=[False, True]).ravel()) if len(y) else (0.0,) * 4
-    sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn)  # 2PR/(P+R); 0 when nothing positive is found
-    return {"auc": auc_score(y, score), "accuracy": _ratio(tp + tn, len(y)),
-            "sensitivity": sens, "specificity": _ratio(tn, tn + fp), "ppv": ppv,
-            "npv": _ratio(tn, tn + fn), "f1": f1}
+    rates = _rates(np.float64(tp), np.float64(fp), np.float64(fn), np.float64(tn))
+    return {"auc": auc_score(y, score), **{k: float(v) for k, v in rates.items()}}
+
+
+def _ratios(a, b):
+    """a / b, NaN where b is 0 (elementwise)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
+
+
+def _rates(tp, fp, fn, tn) -> dict:
+    """The rates of :data:`METRICS` but the AUC, from the confusion counts (scalars, or
+    arrays: one entry a bootstrap resample). F1 is 2PR/(P+R): 0 when nothing positive is
+    found."""
+    return {"accuracy": _ratios(tp + tn, tp + fp + fn + tn),
+            "sensitivity": _ratios(tp, tp + fn), "specificity": _ratios(tn, tn + fp),
+            "ppv": _ratios(tp, tp + fp), "npv": _ratios(tn, tn + fn),
+            "f1": _ratios(2 * tp, 2 * tp + fp + fn)}
 
 
 REASONS = {"auc": "the labels have one class only",
@@ -112,25 +122,21 @@ REASONS = {"auc": "the labels have one class only",
            "ece": "no examples"}
 
 
+def _bins(score: np.ndarray, bins: int) -> np.ndarray:
+    """The equal-width bin of each score in [0, 1] (1 in the last)."""
+    return np.minimum((np.asarray(score, np.float64) * bins).astype(int), bins - 1)
+
+
 def ece_score(y: np.ndarray, score: np.ndarray, bins: int = ECE_BINS) -> float:
-    y = np.asarray(y, np.float64)
-    score = np.asarray(score, np.float64)
-    if not len(y):
-        return float("nan")
-    which = np.minimum((score * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.sum() / len(y) * abs(y[m].mean() - score[m].mean())
-    return float(total)
+    """Expected calibration error of the positive score (NaN without examples)."""
+    return float(_weighted_ece(y, score, np.ones((1, len(y))), bins)[0])
 
 
 def reliability(y: np.ndarray, score: np.ndarray, bins: int = ECE_BINS) -> list:
     """Per bin: [lo, hi, count, mean score, observed positive fraction] (null if empty)."""
     y = np.asarray(y, np.float64)
     score = np.asarray(score, np.float64)
-    which = np.minimum((score * bins).astype(int), bins - 1)
+    which = _bins(score, bins)
     out = []
     for b in range(bins):
         m = which == b
@@ -157,7 +163,7 @@ def level_metrics(labels, probs, pred, positive: int) -> dict:
         for k in METRICS:
             vals = [per[c][k] for c in range(num_classes)]
             macro[k] = float(np.mean(vals)) if all(v == v for v in vals) else float("nan")
-        macro["accuracy"] = _ratio(float(np.sum(pred == labels)), len(labels))
+        macro["accuracy"] = float(_ratios(float(np.sum(pred == labels)), len(labels)))
         out["macro"] = macro
     return out
 
@@ -196,17 +202,24 @@ def _percentile_cis(reps: dict, n: int) -> dict:
     return out
 
 
+def _resamples(patient_labels: np.ndarray, n: int, seed: int):
+    """``n`` seeded resamples of the patients' indices (with replacement, stratified by
+    label)."""
+    rng = np.random.default_rng(seed)
+    strata = _strata(patient_labels)
+    for _ in range(int(n)):
+        yield _stratified_sample(rng, strata)
+
+
 def bootstrap(fn, patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: int = 0
               ) -> dict:
     """Percentile 95 % intervals of every number ``fn(patient_indices)`` returns (a nested
     dict), over ``n`` resamples of the patients (with replacement, stratified by label).
     Returns flat key -> (lo, hi, valid resamples); NaN replicates are left out. (metrics.json
     uses :func:`bootstrap_counts`, the same resamples, all at once.)"""
-    rng = np.random.default_rng(seed)
-    strata = _strata(patient_labels)
     reps: dict = {}
-    for _ in range(int(n)):
-        for k, v in _flatten(fn(_stratified_sample(rng, strata))).items():
+    for idx in _resamples(patient_labels, n, seed):
+        for k, v in _flatten(fn(idx)).items():
             reps.setdefault(k, []).append(v)
     return _percentile_cis(reps, n)
 
@@ -215,17 +228,10 @@ def bootstrap_counts(patient_labels: np.ndarray, n: int = DEFAULT_BOOTSTRAP, see
                      chunk: int = 128):
     """The resamples of :func:`bootstrap` (the same seed gives the same patients), as
     chunks of a (resamples, patients) matrix: how many times each patient is drawn."""
-    rng = np.random.default_rng(seed)
-    strata = _strata(patient_labels)
-    size = len(patient_labels)
-    for start in range(0, int(n), chunk):
-        yield np.stack([np.bincount(_stratified_sample(rng, strata), minlength=size)
-                        for _ in range(min(chunk, int(n) - start))]).astype(np.float64)
-
-
-def _ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
+    counts = (np.bincount(idx, minlength=len(patient_labels))
+              for idx in _resamples(patient_labels, n, seed))
+    while block := list(itertools.islice(counts, chunk)):
+        yield np.stack(block).astype(np.float64)
 
 
 def _weighted_auc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -251,16 +257,14 @@ def _weighted_binary(y, score, pred, w: np.ndarray) -> dict:
     tp, fp = w @ (y & pred), w @ (~y & pred)
     fn, tn = w @ (y & ~pred), w @ (~y & ~pred)
     return {"auc": _weighted_auc(y, np.asarray(score, np.float64), w),
-            "accuracy": _ratios(tp + tn, w.sum(axis=1)),
-            "sensitivity": _ratios(tp, tp + fn), "specificity": _ratios(tn, tn + fp),
-            "ppv": _ratios(tp, tp + fp), "npv": _ratios(tn, tn + fn),
-            "f1": _ratios(2 * tp, 2 * tp + fp + fn)}
+            **_rates(tp, fp, fn, tn)}
 
 
 def _weighted_ece(y, score, w: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    """:func:`ece_score` of each row of weights ``w`` at once."""
+    """:func:`ece_score` of each row of weights ``w`` (resamples, examples) at once: per bin,
+    its weight share times the gap between its mean label and mean score."""
     y, score = np.asarray(y, np.float64), np.asarray(score, np.float64)
-    which = np.minimum((score * bins).astype(int), bins - 1)
+    which = _bins(score, bins)
     total = w.sum(axis=1)
     ece = np.zeros(len(w))
     for b in range(bins):
@@ -490,7 +494,7 @@ def _binary(probs: np.ndarray, labels: np.ndarray, pos: int) -> dict:
     m = binary_metrics(labels == pos, probs[:, pos], argmax == pos)
     out = {"auc": m["auc"], "sensitivity": m["sensitivity"],
            "specificity": m["specificity"], "precision": m["ppv"],
-           "accuracy": _ratio(float(np.sum(argmax == labels)), len(labels))}
+           "accuracy": float(_ratios(float(np.sum(argmax == labels)), len(labels)))}
     if probs.shape[1] > 2:
         from sklearn.metrics import roc_auc_score
 
