@@ -11,8 +11,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import httpx
+
+    from data_prep.study import ScanConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -677,3 +683,291 @@ def edit_dicom(paths: list[Path], fn) -> None:
             ds = pydicom.dcmread(p)
             fn(ds, i)
             ds.save_as(p, enforce_file_format=True)
+
+
+# ------------------------------------------------------------------ bad inputs
+#: test_bad_inputs' (and test_target_batch's, test_workers') series length
+BAD_INPUT_SLICES = 12
+
+
+def bad_input_series(out: Path, **kw) -> list[Path]:
+    """:func:`series` of :data:`BAD_INPUT_SLICES` slices by default."""
+    kw.setdefault("num_slices", BAD_INPUT_SLICES)
+    return series(out, **kw)
+
+
+def scan_cfg(**limit_kw) -> ScanConfig:
+    """data_prep's scan settings: :data:`DICOM_SALT`, 5 slices at least, the given limits."""
+    from data_prep.limits import Limits
+    from data_prep.study import ScanConfig
+
+    return ScanConfig(salt=DICOM_SALT, min_slices=5, limits=Limits(**limit_kw))
+
+
+def write_png_bomb(path: Path, side: int = 20000) -> Path:
+    """A ~0.4 MB 8-bit grey PNG that decodes to side x side pixels (all zero)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    comp = zlib.compressobj(9)
+    rows_per_block = 500
+    block = b"\x00" * ((side + 1) * rows_per_block)  # filter byte 0 + a zero row
+    idat = b"".join(comp.compress(block) for _ in range(side // rows_per_block)) + comp.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side,
+                                                                           8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def undecodable(paths: list[Path]) -> None:
+    """Rewrites the files as MPEG-2 encapsulated pixel data that no decoder here reads."""
+    import pydicom
+
+    def to_mpeg2(ds, i):
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+        ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+        ds["PixelData"].VR = "OB"
+    edit_dicom(paths, to_mpeg2)
+
+
+# ------------------------------------------------------------------ PHI planting
+# (test_phi, test_target_batch): values planted in every DICOM tag, name and manifest cell
+# that can hold them, then searched for in everything a run writes and prints
+PHI_SLICES = 12
+NAME_FAMILY, NAME_GIVEN = "Zqxvonk", "Wylbertha"
+PATIENT_ID = "PHIID8842913"
+DATE = "19230817"
+UID_DIGITS = "9412837465"  # inside every planted (valid) UID
+BAD_UID_WORD = "PHIUIDQXZ"  # inside planted invalid UIDs (pydicom warns, quoting them)
+TEXT = "Qxzlandia"  # descriptions, institution, comments
+PLANTED = (NAME_FAMILY, NAME_GIVEN, PATIENT_ID, DATE, "1923-08-17", UID_DIGITS, BAD_UID_WORD,
+           TEXT, "PHIMODQXZ")
+
+TEXT_TAGS = {
+    "PatientName": f"{NAME_FAMILY}^{NAME_GIVEN}",
+    "PatientID": PATIENT_ID,
+    "OtherPatientIDs": PATIENT_ID,
+    "PatientBirthDate": DATE,
+    "StudyDate": DATE, "SeriesDate": DATE, "AcquisitionDate": DATE, "ContentDate": DATE,
+    "AccessionNumber": PATIENT_ID[:16],
+    "StudyID": PATIENT_ID[:16],
+    "StudyDescription": f"{TEXT} {NAME_FAMILY}",
+    "SeriesDescription": f"{NAME_FAMILY} {DATE} {TEXT}",
+    "ProtocolName": f"{TEXT} protocol",
+    "InstitutionName": f"{TEXT} Hospital",
+    "InstitutionAddress": f"1 {TEXT} Road",
+    "ReferringPhysicianName": f"{NAME_FAMILY}^Doctor",
+    "PerformingPhysicianName": f"{NAME_FAMILY}^Doctor",
+    "OperatorsName": f"{NAME_FAMILY}^Operator",
+    "StationName": TEXT,
+    "DeviceSerialNumber": PATIENT_ID,
+    "PatientAddress": f"2 {TEXT} Street",
+    "PatientComments": f"{NAME_GIVEN} {PATIENT_ID}",
+    "ImageComments": f"{NAME_GIVEN} {DATE}",
+    "AdditionalPatientHistory": f"{NAME_GIVEN}",
+    "RequestingPhysician": f"{NAME_FAMILY}^Req",
+    # numbers can hold a date too
+    "SeriesNumber": int(DATE), "AcquisitionNumber": int(DATE), "SliceLocation": DATE,
+}
+
+
+def plant(paths: list[Path], *, invalid_uids: bool = False, **overrides: str) -> None:
+    """Writes the planted values into every file of a series (UIDs: one study / series /
+    frame of reference, one SOP per file)."""
+    import pydicom
+
+    s = pydicom.config.settings
+    old = s.reading_validation_mode, s.writing_validation_mode
+    s.reading_validation_mode = s.writing_validation_mode = pydicom.config.IGNORE
+    root = f"1.2.826.0.1.3680043.{UID_DIGITS}"
+    tag = "".join(str(ord(c) % 10) for c in str(paths[0].parent.name))[:8]
+    try:
+        for i, p in enumerate(sorted(paths)):
+            ds = pydicom.dcmread(p)
+            for kw, value in {**TEXT_TAGS, **overrides}.items():
+                setattr(ds, kw, value)
+            if invalid_uids:
+                study, series = f"1.2.{BAD_UID_WORD}.1", f"1.2.{BAD_UID_WORD}.2.{tag}"
+                sop, frame = f"1.2.{BAD_UID_WORD}.3.{tag}.{i}", f"1.2.{BAD_UID_WORD}.4"
+            else:
+                study, series = f"{root}.1.{tag}", f"{root}.2.{tag}"
+                sop, frame = f"{root}.3.{tag}.{i}", f"{root}.4.{tag}"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.FrameOfReferenceUID = frame
+            ds.save_as(p, enforce_file_format=True)
+    finally:
+        s.reading_validation_mode, s.writing_validation_mode = old
+
+
+def phi_series(folder: Path, seed: int, **kw) -> list[Path]:
+    """A planted series whose files are named after the patient too."""
+    from data_prep import phantom
+
+    paths = phantom.write_series(folder, kind=kw.pop("kind", "covid"), seed=seed,
+                                 num_slices=kw.pop("num_slices", PHI_SLICES), matrix=MATRIX,
+                                 pixel_spacing_mm=SPACING, slice_thickness_mm=300.0 / PHI_SLICES,
+                                 **{k: v for k, v in kw.items() if k in ("modality",)})
+    renamed = []
+    for i, p in enumerate(sorted(paths)):
+        q = p.with_name(f"{NAME_FAMILY}_{PATIENT_ID}_{DATE}_{i:03d}.dcm")
+        p.rename(q)
+        renamed.append(q)
+    return renamed
+
+
+def run_cli_bytes(*args: str, timeout: int = 300):
+    """``python -m data_prep.build_tfrecords ARGS`` with its raw stdout and stderr bytes, as
+    a fork of the command server (no interpreter start; its workers are still spawned)."""
+    return shared_commands().run("data_prep.build_tfrecords", *args, cwd=REPO,
+                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=timeout,
+                                 binary=True)
+
+
+def downstream_bytes(out: Path, proc) -> dict[str, bytes]:
+    """Every output file (gzip shards decompressed) and what the run printed."""
+    import gzip
+
+    blobs = {"stdout": proc.stdout, "stderr": proc.stderr}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            blobs[str(p.relative_to(out))] = gzip.decompress(data) if p.suffix == ".gz" else data
+    return blobs
+
+
+def assert_nothing_planted(blobs: dict[str, bytes], planted=PLANTED) -> None:
+    for where, data in blobs.items():
+        low = data.lower()
+        for secret in planted:
+            for form in {secret, secret.replace("^", " ")}:
+                assert form.lower().encode() not in low, (secret, where)
+
+
+# ------------------------------------------------------------------ the page
+# (test_web, test_serve_page, test_web_auth)
+WEB_SALT = b"0123456789abcdef" * 4  # the page's and predict's salt
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+DICOM_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
+class FakeModel:
+    """Stands where predict's model stands; these tests never reach it."""
+
+    info = {"class_names": CLASSES3, "input_size": 64, "windows": [], "warnings": []}
+    source = {"kind": "fake"}
+
+    def predict_study(self, images):
+        raise AssertionError("a refused upload reached the model")
+
+    gradcam = predict_study
+
+
+def multipart(files: list[tuple[str, bytes]]) -> dict:
+    return {"files": [("files", (name, data, "application/octet-stream"))
+                      for name, data in files]}
+
+
+def zip_bytes(entries: list[tuple[str, bytes]], links: tuple = ()) -> bytes:
+    import io
+    import stat
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:  # a regular file's mode, as zip tools write it
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+        for name, target in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, target)
+    return buf.getvalue()
+
+
+def study_files(folder: Path) -> list[tuple[str, bytes]]:
+    return [(f"{folder.name}/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())]
+
+
+def post(app, files, **kw) -> httpx.Response:
+    """POST /api/predict to the ASGI app in-process (httpx)."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
+            return await client.post("/api/predict", timeout=300, **kw,
+                                     **(multipart(files) if files is not None else {}))
+
+    return asyncio.run(go())
+
+
+def get(app, path) -> httpx.Response:
+    import asyncio
+
+    import httpx
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
+            return await client.get(path)
+
+    return asyncio.run(go())
+
+
+class LiveServer:
+    """The app on uvicorn in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, access_log=False, log_level="warning", lifespan="off", ws="none",
+            log_config=None))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def chromium_or_skip():
+    """Skips, saying why, where Debian's chromium or playwright is absent."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install .[dev]; its browsers are not "
+                    "needed: Debian's chromium is used)")

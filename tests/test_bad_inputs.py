@@ -30,27 +30,19 @@ from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits
 from data_prep.preprocess import PrepConfig
 from data_prep.study import ScanConfig, process_study, scan_study
+from tests.helpers import BAD_INPUT_SLICES as SLICES
 from tests.helpers import (
     DICOM_SALT,
     MATRIX,
     REPO,
     edit_dicom,
     read_records,
+    scan_cfg,
     study_task,
+    undecodable,
+    write_png_bomb,
 )
-from tests.helpers import series as _series
-
-SLICES = 12
-
-
-def scan_cfg(**limit_kw) -> ScanConfig:
-    return ScanConfig(salt=DICOM_SALT, min_slices=5, limits=Limits(**limit_kw))
-
-
-def series(out: Path, **kw) -> list[Path]:
-    """test_build_tfrecords' phantom series, SLICES slices by default."""
-    kw.setdefault("num_slices", SLICES)
-    return _series(out, **kw)
+from tests.helpers import bad_input_series as series
 
 
 @pytest.fixture
@@ -64,23 +56,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-def write_png_bomb(path: Path, side: int = 20000) -> Path:
-    """A ~0.4 MB 8-bit grey PNG that decodes to side x side pixels (all zero)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    comp = zlib.compressobj(9)
-    rows_per_block = 500
-    block = b"\x00" * ((side + 1) * rows_per_block)  # filter byte 0 + a zero row
-    idat = b"".join(comp.compress(block) for _ in range(side // rows_per_block)) + comp.flush()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side,
-                                                                           8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -364,14 +339,6 @@ def test_truncated_dicom_is_not_called_not_dicom(tmp_path):
     assert err.value.reason == "not_dicom"
 
 
-def _undecodable(paths: list[Path]) -> None:
-    def to_mpeg2(ds, i):
-        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
-        ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
-        ds["PixelData"].VR = "OB"
-    edit_dicom(paths, to_mpeg2)
-
-
 @pytest.mark.parametrize("bad_first", [True, False])
 def test_undecodable_files_are_warnings_whatever_sorts_first(tmp_path, bad_first):
     """19 good files and 5 that no decoder here can read: the study is written from the 19,
@@ -379,7 +346,7 @@ def test_undecodable_files_are_warnings_whatever_sorts_first(tmp_path, bad_first
     study = tmp_path / "study"
     paths = series(study, kind="covid", seed=1, num_slices=24, file_names="ordered")
     bad = paths[::5][:5]
-    _undecodable(bad)
+    undecodable(bad)
     for p in bad:
         p.rename(p.with_name(("aaa_" if bad_first else "zzz_") + p.name))
     cfg = scan_cfg()

@@ -7,122 +7,30 @@ workers); every output file (shards decompressed) and everything it printed are 
 
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from covid_keras.core import schema
-from data_prep import phantom
-from tests.helpers import MATRIX, REPO, SPACING, failures, read_records, shared_commands
-
-SLICES = 12
-NAME_FAMILY, NAME_GIVEN = "Zqxvonk", "Wylbertha"
-PATIENT_ID = "PHIID8842913"
-DATE = "19230817"
-UID_DIGITS = "9412837465"  # inside every planted (valid) UID
-BAD_UID_WORD = "PHIUIDQXZ"  # inside planted invalid UIDs (pydicom warns, quoting them)
-TEXT = "Qxzlandia"  # descriptions, institution, comments
-PLANTED = (NAME_FAMILY, NAME_GIVEN, PATIENT_ID, DATE, "1923-08-17", UID_DIGITS, BAD_UID_WORD,
-           TEXT, "PHIMODQXZ")
-
-TEXT_TAGS = {
-    "PatientName": f"{NAME_FAMILY}^{NAME_GIVEN}",
-    "PatientID": PATIENT_ID,
-    "OtherPatientIDs": PATIENT_ID,
-    "PatientBirthDate": DATE,
-    "StudyDate": DATE, "SeriesDate": DATE, "AcquisitionDate": DATE, "ContentDate": DATE,
-    "AccessionNumber": PATIENT_ID[:16],
-    "StudyID": PATIENT_ID[:16],
-    "StudyDescription": f"{TEXT} {NAME_FAMILY}",
-    "SeriesDescription": f"{NAME_FAMILY} {DATE} {TEXT}",
-    "ProtocolName": f"{TEXT} protocol",
-    "InstitutionName": f"{TEXT} Hospital",
-    "InstitutionAddress": f"1 {TEXT} Road",
-    "ReferringPhysicianName": f"{NAME_FAMILY}^Doctor",
-    "PerformingPhysicianName": f"{NAME_FAMILY}^Doctor",
-    "OperatorsName": f"{NAME_FAMILY}^Operator",
-    "StationName": TEXT,
-    "DeviceSerialNumber": PATIENT_ID,
-    "PatientAddress": f"2 {TEXT} Street",
-    "PatientComments": f"{NAME_GIVEN} {PATIENT_ID}",
-    "ImageComments": f"{NAME_GIVEN} {DATE}",
-    "AdditionalPatientHistory": f"{NAME_GIVEN}",
-    "RequestingPhysician": f"{NAME_FAMILY}^Req",
-    # numbers can hold a date too
-    "SeriesNumber": int(DATE), "AcquisitionNumber": int(DATE), "SliceLocation": DATE,
-}
-
-
-def plant(paths: list[Path], *, invalid_uids: bool = False, **overrides: str) -> None:
-    """Writes the planted values into every file of a series (UIDs: one study / series /
-    frame of reference, one SOP per file)."""
-    s = pydicom.config.settings
-    old = s.reading_validation_mode, s.writing_validation_mode
-    s.reading_validation_mode = s.writing_validation_mode = pydicom.config.IGNORE
-    root = f"1.2.826.0.1.3680043.{UID_DIGITS}"
-    tag = "".join(str(ord(c) % 10) for c in str(paths[0].parent.name))[:8]
-    try:
-        for i, p in enumerate(sorted(paths)):
-            ds = pydicom.dcmread(p)
-            for kw, value in {**TEXT_TAGS, **overrides}.items():
-                setattr(ds, kw, value)
-            if invalid_uids:
-                study, series = f"1.2.{BAD_UID_WORD}.1", f"1.2.{BAD_UID_WORD}.2.{tag}"
-                sop, frame = f"1.2.{BAD_UID_WORD}.3.{tag}.{i}", f"1.2.{BAD_UID_WORD}.4"
-            else:
-                study, series = f"{root}.1.{tag}", f"{root}.2.{tag}"
-                sop, frame = f"{root}.3.{tag}.{i}", f"{root}.4.{tag}"
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
-            ds.FrameOfReferenceUID = frame
-            ds.save_as(p, enforce_file_format=True)
-    finally:
-        s.reading_validation_mode, s.writing_validation_mode = old
-
-
-def phi_series(folder: Path, seed: int, **kw) -> list[Path]:
-    """A planted series whose files are named after the patient too."""
-    paths = phantom.write_series(folder, kind=kw.pop("kind", "covid"), seed=seed,
-                                 num_slices=kw.pop("num_slices", SLICES), matrix=MATRIX,
-                                 pixel_spacing_mm=SPACING, slice_thickness_mm=300.0 / SLICES,
-                                 **{k: v for k, v in kw.items() if k in ("modality",)})
-    renamed = []
-    for i, p in enumerate(sorted(paths)):
-        q = p.with_name(f"{NAME_FAMILY}_{PATIENT_ID}_{DATE}_{i:03d}.dcm")
-        p.rename(q)
-        renamed.append(q)
-    return renamed
-
-
-def run_cli_bytes(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m data_prep.build_tfrecords ARGS`` with its raw stdout and stderr bytes, as
-    a fork of the command server (no interpreter start; its workers are still spawned)."""
-    return shared_commands().run("data_prep.build_tfrecords", *args, cwd=REPO,
-                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=timeout,
-                                 binary=True)
-
-
-def downstream_bytes(out: Path, proc: subprocess.CompletedProcess) -> dict[str, bytes]:
-    """Every output file (gzip shards decompressed) and what the run printed."""
-    blobs = {"stdout": proc.stdout, "stderr": proc.stderr}
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            blobs[str(p.relative_to(out))] = gzip.decompress(data) if p.suffix == ".gz" else data
-    return blobs
-
-
-def assert_nothing_planted(blobs: dict[str, bytes], planted=PLANTED) -> None:
-    for where, data in blobs.items():
-        low = data.lower()
-        for secret in planted:
-            for form in {secret, secret.replace("^", " ")}:
-                assert form.lower().encode() not in low, (secret, where)
+from tests.helpers import (
+    DATE,
+    NAME_FAMILY,
+    NAME_GIVEN,
+    PATIENT_ID,
+    REPO,
+    TEXT,
+    UID_DIGITS,
+    assert_nothing_planted,
+    downstream_bytes,
+    failures,
+    phi_series,
+    plant,
+    read_records,
+    run_cli_bytes,
+)
 
 
 @pytest.fixture(scope="module")

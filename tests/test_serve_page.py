@@ -22,23 +22,23 @@ pytest.importorskip("python_multipart", reason="the [web] extra is not installed
 
 from covid_keras.serving import model_server, web_app  # noqa: E402
 from data_prep import phantom  # noqa: E402
-from tests.helpers import ServeProcess, copy_export  # noqa: E402
-from tests.test_web import (  # noqa: E402
+from tests.helpers import (  # noqa: E402
     DICOM_PREAMBLE,
-    SALT,
     FakeModel,
+    ServeProcess,
+    copy_export,
+    get,
     multipart,
     post,
     study_files,
     zip_bytes,
 )
+from tests.helpers import WEB_SALT as SALT  # noqa: E402
 
 TOKEN = "page-token-0123456789abcdef"
 
 
 def post_get(app, path) -> str:
-    from tests.test_web import get
-
     return get(app, path).text
 
 

@@ -17,18 +17,22 @@ import numpy as np
 import pytest
 
 from covid_keras.core import schema
-from tests.helpers import edit_dicom, failures, read_records
-from tests.test_bad_inputs import _undecodable, series, write_png_bomb
-from tests.test_phi import (
+from tests.helpers import (
     DATE,
     NAME_FAMILY,
     PATIENT_ID,
     assert_nothing_planted,
     downstream_bytes,
+    edit_dicom,
+    failures,
     phi_series,
     plant,
+    read_records,
     run_cli_bytes,
+    undecodable,
+    write_png_bomb,
 )
+from tests.helpers import bad_input_series as series
 
 TIME_LIMIT_S = 300
 
@@ -101,7 +105,7 @@ def batch(tmp_path_factory):
            slice_thickness_mm=25.0)
     series(mixed / "b", kind="covid", seed=8, series_uid=uid, num_slices=4, matrix=32,
            slice_thickness_mm=25.0)
-    _undecodable(series(add("undecodable", "compressed_no_decoder"), kind="covid", seed=9))
+    undecodable(series(add("undecodable", "compressed_no_decoder"), kind="covid", seed=9))
     notes = add("not_dicom", "not_dicom")
     notes.mkdir(parents=True)
     (notes / f"{NAME_FAMILY}.txt").write_text(PATIENT_ID * 20)

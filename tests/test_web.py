@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
-import socket
-import stat
 import subprocess
 import sys
-import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +26,26 @@ import httpx  # noqa: E402
 from covid_keras.serving import web_app  # noqa: E402
 from data_prep import phantom  # noqa: E402
 from tests.helpers import (  # noqa: E402
+    CHROMIUM,
+    CHROMIUM_ARGS,
     CLASSES3,
+    DICOM_PREAMBLE,
+    FakeModel,
+    LiveServer,
     ServeProcess,
+    chromium_or_skip,
     export_drenet,
     fake_manifest,
+    get,
+    multipart,
+    post,
     quiet_env,
+    study_files,
+    zip_bytes,
 )
+from tests.helpers import WEB_SALT as SALT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SALT = b"0123456789abcdef" * 4
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
-DICOM_PREAMBLE = b"\0" * 128 + b"DICM"
 # the preamble and a file meta header that parses (its transfer syntax): what the page checks
 # as a DICOM file streams in
 DICOM_HEAD = DICOM_PREAMBLE + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0"
@@ -82,42 +83,6 @@ def synthetic_metrics(classes=CLASSES3, threshold=0.3, split="val") -> dict:
     return json.loads(ev.dumps(ev.public_result(m)))
 
 
-class FakeModel:
-    """Stands where predict's model stands; these tests never reach it."""
-
-    info = {"class_names": CLASSES3, "input_size": 64, "windows": [], "warnings": []}
-    source = {"kind": "fake"}
-
-    def predict_study(self, images):
-        raise AssertionError("a refused upload reached the model")
-
-    gradcam = predict_study
-
-
-def multipart(files: list[tuple[str, bytes]]) -> dict:
-    return {"files": [("files", (name, data, "application/octet-stream"))
-                      for name, data in files]}
-
-
-def zip_bytes(entries: list[tuple[str, bytes]], links: tuple = ()) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in entries:  # a regular file's mode, as zip tools write it
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFREG | 0o644) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-        for name, target in links:
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            z.writestr(info, target)
-    return buf.getvalue()
-
-
-def study_files(folder: Path) -> list[tuple[str, bytes]]:
-    return [(f"{folder.name}/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())]
-
-
 def zipped(folder: Path) -> bytes:
     return zip_bytes([(f"inner/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())])
 
@@ -131,55 +96,6 @@ def series_key(folder: Path) -> tuple[str, set]:
     dss = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in folder.iterdir()]
     return (salted_key(SALT, "series", str(dss[0].SeriesInstanceUID)),
             {salted_key(SALT, "sop", str(d.SOPInstanceUID)) for d in dss})
-
-
-def post(app, files, **kw) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
-            return await client.post("/api/predict", timeout=300, **kw,
-                                     **(multipart(files) if files is not None else {}))
-
-    return asyncio.run(go())
-
-
-def get(app, path) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
-            return await client.get(path)
-
-    return asyncio.run(go())
-
-
-class LiveServer:
-    """The app on uvicorn in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, access_log=False, log_level="warning", lifespan="off", ws="none",
-            log_config=None))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 # ------------------------------------------------------------------ fast: no model
@@ -473,22 +389,12 @@ def test_twenty_concurrent_uploads_all_answered_none_mixed_up(setup, tmp_path):
           f"per request median {times[10]:.1f} s, max {times[-1]:.1f} s")
 
 
-def _chromium_or_skip():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install .[dev]; its browsers are not "
-                    "needed: Debian's chromium is used)")
-
-
 @pytest.mark.slow
 def test_the_page_in_headless_chromium(setup, tmp_path):
     """Upload a generated study, wait for the result, read the decision from the page and
     save a screenshot; then a zip with '../' in a member name: refused on the page, nothing
     written outside the request's temporary folder (and that folder deleted)."""
-    _chromium_or_skip()
+    chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     study = setup["studies"]["covid"]

@@ -14,7 +14,8 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 pytest.importorskip("python_multipart", reason="the [web] extra is not installed")
 
 from covid_keras.serving import model_server, web_app, web_auth  # noqa: E402
-from tests.test_web import SALT, FakeModel  # noqa: E402
+from tests.helpers import WEB_SALT as SALT  # noqa: E402
+from tests.helpers import FakeModel  # noqa: E402
 
 TOKEN = "page-token-0123456789abcdef"
 FORM = {"content-type": "application/x-www-form-urlencoded", "Origin": "http://127.0.0.1"}
@@ -277,9 +278,9 @@ def test_sign_in_and_out_in_headless_chromium(tmp_path):
     again; no model (FakeModel), so a browser's start is the whole cost (about 3 s). It
     found that the form could never sign in: its page's no-referrer policy made Chromium
     send ``Origin: null``, which the Origin check refused."""
-    from tests.test_web import CHROMIUM, CHROMIUM_ARGS, LiveServer, _chromium_or_skip
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS, LiveServer, chromium_or_skip
 
-    _chromium_or_skip()
+    chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     console = []

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep import pipeline, workers
 from data_prep.study import StudyTask
-from tests.test_bad_inputs import scan_cfg
+from tests.helpers import scan_cfg
 
 
 def square_or_die(x: int) -> int:
@@ -93,8 +93,8 @@ def test_a_study_out_of_memory_is_named(tmp_path, monkeypatch):
     from data_prep import dicom_io
     from data_prep.preprocess import PrepConfig
     from data_prep.study import process_study, scan_study
+    from tests.helpers import bad_input_series as series
     from tests.helpers import study_task
-    from tests.test_bad_inputs import series
 
     study = tmp_path / "study"
     series(study, kind="covid", seed=1)
