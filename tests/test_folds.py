@@ -180,8 +180,11 @@ def test_a_stale_fold_folder_replaced_meanwhile_by_another_worker_is_not_deleted
 
 @pytest.mark.slow
 def test_two_workers_train_one_fold_together(data_dir, tmp_path):
-    """--fold=k under --strategy=multi_worker: both workers make the same folds and fold
-    data, train fold k as one run of 2 replicas, and only the chief writes its model."""
+    """--fold=k under --strategy=multi_worker (TF_CONFIG, two workers on localhost): both
+    workers make the same folds and fold data, train fold k as one run of 2 replicas over
+    two epochs and hold the same weights (the same val figures), and only the chief writes
+    its model. (The suite's one two-worker training: a fold is an ordinary run of the
+    trainer, which is what multi_worker changes.)"""
     from tests.helpers import free_port, user_env
 
     cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
@@ -192,13 +195,19 @@ def test_two_workers_train_one_fold_together(data_dir, tmp_path):
             {"cluster": cluster, "task": {"type": "worker", "index": i}}))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "covid_keras.train", *QUICK, f"--data_dir={data_dir}",
-             f"--run_dir={run}", "--folds=2", "--fold=0", "--strategy=multi_worker"],
+             f"--run_dir={run}", "--folds=2", "--fold=0", "--strategy=multi_worker",
+             "--epochs=2"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
+    lines = [[ln for ln in out.splitlines() if ln.startswith("val: ")] for out, _ in outs]
+    assert len(lines[0]) == 1 and lines[0] == lines[1]  # both hold the same weights
     info = json.loads((run / "fold_0" / "run_info.json").read_text())
     assert info["strategy"] == "multi_worker" and info["replicas"] == 2
+    assert info["strategy_class"] == "CollectiveAllReduceStrategy"  # MWMS's class in TF 2
+    with open(run / "fold_0" / "log.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
     assert (run / "fold_0" / "final.keras").exists()
     assert not (run / "fold_0" / ".worker-1" / "final.keras").exists()
     assert not (run / "fold_1").exists() and not (run / "best.keras").exists()

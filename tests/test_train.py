@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -453,35 +452,6 @@ def test_console_is_quiet_and_the_epoch_line_short(mirrored_run, killed_in_stage
     assert len(lines) == 2 and all(len(ln) < 130 for ln in lines), lines
     assert "val patient AUC" in lines[0] and "val loss" in lines[0]
     assert "best checkpoint: epoch" in proc.stdout and "positive class: 'covid'" in proc.stdout
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_workers_on_localhost(data_dir, tmp_path):
-    ports = [_free_port(), _free_port()]
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    procs = []
-    for i in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
-                                              "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen(
-            train_cmd(data_dir, tmp_path / "run", "--strategy=multi_worker"), cwd=REPO,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    lines = [next(ln for ln in out.splitlines() if ln.startswith("val: ")) for out, _ in outs]
-    assert lines[0] == lines[1]  # both workers hold the same weights
-    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["strategy"] == "multi_worker" and info["replicas"] == 2
-    assert info["strategy_class"] == "CollectiveAllReduceStrategy"  # MWMS's class in TF 2
-    assert [int(r["epoch"]) for r in read_log(tmp_path / "run")] == [0, 1]
-    worker_dir = tmp_path / "run" / ".worker-1"
-    assert not (worker_dir / "final.keras").exists()  # only the chief writes
 
 
 def test_evaluation_counts_every_record_once(data_dir):
