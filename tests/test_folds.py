@@ -201,6 +201,8 @@ def test_two_workers_train_one_fold_together(data_dir, tmp_path):
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
+        # TensorFlow's INFO lines (the cluster, each all-reduce) stay out of the console
+        assert "all_reduce" not in err and "MirroredStrategy" not in err, err[-4000:]
     lines = [[ln for ln in out.splitlines() if ln.startswith("val: ")] for out, _ in outs]
     assert len(lines[0]) == 1 and lines[0] == lines[1]  # both hold the same weights
     info = json.loads((run / "fold_0" / "run_info.json").read_text())
