@@ -108,12 +108,21 @@ def setup_logging(verbosity: int):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if not debug and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
         from absl import logging as absl_logging
 
-        tf.get_logger().setLevel(logging.WARNING)
+        tensorflow_info_off()
         absl_logging.set_verbosity(absl_logging.WARNING)
     return keras
+
+
+def tensorflow_info_off() -> None:
+    """TensorFlow's own Python INFO lines off (a SavedModel's saver and loader, a
+    strategy's devices and cluster, each all-reduce's packing); its warnings stay."""
+    import logging
+
+    import tensorflow as tf
+
+    tf.get_logger().setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------ shared flags

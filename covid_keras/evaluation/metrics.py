@@ -92,8 +92,8 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, pred: np.ndarray) -> dict:
     pred = np.asarray(pred).astype(bool)
     tn, fp, fn, tp = (float(v) for v in confusion_matrix(
         y, pred, labels=[False, True]).ravel()) if len(y) else (0.0,) * 4
-    rates = _rates(np.float64(tp), np.float64(fp), np.float64(fn), np.float64(tn))
-    return {"auc": auc_score(y, score), **{k: float(v) for k, v in rates.items()}}
+    return {"auc": auc_score(y, score),
+            **{k: float(v) for k, v in _rates(tp, fp, fn, tn).items()}}
 
 
 def _ratios(a, b):

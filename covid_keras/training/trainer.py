@@ -541,8 +541,8 @@ def setup_runtime(cfg: TrainConfig, debug: bool = False):
     keras = cli.import_keras_quietly(debug)
     import tensorflow as tf
 
-    if not debug:  # TF's own INFO lines (a strategy's devices, each all-reduce's packing)
-        tf.get_logger().setLevel(logging.WARNING)
+    if not debug:
+        cli.tensorflow_info_off()
     if cfg.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
