@@ -686,13 +686,14 @@ def edit_dicom(paths: list[Path], fn) -> None:
 
 
 # ------------------------------------------------------------------ bad inputs
-#: test_bad_inputs' (and test_target_batch's, test_workers') series length
-BAD_INPUT_SLICES = 12
+#: The bad-input and PHI tests' series length (test_bad_inputs, test_phi, test_target_batch,
+#: test_workers)
+SHORT_SERIES_SLICES = 12
 
 
-def bad_input_series(out: Path, **kw) -> list[Path]:
-    """:func:`series` of :data:`BAD_INPUT_SLICES` slices by default."""
-    kw.setdefault("num_slices", BAD_INPUT_SLICES)
+def short_series(out: Path, **kw) -> list[Path]:
+    """:func:`series` of :data:`SHORT_SERIES_SLICES` slices by default."""
+    kw.setdefault("num_slices", SHORT_SERIES_SLICES)
     return series(out, **kw)
 
 
@@ -738,7 +739,6 @@ def undecodable(paths: list[Path]) -> None:
 # ------------------------------------------------------------------ PHI planting
 # (test_phi, test_target_batch): values planted in every DICOM tag, name and manifest cell
 # that can hold them, then searched for in everything a run writes and prints
-PHI_SLICES = 12
 NAME_FAMILY, NAME_GIVEN = "Zqxvonk", "Wylbertha"
 PATIENT_ID = "PHIID8842913"
 DATE = "19230817"
@@ -805,14 +805,10 @@ def plant(paths: list[Path], *, invalid_uids: bool = False, **overrides: str) ->
         s.reading_validation_mode, s.writing_validation_mode = old
 
 
-def phi_series(folder: Path, seed: int, **kw) -> list[Path]:
-    """A planted series whose files are named after the patient too."""
-    from data_prep import phantom
-
-    paths = phantom.write_series(folder, kind=kw.pop("kind", "covid"), seed=seed,
-                                 num_slices=kw.pop("num_slices", PHI_SLICES), matrix=MATRIX,
-                                 pixel_spacing_mm=SPACING, slice_thickness_mm=300.0 / PHI_SLICES,
-                                 **{k: v for k, v in kw.items() if k in ("modality",)})
+def phi_series(folder: Path, seed: int, kind: str = "covid") -> list[Path]:
+    """A :func:`short_series` whose files are named after the patient too (plant the tags
+    with :func:`plant`)."""
+    paths = short_series(folder, kind=kind, seed=seed)
     renamed = []
     for i, p in enumerate(sorted(paths)):
         q = p.with_name(f"{NAME_FAMILY}_{PATIENT_ID}_{DATE}_{i:03d}.dcm")

@@ -30,7 +30,6 @@ from data_prep.errors import Issue, StudyError
 from data_prep.limits import Limits
 from data_prep.preprocess import PrepConfig
 from data_prep.study import ScanConfig, process_study, scan_study
-from tests.helpers import BAD_INPUT_SLICES as SLICES
 from tests.helpers import (
     DICOM_SALT,
     MATRIX,
@@ -42,7 +41,8 @@ from tests.helpers import (
     undecodable,
     write_png_bomb,
 )
-from tests.helpers import bad_input_series as series
+from tests.helpers import SHORT_SERIES_SLICES as SLICES
+from tests.helpers import short_series as series
 
 
 @pytest.fixture

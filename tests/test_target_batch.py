@@ -32,7 +32,7 @@ from tests.helpers import (
     undecodable,
     write_png_bomb,
 )
-from tests.helpers import bad_input_series as series
+from tests.helpers import short_series as series
 
 TIME_LIMIT_S = 300
 

@@ -93,7 +93,7 @@ def test_a_study_out_of_memory_is_named(tmp_path, monkeypatch):
     from data_prep import dicom_io
     from data_prep.preprocess import PrepConfig
     from data_prep.study import process_study, scan_study
-    from tests.helpers import bad_input_series as series
+    from tests.helpers import short_series as series
     from tests.helpers import study_task
 
     study = tmp_path / "study"
