@@ -387,6 +387,14 @@ def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fold 1/2 finished in an earlier run" in done.stderr
     assert "resuming it" in done.stderr  # fold 2 resumed from its backup
+    # the console names the fold that runs; TensorBoard shows each fold as its own run
+    assert "fold 2/2: training on the other folds, choosing on fold 2" in done.stdout
+    assert "fold 1/2: training" not in done.stdout
+    from covid_keras.io.run_dir import RunDir
+
+    for k in range(2):
+        events = list(Path(RunDir(run / f"fold_{k}").tensorboard_dir).rglob("events.out.*"))
+        assert events, f"fold_{k} wrote no TensorBoard events"
     assert (run / "folds.json").read_text() == folds
     assert os.path.getmtime(run / "fold_0" / "final.keras") == fold_0
 
