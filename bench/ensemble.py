@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):  # the package, and bench/common.py when imported
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from common import emit_result  # noqa: E402 (bench/common.py)
 

@@ -88,6 +88,23 @@ def test_ensemble_outputs_the_mean_probability_and_reloads(kind, own, tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="Grad-CAM takes its gradient with TensorFlow's GradientTape "
+                           "(covid_keras/evaluation/gradcam.py): evaluate's path, on TensorFlow")
+def test_grad_cam_of_an_ensemble_is_the_mean_of_its_members_maps():
+    """Not the map of the mean probability: each member's map on its own logit, averaged
+    (the model card's "heat maps the mean of the members' Grad-CAM maps")."""
+    from covid_keras.evaluation.gradcam import GradCAM
+
+    parts = _members("drenet", 2)
+    x = _images(2)
+    want = np.mean([GradCAM(m)(x, 1) for m in parts], axis=0)
+    got = GradCAM(build_ensemble(parts))(x, 1)
+    assert got.shape == (2, SIZE, SIZE) and want.max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(want, GradCAM(parts[0])(x, 1), atol=1e-3)  # both members count
+
+
 def test_an_ensemble_needs_members_of_one_shape():
     keras.utils.set_random_seed(0)
     with pytest.raises(ValueError, match="at least 2"):

@@ -255,8 +255,14 @@ def test_folds_train_each_fold_and_the_ensemble_is_their_mean(cv_run, data_dir):
         fold_data = json.loads((fold / "run_info.json").read_text())["flags"]["data_dir"]
         assert set(_patients(fold_data, "val")) == set(doc["patients"][str(k)])
         assert not set(_patients(fold_data, "train")) & set(doc["patients"][str(k)])
+    dealt = {p for keys in doc["patients"].values() for p in keys}
+    assert not dealt & set(_patients(str(data_dir), "test"))  # never a held-out patient
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["folds"] == K and len(metrics["fold_runs"]) == K
+    # out-of-fold metrics with their patient-bootstrap intervals
+    oof_auc = metrics["decision_on_out_of_fold"]["patient"]["auc"]
+    assert metrics["decision_on_out_of_fold"]["bootstrap"]["resamples"] > 0
+    assert oof_auc["ci95"][0] <= oof_auc["value"] <= oof_auc["ci95"][1], oof_auc
     assert metrics["best"]["patients"] == sum(len(v) for v in doc["patients"].values())
     assert "best_on_test" in metrics
     assert (run / "flags.cfg").read_text().count(f"--folds={K}") == 1
@@ -295,7 +301,7 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
     assert {r["patient_key"] for r in rows} == set(fold_of)
     table = {(r["patient_key"], r["study_key"], int(r["slice_index"])):
              np.array([float(r[f"prob_{c}"]) for c in classes]) for r in rows}
-    planted = 0
+    planted, in_sample = 0, {}
     for k in range(K):
         fold = run / f"fold_{k}"
         info = json.loads((fold / "run_info.json").read_text())["flags"]
@@ -312,10 +318,32 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
                 else:  # a member that trained on it: not the out-of-fold probability
                     assert fold_of[key[0]] != k
                     planted += not np.allclose(table[key], preds.probs[i], atol=1e-6)
+                    in_sample[key] = (preds.labels[i], preds.probs[i])
     assert planted > 0
     decision = json.loads((run / "decision.json").read_text())
     assert decision["split"] == "out_of_fold"
     assert decision["val_patients"] == len(fold_of)
+    # decision.json is the one chosen on the out-of-fold table; the same choice made on the
+    # probabilities of members that trained on each patient gives another threshold
+    from covid_keras.evaluation.decision import choose_decision
+
+    label_of = {(r["patient_key"], r["study_key"], int(r["slice_index"])):
+                classes.index(r["label"]) for r in rows}
+    keys = sorted(table)
+    assert set(in_sample) == set(keys)
+
+    def chosen(probs_of):
+        return choose_decision(np.stack([probs_of[k] for k in keys]),
+                               np.array([label_of[k] for k in keys]), [k[0] for k in keys],
+                               classes)
+
+    oof = chosen(table)
+    assert (oof["rule"], oof["val_patients"]) == (decision["rule"], decision["val_patients"])
+    assert np.isclose(oof["threshold"], decision["threshold"], rtol=0, atol=1e-6), (
+        oof["threshold"], decision["threshold"])
+    assert all(in_sample[k][0] == label_of[k] for k in keys)
+    trained_on = chosen({k: v[1] for k, v in in_sample.items()})
+    assert not np.isclose(trained_on["threshold"], decision["threshold"], rtol=0, atol=1e-6)
 
 
 def test_evaluate_warns_on_a_split_that_trained_the_folds(cv_run, commands, tmp_path):
@@ -397,6 +425,9 @@ def test_a_folds_run_killed_inside_fold_2_resumes_to_the_same_folds(data_dir, tm
         assert events, f"fold_{k} wrote no TensorBoard events"
     assert (run / "folds.json").read_text() == folds
     assert os.path.getmtime(run / "fold_0" / "final.keras") == fold_0
+    for k in range(2):  # each fold's epochs once: fold 2 went on from where it was killed
+        with open(run / f"fold_{k}" / "log.csv", newline="") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2], k
 
     from covid_keras.model import saving
     from covid_keras.model.ensemble import members
@@ -410,9 +441,12 @@ import json, sys
 import numpy as np
 import tensorflow as tf
 images = np.load(sys.argv[2])
-sig = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-out = sig(images=tf.constant(images, tf.float32))
+sigs = tf.saved_model.load(sys.argv[1]).signatures
+out = sigs["serving_default"](images=tf.constant(images, tf.float32))
 np.save(sys.argv[3], out["probabilities"].numpy())
+cam = sigs["gradcam"](images=tf.constant(images, tf.float32),
+                      class_index=tf.ones([len(images)], tf.int32))
+np.save(sys.argv[4], cam["heatmaps"].numpy())
 """
 
 
@@ -428,26 +462,89 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = tmp_path / "export" / "drenet" / "1"
     info = json.loads((version / "assets.extra" / "covid_keras.json").read_text())
-    assert info["ensemble"]["members"] == K  # the model card's entry
-    assert len(info["ensemble"]["fold_val_patient_auc"]["values"]) <= K
+    assert info["ensemble"]["members"] == K  # the model card's entry: K and the spread
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert info["ensemble"]["fold_val_patient_auc"] == metrics["fold_val_patient_auc"]
+    assert len(metrics["fold_val_patient_auc"]["values"]) == K
     pipeline = data.PipelineConfig.for_model(info)  # the export's info: the model's spec
     shown = SplitPredictor(str(data_dir), "test", 4, pipeline).images_u8(range(4))
     u8 = np.stack([shown[i] for i in sorted(shown)]).astype(np.float32)
     np.save(tmp_path / "images.npy", u8)
     called = commands.run_code(EXPORT_CALL, str(version), str(tmp_path / "images.npy"),
-                               str(tmp_path / "probs.npy"), timeout=600)
+                               str(tmp_path / "probs.npy"), str(tmp_path / "cams.npy"),
+                               timeout=600)
     assert called.returncode == 0, called.stderr[-3000:]
+    from covid_keras.evaluation.gradcam import GradCAM
+
     x = np.asarray(data.model_input(u8, pipeline))  # what the members take
-    mean = np.mean([
-        _softmax(saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
-                                   compile=False).predict(x, verbose=0)["logits"])
-        for k in range(K)], axis=0)
+    fold_models = [saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
+                                     compile=False) for k in range(K)]
+    mean = np.mean([_softmax(m.predict(x, verbose=0)["logits"]) for m in fold_models], axis=0)
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), mean, atol=1e-5)
+    # the gradcam signature: the mean of the members' maps (each on its own logit)
+    cams = np.mean([GradCAM(m)(x, 1) for m in fold_models], axis=0)
+    np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), cams, atol=1e-4)
     # the page's model card names the ensemble and its spread
     from covid_keras.serving import web_app
 
     card = web_app.card_html(web_app.model_card(info, {"kind": "export"}))
     assert f"{K} fold models" in card and "heat maps the mean of the members" in card
+    spread = metrics["fold_val_patient_auc"]
+    assert f"val patient AUC {spread['mean']:.3f} +- {spread['sd']:.3f}" in card
+
+
+def test_predict_and_the_page_answer_with_the_ensemble_run_folder(cv_run, data_dir, commands,
+                                                                  tmp_path):
+    """covid_keras.predict (the command) and the page (its app, in-process) take the
+    ensemble's run folder: each slice's probabilities are the members' mean on that slice's
+    record, the patient is decided by the out-of-fold decision, and the two agree."""
+    from covid_keras.core import schema
+    from covid_keras.io import data
+    from covid_keras.model import saving
+    from covid_keras.serving import predictor, web_app
+    from tests.helpers import post, read_records, study_files
+
+    run, _ = cv_run
+    root = Path(data_dir).parent
+    study = sorted((root / "studies" / "covid").iterdir())[0]
+    out = tmp_path / "predict"
+    proc = commands.run("covid_keras.predict", f"--model={run}", f"--study={study}",
+                        f"--output_dir={out}", f"--salt_file={root / 'salt.key'}", cwd=REPO,
+                        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads((out / "prediction.json").read_text())
+    classes = answer["model"]["class_names"]
+    by_sop = {r[schema.SOP_KEY].decode(): r for r in read_records(Path(data_dir))}
+    slices = answer["slices"]
+    assert slices and all(s["sop_key"] in by_sop for s in slices)
+    u8 = np.stack([data.decode_image(by_sop[s["sop_key"]][schema.IMAGE], 64).numpy()
+                   for s in slices]).astype(np.float32)
+    mean = 0.0
+    for k in range(K):
+        member = saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
+                                   compile=False)
+        x = np.asarray(data.model_input(u8, data.PipelineConfig.for_model(
+            saving.model_spec(member))))
+        mean = mean + _softmax(member.predict(x, verbose=0)["logits"]) / K
+    got = np.array([[s["probabilities"][c] for c in classes] for s in slices])
+    np.testing.assert_allclose(got, mean, atol=1e-4)
+    decision = json.loads((run / "decision.json").read_text())
+    patient = answer["patient"]
+    assert (patient["method"], patient["rule"]) == ("threshold", decision["rule"])
+    assert patient["threshold"] == decision["threshold"]
+    # the page on the same run folder: its card names the ensemble, its answer is predict's
+    local = predictor.LocalModel(str(run))
+    card = web_app.build_card(local, str(run), None, None)
+    assert f"{K} fold models" in web_app.card_html(card)
+    (tmp_path / "webtmp").mkdir()
+    app = web_app.create_app(local, card, predictor.read_salt(str(root / "salt.key")),
+                             tmp_dir=str(tmp_path / "webtmp"))
+    r = post(app, study_files(study))
+    assert r.status_code == 200, r.text
+    page = r.json()["prediction"]
+    assert page["patient"]["decision"] == patient["decision"]
+    np.testing.assert_allclose([page["patient"]["probabilities"][c] for c in classes],
+                               [patient["probabilities"][c] for c in classes], atol=1e-5)
 
 
 def _softmax(logits):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantom
-from tests.helpers import ServeProcess, make_run
+from tests.helpers import ServeProcess, make_run, read_records
 
 pytestmark = pytest.mark.slow  # TFRecords, an export and predict runs: ~1 min
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +40,6 @@ def setup(tmp_path_factory, tiny_dataset):
             "version_dir": Path(version_dir), "study": study, "data_dir": data_dir,
             "salt": predictor.read_salt(str(salt)), "salt_file": salt,
             "model": predictor.LocalModel(str(root / "exports" / "drenet"))}
-
-
-def _records(data_dir):
-    import tensorflow as tf
-
-    from covid_keras.core import schema
-
-    out = []
-    for f in sorted(data_dir.glob("*.tfrecord.gz")):
-        for raw in tf.data.TFRecordDataset(str(f), compression_type="GZIP"):
-            out.append(schema.parse(raw.numpy()))
-    return out
 
 
 def _no_phi(text: str, study: Path) -> None:
@@ -86,7 +74,7 @@ def test_predict_a_dicom_study_as_the_records(setup, tmp_path):
     assert answer["series"]["kind"] == "dicom" and answer["series"]["slices_in_series"] == 20
     assert "most slices" in answer["series"]["why"]
     # the records of this study (the dataset's salt: the same sop keys)
-    by_sop = {r[schema.SOP_KEY].decode(): r for r in _records(setup["data_dir"])}
+    by_sop = {r[schema.SOP_KEY].decode(): r for r in read_records(setup["data_dir"])}
     slices = answer["slices"]
     assert len(slices) == answer["series"]["used"] >= 3
     assert all(s["sop_key"] in by_sop for s in slices)

@@ -24,17 +24,28 @@ m = covid_keras.load_model(sys.argv[1])
 x = np.load(sys.argv[2])
 out = m.predict(x, verbose=0)
 print(json.dumps({"info": m.covid_keras_info,
-                  "logits": np.asarray(out["logits"]).tolist()}))
+                  "outputs": {k: np.asarray(v).tolist() for k, v in out.items()}}))
 """
 
 
-@pytest.mark.parametrize("kind", ["drenet", "classifier"])
+@pytest.mark.parametrize("kind", ["drenet", "classifier", "ensemble"])
 def test_saved_model_loads_in_a_fresh_process_with_its_info(kind, tmp_path):
+    """On the backend of the pass (the JAX pass: saved and reloaded under JAX); an ensemble
+    (train --folds' best.keras) of two DRENets, its every output compared."""
+    import keras
+
     from covid_keras import build_classifier, build_drenet
     from covid_keras.model import saving
+    from covid_keras.model.ensemble import build_ensemble
 
     if kind == "drenet":
         model = build_drenet(3, input_size=64, backbone="tiny")
+    elif kind == "ensemble":
+        members = []
+        for seed in (0, 1):
+            keras.utils.set_random_seed(seed)
+            members.append(build_drenet(3, input_size=64, backbone="tiny"))
+        model = build_ensemble(members)
     else:
         model = build_classifier("tiny", 3, 64)
     path = tmp_path / "m.keras"
@@ -45,7 +56,7 @@ def test_saved_model_loads_in_a_fresh_process_with_its_info(kind, tmp_path):
         assert saving.INFO_ENTRY in z.namelist()
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    expected = np.asarray(model.predict(x, verbose=0)["logits"])
+    expected = model.predict(x, verbose=0)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", LOAD, str(path), str(tmp_path / "x.npy")],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -53,8 +64,13 @@ def test_saved_model_loads_in_a_fresh_process_with_its_info(kind, tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["info"]["class_names"] == classes
     assert got["info"]["preprocessing"] == "tf" and got["info"]["backbone"] == "tiny"
-    assert got["info"]["input_size"] == 64 and got["info"]["model"] == kind
-    np.testing.assert_allclose(np.asarray(got["logits"]), expected, atol=1e-4)
+    assert got["info"]["input_size"] == 64
+    assert got["info"]["model"] == ("drenet" if kind == "ensemble" else kind)
+    assert got["info"]["members"] == (2 if kind == "ensemble" else 1)
+    assert sorted(got["outputs"]) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(np.asarray(got["outputs"][key]), np.asarray(value),
+                                   atol=1e-4, err_msg=key)
 
 
 def test_class_names_must_match_the_outputs(tmp_path):
