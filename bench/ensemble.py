@@ -107,7 +107,6 @@ def main(argv=None) -> int:
     if args.export:  # as covid_keras.export writes them (no run folder: no decision)
         import tensorflow as tf
 
-        from covid_keras.model import saving
         from covid_keras.serving import exporter
 
         calls = {}

@@ -272,16 +272,26 @@ def test_folds_train_each_fold_and_the_ensemble_is_their_mean(cv_run, data_dir):
     pipeline = data.PipelineConfig.for_model(saving.model_spec(model))
     test = SplitPredictor(str(data_dir), "test", 4, pipeline)
     probs = test.predictions(model, ["normal", "covid", "bacterial"]).probs
-    mean = np.mean([test.predictions(saving.load_model(str(run / f"fold_{k}" / name),
-                                                       compile=False),
-                                     ["normal", "covid", "bacterial"]).probs
-                    for k, name in ((k, _checkpoint(run / f"fold_{k}")) for k in range(K))],
-                   axis=0)
+    mean = np.mean([test.predictions(m, ["normal", "covid", "bacterial"]).probs
+                    for m in _fold_models(run)], axis=0)
     np.testing.assert_allclose(probs, mean, atol=1e-5)
 
 
 def _checkpoint(fold: Path) -> str:
     return "best.keras" if (fold / "best.keras").exists() else "final.keras"
+
+
+def _fold_models(run: Path) -> list:
+    """The K fold models of ``run``, each from its checkpoint, in fold order."""
+    from covid_keras.model import saving
+
+    return [saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
+                              compile=False) for k in range(K)]
+
+
+def _members_mean(fold_models: list, x: np.ndarray) -> np.ndarray:
+    """The fold models' mean class probability on ``x`` (the members' input)."""
+    return np.mean([_softmax(m.predict(x, verbose=0)["logits"]) for m in fold_models], axis=0)
 
 
 def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
@@ -299,13 +309,14 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
     with open(run / "out_of_fold_slices.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["patient_key"] for r in rows} == set(fold_of)
-    table = {(r["patient_key"], r["study_key"], int(r["slice_index"])):
-             np.array([float(r[f"prob_{c}"]) for c in classes]) for r in rows}
+    def key_of(r):
+        return r["patient_key"], r["study_key"], int(r["slice_index"])
+
+    table = {key_of(r): np.array([float(r[f"prob_{c}"]) for c in classes]) for r in rows}
+    label_of = {key_of(r): classes.index(r["label"]) for r in rows}
     planted, in_sample = 0, {}
-    for k in range(K):
-        fold = run / f"fold_{k}"
-        info = json.loads((fold / "run_info.json").read_text())["flags"]
-        model = saving.load_model(str(fold / _checkpoint(fold)), compile=False)
+    for k, model in enumerate(_fold_models(run)):
+        info = json.loads((run / f"fold_{k}" / "run_info.json").read_text())["flags"]
         pipeline = data.PipelineConfig.for_model(saving.model_spec(model))
         for split in ("val", "train"):
             preds = SplitPredictor(info["data_dir"], split, 4, pipeline).predictions(
@@ -327,8 +338,6 @@ def test_the_decision_comes_from_out_of_fold_predictions_only(cv_run):
     # probabilities of members that trained on each patient gives another threshold
     from covid_keras.evaluation.decision import choose_decision
 
-    label_of = {(r["patient_key"], r["study_key"], int(r["slice_index"])):
-                classes.index(r["label"]) for r in rows}
     keys = sorted(table)
     assert set(in_sample) == set(keys)
 
@@ -454,7 +463,6 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
                                                                        commands, tmp_path):
     from covid_keras.evaluation.evaluation import SplitPredictor
     from covid_keras.io import data
-    from covid_keras.model import saving
 
     run, _ = cv_run
     proc = commands.run("covid_keras.export", f"--run_dir={run}",
@@ -477,10 +485,9 @@ def test_the_export_is_one_savedmodel_whose_output_is_the_members_mean(cv_run, d
     from covid_keras.evaluation.gradcam import GradCAM
 
     x = np.asarray(data.model_input(u8, pipeline))  # what the members take
-    fold_models = [saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
-                                     compile=False) for k in range(K)]
-    mean = np.mean([_softmax(m.predict(x, verbose=0)["logits"]) for m in fold_models], axis=0)
-    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), mean, atol=1e-5)
+    fold_models = _fold_models(run)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), _members_mean(fold_models, x),
+                               atol=1e-5)
     # the gradcam signature: the mean of the members' maps (each on its own logit)
     cams = np.mean([GradCAM(m)(x, 1) for m in fold_models], axis=0)
     np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), cams, atol=1e-4)
@@ -519,15 +526,11 @@ def test_predict_and_the_page_answer_with_the_ensemble_run_folder(cv_run, data_d
     assert slices and all(s["sop_key"] in by_sop for s in slices)
     u8 = np.stack([data.decode_image(by_sop[s["sop_key"]][schema.IMAGE], 64).numpy()
                    for s in slices]).astype(np.float32)
-    mean = 0.0
-    for k in range(K):
-        member = saving.load_model(str(run / f"fold_{k}" / _checkpoint(run / f"fold_{k}")),
-                                   compile=False)
-        x = np.asarray(data.model_input(u8, data.PipelineConfig.for_model(
-            saving.model_spec(member))))
-        mean = mean + _softmax(member.predict(x, verbose=0)["logits"]) / K
+    fold_models = _fold_models(run)
+    x = np.asarray(data.model_input(u8, data.PipelineConfig.for_model(
+        saving.model_spec(fold_models[0]))))  # the members share one spec
     got = np.array([[s["probabilities"][c] for c in classes] for s in slices])
-    np.testing.assert_allclose(got, mean, atol=1e-4)
+    np.testing.assert_allclose(got, _members_mean(fold_models, x), atol=1e-4)
     decision = json.loads((run / "decision.json").read_text())
     patient = answer["patient"]
     assert (patient["method"], patient["rule"]) == ("threshold", decision["rule"])
